@@ -1,0 +1,137 @@
+//! The one error type of the API, and its RFC 9457 `application/problem+json` form.
+//!
+//! Each variant is something the client can act on. Internal errors are logged with their cause and
+//! shown to the client only as a generic sentence: no SQL, no paths, no secrets.
+
+use axum::Json;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{FromRequest, Request};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use utoipa::ToSchema;
+
+use crate::store::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    Unauthorized(&'static str),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    MalformedJson(String),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("the request body is larger than the limit of {limit} bytes")]
+    PayloadTooLarge { limit: usize },
+    #[error("{0}")]
+    MethodNotAllowed(String),
+    #[error("the service cannot store this right now; nothing was saved, try again shortly")]
+    Unavailable,
+    #[error("something went wrong on our side; it has been logged")]
+    Internal,
+}
+
+/// An RFC 9457 problem document.
+#[derive(Debug, Serialize, serde::Deserialize, ToSchema)]
+pub struct Problem {
+    /// A URI naming the kind of problem: `urn:jobhook:problem:<slug>`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// A short summary of the kind of problem.
+    pub title: String,
+    /// The HTTP status code.
+    pub status: u16,
+    /// What went wrong with this request, in words a person can act on.
+    pub detail: String,
+}
+
+impl ApiError {
+    fn parts(&self) -> (StatusCode, &'static str, &'static str) {
+        match self {
+            Self::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized", "Missing or invalid API key"),
+            Self::NotFound(_) => (StatusCode::NOT_FOUND, "not-found", "Not found"),
+            Self::MalformedJson(_) => (StatusCode::BAD_REQUEST, "malformed-json", "The body is not valid JSON"),
+            Self::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad-request", "Bad request"),
+            Self::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid-request", "The request is not valid"),
+            Self::PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload-too-large", "The body is too large"),
+            Self::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed", "Method not allowed"),
+            Self::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", "Storage unavailable"),
+            Self::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal", "Internal error"),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, slug, title) = self.parts();
+        let problem = Problem { kind: format!("urn:jobhook:problem:{slug}"), title: title.into(), status: status.as_u16(), detail: self.to_string() };
+        let mut response = (status, Json(problem)).into_response();
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+        match self {
+            Self::Unauthorized(_) => {
+                headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            Self::Unavailable => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            }
+            _ => {}
+        }
+        response
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Unavailable(_) => {
+                tracing::error!(error = %e, "store unavailable");
+                ApiError::Unavailable
+            }
+            _ => {
+                tracing::error!(error = %e, "store error");
+                ApiError::Internal
+            }
+        }
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(e: QueryRejection) -> Self {
+        ApiError::BadRequest(format!("the query string is not valid: {}", e.body_text().trim_start_matches("Failed to deserialize query string: ")))
+    }
+}
+
+/// A JSON body, parsed whatever its content type says (people trying the API with curl often leave it
+/// out), with every rejection turned into a problem: 413 too large, 400 not JSON, 422 wrong shape.
+pub struct ApiJson<T>(pub T);
+
+impl<S, T> FromRequest<S> for ApiJson<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let body = axum::body::Bytes::from_request(req, state).await.map_err(|e: BytesRejection| {
+            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::PayloadTooLarge { limit: super::MAX_BODY_BYTES }
+            } else {
+                ApiError::BadRequest("the request body could not be read".into())
+            }
+        })?;
+        if body.is_empty() {
+            return Err(ApiError::MalformedJson("the request body is empty; send a JSON object".into()));
+        }
+        serde_json::from_slice(&body).map(ApiJson).map_err(|e| match e.classify() {
+            serde_json::error::Category::Data => ApiError::Invalid(e.to_string()),
+            _ => ApiError::MalformedJson(format!("the body is not valid JSON: {e}")),
+        })
+    }
+}

@@ -1,0 +1,136 @@
+//! The HTTP API: the router, the shared state, and the OpenAPI document generated from the same
+//! handlers (so the two cannot drift; a test compares it with the committed `openapi.yaml`).
+
+mod auth;
+pub mod error;
+pub mod subscriptions;
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderName, Request, header};
+use axum::response::IntoResponse;
+use serde::{Deserialize, Serialize};
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::delivery::DispatcherHandle;
+use crate::delivery::client::EgressPolicy;
+use crate::poller::PollerHandle;
+use crate::store::{Millis, Store, Tenant};
+pub use error::{ApiError, Problem};
+
+/// Request bodies larger than this are refused with 413.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Arc<dyn Store>,
+    pub poller: PollerHandle,
+    pub dispatcher: DispatcherHandle,
+    pub egress: EgressPolicy,
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "jobhook",
+        description = "Turns polling into push: register an async job with a callback URL; jobhook polls the job and POSTs its final status to the callback, signed with Standard Webhooks.",
+        license(name = "MIT OR Apache-2.0"),
+    ),
+    modifiers(&BearerAuth),
+    tags((name = "subscriptions", description = "Jobs watched for a callback"), (name = "account", description = "Your signing secret"), (name = "operations", description = "Health"))
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme("bearer", SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()));
+    }
+}
+
+fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(subscriptions::create, subscriptions::list))
+        .routes(routes!(subscriptions::get_one, subscriptions::cancel))
+        .routes(routes!(subscriptions::deliveries))
+        .routes(routes!(signing_secret))
+        .routes(routes!(healthz))
+}
+
+/// The OpenAPI document of this build.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    routes().split_for_parts().1
+}
+
+/// The committed OpenAPI document, served at `GET /openapi.yaml`.
+pub const OPENAPI_YAML: &str = include_str!("../../openapi.yaml");
+
+pub fn router(state: AppState) -> axum::Router {
+    let request_id = HeaderName::from_static("x-request-id");
+    let (router, _) = routes().split_for_parts();
+    router
+        .route("/openapi.yaml", axum::routing::get(|| async { ([(header::CONTENT_TYPE, "application/yaml")], OPENAPI_YAML) }))
+        .fallback(|| async { ApiError::NotFound("there is no such route; see /openapi.yaml".into()) })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed("this route does not take that method; see /openapi.yaml".into()) })
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(
+            TraceLayer::new_for_http().make_span_with(|req: &Request<_>| {
+                let id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("-");
+                tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id = %id)
+            }),
+        )
+        .layer(PropagateRequestIdLayer::new(request_id.clone()))
+        .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
+        .with_state(state)
+}
+
+/// Formats store time (Unix milliseconds) as RFC 3339 UTC.
+pub fn rfc3339(ms: Millis) -> String {
+    let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    t.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+}
+
+/// The secret that signs your deliveries.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct SigningSecretView {
+    /// `whsec_` + base64; give it to your receiver's Standard Webhooks library.
+    #[schema(example = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")]
+    pub secret: String,
+}
+
+/// Your signing secret.
+#[utoipa::path(
+    get,
+    path = "/v1/signing-secret",
+    tag = "account",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The secret that signs this API key's deliveries", body = SigningSecretView),
+        (status = 401, description = "Missing or invalid API key", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+async fn signing_secret(tenant: Tenant) -> Json<SigningSecretView> {
+    Json(SigningSecretView { secret: tenant.secret.expose() })
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Health {
+    #[schema(example = "ok")]
+    pub status: String,
+}
+
+/// Whether the process is up.
+#[utoipa::path(get, path = "/healthz", tag = "operations", responses((status = 200, description = "The process is up", body = Health)))]
+async fn healthz(State(_): State<AppState>) -> impl IntoResponse {
+    Json(Health { status: "ok".into() })
+}

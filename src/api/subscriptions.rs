@@ -1,0 +1,313 @@
+//! `/v1/subscriptions`: register a job with a callback, read it, list, cancel, and read its deliveries.
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use super::error::{ApiError, ApiJson, Problem};
+use super::{AppState, rfc3339};
+use crate::domain::{CallbackUrl, FailureReason, JobId, JobStatus, SubscriptionId, SubscriptionState, truncate};
+use crate::store::{AttemptRecord, ListFilter, Registered, Subscription, Tenant, now_ms};
+
+/// A registration: which upstream job to watch, and where to POST its result.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSubscription {
+    /// The upstream job ID (a UUID).
+    #[schema(format = Uuid, example = "3f1c2b9e-8a4d-4c6e-9b1a-2d5e7f9a0c11")]
+    pub job_id: String,
+    /// An absolute http(s) URL, at most 2,048 bytes; by default it must resolve to a public address.
+    #[schema(example = "https://example.com/webhooks/jobs")]
+    pub callback_url: String,
+}
+
+/// A subscription: one job, one callback.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct SubscriptionView {
+    #[schema(format = Uuid)]
+    pub id: String,
+    #[schema(format = Uuid)]
+    pub job_id: String,
+    pub callback_url: String,
+    pub state: SubscriptionState,
+    /// The last status seen upstream; null before the first answer.
+    pub job_status: Option<JobStatus>,
+    /// Why the subscription ended without a delivery (state `failed`).
+    pub failure_reason: Option<FailureReason>,
+    /// The last error seen while polling the upstream, if the last poll failed.
+    pub last_error: Option<String>,
+    /// The `webhook-id` of the delivery, once the job has ended.
+    pub webhook_id: Option<String>,
+    /// Delivery attempts made so far.
+    pub attempts: u32,
+    /// When the next delivery attempt is due, while one is waiting.
+    #[schema(format = DateTime)]
+    pub next_attempt_at: Option<String>,
+    #[schema(format = DateTime)]
+    pub created_at: String,
+    #[schema(format = DateTime)]
+    pub updated_at: String,
+}
+
+impl From<Subscription> for SubscriptionView {
+    fn from(s: Subscription) -> Self {
+        SubscriptionView {
+            id: s.id.to_string(),
+            job_id: s.job_id.to_string(),
+            callback_url: s.callback_url,
+            state: s.state,
+            job_status: s.job_status,
+            failure_reason: s.failure_reason,
+            last_error: s.last_error,
+            webhook_id: s.webhook_id,
+            attempts: s.attempts,
+            next_attempt_at: s.next_attempt_at.map(rfc3339),
+            created_at: rfc3339(s.created_at),
+            updated_at: rfc3339(s.updated_at),
+        }
+    }
+}
+
+/// A page of subscriptions, newest first.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct SubscriptionPage {
+    pub items: Vec<SubscriptionView>,
+    /// Pass as `cursor` to get the next page; null on the last page.
+    pub next_cursor: Option<String>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ListQuery {
+    /// Only subscriptions to this job.
+    #[param(value_type = Option<String>, format = Uuid)]
+    pub job_id: Option<String>,
+    /// Only subscriptions in this state.
+    #[param(value_type = Option<SubscriptionState>)]
+    pub state: Option<String>,
+    /// Page size, 1 to 500 (default 50).
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 500)]
+    pub limit: Option<String>,
+    /// The `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
+/// One delivery attempt.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct DeliveryAttemptView {
+    pub attempt: u32,
+    pub webhook_id: String,
+    #[schema(format = DateTime)]
+    pub started_at: String,
+    /// The receiver's HTTP status, if it answered.
+    pub status_code: Option<u16>,
+    /// What went wrong, when the request failed before or instead of an answer.
+    pub error: Option<String>,
+    pub duration_ms: u64,
+}
+
+impl From<AttemptRecord> for DeliveryAttemptView {
+    fn from(a: AttemptRecord) -> Self {
+        DeliveryAttemptView {
+            attempt: a.attempt,
+            webhook_id: a.webhook_id,
+            started_at: rfc3339(a.started_at),
+            status_code: a.status_code,
+            error: a.error,
+            duration_ms: a.duration_ms,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct DeliveryAttempts {
+    /// Oldest first.
+    pub items: Vec<DeliveryAttemptView>,
+}
+
+const DEFAULT_LIMIT: u32 = 50;
+const MAX_LIMIT: u32 = 500;
+
+fn not_found(raw: &str) -> ApiError {
+    ApiError::NotFound(format!("there is no subscription {:?}", truncate(raw, 64)))
+}
+
+fn parse_id(raw: &str) -> Result<SubscriptionId, ApiError> {
+    raw.parse().map_err(|_| not_found(raw))
+}
+
+/// Register a job and a callback.
+///
+/// jobhook polls the job until it is Succeed or Failed, then POSTs the final job-status body to the
+/// callback, signed (Standard Webhooks). The same job and callback again from the same tenant answers
+/// 200 with the existing subscription.
+#[utoipa::path(
+    post,
+    path = "/v1/subscriptions",
+    tag = "subscriptions",
+    security(("bearer" = [])),
+    request_body = CreateSubscription,
+    responses(
+        (status = 201, description = "Registered and durably stored", body = SubscriptionView,
+            headers(("location" = String, description = "The subscription's URL"))),
+        (status = 200, description = "Already registered: the existing subscription", body = SubscriptionView),
+        (status = 400, description = "The body is not JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Missing or invalid API key", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "The body is larger than 64 KiB", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "A field is missing, unknown or invalid; or the callback URL is refused by the egress policy", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The store cannot take writes now; nothing was saved", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn create(State(state): State<AppState>, tenant: Tenant, ApiJson(body): ApiJson<CreateSubscription>) -> Result<Response, ApiError> {
+    let job_id: JobId = body.job_id.parse().map_err(ApiError::Invalid)?;
+    let callback_url: CallbackUrl = body.callback_url.parse().map_err(ApiError::Invalid)?;
+    state.egress.check_registration(&callback_url).await.map_err(ApiError::Invalid)?;
+    let registered = state.store.register(&tenant, SubscriptionId::new(), job_id, &callback_url, now_ms()).await?;
+    let (status, sub) = match registered {
+        Registered::CreatedPolling(sub, job) => {
+            state.poller.ensure(job);
+            (StatusCode::CREATED, sub)
+        }
+        Registered::CreatedDelivering(sub, task) => {
+            state.dispatcher.deliver(vec![task]);
+            (StatusCode::CREATED, sub)
+        }
+        Registered::Existing(sub) => (StatusCode::OK, sub),
+    };
+    tracing::info!(subscription_id = %sub.id, job_id = %sub.job_id, created = status == StatusCode::CREATED, "registered");
+    let location = format!("/v1/subscriptions/{}", sub.id);
+    Ok((status, [(header::LOCATION, location)], Json(SubscriptionView::from(sub))).into_response())
+}
+
+/// Read one subscription.
+#[utoipa::path(
+    get,
+    path = "/v1/subscriptions/{id}",
+    tag = "subscriptions",
+    security(("bearer" = [])),
+    params(("id" = String, Path, description = "The subscription ID")),
+    responses(
+        (status = 200, description = "The subscription", body = SubscriptionView),
+        (status = 401, description = "Missing or invalid API key", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such subscription for this API key", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn get_one(State(state): State<AppState>, tenant: Tenant, Path(id): Path<String>) -> Result<Json<SubscriptionView>, ApiError> {
+    let sub_id = parse_id(&id)?;
+    let sub = state.store.subscription(tenant.id, sub_id).await?.ok_or_else(|| not_found(&id))?;
+    Ok(Json(sub.into()))
+}
+
+/// List subscriptions, newest first.
+#[utoipa::path(
+    get,
+    path = "/v1/subscriptions",
+    tag = "subscriptions",
+    security(("bearer" = [])),
+    params(ListQuery),
+    responses(
+        (status = 200, description = "A page of subscriptions", body = SubscriptionPage),
+        (status = 400, description = "A query parameter is not valid", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Missing or invalid API key", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn list(State(state): State<AppState>, tenant: Tenant, query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>) -> Result<Json<SubscriptionPage>, ApiError> {
+    let Query(query) = query?;
+    let job_id = query.job_id.as_deref().map(|j| j.parse::<JobId>().map_err(ApiError::BadRequest)).transpose()?;
+    let state_filter = query.state.as_deref().map(|s| s.parse::<SubscriptionState>().map_err(ApiError::BadRequest)).transpose()?;
+    let limit = match query.limit.as_deref() {
+        None => DEFAULT_LIMIT,
+        Some(raw) => match raw.parse::<u32>() {
+            Ok(n @ 1..=MAX_LIMIT) => n,
+            _ => return Err(ApiError::BadRequest(format!("limit must be a whole number from 1 to {MAX_LIMIT}, got {:?}", truncate(raw, 16)))),
+        },
+    };
+    let before = query.cursor.as_deref().map(decode_cursor).transpose()?;
+    let filter = ListFilter { job_id, state: state_filter, before, limit: limit + 1 };
+    let mut items = state.store.list_subscriptions(tenant.id, &filter).await?;
+    let next_cursor = if items.len() > limit as usize {
+        items.truncate(limit as usize);
+        items.last().map(|s| encode_cursor(s.id))
+    } else {
+        None
+    };
+    Ok(Json(SubscriptionPage { items: items.into_iter().map(Into::into).collect(), next_cursor }))
+}
+
+fn encode_cursor(id: SubscriptionId) -> String {
+    URL_SAFE_NO_PAD.encode(format!("v1:{id}"))
+}
+
+fn decode_cursor(raw: &str) -> Result<SubscriptionId, ApiError> {
+    let bad = || ApiError::BadRequest("cursor is not one this API issued; pass next_cursor from the previous page unchanged".into());
+    let decoded = URL_SAFE_NO_PAD.decode(raw).map_err(|_| bad())?;
+    let text = std::str::from_utf8(&decoded).map_err(|_| bad())?;
+    text.strip_prefix("v1:").and_then(|id| id.parse().ok()).ok_or_else(bad)
+}
+
+/// Cancel a subscription: polling and delivery stop and its state becomes `cancelled`. A subscription
+/// that has already ended keeps its final state. Cancelling twice is fine.
+#[utoipa::path(
+    delete,
+    path = "/v1/subscriptions/{id}",
+    tag = "subscriptions",
+    security(("bearer" = [])),
+    params(("id" = String, Path, description = "The subscription ID")),
+    responses(
+        (status = 204, description = "Cancelled (or already ended)"),
+        (status = 401, description = "Missing or invalid API key", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such subscription for this API key", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The store cannot take writes now; nothing changed", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn cancel(State(state): State<AppState>, tenant: Tenant, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
+    let sub_id = parse_id(&id)?;
+    let cancelled = state.store.cancel(tenant.id, sub_id, now_ms()).await?.ok_or_else(|| not_found(&id))?;
+    match cancelled.was {
+        Some(SubscriptionState::Polling) => state.poller.recheck(cancelled.job_id),
+        Some(SubscriptionState::Delivering) => state.dispatcher.cancel(sub_id),
+        _ => {}
+    }
+    if cancelled.was.is_some() {
+        tracing::info!(subscription_id = %sub_id, job_id = %cancelled.job_id, "cancelled");
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The delivery attempts of a subscription, oldest first.
+#[utoipa::path(
+    get,
+    path = "/v1/subscriptions/{id}/deliveries",
+    tag = "subscriptions",
+    security(("bearer" = [])),
+    params(("id" = String, Path, description = "The subscription ID")),
+    responses(
+        (status = 200, description = "Every attempt so far", body = DeliveryAttempts),
+        (status = 401, description = "Missing or invalid API key", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such subscription for this API key", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn deliveries(State(state): State<AppState>, tenant: Tenant, Path(id): Path<String>) -> Result<Json<DeliveryAttempts>, ApiError> {
+    let sub_id = parse_id(&id)?;
+    let attempts = state.store.attempts(tenant.id, sub_id).await?.ok_or_else(|| not_found(&id))?;
+    Ok(Json(DeliveryAttempts { items: attempts.into_iter().map(Into::into).collect() }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cursor_round_trips_and_a_forged_one_is_refused() {
+        let id = SubscriptionId::new();
+        assert_eq!(decode_cursor(&encode_cursor(id)).unwrap(), id);
+        assert!(decode_cursor("not-a-cursor").is_err());
+        assert!(decode_cursor(&URL_SAFE_NO_PAD.encode("v2:x")).is_err());
+    }
+}

@@ -1,0 +1,137 @@
+//! Building and running the service: the store, the listener, the poller and the dispatcher, one
+//! cancellation token, and a graceful shutdown that lets in-flight work finish up to a grace period.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{self, AppState};
+use crate::config::Config;
+use crate::delivery::client::EgressPolicy;
+use crate::delivery::{self, DeliveryContext};
+use crate::keys::{ApiKey, SigningSecret};
+use crate::poller::{self, PollContext};
+use crate::store::{self, Store, now_ms};
+use crate::upstream::UpstreamClient;
+
+/// A built service, listening but not yet serving. Tests build it on port 0 and read [`Self::port`].
+pub struct Application {
+    listener: TcpListener,
+    addr: SocketAddr,
+    router: axum::Router,
+    poller: (Arc<PollContext>, poller::PollerInbox, Vec<store::PollableJob>),
+    dispatcher: (Arc<DeliveryContext>, delivery::DispatcherInbox, Vec<store::DeliveryTask>),
+    shutdown: CancellationToken,
+    grace: Duration,
+}
+
+/// A key made on first start, to be shown once.
+pub struct FirstKey {
+    pub key: ApiKey,
+    pub secret: SigningSecret,
+}
+
+impl Application {
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        let store = store::open(&config.database_url).await.with_context(|| format!("cannot open the store {}", config.database_url))?;
+        if let Some(first) = bootstrap_keys(store.as_ref(), &config).await? {
+            print_first_key(&first);
+        }
+        let listener = TcpListener::bind(config.listen).await.with_context(|| format!("cannot listen on {}", config.listen))?;
+        let addr = listener.local_addr()?;
+
+        let egress = EgressPolicy { allow_private: config.allow_private_callbacks };
+        let (dispatcher, dispatcher_inbox) = delivery::channel();
+        let (poller, poller_inbox) = poller::channel();
+        let delivery_ctx = Arc::new(DeliveryContext::new(store.clone(), egress, config.delivery.clone()));
+        let poll_ctx = Arc::new(PollContext {
+            store: store.clone(),
+            upstream: UpstreamClient::new(&config.upstream),
+            config: config.poll.clone(),
+            dispatcher: dispatcher.clone(),
+        });
+        let pending_jobs = store.pollable_jobs().await.context("cannot read the jobs to resume")?;
+        let pending_deliveries = store.pending_deliveries().await.context("cannot read the deliveries to resume")?;
+        let router = api::router(AppState { store, poller, dispatcher, egress });
+        Ok(Application {
+            listener,
+            addr,
+            router,
+            poller: (poll_ctx, poller_inbox, pending_jobs),
+            dispatcher: (delivery_ctx, dispatcher_inbox, pending_deliveries),
+            shutdown: CancellationToken::new(),
+            grace: config.shutdown_grace,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Cancelling this token stops the service gracefully.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Serves until the shutdown token is cancelled, then stops accepting, lets in-flight requests, polls
+    /// and deliveries finish (up to the grace period) and returns.
+    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        let Application { listener, addr, router, poller, dispatcher, shutdown, grace } = self;
+        let (poll_ctx, poll_inbox, jobs) = poller;
+        let poller = tokio::spawn(poller::run(poll_ctx, poll_inbox, jobs, shutdown.clone(), grace));
+        let (delivery_ctx, delivery_inbox, deliveries) = dispatcher;
+        let dispatcher = tokio::spawn(delivery::run(delivery_ctx, delivery_inbox, deliveries, shutdown.clone(), grace));
+        tracing::info!(%addr, "jobhook listening");
+        let server = axum::serve(listener, router).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+        let server = tokio::spawn(async move { server.await });
+        shutdown.cancelled().await;
+        tracing::info!(grace = %humantime::format_duration(grace), "shutting down");
+        // The workers bound their own wait by the grace period; the server's open requests get the same.
+        let _ = tokio::time::timeout(grace + Duration::from_secs(1), async {
+            let _ = tokio::join!(poller, dispatcher);
+        })
+        .await;
+        match tokio::time::timeout(grace, server).await {
+            Ok(Ok(result)) => result.context("the HTTP server failed")?,
+            Ok(Err(e)) => return Err(e).context("the HTTP server task failed"),
+            Err(_) => tracing::warn!("some HTTP requests were still open after the grace period"),
+        }
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+/// Syncs the keys from the configuration; with none configured and none stored, makes the first one.
+pub async fn bootstrap_keys(store: &dyn Store, config: &Config) -> anyhow::Result<Option<FirstKey>> {
+    let hashes: Vec<_> = config.api_keys.iter().map(ApiKey::hash).collect();
+    store.sync_configured_keys(&hashes, config.signing_secret.as_ref(), now_ms()).await.context("cannot store the configured API keys")?;
+    if !config.api_keys.is_empty() || store.usable_key_count().await? > 0 {
+        return Ok(None);
+    }
+    let key = ApiKey::generate();
+    let secret = config.signing_secret.clone().unwrap_or_else(SigningSecret::generate);
+    store.create_key("first key", key.hash(), &secret, now_ms()).await.context("cannot store the first API key")?;
+    Ok(Some(FirstKey { key, secret }))
+}
+
+fn print_first_key(first: &FirstKey) {
+    // Printed to stdout on purpose, once: the key is stored only as a hash and cannot be shown again.
+    let line = "=".repeat(78);
+    println!("{line}");
+    println!("  jobhook made its first API key. It is shown only now: copy it somewhere safe.");
+    println!();
+    println!("    API key:         {}", first.key.expose());
+    println!("    signing secret:  {}", first.secret.expose());
+    println!();
+    println!("  Use the key as `Authorization: Bearer <key>`; verify deliveries with the secret.");
+    println!("  More keys: jobhook keys create --name NAME");
+    println!("{line}");
+}

@@ -1,0 +1,331 @@
+//! Every setting in one place: its flag, its environment variable, its default and its validation.
+//!
+//! The command line is parsed by clap; each flag of `serve` can also come from a `JOBHOOK_*` variable
+//! (a flag wins over the variable). [`ServeArgs::into_config`] turns the raw values into a [`Config`] that
+//! the rest of the service trusts; a bad value stops start-up with one line that names the setting.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::keys::{ApiKey, SigningSecret};
+
+#[derive(Debug, Parser)]
+#[command(name = "jobhook", version, about = "Turns polling into push: polls async jobs, POSTs signed callbacks when they end.")]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    /// Settings of `serve`, which is what plain `jobhook` runs.
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the API and the workers (the default).
+    Serve(ServeArgs),
+    /// Manage API keys stored in the database.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// Run a simulated AetherForge job API, for the quick start, the tests and the benchmark.
+    MockUpstream(crate::mock_upstream::MockArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Create an API key (a new tenant with its own signing secret); the key is shown once.
+    Create {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// A name to recognise the key by.
+        #[arg(long, default_value = "default")]
+        name: String,
+    },
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct StoreArgs {
+    /// Where the state lives. `sqlite://PATH` (the file is created if missing).
+    #[arg(long, env = "JOBHOOK_DATABASE_URL", default_value = "sqlite://jobhook.db")]
+    pub database_url: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address the API listens on.
+    #[arg(long, env = "JOBHOOK_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: String,
+
+    #[command(flatten)]
+    pub store: StoreArgs,
+
+    /// Base URL of the job API; jobhook appends /public/v1/job/{job_id}.
+    #[arg(long, env = "JOBHOOK_UPSTREAM_URL", default_value = "https://api.aetherforgeai.com")]
+    pub upstream_url: String,
+
+    /// Bearer key jobhook sends when polling the job API.
+    #[arg(long, env = "JOBHOOK_UPSTREAM_API_KEY", hide_env_values = true)]
+    pub upstream_api_key: Option<String>,
+
+    /// Time limit of one poll request.
+    #[arg(long, env = "JOBHOOK_UPSTREAM_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub upstream_timeout: Duration,
+
+    /// Comma-separated Bearer keys accepted by the API; each key is a tenant.
+    #[arg(long, env = "JOBHOOK_API_KEYS", hide_env_values = true, value_delimiter = ',')]
+    pub api_keys: Vec<String>,
+
+    /// `whsec_…` secret used to sign for every key given in --api-keys (default: one generated per tenant and stored).
+    #[arg(long, env = "JOBHOOK_SIGNING_SECRET", hide_env_values = true)]
+    pub signing_secret: Option<String>,
+
+    /// First spacing between polls of a pending job.
+    #[arg(long, env = "JOBHOOK_POLL_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    pub poll_interval: Duration,
+
+    /// Spacing grows toward this for jobs pending more than a minute.
+    #[arg(long, env = "JOBHOOK_POLL_MAX_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    pub poll_max_interval: Duration,
+
+    /// A subscription whose job is still Pending after this becomes `expired`.
+    #[arg(long, env = "JOBHOOK_MAX_WAIT", default_value = "24h", value_parser = parse_duration)]
+    pub max_wait: Duration,
+
+    /// How long an upstream 404 is tolerated after registration (a new job may not be visible yet).
+    #[arg(long, env = "JOBHOOK_NOT_FOUND_GRACE", default_value = "60s", value_parser = parse_duration)]
+    pub not_found_grace: Duration,
+
+    /// Delays between delivery attempts after the first (each ±20% jitter).
+    #[arg(long, env = "JOBHOOK_RETRY_SCHEDULE", default_value = "5s,5m,30m,2h,5h,10h,10h", value_parser = parse_schedule)]
+    pub retry_schedule: RetrySchedule,
+
+    /// Time limit of one callback request.
+    #[arg(long, env = "JOBHOOK_DELIVERY_TIMEOUT", default_value = "15s", value_parser = parse_duration)]
+    pub delivery_timeout: Duration,
+
+    /// Allow callbacks to loopback, private and other non-public addresses (tests, internal networks).
+    #[arg(long, env = "JOBHOOK_ALLOW_PRIVATE_CALLBACKS", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub allow_private_callbacks: bool,
+
+    /// On SIGTERM or Ctrl-C, how long in-flight polls and deliveries may take to finish.
+    #[arg(long, env = "JOBHOOK_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+}
+
+/// The delays between delivery attempts after the first one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetrySchedule(pub Vec<Duration>);
+
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s.trim()).map_err(|e| format!("{e} (use a duration such as 200ms, 5s, 5m or 2h)"))
+}
+
+fn parse_schedule(s: &str) -> Result<RetrySchedule, String> {
+    let s = s.trim();
+    if s.is_empty() {
+        // An empty schedule is meaningful: one attempt, no retries.
+        return Ok(RetrySchedule(Vec::new()));
+    }
+    s.split(',')
+        .map(|part| parse_duration(part).map_err(|e| format!("{:?}: {e}", part.trim())))
+        .collect::<Result<Vec<_>, _>>()
+        .map(RetrySchedule)
+}
+
+/// A validated setting error: names the setting and says what is wrong.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid setting {setting} ({env}): {message}")]
+pub struct ConfigError {
+    pub setting: &'static str,
+    pub env: &'static str,
+    pub message: String,
+}
+
+fn bad(setting: &'static str, env: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError { setting, env, message: message.into() }
+}
+
+/// The validated settings of `serve`.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub database_url: String,
+    pub upstream: UpstreamConfig,
+    pub api_keys: Vec<ApiKey>,
+    pub signing_secret: Option<SigningSecret>,
+    pub poll: PollConfig,
+    pub delivery: DeliveryConfig,
+    pub allow_private_callbacks: bool,
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub base_url: url::Url,
+    pub api_key: Option<ApiKey>,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct PollConfig {
+    pub interval: Duration,
+    pub max_interval: Duration,
+    pub max_wait: Duration,
+    pub not_found_grace: Duration,
+    /// How many polls may be in flight at once, over all jobs.
+    pub max_in_flight: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct DeliveryConfig {
+    pub retry_schedule: Vec<Duration>,
+    pub timeout: Duration,
+    /// How many callback requests may be in flight at once, over all hosts.
+    pub max_in_flight: usize,
+    /// How many callback requests may be in flight at once to one host, so one slow host cannot take
+    /// every slot.
+    pub max_in_flight_per_host: usize,
+}
+
+impl ServeArgs {
+    pub fn into_config(self) -> Result<Config, ConfigError> {
+        let listen = self
+            .listen
+            .trim()
+            .parse::<SocketAddr>()
+            .map_err(|_| bad("--listen", "JOBHOOK_LISTEN", format!("{:?} is not an address such as 127.0.0.1:8080", self.listen)))?;
+
+        let database_url = self.store.database_url.trim().to_owned();
+        crate::store::check_url(&database_url).map_err(|m| bad("--database-url", "JOBHOOK_DATABASE_URL", m))?;
+
+        let base_url = url::Url::parse(self.upstream_url.trim())
+            .map_err(|e| bad("--upstream-url", "JOBHOOK_UPSTREAM_URL", format!("not a URL ({e})")))?;
+        if !matches!(base_url.scheme(), "http" | "https") || base_url.host().is_none() {
+            return Err(bad("--upstream-url", "JOBHOOK_UPSTREAM_URL", "must be an http(s) URL with a host"));
+        }
+        let upstream_api_key = match self.upstream_api_key.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(key) => Some(
+                ApiKey::new_configured(key)
+                    .map_err(|m| bad("--upstream-api-key", "JOBHOOK_UPSTREAM_API_KEY", m))?,
+            ),
+        };
+        nonzero(self.upstream_timeout, "--upstream-timeout", "JOBHOOK_UPSTREAM_TIMEOUT")?;
+
+        let mut api_keys = Vec::new();
+        for key in self.api_keys.iter().map(|k| k.trim()).filter(|k| !k.is_empty()) {
+            let key = ApiKey::new_configured(key).map_err(|m| bad("--api-keys", "JOBHOOK_API_KEYS", m))?;
+            if !api_keys.contains(&key) {
+                api_keys.push(key);
+            }
+        }
+        let signing_secret = match self.signing_secret.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(s) => Some(s.parse::<SigningSecret>().map_err(|m| bad("--signing-secret", "JOBHOOK_SIGNING_SECRET", m))?),
+        };
+
+        nonzero(self.poll_interval, "--poll-interval", "JOBHOOK_POLL_INTERVAL")?;
+        if self.poll_max_interval < self.poll_interval {
+            return Err(bad(
+                "--poll-max-interval",
+                "JOBHOOK_POLL_MAX_INTERVAL",
+                format!("must be at least --poll-interval ({})", humantime::format_duration(self.poll_interval)),
+            ));
+        }
+        nonzero(self.max_wait, "--max-wait", "JOBHOOK_MAX_WAIT")?;
+        nonzero(self.delivery_timeout, "--delivery-timeout", "JOBHOOK_DELIVERY_TIMEOUT")?;
+        if self.retry_schedule.0.len() > 100 {
+            return Err(bad("--retry-schedule", "JOBHOOK_RETRY_SCHEDULE", "at most 100 retries"));
+        }
+        if self.retry_schedule.0.iter().any(|d| *d > Duration::from_secs(7 * 24 * 3600)) {
+            return Err(bad("--retry-schedule", "JOBHOOK_RETRY_SCHEDULE", "each delay must be at most 7 days"));
+        }
+
+        Ok(Config {
+            listen,
+            database_url,
+            upstream: UpstreamConfig { base_url, api_key: upstream_api_key, timeout: self.upstream_timeout },
+            api_keys,
+            signing_secret,
+            poll: PollConfig {
+                interval: self.poll_interval,
+                max_interval: self.poll_max_interval,
+                max_wait: self.max_wait,
+                not_found_grace: self.not_found_grace,
+                max_in_flight: 512,
+            },
+            delivery: DeliveryConfig {
+                retry_schedule: self.retry_schedule.0,
+                timeout: self.delivery_timeout,
+                max_in_flight: 512,
+                max_in_flight_per_host: 32,
+            },
+            allow_private_callbacks: self.allow_private_callbacks,
+            shutdown_grace: self.shutdown_grace,
+        })
+    }
+}
+
+fn nonzero(d: Duration, setting: &'static str, env: &'static str) -> Result<(), ConfigError> {
+    if d.is_zero() { Err(bad(setting, env, "must be greater than zero")) } else { Ok(()) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, String> {
+        let mut argv = vec!["jobhook", "serve"];
+        argv.extend_from_slice(args);
+        let cli = Cli::try_parse_from(argv).map_err(|e| e.to_string())?;
+        match cli.command {
+            Some(Command::Serve(args)) => args.into_config().map_err(|e| e.to_string()),
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn the_defaults_are_the_documented_ones() {
+        let cfg = parse(&[]).unwrap();
+        assert_eq!(cfg.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(cfg.database_url, "sqlite://jobhook.db");
+        assert_eq!(cfg.upstream.base_url.as_str(), "https://api.aetherforgeai.com/");
+        assert_eq!(cfg.poll.interval, Duration::from_secs(1));
+        assert_eq!(cfg.poll.max_interval, Duration::from_secs(10));
+        assert_eq!(cfg.poll.max_wait, Duration::from_secs(24 * 3600));
+        let hours = |h: u64| Duration::from_secs(h * 3600);
+        assert_eq!(
+            cfg.delivery.retry_schedule,
+            vec![Duration::from_secs(5), Duration::from_secs(300), Duration::from_secs(1800), hours(2), hours(5), hours(10), hours(10)]
+        );
+        assert_eq!(cfg.delivery.timeout, Duration::from_secs(15));
+        assert!(!cfg.allow_private_callbacks);
+    }
+
+    #[test]
+    fn durations_take_the_human_form() {
+        let cfg = parse(&["--poll-interval", "200ms", "--retry-schedule", "1s, 2m,3h"]).unwrap();
+        assert_eq!(cfg.poll.interval, Duration::from_millis(200));
+        assert_eq!(cfg.delivery.retry_schedule, vec![Duration::from_secs(1), Duration::from_secs(120), Duration::from_secs(3 * 3600)]);
+    }
+
+    #[test]
+    fn a_bad_setting_is_named_in_the_error() {
+        assert!(parse(&["--poll-interval", "soon"]).unwrap_err().contains("--poll-interval"));
+        assert!(parse(&["--poll-interval", "5s", "--poll-max-interval", "1s"]).unwrap_err().contains("--poll-max-interval"));
+        assert!(parse(&["--listen", "nowhere"]).unwrap_err().contains("--listen"));
+        assert!(parse(&["--signing-secret", "hunter2"]).unwrap_err().contains("--signing-secret"));
+        assert!(parse(&["--database-url", "mysql://x"]).unwrap_err().contains("--database-url"));
+    }
+
+    #[test]
+    fn a_bad_secret_is_not_echoed_back() {
+        let err = parse(&["--signing-secret", "whsec_short-secret-value"]).unwrap_err();
+        assert!(!err.contains("short-secret-value"), "{err}");
+    }
+}

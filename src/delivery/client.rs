@@ -1,0 +1,282 @@
+//! The egress policy for callbacks, and the HTTP client that enforces it.
+//!
+//! A callback URL is a caller-chosen address that our server will POST to: without a policy it is a way
+//! into the operator's network (SSRF). By default we refuse every address that is not public unicast
+//! (loopback, private, link-local including cloud metadata, CGNAT, multicast, documentation, reserved,
+//! and the IPv6 forms that embed such an IPv4 address). We check twice (DESIGN promise 9):
+//!
+//! * at registration, so the caller gets a 422 that says why;
+//! * at connect time, through a resolver that drops refused addresses and hands the connector only the
+//!   vetted ones, so a host that resolves to something else later (DNS rebinding) cannot slip through.
+//!
+//! Redirects are never followed: a 3xx is just a failed attempt.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use reqwest::dns::{Addrs, Name, Resolve, Resolving};
+
+use crate::domain::CallbackUrl;
+
+/// What may be called back.
+#[derive(Debug, Clone, Copy)]
+pub struct EgressPolicy {
+    /// Allow every address (tests, internal networks).
+    pub allow_private: bool,
+}
+
+/// How long registration waits for DNS before refusing a callback host.
+const REGISTRATION_DNS_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl EgressPolicy {
+    /// Whether this callback URL may be registered; the error is a sentence for the caller.
+    pub async fn check_registration(&self, url: &CallbackUrl) -> Result<(), String> {
+        if self.allow_private {
+            return Ok(());
+        }
+        let url = url.as_url();
+        let port = url.port_or_known_default().unwrap_or(443);
+        match url.host() {
+            Some(url::Host::Ipv4(ip)) => check_ip(IpAddr::V4(ip)),
+            Some(url::Host::Ipv6(ip)) => check_ip(IpAddr::V6(ip)),
+            Some(url::Host::Domain(name)) => {
+                check_name(name)?;
+                let lookup = tokio::time::timeout(REGISTRATION_DNS_TIMEOUT, tokio::net::lookup_host((name, port))).await;
+                let addrs: Vec<SocketAddr> = match lookup {
+                    Ok(Ok(addrs)) => addrs.collect(),
+                    Ok(Err(_)) | Err(_) => {
+                        return Err(format!("the callback host {name:?} could not be resolved"));
+                    }
+                };
+                if addrs.is_empty() {
+                    return Err(format!("the callback host {name:?} has no address"));
+                }
+                for addr in addrs {
+                    check_ip(addr.ip()).map_err(|why| format!("the callback host {name:?} resolves to {why}"))?;
+                }
+                Ok(())
+            }
+            None => Err("callback_url has no host".into()),
+        }
+    }
+
+    /// The check made just before each attempt for a URL whose host is an IP literal (the connector does
+    /// not ask the resolver for those).
+    pub fn check_literal(&self, url: &url::Url) -> Result<(), String> {
+        if self.allow_private {
+            return Ok(());
+        }
+        match url.host() {
+            Some(url::Host::Ipv4(ip)) => check_ip(IpAddr::V4(ip)),
+            Some(url::Host::Ipv6(ip)) => check_ip(IpAddr::V6(ip)),
+            Some(url::Host::Domain(name)) => check_name(name),
+            None => Err("callback_url has no host".into()),
+        }
+    }
+}
+
+fn check_name(name: &str) -> Result<(), String> {
+    let name = name.trim_end_matches('.').to_ascii_lowercase();
+    if name == "localhost" || name.ends_with(".localhost") {
+        return Err(format!("the callback host {name:?} is a loopback name, which is not allowed"));
+    }
+    Ok(())
+}
+
+fn check_ip(ip: IpAddr) -> Result<(), String> {
+    match refused_because(ip) {
+        None => Ok(()),
+        Some(why) => Err(format!("{ip}, a {why} address, which is not allowed (the operator can allow it with JOBHOOK_ALLOW_PRIVATE_CALLBACKS)")),
+    }
+}
+
+/// Why an address may not be called back, or `None` for a public unicast address.
+pub fn refused_because(ip: IpAddr) -> Option<&'static str> {
+    match ip {
+        IpAddr::V4(v4) => refused_v4(v4),
+        IpAddr::V6(v6) => refused_v6(v6),
+    }
+}
+
+fn in_v4(ip: Ipv4Addr, net: [u8; 4], prefix: u32) -> bool {
+    let mask = if prefix == 0 { 0 } else { u32::MAX << (32 - prefix) };
+    (u32::from(ip) & mask) == (u32::from(Ipv4Addr::from(net)) & mask)
+}
+
+fn refused_v4(ip: Ipv4Addr) -> Option<&'static str> {
+    const RANGES: &[([u8; 4], u32, &str)] = &[
+        ([0, 0, 0, 0], 8, "\"this network\" (unspecified)"),
+        ([10, 0, 0, 0], 8, "private"),
+        ([100, 64, 0, 0], 10, "shared (CGNAT)"),
+        ([127, 0, 0, 0], 8, "loopback"),
+        ([169, 254, 0, 0], 16, "link-local"),
+        ([172, 16, 0, 0], 12, "private"),
+        ([192, 0, 0, 0], 24, "IETF protocol assignment"),
+        ([192, 0, 2, 0], 24, "documentation"),
+        ([192, 88, 99, 0], 24, "6to4 relay"),
+        ([192, 168, 0, 0], 16, "private"),
+        ([198, 18, 0, 0], 15, "benchmarking"),
+        ([198, 51, 100, 0], 24, "documentation"),
+        ([203, 0, 113, 0], 24, "documentation"),
+        ([224, 0, 0, 0], 4, "multicast"),
+        ([240, 0, 0, 0], 4, "reserved"),
+    ];
+    RANGES.iter().find(|(net, prefix, _)| in_v4(ip, *net, *prefix)).map(|(_, _, why)| *why)
+}
+
+fn in_v6(ip: Ipv6Addr, net: [u16; 8], prefix: u32) -> bool {
+    let mask = if prefix == 0 { 0 } else { u128::MAX << (128 - prefix) };
+    (u128::from(ip) & mask) == (u128::from(Ipv6Addr::from(net)) & mask)
+}
+
+fn refused_v6(ip: Ipv6Addr) -> Option<&'static str> {
+    // Forms that carry an IPv4 address are judged by that address.
+    if let Some(v4) = ip.to_ipv4_mapped() {
+        return refused_v4(v4);
+    }
+    let embedded_low32 = Ipv4Addr::from((u128::from(ip) & 0xffff_ffff) as u32);
+    if in_v6(ip, [0; 8], 96) {
+        // ::/96, the deprecated IPv4-compatible form; also :: and ::1.
+        return match ip {
+            Ipv6Addr::UNSPECIFIED => Some("unspecified"),
+            Ipv6Addr::LOCALHOST => Some("loopback"),
+            _ => Some("IPv4-compatible (deprecated)"),
+        };
+    }
+    if in_v6(ip, [0x64, 0xff9b, 0, 0, 0, 0, 0, 0], 96) {
+        // NAT64: the gateway would connect to the embedded IPv4 address.
+        return refused_v4(embedded_low32);
+    }
+    if in_v6(ip, [0x2002, 0, 0, 0, 0, 0, 0, 0], 16) {
+        // 6to4 embeds an IPv4 address in bits 16..48.
+        let v4 = Ipv4Addr::from(((u128::from(ip) >> 80) & 0xffff_ffff) as u32);
+        return refused_v4(v4);
+    }
+    const RANGES: &[([u16; 8], u32, &str)] = &[
+        ([0x64, 0xff9b, 1, 0, 0, 0, 0, 0], 48, "local-use NAT64"),
+        ([0x100, 0, 0, 0, 0, 0, 0, 0], 64, "discard-only"),
+        ([0x2001, 0, 0, 0, 0, 0, 0, 0], 32, "Teredo"),
+        ([0x2001, 0x2, 0, 0, 0, 0, 0, 0], 48, "benchmarking"),
+        ([0x2001, 0x10, 0, 0, 0, 0, 0, 0], 28, "ORCHID"),
+        ([0x2001, 0x20, 0, 0, 0, 0, 0, 0], 28, "ORCHID"),
+        ([0x2001, 0xdb8, 0, 0, 0, 0, 0, 0], 32, "documentation"),
+        ([0x3fff, 0, 0, 0, 0, 0, 0, 0], 20, "documentation"),
+        ([0xfc00, 0, 0, 0, 0, 0, 0, 0], 7, "unique local (private)"),
+        ([0xfe80, 0, 0, 0, 0, 0, 0, 0], 10, "link-local"),
+        ([0xfec0, 0, 0, 0, 0, 0, 0, 0], 10, "site-local (deprecated)"),
+        ([0xff00, 0, 0, 0, 0, 0, 0, 0], 8, "multicast"),
+    ];
+    if let Some((_, _, why)) = RANGES.iter().find(|(net, prefix, _)| in_v6(ip, *net, *prefix)) {
+        return Some(why);
+    }
+    // Only 2000::/3 is allocated as global unicast.
+    if !in_v6(ip, [0x2000, 0, 0, 0, 0, 0, 0, 0], 3) {
+        return Some("reserved");
+    }
+    None
+}
+
+/// A DNS resolver that hands the connector only addresses the policy allows.
+struct VettingResolver;
+
+impl Resolve for VettingResolver {
+    fn resolve(&self, name: Name) -> Resolving {
+        Box::pin(async move {
+            let host = name.as_str().to_owned();
+            check_name(&host).map_err(|e| -> Box<dyn std::error::Error + Send + Sync> { e.into() })?;
+            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            let allowed: Vec<SocketAddr> = addrs.iter().copied().filter(|a| refused_because(a.ip()).is_none()).collect();
+            if allowed.is_empty() {
+                let why = match addrs.first() {
+                    Some(addr) => format!("egress policy: {host} resolves only to refused addresses such as {}", addr.ip()),
+                    None => format!("{host} has no address"),
+                };
+                return Err(why.into());
+            }
+            Ok(Box::new(allowed.into_iter()) as Addrs)
+        })
+    }
+}
+
+/// The `user-agent` of every callback and poll.
+pub const USER_AGENT: &str = concat!("jobhook/", env!("CARGO_PKG_VERSION"));
+
+/// The client for callbacks: the policy's resolver, no redirects, no proxy, one timeout per request.
+pub fn callback_client(policy: EgressPolicy, timeout: Duration) -> reqwest::Client {
+    let mut builder = reqwest::Client::builder()
+        .user_agent(USER_AGENT)
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .timeout(timeout)
+        .connect_timeout(timeout.min(Duration::from_secs(10)))
+        .pool_idle_timeout(Duration::from_secs(30));
+    if !policy.allow_private {
+        builder = builder.dns_resolver(Arc::new(VettingResolver));
+    }
+    builder.build().expect("the callback client's settings are valid")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(s: &str) -> bool {
+        refused_because(s.parse().unwrap()).is_some()
+    }
+
+    #[test]
+    fn non_public_ipv4_addresses_are_refused() {
+        for ip in [
+            "127.0.0.1", "10.1.2.3", "172.16.0.1", "172.31.255.255", "192.168.1.1", "169.254.169.254", "100.64.0.1",
+            "0.0.0.0", "224.0.0.1", "255.255.255.255", "192.0.2.5", "198.51.100.7", "203.0.113.9", "240.0.0.1",
+        ] {
+            assert!(refused(ip), "{ip} should be refused");
+        }
+    }
+
+    #[test]
+    fn public_addresses_are_allowed() {
+        for ip in ["93.184.216.34", "8.8.8.8", "172.32.0.1", "2606:4700::1111", "2a00:1450:4001:80b::200e"] {
+            assert!(!refused(ip), "{ip} should be allowed");
+        }
+    }
+
+    #[test]
+    fn ipv6_spellings_of_refused_addresses_are_refused() {
+        for ip in [
+            "::1", "::", "::ffff:127.0.0.1", "::ffff:169.254.169.254", "::127.0.0.1", "64:ff9b::10.0.0.1", "2002:7f00:1::",
+            "fc00::1", "fd12:3456::1", "fe80::1", "ff02::1", "2001:db8::1", "2001::1",
+        ] {
+            assert!(refused(ip), "{ip} should be refused");
+        }
+        assert!(!refused("64:ff9b::8.8.8.8"));
+    }
+
+    #[tokio::test]
+    async fn registration_refuses_private_literals_and_loopback_names() {
+        let policy = EgressPolicy { allow_private: false };
+        for url in [
+            "http://127.0.0.1:8080/hook",
+            "http://[::1]/hook",
+            "http://[::ffff:7f00:1]/hook",
+            "http://2130706433/hook",
+            "http://0x7f.1/hook",
+            "http://0177.0.0.1/hook",
+            "http://169.254.169.254/latest/meta-data",
+            "http://localhost/hook",
+            "http://api.localhost./hook",
+        ] {
+            let url: CallbackUrl = url.parse().unwrap();
+            let err = policy.check_registration(&url).await.unwrap_err();
+            assert!(err.contains("not allowed"), "{url}: {err}");
+        }
+    }
+
+    #[tokio::test]
+    async fn allowing_private_callbacks_allows_loopback() {
+        let policy = EgressPolicy { allow_private: true };
+        let url: CallbackUrl = "http://127.0.0.1:9/hook".parse().unwrap();
+        assert!(policy.check_registration(&url).await.is_ok());
+    }
+}

@@ -1,0 +1,322 @@
+//! The words of the service, parsed once at the edge.
+//!
+//! Untrusted input (a caller's JSON, an upstream answer, a row read back from the store) becomes one of
+//! these types as soon as it arrives; everything inside trusts them. Each parse failure carries a message
+//! a person can act on, because it ends up, as is, in a problem+json `detail`.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// An upstream job ID: a UUID, kept in its canonical lowercase hyphenated form so that the same job
+/// spelled in upper case is still one poll stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct JobId(Uuid);
+
+impl JobId {
+    pub fn as_uuid(&self) -> Uuid {
+        self.0
+    }
+}
+
+impl FromStr for JobId {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Uuid::try_parse(s.trim())
+            .map(JobId)
+            .map_err(|_| format!("job_id must be a UUID such as 3f1c2b9e-8a4d-4c6e-9b1a-2d5e7f9a0c11, got {:?}", truncate(s, 64)))
+    }
+}
+
+impl fmt::Display for JobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.as_hyphenated().fmt(f)
+    }
+}
+
+/// Our ID for one subscription: a UUIDv7, so that sorting by ID is sorting by creation time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct SubscriptionId(pub Uuid);
+
+impl SubscriptionId {
+    pub fn new() -> Self {
+        SubscriptionId(Uuid::now_v7())
+    }
+}
+
+impl Default for SubscriptionId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl FromStr for SubscriptionId {
+    type Err = uuid::Error;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Uuid::try_parse(s).map(SubscriptionId)
+    }
+}
+
+impl fmt::Display for SubscriptionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.as_hyphenated().fmt(f)
+    }
+}
+
+/// The Standard Webhooks `webhook-id` of one delivery: fixed when the delivery is created, kept across
+/// its retries, its redeliveries and our restarts, so that receivers can drop duplicates.
+pub fn new_webhook_id() -> String {
+    format!("msg_{}", Uuid::now_v7().simple())
+}
+
+/// The longest callback URL we accept, in bytes (the common browser and proxy limit).
+pub const MAX_CALLBACK_URL_LEN: usize = 2048;
+
+/// A callback URL that is syntactically fit to POST to: absolute http(s), a host, no credentials, no
+/// fragment. Whether its host is *allowed* is the egress policy's call (`delivery::client`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CallbackUrl(url::Url);
+
+impl CallbackUrl {
+    pub fn as_url(&self) -> &url::Url {
+        &self.0
+    }
+
+    pub fn as_str(&self) -> &str {
+        self.0.as_str()
+    }
+}
+
+impl FromStr for CallbackUrl {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.len() > MAX_CALLBACK_URL_LEN {
+            return Err(format!("callback_url is {} bytes long; the limit is {MAX_CALLBACK_URL_LEN}", s.len()));
+        }
+        let url = url::Url::parse(s.trim()).map_err(|e| format!("callback_url is not a valid absolute URL ({e})"))?;
+        match url.scheme() {
+            "http" | "https" => {}
+            other => return Err(format!("callback_url must use http or https, not {other:?}")),
+        }
+        if url.host().is_none() {
+            return Err("callback_url has no host".into());
+        }
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err("callback_url must not carry a user name or password; put credentials in the path or query".into());
+        }
+        if url.fragment().is_some() {
+            return Err("callback_url must not have a #fragment (it is never sent to the server)".into());
+        }
+        Ok(CallbackUrl(url))
+    }
+}
+
+impl fmt::Display for CallbackUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.as_str().fmt(f)
+    }
+}
+
+/// Where a subscription is in its life. The last four are final.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SubscriptionState {
+    /// The job is being polled upstream.
+    Polling,
+    /// The job has ended; the callback is being delivered (or waits for its next retry).
+    Delivering,
+    /// The receiver answered 2xx.
+    Delivered,
+    /// The subscription ended without a delivery; `failure_reason` says why.
+    Failed,
+    /// The job was still Pending after `max-wait`.
+    Expired,
+    /// Cancelled by the caller.
+    Cancelled,
+}
+
+impl SubscriptionState {
+    pub const ALL: [SubscriptionState; 6] = [
+        Self::Polling,
+        Self::Delivering,
+        Self::Delivered,
+        Self::Failed,
+        Self::Expired,
+        Self::Cancelled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Polling => "polling",
+            Self::Delivering => "delivering",
+            Self::Delivered => "delivered",
+            Self::Failed => "failed",
+            Self::Expired => "expired",
+            Self::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn is_final(self) -> bool {
+        !matches!(self, Self::Polling | Self::Delivering)
+    }
+}
+
+impl FromStr for SubscriptionState {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|state| state.as_str() == s)
+            .ok_or_else(|| {
+                let names: Vec<_> = Self::ALL.iter().map(|s| s.as_str()).collect();
+                format!("state must be one of {}, got {:?}", names.join(", "), truncate(s, 32))
+            })
+    }
+}
+
+/// A job status as the upstream spells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+pub enum JobStatus {
+    Pending,
+    Succeed,
+    Failed,
+}
+
+impl JobStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "Pending",
+            Self::Succeed => "Succeed",
+            Self::Failed => "Failed",
+        }
+    }
+
+    pub fn is_terminal(self) -> bool {
+        !matches!(self, Self::Pending)
+    }
+}
+
+impl FromStr for JobStatus {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "Pending" => Ok(Self::Pending),
+            "Succeed" => Ok(Self::Succeed),
+            "Failed" => Ok(Self::Failed),
+            other => Err(format!("unknown job status {:?}", truncate(other, 32))),
+        }
+    }
+}
+
+/// Why a subscription ended without a delivery: machine-readable, stable, documented in the README.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureReason {
+    /// The upstream rejected our API key (401).
+    UpstreamUnauthorized,
+    /// The upstream kept answering 404 for this job past the grace period.
+    UpstreamJobNotFound,
+    /// The upstream answered 422: it does not accept this job ID.
+    UpstreamRejectedJob,
+    /// The receiver answered 410 Gone.
+    CallbackGone,
+    /// Every attempt of the retry schedule failed.
+    DeliveryExhausted,
+    /// The callback URL was refused by the egress policy at delivery time (its host now resolves to a
+    /// refused address).
+    CallbackRefused,
+}
+
+impl FailureReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::UpstreamUnauthorized => "upstream_unauthorized",
+            Self::UpstreamJobNotFound => "upstream_job_not_found",
+            Self::UpstreamRejectedJob => "upstream_rejected_job",
+            Self::CallbackGone => "callback_gone",
+            Self::DeliveryExhausted => "delivery_exhausted",
+            Self::CallbackRefused => "callback_refused",
+        }
+    }
+}
+
+impl FromStr for FailureReason {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        [
+            Self::UpstreamUnauthorized,
+            Self::UpstreamJobNotFound,
+            Self::UpstreamRejectedJob,
+            Self::CallbackGone,
+            Self::DeliveryExhausted,
+            Self::CallbackRefused,
+        ]
+        .into_iter()
+        .find(|r| r.as_str() == s)
+        .ok_or_else(|| format!("unknown failure reason {s:?}"))
+    }
+}
+
+/// Cuts untrusted text before quoting it back, on a character boundary.
+pub fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_job_id_in_upper_case_is_the_same_job() {
+        let a: JobId = "3F1C2B9E-8A4D-4C6E-9B1A-2D5E7F9A0C11".parse().unwrap();
+        let b: JobId = "3f1c2b9e-8a4d-4c6e-9b1a-2d5e7f9a0c11".parse().unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a.to_string(), "3f1c2b9e-8a4d-4c6e-9b1a-2d5e7f9a0c11");
+    }
+
+    #[test]
+    fn a_job_id_that_is_not_a_uuid_is_refused_with_an_example() {
+        let err = "job-42".parse::<JobId>().unwrap_err();
+        assert!(err.contains("must be a UUID"), "{err}");
+    }
+
+    #[test]
+    fn callback_urls_must_be_http_or_https_with_a_host() {
+        assert!("https://example.com/hook".parse::<CallbackUrl>().is_ok());
+        assert!("ftp://example.com/hook".parse::<CallbackUrl>().unwrap_err().contains("http or https"));
+        assert!("not a url".parse::<CallbackUrl>().is_err());
+        assert!("https://user:pw@example.com/".parse::<CallbackUrl>().unwrap_err().contains("password"));
+        let long = format!("https://example.com/{}", "a".repeat(MAX_CALLBACK_URL_LEN));
+        assert!(long.parse::<CallbackUrl>().unwrap_err().contains("limit"));
+    }
+
+    #[test]
+    fn states_round_trip_through_their_names() {
+        for state in SubscriptionState::ALL {
+            assert_eq!(state.as_str().parse::<SubscriptionState>().unwrap(), state);
+        }
+        assert!("done".parse::<SubscriptionState>().unwrap_err().contains("polling"));
+    }
+
+    #[test]
+    fn truncation_respects_character_boundaries() {
+        assert_eq!(truncate("héllo", 2), "h…");
+        assert_eq!(truncate("abc", 5), "abc");
+    }
+}

@@ -1,0 +1,35 @@
+//! jobhook turns polling into push.
+//!
+//! A caller registers an upstream job ID with a callback URL ([`api`]). The registration is committed to
+//! the [`store`] before the answer. The [`poller`] keeps one entry per job in memory and polls the
+//! upstream ([`upstream`]) until the job is Succeed or Failed; then, in one transaction, it stores the
+//! result and one delivery per subscriber. The [`delivery`] dispatcher POSTs the result to each callback,
+//! signed with Standard Webhooks, and retries on a schedule until the receiver answers 2xx.
+//!
+//! ```text
+//! caller ─POST─▶ api ─commit─▶ store ─▶ poller ─GET─▶ upstream
+//!                                          │ Pending: reschedule in memory (no write)
+//!                                          │ Succeed/Failed: result + deliveries, one transaction
+//!                                          ▼
+//!                                      dispatcher ─signed POST─▶ callback (retry per schedule)
+//! ```
+//!
+//! [`app`] wires the parts and shuts them down together; [`config`] holds every setting;
+//! [`domain`] the types that untrusted input is parsed into; [`keys`] API keys and signing secrets;
+//! [`mock_upstream`] a simulated job API for the quick start and the tests.
+
+pub mod api;
+pub mod app;
+pub mod config;
+pub mod delivery;
+pub mod domain;
+pub mod keys;
+pub mod mock_upstream;
+pub mod poller;
+pub mod store;
+pub mod upstream;
+
+/// Installs the TLS crypto provider (ring) once per process; safe to call again.
+pub fn install_crypto() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

@@ -1,0 +1,223 @@
+//! A simulated AetherForge job API: `GET /public/v1/job/{job_id}`.
+//!
+//! Any well-formed job ID is Pending for a few polls, then ends (Succeed with image URLs by default).
+//! Options make jobs fail, stay pending, or answer errors; tests can also script single jobs and read
+//! back how each job was polled (count, and the most polls that were ever in flight at once).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use clap::{Args, ValueEnum};
+use serde_json::json;
+
+use crate::domain::JobId;
+
+#[derive(Debug, Clone, Args)]
+pub struct MockArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:9090")]
+    pub listen: SocketAddr,
+    /// Require this Bearer key (401 otherwise). Default: any key, or none, is accepted.
+    #[arg(long, env = "MOCK_UPSTREAM_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// How many polls of a job answer Pending before it ends.
+    #[arg(long, default_value_t = 3)]
+    pub pending_polls: u32,
+    /// How jobs end.
+    #[arg(long, value_enum, default_value_t = Outcome::Succeed)]
+    pub outcome: Outcome,
+    /// The share of polls (0.0–1.0) answered with a 503 error instead.
+    #[arg(long, default_value_t = 0.0)]
+    pub error_rate: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Outcome {
+    Succeed,
+    Fail,
+    /// Jobs never end.
+    Pending,
+}
+
+/// One scripted answer for a job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    Pending,
+    Succeed,
+    Failed,
+    /// An HTTP status with a problem body.
+    Status(u16),
+    /// 429 or 503 with `Retry-After: <seconds>`.
+    RetryAfter(u16, u64),
+    /// A 200 whose body is not a job status.
+    Garbage,
+    /// Wait this long before answering Pending (to outlast a poll timeout).
+    Hang(Duration),
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct JobPolls {
+    pub count: u32,
+    pub in_flight: u32,
+    pub max_in_flight: u32,
+}
+
+#[derive(Debug)]
+struct Inner {
+    api_key: Option<String>,
+    pending_polls: u32,
+    outcome: Outcome,
+    error_rate: f64,
+    scripts: HashMap<JobId, Vec<Answer>>,
+    polls: HashMap<JobId, JobPolls>,
+}
+
+/// A running simulated upstream.
+#[derive(Clone)]
+pub struct MockUpstream {
+    addr: SocketAddr,
+    inner: Arc<Mutex<Inner>>,
+}
+
+impl MockUpstream {
+    /// Serves on `listener` until the runtime ends.
+    pub fn serve(listener: tokio::net::TcpListener, args: &MockArgs) -> std::io::Result<Self> {
+        let addr = listener.local_addr()?;
+        let inner = Arc::new(Mutex::new(Inner {
+            api_key: args.api_key.clone(),
+            pending_polls: args.pending_polls,
+            outcome: args.outcome,
+            error_rate: args.error_rate.clamp(0.0, 1.0),
+            scripts: HashMap::new(),
+            polls: HashMap::new(),
+        }));
+        let app = axum::Router::new()
+            .route("/public/v1/job/{job_id}", get(job_status))
+            .with_state(inner.clone());
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(MockUpstream { addr, inner })
+    }
+
+    pub async fn start(args: &MockArgs) -> std::io::Result<Self> {
+        Self::serve(tokio::net::TcpListener::bind(args.listen).await?, args)
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Answers for one job, in order; the last one repeats.
+    pub fn script(&self, job_id: JobId, answers: Vec<Answer>) {
+        self.lock().scripts.insert(job_id, answers);
+    }
+
+    pub fn polls(&self, job_id: JobId) -> JobPolls {
+        self.lock().polls.get(&job_id).copied().unwrap_or_default()
+    }
+
+    pub fn total_polls(&self) -> u64 {
+        self.lock().polls.values().map(|p| u64::from(p.count)).sum()
+    }
+
+    /// The most polls of any one job that were in flight at once.
+    pub fn max_overlap(&self) -> u32 {
+        self.lock().polls.values().map(|p| p.max_in_flight).max().unwrap_or(0)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().expect("the mock's lock is never poisoned")
+    }
+}
+
+pub async fn run(args: MockArgs) -> anyhow::Result<()> {
+    let mock = MockUpstream::start(&args).await?;
+    println!("mock upstream listening on http://{}", mock.addr());
+    println!("  jobs are Pending for {} polls, then {:?}", args.pending_polls, args.outcome);
+    tokio::signal::ctrl_c().await?;
+    Ok(())
+}
+
+fn problem(status: StatusCode, detail: &str) -> Response {
+    (status, [(header::CONTENT_TYPE, "application/json")], json!({ "detail": detail }).to_string()).into_response()
+}
+
+fn status_body(job_id: &str, status: &str, image_urls: &[String]) -> Response {
+    let body = json!({ "job_id": job_id, "status": status, "image_urls": image_urls });
+    ([(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+}
+
+struct InFlightGuard(Arc<Mutex<Inner>>, JobId);
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        if let Ok(mut inner) = self.0.lock()
+            && let Some(p) = inner.polls.get_mut(&self.1)
+        {
+            p.in_flight -= 1;
+        }
+    }
+}
+
+async fn job_status(State(inner): State<Arc<Mutex<Inner>>>, Path(raw): Path<String>, headers: HeaderMap) -> Response {
+    let answer = {
+        let mut guard = inner.lock().expect("the mock's lock is never poisoned");
+        if let Some(required) = &guard.api_key {
+            let presented = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+            if presented != Some(required.as_str()) {
+                return problem(StatusCode::UNAUTHORIZED, "invalid API key");
+            }
+        }
+        let Ok(job_id) = raw.parse::<JobId>() else {
+            return problem(StatusCode::UNPROCESSABLE_ENTITY, "job_id is not a UUID");
+        };
+        let polls = guard.polls.entry(job_id).or_default();
+        polls.count += 1;
+        polls.in_flight += 1;
+        polls.max_in_flight = polls.max_in_flight.max(polls.in_flight);
+        let n = polls.count;
+        let answer = match guard.scripts.get(&job_id) {
+            Some(script) if !script.is_empty() => script[(n as usize - 1).min(script.len() - 1)].clone(),
+            _ if guard.error_rate > 0.0 && rand::random_range(0.0..1.0) < guard.error_rate => Answer::Status(503),
+            _ if n <= guard.pending_polls => Answer::Pending,
+            _ => match guard.outcome {
+                Outcome::Succeed => Answer::Succeed,
+                Outcome::Fail => Answer::Failed,
+                Outcome::Pending => Answer::Pending,
+            },
+        };
+        (answer, InFlightGuard(inner.clone(), job_id), job_id)
+    };
+    let (answer, _guard, job_id) = answer;
+    let id = job_id.to_string();
+    match answer {
+        Answer::Pending => status_body(&id, "Pending", &[]),
+        Answer::Succeed => {
+            let urls: Vec<String> = (0..2).map(|i| format!("https://images.example.com/{id}/{i}.png")).collect();
+            status_body(&id, "Succeed", &urls)
+        }
+        Answer::Failed => status_body(&id, "Failed", &[]),
+        Answer::Status(code) => problem(StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), "simulated error"),
+        Answer::RetryAfter(code, secs) => {
+            let mut response = problem(StatusCode::from_u16(code).unwrap_or(StatusCode::TOO_MANY_REQUESTS), "slow down");
+            response.headers_mut().insert(header::RETRY_AFTER, secs.into());
+            response
+        }
+        Answer::Garbage => ([(header::CONTENT_TYPE, "text/html")], "<html>oops</html>").into_response(),
+        Answer::Hang(d) => {
+            tokio::time::sleep(d).await;
+            status_body(&id, "Pending", &[])
+        }
+    }
+}

@@ -1,0 +1,419 @@
+//! The poll schedule, and one poll step.
+//!
+//! One entry per upstream job (DESIGN promise 4), however many subscribers it has, kept in memory in a
+//! timer wheel ([`DelayQueue`]) keyed by due time — not a task per job. A job is either queued or in
+//! flight, never both, so two polls of one job can never overlap. A Pending answer reschedules in memory
+//! and writes nothing (promise 3); the store is written only at transitions: the first status seen, an
+//! error appearing or changing, the job's end, expiry, a definitive upstream refusal.
+//!
+//! [`step`] is one poll of one job and returns what to do next; [`run`] is the loop around it.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tokio_util::time::DelayQueue;
+
+use crate::config::PollConfig;
+use crate::delivery::DispatcherHandle;
+use crate::domain::{FailureReason, JobId, JobStatus};
+use crate::store::{Millis, PollableJob, Store, now_ms};
+use crate::upstream::{PollAnswer, UpstreamClient};
+
+/// A job pending longer than this is polled less and less often, up to `poll-max-interval`.
+pub const SLOWDOWN_AFTER: Duration = Duration::from_secs(60);
+
+/// The longest upstream `Retry-After` we honour; beyond it we would rather ask again.
+pub const MAX_UPSTREAM_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
+/// How far poll times move at random, both ways (±10%), so jobs registered together spread out.
+pub const POLL_JITTER: f64 = 0.1;
+
+/// The spacing before the next poll of a job that answered Pending and has been pending `pending_for`:
+/// `poll-interval` for the first minute, then doubling every minute up to `poll-max-interval`.
+/// `jitter` is in [-1, 1].
+pub fn pending_delay(pending_for: Duration, cfg: &PollConfig, jitter: f64) -> Duration {
+    let base = if pending_for <= SLOWDOWN_AFTER {
+        cfg.interval
+    } else {
+        let minutes_past = (pending_for - SLOWDOWN_AFTER).as_secs() / 60 + 1;
+        let factor = 1u32 << minutes_past.min(16);
+        cfg.interval.saturating_mul(factor).min(cfg.max_interval)
+    };
+    jittered(base, jitter).min(cfg.max_interval)
+}
+
+/// The spacing after `consecutive_errors` failed polls (at least 1): exponential from `poll-interval`
+/// up to six times `poll-max-interval` (60 s by default), and never sooner than the upstream asked.
+pub fn error_delay(consecutive_errors: u32, retry_after: Option<Duration>, cfg: &PollConfig, jitter: f64) -> Duration {
+    let cap = cfg.max_interval.saturating_mul(6);
+    let exp = consecutive_errors.saturating_sub(1).min(20);
+    let backoff = jittered(cfg.interval.saturating_mul(1 << exp).min(cap), jitter);
+    match retry_after {
+        Some(asked) => backoff.max(asked.min(MAX_UPSTREAM_RETRY_AFTER)),
+        None => backoff,
+    }
+}
+
+fn jittered(d: Duration, jitter: f64) -> Duration {
+    d.mul_f64(1.0 + POLL_JITTER * jitter.clamp(-1.0, 1.0))
+}
+
+fn random_jitter() -> f64 {
+    rand::random_range(-1.0..=1.0)
+}
+
+fn ms(d: Duration) -> Millis {
+    Millis::try_from(d.as_millis()).unwrap_or(Millis::MAX)
+}
+
+/// What the poller remembers of a job between polls.
+#[derive(Debug, Clone)]
+pub struct JobState {
+    pub job: PollableJob,
+    pub consecutive_errors: u32,
+    /// What the store last heard from us about this job (`None`: not known since start-up).
+    recorded: Option<(Option<JobStatus>, Option<String>)>,
+    /// The subscriptions may have changed (a cancellation): ask the store before polling.
+    pub recheck: bool,
+}
+
+impl JobState {
+    pub fn new(job: PollableJob) -> Self {
+        JobState { job, consecutive_errors: 0, recorded: None, recheck: false }
+    }
+}
+
+/// What one step did, for logs and tests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PollOutcome {
+    Pending,
+    /// The job ended; this many deliveries were created.
+    Finished(JobStatus, usize),
+    /// The subscriptions of the job ended for this reason.
+    Failed(FailureReason),
+    /// Every polling subscription of the job expired.
+    Expired,
+    /// No subscription waits on the job any more.
+    Abandoned,
+    Error(String),
+    /// The store could not record the outcome; the job is polled again later.
+    StoreUnavailable,
+}
+
+/// What to do with the job after a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    PollIn(Duration),
+    Done,
+}
+
+/// Everything a poll step needs.
+pub struct PollContext {
+    pub store: Arc<dyn Store>,
+    pub upstream: UpstreamClient,
+    pub config: PollConfig,
+    pub dispatcher: DispatcherHandle,
+}
+
+/// One poll of one job: ask the upstream, record what changed, say when to poll next.
+#[tracing::instrument(skip_all, fields(job_id = %state.job.job_id))]
+pub async fn step(ctx: &PollContext, state: &mut JobState) -> (PollOutcome, Next) {
+    let job_id = state.job.job_id;
+    if state.recheck {
+        match ctx.store.pollable_job(job_id).await {
+            Ok(Some(job)) => {
+                state.job = job;
+                state.recheck = false;
+            }
+            Ok(None) => return (PollOutcome::Abandoned, Next::Done),
+            Err(e) => return store_trouble(ctx, state, e),
+        }
+    }
+    let answer = ctx.upstream.poll(job_id).await;
+    let now = now_ms();
+    let pending_for = Duration::from_millis(u64::try_from(now - state.job.job_created_at).unwrap_or(0));
+    match answer {
+        PollAnswer::Terminal(status, body) => match ctx.store.complete_job(job_id, status, &body, now).await {
+            Ok(tasks) => {
+                let n = tasks.len();
+                tracing::info!(status = status.as_str(), deliveries = n, "job finished");
+                ctx.dispatcher.deliver(tasks);
+                (PollOutcome::Finished(status, n), Next::Done)
+            }
+            Err(e) => store_trouble(ctx, state, e),
+        },
+        PollAnswer::Pending => {
+            state.consecutive_errors = 0;
+            if let Err(e) = observe(ctx, state, Some(JobStatus::Pending), None, now).await {
+                return store_trouble(ctx, state, e);
+            }
+            expire_or(ctx, state, now, PollOutcome::Pending, pending_delay(pending_for, &ctx.config, random_jitter())).await
+        }
+        PollAnswer::Unauthorized => {
+            let why = "upstream answered 401 Unauthorized: check JOBHOOK_UPSTREAM_API_KEY";
+            tracing::error!("{why}");
+            fail(ctx, state, FailureReason::UpstreamUnauthorized, why, now).await
+        }
+        PollAnswer::Rejected => {
+            fail(ctx, state, FailureReason::UpstreamRejectedJob, "upstream answered 422: it does not accept this job ID", now).await
+        }
+        PollAnswer::NotFound if pending_for >= ctx.config.not_found_grace => {
+            let why = format!("upstream answered 404 for longer than {}", humantime::format_duration(ctx.config.not_found_grace));
+            fail(ctx, state, FailureReason::UpstreamJobNotFound, &why, now).await
+        }
+        PollAnswer::NotFound => transient(ctx, state, "upstream answered 404 (a new job may not be visible yet)".into(), None, now).await,
+        PollAnswer::Transient { error, retry_after } => transient(ctx, state, error, retry_after, now).await,
+    }
+}
+
+async fn transient(ctx: &PollContext, state: &mut JobState, error: String, retry_after: Option<Duration>, now: Millis) -> (PollOutcome, Next) {
+    state.consecutive_errors = state.consecutive_errors.saturating_add(1);
+    tracing::debug!(%error, errors = state.consecutive_errors, "poll failed");
+    if let Err(e) = observe(ctx, state, None, Some(error.clone()), now).await {
+        return store_trouble(ctx, state, e);
+    }
+    let delay = error_delay(state.consecutive_errors, retry_after, &ctx.config, random_jitter());
+    expire_or(ctx, state, now, PollOutcome::Error(error), delay).await
+}
+
+/// Writes what the upstream said, only when it differs from what the store already knows.
+async fn observe(ctx: &PollContext, state: &mut JobState, status: Option<JobStatus>, error: Option<String>, now: Millis) -> crate::store::Result<()> {
+    let status = status.or_else(|| state.recorded.as_ref().and_then(|(s, _)| *s));
+    let seen = (status, error);
+    if state.recorded.as_ref() == Some(&seen) {
+        return Ok(());
+    }
+    ctx.store.record_observation(state.job.job_id, seen.0, seen.1.as_deref(), now).await?;
+    state.recorded = Some(seen);
+    Ok(())
+}
+
+async fn expire_or(ctx: &PollContext, state: &mut JobState, now: Millis, outcome: PollOutcome, delay: Duration) -> (PollOutcome, Next) {
+    let max_wait = ms(ctx.config.max_wait);
+    if now < state.job.oldest_polling_at.saturating_add(max_wait) {
+        return (outcome, Next::PollIn(delay));
+    }
+    match ctx.store.expire(state.job.job_id, now - max_wait, now).await {
+        Ok(Some(job)) => {
+            tracing::info!("some subscriptions expired; others still wait");
+            state.job = job;
+            (outcome, Next::PollIn(delay))
+        }
+        Ok(None) => {
+            tracing::info!("job still pending after max-wait: subscriptions expired");
+            (PollOutcome::Expired, Next::Done)
+        }
+        Err(e) => store_trouble(ctx, state, e),
+    }
+}
+
+async fn fail(ctx: &PollContext, state: &mut JobState, reason: FailureReason, why: &str, now: Millis) -> (PollOutcome, Next) {
+    match ctx.store.fail_job(state.job.job_id, reason, why, now).await {
+        Ok(n) => {
+            tracing::warn!(reason = reason.as_str(), subscriptions = n, "{why}");
+            (PollOutcome::Failed(reason), Next::Done)
+        }
+        Err(e) => store_trouble(ctx, state, e),
+    }
+}
+
+/// The store refused a write: nothing was recorded, so the job is polled again after a back-off and the
+/// same outcome is recorded then.
+fn store_trouble(ctx: &PollContext, state: &mut JobState, e: crate::store::StoreError) -> (PollOutcome, Next) {
+    tracing::error!(error = %e, "could not record a poll outcome; will poll again");
+    state.consecutive_errors = state.consecutive_errors.saturating_add(1);
+    state.recorded = None;
+    state.recheck = true;
+    (PollOutcome::StoreUnavailable, Next::PollIn(error_delay(state.consecutive_errors, None, &ctx.config, random_jitter())))
+}
+
+enum PollerMsg {
+    /// A job has a (new) polling subscription.
+    Ensure(PollableJob),
+    /// A subscription of this job was cancelled: check before the next poll whether anyone still waits.
+    Recheck(JobId),
+}
+
+/// How the API tells the poller about new and cancelled subscriptions.
+#[derive(Clone)]
+pub struct PollerHandle {
+    tx: mpsc::UnboundedSender<PollerMsg>,
+}
+
+impl PollerHandle {
+    pub fn ensure(&self, job: PollableJob) {
+        // A send fails only once the poller has stopped (shutdown); the job resumes from the store at the
+        // next start.
+        let _ = self.tx.send(PollerMsg::Ensure(job));
+    }
+
+    pub fn recheck(&self, job_id: JobId) {
+        let _ = self.tx.send(PollerMsg::Recheck(job_id));
+    }
+}
+
+/// The receiving end, handed to [`run`].
+pub struct PollerInbox(mpsc::UnboundedReceiver<PollerMsg>);
+
+pub fn channel() -> (PollerHandle, PollerInbox) {
+    // Unbounded: a message is sent only after a committed registration or cancellation, so the channel
+    // holds at most one entry per request the API has already accepted.
+    let (tx, rx) = mpsc::unbounded_channel();
+    (PollerHandle { tx }, PollerInbox(rx))
+}
+
+enum Slot {
+    Queued { state: JobState },
+    InFlight { recheck: bool },
+}
+
+/// The poll loop: schedules `initial` (spread over the first interval), then polls whatever is due,
+/// at most `max_in_flight` at once, until `shutdown`; then waits for in-flight polls up to `grace`.
+pub async fn run(ctx: Arc<PollContext>, inbox: PollerInbox, initial: Vec<PollableJob>, shutdown: CancellationToken, grace: Duration) {
+    let mut rx = inbox.0;
+    let mut queue: DelayQueue<JobId> = DelayQueue::new();
+    let mut slots: HashMap<JobId, Slot> = HashMap::new();
+    let mut in_flight: JoinSet<(JobState, Next)> = JoinSet::new();
+    let mut task_jobs: HashMap<tokio::task::Id, JobId> = HashMap::new();
+    let spread = ms(ctx.config.interval).max(1) as u64;
+    for job in initial {
+        queue.insert(job.job_id, Duration::from_millis(rand::random_range(0..spread)));
+        slots.insert(job.job_id, Slot::Queued { state: JobState::new(job) });
+    }
+    tracing::info!(jobs = slots.len(), "poller started");
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            Some(msg) = rx.recv() => match msg {
+                PollerMsg::Ensure(job) => match slots.get_mut(&job.job_id) {
+                    None => {
+                        queue.insert(job.job_id, Duration::ZERO);
+                        slots.insert(job.job_id, Slot::Queued { state: JobState::new(job) });
+                    }
+                    Some(Slot::Queued { .. }) => {}
+                    // The running poll may decide nobody waits any more; make it look again.
+                    Some(Slot::InFlight { recheck }) => *recheck = true,
+                },
+                PollerMsg::Recheck(job_id) => match slots.get_mut(&job_id) {
+                    Some(Slot::Queued { state }) => state.recheck = true,
+                    Some(Slot::InFlight { recheck }) => *recheck = true,
+                    None => {}
+                },
+            },
+            Some(expired) = queue.next(), if in_flight.len() < ctx.config.max_in_flight => {
+                let job_id = expired.into_inner();
+                if let Some(Slot::Queued { state }) = slots.insert(job_id, Slot::InFlight { recheck: false }) {
+                    let ctx = ctx.clone();
+                    let handle = in_flight.spawn(async move {
+                        let mut state = state;
+                        let (_, next) = step(&ctx, &mut state).await;
+                        (state, next)
+                    });
+                    task_jobs.insert(handle.id(), job_id);
+                }
+            },
+            Some(done) = in_flight.join_next_with_id() => {
+                let (job_id, result) = match done {
+                    Ok((id, result)) => (task_jobs.remove(&id), Ok(result)),
+                    Err(e) => (task_jobs.remove(&e.id()), Err(e)),
+                };
+                let Some(job_id) = job_id else { continue };
+                let recheck = matches!(slots.get(&job_id), Some(Slot::InFlight { recheck: true }));
+                match result {
+                    Ok((mut state, next)) => {
+                        let delay = match next {
+                            Next::PollIn(delay) => Some(delay),
+                            // A registration arrived while we decided nobody waits: look again now.
+                            Next::Done if recheck => Some(Duration::ZERO),
+                            Next::Done => None,
+                        };
+                        match delay {
+                            Some(delay) => {
+                                state.recheck |= recheck;
+                                queue.insert(job_id, delay);
+                                slots.insert(job_id, Slot::Queued { state });
+                            }
+                            None => {
+                                slots.remove(&job_id);
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        // A panic in a step is a bug; the job must not be forgotten for it.
+                        tracing::error!(%job_id, error = %e, "poll step failed unexpectedly; retrying later");
+                        slots.remove(&job_id);
+                        if let Ok(Some(job)) = ctx.store.pollable_job(job_id).await {
+                            queue.insert(job_id, ctx.config.max_interval);
+                            slots.insert(job_id, Slot::Queued { state: JobState::new(job) });
+                        }
+                    }
+                }
+            },
+        }
+    }
+    let waiting = in_flight.len();
+    if waiting > 0 {
+        tracing::info!(polls = waiting, "waiting for in-flight polls");
+        let _ = tokio::time::timeout(grace, async { while in_flight.join_next().await.is_some() {} }).await;
+        in_flight.abort_all();
+    }
+    tracing::info!("poller stopped");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> PollConfig {
+        PollConfig {
+            interval: Duration::from_secs(1),
+            max_interval: Duration::from_secs(10),
+            max_wait: Duration::from_secs(86_400),
+            not_found_grace: Duration::from_secs(60),
+            max_in_flight: 8,
+        }
+    }
+
+    fn secs(s: u64) -> Duration {
+        Duration::from_secs(s)
+    }
+
+    #[test]
+    fn a_young_pending_job_is_polled_every_interval() {
+        assert_eq!(pending_delay(secs(0), &cfg(), 0.0), secs(1));
+        assert_eq!(pending_delay(secs(59), &cfg(), 0.0), secs(1));
+    }
+
+    #[test]
+    fn a_long_pending_job_is_polled_less_often_up_to_the_maximum() {
+        assert_eq!(pending_delay(secs(61), &cfg(), 0.0), secs(2));
+        assert_eq!(pending_delay(secs(121), &cfg(), 0.0), secs(4));
+        assert_eq!(pending_delay(secs(181), &cfg(), 0.0), secs(8));
+        assert_eq!(pending_delay(secs(241), &cfg(), 0.0), secs(10));
+        assert_eq!(pending_delay(secs(86_000), &cfg(), 1.0), secs(10));
+    }
+
+    #[test]
+    fn poll_jitter_is_a_tenth_either_way() {
+        assert_eq!(pending_delay(secs(0), &cfg(), 1.0), Duration::from_millis(1100));
+        assert_eq!(pending_delay(secs(0), &cfg(), -1.0), Duration::from_millis(900));
+    }
+
+    #[test]
+    fn errors_back_off_exponentially_up_to_a_minute() {
+        let delays: Vec<_> = (1..=9).map(|n| error_delay(n, None, &cfg(), 0.0)).collect();
+        assert_eq!(delays, vec![secs(1), secs(2), secs(4), secs(8), secs(16), secs(32), secs(60), secs(60), secs(60)]);
+    }
+
+    #[test]
+    fn an_upstream_retry_after_is_waited_at_least() {
+        assert_eq!(error_delay(1, Some(secs(30)), &cfg(), 0.0), secs(30));
+        assert_eq!(error_delay(7, Some(secs(5)), &cfg(), 0.0), secs(60));
+        assert_eq!(error_delay(1, Some(secs(999_999)), &cfg(), 0.0), MAX_UPSTREAM_RETRY_AFTER);
+    }
+}

@@ -1,0 +1,203 @@
+//! Durable state behind one interface, [`Store`].
+//!
+//! What the store promises (DESIGN.md 1–3):
+//! * a method that returns `Ok` has committed (a 201 is durable);
+//! * [`Store::complete_job`] writes the job's result and the deliveries it creates in one transaction (the
+//!   outbox): nobody can see a job finished with no delivery scheduled;
+//! * nothing is written for a Pending poll; the poller writes only at transitions.
+//!
+//! `sqlite.rs` is the embedded default; PostgreSQL comes as a second implementation of the same trait.
+
+mod sqlite;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use crate::domain::{CallbackUrl, FailureReason, JobId, JobStatus, SubscriptionId, SubscriptionState};
+use crate::keys::{KeyHash, SigningSecret};
+
+pub use sqlite::SqliteStore;
+
+/// Unix time in milliseconds: how the store keeps time.
+pub type Millis = i64;
+
+pub fn now_ms() -> Millis {
+    time::OffsetDateTime::now_utc().unix_timestamp_nanos().div_euclid(1_000_000) as Millis
+}
+
+/// Whether a `--database-url` names a store we can open; the error is a sentence.
+pub fn check_url(url: &str) -> Result<(), String> {
+    if url.starts_with("sqlite:") {
+        Ok(())
+    } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+        Err("PostgreSQL is not supported by this version yet; use sqlite://PATH".into())
+    } else {
+        Err("must start with sqlite:// (for example sqlite://jobhook.db)".into())
+    }
+}
+
+/// Opens the store a URL names, creating and migrating it as needed.
+pub async fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {
+    Ok(Arc::new(SqliteStore::open(url).await?))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database cannot take the write now: disk full, read-only file, I/O error, locked too long.
+    /// Nothing was committed; the caller may try again later.
+    #[error("the database is unavailable: {0}")]
+    Unavailable(#[source] sqlx::Error),
+    #[error("database error: {0}")]
+    Other(#[source] sqlx::Error),
+    #[error("could not migrate the database: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("a stored row is not readable: {0}")]
+    Corrupt(String),
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// A caller of the API, known by one of its keys.
+#[derive(Debug, Clone)]
+pub struct Tenant {
+    pub id: i64,
+    pub secret: Arc<SigningSecret>,
+}
+
+/// A subscription as the API shows it.
+#[derive(Debug, Clone)]
+pub struct Subscription {
+    pub id: SubscriptionId,
+    pub job_id: JobId,
+    pub callback_url: String,
+    pub state: SubscriptionState,
+    pub job_status: Option<JobStatus>,
+    pub failure_reason: Option<FailureReason>,
+    pub last_error: Option<String>,
+    pub webhook_id: Option<String>,
+    pub attempts: u32,
+    pub next_attempt_at: Option<Millis>,
+    pub created_at: Millis,
+    pub updated_at: Millis,
+}
+
+/// A job that has subscriptions waiting on it, as the poller needs to schedule it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PollableJob {
+    pub job_id: JobId,
+    /// When the job was first registered: the start of its 404 grace and of its interval growth.
+    pub job_created_at: Millis,
+    /// The creation time of its oldest polling subscription: the next one to expire.
+    pub oldest_polling_at: Millis,
+}
+
+/// One subscriber's delivery, with everything an attempt needs.
+#[derive(Debug, Clone)]
+pub struct DeliveryTask {
+    pub subscription_id: SubscriptionId,
+    pub webhook_id: String,
+    pub callback_url: String,
+    pub secret: Arc<SigningSecret>,
+    pub body: Bytes,
+    pub attempts_made: u32,
+    pub due_at: Millis,
+}
+
+/// What a new registration led to.
+#[derive(Debug)]
+pub enum Registered {
+    /// A new subscription; the job must be polled (it has no result yet).
+    CreatedPolling(Subscription, PollableJob),
+    /// A new subscription to a job whose result we already hold: deliver it now.
+    CreatedDelivering(Subscription, DeliveryTask),
+    /// The same tenant, job and callback were already registered: this is that subscription.
+    Existing(Subscription),
+}
+
+/// One delivery attempt as it happened.
+#[derive(Debug, Clone)]
+pub struct AttemptRecord {
+    pub subscription_id: SubscriptionId,
+    pub attempt: u32,
+    pub webhook_id: String,
+    pub started_at: Millis,
+    pub status_code: Option<u16>,
+    pub error: Option<String>,
+    pub duration_ms: u64,
+}
+
+/// Where a delivery goes after an attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttemptResult {
+    Delivered,
+    RetryAt(Millis),
+    Failed(FailureReason),
+}
+
+/// The filters of `GET /v1/subscriptions`.
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    pub job_id: Option<JobId>,
+    pub state: Option<SubscriptionState>,
+    /// Only subscriptions created before this one (the cursor).
+    pub before: Option<SubscriptionId>,
+    pub limit: u32,
+}
+
+/// What cancelling changed, so the workers can let go of the subscription.
+#[derive(Debug, Clone, Copy)]
+pub struct Cancelled {
+    pub job_id: JobId,
+    /// The state before cancelling, or `None` when it had already ended (then nothing changed).
+    pub was: Option<SubscriptionState>,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    // --- tenants and keys ---
+
+    /// Makes sure a key from the configuration exists as a tenant; sets its secret when one is given.
+    /// Configured keys no longer in `keys` are revoked. Returns how many tenants were created.
+    async fn sync_configured_keys(&self, keys: &[KeyHash], secret: Option<&SigningSecret>, now: Millis) -> Result<usize>;
+    /// A new tenant with a stored key and a fresh secret.
+    async fn create_key(&self, name: &str, key: KeyHash, secret: &SigningSecret, now: Millis) -> Result<i64>;
+    /// How many keys can be used to call the API.
+    async fn usable_key_count(&self) -> Result<i64>;
+    async fn tenant_by_key(&self, key: KeyHash) -> Result<Option<Tenant>>;
+
+    // --- the API ---
+
+    async fn register(&self, tenant: &Tenant, id: SubscriptionId, job_id: JobId, callback_url: &CallbackUrl, now: Millis) -> Result<Registered>;
+    async fn subscription(&self, tenant_id: i64, id: SubscriptionId) -> Result<Option<Subscription>>;
+    async fn list_subscriptions(&self, tenant_id: i64, filter: &ListFilter) -> Result<Vec<Subscription>>;
+    async fn cancel(&self, tenant_id: i64, id: SubscriptionId, now: Millis) -> Result<Option<Cancelled>>;
+    /// The attempts of a subscription, oldest first; `None` when the tenant has no such subscription.
+    async fn attempts(&self, tenant_id: i64, id: SubscriptionId) -> Result<Option<Vec<AttemptRecord>>>;
+
+    // --- the poller ---
+
+    /// Every job with at least one polling subscription (start-up).
+    async fn pollable_jobs(&self) -> Result<Vec<PollableJob>>;
+    /// One job, if it still has polling subscriptions.
+    async fn pollable_job(&self, job_id: JobId) -> Result<Option<PollableJob>>;
+    /// Records what the upstream last said, at a transition (first status, an error appearing, changing
+    /// or clearing). Never called for a repeated Pending.
+    async fn record_observation(&self, job_id: JobId, status: Option<JobStatus>, last_error: Option<&str>, now: Millis) -> Result<()>;
+    /// The job ended: one transaction stores its result and turns every polling subscription into a
+    /// delivery due now. Returns those deliveries.
+    async fn complete_job(&self, job_id: JobId, status: JobStatus, body: &Bytes, now: Millis) -> Result<Vec<DeliveryTask>>;
+    /// Every polling subscription of the job fails for this reason. Returns how many.
+    async fn fail_job(&self, job_id: JobId, reason: FailureReason, last_error: &str, now: Millis) -> Result<u64>;
+    /// Polling subscriptions created at or before `cutoff` expire. Returns the job if some still poll.
+    async fn expire(&self, job_id: JobId, cutoff: Millis, now: Millis) -> Result<Option<PollableJob>>;
+
+    // --- the dispatcher ---
+
+    /// Every delivery waiting for an attempt (start-up).
+    async fn pending_deliveries(&self) -> Result<Vec<DeliveryTask>>;
+    /// Logs an attempt and moves the delivery on, in one transaction. Returns false when the
+    /// subscription was no longer delivering (cancelled meanwhile); the attempt is logged anyway.
+    async fn record_attempt(&self, record: &AttemptRecord, result: AttemptResult, now: Millis) -> Result<bool>;
+}

@@ -1,0 +1,627 @@
+//! The embedded store: one SQLite file in WAL mode.
+//!
+//! Durability settings: `journal_mode=WAL` with `synchronous=FULL`, so a commit is on disk (fsync of
+//! the WAL) before we answer, and survives a power cut as well as `kill -9`. Writes go through a pool
+//! of exactly one connection: SQLite has one writer at a time anyway, and queueing writers in our pool
+//! (async, fair) beats letting them spin in SQLite's busy handler. Reads use a separate pool, which WAL
+//! lets run beside the writer.
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Sqlite, Transaction};
+
+use super::*;
+use crate::domain::new_webhook_id;
+
+pub struct SqliteStore {
+    writer: SqlitePool,
+    reader: SqlitePool,
+}
+
+/// How long a statement waits for the write lock before giving up with "unavailable".
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl SqliteStore {
+    pub async fn open(url: &str) -> Result<Self> {
+        let options = SqliteConnectOptions::from_str(url)
+            .map_err(StoreError::Other)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(BUSY_TIMEOUT)
+            .foreign_keys(true);
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(BUSY_TIMEOUT)
+            .connect_with(options.clone())
+            .await
+            .map_err(classify)?;
+        sqlx::migrate!("src/store/migrations/sqlite").run(&writer).await?;
+        let reader = SqlitePoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(BUSY_TIMEOUT)
+            .connect_with(options.read_only(true))
+            .await
+            .map_err(classify)?;
+        Ok(SqliteStore { writer, reader })
+    }
+
+    async fn begin(&self) -> Result<Transaction<'static, Sqlite>> {
+        self.writer.begin().await.map_err(classify)
+    }
+}
+
+/// Sorts a database error into "try again later" (the disk, the file, the lock) and the rest.
+fn classify(e: sqlx::Error) -> StoreError {
+    match &e {
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => StoreError::Unavailable(e),
+        sqlx::Error::Database(db) => {
+            // SQLite primary result codes: BUSY 5, LOCKED 6, NOMEM 7, READONLY 8, IOERR 10, FULL 13,
+            // CANTOPEN 14, PROTOCOL 15.
+            let primary = db.code().and_then(|c| c.parse::<i64>().ok()).map(|c| c & 0xff);
+            match primary {
+                Some(5 | 6 | 7 | 8 | 10 | 13 | 14 | 15) => StoreError::Unavailable(e),
+                _ => StoreError::Other(e),
+            }
+        }
+        _ => StoreError::Other(e),
+    }
+}
+
+trait Classify<T> {
+    fn db(self) -> Result<T>;
+}
+
+impl<T> Classify<T> for std::result::Result<T, sqlx::Error> {
+    fn db(self) -> Result<T> {
+        self.map_err(classify)
+    }
+}
+
+fn corrupt(what: &str, value: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(format!("{what}: {value}"))
+}
+
+const SUBSCRIPTION_COLUMNS: &str = "s.id, s.job_id, s.callback_url, s.state, s.failure_reason, s.webhook_id, s.attempts, \
+     s.next_attempt_at, s.created_at, s.updated_at, j.status AS job_status, j.last_error";
+
+#[derive(sqlx::FromRow)]
+struct SubscriptionRow {
+    id: String,
+    job_id: String,
+    callback_url: String,
+    state: String,
+    failure_reason: Option<String>,
+    webhook_id: Option<String>,
+    attempts: i64,
+    next_attempt_at: Option<i64>,
+    created_at: i64,
+    updated_at: i64,
+    job_status: Option<String>,
+    last_error: Option<String>,
+}
+
+impl TryFrom<SubscriptionRow> for Subscription {
+    type Error = StoreError;
+
+    fn try_from(r: SubscriptionRow) -> Result<Self> {
+        Ok(Subscription {
+            id: r.id.parse().map_err(|e| corrupt("subscription id", e))?,
+            job_id: r.job_id.parse().map_err(|e| corrupt("job id", e))?,
+            callback_url: r.callback_url,
+            state: r.state.parse().map_err(|e| corrupt("state", e))?,
+            job_status: r.job_status.map(|s| s.parse()).transpose().map_err(|e| corrupt("job status", e))?,
+            failure_reason: r.failure_reason.map(|s| s.parse()).transpose().map_err(|e| corrupt("failure reason", e))?,
+            last_error: r.last_error,
+            webhook_id: r.webhook_id,
+            attempts: u32::try_from(r.attempts).unwrap_or(0),
+            next_attempt_at: r.next_attempt_at,
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct PollableRow {
+    job_id: String,
+    job_created_at: i64,
+    oldest_polling_at: i64,
+}
+
+impl TryFrom<PollableRow> for PollableJob {
+    type Error = StoreError;
+
+    fn try_from(r: PollableRow) -> Result<Self> {
+        Ok(PollableJob {
+            job_id: r.job_id.parse().map_err(|e| corrupt("job id", e))?,
+            job_created_at: r.job_created_at,
+            oldest_polling_at: r.oldest_polling_at,
+        })
+    }
+}
+
+const POLLABLE_SELECT: &str = "SELECT j.job_id AS job_id, j.created_at AS job_created_at, MIN(s.created_at) AS oldest_polling_at \
+     FROM jobs j JOIN subscriptions s ON s.job_id = j.job_id AND s.state = 'polling'";
+
+#[derive(sqlx::FromRow)]
+struct DeliveryRow {
+    id: String,
+    webhook_id: Option<String>,
+    callback_url: String,
+    signing_secret: String,
+    result: Option<Vec<u8>>,
+    attempts: i64,
+    next_attempt_at: Option<i64>,
+}
+
+impl DeliveryRow {
+    fn into_task(self, secrets: &mut SecretCache) -> Result<DeliveryTask> {
+        Ok(DeliveryTask {
+            subscription_id: self.id.parse().map_err(|e| corrupt("subscription id", e))?,
+            webhook_id: self.webhook_id.ok_or_else(|| corrupt("delivery without webhook id", &self.id))?,
+            callback_url: self.callback_url,
+            secret: secrets.get(&self.signing_secret)?,
+            body: Bytes::from(self.result.ok_or_else(|| corrupt("delivery without a job result", &self.id))?),
+            attempts_made: u32::try_from(self.attempts).unwrap_or(0),
+            due_at: self.next_attempt_at.unwrap_or(0),
+        })
+    }
+}
+
+/// Parses each distinct secret once when many deliveries of one tenant are loaded together.
+#[derive(Default)]
+struct SecretCache(std::collections::HashMap<String, Arc<SigningSecret>>);
+
+impl SecretCache {
+    fn get(&mut self, stored: &str) -> Result<Arc<SigningSecret>> {
+        if let Some(secret) = self.0.get(stored) {
+            return Ok(secret.clone());
+        }
+        let secret = Arc::new(stored.parse::<SigningSecret>().map_err(|e| corrupt("signing secret", e))?);
+        self.0.insert(stored.to_owned(), secret.clone());
+        Ok(secret)
+    }
+}
+
+const DELIVERY_SELECT: &str = "SELECT s.id, s.webhook_id, s.callback_url, t.signing_secret, j.result, s.attempts, s.next_attempt_at \
+     FROM subscriptions s JOIN jobs j ON j.job_id = s.job_id JOIN tenants t ON t.id = s.tenant_id";
+
+async fn subscription_in(tx: &mut Transaction<'static, Sqlite>, id: &str) -> Result<Subscription> {
+    let sql = format!("SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions s JOIN jobs j ON j.job_id = s.job_id WHERE s.id = ?");
+    let row: SubscriptionRow = sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(id).fetch_one(&mut **tx).await.db()?;
+    row.try_into()
+}
+
+async fn pollable_in(tx: &mut Transaction<'static, Sqlite>, job_id: &str) -> Result<Option<PollableJob>> {
+    let sql = format!("{POLLABLE_SELECT} WHERE j.job_id = ? GROUP BY j.job_id");
+    let row: Option<PollableRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(job_id).fetch_optional(&mut **tx).await.db()?;
+    row.map(PollableJob::try_from).transpose()
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn sync_configured_keys(&self, keys: &[KeyHash], secret: Option<&SigningSecret>, now: Millis) -> Result<usize> {
+        let mut tx = self.begin().await?;
+        let mut created = 0;
+        // Configured keys that left the configuration stop working; those still in it work again.
+        let configured: Vec<(i64, Vec<u8>)> =
+            sqlx::query_as("SELECT id, key_hash FROM api_keys WHERE source = 'config'").fetch_all(&mut *tx).await.db()?;
+        for (id, hash) in configured {
+            let still = keys.iter().any(|k| k.0.as_slice() == hash.as_slice());
+            let sql = if still {
+                "UPDATE api_keys SET revoked_at = NULL WHERE id = ?"
+            } else {
+                "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?2) WHERE id = ?1"
+            };
+            sqlx::query(sql).bind(id).bind(now).execute(&mut *tx).await.db()?;
+        }
+        for (i, key) in keys.iter().enumerate() {
+            let tenant: Option<i64> = sqlx::query_scalar("SELECT tenant_id FROM api_keys WHERE key_hash = ?")
+                .bind(key.0.as_slice())
+                .fetch_optional(&mut *tx)
+                .await
+                .db()?;
+            match tenant {
+                Some(tenant_id) => {
+                    if let Some(secret) = secret {
+                        sqlx::query("UPDATE tenants SET signing_secret = ? WHERE id = ?")
+                            .bind(secret.expose())
+                            .bind(tenant_id)
+                            .execute(&mut *tx)
+                            .await
+                            .db()?;
+                    }
+                }
+                None => {
+                    let secret = secret.cloned().unwrap_or_else(SigningSecret::generate);
+                    let name = format!("configured key {}", i + 1);
+                    insert_tenant_with_key(&mut tx, &name, *key, &secret, "config", now).await?;
+                    created += 1;
+                }
+            }
+        }
+        tx.commit().await.db()?;
+        Ok(created)
+    }
+
+    async fn create_key(&self, name: &str, key: KeyHash, secret: &SigningSecret, now: Millis) -> Result<i64> {
+        let mut tx = self.begin().await?;
+        let id = insert_tenant_with_key(&mut tx, name, key, secret, "stored", now).await?;
+        tx.commit().await.db()?;
+        Ok(id)
+    }
+
+    async fn usable_key_count(&self) -> Result<i64> {
+        sqlx::query_scalar("SELECT COUNT(*) FROM api_keys WHERE revoked_at IS NULL").fetch_one(&self.reader).await.db()
+    }
+
+    async fn tenant_by_key(&self, key: KeyHash) -> Result<Option<Tenant>> {
+        let row: Option<(i64, String)> = sqlx::query_as(
+            "SELECT t.id, t.signing_secret FROM api_keys k JOIN tenants t ON t.id = k.tenant_id \
+             WHERE k.key_hash = ? AND k.revoked_at IS NULL",
+        )
+        .bind(key.0.as_slice())
+        .fetch_optional(&self.reader)
+        .await
+        .db()?;
+        row.map(|(id, secret)| {
+            let secret = secret.parse::<SigningSecret>().map_err(|e| corrupt("signing secret", e))?;
+            Ok(Tenant { id, secret: Arc::new(secret) })
+        })
+        .transpose()
+    }
+
+    async fn register(&self, tenant: &Tenant, id: SubscriptionId, job_id: JobId, callback_url: &CallbackUrl, now: Millis) -> Result<Registered> {
+        let job = job_id.to_string();
+        let mut tx = self.begin().await?;
+        // A write first, so this transaction holds the write lock before it reads: the job's result
+        // cannot appear between our read and our insert.
+        sqlx::query("INSERT INTO jobs (job_id, created_at, updated_at) VALUES (?1, ?2, ?2) ON CONFLICT (job_id) DO NOTHING")
+            .bind(&job)
+            .bind(now)
+            .execute(&mut *tx)
+            .await
+            .db()?;
+        let existing: Option<String> = sqlx::query_scalar(
+            "SELECT id FROM subscriptions WHERE tenant_id = ? AND job_id = ? AND callback_url = ? AND state <> 'cancelled'",
+        )
+        .bind(tenant.id)
+        .bind(&job)
+        .bind(callback_url.as_str())
+        .fetch_optional(&mut *tx)
+        .await
+        .db()?;
+        if let Some(existing) = existing {
+            let sub = subscription_in(&mut tx, &existing).await?;
+            tx.commit().await.db()?;
+            return Ok(Registered::Existing(sub));
+        }
+        let result: Option<Vec<u8>> =
+            sqlx::query_scalar("SELECT result FROM jobs WHERE job_id = ?").bind(&job).fetch_one(&mut *tx).await.db()?;
+        let sub_id = id.to_string();
+        match result {
+            None => {
+                sqlx::query(
+                    "INSERT INTO subscriptions (id, tenant_id, job_id, callback_url, state, created_at, updated_at) \
+                     VALUES (?1, ?2, ?3, ?4, 'polling', ?5, ?5)",
+                )
+                .bind(&sub_id)
+                .bind(tenant.id)
+                .bind(&job)
+                .bind(callback_url.as_str())
+                .bind(now)
+                .execute(&mut *tx)
+                .await
+                .db()?;
+                let sub = subscription_in(&mut tx, &sub_id).await?;
+                let pollable = pollable_in(&mut tx, &job).await?.ok_or_else(|| corrupt("new subscription not polling", &sub_id))?;
+                tx.commit().await.db()?;
+                Ok(Registered::CreatedPolling(sub, pollable))
+            }
+            Some(body) => {
+                let webhook_id = new_webhook_id();
+                sqlx::query(
+                    "INSERT INTO subscriptions (id, tenant_id, job_id, callback_url, state, webhook_id, next_attempt_at, created_at, updated_at) \
+                     VALUES (?1, ?2, ?3, ?4, 'delivering', ?5, ?6, ?6, ?6)",
+                )
+                .bind(&sub_id)
+                .bind(tenant.id)
+                .bind(&job)
+                .bind(callback_url.as_str())
+                .bind(&webhook_id)
+                .bind(now)
+                .execute(&mut *tx)
+                .await
+                .db()?;
+                let sub = subscription_in(&mut tx, &sub_id).await?;
+                tx.commit().await.db()?;
+                let task = DeliveryTask {
+                    subscription_id: id,
+                    webhook_id,
+                    callback_url: callback_url.as_str().to_owned(),
+                    secret: tenant.secret.clone(),
+                    body: Bytes::from(body),
+                    attempts_made: 0,
+                    due_at: now,
+                };
+                Ok(Registered::CreatedDelivering(sub, task))
+            }
+        }
+    }
+
+    async fn subscription(&self, tenant_id: i64, id: SubscriptionId) -> Result<Option<Subscription>> {
+        let sql = format!(
+            "SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions s JOIN jobs j ON j.job_id = s.job_id WHERE s.id = ? AND s.tenant_id = ?"
+        );
+        let row: Option<SubscriptionRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(id.to_string())
+            .bind(tenant_id)
+            .fetch_optional(&self.reader)
+            .await
+            .db()?;
+        row.map(Subscription::try_from).transpose()
+    }
+
+    async fn list_subscriptions(&self, tenant_id: i64, filter: &ListFilter) -> Result<Vec<Subscription>> {
+        let sql = format!(
+            "SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions s JOIN jobs j ON j.job_id = s.job_id \
+             WHERE s.tenant_id = ?1 AND (?2 IS NULL OR s.job_id = ?2) AND (?3 IS NULL OR s.state = ?3) AND (?4 IS NULL OR s.id < ?4) \
+             ORDER BY s.id DESC LIMIT ?5"
+        );
+        let rows: Vec<SubscriptionRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(tenant_id)
+            .bind(filter.job_id.map(|j| j.to_string()))
+            .bind(filter.state.map(|s| s.as_str()))
+            .bind(filter.before.map(|b| b.to_string()))
+            .bind(i64::from(filter.limit))
+            .fetch_all(&self.reader)
+            .await
+            .db()?;
+        rows.into_iter().map(Subscription::try_from).collect()
+    }
+
+    async fn cancel(&self, tenant_id: i64, id: SubscriptionId, now: Millis) -> Result<Option<Cancelled>> {
+        let mut tx = self.begin().await?;
+        let row: Option<(String, String)> = sqlx::query_as("SELECT job_id, state FROM subscriptions WHERE id = ? AND tenant_id = ?")
+            .bind(id.to_string())
+            .bind(tenant_id)
+            .fetch_optional(&mut *tx)
+            .await
+            .db()?;
+        let Some((job_id, state)) = row else {
+            return Ok(None);
+        };
+        let job_id: JobId = job_id.parse().map_err(|e| corrupt("job id", e))?;
+        let state: SubscriptionState = state.parse().map_err(|e| corrupt("state", e))?;
+        if state.is_final() {
+            return Ok(Some(Cancelled { job_id, was: None }));
+        }
+        sqlx::query("UPDATE subscriptions SET state = 'cancelled', next_attempt_at = NULL, updated_at = ? WHERE id = ?")
+            .bind(now)
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await
+            .db()?;
+        tx.commit().await.db()?;
+        Ok(Some(Cancelled { job_id, was: Some(state) }))
+    }
+
+    async fn attempts(&self, tenant_id: i64, id: SubscriptionId) -> Result<Option<Vec<AttemptRecord>>> {
+        let exists: Option<i64> = sqlx::query_scalar("SELECT 1 FROM subscriptions WHERE id = ? AND tenant_id = ?")
+            .bind(id.to_string())
+            .bind(tenant_id)
+            .fetch_optional(&self.reader)
+            .await
+            .db()?;
+        if exists.is_none() {
+            return Ok(None);
+        }
+        let rows: Vec<(i64, String, i64, Option<i64>, Option<String>, i64)> = sqlx::query_as(
+            "SELECT attempt, webhook_id, started_at, status_code, error, duration_ms FROM delivery_attempts \
+             WHERE subscription_id = ? ORDER BY id",
+        )
+        .bind(id.to_string())
+        .fetch_all(&self.reader)
+        .await
+        .db()?;
+        Ok(Some(
+            rows.into_iter()
+                .map(|(attempt, webhook_id, started_at, status_code, error, duration_ms)| AttemptRecord {
+                    subscription_id: id,
+                    attempt: u32::try_from(attempt).unwrap_or(0),
+                    webhook_id,
+                    started_at,
+                    status_code: status_code.and_then(|c| u16::try_from(c).ok()),
+                    error,
+                    duration_ms: u64::try_from(duration_ms).unwrap_or(0),
+                })
+                .collect(),
+        ))
+    }
+
+    async fn pollable_jobs(&self) -> Result<Vec<PollableJob>> {
+        let sql = format!("{POLLABLE_SELECT} GROUP BY j.job_id");
+        let rows: Vec<PollableRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql)).fetch_all(&self.reader).await.db()?;
+        rows.into_iter().map(PollableJob::try_from).collect()
+    }
+
+    async fn pollable_job(&self, job_id: JobId) -> Result<Option<PollableJob>> {
+        let sql = format!("{POLLABLE_SELECT} WHERE j.job_id = ? GROUP BY j.job_id");
+        let row: Option<PollableRow> =
+            sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(job_id.to_string()).fetch_optional(&self.reader).await.db()?;
+        row.map(PollableJob::try_from).transpose()
+    }
+
+    async fn record_observation(&self, job_id: JobId, status: Option<JobStatus>, last_error: Option<&str>, now: Millis) -> Result<()> {
+        sqlx::query("UPDATE jobs SET status = COALESCE(?, status), last_error = ?, updated_at = ? WHERE job_id = ?")
+            .bind(status.map(|s| s.as_str()))
+            .bind(last_error)
+            .bind(now)
+            .bind(job_id.to_string())
+            .execute(&self.writer)
+            .await
+            .db()?;
+        Ok(())
+    }
+
+    async fn complete_job(&self, job_id: JobId, status: JobStatus, body: &Bytes, now: Millis) -> Result<Vec<DeliveryTask>> {
+        let job = job_id.to_string();
+        let mut tx = self.begin().await?;
+        sqlx::query("UPDATE jobs SET status = ?, result = ?, last_error = NULL, finished_at = ?3, updated_at = ?3 WHERE job_id = ?4")
+            .bind(status.as_str())
+            .bind(body.as_ref())
+            .bind(now)
+            .bind(&job)
+            .execute(&mut *tx)
+            .await
+            .db()?;
+        let subscribers: Vec<(String, String, String)> = sqlx::query_as(
+            "SELECT s.id, s.callback_url, t.signing_secret FROM subscriptions s JOIN tenants t ON t.id = s.tenant_id \
+             WHERE s.job_id = ? AND s.state = 'polling'",
+        )
+        .bind(&job)
+        .fetch_all(&mut *tx)
+        .await
+        .db()?;
+        let mut secrets = SecretCache::default();
+        let mut tasks = Vec::with_capacity(subscribers.len());
+        for (id, callback_url, secret) in subscribers {
+            let webhook_id = new_webhook_id();
+            sqlx::query(
+                "UPDATE subscriptions SET state = 'delivering', webhook_id = ?, attempts = 0, next_attempt_at = ?2, updated_at = ?2 WHERE id = ?3",
+            )
+            .bind(&webhook_id)
+            .bind(now)
+            .bind(&id)
+            .execute(&mut *tx)
+            .await
+            .db()?;
+            tasks.push(DeliveryTask {
+                subscription_id: id.parse().map_err(|e| corrupt("subscription id", e))?,
+                webhook_id,
+                callback_url,
+                secret: secrets.get(&secret)?,
+                body: body.clone(),
+                attempts_made: 0,
+                due_at: now,
+            });
+        }
+        tx.commit().await.db()?;
+        Ok(tasks)
+    }
+
+    async fn fail_job(&self, job_id: JobId, reason: FailureReason, last_error: &str, now: Millis) -> Result<u64> {
+        let job = job_id.to_string();
+        let mut tx = self.begin().await?;
+        sqlx::query("UPDATE jobs SET last_error = ?, updated_at = ? WHERE job_id = ?")
+            .bind(last_error)
+            .bind(now)
+            .bind(&job)
+            .execute(&mut *tx)
+            .await
+            .db()?;
+        let done = sqlx::query("UPDATE subscriptions SET state = 'failed', failure_reason = ?, updated_at = ? WHERE job_id = ? AND state = 'polling'")
+            .bind(reason.as_str())
+            .bind(now)
+            .bind(&job)
+            .execute(&mut *tx)
+            .await
+            .db()?;
+        tx.commit().await.db()?;
+        Ok(done.rows_affected())
+    }
+
+    async fn expire(&self, job_id: JobId, cutoff: Millis, now: Millis) -> Result<Option<PollableJob>> {
+        let job = job_id.to_string();
+        let mut tx = self.begin().await?;
+        sqlx::query("UPDATE subscriptions SET state = 'expired', updated_at = ? WHERE job_id = ? AND state = 'polling' AND created_at <= ?")
+            .bind(now)
+            .bind(&job)
+            .bind(cutoff)
+            .execute(&mut *tx)
+            .await
+            .db()?;
+        let left = pollable_in(&mut tx, &job).await?;
+        tx.commit().await.db()?;
+        Ok(left)
+    }
+
+    async fn pending_deliveries(&self) -> Result<Vec<DeliveryTask>> {
+        let sql = format!("{DELIVERY_SELECT} WHERE s.state = 'delivering'");
+        let rows: Vec<DeliveryRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql)).fetch_all(&self.reader).await.db()?;
+        let mut secrets = SecretCache::default();
+        rows.into_iter().map(|row| row.into_task(&mut secrets)).collect()
+    }
+
+    async fn record_attempt(&self, record: &AttemptRecord, result: AttemptResult, now: Millis) -> Result<bool> {
+        let id = record.subscription_id.to_string();
+        let mut tx = self.begin().await?;
+        sqlx::query(
+            "INSERT INTO delivery_attempts (subscription_id, attempt, webhook_id, started_at, status_code, error, duration_ms) \
+             VALUES (?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&id)
+        .bind(i64::from(record.attempt))
+        .bind(&record.webhook_id)
+        .bind(record.started_at)
+        .bind(record.status_code.map(i64::from))
+        .bind(record.error.as_deref())
+        .bind(i64::try_from(record.duration_ms).unwrap_or(i64::MAX))
+        .execute(&mut *tx)
+        .await
+        .db()?;
+        let (state, next_at, reason) = match result {
+            AttemptResult::Delivered => ("delivered", None, None),
+            AttemptResult::RetryAt(at) => ("delivering", Some(at), None),
+            AttemptResult::Failed(reason) => ("failed", None, Some(reason.as_str())),
+        };
+        let moved = sqlx::query(
+            "UPDATE subscriptions SET state = ?, attempts = ?, next_attempt_at = ?, failure_reason = ?, updated_at = ? \
+             WHERE id = ? AND state = 'delivering'",
+        )
+        .bind(state)
+        .bind(i64::from(record.attempt))
+        .bind(next_at)
+        .bind(reason)
+        .bind(now)
+        .bind(&id)
+        .execute(&mut *tx)
+        .await
+        .db()?;
+        tx.commit().await.db()?;
+        Ok(moved.rows_affected() == 1)
+    }
+}
+
+async fn insert_tenant_with_key(
+    tx: &mut Transaction<'static, Sqlite>,
+    name: &str,
+    key: KeyHash,
+    secret: &SigningSecret,
+    source: &str,
+    now: Millis,
+) -> Result<i64> {
+    let tenant_id: i64 = sqlx::query_scalar("INSERT INTO tenants (name, signing_secret, created_at) VALUES (?, ?, ?) RETURNING id")
+        .bind(name)
+        .bind(secret.expose())
+        .bind(now)
+        .fetch_one(&mut **tx)
+        .await
+        .db()?;
+    sqlx::query("INSERT INTO api_keys (tenant_id, name, key_hash, source, created_at) VALUES (?, ?, ?, ?, ?)")
+        .bind(tenant_id)
+        .bind(name)
+        .bind(key.0.as_slice())
+        .bind(source)
+        .bind(now)
+        .execute(&mut **tx)
+        .await
+        .db()?;
+    Ok(tenant_id)
+}

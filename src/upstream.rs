@@ -1,0 +1,213 @@
+//! The AetherForge job API client, and what one status request means.
+//!
+//! `GET {base}/public/v1/job/{job_id}` with a Bearer key answers
+//! `{"job_id", "status": "Pending"|"Succeed"|"Failed", "image_urls": [...]}`. [`UpstreamClient::poll`]
+//! turns every possible answer — including the broken ones — into a [`PollAnswer`]; what to do about it
+//! is the poller's business.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::Deserialize;
+
+use crate::config::UpstreamConfig;
+use crate::domain::{JobId, JobStatus, truncate};
+
+/// The largest job-status body we read. Real ones are a few hundred bytes; this leaves room for many
+/// image URLs while keeping a broken upstream from filling our memory.
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+
+/// The status endpoint's answer, as far as we read it. Other fields pass through untouched: we deliver
+/// the body byte for byte.
+#[derive(Debug, Deserialize)]
+pub struct GetJobStatusResponse {
+    pub job_id: String,
+    pub status: String,
+    #[serde(default)]
+    pub image_urls: Option<Vec<String>>,
+}
+
+/// What one poll found out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PollAnswer {
+    Pending,
+    /// Succeed or Failed, with the exact body to deliver.
+    Terminal(JobStatus, Bytes),
+    /// 401: our upstream key is wrong.
+    Unauthorized,
+    /// 404: the upstream does not know this job (yet).
+    NotFound,
+    /// 422: the upstream refuses this job ID.
+    Rejected,
+    /// Anything worth trying again: 5xx, 429, a timeout, a refused connection, a broken body. `retry_after`
+    /// is the upstream's own `Retry-After`, when it sent one.
+    Transient { error: String, retry_after: Option<Duration> },
+}
+
+#[derive(Clone)]
+pub struct UpstreamClient {
+    http: reqwest::Client,
+    base: String,
+    api_key: Option<String>,
+}
+
+impl UpstreamClient {
+    pub fn new(config: &UpstreamConfig) -> Self {
+        let http = reqwest::Client::builder()
+            .user_agent(crate::delivery::client::USER_AGENT)
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(config.timeout)
+            .connect_timeout(config.timeout.min(Duration::from_secs(10)))
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build()
+            .expect("the upstream client's settings are valid");
+        UpstreamClient {
+            http,
+            base: config.base_url.as_str().trim_end_matches('/').to_owned(),
+            api_key: config.api_key.as_ref().map(|k| format!("Bearer {}", k.expose())),
+        }
+    }
+
+    /// One status request. Never fails: every outcome is an answer.
+    pub async fn poll(&self, job_id: JobId) -> PollAnswer {
+        let mut request = self.http.get(format!("{}/public/v1/job/{job_id}", self.base)).header("accept", "application/json");
+        if let Some(auth) = &self.api_key {
+            request = request.header("authorization", auth);
+        }
+        let response = match request.send().await {
+            Ok(response) => response,
+            Err(e) => return PollAnswer::Transient { error: describe_transport_error(&e), retry_after: None },
+        };
+        let status = response.status().as_u16();
+        let retry_after = response.headers().get("retry-after").and_then(|v| v.to_str().ok()).and_then(parse_retry_after);
+        match status {
+            200 => {}
+            401 | 403 => return PollAnswer::Unauthorized,
+            404 => return PollAnswer::NotFound,
+            422 => return PollAnswer::Rejected,
+            _ => return PollAnswer::Transient { error: format!("upstream answered HTTP {status}"), retry_after },
+        }
+        match read_limited(response, MAX_BODY_BYTES).await {
+            Ok(body) => interpret(job_id, body),
+            Err(error) => PollAnswer::Transient { error, retry_after: None },
+        }
+    }
+}
+
+/// Reads a 200 body: it must be the status of the job we asked about, with a status we know.
+pub fn interpret(job_id: JobId, body: Bytes) -> PollAnswer {
+    let parsed: GetJobStatusResponse = match serde_json::from_slice(&body) {
+        Ok(parsed) => parsed,
+        Err(e) => return PollAnswer::Transient { error: format!("upstream sent a body that is not a job status ({e})"), retry_after: None },
+    };
+    match parsed.job_id.parse::<JobId>() {
+        Ok(answered) if answered == job_id => {}
+        _ => {
+            return PollAnswer::Transient {
+                error: format!("upstream answered for job {:?} instead of {job_id}", truncate(&parsed.job_id, 64)),
+                retry_after: None,
+            };
+        }
+    }
+    match parsed.status.parse::<JobStatus>() {
+        Ok(JobStatus::Pending) => PollAnswer::Pending,
+        Ok(status) => PollAnswer::Terminal(status, body),
+        Err(e) => PollAnswer::Transient { error: format!("upstream sent {e}"), retry_after: None },
+    }
+}
+
+/// Reads at most `limit` bytes of a body; a longer body is an error.
+pub async fn read_limited(mut response: reqwest::Response, limit: usize) -> Result<Bytes, String> {
+    let mut body = bytes::BytesMut::new();
+    loop {
+        match response.chunk().await {
+            Ok(Some(chunk)) => {
+                if body.len() + chunk.len() > limit {
+                    return Err(format!("upstream body is larger than {limit} bytes"));
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(None) => return Ok(body.freeze()),
+            Err(e) => return Err(format!("upstream body was cut short ({})", describe_transport_error(&e))),
+        }
+    }
+}
+
+/// A short reason for a failed request that names no secret (reqwest's own message can carry the URL).
+pub fn describe_transport_error(e: &reqwest::Error) -> String {
+    let kind = if e.is_timeout() {
+        "timed out"
+    } else if e.is_connect() {
+        "could not connect"
+    } else if e.is_body() || e.is_decode() {
+        "broken body"
+    } else if e.is_request() {
+        "request failed"
+    } else {
+        "failed"
+    };
+    // The source chain says why (connection refused, reset, certificate …) without the URL.
+    let mut cause = String::new();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        cause = s.to_string();
+        source = s.source();
+    }
+    if cause.is_empty() { kind.to_owned() } else { format!("{kind}: {}", truncate(&cause, 200)) }
+}
+
+/// `Retry-After` as seconds or as an HTTP date.
+pub fn parse_retry_after(value: &str) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let when = httpdate::parse_http_date(value).ok()?;
+    Some(when.duration_since(std::time::SystemTime::now()).unwrap_or(Duration::ZERO))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const JOB: &str = "3f1c2b9e-8a4d-4c6e-9b1a-2d5e7f9a0c11";
+
+    fn job() -> JobId {
+        JOB.parse().unwrap()
+    }
+
+    #[test]
+    fn a_terminal_body_is_kept_byte_for_byte() {
+        let body = Bytes::from(format!(r#"{{"job_id":"{JOB}","status":"Succeed","image_urls":["https://x/1.png"],"extra":{{"n":1}}}}"#));
+        assert_eq!(interpret(job(), body.clone()), PollAnswer::Terminal(JobStatus::Succeed, body));
+    }
+
+    #[test]
+    fn pending_is_pending() {
+        let body = Bytes::from(format!(r#"{{"job_id":"{JOB}","status":"Pending","image_urls":[]}}"#));
+        assert_eq!(interpret(job(), body), PollAnswer::Pending);
+    }
+
+    #[test]
+    fn an_answer_about_another_job_is_an_error() {
+        let body = Bytes::from(r#"{"job_id":"00000000-0000-0000-0000-000000000000","status":"Succeed"}"#);
+        assert!(matches!(interpret(job(), body), PollAnswer::Transient { error, .. } if error.contains("instead of")));
+    }
+
+    #[test]
+    fn an_unknown_status_or_a_broken_body_is_an_error() {
+        let body = Bytes::from(format!(r#"{{"job_id":"{JOB}","status":"Exploded"}}"#));
+        assert!(matches!(interpret(job(), body), PollAnswer::Transient { error, .. } if error.contains("unknown job status")));
+        assert!(matches!(interpret(job(), Bytes::from_static(b"<html>")), PollAnswer::Transient { .. }));
+    }
+
+    #[test]
+    fn retry_after_is_read_as_seconds_or_as_a_date() {
+        assert_eq!(parse_retry_after("120"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), Some(Duration::ZERO));
+        let later = httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(300));
+        let parsed = parse_retry_after(&later).unwrap();
+        assert!(parsed > Duration::from_secs(290) && parsed <= Duration::from_secs(300), "{parsed:?}");
+        assert_eq!(parse_retry_after("soon"), None);
+    }
+}
