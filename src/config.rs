@@ -13,7 +13,7 @@ use crate::keys::{ApiKey, SigningSecret};
 
 #[derive(Debug, Parser)]
 #[command(name = "jobhook", version, about = "Turns polling into push: polls async jobs, POSTs signed callbacks when they end.")]
-#[command(args_conflicts_with_subcommands = true)]
+#[command(args_conflicts_with_subcommands = true, args_override_self = true)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,

@@ -1,0 +1,249 @@
+//! Test helpers: the real application on port 0 with a fresh SQLite file, the simulated upstream and a
+//! recording receiver, each on its own loopback port.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use clap::Parser;
+use jobhook::app::Application;
+use jobhook::config::{Cli, Command};
+use jobhook::mock_upstream::{MockArgs, MockUpstream, Outcome};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+pub const KEY_A: &str = "test-key-tenant-a-0123456789";
+pub const KEY_B: &str = "test-key-tenant-b-0123456789";
+/// The signing secret of the Standard Webhooks reference tests.
+pub const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+/// Waits until `check` returns `Some`, or panics with `what` after `deadline`.
+pub async fn eventually<T, F, Fut>(deadline: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(start.elapsed() < deadline, "timed out after {deadline:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub fn new_job() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+pub fn mock_args(pending_polls: u32) -> MockArgs {
+    MockArgs { listen: "127.0.0.1:0".parse().unwrap(), api_key: None, pending_polls, outcome: Outcome::Succeed, error_rate: 0.0 }
+}
+
+/// What one test application needs beyond the defaults.
+pub struct Settings {
+    pub args: Vec<String>,
+    pub mock: MockArgs,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings { args: Vec::new(), mock: mock_args(2) }
+    }
+}
+
+impl Settings {
+    pub fn arg(mut self, flag: &str, value: &str) -> Self {
+        self.args.push(flag.to_owned());
+        self.args.push(value.to_owned());
+        self
+    }
+}
+
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub http: reqwest::Client,
+    pub upstream: MockUpstream,
+    pub receiver: Receiver,
+    _db_dir: tempfile::TempDir,
+    shutdown: CancellationToken,
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(Settings::default()).await
+}
+
+/// The arguments every test app starts from: fast polls and retries, loopback callbacks allowed.
+pub fn base_args(db_url: &str, upstream_url: &str) -> Vec<String> {
+    [
+        "jobhook", "serve", "--listen", "127.0.0.1:0", "--database-url", db_url, "--upstream-url", upstream_url, "--api-keys",
+        &format!("{KEY_A},{KEY_B}"), "--signing-secret", SECRET, "--poll-interval", "30ms", "--poll-max-interval", "200ms",
+        "--retry-schedule", "50ms,100ms,150ms", "--delivery-timeout", "2s", "--allow-private-callbacks", "true",
+        "--not-found-grace", "2s", "--shutdown-grace", "2s",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+pub async fn spawn_app_with(settings: Settings) -> TestApp {
+    jobhook::install_crypto();
+    let upstream = MockUpstream::start(&settings.mock).await.expect("mock upstream starts");
+    let receiver = Receiver::start().await;
+    let db_dir = tempfile::tempdir().unwrap();
+    let db_url = format!("sqlite://{}", db_dir.path().join("jobhook.db").display());
+    let mut argv = base_args(&db_url, &upstream.url());
+    argv.extend(settings.args);
+    let cli = Cli::try_parse_from(argv).expect("test arguments parse");
+    let Some(Command::Serve(args)) = cli.command else { unreachable!() };
+    let config = args.into_config().expect("test settings are valid");
+    let app = Application::build(config).await.expect("the application builds");
+    let addr = app.local_addr();
+    let shutdown = app.shutdown_token();
+    tokio::spawn(app.run_until_stopped());
+    TestApp { addr, http: reqwest::Client::new(), upstream, receiver, _db_dir: db_dir, shutdown }
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub async fn register_as(&self, key: &str, job_id: &str, callback_url: &str) -> reqwest::Response {
+        self.http
+            .post(self.url("/v1/subscriptions"))
+            .bearer_auth(key)
+            .json(&json!({ "job_id": job_id, "callback_url": callback_url }))
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// Registers as tenant A and returns the subscription, asserting a 201.
+    pub async fn register(&self, job_id: &str, callback_url: &str) -> Value {
+        let response = self.register_as(KEY_A, job_id, callback_url).await;
+        assert_eq!(response.status(), StatusCode::CREATED);
+        response.json().await.unwrap()
+    }
+
+    pub async fn get_as(&self, key: &str, path: &str) -> reqwest::Response {
+        self.http.get(self.url(path)).bearer_auth(key).send().await.unwrap()
+    }
+
+    pub async fn subscription(&self, id: &str) -> Value {
+        let response = self.get_as(KEY_A, &format!("/v1/subscriptions/{id}")).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        response.json().await.unwrap()
+    }
+
+    /// Waits until the subscription reaches `state`, and returns it.
+    pub async fn wait_for_state(&self, id: &str, state: &str) -> Value {
+        eventually(Duration::from_secs(15), &format!("subscription {id} to be {state}"), || async {
+            let sub = self.subscription(id).await;
+            (sub["state"] == state).then_some(sub)
+        })
+        .await
+    }
+}
+
+/// A request the receiver got.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub path: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Received {
+    pub fn header(&self, name: &str) -> &str {
+        self.headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or_default()
+    }
+
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap()
+    }
+
+    /// Verifies the signature with the official Standard Webhooks crate, not with our own code.
+    pub fn verify(&self, secret: &str) -> Result<(), String> {
+        let webhook = standardwebhooks::Webhook::new(secret).map_err(|e| e.to_string())?;
+        webhook.verify(&self.body, &self.headers).map_err(|e| e.to_string())
+    }
+}
+
+#[derive(Default)]
+struct ReceiverState {
+    requests: Vec<Received>,
+    /// Statuses to answer with, in order, before answering 200.
+    script: VecDeque<u16>,
+}
+
+/// A callback receiver on loopback that records every request and answers as scripted.
+#[derive(Clone)]
+pub struct Receiver {
+    pub addr: SocketAddr,
+    state: Arc<Mutex<ReceiverState>>,
+}
+
+impl Receiver {
+    pub async fn start() -> Receiver {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(Mutex::new(ReceiverState::default()));
+        let shared = state.clone();
+        let app = axum::Router::new().fallback(move |uri: axum::http::Uri, headers: HeaderMap, body: Bytes| {
+            let state = shared.clone();
+            async move { receive(state, uri.path().to_owned(), headers, body) }
+        });
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Receiver { addr, state }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// The next answers, in order; 200 after them.
+    pub fn answer_with(&self, statuses: &[u16]) {
+        self.state.lock().unwrap().script = statuses.iter().copied().collect();
+    }
+
+    pub fn requests(&self) -> Vec<Received> {
+        self.state.lock().unwrap().requests.clone()
+    }
+
+    pub fn requests_to(&self, path: &str) -> Vec<Received> {
+        self.requests().into_iter().filter(|r| r.path == path).collect()
+    }
+
+    /// Waits until `n` requests reached `path`, and returns them.
+    pub async fn wait_for(&self, path: &str, n: usize) -> Vec<Received> {
+        eventually(Duration::from_secs(15), &format!("{n} deliveries to {path}"), || async {
+            let got = self.requests_to(path);
+            (got.len() >= n).then_some(got)
+        })
+        .await
+    }
+}
+
+fn receive(state: Arc<Mutex<ReceiverState>>, path: String, headers: HeaderMap, body: Bytes) -> Response {
+    let mut state = state.lock().unwrap();
+    state.requests.push(Received { path, headers, body });
+    let status = state.script.pop_front().unwrap_or(200);
+    let status = StatusCode::from_u16(status).unwrap();
+    if status.is_redirection() {
+        return (status, [(header::LOCATION, "/redirected")]).into_response();
+    }
+    status.into_response()
+}

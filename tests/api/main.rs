@@ -1,0 +1,9 @@
+//! One integration binary: the real application on real sockets, a real SQLite file per test.
+
+mod helpers;
+
+mod crash;
+mod delivery;
+mod openapi;
+mod polling;
+mod registration;

@@ -1,0 +1,25 @@
+//! The committed openapi.yaml is the document the router generates.
+
+use crate::helpers::*;
+
+#[test]
+fn the_committed_openapi_document_matches_the_router() {
+    let generated = jobhook::api::openapi().to_yaml().unwrap();
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.yaml");
+    if std::env::var_os("UPDATE_OPENAPI").is_some() {
+        std::fs::write(path, &generated).unwrap();
+    }
+    let committed = std::fs::read_to_string(path).unwrap();
+    assert!(
+        committed == generated,
+        "openapi.yaml differs from what the router generates; regenerate it with: UPDATE_OPENAPI=1 cargo test --test api openapi"
+    );
+}
+
+#[tokio::test]
+async fn the_document_is_served_at_openapi_yaml() {
+    let app = spawn_app().await;
+    let response = app.http.get(app.url("/openapi.yaml")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(response.text().await.unwrap().contains("/v1/subscriptions/{id}/deliveries"));
+}
