@@ -54,7 +54,10 @@ struct BearerAuth;
 impl Modify for BearerAuth {
     fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
         let components = openapi.components.get_or_insert_with(Default::default);
-        components.add_security_scheme("bearer", SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()));
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
     }
 }
 
@@ -96,8 +99,10 @@ pub fn router(state: AppState) -> axum::Router {
 
 /// Formats store time (Unix milliseconds) as RFC 3339 UTC.
 pub fn rfc3339(ms: Millis) -> String {
-    let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-    t.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+    let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
 }
 
 /// The secret that signs your deliveries.
@@ -120,7 +125,9 @@ pub struct SigningSecretView {
     )
 )]
 async fn signing_secret(tenant: Tenant) -> Json<SigningSecretView> {
-    Json(SigningSecretView { secret: tenant.secret.expose() })
+    Json(SigningSecretView {
+        secret: tenant.secret.expose(),
+    })
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -132,5 +139,7 @@ pub struct Health {
 /// Whether the process is up.
 #[utoipa::path(get, path = "/healthz", tag = "operations", responses((status = 200, description = "The process is up", body = Health)))]
 async fn healthz(State(_): State<AppState>) -> impl IntoResponse {
-    Json(Health { status: "ok".into() })
+    Json(Health {
+        status: "ok".into(),
+    })
 }

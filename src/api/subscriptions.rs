@@ -11,7 +11,9 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::error::{ApiError, ApiJson, Problem};
 use super::{AppState, rfc3339};
-use crate::domain::{CallbackUrl, FailureReason, JobId, JobStatus, SubscriptionId, SubscriptionState, truncate};
+use crate::domain::{
+    CallbackUrl, FailureReason, JobId, JobStatus, SubscriptionId, SubscriptionState, truncate,
+};
 use crate::store::{AttemptRecord, ListFilter, Registered, Subscription, Tenant, now_ms};
 
 /// A registration: which upstream job to watch, and where to POST its result.
@@ -164,11 +166,28 @@ fn parse_id(raw: &str) -> Result<SubscriptionId, ApiError> {
         (status = 503, description = "The store cannot take writes now; nothing was saved", body = Problem, content_type = "application/problem+json"),
     )
 )]
-pub async fn create(State(state): State<AppState>, tenant: Tenant, ApiJson(body): ApiJson<CreateSubscription>) -> Result<Response, ApiError> {
+pub async fn create(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    ApiJson(body): ApiJson<CreateSubscription>,
+) -> Result<Response, ApiError> {
     let job_id: JobId = body.job_id.parse().map_err(ApiError::Invalid)?;
     let callback_url: CallbackUrl = body.callback_url.parse().map_err(ApiError::Invalid)?;
-    state.egress.check_registration(&callback_url).await.map_err(ApiError::Invalid)?;
-    let registered = state.store.register(&tenant, SubscriptionId::new(), job_id, &callback_url, now_ms()).await?;
+    state
+        .egress
+        .check_registration(&callback_url)
+        .await
+        .map_err(ApiError::Invalid)?;
+    let registered = state
+        .store
+        .register(
+            &tenant,
+            SubscriptionId::new(),
+            job_id,
+            &callback_url,
+            now_ms(),
+        )
+        .await?;
     let (status, sub) = match registered {
         Registered::CreatedPolling(sub, job) => {
             state.poller.ensure(job);
@@ -182,7 +201,12 @@ pub async fn create(State(state): State<AppState>, tenant: Tenant, ApiJson(body)
     };
     tracing::info!(subscription_id = %sub.id, job_id = %sub.job_id, created = status == StatusCode::CREATED, "registered");
     let location = format!("/v1/subscriptions/{}", sub.id);
-    Ok((status, [(header::LOCATION, location)], Json(SubscriptionView::from(sub))).into_response())
+    Ok((
+        status,
+        [(header::LOCATION, location)],
+        Json(SubscriptionView::from(sub)),
+    )
+        .into_response())
 }
 
 /// Read one subscription.
@@ -198,9 +222,17 @@ pub async fn create(State(state): State<AppState>, tenant: Tenant, ApiJson(body)
         (status = 404, description = "No such subscription for this API key", body = Problem, content_type = "application/problem+json"),
     )
 )]
-pub async fn get_one(State(state): State<AppState>, tenant: Tenant, Path(id): Path<String>) -> Result<Json<SubscriptionView>, ApiError> {
+pub async fn get_one(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    Path(id): Path<String>,
+) -> Result<Json<SubscriptionView>, ApiError> {
     let sub_id = parse_id(&id)?;
-    let sub = state.store.subscription(tenant.id, sub_id).await?.ok_or_else(|| not_found(&id))?;
+    let sub = state
+        .store
+        .subscription(tenant.id, sub_id)
+        .await?
+        .ok_or_else(|| not_found(&id))?;
     Ok(Json(sub.into()))
 }
 
@@ -217,19 +249,41 @@ pub async fn get_one(State(state): State<AppState>, tenant: Tenant, Path(id): Pa
         (status = 401, description = "Missing or invalid API key", body = Problem, content_type = "application/problem+json"),
     )
 )]
-pub async fn list(State(state): State<AppState>, tenant: Tenant, query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>) -> Result<Json<SubscriptionPage>, ApiError> {
+pub async fn list(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<SubscriptionPage>, ApiError> {
     let Query(query) = query?;
-    let job_id = query.job_id.as_deref().map(|j| j.parse::<JobId>().map_err(ApiError::BadRequest)).transpose()?;
-    let state_filter = query.state.as_deref().map(|s| s.parse::<SubscriptionState>().map_err(ApiError::BadRequest)).transpose()?;
+    let job_id = query
+        .job_id
+        .as_deref()
+        .map(|j| j.parse::<JobId>().map_err(ApiError::BadRequest))
+        .transpose()?;
+    let state_filter = query
+        .state
+        .as_deref()
+        .map(|s| s.parse::<SubscriptionState>().map_err(ApiError::BadRequest))
+        .transpose()?;
     let limit = match query.limit.as_deref() {
         None => DEFAULT_LIMIT,
         Some(raw) => match raw.parse::<u32>() {
             Ok(n @ 1..=MAX_LIMIT) => n,
-            _ => return Err(ApiError::BadRequest(format!("limit must be a whole number from 1 to {MAX_LIMIT}, got {:?}", truncate(raw, 16)))),
+            _ => {
+                return Err(ApiError::BadRequest(format!(
+                    "limit must be a whole number from 1 to {MAX_LIMIT}, got {:?}",
+                    truncate(raw, 16)
+                )));
+            }
         },
     };
     let before = query.cursor.as_deref().map(decode_cursor).transpose()?;
-    let filter = ListFilter { job_id, state: state_filter, before, limit: limit + 1 };
+    let filter = ListFilter {
+        job_id,
+        state: state_filter,
+        before,
+        limit: limit + 1,
+    };
     let mut items = state.store.list_subscriptions(tenant.id, &filter).await?;
     let next_cursor = if items.len() > limit as usize {
         items.truncate(limit as usize);
@@ -237,7 +291,10 @@ pub async fn list(State(state): State<AppState>, tenant: Tenant, query: Result<Q
     } else {
         None
     };
-    Ok(Json(SubscriptionPage { items: items.into_iter().map(Into::into).collect(), next_cursor }))
+    Ok(Json(SubscriptionPage {
+        items: items.into_iter().map(Into::into).collect(),
+        next_cursor,
+    }))
 }
 
 fn encode_cursor(id: SubscriptionId) -> String {
@@ -245,10 +302,17 @@ fn encode_cursor(id: SubscriptionId) -> String {
 }
 
 fn decode_cursor(raw: &str) -> Result<SubscriptionId, ApiError> {
-    let bad = || ApiError::BadRequest("cursor is not one this API issued; pass next_cursor from the previous page unchanged".into());
+    let bad = || {
+        ApiError::BadRequest(
+            "cursor is not one this API issued; pass next_cursor from the previous page unchanged"
+                .into(),
+        )
+    };
     let decoded = URL_SAFE_NO_PAD.decode(raw).map_err(|_| bad())?;
     let text = std::str::from_utf8(&decoded).map_err(|_| bad())?;
-    text.strip_prefix("v1:").and_then(|id| id.parse().ok()).ok_or_else(bad)
+    text.strip_prefix("v1:")
+        .and_then(|id| id.parse().ok())
+        .ok_or_else(bad)
 }
 
 /// Cancel a subscription: polling and delivery stop and its state becomes `cancelled`. A subscription
@@ -266,9 +330,17 @@ fn decode_cursor(raw: &str) -> Result<SubscriptionId, ApiError> {
         (status = 503, description = "The store cannot take writes now; nothing changed", body = Problem, content_type = "application/problem+json"),
     )
 )]
-pub async fn cancel(State(state): State<AppState>, tenant: Tenant, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
+pub async fn cancel(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
     let sub_id = parse_id(&id)?;
-    let cancelled = state.store.cancel(tenant.id, sub_id, now_ms()).await?.ok_or_else(|| not_found(&id))?;
+    let cancelled = state
+        .store
+        .cancel(tenant.id, sub_id, now_ms())
+        .await?
+        .ok_or_else(|| not_found(&id))?;
     match cancelled.was {
         Some(SubscriptionState::Polling) => state.poller.recheck(cancelled.job_id),
         Some(SubscriptionState::Delivering) => state.dispatcher.cancel(sub_id),
@@ -293,10 +365,20 @@ pub async fn cancel(State(state): State<AppState>, tenant: Tenant, Path(id): Pat
         (status = 404, description = "No such subscription for this API key", body = Problem, content_type = "application/problem+json"),
     )
 )]
-pub async fn deliveries(State(state): State<AppState>, tenant: Tenant, Path(id): Path<String>) -> Result<Json<DeliveryAttempts>, ApiError> {
+pub async fn deliveries(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    Path(id): Path<String>,
+) -> Result<Json<DeliveryAttempts>, ApiError> {
     let sub_id = parse_id(&id)?;
-    let attempts = state.store.attempts(tenant.id, sub_id).await?.ok_or_else(|| not_found(&id))?;
-    Ok(Json(DeliveryAttempts { items: attempts.into_iter().map(Into::into).collect() }))
+    let attempts = state
+        .store
+        .attempts(tenant.id, sub_id)
+        .await?
+        .ok_or_else(|| not_found(&id))?;
+    Ok(Json(DeliveryAttempts {
+        items: attempts.into_iter().map(Into::into).collect(),
+    }))
 }
 
 #[cfg(test)]

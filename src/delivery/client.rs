@@ -42,7 +42,11 @@ impl EgressPolicy {
             Some(url::Host::Ipv6(ip)) => check_ip(IpAddr::V6(ip)),
             Some(url::Host::Domain(name)) => {
                 check_name(name)?;
-                let lookup = tokio::time::timeout(REGISTRATION_DNS_TIMEOUT, tokio::net::lookup_host((name, port))).await;
+                let lookup = tokio::time::timeout(
+                    REGISTRATION_DNS_TIMEOUT,
+                    tokio::net::lookup_host((name, port)),
+                )
+                .await;
                 let addrs: Vec<SocketAddr> = match lookup {
                     Ok(Ok(addrs)) => addrs.collect(),
                     Ok(Err(_)) | Err(_) => {
@@ -53,7 +57,8 @@ impl EgressPolicy {
                     return Err(format!("the callback host {name:?} has no address"));
                 }
                 for addr in addrs {
-                    check_ip(addr.ip()).map_err(|why| format!("the callback host {name:?} resolves to {why}"))?;
+                    check_ip(addr.ip())
+                        .map_err(|why| format!("the callback host {name:?} resolves to {why}"))?;
                 }
                 Ok(())
             }
@@ -79,7 +84,9 @@ impl EgressPolicy {
 fn check_name(name: &str) -> Result<(), String> {
     let name = name.trim_end_matches('.').to_ascii_lowercase();
     if name == "localhost" || name.ends_with(".localhost") {
-        return Err(format!("the callback host {name:?} is a loopback name, which is not allowed"));
+        return Err(format!(
+            "the callback host {name:?} is a loopback name, which is not allowed"
+        ));
     }
     Ok(())
 }
@@ -87,7 +94,9 @@ fn check_name(name: &str) -> Result<(), String> {
 fn check_ip(ip: IpAddr) -> Result<(), String> {
     match refused_because(ip) {
         None => Ok(()),
-        Some(why) => Err(format!("{ip}, a {why} address, which is not allowed (the operator can allow it with JOBHOOK_ALLOW_PRIVATE_CALLBACKS)")),
+        Some(why) => Err(format!(
+            "{ip}, a {why} address, which is not allowed (the operator can allow it with JOBHOOK_ALLOW_PRIVATE_CALLBACKS)"
+        )),
     }
 }
 
@@ -100,7 +109,11 @@ pub fn refused_because(ip: IpAddr) -> Option<&'static str> {
 }
 
 fn in_v4(ip: Ipv4Addr, net: [u8; 4], prefix: u32) -> bool {
-    let mask = if prefix == 0 { 0 } else { u32::MAX << (32 - prefix) };
+    let mask = if prefix == 0 {
+        0
+    } else {
+        u32::MAX << (32 - prefix)
+    };
     (u32::from(ip) & mask) == (u32::from(Ipv4Addr::from(net)) & mask)
 }
 
@@ -122,11 +135,18 @@ fn refused_v4(ip: Ipv4Addr) -> Option<&'static str> {
         ([224, 0, 0, 0], 4, "multicast"),
         ([240, 0, 0, 0], 4, "reserved"),
     ];
-    RANGES.iter().find(|(net, prefix, _)| in_v4(ip, *net, *prefix)).map(|(_, _, why)| *why)
+    RANGES
+        .iter()
+        .find(|(net, prefix, _)| in_v4(ip, *net, *prefix))
+        .map(|(_, _, why)| *why)
 }
 
 fn in_v6(ip: Ipv6Addr, net: [u16; 8], prefix: u32) -> bool {
-    let mask = if prefix == 0 { 0 } else { u128::MAX << (128 - prefix) };
+    let mask = if prefix == 0 {
+        0
+    } else {
+        u128::MAX << (128 - prefix)
+    };
     (u128::from(ip) & mask) == (u128::from(Ipv6Addr::from(net)) & mask)
 }
 
@@ -167,7 +187,10 @@ fn refused_v6(ip: Ipv6Addr) -> Option<&'static str> {
         ([0xfec0, 0, 0, 0, 0, 0, 0, 0], 10, "site-local (deprecated)"),
         ([0xff00, 0, 0, 0, 0, 0, 0, 0], 8, "multicast"),
     ];
-    if let Some((_, _, why)) = RANGES.iter().find(|(net, prefix, _)| in_v6(ip, *net, *prefix)) {
+    if let Some((_, _, why)) = RANGES
+        .iter()
+        .find(|(net, prefix, _)| in_v6(ip, *net, *prefix))
+    {
         return Some(why);
     }
     // Only 2000::/3 is allocated as global unicast.
@@ -184,12 +207,21 @@ impl Resolve for VettingResolver {
     fn resolve(&self, name: Name) -> Resolving {
         Box::pin(async move {
             let host = name.as_str().to_owned();
-            check_name(&host).map_err(|e| -> Box<dyn std::error::Error + Send + Sync> { e.into() })?;
-            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
-            let allowed: Vec<SocketAddr> = addrs.iter().copied().filter(|a| refused_because(a.ip()).is_none()).collect();
+            check_name(&host)
+                .map_err(|e| -> Box<dyn std::error::Error + Send + Sync> { e.into() })?;
+            let addrs: Vec<SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            let allowed: Vec<SocketAddr> = addrs
+                .iter()
+                .copied()
+                .filter(|a| refused_because(a.ip()).is_none())
+                .collect();
             if allowed.is_empty() {
                 let why = match addrs.first() {
-                    Some(addr) => format!("egress policy: {host} resolves only to refused addresses such as {}", addr.ip()),
+                    Some(addr) => format!(
+                        "egress policy: {host} resolves only to refused addresses such as {}",
+                        addr.ip()
+                    ),
                     None => format!("{host} has no address"),
                 };
                 return Err(why.into());
@@ -204,6 +236,7 @@ pub const USER_AGENT: &str = concat!("jobhook/", env!("CARGO_PKG_VERSION"));
 
 /// The client for callbacks: the policy's resolver, no redirects, no proxy, one timeout per request.
 pub fn callback_client(policy: EgressPolicy, timeout: Duration) -> reqwest::Client {
+    crate::install_crypto();
     let mut builder = reqwest::Client::builder()
         .user_agent(USER_AGENT)
         .redirect(reqwest::redirect::Policy::none())
@@ -214,7 +247,9 @@ pub fn callback_client(policy: EgressPolicy, timeout: Duration) -> reqwest::Clie
     if !policy.allow_private {
         builder = builder.dns_resolver(Arc::new(VettingResolver));
     }
-    builder.build().expect("the callback client's settings are valid")
+    builder
+        .build()
+        .expect("the callback client's settings are valid")
 }
 
 #[cfg(test)]
@@ -228,8 +263,20 @@ mod tests {
     #[test]
     fn non_public_ipv4_addresses_are_refused() {
         for ip in [
-            "127.0.0.1", "10.1.2.3", "172.16.0.1", "172.31.255.255", "192.168.1.1", "169.254.169.254", "100.64.0.1",
-            "0.0.0.0", "224.0.0.1", "255.255.255.255", "192.0.2.5", "198.51.100.7", "203.0.113.9", "240.0.0.1",
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "172.31.255.255",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "0.0.0.0",
+            "224.0.0.1",
+            "255.255.255.255",
+            "192.0.2.5",
+            "198.51.100.7",
+            "203.0.113.9",
+            "240.0.0.1",
         ] {
             assert!(refused(ip), "{ip} should be refused");
         }
@@ -237,7 +284,13 @@ mod tests {
 
     #[test]
     fn public_addresses_are_allowed() {
-        for ip in ["93.184.216.34", "8.8.8.8", "172.32.0.1", "2606:4700::1111", "2a00:1450:4001:80b::200e"] {
+        for ip in [
+            "93.184.216.34",
+            "8.8.8.8",
+            "172.32.0.1",
+            "2606:4700::1111",
+            "2a00:1450:4001:80b::200e",
+        ] {
             assert!(!refused(ip), "{ip} should be allowed");
         }
     }
@@ -245,8 +298,19 @@ mod tests {
     #[test]
     fn ipv6_spellings_of_refused_addresses_are_refused() {
         for ip in [
-            "::1", "::", "::ffff:127.0.0.1", "::ffff:169.254.169.254", "::127.0.0.1", "64:ff9b::10.0.0.1", "2002:7f00:1::",
-            "fc00::1", "fd12:3456::1", "fe80::1", "ff02::1", "2001:db8::1", "2001::1",
+            "::1",
+            "::",
+            "::ffff:127.0.0.1",
+            "::ffff:169.254.169.254",
+            "::127.0.0.1",
+            "64:ff9b::10.0.0.1",
+            "2002:7f00:1::",
+            "fc00::1",
+            "fd12:3456::1",
+            "fe80::1",
+            "ff02::1",
+            "2001:db8::1",
+            "2001::1",
         ] {
             assert!(refused(ip), "{ip} should be refused");
         }
@@ -255,7 +319,9 @@ mod tests {
 
     #[tokio::test]
     async fn registration_refuses_private_literals_and_loopback_names() {
-        let policy = EgressPolicy { allow_private: false };
+        let policy = EgressPolicy {
+            allow_private: false,
+        };
         for url in [
             "http://127.0.0.1:8080/hook",
             "http://[::1]/hook",
@@ -275,7 +341,9 @@ mod tests {
 
     #[tokio::test]
     async fn allowing_private_callbacks_allows_loopback() {
-        let policy = EgressPolicy { allow_private: true };
+        let policy = EgressPolicy {
+            allow_private: true,
+        };
         let url: CallbackUrl = "http://127.0.0.1:9/hook".parse().unwrap();
         assert!(policy.check_registration(&url).await.is_ok());
     }

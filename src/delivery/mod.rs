@@ -42,7 +42,13 @@ pub struct AttemptOutcome {
 }
 
 /// What follows an attempt: a pure function of its outcome, the attempts made and the schedule.
-pub fn decide(outcome: &AttemptOutcome, attempt: u32, schedule: &[Duration], now: Millis, jitter: f64) -> AttemptResult {
+pub fn decide(
+    outcome: &AttemptOutcome,
+    attempt: u32,
+    schedule: &[Duration],
+    now: Millis,
+    jitter: f64,
+) -> AttemptResult {
     match outcome.status_code {
         Some(200..=299) => return AttemptResult::Delivered,
         Some(410) => return AttemptResult::Failed(FailureReason::CallbackGone),
@@ -53,7 +59,9 @@ pub fn decide(outcome: &AttemptOutcome, attempt: u32, schedule: &[Duration], now
         _ => None,
     };
     match retry::next_delay(schedule, attempt, retry_after, jitter) {
-        Some(delay) => AttemptResult::RetryAt(now.saturating_add(Millis::try_from(delay.as_millis()).unwrap_or(Millis::MAX))),
+        Some(delay) => AttemptResult::RetryAt(
+            now.saturating_add(Millis::try_from(delay.as_millis()).unwrap_or(Millis::MAX)),
+        ),
         None => AttemptResult::Failed(FailureReason::DeliveryExhausted),
     }
 }
@@ -81,18 +89,28 @@ impl DeliveryContext {
     }
 
     fn host_semaphore(&self, host: &str) -> Arc<Semaphore> {
-        let mut hosts = self.per_host.lock().expect("the host map is never poisoned: no code panics while holding it");
+        let mut hosts = self
+            .per_host
+            .lock()
+            .expect("the host map is never poisoned: no code panics while holding it");
         if hosts.len() > 10_000 {
             // Forget hosts nobody is calling right now, so the map does not grow without bound.
             hosts.retain(|_, s| Arc::strong_count(s) > 1);
         }
-        hosts.entry(host.to_owned()).or_insert_with(|| Arc::new(Semaphore::new(self.config.max_in_flight_per_host))).clone()
+        hosts
+            .entry(host.to_owned())
+            .or_insert_with(|| Arc::new(Semaphore::new(self.config.max_in_flight_per_host)))
+            .clone()
     }
 }
 
 /// One signed POST to the callback. Never fails: every outcome is an answer.
 pub async fn send(ctx: &DeliveryContext, task: &DeliveryTask) -> AttemptOutcome {
-    let failed = |error: String| AttemptOutcome { status_code: None, error: Some(error), retry_after: None };
+    let failed = |error: String| AttemptOutcome {
+        status_code: None,
+        error: Some(error),
+        retry_after: None,
+    };
     let url = match url::Url::parse(&task.callback_url) {
         Ok(url) => url,
         Err(e) => return failed(format!("callback URL does not parse: {e}")),
@@ -103,11 +121,20 @@ pub async fn send(ctx: &DeliveryContext, task: &DeliveryTask) -> AttemptOutcome 
     let host = url.host_str().unwrap_or_default().to_owned();
     let host_slot = ctx.host_semaphore(&host);
     // Neither semaphore is ever closed.
-    let Ok(_host_permit) = host_slot.acquire_owned().await else { return failed("shutting down".into()) };
-    let Ok(_permit) = ctx.overall.clone().acquire_owned().await else { return failed("shutting down".into()) };
+    let Ok(_host_permit) = host_slot.acquire_owned().await else {
+        return failed("shutting down".into());
+    };
+    let Ok(_permit) = ctx.overall.clone().acquire_owned().await else {
+        return failed("shutting down".into());
+    };
 
     let timestamp = time::OffsetDateTime::now_utc().unix_timestamp();
-    let signature = signing::signature_header([task.secret.as_ref()], &task.webhook_id, timestamp, &task.body);
+    let signature = signing::signature_header(
+        [task.secret.as_ref()],
+        &task.webhook_id,
+        timestamp,
+        &task.body,
+    );
     let request = ctx
         .http
         .post(url)
@@ -121,7 +148,11 @@ pub async fn send(ctx: &DeliveryContext, task: &DeliveryTask) -> AttemptOutcome 
         Err(e) => return failed(describe_transport_error(&e)),
     };
     let status = response.status().as_u16();
-    let retry_after = response.headers().get("retry-after").and_then(|v| v.to_str().ok()).and_then(parse_retry_after);
+    let retry_after = response
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_retry_after);
     let mut read = 0;
     while read < MAX_RESPONSE_BYTES {
         match response.chunk().await {
@@ -133,7 +164,11 @@ pub async fn send(ctx: &DeliveryContext, task: &DeliveryTask) -> AttemptOutcome 
         300..=399 => Some("the receiver redirected; redirects are not followed".to_owned()),
         _ => None,
     };
-    AttemptOutcome { status_code: Some(status), error, retry_after }
+    AttemptOutcome {
+        status_code: Some(status),
+        error,
+        retry_after,
+    }
 }
 
 /// One delivery attempt: send, decide, record. Returns the delivery's next due time, if any.
@@ -145,7 +180,13 @@ pub async fn attempt(ctx: &DeliveryContext, task: &mut DeliveryTask) -> Option<M
     let outcome = send(ctx, task).await;
     let duration_ms = u64::try_from(clock.elapsed().as_millis()).unwrap_or(u64::MAX);
     let now = now_ms();
-    let result = decide(&outcome, attempt, &ctx.config.retry_schedule, now, rand::random_range(-1.0..=1.0));
+    let result = decide(
+        &outcome,
+        attempt,
+        &ctx.config.retry_schedule,
+        now,
+        rand::random_range(-1.0..=1.0),
+    );
     let record = AttemptRecord {
         subscription_id: task.subscription_id,
         attempt,
@@ -156,12 +197,24 @@ pub async fn attempt(ctx: &DeliveryContext, task: &mut DeliveryTask) -> Option<M
         duration_ms,
     };
     match &result {
-        AttemptResult::Delivered => tracing::info!(status = outcome.status_code, duration_ms, "delivered"),
+        AttemptResult::Delivered => {
+            tracing::info!(status = outcome.status_code, duration_ms, "delivered")
+        }
         AttemptResult::RetryAt(at) => {
-            tracing::info!(status = outcome.status_code, error = outcome.error.as_deref(), retry_in_ms = at - now, "attempt failed; will retry")
+            tracing::info!(
+                status = outcome.status_code,
+                error = outcome.error.as_deref(),
+                retry_in_ms = at - now,
+                "attempt failed; will retry"
+            )
         }
         AttemptResult::Failed(reason) => {
-            tracing::warn!(status = outcome.status_code, error = outcome.error.as_deref(), reason = reason.as_str(), "delivery failed for good")
+            tracing::warn!(
+                status = outcome.status_code,
+                error = outcome.error.as_deref(),
+                reason = reason.as_str(),
+                "delivery failed for good"
+            )
         }
     }
     match ctx.store.record_attempt(&record, result, now).await {
@@ -219,11 +272,14 @@ enum Slot {
 
 /// Queues a delivery unless it is already known (queued or being attempted): the store holds one
 /// delivery per subscription.
-fn enqueue(queue: &mut DelayQueue<SubscriptionId>, slots: &mut HashMap<SubscriptionId, Slot>, task: DeliveryTask) {
-    let id = task.subscription_id;
-    if !slots.contains_key(&id) {
-        let key = queue.insert(id, delay_until(task.due_at));
-        slots.insert(id, Slot::Queued(key, task));
+fn enqueue(
+    queue: &mut DelayQueue<SubscriptionId>,
+    slots: &mut HashMap<SubscriptionId, Slot>,
+    task: DeliveryTask,
+) {
+    if let std::collections::hash_map::Entry::Vacant(slot) = slots.entry(task.subscription_id) {
+        let key = queue.insert(task.subscription_id, delay_until(task.due_at));
+        slot.insert(Slot::Queued(key, task));
     }
 }
 
@@ -233,7 +289,13 @@ fn delay_until(due_at: Millis) -> Duration {
 
 /// The delivery loop: runs deliveries as they fall due until `shutdown`, then waits for in-flight
 /// attempts up to `grace`.
-pub async fn run(ctx: Arc<DeliveryContext>, inbox: DispatcherInbox, initial: Vec<DeliveryTask>, shutdown: CancellationToken, grace: Duration) {
+pub async fn run(
+    ctx: Arc<DeliveryContext>,
+    inbox: DispatcherInbox,
+    initial: Vec<DeliveryTask>,
+    shutdown: CancellationToken,
+    grace: Duration,
+) {
     let mut rx = inbox.0;
     let mut queue: DelayQueue<SubscriptionId> = DelayQueue::new();
     let mut slots: HashMap<SubscriptionId, Slot> = HashMap::new();
@@ -298,7 +360,10 @@ pub async fn run(ctx: Arc<DeliveryContext>, inbox: DispatcherInbox, initial: Vec
     let waiting = in_flight.len();
     if waiting > 0 {
         tracing::info!(deliveries = waiting, "waiting for in-flight deliveries");
-        let _ = tokio::time::timeout(grace, async { while in_flight.join_next().await.is_some() {} }).await;
+        let _ = tokio::time::timeout(grace, async {
+            while in_flight.join_next().await.is_some() {}
+        })
+        .await;
         in_flight.abort_all();
     }
     tracing::info!("dispatcher stopped");
@@ -309,7 +374,11 @@ mod tests {
     use super::*;
 
     fn outcome(status: Option<u16>, retry_after: Option<u64>) -> AttemptOutcome {
-        AttemptOutcome { status_code: status, error: None, retry_after: retry_after.map(Duration::from_secs) }
+        AttemptOutcome {
+            status_code: status,
+            error: None,
+            retry_after: retry_after.map(Duration::from_secs),
+        }
     }
 
     const SCHEDULE: [Duration; 2] = [Duration::from_secs(5), Duration::from_secs(300)];
@@ -317,32 +386,56 @@ mod tests {
     #[test]
     fn any_2xx_is_delivered() {
         for code in [200, 201, 202, 204, 299] {
-            assert_eq!(decide(&outcome(Some(code), None), 1, &SCHEDULE, 0, 0.0), AttemptResult::Delivered);
+            assert_eq!(
+                decide(&outcome(Some(code), None), 1, &SCHEDULE, 0, 0.0),
+                AttemptResult::Delivered
+            );
         }
     }
 
     #[test]
     fn gone_stops_at_once() {
-        assert_eq!(decide(&outcome(Some(410), None), 1, &SCHEDULE, 0, 0.0), AttemptResult::Failed(FailureReason::CallbackGone));
+        assert_eq!(
+            decide(&outcome(Some(410), None), 1, &SCHEDULE, 0, 0.0),
+            AttemptResult::Failed(FailureReason::CallbackGone)
+        );
     }
 
     #[test]
     fn errors_redirects_and_timeouts_retry_on_the_schedule() {
         for status in [Some(500), Some(302), Some(404), None] {
-            assert_eq!(decide(&outcome(status, None), 1, &SCHEDULE, 1_000, 0.0), AttemptResult::RetryAt(6_000));
-            assert_eq!(decide(&outcome(status, None), 2, &SCHEDULE, 1_000, 0.0), AttemptResult::RetryAt(301_000));
+            assert_eq!(
+                decide(&outcome(status, None), 1, &SCHEDULE, 1_000, 0.0),
+                AttemptResult::RetryAt(6_000)
+            );
+            assert_eq!(
+                decide(&outcome(status, None), 2, &SCHEDULE, 1_000, 0.0),
+                AttemptResult::RetryAt(301_000)
+            );
         }
     }
 
     #[test]
     fn the_last_failure_exhausts_the_delivery() {
-        assert_eq!(decide(&outcome(Some(500), None), 3, &SCHEDULE, 0, 0.0), AttemptResult::Failed(FailureReason::DeliveryExhausted));
+        assert_eq!(
+            decide(&outcome(Some(500), None), 3, &SCHEDULE, 0, 0.0),
+            AttemptResult::Failed(FailureReason::DeliveryExhausted)
+        );
     }
 
     #[test]
     fn retry_after_counts_only_for_429_and_503() {
-        assert_eq!(decide(&outcome(Some(429), Some(60)), 1, &SCHEDULE, 0, 0.0), AttemptResult::RetryAt(60_000));
-        assert_eq!(decide(&outcome(Some(503), Some(60)), 1, &SCHEDULE, 0, 0.0), AttemptResult::RetryAt(60_000));
-        assert_eq!(decide(&outcome(Some(500), Some(60)), 1, &SCHEDULE, 0, 0.0), AttemptResult::RetryAt(5_000));
+        assert_eq!(
+            decide(&outcome(Some(429), Some(60)), 1, &SCHEDULE, 0, 0.0),
+            AttemptResult::RetryAt(60_000)
+        );
+        assert_eq!(
+            decide(&outcome(Some(503), Some(60)), 1, &SCHEDULE, 0, 0.0),
+            AttemptResult::RetryAt(60_000)
+        );
+        assert_eq!(
+            decide(&outcome(Some(500), Some(60)), 1, &SCHEDULE, 0, 0.0),
+            AttemptResult::RetryAt(5_000)
+        );
     }
 }

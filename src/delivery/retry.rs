@@ -13,7 +13,12 @@ pub const JITTER: f64 = 0.2;
 /// The delay before the next attempt after `attempts_made` attempts have failed, or `None` when the
 /// schedule is exhausted. `jitter` is a number in [-1, 1] (random in production, fixed in tests);
 /// `retry_after` is what the receiver asked for (429/503), honoured up to [`MAX_RECEIVER_RETRY_AFTER`].
-pub fn next_delay(schedule: &[Duration], attempts_made: u32, retry_after: Option<Duration>, jitter: f64) -> Option<Duration> {
+pub fn next_delay(
+    schedule: &[Duration],
+    attempts_made: u32,
+    retry_after: Option<Duration>,
+    jitter: f64,
+) -> Option<Duration> {
     let index = usize::try_from(attempts_made).ok()?.checked_sub(1)?;
     let base = *schedule.get(index)?;
     let jittered = base.mul_f64((1.0 + JITTER * jitter.clamp(-1.0, 1.0)).max(0.0));
@@ -57,8 +62,14 @@ mod tests {
     #[test]
     fn a_receivers_retry_after_is_honoured_within_bounds() {
         let schedule = [secs(5)];
-        assert_eq!(next_delay(&schedule, 1, Some(secs(60)), 0.0), Some(secs(60)));
+        assert_eq!(
+            next_delay(&schedule, 1, Some(secs(60)), 0.0),
+            Some(secs(60))
+        );
         assert_eq!(next_delay(&schedule, 1, Some(secs(1)), 0.0), Some(secs(5)));
-        assert_eq!(next_delay(&schedule, 1, Some(secs(86_400)), 0.0), Some(MAX_RECEIVER_RETRY_AFTER));
+        assert_eq!(
+            next_delay(&schedule, 1, Some(secs(86_400)), 0.0),
+            Some(MAX_RECEIVER_RETRY_AFTER)
+        );
     }
 }

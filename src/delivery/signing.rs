@@ -12,7 +12,8 @@ use crate::keys::SigningSecret;
 
 /// The value of one `webhook-signature` entry for this message, secret and timestamp (Unix seconds).
 pub fn sign(secret: &SigningSecret, webhook_id: &str, timestamp: i64, body: &[u8]) -> String {
-    let mut mac = Hmac::<Sha256>::new_from_slice(secret.bytes()).expect("HMAC takes a key of any length");
+    let mut mac =
+        Hmac::<Sha256>::new_from_slice(secret.bytes()).expect("HMAC takes a key of any length");
     mac.update(webhook_id.as_bytes());
     mac.update(b".");
     mac.update(timestamp.to_string().as_bytes());
@@ -23,7 +24,12 @@ pub fn sign(secret: &SigningSecret, webhook_id: &str, timestamp: i64, body: &[u8
 
 /// The `webhook-signature` header: one signature per secret, space-separated (several while a secret is
 /// being rotated; receivers accept the message if any one matches).
-pub fn signature_header<'a>(secrets: impl IntoIterator<Item = &'a SigningSecret>, webhook_id: &str, timestamp: i64, body: &[u8]) -> String {
+pub fn signature_header<'a>(
+    secrets: impl IntoIterator<Item = &'a SigningSecret>,
+    webhook_id: &str,
+    timestamp: i64,
+    body: &[u8],
+) -> String {
     secrets
         .into_iter()
         .map(|secret| sign(secret, webhook_id, timestamp, body))
@@ -50,6 +56,9 @@ mod tests {
         let b = SigningSecret::generate();
         let header = signature_header([&a, &b], "msg_1", 1, b"{}");
         let parts: Vec<_> = header.split(' ').collect();
-        assert_eq!(parts, vec![sign(&a, "msg_1", 1, b"{}"), sign(&b, "msg_1", 1, b"{}")]);
+        assert_eq!(
+            parts,
+            vec![sign(&a, "msg_1", 1, b"{}"), sign(&b, "msg_1", 1, b"{}")]
+        );
     }
 }

@@ -15,7 +15,9 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use crate::domain::{CallbackUrl, FailureReason, JobId, JobStatus, SubscriptionId, SubscriptionState};
+use crate::domain::{
+    CallbackUrl, FailureReason, JobId, JobStatus, SubscriptionId, SubscriptionState,
+};
 use crate::keys::{KeyHash, SigningSecret};
 
 pub use sqlite::SqliteStore;
@@ -24,7 +26,9 @@ pub use sqlite::SqliteStore;
 pub type Millis = i64;
 
 pub fn now_ms() -> Millis {
-    time::OffsetDateTime::now_utc().unix_timestamp_nanos().div_euclid(1_000_000) as Millis
+    time::OffsetDateTime::now_utc()
+        .unix_timestamp_nanos()
+        .div_euclid(1_000_000) as Millis
 }
 
 /// Whether a `--database-url` names a store we can open; the error is a sentence.
@@ -160,21 +164,56 @@ pub trait Store: Send + Sync + 'static {
 
     /// Makes sure a key from the configuration exists as a tenant; sets its secret when one is given.
     /// Configured keys no longer in `keys` are revoked. Returns how many tenants were created.
-    async fn sync_configured_keys(&self, keys: &[KeyHash], secret: Option<&SigningSecret>, now: Millis) -> Result<usize>;
+    async fn sync_configured_keys(
+        &self,
+        keys: &[KeyHash],
+        secret: Option<&SigningSecret>,
+        now: Millis,
+    ) -> Result<usize>;
     /// A new tenant with a stored key and a fresh secret.
-    async fn create_key(&self, name: &str, key: KeyHash, secret: &SigningSecret, now: Millis) -> Result<i64>;
+    async fn create_key(
+        &self,
+        name: &str,
+        key: KeyHash,
+        secret: &SigningSecret,
+        now: Millis,
+    ) -> Result<i64>;
     /// How many keys can be used to call the API.
     async fn usable_key_count(&self) -> Result<i64>;
     async fn tenant_by_key(&self, key: KeyHash) -> Result<Option<Tenant>>;
 
     // --- the API ---
 
-    async fn register(&self, tenant: &Tenant, id: SubscriptionId, job_id: JobId, callback_url: &CallbackUrl, now: Millis) -> Result<Registered>;
-    async fn subscription(&self, tenant_id: i64, id: SubscriptionId) -> Result<Option<Subscription>>;
-    async fn list_subscriptions(&self, tenant_id: i64, filter: &ListFilter) -> Result<Vec<Subscription>>;
-    async fn cancel(&self, tenant_id: i64, id: SubscriptionId, now: Millis) -> Result<Option<Cancelled>>;
+    async fn register(
+        &self,
+        tenant: &Tenant,
+        id: SubscriptionId,
+        job_id: JobId,
+        callback_url: &CallbackUrl,
+        now: Millis,
+    ) -> Result<Registered>;
+    async fn subscription(
+        &self,
+        tenant_id: i64,
+        id: SubscriptionId,
+    ) -> Result<Option<Subscription>>;
+    async fn list_subscriptions(
+        &self,
+        tenant_id: i64,
+        filter: &ListFilter,
+    ) -> Result<Vec<Subscription>>;
+    async fn cancel(
+        &self,
+        tenant_id: i64,
+        id: SubscriptionId,
+        now: Millis,
+    ) -> Result<Option<Cancelled>>;
     /// The attempts of a subscription, oldest first; `None` when the tenant has no such subscription.
-    async fn attempts(&self, tenant_id: i64, id: SubscriptionId) -> Result<Option<Vec<AttemptRecord>>>;
+    async fn attempts(
+        &self,
+        tenant_id: i64,
+        id: SubscriptionId,
+    ) -> Result<Option<Vec<AttemptRecord>>>;
 
     // --- the poller ---
 
@@ -184,14 +223,37 @@ pub trait Store: Send + Sync + 'static {
     async fn pollable_job(&self, job_id: JobId) -> Result<Option<PollableJob>>;
     /// Records what the upstream last said, at a transition (first status, an error appearing, changing
     /// or clearing). Never called for a repeated Pending.
-    async fn record_observation(&self, job_id: JobId, status: Option<JobStatus>, last_error: Option<&str>, now: Millis) -> Result<()>;
+    async fn record_observation(
+        &self,
+        job_id: JobId,
+        status: Option<JobStatus>,
+        last_error: Option<&str>,
+        now: Millis,
+    ) -> Result<()>;
     /// The job ended: one transaction stores its result and turns every polling subscription into a
     /// delivery due now. Returns those deliveries.
-    async fn complete_job(&self, job_id: JobId, status: JobStatus, body: &Bytes, now: Millis) -> Result<Vec<DeliveryTask>>;
+    async fn complete_job(
+        &self,
+        job_id: JobId,
+        status: JobStatus,
+        body: &Bytes,
+        now: Millis,
+    ) -> Result<Vec<DeliveryTask>>;
     /// Every polling subscription of the job fails for this reason. Returns how many.
-    async fn fail_job(&self, job_id: JobId, reason: FailureReason, last_error: &str, now: Millis) -> Result<u64>;
+    async fn fail_job(
+        &self,
+        job_id: JobId,
+        reason: FailureReason,
+        last_error: &str,
+        now: Millis,
+    ) -> Result<u64>;
     /// Polling subscriptions created at or before `cutoff` expire. Returns the job if some still poll.
-    async fn expire(&self, job_id: JobId, cutoff: Millis, now: Millis) -> Result<Option<PollableJob>>;
+    async fn expire(
+        &self,
+        job_id: JobId,
+        cutoff: Millis,
+        now: Millis,
+    ) -> Result<Option<PollableJob>>;
 
     // --- the dispatcher ---
 
@@ -199,5 +261,10 @@ pub trait Store: Send + Sync + 'static {
     async fn pending_deliveries(&self) -> Result<Vec<DeliveryTask>>;
     /// Logs an attempt and moves the delivery on, in one transaction. Returns false when the
     /// subscription was no longer delivering (cancelled meanwhile); the attempt is logged anyway.
-    async fn record_attempt(&self, record: &AttemptRecord, result: AttemptResult, now: Millis) -> Result<bool>;
+    async fn record_attempt(
+        &self,
+        record: &AttemptRecord,
+        result: AttemptResult,
+        now: Millis,
+    ) -> Result<bool>;
 }

@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
 use sqlx::{Sqlite, Transaction};
 
 use super::*;
@@ -41,7 +43,9 @@ impl SqliteStore {
             .connect_with(options.clone())
             .await
             .map_err(classify)?;
-        sqlx::migrate!("src/store/migrations/sqlite").run(&writer).await?;
+        sqlx::migrate!("src/store/migrations/sqlite")
+            .run(&writer)
+            .await?;
         let reader = SqlitePoolOptions::new()
             .max_connections(4)
             .acquire_timeout(BUSY_TIMEOUT)
@@ -59,11 +63,16 @@ impl SqliteStore {
 /// Sorts a database error into "try again later" (the disk, the file, the lock) and the rest.
 fn classify(e: sqlx::Error) -> StoreError {
     match &e {
-        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => StoreError::Unavailable(e),
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => {
+            StoreError::Unavailable(e)
+        }
         sqlx::Error::Database(db) => {
             // SQLite primary result codes: BUSY 5, LOCKED 6, NOMEM 7, READONLY 8, IOERR 10, FULL 13,
             // CANTOPEN 14, PROTOCOL 15.
-            let primary = db.code().and_then(|c| c.parse::<i64>().ok()).map(|c| c & 0xff);
+            let primary = db
+                .code()
+                .and_then(|c| c.parse::<i64>().ok())
+                .map(|c| c & 0xff);
             match primary {
                 Some(5 | 6 | 7 | 8 | 10 | 13 | 14 | 15) => StoreError::Unavailable(e),
                 _ => StoreError::Other(e),
@@ -115,8 +124,16 @@ impl TryFrom<SubscriptionRow> for Subscription {
             job_id: r.job_id.parse().map_err(|e| corrupt("job id", e))?,
             callback_url: r.callback_url,
             state: r.state.parse().map_err(|e| corrupt("state", e))?,
-            job_status: r.job_status.map(|s| s.parse()).transpose().map_err(|e| corrupt("job status", e))?,
-            failure_reason: r.failure_reason.map(|s| s.parse()).transpose().map_err(|e| corrupt("failure reason", e))?,
+            job_status: r
+                .job_status
+                .map(|s| s.parse())
+                .transpose()
+                .map_err(|e| corrupt("job status", e))?,
+            failure_reason: r
+                .failure_reason
+                .map(|s| s.parse())
+                .transpose()
+                .map_err(|e| corrupt("failure reason", e))?,
             last_error: r.last_error,
             webhook_id: r.webhook_id,
             attempts: u32::try_from(r.attempts).unwrap_or(0),
@@ -164,10 +181,15 @@ impl DeliveryRow {
     fn into_task(self, secrets: &mut SecretCache) -> Result<DeliveryTask> {
         Ok(DeliveryTask {
             subscription_id: self.id.parse().map_err(|e| corrupt("subscription id", e))?,
-            webhook_id: self.webhook_id.ok_or_else(|| corrupt("delivery without webhook id", &self.id))?,
+            webhook_id: self
+                .webhook_id
+                .ok_or_else(|| corrupt("delivery without webhook id", &self.id))?,
             callback_url: self.callback_url,
             secret: secrets.get(&self.signing_secret)?,
-            body: Bytes::from(self.result.ok_or_else(|| corrupt("delivery without a job result", &self.id))?),
+            body: Bytes::from(
+                self.result
+                    .ok_or_else(|| corrupt("delivery without a job result", &self.id))?,
+            ),
             attempts_made: u32::try_from(self.attempts).unwrap_or(0),
             due_at: self.next_attempt_at.unwrap_or(0),
         })
@@ -183,7 +205,11 @@ impl SecretCache {
         if let Some(secret) = self.0.get(stored) {
             return Ok(secret.clone());
         }
-        let secret = Arc::new(stored.parse::<SigningSecret>().map_err(|e| corrupt("signing secret", e))?);
+        let secret = Arc::new(
+            stored
+                .parse::<SigningSecret>()
+                .map_err(|e| corrupt("signing secret", e))?,
+        );
         self.0.insert(stored.to_owned(), secret.clone());
         Ok(secret)
     }
@@ -193,25 +219,46 @@ const DELIVERY_SELECT: &str = "SELECT s.id, s.webhook_id, s.callback_url, t.sign
      FROM subscriptions s JOIN jobs j ON j.job_id = s.job_id JOIN tenants t ON t.id = s.tenant_id";
 
 async fn subscription_in(tx: &mut Transaction<'static, Sqlite>, id: &str) -> Result<Subscription> {
-    let sql = format!("SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions s JOIN jobs j ON j.job_id = s.job_id WHERE s.id = ?");
-    let row: SubscriptionRow = sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(id).fetch_one(&mut **tx).await.db()?;
+    let sql = format!(
+        "SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions s JOIN jobs j ON j.job_id = s.job_id WHERE s.id = ?"
+    );
+    let row: SubscriptionRow = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(id)
+        .fetch_one(&mut **tx)
+        .await
+        .db()?;
     row.try_into()
 }
 
-async fn pollable_in(tx: &mut Transaction<'static, Sqlite>, job_id: &str) -> Result<Option<PollableJob>> {
+async fn pollable_in(
+    tx: &mut Transaction<'static, Sqlite>,
+    job_id: &str,
+) -> Result<Option<PollableJob>> {
     let sql = format!("{POLLABLE_SELECT} WHERE j.job_id = ? GROUP BY j.job_id");
-    let row: Option<PollableRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(job_id).fetch_optional(&mut **tx).await.db()?;
+    let row: Option<PollableRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(job_id)
+        .fetch_optional(&mut **tx)
+        .await
+        .db()?;
     row.map(PollableJob::try_from).transpose()
 }
 
 #[async_trait]
 impl Store for SqliteStore {
-    async fn sync_configured_keys(&self, keys: &[KeyHash], secret: Option<&SigningSecret>, now: Millis) -> Result<usize> {
+    async fn sync_configured_keys(
+        &self,
+        keys: &[KeyHash],
+        secret: Option<&SigningSecret>,
+        now: Millis,
+    ) -> Result<usize> {
         let mut tx = self.begin().await?;
         let mut created = 0;
         // Configured keys that left the configuration stop working; those still in it work again.
         let configured: Vec<(i64, Vec<u8>)> =
-            sqlx::query_as("SELECT id, key_hash FROM api_keys WHERE source = 'config'").fetch_all(&mut *tx).await.db()?;
+            sqlx::query_as("SELECT id, key_hash FROM api_keys WHERE source = 'config'")
+                .fetch_all(&mut *tx)
+                .await
+                .db()?;
         for (id, hash) in configured {
             let still = keys.iter().any(|k| k.0.as_slice() == hash.as_slice());
             let sql = if still {
@@ -219,14 +266,20 @@ impl Store for SqliteStore {
             } else {
                 "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?2) WHERE id = ?1"
             };
-            sqlx::query(sql).bind(id).bind(now).execute(&mut *tx).await.db()?;
-        }
-        for (i, key) in keys.iter().enumerate() {
-            let tenant: Option<i64> = sqlx::query_scalar("SELECT tenant_id FROM api_keys WHERE key_hash = ?")
-                .bind(key.0.as_slice())
-                .fetch_optional(&mut *tx)
+            sqlx::query(sql)
+                .bind(id)
+                .bind(now)
+                .execute(&mut *tx)
                 .await
                 .db()?;
+        }
+        for (i, key) in keys.iter().enumerate() {
+            let tenant: Option<i64> =
+                sqlx::query_scalar("SELECT tenant_id FROM api_keys WHERE key_hash = ?")
+                    .bind(key.0.as_slice())
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .db()?;
             match tenant {
                 Some(tenant_id) => {
                     if let Some(secret) = secret {
@@ -250,7 +303,13 @@ impl Store for SqliteStore {
         Ok(created)
     }
 
-    async fn create_key(&self, name: &str, key: KeyHash, secret: &SigningSecret, now: Millis) -> Result<i64> {
+    async fn create_key(
+        &self,
+        name: &str,
+        key: KeyHash,
+        secret: &SigningSecret,
+        now: Millis,
+    ) -> Result<i64> {
         let mut tx = self.begin().await?;
         let id = insert_tenant_with_key(&mut tx, name, key, secret, "stored", now).await?;
         tx.commit().await.db()?;
@@ -258,7 +317,10 @@ impl Store for SqliteStore {
     }
 
     async fn usable_key_count(&self) -> Result<i64> {
-        sqlx::query_scalar("SELECT COUNT(*) FROM api_keys WHERE revoked_at IS NULL").fetch_one(&self.reader).await.db()
+        sqlx::query_scalar("SELECT COUNT(*) FROM api_keys WHERE revoked_at IS NULL")
+            .fetch_one(&self.reader)
+            .await
+            .db()
     }
 
     async fn tenant_by_key(&self, key: KeyHash) -> Result<Option<Tenant>> {
@@ -271,13 +333,25 @@ impl Store for SqliteStore {
         .await
         .db()?;
         row.map(|(id, secret)| {
-            let secret = secret.parse::<SigningSecret>().map_err(|e| corrupt("signing secret", e))?;
-            Ok(Tenant { id, secret: Arc::new(secret) })
+            let secret = secret
+                .parse::<SigningSecret>()
+                .map_err(|e| corrupt("signing secret", e))?;
+            Ok(Tenant {
+                id,
+                secret: Arc::new(secret),
+            })
         })
         .transpose()
     }
 
-    async fn register(&self, tenant: &Tenant, id: SubscriptionId, job_id: JobId, callback_url: &CallbackUrl, now: Millis) -> Result<Registered> {
+    async fn register(
+        &self,
+        tenant: &Tenant,
+        id: SubscriptionId,
+        job_id: JobId,
+        callback_url: &CallbackUrl,
+        now: Millis,
+    ) -> Result<Registered> {
         let job = job_id.to_string();
         let mut tx = self.begin().await?;
         // A write first, so this transaction holds the write lock before it reads: the job's result
@@ -303,7 +377,11 @@ impl Store for SqliteStore {
             return Ok(Registered::Existing(sub));
         }
         let result: Option<Vec<u8>> =
-            sqlx::query_scalar("SELECT result FROM jobs WHERE job_id = ?").bind(&job).fetch_one(&mut *tx).await.db()?;
+            sqlx::query_scalar("SELECT result FROM jobs WHERE job_id = ?")
+                .bind(&job)
+                .fetch_one(&mut *tx)
+                .await
+                .db()?;
         let sub_id = id.to_string();
         match result {
             None => {
@@ -320,7 +398,9 @@ impl Store for SqliteStore {
                 .await
                 .db()?;
                 let sub = subscription_in(&mut tx, &sub_id).await?;
-                let pollable = pollable_in(&mut tx, &job).await?.ok_or_else(|| corrupt("new subscription not polling", &sub_id))?;
+                let pollable = pollable_in(&mut tx, &job)
+                    .await?
+                    .ok_or_else(|| corrupt("new subscription not polling", &sub_id))?;
                 tx.commit().await.db()?;
                 Ok(Registered::CreatedPolling(sub, pollable))
             }
@@ -355,7 +435,11 @@ impl Store for SqliteStore {
         }
     }
 
-    async fn subscription(&self, tenant_id: i64, id: SubscriptionId) -> Result<Option<Subscription>> {
+    async fn subscription(
+        &self,
+        tenant_id: i64,
+        id: SubscriptionId,
+    ) -> Result<Option<Subscription>> {
         let sql = format!(
             "SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions s JOIN jobs j ON j.job_id = s.job_id WHERE s.id = ? AND s.tenant_id = ?"
         );
@@ -368,7 +452,11 @@ impl Store for SqliteStore {
         row.map(Subscription::try_from).transpose()
     }
 
-    async fn list_subscriptions(&self, tenant_id: i64, filter: &ListFilter) -> Result<Vec<Subscription>> {
+    async fn list_subscriptions(
+        &self,
+        tenant_id: i64,
+        filter: &ListFilter,
+    ) -> Result<Vec<Subscription>> {
         let sql = format!(
             "SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions s JOIN jobs j ON j.job_id = s.job_id \
              WHERE s.tenant_id = ?1 AND (?2 IS NULL OR s.job_id = ?2) AND (?3 IS NULL OR s.state = ?3) AND (?4 IS NULL OR s.id < ?4) \
@@ -386,14 +474,21 @@ impl Store for SqliteStore {
         rows.into_iter().map(Subscription::try_from).collect()
     }
 
-    async fn cancel(&self, tenant_id: i64, id: SubscriptionId, now: Millis) -> Result<Option<Cancelled>> {
+    async fn cancel(
+        &self,
+        tenant_id: i64,
+        id: SubscriptionId,
+        now: Millis,
+    ) -> Result<Option<Cancelled>> {
         let mut tx = self.begin().await?;
-        let row: Option<(String, String)> = sqlx::query_as("SELECT job_id, state FROM subscriptions WHERE id = ? AND tenant_id = ?")
-            .bind(id.to_string())
-            .bind(tenant_id)
-            .fetch_optional(&mut *tx)
-            .await
-            .db()?;
+        let row: Option<(String, String)> = sqlx::query_as(
+            "SELECT job_id, state FROM subscriptions WHERE id = ? AND tenant_id = ?",
+        )
+        .bind(id.to_string())
+        .bind(tenant_id)
+        .fetch_optional(&mut *tx)
+        .await
+        .db()?;
         let Some((job_id, state)) = row else {
             return Ok(None);
         };
@@ -409,16 +504,24 @@ impl Store for SqliteStore {
             .await
             .db()?;
         tx.commit().await.db()?;
-        Ok(Some(Cancelled { job_id, was: Some(state) }))
+        Ok(Some(Cancelled {
+            job_id,
+            was: Some(state),
+        }))
     }
 
-    async fn attempts(&self, tenant_id: i64, id: SubscriptionId) -> Result<Option<Vec<AttemptRecord>>> {
-        let exists: Option<i64> = sqlx::query_scalar("SELECT 1 FROM subscriptions WHERE id = ? AND tenant_id = ?")
-            .bind(id.to_string())
-            .bind(tenant_id)
-            .fetch_optional(&self.reader)
-            .await
-            .db()?;
+    async fn attempts(
+        &self,
+        tenant_id: i64,
+        id: SubscriptionId,
+    ) -> Result<Option<Vec<AttemptRecord>>> {
+        let exists: Option<i64> =
+            sqlx::query_scalar("SELECT 1 FROM subscriptions WHERE id = ? AND tenant_id = ?")
+                .bind(id.to_string())
+                .bind(tenant_id)
+                .fetch_optional(&self.reader)
+                .await
+                .db()?;
         if exists.is_none() {
             return Ok(None);
         }
@@ -432,33 +535,49 @@ impl Store for SqliteStore {
         .db()?;
         Ok(Some(
             rows.into_iter()
-                .map(|(attempt, webhook_id, started_at, status_code, error, duration_ms)| AttemptRecord {
-                    subscription_id: id,
-                    attempt: u32::try_from(attempt).unwrap_or(0),
-                    webhook_id,
-                    started_at,
-                    status_code: status_code.and_then(|c| u16::try_from(c).ok()),
-                    error,
-                    duration_ms: u64::try_from(duration_ms).unwrap_or(0),
-                })
+                .map(
+                    |(attempt, webhook_id, started_at, status_code, error, duration_ms)| {
+                        AttemptRecord {
+                            subscription_id: id,
+                            attempt: u32::try_from(attempt).unwrap_or(0),
+                            webhook_id,
+                            started_at,
+                            status_code: status_code.and_then(|c| u16::try_from(c).ok()),
+                            error,
+                            duration_ms: u64::try_from(duration_ms).unwrap_or(0),
+                        }
+                    },
+                )
                 .collect(),
         ))
     }
 
     async fn pollable_jobs(&self) -> Result<Vec<PollableJob>> {
         let sql = format!("{POLLABLE_SELECT} GROUP BY j.job_id");
-        let rows: Vec<PollableRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql)).fetch_all(&self.reader).await.db()?;
+        let rows: Vec<PollableRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .fetch_all(&self.reader)
+            .await
+            .db()?;
         rows.into_iter().map(PollableJob::try_from).collect()
     }
 
     async fn pollable_job(&self, job_id: JobId) -> Result<Option<PollableJob>> {
         let sql = format!("{POLLABLE_SELECT} WHERE j.job_id = ? GROUP BY j.job_id");
-        let row: Option<PollableRow> =
-            sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(job_id.to_string()).fetch_optional(&self.reader).await.db()?;
+        let row: Option<PollableRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(job_id.to_string())
+            .fetch_optional(&self.reader)
+            .await
+            .db()?;
         row.map(PollableJob::try_from).transpose()
     }
 
-    async fn record_observation(&self, job_id: JobId, status: Option<JobStatus>, last_error: Option<&str>, now: Millis) -> Result<()> {
+    async fn record_observation(
+        &self,
+        job_id: JobId,
+        status: Option<JobStatus>,
+        last_error: Option<&str>,
+        now: Millis,
+    ) -> Result<()> {
         sqlx::query("UPDATE jobs SET status = COALESCE(?, status), last_error = ?, updated_at = ? WHERE job_id = ?")
             .bind(status.map(|s| s.as_str()))
             .bind(last_error)
@@ -470,7 +589,13 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    async fn complete_job(&self, job_id: JobId, status: JobStatus, body: &Bytes, now: Millis) -> Result<Vec<DeliveryTask>> {
+    async fn complete_job(
+        &self,
+        job_id: JobId,
+        status: JobStatus,
+        body: &Bytes,
+        now: Millis,
+    ) -> Result<Vec<DeliveryTask>> {
         let job = job_id.to_string();
         let mut tx = self.begin().await?;
         sqlx::query("UPDATE jobs SET status = ?, result = ?, last_error = NULL, finished_at = ?3, updated_at = ?3 WHERE job_id = ?4")
@@ -516,7 +641,13 @@ impl Store for SqliteStore {
         Ok(tasks)
     }
 
-    async fn fail_job(&self, job_id: JobId, reason: FailureReason, last_error: &str, now: Millis) -> Result<u64> {
+    async fn fail_job(
+        &self,
+        job_id: JobId,
+        reason: FailureReason,
+        last_error: &str,
+        now: Millis,
+    ) -> Result<u64> {
         let job = job_id.to_string();
         let mut tx = self.begin().await?;
         sqlx::query("UPDATE jobs SET last_error = ?, updated_at = ? WHERE job_id = ?")
@@ -537,7 +668,12 @@ impl Store for SqliteStore {
         Ok(done.rows_affected())
     }
 
-    async fn expire(&self, job_id: JobId, cutoff: Millis, now: Millis) -> Result<Option<PollableJob>> {
+    async fn expire(
+        &self,
+        job_id: JobId,
+        cutoff: Millis,
+        now: Millis,
+    ) -> Result<Option<PollableJob>> {
         let job = job_id.to_string();
         let mut tx = self.begin().await?;
         sqlx::query("UPDATE subscriptions SET state = 'expired', updated_at = ? WHERE job_id = ? AND state = 'polling' AND created_at <= ?")
@@ -554,12 +690,22 @@ impl Store for SqliteStore {
 
     async fn pending_deliveries(&self) -> Result<Vec<DeliveryTask>> {
         let sql = format!("{DELIVERY_SELECT} WHERE s.state = 'delivering'");
-        let rows: Vec<DeliveryRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql)).fetch_all(&self.reader).await.db()?;
+        let rows: Vec<DeliveryRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .fetch_all(&self.reader)
+            .await
+            .db()?;
         let mut secrets = SecretCache::default();
-        rows.into_iter().map(|row| row.into_task(&mut secrets)).collect()
+        rows.into_iter()
+            .map(|row| row.into_task(&mut secrets))
+            .collect()
     }
 
-    async fn record_attempt(&self, record: &AttemptRecord, result: AttemptResult, now: Millis) -> Result<bool> {
+    async fn record_attempt(
+        &self,
+        record: &AttemptRecord,
+        result: AttemptResult,
+        now: Millis,
+    ) -> Result<bool> {
         let id = record.subscription_id.to_string();
         let mut tx = self.begin().await?;
         sqlx::query(
@@ -607,13 +753,15 @@ async fn insert_tenant_with_key(
     source: &str,
     now: Millis,
 ) -> Result<i64> {
-    let tenant_id: i64 = sqlx::query_scalar("INSERT INTO tenants (name, signing_secret, created_at) VALUES (?, ?, ?) RETURNING id")
-        .bind(name)
-        .bind(secret.expose())
-        .bind(now)
-        .fetch_one(&mut **tx)
-        .await
-        .db()?;
+    let tenant_id: i64 = sqlx::query_scalar(
+        "INSERT INTO tenants (name, signing_secret, created_at) VALUES (?, ?, ?) RETURNING id",
+    )
+    .bind(name)
+    .bind(secret.expose())
+    .bind(now)
+    .fetch_one(&mut **tx)
+    .await
+    .db()?;
     sqlx::query("INSERT INTO api_keys (tenant_id, name, key_hash, source, created_at) VALUES (?, ?, ?, ?, ?)")
         .bind(tenant_id)
         .bind(name)

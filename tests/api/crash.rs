@@ -1,1 +1,180 @@
-//! placeholder
+//! kill -9 at random moments, and SIGTERM: nothing acknowledged is lost.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use jobhook::mock_upstream::MockUpstream;
+use serde_json::json;
+
+use crate::binary::{args_on, free_port, start};
+use crate::helpers::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_kill_9_and_restart_every_acknowledged_job_is_delivered_under_one_webhook_id() {
+    const JOBS: usize = 300;
+    let upstream = MockUpstream::start(&mock_args(3)).await.unwrap();
+    let receiver = Receiver::start().await;
+    // Some first attempts fail, so retries are in flight when the process dies.
+    receiver.answer_with(&[500, 500, 503, 500, 500, 500, 500, 500, 500, 500]);
+    let dir = tempfile::tempdir().unwrap();
+    let db_url = format!("sqlite://{}", dir.path().join("crash.db").display());
+    let listen = format!("127.0.0.1:{}", free_port());
+    let args = args_on(&listen, &db_url, &upstream.url());
+    let mut running = start(&args).await;
+
+    // Registrations run throughout, retrying across crashes until each is acknowledged.
+    let jobs: Vec<String> = (0..JOBS).map(|_| new_job()).collect();
+    let acked = Arc::new(Mutex::new(HashSet::new()));
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let mut registrations = tokio::task::JoinSet::new();
+    for chunk in jobs.chunks(JOBS / 8) {
+        let (chunk, acked, http, listen, callback) = (
+            chunk.to_vec(),
+            acked.clone(),
+            http.clone(),
+            listen.clone(),
+            receiver.url("/hook"),
+        );
+        registrations.spawn(async move {
+            for job in chunk {
+                loop {
+                    let sent = http
+                        .post(format!("http://{listen}/v1/subscriptions"))
+                        .bearer_auth(KEY_A)
+                        .json(&json!({ "job_id": job, "callback_url": callback }))
+                        .send()
+                        .await;
+                    if let Ok(response) = sent
+                        && (response.status() == 201 || response.status() == 200)
+                    {
+                        acked.lock().unwrap().insert(job.clone());
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        });
+    }
+
+    // Three crashes, each once a further share of the deliveries has arrived.
+    for round in 1..=3 {
+        let target = JOBS * round / 5;
+        eventually(
+            Duration::from_secs(60),
+            &format!("{target} deliveries before crash {round}"),
+            || async { (receiver.requests_to("/hook").len() >= target).then_some(()) },
+        )
+        .await;
+        running.child.start_kill().unwrap();
+        running.child.wait().await.unwrap();
+        running = start(&args).await;
+    }
+    while registrations.join_next().await.is_some() {}
+    let acked = acked.lock().unwrap().clone();
+    assert_eq!(acked.len(), JOBS);
+
+    let delivered = eventually(
+        Duration::from_secs(60),
+        "every acknowledged job to be delivered",
+        || async {
+            let mut by_job: HashMap<String, Vec<String>> = HashMap::new();
+            for request in receiver.requests_to("/hook") {
+                request.verify(SECRET).expect("every delivery verifies");
+                by_job
+                    .entry(request.json()["job_id"].as_str().unwrap().to_owned())
+                    .or_default()
+                    .push(request.header("webhook-id").to_owned());
+            }
+            acked
+                .iter()
+                .all(|job| by_job.contains_key(job))
+                .then_some(by_job)
+        },
+    )
+    .await;
+    for (job, ids) in &delivered {
+        assert!(
+            ids.iter().all(|id| *id == ids[0]),
+            "job {job} was delivered under several webhook-ids: {ids:?}"
+        );
+    }
+    let requests = receiver.requests_to("/hook").len();
+    eprintln!(
+        "crash test: {JOBS} jobs, 3 kills, {requests} callback requests (10 scripted failures)"
+    );
+
+    // The store reopened cleanly and agrees: every subscription ends delivered.
+    let app = format!("http://{listen}");
+    eventually(
+        Duration::from_secs(30),
+        "every subscription to be delivered",
+        || async {
+            let page: serde_json::Value = http
+                .get(format!("{app}/v1/subscriptions?state=delivered&limit=500"))
+                .bearer_auth(KEY_A)
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            (page["items"].as_array()?.len() == JOBS).then_some(())
+        },
+    )
+    .await;
+    running.child.start_kill().unwrap();
+}
+
+#[tokio::test]
+async fn sigterm_stops_the_service_gracefully_and_it_resumes_on_the_next_start() {
+    let upstream = MockUpstream::start(&jobhook::mock_upstream::MockArgs {
+        outcome: jobhook::mock_upstream::Outcome::Pending,
+        ..mock_args(0)
+    })
+    .await
+    .unwrap();
+    let receiver = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db_url = format!("sqlite://{}", dir.path().join("term.db").display());
+    let listen = format!("127.0.0.1:{}", free_port());
+    let args = args_on(&listen, &db_url, &upstream.url());
+    let mut running = start(&args).await;
+    let http = reqwest::Client::new();
+    let job = new_job();
+    let response = http
+        .post(format!("http://{listen}/v1/subscriptions"))
+        .bearer_auth(KEY_A)
+        .json(&json!({ "job_id": job, "callback_url": receiver.url("/hook") }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    let job_id = job.parse().unwrap();
+    eventually(Duration::from_secs(5), "the job to be polled", || async {
+        (upstream.polls(job_id).count >= 1).then_some(())
+    })
+    .await;
+
+    let pid = running.child.id().unwrap().to_string();
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let status = tokio::time::timeout(Duration::from_secs(10), running.child.wait())
+        .await
+        .expect("exits within the grace period")
+        .unwrap();
+    assert!(status.success(), "exit status {status:?}");
+
+    // The job ends while we are down; the next start resumes polling and delivers.
+    upstream.script(job_id, vec![jobhook::mock_upstream::Answer::Succeed]);
+    let mut running = start(&args).await;
+    let got = receiver.wait_for("/hook", 1).await;
+    got[0].verify(SECRET).unwrap();
+    running.child.start_kill().unwrap();
+}

@@ -33,7 +33,10 @@ where
         if let Some(value) = check().await {
             return value;
         }
-        assert!(start.elapsed() < deadline, "timed out after {deadline:?} waiting for {what}");
+        assert!(
+            start.elapsed() < deadline,
+            "timed out after {deadline:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -43,7 +46,13 @@ pub fn new_job() -> String {
 }
 
 pub fn mock_args(pending_polls: u32) -> MockArgs {
-    MockArgs { listen: "127.0.0.1:0".parse().unwrap(), api_key: None, pending_polls, outcome: Outcome::Succeed, error_rate: 0.0 }
+    MockArgs {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        api_key: None,
+        pending_polls,
+        outcome: Outcome::Succeed,
+        error_rate: 0.0,
+    }
 }
 
 /// What one test application needs beyond the defaults.
@@ -54,7 +63,10 @@ pub struct Settings {
 
 impl Default for Settings {
     fn default() -> Self {
-        Settings { args: Vec::new(), mock: mock_args(2) }
+        Settings {
+            args: Vec::new(),
+            mock: mock_args(2),
+        }
     }
 }
 
@@ -88,10 +100,32 @@ pub async fn spawn_app() -> TestApp {
 /// The arguments every test app starts from: fast polls and retries, loopback callbacks allowed.
 pub fn base_args(db_url: &str, upstream_url: &str) -> Vec<String> {
     [
-        "jobhook", "serve", "--listen", "127.0.0.1:0", "--database-url", db_url, "--upstream-url", upstream_url, "--api-keys",
-        &format!("{KEY_A},{KEY_B}"), "--signing-secret", SECRET, "--poll-interval", "30ms", "--poll-max-interval", "200ms",
-        "--retry-schedule", "50ms,100ms,150ms", "--delivery-timeout", "2s", "--allow-private-callbacks", "true",
-        "--not-found-grace", "2s", "--shutdown-grace", "2s",
+        "jobhook",
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--database-url",
+        db_url,
+        "--upstream-url",
+        upstream_url,
+        "--api-keys",
+        &format!("{KEY_A},{KEY_B}"),
+        "--signing-secret",
+        SECRET,
+        "--poll-interval",
+        "30ms",
+        "--poll-max-interval",
+        "200ms",
+        "--retry-schedule",
+        "50ms,100ms,150ms",
+        "--delivery-timeout",
+        "2s",
+        "--allow-private-callbacks",
+        "true",
+        "--not-found-grace",
+        "2s",
+        "--shutdown-grace",
+        "2s",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -100,20 +134,33 @@ pub fn base_args(db_url: &str, upstream_url: &str) -> Vec<String> {
 
 pub async fn spawn_app_with(settings: Settings) -> TestApp {
     jobhook::install_crypto();
-    let upstream = MockUpstream::start(&settings.mock).await.expect("mock upstream starts");
+    let upstream = MockUpstream::start(&settings.mock)
+        .await
+        .expect("mock upstream starts");
     let receiver = Receiver::start().await;
     let db_dir = tempfile::tempdir().unwrap();
     let db_url = format!("sqlite://{}", db_dir.path().join("jobhook.db").display());
     let mut argv = base_args(&db_url, &upstream.url());
     argv.extend(settings.args);
     let cli = Cli::try_parse_from(argv).expect("test arguments parse");
-    let Some(Command::Serve(args)) = cli.command else { unreachable!() };
+    let Some(Command::Serve(args)) = cli.command else {
+        unreachable!()
+    };
     let config = args.into_config().expect("test settings are valid");
-    let app = Application::build(config).await.expect("the application builds");
+    let app = Application::build(config)
+        .await
+        .expect("the application builds");
     let addr = app.local_addr();
     let shutdown = app.shutdown_token();
     tokio::spawn(app.run_until_stopped());
-    TestApp { addr, http: reqwest::Client::new(), upstream, receiver, _db_dir: db_dir, shutdown }
+    TestApp {
+        addr,
+        http: reqwest::Client::new(),
+        upstream,
+        receiver,
+        _db_dir: db_dir,
+        shutdown,
+    }
 }
 
 impl TestApp {
@@ -121,7 +168,12 @@ impl TestApp {
         format!("http://{}{path}", self.addr)
     }
 
-    pub async fn register_as(&self, key: &str, job_id: &str, callback_url: &str) -> reqwest::Response {
+    pub async fn register_as(
+        &self,
+        key: &str,
+        job_id: &str,
+        callback_url: &str,
+    ) -> reqwest::Response {
         self.http
             .post(self.url("/v1/subscriptions"))
             .bearer_auth(key)
@@ -139,7 +191,12 @@ impl TestApp {
     }
 
     pub async fn get_as(&self, key: &str, path: &str) -> reqwest::Response {
-        self.http.get(self.url(path)).bearer_auth(key).send().await.unwrap()
+        self.http
+            .get(self.url(path))
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap()
     }
 
     pub async fn subscription(&self, id: &str) -> Value {
@@ -150,10 +207,14 @@ impl TestApp {
 
     /// Waits until the subscription reaches `state`, and returns it.
     pub async fn wait_for_state(&self, id: &str, state: &str) -> Value {
-        eventually(Duration::from_secs(15), &format!("subscription {id} to be {state}"), || async {
-            let sub = self.subscription(id).await;
-            (sub["state"] == state).then_some(sub)
-        })
+        eventually(
+            Duration::from_secs(15),
+            &format!("subscription {id} to be {state}"),
+            || async {
+                let sub = self.subscription(id).await;
+                (sub["state"] == state).then_some(sub)
+            },
+        )
         .await
     }
 }
@@ -168,7 +229,10 @@ pub struct Received {
 
 impl Received {
     pub fn header(&self, name: &str) -> &str {
-        self.headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or_default()
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
     }
 
     pub fn json(&self) -> Value {
@@ -178,7 +242,9 @@ impl Received {
     /// Verifies the signature with the official Standard Webhooks crate, not with our own code.
     pub fn verify(&self, secret: &str) -> Result<(), String> {
         let webhook = standardwebhooks::Webhook::new(secret).map_err(|e| e.to_string())?;
-        webhook.verify(&self.body, &self.headers).map_err(|e| e.to_string())
+        webhook
+            .verify(&self.body, &self.headers)
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -202,10 +268,12 @@ impl Receiver {
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(Mutex::new(ReceiverState::default()));
         let shared = state.clone();
-        let app = axum::Router::new().fallback(move |uri: axum::http::Uri, headers: HeaderMap, body: Bytes| {
-            let state = shared.clone();
-            async move { receive(state, uri.path().to_owned(), headers, body) }
-        });
+        let app = axum::Router::new().fallback(
+            move |uri: axum::http::Uri, headers: HeaderMap, body: Bytes| {
+                let state = shared.clone();
+                async move { receive(state, uri.path().to_owned(), headers, body) }
+            },
+        );
         tokio::spawn(async move { axum::serve(listener, app).await });
         Receiver { addr, state }
     }
@@ -224,22 +292,38 @@ impl Receiver {
     }
 
     pub fn requests_to(&self, path: &str) -> Vec<Received> {
-        self.requests().into_iter().filter(|r| r.path == path).collect()
+        self.requests()
+            .into_iter()
+            .filter(|r| r.path == path)
+            .collect()
     }
 
     /// Waits until `n` requests reached `path`, and returns them.
     pub async fn wait_for(&self, path: &str, n: usize) -> Vec<Received> {
-        eventually(Duration::from_secs(15), &format!("{n} deliveries to {path}"), || async {
-            let got = self.requests_to(path);
-            (got.len() >= n).then_some(got)
-        })
+        eventually(
+            Duration::from_secs(15),
+            &format!("{n} deliveries to {path}"),
+            || async {
+                let got = self.requests_to(path);
+                (got.len() >= n).then_some(got)
+            },
+        )
         .await
     }
 }
 
-fn receive(state: Arc<Mutex<ReceiverState>>, path: String, headers: HeaderMap, body: Bytes) -> Response {
+fn receive(
+    state: Arc<Mutex<ReceiverState>>,
+    path: String,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let mut state = state.lock().unwrap();
-    state.requests.push(Received { path, headers, body });
+    state.requests.push(Received {
+        path,
+        headers,
+        body,
+    });
     let status = state.script.pop_front().unwrap_or(200);
     let status = StatusCode::from_u16(status).unwrap();
     if status.is_redirection() {

@@ -2,6 +2,8 @@
 
 mod helpers;
 
+mod binary;
+mod cli;
 mod crash;
 mod delivery;
 mod openapi;

@@ -1,0 +1,77 @@
+//! The real `jobhook` binary as a child process.
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::helpers::*;
+
+pub struct Running {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub stdout: Vec<String>,
+}
+
+/// Starts `jobhook` with `args` and waits until it says where it listens.
+pub async fn start(args: &[String]) -> Running {
+    jobhook::install_crypto();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_jobhook"))
+        .args(&args[1..])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("the binary starts");
+    let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(line) = stderr.next_line().await.unwrap() {
+            if let Some(rest) = line.split("listening on http://").nth(1) {
+                return rest
+                    .split_whitespace()
+                    .next()
+                    .unwrap()
+                    .parse::<SocketAddr>()
+                    .unwrap();
+            }
+        }
+        panic!("the binary exited before listening");
+    })
+    .await
+    .expect("the binary listens within 20 s");
+    // Keep draining stderr so the child never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = stderr.next_line().await {} });
+    let mut stdout_lines = Vec::new();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+    // The first-key banner, if any, is printed before the listener starts.
+    while let Ok(Ok(Some(line))) =
+        tokio::time::timeout(Duration::from_millis(200), stdout.next_line()).await
+    {
+        stdout_lines.push(line);
+    }
+    tokio::spawn(async move { while let Ok(Some(_)) = stdout.next_line().await {} });
+    Running {
+        child,
+        addr,
+        stdout: stdout_lines,
+    }
+}
+
+/// The base arguments with a fixed listen address, for restarts on the same port.
+pub fn args_on(listen: &str, db_url: &str, upstream_url: &str) -> Vec<String> {
+    let mut args = base_args(db_url, upstream_url);
+    let at = args.iter().position(|a| a == "--listen").unwrap();
+    args[at + 1] = listen.to_owned();
+    args
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
