@@ -144,15 +144,15 @@ impl Application {
         let server = tokio::spawn(async move { server.await });
         shutdown.cancelled().await;
         tracing::info!(grace = %humantime::format_duration(grace), "shutting down");
-        // The workers bound their own wait by the grace period; the server's open requests get the same.
-        let _ = tokio::time::timeout(grace + Duration::from_secs(1), async {
-            let _ = tokio::join!(poller, dispatcher);
+        // The workers bound their own wait by the grace period; open HTTP requests get the same, all at once.
+        let stopped = tokio::time::timeout(grace + Duration::from_secs(1), async {
+            tokio::join!(poller, dispatcher, server)
         })
         .await;
-        match tokio::time::timeout(grace, server).await {
-            Ok(Ok(result)) => result.context("the HTTP server failed")?,
-            Ok(Err(e)) => return Err(e).context("the HTTP server task failed"),
-            Err(_) => tracing::warn!("some HTTP requests were still open after the grace period"),
+        match stopped {
+            Ok((_, _, Ok(result))) => result.context("the HTTP server failed")?,
+            Ok((_, _, Err(e))) => return Err(e).context("the HTTP server task failed"),
+            Err(_) => tracing::warn!("some work was still running after the grace period"),
         }
         tracing::info!("stopped");
         Ok(())

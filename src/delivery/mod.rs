@@ -36,6 +36,9 @@ const STORE_RETRY: Duration = Duration::from_secs(5);
 /// What one attempt saw.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AttemptOutcome {
+    /// When the request started (after waiting for a concurrency slot), and how long it took.
+    pub started_at: Millis,
+    pub duration_ms: u64,
     pub status_code: Option<u16>,
     pub error: Option<String>,
     pub retry_after: Option<Duration>,
@@ -106,27 +109,40 @@ impl DeliveryContext {
 
 /// One signed POST to the callback. Never fails: every outcome is an answer.
 pub async fn send(ctx: &DeliveryContext, task: &DeliveryTask) -> AttemptOutcome {
-    let failed = |error: String| AttemptOutcome {
+    let mut started_at = now_ms();
+    let mut clock = Instant::now();
+    let failed = |error: String, started_at: Millis, clock: Instant| AttemptOutcome {
+        started_at,
+        duration_ms: elapsed_ms(clock),
         status_code: None,
         error: Some(error),
         retry_after: None,
     };
     let url = match url::Url::parse(&task.callback_url) {
         Ok(url) => url,
-        Err(e) => return failed(format!("callback URL does not parse: {e}")),
+        Err(e) => {
+            return failed(
+                format!("callback URL does not parse: {e}"),
+                started_at,
+                clock,
+            );
+        }
     };
     if let Err(why) = ctx.policy.check_literal(&url) {
-        return failed(format!("egress policy: {why}"));
+        return failed(format!("egress policy: {why}"), started_at, clock);
     }
     let host = url.host_str().unwrap_or_default().to_owned();
     let host_slot = ctx.host_semaphore(&host);
     // Neither semaphore is ever closed.
     let Ok(_host_permit) = host_slot.acquire_owned().await else {
-        return failed("shutting down".into());
+        return failed("shutting down".into(), started_at, clock);
     };
     let Ok(_permit) = ctx.overall.clone().acquire_owned().await else {
-        return failed("shutting down".into());
+        return failed("shutting down".into(), started_at, clock);
     };
+    // The attempt starts once it has its slots.
+    started_at = now_ms();
+    clock = Instant::now();
 
     let timestamp = time::OffsetDateTime::now_utc().unix_timestamp();
     let signature = signing::signature_header(
@@ -145,7 +161,7 @@ pub async fn send(ctx: &DeliveryContext, task: &DeliveryTask) -> AttemptOutcome 
         .body(task.body.clone());
     let mut response = match request.send().await {
         Ok(response) => response,
-        Err(e) => return failed(describe_transport_error(&e)),
+        Err(e) => return failed(describe_transport_error(&e), started_at, clock),
     };
     let status = response.status().as_u16();
     let retry_after = response
@@ -165,20 +181,23 @@ pub async fn send(ctx: &DeliveryContext, task: &DeliveryTask) -> AttemptOutcome 
         _ => None,
     };
     AttemptOutcome {
+        started_at,
+        duration_ms: elapsed_ms(clock),
         status_code: Some(status),
         error,
         retry_after,
     }
 }
 
+fn elapsed_ms(since: Instant) -> u64 {
+    u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
 /// One delivery attempt: send, decide, record. Returns the delivery's next due time, if any.
 #[tracing::instrument(skip_all, fields(subscription_id = %task.subscription_id, attempt = task.attempts_made + 1))]
 pub async fn attempt(ctx: &DeliveryContext, task: &mut DeliveryTask) -> Option<Millis> {
     let attempt = task.attempts_made + 1;
-    let started_at = now_ms();
-    let clock = Instant::now();
     let outcome = send(ctx, task).await;
-    let duration_ms = u64::try_from(clock.elapsed().as_millis()).unwrap_or(u64::MAX);
     let now = now_ms();
     let result = decide(
         &outcome,
@@ -191,14 +210,18 @@ pub async fn attempt(ctx: &DeliveryContext, task: &mut DeliveryTask) -> Option<M
         subscription_id: task.subscription_id,
         attempt,
         webhook_id: task.webhook_id.clone(),
-        started_at,
+        started_at: outcome.started_at,
         status_code: outcome.status_code,
         error: outcome.error.as_deref().map(|e| truncate(e, 500)),
-        duration_ms,
+        duration_ms: outcome.duration_ms,
     };
     match &result {
         AttemptResult::Delivered => {
-            tracing::info!(status = outcome.status_code, duration_ms, "delivered")
+            tracing::info!(
+                status = outcome.status_code,
+                duration_ms = outcome.duration_ms,
+                "delivered"
+            )
         }
         AttemptResult::RetryAt(at) => {
             tracing::info!(
@@ -375,6 +398,8 @@ mod tests {
 
     fn outcome(status: Option<u16>, retry_after: Option<u64>) -> AttemptOutcome {
         AttemptOutcome {
+            started_at: 0,
+            duration_ms: 0,
             status_code: status,
             error: None,
             retry_after: retry_after.map(Duration::from_secs),
