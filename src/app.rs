@@ -23,16 +23,8 @@ pub struct Application {
     listener: TcpListener,
     addr: SocketAddr,
     router: axum::Router,
-    poller: (
-        Arc<PollContext>,
-        poller::PollerInbox,
-        Vec<store::PollableJob>,
-    ),
-    dispatcher: (
-        Arc<DeliveryContext>,
-        delivery::DispatcherInbox,
-        Vec<store::DeliveryTask>,
-    ),
+    poller: (Arc<PollContext>, poller::PollerInbox, Vec<store::PollableJob>),
+    dispatcher: (Arc<DeliveryContext>, delivery::DispatcherInbox, Vec<store::DeliveryTask>),
     shutdown: CancellationToken,
     grace: Duration,
 }
@@ -51,41 +43,23 @@ impl Application {
         if let Some(first) = bootstrap_keys(store.as_ref(), &config).await? {
             print_first_key(&first);
         }
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .with_context(|| format!("cannot listen on {}", config.listen))?;
+        let listener =
+            TcpListener::bind(config.listen).await.with_context(|| format!("cannot listen on {}", config.listen))?;
         let addr = listener.local_addr()?;
 
-        let egress = EgressPolicy {
-            allow_private: config.allow_private_callbacks,
-        };
+        let egress = EgressPolicy { allow_private: config.allow_private_callbacks };
         let (dispatcher, dispatcher_inbox) = delivery::channel();
         let (poller, poller_inbox) = poller::channel();
-        let delivery_ctx = Arc::new(DeliveryContext::new(
-            store.clone(),
-            egress,
-            config.delivery.clone(),
-        ));
+        let delivery_ctx = Arc::new(DeliveryContext::new(store.clone(), egress, config.delivery.clone()));
         let poll_ctx = Arc::new(PollContext {
             store: store.clone(),
             upstream: UpstreamClient::new(&config.upstream),
             config: config.poll.clone(),
             dispatcher: dispatcher.clone(),
         });
-        let pending_jobs = store
-            .pollable_jobs()
-            .await
-            .context("cannot read the jobs to resume")?;
-        let pending_deliveries = store
-            .pending_deliveries()
-            .await
-            .context("cannot read the deliveries to resume")?;
-        let router = api::router(AppState {
-            store,
-            poller,
-            dispatcher,
-            egress,
-        });
+        let pending_jobs = store.pollable_jobs().await.context("cannot read the jobs to resume")?;
+        let pending_deliveries = store.pending_deliveries().await.context("cannot read the deliveries to resume")?;
+        let router = api::router(AppState { store, poller, dispatcher, egress });
         Ok(Application {
             listener,
             addr,
@@ -113,42 +87,20 @@ impl Application {
     /// Serves until the shutdown token is cancelled, then stops accepting, lets in-flight requests, polls
     /// and deliveries finish (up to the grace period) and returns.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
-        let Application {
-            listener,
-            addr,
-            router,
-            poller,
-            dispatcher,
-            shutdown,
-            grace,
-        } = self;
+        let Application { listener, addr, router, poller, dispatcher, shutdown, grace } = self;
         let (poll_ctx, poll_inbox, jobs) = poller;
-        let poller = tokio::spawn(poller::run(
-            poll_ctx,
-            poll_inbox,
-            jobs,
-            shutdown.clone(),
-            grace,
-        ));
+        let poller = tokio::spawn(poller::run(poll_ctx, poll_inbox, jobs, shutdown.clone(), grace));
         let (delivery_ctx, delivery_inbox, deliveries) = dispatcher;
-        let dispatcher = tokio::spawn(delivery::run(
-            delivery_ctx,
-            delivery_inbox,
-            deliveries,
-            shutdown.clone(),
-            grace,
-        ));
+        let dispatcher = tokio::spawn(delivery::run(delivery_ctx, delivery_inbox, deliveries, shutdown.clone(), grace));
         tracing::info!("listening on http://{addr}");
-        let server = axum::serve(listener, router)
-            .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+        let server = axum::serve(listener, router).with_graceful_shutdown(shutdown.clone().cancelled_owned());
         let server = tokio::spawn(async move { server.await });
         shutdown.cancelled().await;
         tracing::info!(grace = %humantime::format_duration(grace), "shutting down");
         // The workers bound their own wait by the grace period; open HTTP requests get the same, all at once.
-        let stopped = tokio::time::timeout(grace + Duration::from_secs(1), async {
-            tokio::join!(poller, dispatcher, server)
-        })
-        .await;
+        let stopped =
+            tokio::time::timeout(grace + Duration::from_secs(1), async { tokio::join!(poller, dispatcher, server) })
+                .await;
         match stopped {
             Ok((_, _, Ok(result))) => result.context("the HTTP server failed")?,
             Ok((_, _, Err(e))) => return Err(e).context("the HTTP server task failed"),
@@ -160,10 +112,7 @@ impl Application {
 }
 
 /// Syncs the keys from the configuration; with none configured and none stored, makes the first one.
-pub async fn bootstrap_keys(
-    store: &dyn Store,
-    config: &Config,
-) -> anyhow::Result<Option<FirstKey>> {
+pub async fn bootstrap_keys(store: &dyn Store, config: &Config) -> anyhow::Result<Option<FirstKey>> {
     let hashes: Vec<_> = config.api_keys.iter().map(ApiKey::hash).collect();
     store
         .sync_configured_keys(&hashes, config.signing_secret.as_ref(), now_ms())
@@ -173,14 +122,8 @@ pub async fn bootstrap_keys(
         return Ok(None);
     }
     let key = ApiKey::generate();
-    let secret = config
-        .signing_secret
-        .clone()
-        .unwrap_or_else(SigningSecret::generate);
-    store
-        .create_key("first key", key.hash(), &secret, now_ms())
-        .await
-        .context("cannot store the first API key")?;
+    let secret = config.signing_secret.clone().unwrap_or_else(SigningSecret::generate);
+    store.create_key("first key", key.hash(), &secret, now_ms()).await.context("cannot store the first API key")?;
     Ok(Some(FirstKey { key, secret }))
 }
 

@@ -55,11 +55,7 @@ pub enum KeysCommand {
 #[derive(Debug, Clone, Args)]
 pub struct StoreArgs {
     /// Where the state lives. `sqlite://PATH` (the file is created if missing).
-    #[arg(
-        long,
-        env = "JOBHOOK_DATABASE_URL",
-        default_value = "sqlite://jobhook.db"
-    )]
+    #[arg(long, env = "JOBHOOK_DATABASE_URL", default_value = "sqlite://jobhook.db")]
     pub database_url: String,
 }
 
@@ -73,11 +69,7 @@ pub struct ServeArgs {
     pub store: StoreArgs,
 
     /// Base URL of the job API; jobhook appends /public/v1/job/{job_id}.
-    #[arg(
-        long,
-        env = "JOBHOOK_UPSTREAM_URL",
-        default_value = "https://api.aetherforgeai.com"
-    )]
+    #[arg(long, env = "JOBHOOK_UPSTREAM_URL", default_value = "https://api.aetherforgeai.com")]
     pub upstream_url: String,
 
     /// Bearer key jobhook sends when polling the job API.
@@ -89,12 +81,7 @@ pub struct ServeArgs {
     pub upstream_timeout: Duration,
 
     /// Comma-separated Bearer keys accepted by the API; each key is a tenant.
-    #[arg(
-        long,
-        env = "JOBHOOK_API_KEYS",
-        hide_env_values = true,
-        value_delimiter = ','
-    )]
+    #[arg(long, env = "JOBHOOK_API_KEYS", hide_env_values = true, value_delimiter = ',')]
     pub api_keys: Vec<String>,
 
     /// `whsec_…` secret used to sign for every key given in --api-keys (default: one generated per tenant and stored).
@@ -139,8 +126,7 @@ pub struct ServeArgs {
 pub struct RetrySchedule(pub Vec<Duration>);
 
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s.trim())
-        .map_err(|e| format!("{e} (use a duration such as 200ms, 5s, 5m or 2h)"))
+    humantime::parse_duration(s.trim()).map_err(|e| format!("{e} (use a duration such as 200ms, 5s, 5m or 2h)"))
 }
 
 fn parse_schedule(s: &str) -> Result<RetrySchedule, String> {
@@ -165,11 +151,7 @@ pub struct ConfigError {
 }
 
 fn bad(setting: &'static str, env: &'static str, message: impl Into<String>) -> ConfigError {
-    ConfigError {
-        setting,
-        env,
-        message: message.into(),
-    }
+    ConfigError { setting, env, message: message.into() }
 }
 
 /// The validated settings of `serve`.
@@ -217,114 +199,60 @@ pub struct DeliveryConfig {
 impl ServeArgs {
     pub fn into_config(self) -> Result<Config, ConfigError> {
         let listen = self.listen.trim().parse::<SocketAddr>().map_err(|_| {
-            bad(
-                "--listen",
-                "JOBHOOK_LISTEN",
-                format!("{:?} is not an address such as 127.0.0.1:8080", self.listen),
-            )
+            bad("--listen", "JOBHOOK_LISTEN", format!("{:?} is not an address such as 127.0.0.1:8080", self.listen))
         })?;
 
         let database_url = self.store.database_url.trim().to_owned();
-        crate::store::check_url(&database_url)
-            .map_err(|m| bad("--database-url", "JOBHOOK_DATABASE_URL", m))?;
+        crate::store::check_url(&database_url).map_err(|m| bad("--database-url", "JOBHOOK_DATABASE_URL", m))?;
 
-        let base_url = url::Url::parse(self.upstream_url.trim()).map_err(|e| {
-            bad(
-                "--upstream-url",
-                "JOBHOOK_UPSTREAM_URL",
-                format!("not a URL ({e})"),
-            )
-        })?;
+        let base_url = url::Url::parse(self.upstream_url.trim())
+            .map_err(|e| bad("--upstream-url", "JOBHOOK_UPSTREAM_URL", format!("not a URL ({e})")))?;
         if !matches!(base_url.scheme(), "http" | "https") || base_url.host().is_none() {
-            return Err(bad(
-                "--upstream-url",
-                "JOBHOOK_UPSTREAM_URL",
-                "must be an http(s) URL with a host",
-            ));
+            return Err(bad("--upstream-url", "JOBHOOK_UPSTREAM_URL", "must be an http(s) URL with a host"));
         }
         let upstream_api_key = match self.upstream_api_key.as_deref().map(str::trim) {
             None | Some("") => None,
             Some(key) => Some(
-                ApiKey::new_configured(key)
-                    .map_err(|m| bad("--upstream-api-key", "JOBHOOK_UPSTREAM_API_KEY", m))?,
+                ApiKey::new_configured(key).map_err(|m| bad("--upstream-api-key", "JOBHOOK_UPSTREAM_API_KEY", m))?,
             ),
         };
-        nonzero(
-            self.upstream_timeout,
-            "--upstream-timeout",
-            "JOBHOOK_UPSTREAM_TIMEOUT",
-        )?;
+        nonzero(self.upstream_timeout, "--upstream-timeout", "JOBHOOK_UPSTREAM_TIMEOUT")?;
 
         let mut api_keys = Vec::new();
-        for key in self
-            .api_keys
-            .iter()
-            .map(|k| k.trim())
-            .filter(|k| !k.is_empty())
-        {
-            let key = ApiKey::new_configured(key)
-                .map_err(|m| bad("--api-keys", "JOBHOOK_API_KEYS", m))?;
+        for key in self.api_keys.iter().map(|k| k.trim()).filter(|k| !k.is_empty()) {
+            let key = ApiKey::new_configured(key).map_err(|m| bad("--api-keys", "JOBHOOK_API_KEYS", m))?;
             if !api_keys.contains(&key) {
                 api_keys.push(key);
             }
         }
         let signing_secret = match self.signing_secret.as_deref().map(str::trim) {
             None | Some("") => None,
-            Some(s) => Some(
-                s.parse::<SigningSecret>()
-                    .map_err(|m| bad("--signing-secret", "JOBHOOK_SIGNING_SECRET", m))?,
-            ),
+            Some(s) => {
+                Some(s.parse::<SigningSecret>().map_err(|m| bad("--signing-secret", "JOBHOOK_SIGNING_SECRET", m))?)
+            }
         };
 
-        nonzero(
-            self.poll_interval,
-            "--poll-interval",
-            "JOBHOOK_POLL_INTERVAL",
-        )?;
+        nonzero(self.poll_interval, "--poll-interval", "JOBHOOK_POLL_INTERVAL")?;
         if self.poll_max_interval < self.poll_interval {
             return Err(bad(
                 "--poll-max-interval",
                 "JOBHOOK_POLL_MAX_INTERVAL",
-                format!(
-                    "must be at least --poll-interval ({})",
-                    humantime::format_duration(self.poll_interval)
-                ),
+                format!("must be at least --poll-interval ({})", humantime::format_duration(self.poll_interval)),
             ));
         }
         nonzero(self.max_wait, "--max-wait", "JOBHOOK_MAX_WAIT")?;
-        nonzero(
-            self.delivery_timeout,
-            "--delivery-timeout",
-            "JOBHOOK_DELIVERY_TIMEOUT",
-        )?;
+        nonzero(self.delivery_timeout, "--delivery-timeout", "JOBHOOK_DELIVERY_TIMEOUT")?;
         if self.retry_schedule.0.len() > 100 {
-            return Err(bad(
-                "--retry-schedule",
-                "JOBHOOK_RETRY_SCHEDULE",
-                "at most 100 retries",
-            ));
+            return Err(bad("--retry-schedule", "JOBHOOK_RETRY_SCHEDULE", "at most 100 retries"));
         }
-        if self
-            .retry_schedule
-            .0
-            .iter()
-            .any(|d| *d > Duration::from_secs(7 * 24 * 3600))
-        {
-            return Err(bad(
-                "--retry-schedule",
-                "JOBHOOK_RETRY_SCHEDULE",
-                "each delay must be at most 7 days",
-            ));
+        if self.retry_schedule.0.iter().any(|d| *d > Duration::from_secs(7 * 24 * 3600)) {
+            return Err(bad("--retry-schedule", "JOBHOOK_RETRY_SCHEDULE", "each delay must be at most 7 days"));
         }
 
         Ok(Config {
             listen,
             database_url,
-            upstream: UpstreamConfig {
-                base_url,
-                api_key: upstream_api_key,
-                timeout: self.upstream_timeout,
-            },
+            upstream: UpstreamConfig { base_url, api_key: upstream_api_key, timeout: self.upstream_timeout },
             api_keys,
             signing_secret,
             poll: PollConfig {
@@ -347,11 +275,7 @@ impl ServeArgs {
 }
 
 fn nonzero(d: Duration, setting: &'static str, env: &'static str) -> Result<(), ConfigError> {
-    if d.is_zero() {
-        Err(bad(setting, env, "must be greater than zero"))
-    } else {
-        Ok(())
-    }
+    if d.is_zero() { Err(bad(setting, env, "must be greater than zero")) } else { Ok(()) }
 }
 
 #[cfg(test)]
@@ -373,10 +297,7 @@ mod tests {
         let cfg = parse(&[]).unwrap();
         assert_eq!(cfg.listen.to_string(), "127.0.0.1:8080");
         assert_eq!(cfg.database_url, "sqlite://jobhook.db");
-        assert_eq!(
-            cfg.upstream.base_url.as_str(),
-            "https://api.aetherforgeai.com/"
-        );
+        assert_eq!(cfg.upstream.base_url.as_str(), "https://api.aetherforgeai.com/");
         assert_eq!(cfg.poll.interval, Duration::from_secs(1));
         assert_eq!(cfg.poll.max_interval, Duration::from_secs(10));
         assert_eq!(cfg.poll.max_wait, Duration::from_secs(24 * 3600));
@@ -403,41 +324,19 @@ mod tests {
         assert_eq!(cfg.poll.interval, Duration::from_millis(200));
         assert_eq!(
             cfg.delivery.retry_schedule,
-            vec![
-                Duration::from_secs(1),
-                Duration::from_secs(120),
-                Duration::from_secs(3 * 3600)
-            ]
+            vec![Duration::from_secs(1), Duration::from_secs(120), Duration::from_secs(3 * 3600)]
         );
     }
 
     #[test]
     fn a_bad_setting_is_named_in_the_error() {
+        assert!(parse(&["--poll-interval", "soon"]).unwrap_err().contains("--poll-interval"));
         assert!(
-            parse(&["--poll-interval", "soon"])
-                .unwrap_err()
-                .contains("--poll-interval")
+            parse(&["--poll-interval", "5s", "--poll-max-interval", "1s"]).unwrap_err().contains("--poll-max-interval")
         );
-        assert!(
-            parse(&["--poll-interval", "5s", "--poll-max-interval", "1s"])
-                .unwrap_err()
-                .contains("--poll-max-interval")
-        );
-        assert!(
-            parse(&["--listen", "nowhere"])
-                .unwrap_err()
-                .contains("--listen")
-        );
-        assert!(
-            parse(&["--signing-secret", "hunter2"])
-                .unwrap_err()
-                .contains("--signing-secret")
-        );
-        assert!(
-            parse(&["--database-url", "mysql://x"])
-                .unwrap_err()
-                .contains("--database-url")
-        );
+        assert!(parse(&["--listen", "nowhere"]).unwrap_err().contains("--listen"));
+        assert!(parse(&["--signing-secret", "hunter2"]).unwrap_err().contains("--signing-secret"));
+        assert!(parse(&["--database-url", "mysql://x"]).unwrap_err().contains("--database-url"));
     }
 
     #[test]

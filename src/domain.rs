@@ -26,10 +26,7 @@ impl FromStr for JobId {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         Uuid::try_parse(s.trim()).map(JobId).map_err(|_| {
-            format!(
-                "job_id must be a UUID such as 3f1c2b9e-8a4d-4c6e-9b1a-2d5e7f9a0c11, got {:?}",
-                truncate(s, 64)
-            )
+            format!("job_id must be a UUID such as 3f1c2b9e-8a4d-4c6e-9b1a-2d5e7f9a0c11, got {:?}", truncate(s, 64))
         })
     }
 }
@@ -100,31 +97,25 @@ impl FromStr for CallbackUrl {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         if s.len() > MAX_CALLBACK_URL_LEN {
-            return Err(format!(
-                "callback_url is {} bytes long; the limit is {MAX_CALLBACK_URL_LEN}",
-                s.len()
-            ));
+            return Err(format!("callback_url is {} bytes long; the limit is {MAX_CALLBACK_URL_LEN}", s.len()));
         }
-        let url = url::Url::parse(s.trim())
-            .map_err(|e| format!("callback_url is not a valid absolute URL ({e})"))?;
+        let url = url::Url::parse(s.trim()).map_err(|e| format!("callback_url is not a valid absolute URL ({e})"))?;
         match url.scheme() {
             "http" | "https" => {}
             other => {
-                return Err(format!(
-                    "callback_url must use http or https, not {other:?}"
-                ));
+                return Err(format!("callback_url must use http or https, not {other:?}"));
             }
         }
         if url.host().is_none() {
             return Err("callback_url has no host".into());
         }
         if !url.username().is_empty() || url.password().is_some() {
-            return Err("callback_url must not carry a user name or password; put credentials in the path or query".into());
+            return Err(
+                "callback_url must not carry a user name or password; put credentials in the path or query".into()
+            );
         }
         if url.fragment().is_some() {
-            return Err(
-                "callback_url must not have a #fragment (it is never sent to the server)".into(),
-            );
+            return Err("callback_url must not have a #fragment (it is never sent to the server)".into());
         }
         Ok(CallbackUrl(url))
     }
@@ -155,14 +146,8 @@ pub enum SubscriptionState {
 }
 
 impl SubscriptionState {
-    pub const ALL: [SubscriptionState; 6] = [
-        Self::Polling,
-        Self::Delivering,
-        Self::Delivered,
-        Self::Failed,
-        Self::Expired,
-        Self::Cancelled,
-    ];
+    pub const ALL: [SubscriptionState; 6] =
+        [Self::Polling, Self::Delivering, Self::Delivered, Self::Failed, Self::Expired, Self::Cancelled];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -184,17 +169,10 @@ impl FromStr for SubscriptionState {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::ALL
-            .into_iter()
-            .find(|state| state.as_str() == s)
-            .ok_or_else(|| {
-                let names: Vec<_> = Self::ALL.iter().map(|s| s.as_str()).collect();
-                format!(
-                    "state must be one of {}, got {:?}",
-                    names.join(", "),
-                    truncate(s, 32)
-                )
-            })
+        Self::ALL.into_iter().find(|state| state.as_str() == s).ok_or_else(|| {
+            let names: Vec<_> = Self::ALL.iter().map(|s| s.as_str()).collect();
+            format!("state must be one of {}, got {:?}", names.join(", "), truncate(s, 32))
+        })
     }
 }
 
@@ -316,19 +294,9 @@ mod tests {
     #[test]
     fn callback_urls_must_be_http_or_https_with_a_host() {
         assert!("https://example.com/hook".parse::<CallbackUrl>().is_ok());
-        assert!(
-            "ftp://example.com/hook"
-                .parse::<CallbackUrl>()
-                .unwrap_err()
-                .contains("http or https")
-        );
+        assert!("ftp://example.com/hook".parse::<CallbackUrl>().unwrap_err().contains("http or https"));
         assert!("not a url".parse::<CallbackUrl>().is_err());
-        assert!(
-            "https://user:pw@example.com/"
-                .parse::<CallbackUrl>()
-                .unwrap_err()
-                .contains("password")
-        );
+        assert!("https://user:pw@example.com/".parse::<CallbackUrl>().unwrap_err().contains("password"));
         let long = format!("https://example.com/{}", "a".repeat(MAX_CALLBACK_URL_LEN));
         assert!(long.parse::<CallbackUrl>().unwrap_err().contains("limit"));
     }
@@ -338,12 +306,7 @@ mod tests {
         for state in SubscriptionState::ALL {
             assert_eq!(state.as_str().parse::<SubscriptionState>().unwrap(), state);
         }
-        assert!(
-            "done"
-                .parse::<SubscriptionState>()
-                .unwrap_err()
-                .contains("polling")
-        );
+        assert!("done".parse::<SubscriptionState>().unwrap_err().contains("polling"));
     }
 
     #[test]

@@ -24,18 +24,13 @@ pub struct ApiKey(String);
 impl ApiKey {
     /// A new random key, `jh_` + 43 URL-safe characters (32 random bytes).
     pub fn generate() -> Self {
-        ApiKey(format!(
-            "jh_{}",
-            URL_SAFE_NO_PAD.encode(rand::random::<[u8; 32]>())
-        ))
+        ApiKey(format!("jh_{}", URL_SAFE_NO_PAD.encode(rand::random::<[u8; 32]>())))
     }
 
     /// A key given by the operator. The message never quotes the key.
     pub fn new_configured(key: &str) -> Result<Self, String> {
         if key.len() < MIN_CONFIGURED_KEY_LEN {
-            return Err(format!(
-                "each key must be at least {MIN_CONFIGURED_KEY_LEN} characters long"
-            ));
+            return Err(format!("each key must be at least {MIN_CONFIGURED_KEY_LEN} characters long"));
         }
         if !key.bytes().all(|b| b.is_ascii_graphic()) {
             return Err("keys may contain only visible ASCII characters (no spaces)".into());
@@ -99,9 +94,7 @@ impl FromStr for SigningSecret {
         let b64 = s
             .strip_prefix("whsec_")
             .ok_or("a signing secret starts with whsec_ followed by base64 (generate one with: echo whsec_$(head -c 32 /dev/urandom | base64))")?;
-        let bytes = STANDARD
-            .decode(b64)
-            .map_err(|_| "the part after whsec_ is not valid base64")?;
+        let bytes = STANDARD.decode(b64).map_err(|_| "the part after whsec_ is not valid base64")?;
         if bytes.len() < Self::MIN_BYTES {
             return Err(format!(
                 "a signing secret must decode to at least {} bytes, this one has {}",
@@ -132,12 +125,7 @@ mod tests {
 
     #[test]
     fn short_or_malformed_secrets_are_refused() {
-        assert!(
-            "whsec_c2hvcnQ="
-                .parse::<SigningSecret>()
-                .unwrap_err()
-                .contains("at least 24")
-        );
+        assert!("whsec_c2hvcnQ=".parse::<SigningSecret>().unwrap_err().contains("at least 24"));
         assert!("not-a-secret".parse::<SigningSecret>().is_err());
         assert!("whsec_***".parse::<SigningSecret>().is_err());
     }

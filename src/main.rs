@@ -12,17 +12,12 @@ use tracing_subscriber::EnvFilter;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
     jobhook::install_crypto();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -33,9 +28,9 @@ fn main() -> ExitCode {
         match cli.command {
             None => serve(cli.serve).await,
             Some(Command::Serve(args)) => serve(*args).await,
-            Some(Command::Keys {
-                command: KeysCommand::Create { store, name },
-            }) => create_key(&store.database_url, &name).await,
+            Some(Command::Keys { command: KeysCommand::Create { store, name } }) => {
+                create_key(&store.database_url, &name).await
+            }
             Some(Command::MockUpstream(args)) => jobhook::mock_upstream::run(args).await,
         }
     });
@@ -60,15 +55,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 async fn create_key(database_url: &str, name: &str) -> anyhow::Result<()> {
-    jobhook::store::check_url(database_url).map_err(|m| {
-        anyhow::anyhow!("invalid setting --database-url (JOBHOOK_DATABASE_URL): {m}")
-    })?;
+    jobhook::store::check_url(database_url)
+        .map_err(|m| anyhow::anyhow!("invalid setting --database-url (JOBHOOK_DATABASE_URL): {m}"))?;
     let store = jobhook::store::open(database_url).await?;
     let key = ApiKey::generate();
     let secret = SigningSecret::generate();
-    store
-        .create_key(name, key.hash(), &secret, jobhook::store::now_ms())
-        .await?;
+    store.create_key(name, key.hash(), &secret, jobhook::store::now_ms()).await?;
     println!("API key ({name}), shown only now: {}", key.expose());
     println!("its signing secret:                {}", secret.expose());
     Ok(())

@@ -97,9 +97,7 @@ impl MockUpstream {
             scripts: HashMap::new(),
             polls: HashMap::new(),
         }));
-        let app = axum::Router::new()
-            .route("/public/v1/job/{job_id}", get(job_status))
-            .with_state(inner.clone());
+        let app = axum::Router::new().route("/public/v1/job/{job_id}", get(job_status)).with_state(inner.clone());
         tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
@@ -133,48 +131,29 @@ impl MockUpstream {
 
     /// The most polls of any one job that were in flight at once.
     pub fn max_overlap(&self) -> u32 {
-        self.lock()
-            .polls
-            .values()
-            .map(|p| p.max_in_flight)
-            .max()
-            .unwrap_or(0)
+        self.lock().polls.values().map(|p| p.max_in_flight).max().unwrap_or(0)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner
-            .lock()
-            .expect("the mock's lock is never poisoned")
+        self.inner.lock().expect("the mock's lock is never poisoned")
     }
 }
 
 pub async fn run(args: MockArgs) -> anyhow::Result<()> {
     let mock = MockUpstream::start(&args).await?;
     println!("mock upstream listening on http://{}", mock.addr());
-    println!(
-        "  jobs are Pending for {} polls, then {:?}",
-        args.pending_polls, args.outcome
-    );
+    println!("  jobs are Pending for {} polls, then {:?}", args.pending_polls, args.outcome);
     tokio::signal::ctrl_c().await?;
     Ok(())
 }
 
 fn problem(status: StatusCode, detail: &str) -> Response {
-    (
-        status,
-        [(header::CONTENT_TYPE, "application/json")],
-        json!({ "detail": detail }).to_string(),
-    )
-        .into_response()
+    (status, [(header::CONTENT_TYPE, "application/json")], json!({ "detail": detail }).to_string()).into_response()
 }
 
 fn status_body(job_id: &str, status: &str, image_urls: &[String]) -> Response {
     let body = json!({ "job_id": job_id, "status": status, "image_urls": image_urls });
-    (
-        [(header::CONTENT_TYPE, "application/json")],
-        body.to_string(),
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
 }
 
 struct InFlightGuard(Arc<Mutex<Inner>>, JobId);
@@ -189,11 +168,7 @@ impl Drop for InFlightGuard {
     }
 }
 
-async fn job_status(
-    State(inner): State<Arc<Mutex<Inner>>>,
-    Path(raw): Path<String>,
-    headers: HeaderMap,
-) -> Response {
+async fn job_status(State(inner): State<Arc<Mutex<Inner>>>, Path(raw): Path<String>, headers: HeaderMap) -> Response {
     let answer = {
         let mut guard = inner.lock().expect("the mock's lock is never poisoned");
         if let Some(required) = &guard.api_key {
@@ -214,12 +189,8 @@ async fn job_status(
         polls.max_in_flight = polls.max_in_flight.max(polls.in_flight);
         let n = polls.count;
         let answer = match guard.scripts.get(&job_id) {
-            Some(script) if !script.is_empty() => {
-                script[(n as usize - 1).min(script.len() - 1)].clone()
-            }
-            _ if guard.error_rate > 0.0 && rand::random_range(0.0..1.0) < guard.error_rate => {
-                Answer::Status(503)
-            }
+            Some(script) if !script.is_empty() => script[(n as usize - 1).min(script.len() - 1)].clone(),
+            _ if guard.error_rate > 0.0 && rand::random_range(0.0..1.0) < guard.error_rate => Answer::Status(503),
             _ if n <= guard.pending_polls => Answer::Pending,
             _ => match guard.outcome {
                 Outcome::Succeed => Answer::Succeed,
@@ -234,29 +205,20 @@ async fn job_status(
     match answer {
         Answer::Pending => status_body(&id, "Pending", &[]),
         Answer::Succeed => {
-            let urls: Vec<String> = (0..2)
-                .map(|i| format!("https://images.example.com/{id}/{i}.png"))
-                .collect();
+            let urls: Vec<String> = (0..2).map(|i| format!("https://images.example.com/{id}/{i}.png")).collect();
             status_body(&id, "Succeed", &urls)
         }
         Answer::Failed => status_body(&id, "Failed", &[]),
-        Answer::Status(code) => problem(
-            StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
-            "simulated error",
-        ),
+        Answer::Status(code) => {
+            problem(StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), "simulated error")
+        }
         Answer::RetryAfter(code, secs) => {
-            let mut response = problem(
-                StatusCode::from_u16(code).unwrap_or(StatusCode::TOO_MANY_REQUESTS),
-                "slow down",
-            );
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, secs.into());
+            let mut response =
+                problem(StatusCode::from_u16(code).unwrap_or(StatusCode::TOO_MANY_REQUESTS), "slow down");
+            response.headers_mut().insert(header::RETRY_AFTER, secs.into());
             response
         }
-        Answer::Garbage => {
-            ([(header::CONTENT_TYPE, "text/html")], "<html>oops</html>").into_response()
-        }
+        Answer::Garbage => ([(header::CONTENT_TYPE, "text/html")], "<html>oops</html>").into_response(),
         Answer::Hang(d) => {
             tokio::time::sleep(d).await;
             status_body(&id, "Pending", &[])

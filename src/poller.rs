@@ -49,12 +49,7 @@ pub fn pending_delay(pending_for: Duration, cfg: &PollConfig, jitter: f64) -> Du
 
 /// The spacing after `consecutive_errors` failed polls (at least 1): exponential from `poll-interval`
 /// up to six times `poll-max-interval` (60 s by default), and never sooner than the upstream asked.
-pub fn error_delay(
-    consecutive_errors: u32,
-    retry_after: Option<Duration>,
-    cfg: &PollConfig,
-    jitter: f64,
-) -> Duration {
+pub fn error_delay(consecutive_errors: u32, retry_after: Option<Duration>, cfg: &PollConfig, jitter: f64) -> Duration {
     let cap = cfg.max_interval.saturating_mul(6);
     let exp = consecutive_errors.saturating_sub(1).min(20);
     let backoff = jittered(cfg.interval.saturating_mul(1 << exp).min(cap), jitter);
@@ -89,12 +84,7 @@ pub struct JobState {
 
 impl JobState {
     pub fn new(job: PollableJob) -> Self {
-        JobState {
-            job,
-            consecutive_errors: 0,
-            recorded: None,
-            recheck: false,
-        }
+        JobState { job, consecutive_errors: 0, recorded: None, recheck: false }
     }
 }
 
@@ -146,33 +136,24 @@ pub async fn step(ctx: &PollContext, state: &mut JobState) -> (PollOutcome, Next
     }
     let answer = ctx.upstream.poll(job_id).await;
     let now = now_ms();
-    let pending_for =
-        Duration::from_millis(u64::try_from(now - state.job.job_created_at).unwrap_or(0));
+    let pending_for = Duration::from_millis(u64::try_from(now - state.job.job_created_at).unwrap_or(0));
     match answer {
-        PollAnswer::Terminal(status, body) => {
-            match ctx.store.complete_job(job_id, status, &body, now).await {
-                Ok(tasks) => {
-                    let n = tasks.len();
-                    tracing::info!(status = status.as_str(), deliveries = n, "job finished");
-                    ctx.dispatcher.deliver(tasks);
-                    (PollOutcome::Finished(status, n), Next::Done)
-                }
-                Err(e) => store_trouble(ctx, state, e),
+        PollAnswer::Terminal(status, body) => match ctx.store.complete_job(job_id, status, &body, now).await {
+            Ok(tasks) => {
+                let n = tasks.len();
+                tracing::info!(status = status.as_str(), deliveries = n, "job finished");
+                ctx.dispatcher.deliver(tasks);
+                (PollOutcome::Finished(status, n), Next::Done)
             }
-        }
+            Err(e) => store_trouble(ctx, state, e),
+        },
         PollAnswer::Pending => {
             state.consecutive_errors = 0;
             if let Err(e) = observe(ctx, state, Some(JobStatus::Pending), None, now).await {
                 return store_trouble(ctx, state, e);
             }
-            expire_or(
-                ctx,
-                state,
-                now,
-                PollOutcome::Pending,
-                pending_delay(pending_for, &ctx.config, random_jitter()),
-            )
-            .await
+            expire_or(ctx, state, now, PollOutcome::Pending, pending_delay(pending_for, &ctx.config, random_jitter()))
+                .await
         }
         PollAnswer::Unauthorized => {
             let why = "upstream answered 401 Unauthorized: check JOBHOOK_UPSTREAM_API_KEY";
@@ -197,18 +178,9 @@ pub async fn step(ctx: &PollContext, state: &mut JobState) -> (PollOutcome, Next
             fail(ctx, state, FailureReason::UpstreamJobNotFound, &why, now).await
         }
         PollAnswer::NotFound => {
-            transient(
-                ctx,
-                state,
-                "upstream answered 404 (a new job may not be visible yet)".into(),
-                None,
-                now,
-            )
-            .await
+            transient(ctx, state, "upstream answered 404 (a new job may not be visible yet)".into(), None, now).await
         }
-        PollAnswer::Transient { error, retry_after } => {
-            transient(ctx, state, error, retry_after, now).await
-        }
+        PollAnswer::Transient { error, retry_after } => transient(ctx, state, error, retry_after, now).await,
     }
 }
 
@@ -224,12 +196,7 @@ async fn transient(
     if let Err(e) = observe(ctx, state, None, Some(error.clone()), now).await {
         return store_trouble(ctx, state, e);
     }
-    let delay = error_delay(
-        state.consecutive_errors,
-        retry_after,
-        &ctx.config,
-        random_jitter(),
-    );
+    let delay = error_delay(state.consecutive_errors, retry_after, &ctx.config, random_jitter());
     expire_or(ctx, state, now, PollOutcome::Error(error), delay).await
 }
 
@@ -246,9 +213,7 @@ async fn observe(
     if state.recorded.as_ref() == Some(&seen) {
         return Ok(());
     }
-    ctx.store
-        .record_observation(state.job.job_id, seen.0, seen.1.as_deref(), now)
-        .await?;
+    ctx.store.record_observation(state.job.job_id, seen.0, seen.1.as_deref(), now).await?;
     state.recorded = Some(seen);
     Ok(())
 }
@@ -264,11 +229,7 @@ async fn expire_or(
     if now < state.job.oldest_polling_at.saturating_add(max_wait) {
         return (outcome, Next::PollIn(delay));
     }
-    match ctx
-        .store
-        .expire(state.job.job_id, now - max_wait, now)
-        .await
-    {
+    match ctx.store.expire(state.job.job_id, now - max_wait, now).await {
         Ok(Some(job)) => {
             tracing::info!("some subscriptions expired; others still wait");
             state.job = job;
@@ -300,23 +261,14 @@ async fn fail(
 
 /// The store refused a write: nothing was recorded, so the job is polled again after a back-off and the
 /// same outcome is recorded then.
-fn store_trouble(
-    ctx: &PollContext,
-    state: &mut JobState,
-    e: crate::store::StoreError,
-) -> (PollOutcome, Next) {
+fn store_trouble(ctx: &PollContext, state: &mut JobState, e: crate::store::StoreError) -> (PollOutcome, Next) {
     tracing::error!(error = %e, "could not record a poll outcome; will poll again");
     state.consecutive_errors = state.consecutive_errors.saturating_add(1);
     state.recorded = None;
     state.recheck = true;
     (
         PollOutcome::StoreUnavailable,
-        Next::PollIn(error_delay(
-            state.consecutive_errors,
-            None,
-            &ctx.config,
-            random_jitter(),
-        )),
+        Next::PollIn(error_delay(state.consecutive_errors, None, &ctx.config, random_jitter())),
     )
 }
 
@@ -376,16 +328,8 @@ pub async fn run(
     let mut task_jobs: HashMap<tokio::task::Id, JobId> = HashMap::new();
     let spread = ms(ctx.config.interval).max(1) as u64;
     for job in initial {
-        queue.insert(
-            job.job_id,
-            Duration::from_millis(rand::random_range(0..spread)),
-        );
-        slots.insert(
-            job.job_id,
-            Slot::Queued {
-                state: JobState::new(job),
-            },
-        );
+        queue.insert(job.job_id, Duration::from_millis(rand::random_range(0..spread)));
+        slots.insert(job.job_id, Slot::Queued { state: JobState::new(job) });
     }
     tracing::info!(jobs = slots.len(), "poller started");
     loop {
@@ -461,10 +405,7 @@ pub async fn run(
     let waiting = in_flight.len();
     if waiting > 0 {
         tracing::info!(polls = waiting, "waiting for in-flight polls");
-        let _ = tokio::time::timeout(grace, async {
-            while in_flight.join_next().await.is_some() {}
-        })
-        .await;
+        let _ = tokio::time::timeout(grace, async { while in_flight.join_next().await.is_some() {} }).await;
         in_flight.abort_all();
     }
     tracing::info!("poller stopped");
@@ -505,42 +446,20 @@ mod tests {
 
     #[test]
     fn poll_jitter_is_a_tenth_either_way() {
-        assert_eq!(
-            pending_delay(secs(0), &cfg(), 1.0),
-            Duration::from_millis(1100)
-        );
-        assert_eq!(
-            pending_delay(secs(0), &cfg(), -1.0),
-            Duration::from_millis(900)
-        );
+        assert_eq!(pending_delay(secs(0), &cfg(), 1.0), Duration::from_millis(1100));
+        assert_eq!(pending_delay(secs(0), &cfg(), -1.0), Duration::from_millis(900));
     }
 
     #[test]
     fn errors_back_off_exponentially_up_to_a_minute() {
         let delays: Vec<_> = (1..=9).map(|n| error_delay(n, None, &cfg(), 0.0)).collect();
-        assert_eq!(
-            delays,
-            vec![
-                secs(1),
-                secs(2),
-                secs(4),
-                secs(8),
-                secs(16),
-                secs(32),
-                secs(60),
-                secs(60),
-                secs(60)
-            ]
-        );
+        assert_eq!(delays, vec![secs(1), secs(2), secs(4), secs(8), secs(16), secs(32), secs(60), secs(60), secs(60)]);
     }
 
     #[test]
     fn an_upstream_retry_after_is_waited_at_least() {
         assert_eq!(error_delay(1, Some(secs(30)), &cfg(), 0.0), secs(30));
         assert_eq!(error_delay(7, Some(secs(5)), &cfg(), 0.0), secs(60));
-        assert_eq!(
-            error_delay(1, Some(secs(999_999)), &cfg(), 0.0),
-            MAX_UPSTREAM_RETRY_AFTER
-        );
+        assert_eq!(error_delay(1, Some(secs(999_999)), &cfg(), 0.0), MAX_UPSTREAM_RETRY_AFTER);
     }
 }

@@ -68,55 +68,38 @@ impl UpstreamClient {
         UpstreamClient {
             http,
             base: config.base_url.as_str().trim_end_matches('/').to_owned(),
-            api_key: config
-                .api_key
-                .as_ref()
-                .map(|k| format!("Bearer {}", k.expose())),
+            api_key: config.api_key.as_ref().map(|k| format!("Bearer {}", k.expose())),
         }
     }
 
     /// One status request. Never fails: every outcome is an answer.
     pub async fn poll(&self, job_id: JobId) -> PollAnswer {
-        let mut request = self
-            .http
-            .get(format!("{}/public/v1/job/{job_id}", self.base))
-            .header("accept", "application/json");
+        let mut request =
+            self.http.get(format!("{}/public/v1/job/{job_id}", self.base)).header("accept", "application/json");
         if let Some(auth) = &self.api_key {
             request = request.header("authorization", auth);
         }
         let response = match request.send().await {
             Ok(response) => response,
             Err(e) => {
-                return PollAnswer::Transient {
-                    error: describe_transport_error(&e),
-                    retry_after: None,
-                };
+                return PollAnswer::Transient { error: describe_transport_error(&e), retry_after: None };
             }
         };
         let status = response.status().as_u16();
-        let retry_after = response
-            .headers()
-            .get("retry-after")
-            .and_then(|v| v.to_str().ok())
-            .and_then(parse_retry_after);
+        let retry_after =
+            response.headers().get("retry-after").and_then(|v| v.to_str().ok()).and_then(parse_retry_after);
         match status {
             200 => {}
             401 | 403 => return PollAnswer::Unauthorized,
             404 => return PollAnswer::NotFound,
             422 => return PollAnswer::Rejected,
             _ => {
-                return PollAnswer::Transient {
-                    error: format!("upstream answered HTTP {status}"),
-                    retry_after,
-                };
+                return PollAnswer::Transient { error: format!("upstream answered HTTP {status}"), retry_after };
             }
         }
         match read_limited(response, MAX_BODY_BYTES).await {
             Ok(body) => interpret(job_id, body),
-            Err(error) => PollAnswer::Transient {
-                error,
-                retry_after: None,
-            },
+            Err(error) => PollAnswer::Transient { error, retry_after: None },
         }
     }
 }
@@ -136,10 +119,7 @@ pub fn interpret(job_id: JobId, body: Bytes) -> PollAnswer {
         Ok(answered) if answered == job_id => {}
         _ => {
             return PollAnswer::Transient {
-                error: format!(
-                    "upstream answered for job {:?} instead of {job_id}",
-                    truncate(&parsed.job_id, 64)
-                ),
+                error: format!("upstream answered for job {:?} instead of {job_id}", truncate(&parsed.job_id, 64)),
                 retry_after: None,
             };
         }
@@ -147,10 +127,7 @@ pub fn interpret(job_id: JobId, body: Bytes) -> PollAnswer {
     match parsed.status.parse::<JobStatus>() {
         Ok(JobStatus::Pending) => PollAnswer::Pending,
         Ok(status) => PollAnswer::Terminal(status, body),
-        Err(e) => PollAnswer::Transient {
-            error: format!("upstream sent {e}"),
-            retry_after: None,
-        },
+        Err(e) => PollAnswer::Transient { error: format!("upstream sent {e}"), retry_after: None },
     }
 }
 
@@ -167,10 +144,7 @@ pub async fn read_limited(mut response: reqwest::Response, limit: usize) -> Resu
             }
             Ok(None) => return Ok(body.freeze()),
             Err(e) => {
-                return Err(format!(
-                    "upstream body was cut short ({})",
-                    describe_transport_error(&e)
-                ));
+                return Err(format!("upstream body was cut short ({})", describe_transport_error(&e)));
             }
         }
     }
@@ -196,11 +170,7 @@ pub fn describe_transport_error(e: &reqwest::Error) -> String {
         cause = s.to_string();
         source = s.source();
     }
-    if cause.is_empty() {
-        kind.to_owned()
-    } else {
-        format!("{kind}: {}", truncate(&cause, 200))
-    }
+    if cause.is_empty() { kind.to_owned() } else { format!("{kind}: {}", truncate(&cause, 200)) }
 }
 
 /// `Retry-After` as seconds or as an HTTP date.
@@ -210,10 +180,7 @@ pub fn parse_retry_after(value: &str) -> Option<Duration> {
         return Some(Duration::from_secs(secs));
     }
     let when = httpdate::parse_http_date(value).ok()?;
-    Some(
-        when.duration_since(std::time::SystemTime::now())
-            .unwrap_or(Duration::ZERO),
-    )
+    Some(when.duration_since(std::time::SystemTime::now()).unwrap_or(Duration::ZERO))
 }
 
 #[cfg(test)]
@@ -231,27 +198,19 @@ mod tests {
         let body = Bytes::from(format!(
             r#"{{"job_id":"{JOB}","status":"Succeed","image_urls":["https://x/1.png"],"extra":{{"n":1}}}}"#
         ));
-        assert_eq!(
-            interpret(job(), body.clone()),
-            PollAnswer::Terminal(JobStatus::Succeed, body)
-        );
+        assert_eq!(interpret(job(), body.clone()), PollAnswer::Terminal(JobStatus::Succeed, body));
     }
 
     #[test]
     fn pending_is_pending() {
-        let body = Bytes::from(format!(
-            r#"{{"job_id":"{JOB}","status":"Pending","image_urls":[]}}"#
-        ));
+        let body = Bytes::from(format!(r#"{{"job_id":"{JOB}","status":"Pending","image_urls":[]}}"#));
         assert_eq!(interpret(job(), body), PollAnswer::Pending);
     }
 
     #[test]
     fn an_answer_about_another_job_is_an_error() {
-        let body =
-            Bytes::from(r#"{"job_id":"00000000-0000-0000-0000-000000000000","status":"Succeed"}"#);
-        assert!(
-            matches!(interpret(job(), body), PollAnswer::Transient { error, .. } if error.contains("instead of"))
-        );
+        let body = Bytes::from(r#"{"job_id":"00000000-0000-0000-0000-000000000000","status":"Succeed"}"#);
+        assert!(matches!(interpret(job(), body), PollAnswer::Transient { error, .. } if error.contains("instead of")));
     }
 
     #[test]
@@ -260,26 +219,16 @@ mod tests {
         assert!(
             matches!(interpret(job(), body), PollAnswer::Transient { error, .. } if error.contains("unknown job status"))
         );
-        assert!(matches!(
-            interpret(job(), Bytes::from_static(b"<html>")),
-            PollAnswer::Transient { .. }
-        ));
+        assert!(matches!(interpret(job(), Bytes::from_static(b"<html>")), PollAnswer::Transient { .. }));
     }
 
     #[test]
     fn retry_after_is_read_as_seconds_or_as_a_date() {
         assert_eq!(parse_retry_after("120"), Some(Duration::from_secs(120)));
-        assert_eq!(
-            parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"),
-            Some(Duration::ZERO)
-        );
-        let later =
-            httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(300));
+        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), Some(Duration::ZERO));
+        let later = httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(300));
         let parsed = parse_retry_after(&later).unwrap();
-        assert!(
-            parsed > Duration::from_secs(290) && parsed <= Duration::from_secs(300),
-            "{parsed:?}"
-        );
+        assert!(parsed > Duration::from_secs(290) && parsed <= Duration::from_secs(300), "{parsed:?}");
         assert_eq!(parse_retry_after("soon"), None);
     }
 }

@@ -82,16 +82,19 @@ pub fn router(state: AppState) -> axum::Router {
     let request_id = HeaderName::from_static("x-request-id");
     let (router, _) = routes().split_for_parts();
     router
-        .route("/openapi.yaml", axum::routing::get(|| async { ([(header::CONTENT_TYPE, "application/yaml")], OPENAPI_YAML) }))
-        .fallback(|| async { ApiError::NotFound("there is no such route; see /openapi.yaml".into()) })
-        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed("this route does not take that method; see /openapi.yaml".into()) })
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .layer(
-            TraceLayer::new_for_http().make_span_with(|req: &Request<_>| {
-                let id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("-");
-                tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id = %id)
-            }),
+        .route(
+            "/openapi.yaml",
+            axum::routing::get(|| async { ([(header::CONTENT_TYPE, "application/yaml")], OPENAPI_YAML) }),
         )
+        .fallback(|| async { ApiError::NotFound("there is no such route; see /openapi.yaml".into()) })
+        .method_not_allowed_fallback(|| async {
+            ApiError::MethodNotAllowed("this route does not take that method; see /openapi.yaml".into())
+        })
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request<_>| {
+            let id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("-");
+            tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id = %id)
+        }))
         .layer(PropagateRequestIdLayer::new(request_id.clone()))
         .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
         .with_state(state)
@@ -101,8 +104,7 @@ pub fn router(state: AppState) -> axum::Router {
 pub fn rfc3339(ms: Millis) -> String {
     let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
         .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-    t.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default()
+    t.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
 }
 
 /// The secret that signs your deliveries.
@@ -125,9 +127,7 @@ pub struct SigningSecretView {
     )
 )]
 async fn signing_secret(tenant: Tenant) -> Json<SigningSecretView> {
-    Json(SigningSecretView {
-        secret: tenant.secret.expose(),
-    })
+    Json(SigningSecretView { secret: tenant.secret.expose() })
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -139,7 +139,5 @@ pub struct Health {
 /// Whether the process is up.
 #[utoipa::path(get, path = "/healthz", tag = "operations", responses((status = 200, description = "The process is up", body = Health)))]
 async fn healthz(State(_): State<AppState>) -> impl IntoResponse {
-    Json(Health {
-        status: "ok".into(),
-    })
+    Json(Health { status: "ok".into() })
 }

@@ -11,9 +11,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::error::{ApiError, ApiJson, Problem};
 use super::{AppState, rfc3339};
-use crate::domain::{
-    CallbackUrl, FailureReason, JobId, JobStatus, SubscriptionId, SubscriptionState, truncate,
-};
+use crate::domain::{CallbackUrl, FailureReason, JobId, JobStatus, SubscriptionId, SubscriptionState, truncate};
 use crate::store::{AttemptRecord, ListFilter, Registered, Subscription, Tenant, now_ms};
 
 /// A registration: which upstream job to watch, and where to POST its result.
@@ -173,21 +171,8 @@ pub async fn create(
 ) -> Result<Response, ApiError> {
     let job_id: JobId = body.job_id.parse().map_err(ApiError::Invalid)?;
     let callback_url: CallbackUrl = body.callback_url.parse().map_err(ApiError::Invalid)?;
-    state
-        .egress
-        .check_registration(&callback_url)
-        .await
-        .map_err(ApiError::Invalid)?;
-    let registered = state
-        .store
-        .register(
-            &tenant,
-            SubscriptionId::new(),
-            job_id,
-            &callback_url,
-            now_ms(),
-        )
-        .await?;
+    state.egress.check_registration(&callback_url).await.map_err(ApiError::Invalid)?;
+    let registered = state.store.register(&tenant, SubscriptionId::new(), job_id, &callback_url, now_ms()).await?;
     let (status, sub) = match registered {
         Registered::CreatedPolling(sub, job) => {
             state.poller.ensure(job);
@@ -201,12 +186,7 @@ pub async fn create(
     };
     tracing::info!(subscription_id = %sub.id, job_id = %sub.job_id, created = status == StatusCode::CREATED, "registered");
     let location = format!("/v1/subscriptions/{}", sub.id);
-    Ok((
-        status,
-        [(header::LOCATION, location)],
-        Json(SubscriptionView::from(sub)),
-    )
-        .into_response())
+    Ok((status, [(header::LOCATION, location)], Json(SubscriptionView::from(sub))).into_response())
 }
 
 /// Read one subscription.
@@ -228,11 +208,7 @@ pub async fn get_one(
     Path(id): Path<String>,
 ) -> Result<Json<SubscriptionView>, ApiError> {
     let sub_id = parse_id(&id)?;
-    let sub = state
-        .store
-        .subscription(tenant.id, sub_id)
-        .await?
-        .ok_or_else(|| not_found(&id))?;
+    let sub = state.store.subscription(tenant.id, sub_id).await?.ok_or_else(|| not_found(&id))?;
     Ok(Json(sub.into()))
 }
 
@@ -255,16 +231,9 @@ pub async fn list(
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<SubscriptionPage>, ApiError> {
     let Query(query) = query?;
-    let job_id = query
-        .job_id
-        .as_deref()
-        .map(|j| j.parse::<JobId>().map_err(ApiError::BadRequest))
-        .transpose()?;
-    let state_filter = query
-        .state
-        .as_deref()
-        .map(|s| s.parse::<SubscriptionState>().map_err(ApiError::BadRequest))
-        .transpose()?;
+    let job_id = query.job_id.as_deref().map(|j| j.parse::<JobId>().map_err(ApiError::BadRequest)).transpose()?;
+    let state_filter =
+        query.state.as_deref().map(|s| s.parse::<SubscriptionState>().map_err(ApiError::BadRequest)).transpose()?;
     let limit = match query.limit.as_deref() {
         None => DEFAULT_LIMIT,
         Some(raw) => match raw.parse::<u32>() {
@@ -278,12 +247,7 @@ pub async fn list(
         },
     };
     let before = query.cursor.as_deref().map(decode_cursor).transpose()?;
-    let filter = ListFilter {
-        job_id,
-        state: state_filter,
-        before,
-        limit: limit + 1,
-    };
+    let filter = ListFilter { job_id, state: state_filter, before, limit: limit + 1 };
     let mut items = state.store.list_subscriptions(tenant.id, &filter).await?;
     let next_cursor = if items.len() > limit as usize {
         items.truncate(limit as usize);
@@ -291,10 +255,7 @@ pub async fn list(
     } else {
         None
     };
-    Ok(Json(SubscriptionPage {
-        items: items.into_iter().map(Into::into).collect(),
-        next_cursor,
-    }))
+    Ok(Json(SubscriptionPage { items: items.into_iter().map(Into::into).collect(), next_cursor }))
 }
 
 fn encode_cursor(id: SubscriptionId) -> String {
@@ -304,15 +265,12 @@ fn encode_cursor(id: SubscriptionId) -> String {
 fn decode_cursor(raw: &str) -> Result<SubscriptionId, ApiError> {
     let bad = || {
         ApiError::BadRequest(
-            "cursor is not one this API issued; pass next_cursor from the previous page unchanged"
-                .into(),
+            "cursor is not one this API issued; pass next_cursor from the previous page unchanged".into(),
         )
     };
     let decoded = URL_SAFE_NO_PAD.decode(raw).map_err(|_| bad())?;
     let text = std::str::from_utf8(&decoded).map_err(|_| bad())?;
-    text.strip_prefix("v1:")
-        .and_then(|id| id.parse().ok())
-        .ok_or_else(bad)
+    text.strip_prefix("v1:").and_then(|id| id.parse().ok()).ok_or_else(bad)
 }
 
 /// Cancel a subscription: polling and delivery stop and its state becomes `cancelled`. A subscription
@@ -336,11 +294,7 @@ pub async fn cancel(
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     let sub_id = parse_id(&id)?;
-    let cancelled = state
-        .store
-        .cancel(tenant.id, sub_id, now_ms())
-        .await?
-        .ok_or_else(|| not_found(&id))?;
+    let cancelled = state.store.cancel(tenant.id, sub_id, now_ms()).await?.ok_or_else(|| not_found(&id))?;
     match cancelled.was {
         Some(SubscriptionState::Polling) => state.poller.recheck(cancelled.job_id),
         Some(SubscriptionState::Delivering) => state.dispatcher.cancel(sub_id),
@@ -371,14 +325,8 @@ pub async fn deliveries(
     Path(id): Path<String>,
 ) -> Result<Json<DeliveryAttempts>, ApiError> {
     let sub_id = parse_id(&id)?;
-    let attempts = state
-        .store
-        .attempts(tenant.id, sub_id)
-        .await?
-        .ok_or_else(|| not_found(&id))?;
-    Ok(Json(DeliveryAttempts {
-        items: attempts.into_iter().map(Into::into).collect(),
-    }))
+    let attempts = state.store.attempts(tenant.id, sub_id).await?.ok_or_else(|| not_found(&id))?;
+    Ok(Json(DeliveryAttempts { items: attempts.into_iter().map(Into::into).collect() }))
 }
 
 #[cfg(test)]

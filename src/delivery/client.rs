@@ -42,11 +42,8 @@ impl EgressPolicy {
             Some(url::Host::Ipv6(ip)) => check_ip(IpAddr::V6(ip)),
             Some(url::Host::Domain(name)) => {
                 check_name(name)?;
-                let lookup = tokio::time::timeout(
-                    REGISTRATION_DNS_TIMEOUT,
-                    tokio::net::lookup_host((name, port)),
-                )
-                .await;
+                let lookup =
+                    tokio::time::timeout(REGISTRATION_DNS_TIMEOUT, tokio::net::lookup_host((name, port))).await;
                 let addrs: Vec<SocketAddr> = match lookup {
                     Ok(Ok(addrs)) => addrs.collect(),
                     Ok(Err(_)) | Err(_) => {
@@ -57,8 +54,7 @@ impl EgressPolicy {
                     return Err(format!("the callback host {name:?} has no address"));
                 }
                 for addr in addrs {
-                    check_ip(addr.ip())
-                        .map_err(|why| format!("the callback host {name:?} resolves to {why}"))?;
+                    check_ip(addr.ip()).map_err(|why| format!("the callback host {name:?} resolves to {why}"))?;
                 }
                 Ok(())
             }
@@ -84,9 +80,7 @@ impl EgressPolicy {
 fn check_name(name: &str) -> Result<(), String> {
     let name = name.trim_end_matches('.').to_ascii_lowercase();
     if name == "localhost" || name.ends_with(".localhost") {
-        return Err(format!(
-            "the callback host {name:?} is a loopback name, which is not allowed"
-        ));
+        return Err(format!("the callback host {name:?} is a loopback name, which is not allowed"));
     }
     Ok(())
 }
@@ -109,11 +103,7 @@ pub fn refused_because(ip: IpAddr) -> Option<&'static str> {
 }
 
 fn in_v4(ip: Ipv4Addr, net: [u8; 4], prefix: u32) -> bool {
-    let mask = if prefix == 0 {
-        0
-    } else {
-        u32::MAX << (32 - prefix)
-    };
+    let mask = if prefix == 0 { 0 } else { u32::MAX << (32 - prefix) };
     (u32::from(ip) & mask) == (u32::from(Ipv4Addr::from(net)) & mask)
 }
 
@@ -135,18 +125,11 @@ fn refused_v4(ip: Ipv4Addr) -> Option<&'static str> {
         ([224, 0, 0, 0], 4, "multicast"),
         ([240, 0, 0, 0], 4, "reserved"),
     ];
-    RANGES
-        .iter()
-        .find(|(net, prefix, _)| in_v4(ip, *net, *prefix))
-        .map(|(_, _, why)| *why)
+    RANGES.iter().find(|(net, prefix, _)| in_v4(ip, *net, *prefix)).map(|(_, _, why)| *why)
 }
 
 fn in_v6(ip: Ipv6Addr, net: [u16; 8], prefix: u32) -> bool {
-    let mask = if prefix == 0 {
-        0
-    } else {
-        u128::MAX << (128 - prefix)
-    };
+    let mask = if prefix == 0 { 0 } else { u128::MAX << (128 - prefix) };
     (u128::from(ip) & mask) == (u128::from(Ipv6Addr::from(net)) & mask)
 }
 
@@ -187,10 +170,7 @@ fn refused_v6(ip: Ipv6Addr) -> Option<&'static str> {
         ([0xfec0, 0, 0, 0, 0, 0, 0, 0], 10, "site-local (deprecated)"),
         ([0xff00, 0, 0, 0, 0, 0, 0, 0], 8, "multicast"),
     ];
-    if let Some((_, _, why)) = RANGES
-        .iter()
-        .find(|(net, prefix, _)| in_v6(ip, *net, *prefix))
-    {
+    if let Some((_, _, why)) = RANGES.iter().find(|(net, prefix, _)| in_v6(ip, *net, *prefix)) {
         return Some(why);
     }
     // Only 2000::/3 is allocated as global unicast.
@@ -207,21 +187,15 @@ impl Resolve for VettingResolver {
     fn resolve(&self, name: Name) -> Resolving {
         Box::pin(async move {
             let host = name.as_str().to_owned();
-            check_name(&host)
-                .map_err(|e| -> Box<dyn std::error::Error + Send + Sync> { e.into() })?;
-            let addrs: Vec<SocketAddr> =
-                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
-            let allowed: Vec<SocketAddr> = addrs
-                .iter()
-                .copied()
-                .filter(|a| refused_because(a.ip()).is_none())
-                .collect();
+            check_name(&host).map_err(|e| -> Box<dyn std::error::Error + Send + Sync> { e.into() })?;
+            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            let allowed: Vec<SocketAddr> =
+                addrs.iter().copied().filter(|a| refused_because(a.ip()).is_none()).collect();
             if allowed.is_empty() {
                 let why = match addrs.first() {
-                    Some(addr) => format!(
-                        "egress policy: {host} resolves only to refused addresses such as {}",
-                        addr.ip()
-                    ),
+                    Some(addr) => {
+                        format!("egress policy: {host} resolves only to refused addresses such as {}", addr.ip())
+                    }
                     None => format!("{host} has no address"),
                 };
                 return Err(why.into());
@@ -247,9 +221,7 @@ pub fn callback_client(policy: EgressPolicy, timeout: Duration) -> reqwest::Clie
     if !policy.allow_private {
         builder = builder.dns_resolver(Arc::new(VettingResolver));
     }
-    builder
-        .build()
-        .expect("the callback client's settings are valid")
+    builder.build().expect("the callback client's settings are valid")
 }
 
 #[cfg(test)]
@@ -284,13 +256,7 @@ mod tests {
 
     #[test]
     fn public_addresses_are_allowed() {
-        for ip in [
-            "93.184.216.34",
-            "8.8.8.8",
-            "172.32.0.1",
-            "2606:4700::1111",
-            "2a00:1450:4001:80b::200e",
-        ] {
+        for ip in ["93.184.216.34", "8.8.8.8", "172.32.0.1", "2606:4700::1111", "2a00:1450:4001:80b::200e"] {
             assert!(!refused(ip), "{ip} should be allowed");
         }
     }
@@ -319,9 +285,7 @@ mod tests {
 
     #[tokio::test]
     async fn registration_refuses_private_literals_and_loopback_names() {
-        let policy = EgressPolicy {
-            allow_private: false,
-        };
+        let policy = EgressPolicy { allow_private: false };
         for url in [
             "http://127.0.0.1:8080/hook",
             "http://[::1]/hook",
@@ -341,9 +305,7 @@ mod tests {
 
     #[tokio::test]
     async fn allowing_private_callbacks_allows_loopback() {
-        let policy = EgressPolicy {
-            allow_private: true,
-        };
+        let policy = EgressPolicy { allow_private: true };
         let url: CallbackUrl = "http://127.0.0.1:9/hook".parse().unwrap();
         assert!(policy.check_registration(&url).await.is_ok());
     }

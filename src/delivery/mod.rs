@@ -62,9 +62,9 @@ pub fn decide(
         _ => None,
     };
     match retry::next_delay(schedule, attempt, retry_after, jitter) {
-        Some(delay) => AttemptResult::RetryAt(
-            now.saturating_add(Millis::try_from(delay.as_millis()).unwrap_or(Millis::MAX)),
-        ),
+        Some(delay) => {
+            AttemptResult::RetryAt(now.saturating_add(Millis::try_from(delay.as_millis()).unwrap_or(Millis::MAX)))
+        }
         None => AttemptResult::Failed(FailureReason::DeliveryExhausted),
     }
 }
@@ -92,10 +92,7 @@ impl DeliveryContext {
     }
 
     fn host_semaphore(&self, host: &str) -> Arc<Semaphore> {
-        let mut hosts = self
-            .per_host
-            .lock()
-            .expect("the host map is never poisoned: no code panics while holding it");
+        let mut hosts = self.per_host.lock().expect("the host map is never poisoned: no code panics while holding it");
         if hosts.len() > 10_000 {
             // Forget hosts nobody is calling right now, so the map does not grow without bound.
             hosts.retain(|_, s| Arc::strong_count(s) > 1);
@@ -121,11 +118,7 @@ pub async fn send(ctx: &DeliveryContext, task: &DeliveryTask) -> AttemptOutcome 
     let url = match url::Url::parse(&task.callback_url) {
         Ok(url) => url,
         Err(e) => {
-            return failed(
-                format!("callback URL does not parse: {e}"),
-                started_at,
-                clock,
-            );
+            return failed(format!("callback URL does not parse: {e}"), started_at, clock);
         }
     };
     if let Err(why) = ctx.policy.check_literal(&url) {
@@ -145,12 +138,7 @@ pub async fn send(ctx: &DeliveryContext, task: &DeliveryTask) -> AttemptOutcome 
     clock = Instant::now();
 
     let timestamp = time::OffsetDateTime::now_utc().unix_timestamp();
-    let signature = signing::signature_header(
-        [task.secret.as_ref()],
-        &task.webhook_id,
-        timestamp,
-        &task.body,
-    );
+    let signature = signing::signature_header([task.secret.as_ref()], &task.webhook_id, timestamp, &task.body);
     let request = ctx
         .http
         .post(url)
@@ -164,11 +152,7 @@ pub async fn send(ctx: &DeliveryContext, task: &DeliveryTask) -> AttemptOutcome 
         Err(e) => return failed(describe_transport_error(&e), started_at, clock),
     };
     let status = response.status().as_u16();
-    let retry_after = response
-        .headers()
-        .get("retry-after")
-        .and_then(|v| v.to_str().ok())
-        .and_then(parse_retry_after);
+    let retry_after = response.headers().get("retry-after").and_then(|v| v.to_str().ok()).and_then(parse_retry_after);
     let mut read = 0;
     while read < MAX_RESPONSE_BYTES {
         match response.chunk().await {
@@ -180,13 +164,7 @@ pub async fn send(ctx: &DeliveryContext, task: &DeliveryTask) -> AttemptOutcome 
         300..=399 => Some("the receiver redirected; redirects are not followed".to_owned()),
         _ => None,
     };
-    AttemptOutcome {
-        started_at,
-        duration_ms: elapsed_ms(clock),
-        status_code: Some(status),
-        error,
-        retry_after,
-    }
+    AttemptOutcome { started_at, duration_ms: elapsed_ms(clock), status_code: Some(status), error, retry_after }
 }
 
 fn elapsed_ms(since: Instant) -> u64 {
@@ -199,13 +177,7 @@ pub async fn attempt(ctx: &DeliveryContext, task: &mut DeliveryTask) -> Option<M
     let attempt = task.attempts_made + 1;
     let outcome = send(ctx, task).await;
     let now = now_ms();
-    let result = decide(
-        &outcome,
-        attempt,
-        &ctx.config.retry_schedule,
-        now,
-        rand::random_range(-1.0..=1.0),
-    );
+    let result = decide(&outcome, attempt, &ctx.config.retry_schedule, now, rand::random_range(-1.0..=1.0));
     let record = AttemptRecord {
         subscription_id: task.subscription_id,
         attempt,
@@ -217,11 +189,7 @@ pub async fn attempt(ctx: &DeliveryContext, task: &mut DeliveryTask) -> Option<M
     };
     match &result {
         AttemptResult::Delivered => {
-            tracing::info!(
-                status = outcome.status_code,
-                duration_ms = outcome.duration_ms,
-                "delivered"
-            )
+            tracing::info!(status = outcome.status_code, duration_ms = outcome.duration_ms, "delivered")
         }
         AttemptResult::RetryAt(at) => {
             tracing::info!(
@@ -295,11 +263,7 @@ enum Slot {
 
 /// Queues a delivery unless it is already known (queued or being attempted): the store holds one
 /// delivery per subscription.
-fn enqueue(
-    queue: &mut DelayQueue<SubscriptionId>,
-    slots: &mut HashMap<SubscriptionId, Slot>,
-    task: DeliveryTask,
-) {
+fn enqueue(queue: &mut DelayQueue<SubscriptionId>, slots: &mut HashMap<SubscriptionId, Slot>, task: DeliveryTask) {
     if let std::collections::hash_map::Entry::Vacant(slot) = slots.entry(task.subscription_id) {
         let key = queue.insert(task.subscription_id, delay_until(task.due_at));
         slot.insert(Slot::Queued(key, task));
@@ -383,10 +347,7 @@ pub async fn run(
     let waiting = in_flight.len();
     if waiting > 0 {
         tracing::info!(deliveries = waiting, "waiting for in-flight deliveries");
-        let _ = tokio::time::timeout(grace, async {
-            while in_flight.join_next().await.is_some() {}
-        })
-        .await;
+        let _ = tokio::time::timeout(grace, async { while in_flight.join_next().await.is_some() {} }).await;
         in_flight.abort_all();
     }
     tracing::info!("dispatcher stopped");
@@ -411,10 +372,7 @@ mod tests {
     #[test]
     fn any_2xx_is_delivered() {
         for code in [200, 201, 202, 204, 299] {
-            assert_eq!(
-                decide(&outcome(Some(code), None), 1, &SCHEDULE, 0, 0.0),
-                AttemptResult::Delivered
-            );
+            assert_eq!(decide(&outcome(Some(code), None), 1, &SCHEDULE, 0, 0.0), AttemptResult::Delivered);
         }
     }
 
@@ -429,14 +387,8 @@ mod tests {
     #[test]
     fn errors_redirects_and_timeouts_retry_on_the_schedule() {
         for status in [Some(500), Some(302), Some(404), None] {
-            assert_eq!(
-                decide(&outcome(status, None), 1, &SCHEDULE, 1_000, 0.0),
-                AttemptResult::RetryAt(6_000)
-            );
-            assert_eq!(
-                decide(&outcome(status, None), 2, &SCHEDULE, 1_000, 0.0),
-                AttemptResult::RetryAt(301_000)
-            );
+            assert_eq!(decide(&outcome(status, None), 1, &SCHEDULE, 1_000, 0.0), AttemptResult::RetryAt(6_000));
+            assert_eq!(decide(&outcome(status, None), 2, &SCHEDULE, 1_000, 0.0), AttemptResult::RetryAt(301_000));
         }
     }
 
@@ -450,17 +402,8 @@ mod tests {
 
     #[test]
     fn retry_after_counts_only_for_429_and_503() {
-        assert_eq!(
-            decide(&outcome(Some(429), Some(60)), 1, &SCHEDULE, 0, 0.0),
-            AttemptResult::RetryAt(60_000)
-        );
-        assert_eq!(
-            decide(&outcome(Some(503), Some(60)), 1, &SCHEDULE, 0, 0.0),
-            AttemptResult::RetryAt(60_000)
-        );
-        assert_eq!(
-            decide(&outcome(Some(500), Some(60)), 1, &SCHEDULE, 0, 0.0),
-            AttemptResult::RetryAt(5_000)
-        );
+        assert_eq!(decide(&outcome(Some(429), Some(60)), 1, &SCHEDULE, 0, 0.0), AttemptResult::RetryAt(60_000));
+        assert_eq!(decide(&outcome(Some(503), Some(60)), 1, &SCHEDULE, 0, 0.0), AttemptResult::RetryAt(60_000));
+        assert_eq!(decide(&outcome(Some(500), Some(60)), 1, &SCHEDULE, 0, 0.0), AttemptResult::RetryAt(5_000));
     }
 }

@@ -62,14 +62,8 @@ mod tests {
     #[test]
     fn a_receivers_retry_after_is_honoured_within_bounds() {
         let schedule = [secs(5)];
-        assert_eq!(
-            next_delay(&schedule, 1, Some(secs(60)), 0.0),
-            Some(secs(60))
-        );
+        assert_eq!(next_delay(&schedule, 1, Some(secs(60)), 0.0), Some(secs(60)));
         assert_eq!(next_delay(&schedule, 1, Some(secs(1)), 0.0), Some(secs(5)));
-        assert_eq!(
-            next_delay(&schedule, 1, Some(secs(86_400)), 0.0),
-            Some(MAX_RECEIVER_RETRY_AFTER)
-        );
+        assert_eq!(next_delay(&schedule, 1, Some(secs(86_400)), 0.0), Some(MAX_RECEIVER_RETRY_AFTER));
     }
 }

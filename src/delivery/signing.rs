@@ -12,8 +12,7 @@ use crate::keys::SigningSecret;
 
 /// The value of one `webhook-signature` entry for this message, secret and timestamp (Unix seconds).
 pub fn sign(secret: &SigningSecret, webhook_id: &str, timestamp: i64, body: &[u8]) -> String {
-    let mut mac =
-        Hmac::<Sha256>::new_from_slice(secret.bytes()).expect("HMAC takes a key of any length");
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.bytes()).expect("HMAC takes a key of any length");
     mac.update(webhook_id.as_bytes());
     mac.update(b".");
     mac.update(timestamp.to_string().as_bytes());
@@ -30,11 +29,7 @@ pub fn signature_header<'a>(
     timestamp: i64,
     body: &[u8],
 ) -> String {
-    secrets
-        .into_iter()
-        .map(|secret| sign(secret, webhook_id, timestamp, body))
-        .collect::<Vec<_>>()
-        .join(" ")
+    secrets.into_iter().map(|secret| sign(secret, webhook_id, timestamp, body)).collect::<Vec<_>>().join(" ")
 }
 
 #[cfg(test)]
@@ -56,9 +51,6 @@ mod tests {
         let b = SigningSecret::generate();
         let header = signature_header([&a, &b], "msg_1", 1, b"{}");
         let parts: Vec<_> = header.split(' ').collect();
-        assert_eq!(
-            parts,
-            vec![sign(&a, "msg_1", 1, b"{}"), sign(&b, "msg_1", 1, b"{}")]
-        );
+        assert_eq!(parts, vec![sign(&a, "msg_1", 1, b"{}"), sign(&b, "msg_1", 1, b"{}")]);
     }
 }

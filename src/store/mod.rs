@@ -15,9 +15,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use crate::domain::{
-    CallbackUrl, FailureReason, JobId, JobStatus, SubscriptionId, SubscriptionState,
-};
+use crate::domain::{CallbackUrl, FailureReason, JobId, JobStatus, SubscriptionId, SubscriptionState};
 use crate::keys::{KeyHash, SigningSecret};
 
 pub use sqlite::SqliteStore;
@@ -26,9 +24,7 @@ pub use sqlite::SqliteStore;
 pub type Millis = i64;
 
 pub fn now_ms() -> Millis {
-    time::OffsetDateTime::now_utc()
-        .unix_timestamp_nanos()
-        .div_euclid(1_000_000) as Millis
+    time::OffsetDateTime::now_utc().unix_timestamp_nanos().div_euclid(1_000_000) as Millis
 }
 
 /// Whether a `--database-url` names a store we can open; the error is a sentence.
@@ -171,13 +167,7 @@ pub trait Store: Send + Sync + 'static {
         now: Millis,
     ) -> Result<usize>;
     /// A new tenant with a stored key and a fresh secret.
-    async fn create_key(
-        &self,
-        name: &str,
-        key: KeyHash,
-        secret: &SigningSecret,
-        now: Millis,
-    ) -> Result<i64>;
+    async fn create_key(&self, name: &str, key: KeyHash, secret: &SigningSecret, now: Millis) -> Result<i64>;
     /// How many keys can be used to call the API.
     async fn usable_key_count(&self) -> Result<i64>;
     async fn tenant_by_key(&self, key: KeyHash) -> Result<Option<Tenant>>;
@@ -192,28 +182,11 @@ pub trait Store: Send + Sync + 'static {
         callback_url: &CallbackUrl,
         now: Millis,
     ) -> Result<Registered>;
-    async fn subscription(
-        &self,
-        tenant_id: i64,
-        id: SubscriptionId,
-    ) -> Result<Option<Subscription>>;
-    async fn list_subscriptions(
-        &self,
-        tenant_id: i64,
-        filter: &ListFilter,
-    ) -> Result<Vec<Subscription>>;
-    async fn cancel(
-        &self,
-        tenant_id: i64,
-        id: SubscriptionId,
-        now: Millis,
-    ) -> Result<Option<Cancelled>>;
+    async fn subscription(&self, tenant_id: i64, id: SubscriptionId) -> Result<Option<Subscription>>;
+    async fn list_subscriptions(&self, tenant_id: i64, filter: &ListFilter) -> Result<Vec<Subscription>>;
+    async fn cancel(&self, tenant_id: i64, id: SubscriptionId, now: Millis) -> Result<Option<Cancelled>>;
     /// The attempts of a subscription, oldest first; `None` when the tenant has no such subscription.
-    async fn attempts(
-        &self,
-        tenant_id: i64,
-        id: SubscriptionId,
-    ) -> Result<Option<Vec<AttemptRecord>>>;
+    async fn attempts(&self, tenant_id: i64, id: SubscriptionId) -> Result<Option<Vec<AttemptRecord>>>;
 
     // --- the poller ---
 
@@ -240,20 +213,9 @@ pub trait Store: Send + Sync + 'static {
         now: Millis,
     ) -> Result<Vec<DeliveryTask>>;
     /// Every polling subscription of the job fails for this reason. Returns how many.
-    async fn fail_job(
-        &self,
-        job_id: JobId,
-        reason: FailureReason,
-        last_error: &str,
-        now: Millis,
-    ) -> Result<u64>;
+    async fn fail_job(&self, job_id: JobId, reason: FailureReason, last_error: &str, now: Millis) -> Result<u64>;
     /// Polling subscriptions created at or before `cutoff` expire. Returns the job if some still poll.
-    async fn expire(
-        &self,
-        job_id: JobId,
-        cutoff: Millis,
-        now: Millis,
-    ) -> Result<Option<PollableJob>>;
+    async fn expire(&self, job_id: JobId, cutoff: Millis, now: Millis) -> Result<Option<PollableJob>>;
 
     // --- the dispatcher ---
 
@@ -261,10 +223,5 @@ pub trait Store: Send + Sync + 'static {
     async fn pending_deliveries(&self) -> Result<Vec<DeliveryTask>>;
     /// Logs an attempt and moves the delivery on, in one transaction. Returns false when the
     /// subscription was no longer delivering (cancelled meanwhile); the attempt is logged anyway.
-    async fn record_attempt(
-        &self,
-        record: &AttemptRecord,
-        result: AttemptResult,
-        now: Millis,
-    ) -> Result<bool>;
+    async fn record_attempt(&self, record: &AttemptRecord, result: AttemptResult, now: Millis) -> Result<bool>;
 }

@@ -12,9 +12,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
-};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Sqlite, Transaction};
 
 use super::*;
@@ -43,9 +41,7 @@ impl SqliteStore {
             .connect_with(options.clone())
             .await
             .map_err(classify)?;
-        sqlx::migrate!("src/store/migrations/sqlite")
-            .run(&writer)
-            .await?;
+        sqlx::migrate!("src/store/migrations/sqlite").run(&writer).await?;
         let reader = SqlitePoolOptions::new()
             .max_connections(4)
             .acquire_timeout(BUSY_TIMEOUT)
@@ -63,16 +59,11 @@ impl SqliteStore {
 /// Sorts a database error into "try again later" (the disk, the file, the lock) and the rest.
 fn classify(e: sqlx::Error) -> StoreError {
     match &e {
-        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => {
-            StoreError::Unavailable(e)
-        }
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => StoreError::Unavailable(e),
         sqlx::Error::Database(db) => {
             // SQLite primary result codes: BUSY 5, LOCKED 6, NOMEM 7, READONLY 8, IOERR 10, FULL 13,
             // CANTOPEN 14, PROTOCOL 15.
-            let primary = db
-                .code()
-                .and_then(|c| c.parse::<i64>().ok())
-                .map(|c| c & 0xff);
+            let primary = db.code().and_then(|c| c.parse::<i64>().ok()).map(|c| c & 0xff);
             match primary {
                 Some(5 | 6 | 7 | 8 | 10 | 13 | 14 | 15) => StoreError::Unavailable(e),
                 _ => StoreError::Other(e),
@@ -124,11 +115,7 @@ impl TryFrom<SubscriptionRow> for Subscription {
             job_id: r.job_id.parse().map_err(|e| corrupt("job id", e))?,
             callback_url: r.callback_url,
             state: r.state.parse().map_err(|e| corrupt("state", e))?,
-            job_status: r
-                .job_status
-                .map(|s| s.parse())
-                .transpose()
-                .map_err(|e| corrupt("job status", e))?,
+            job_status: r.job_status.map(|s| s.parse()).transpose().map_err(|e| corrupt("job status", e))?,
             failure_reason: r
                 .failure_reason
                 .map(|s| s.parse())
@@ -181,15 +168,10 @@ impl DeliveryRow {
     fn into_task(self, secrets: &mut SecretCache) -> Result<DeliveryTask> {
         Ok(DeliveryTask {
             subscription_id: self.id.parse().map_err(|e| corrupt("subscription id", e))?,
-            webhook_id: self
-                .webhook_id
-                .ok_or_else(|| corrupt("delivery without webhook id", &self.id))?,
+            webhook_id: self.webhook_id.ok_or_else(|| corrupt("delivery without webhook id", &self.id))?,
             callback_url: self.callback_url,
             secret: secrets.get(&self.signing_secret)?,
-            body: Bytes::from(
-                self.result
-                    .ok_or_else(|| corrupt("delivery without a job result", &self.id))?,
-            ),
+            body: Bytes::from(self.result.ok_or_else(|| corrupt("delivery without a job result", &self.id))?),
             attempts_made: u32::try_from(self.attempts).unwrap_or(0),
             due_at: self.next_attempt_at.unwrap_or(0),
         })
@@ -205,11 +187,7 @@ impl SecretCache {
         if let Some(secret) = self.0.get(stored) {
             return Ok(secret.clone());
         }
-        let secret = Arc::new(
-            stored
-                .parse::<SigningSecret>()
-                .map_err(|e| corrupt("signing secret", e))?,
-        );
+        let secret = Arc::new(stored.parse::<SigningSecret>().map_err(|e| corrupt("signing secret", e))?);
         self.0.insert(stored.to_owned(), secret.clone());
         Ok(secret)
     }
@@ -219,27 +197,16 @@ const DELIVERY_SELECT: &str = "SELECT s.id, s.webhook_id, s.callback_url, t.sign
      FROM subscriptions s JOIN jobs j ON j.job_id = s.job_id JOIN tenants t ON t.id = s.tenant_id";
 
 async fn subscription_in(tx: &mut Transaction<'static, Sqlite>, id: &str) -> Result<Subscription> {
-    let sql = format!(
-        "SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions s JOIN jobs j ON j.job_id = s.job_id WHERE s.id = ?"
-    );
-    let row: SubscriptionRow = sqlx::query_as(sqlx::AssertSqlSafe(sql))
-        .bind(id)
-        .fetch_one(&mut **tx)
-        .await
-        .db()?;
+    let sql =
+        format!("SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions s JOIN jobs j ON j.job_id = s.job_id WHERE s.id = ?");
+    let row: SubscriptionRow = sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(id).fetch_one(&mut **tx).await.db()?;
     row.try_into()
 }
 
-async fn pollable_in(
-    tx: &mut Transaction<'static, Sqlite>,
-    job_id: &str,
-) -> Result<Option<PollableJob>> {
+async fn pollable_in(tx: &mut Transaction<'static, Sqlite>, job_id: &str) -> Result<Option<PollableJob>> {
     let sql = format!("{POLLABLE_SELECT} WHERE j.job_id = ? GROUP BY j.job_id");
-    let row: Option<PollableRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
-        .bind(job_id)
-        .fetch_optional(&mut **tx)
-        .await
-        .db()?;
+    let row: Option<PollableRow> =
+        sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(job_id).fetch_optional(&mut **tx).await.db()?;
     row.map(PollableJob::try_from).transpose()
 }
 
@@ -266,20 +233,14 @@ impl Store for SqliteStore {
             } else {
                 "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?2) WHERE id = ?1"
             };
-            sqlx::query(sql)
-                .bind(id)
-                .bind(now)
-                .execute(&mut *tx)
-                .await
-                .db()?;
+            sqlx::query(sql).bind(id).bind(now).execute(&mut *tx).await.db()?;
         }
         for (i, key) in keys.iter().enumerate() {
-            let tenant: Option<i64> =
-                sqlx::query_scalar("SELECT tenant_id FROM api_keys WHERE key_hash = ?")
-                    .bind(key.0.as_slice())
-                    .fetch_optional(&mut *tx)
-                    .await
-                    .db()?;
+            let tenant: Option<i64> = sqlx::query_scalar("SELECT tenant_id FROM api_keys WHERE key_hash = ?")
+                .bind(key.0.as_slice())
+                .fetch_optional(&mut *tx)
+                .await
+                .db()?;
             match tenant {
                 Some(tenant_id) => {
                     if let Some(secret) = secret {
@@ -303,13 +264,7 @@ impl Store for SqliteStore {
         Ok(created)
     }
 
-    async fn create_key(
-        &self,
-        name: &str,
-        key: KeyHash,
-        secret: &SigningSecret,
-        now: Millis,
-    ) -> Result<i64> {
+    async fn create_key(&self, name: &str, key: KeyHash, secret: &SigningSecret, now: Millis) -> Result<i64> {
         let mut tx = self.begin().await?;
         let id = insert_tenant_with_key(&mut tx, name, key, secret, "stored", now).await?;
         tx.commit().await.db()?;
@@ -317,10 +272,7 @@ impl Store for SqliteStore {
     }
 
     async fn usable_key_count(&self) -> Result<i64> {
-        sqlx::query_scalar("SELECT COUNT(*) FROM api_keys WHERE revoked_at IS NULL")
-            .fetch_one(&self.reader)
-            .await
-            .db()
+        sqlx::query_scalar("SELECT COUNT(*) FROM api_keys WHERE revoked_at IS NULL").fetch_one(&self.reader).await.db()
     }
 
     async fn tenant_by_key(&self, key: KeyHash) -> Result<Option<Tenant>> {
@@ -333,13 +285,8 @@ impl Store for SqliteStore {
         .await
         .db()?;
         row.map(|(id, secret)| {
-            let secret = secret
-                .parse::<SigningSecret>()
-                .map_err(|e| corrupt("signing secret", e))?;
-            Ok(Tenant {
-                id,
-                secret: Arc::new(secret),
-            })
+            let secret = secret.parse::<SigningSecret>().map_err(|e| corrupt("signing secret", e))?;
+            Ok(Tenant { id, secret: Arc::new(secret) })
         })
         .transpose()
     }
@@ -356,12 +303,14 @@ impl Store for SqliteStore {
         let mut tx = self.begin().await?;
         // A write first, so this transaction holds the write lock before it reads: the job's result
         // cannot appear between our read and our insert.
-        sqlx::query("INSERT INTO jobs (job_id, created_at, updated_at) VALUES (?1, ?2, ?2) ON CONFLICT (job_id) DO NOTHING")
-            .bind(&job)
-            .bind(now)
-            .execute(&mut *tx)
-            .await
-            .db()?;
+        sqlx::query(
+            "INSERT INTO jobs (job_id, created_at, updated_at) VALUES (?1, ?2, ?2) ON CONFLICT (job_id) DO NOTHING",
+        )
+        .bind(&job)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .db()?;
         let existing: Option<String> = sqlx::query_scalar(
             "SELECT id FROM subscriptions WHERE tenant_id = ? AND job_id = ? AND callback_url = ? AND state <> 'cancelled'",
         )
@@ -377,11 +326,7 @@ impl Store for SqliteStore {
             return Ok(Registered::Existing(sub));
         }
         let result: Option<Vec<u8>> =
-            sqlx::query_scalar("SELECT result FROM jobs WHERE job_id = ?")
-                .bind(&job)
-                .fetch_one(&mut *tx)
-                .await
-                .db()?;
+            sqlx::query_scalar("SELECT result FROM jobs WHERE job_id = ?").bind(&job).fetch_one(&mut *tx).await.db()?;
         let sub_id = id.to_string();
         match result {
             None => {
@@ -435,11 +380,7 @@ impl Store for SqliteStore {
         }
     }
 
-    async fn subscription(
-        &self,
-        tenant_id: i64,
-        id: SubscriptionId,
-    ) -> Result<Option<Subscription>> {
+    async fn subscription(&self, tenant_id: i64, id: SubscriptionId) -> Result<Option<Subscription>> {
         let sql = format!(
             "SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions s JOIN jobs j ON j.job_id = s.job_id WHERE s.id = ? AND s.tenant_id = ?"
         );
@@ -452,11 +393,7 @@ impl Store for SqliteStore {
         row.map(Subscription::try_from).transpose()
     }
 
-    async fn list_subscriptions(
-        &self,
-        tenant_id: i64,
-        filter: &ListFilter,
-    ) -> Result<Vec<Subscription>> {
+    async fn list_subscriptions(&self, tenant_id: i64, filter: &ListFilter) -> Result<Vec<Subscription>> {
         let sql = format!(
             "SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions s JOIN jobs j ON j.job_id = s.job_id \
              WHERE s.tenant_id = ?1 AND (?2 IS NULL OR s.job_id = ?2) AND (?3 IS NULL OR s.state = ?3) AND (?4 IS NULL OR s.id < ?4) \
@@ -474,21 +411,15 @@ impl Store for SqliteStore {
         rows.into_iter().map(Subscription::try_from).collect()
     }
 
-    async fn cancel(
-        &self,
-        tenant_id: i64,
-        id: SubscriptionId,
-        now: Millis,
-    ) -> Result<Option<Cancelled>> {
+    async fn cancel(&self, tenant_id: i64, id: SubscriptionId, now: Millis) -> Result<Option<Cancelled>> {
         let mut tx = self.begin().await?;
-        let row: Option<(String, String)> = sqlx::query_as(
-            "SELECT job_id, state FROM subscriptions WHERE id = ? AND tenant_id = ?",
-        )
-        .bind(id.to_string())
-        .bind(tenant_id)
-        .fetch_optional(&mut *tx)
-        .await
-        .db()?;
+        let row: Option<(String, String)> =
+            sqlx::query_as("SELECT job_id, state FROM subscriptions WHERE id = ? AND tenant_id = ?")
+                .bind(id.to_string())
+                .bind(tenant_id)
+                .fetch_optional(&mut *tx)
+                .await
+                .db()?;
         let Some((job_id, state)) = row else {
             return Ok(None);
         };
@@ -497,31 +428,25 @@ impl Store for SqliteStore {
         if state.is_final() {
             return Ok(Some(Cancelled { job_id, was: None }));
         }
-        sqlx::query("UPDATE subscriptions SET state = 'cancelled', next_attempt_at = NULL, updated_at = ? WHERE id = ?")
-            .bind(now)
-            .bind(id.to_string())
-            .execute(&mut *tx)
-            .await
-            .db()?;
+        sqlx::query(
+            "UPDATE subscriptions SET state = 'cancelled', next_attempt_at = NULL, updated_at = ? WHERE id = ?",
+        )
+        .bind(now)
+        .bind(id.to_string())
+        .execute(&mut *tx)
+        .await
+        .db()?;
         tx.commit().await.db()?;
-        Ok(Some(Cancelled {
-            job_id,
-            was: Some(state),
-        }))
+        Ok(Some(Cancelled { job_id, was: Some(state) }))
     }
 
-    async fn attempts(
-        &self,
-        tenant_id: i64,
-        id: SubscriptionId,
-    ) -> Result<Option<Vec<AttemptRecord>>> {
-        let exists: Option<i64> =
-            sqlx::query_scalar("SELECT 1 FROM subscriptions WHERE id = ? AND tenant_id = ?")
-                .bind(id.to_string())
-                .bind(tenant_id)
-                .fetch_optional(&self.reader)
-                .await
-                .db()?;
+    async fn attempts(&self, tenant_id: i64, id: SubscriptionId) -> Result<Option<Vec<AttemptRecord>>> {
+        let exists: Option<i64> = sqlx::query_scalar("SELECT 1 FROM subscriptions WHERE id = ? AND tenant_id = ?")
+            .bind(id.to_string())
+            .bind(tenant_id)
+            .fetch_optional(&self.reader)
+            .await
+            .db()?;
         if exists.is_none() {
             return Ok(None);
         }
@@ -535,29 +460,22 @@ impl Store for SqliteStore {
         .db()?;
         Ok(Some(
             rows.into_iter()
-                .map(
-                    |(attempt, webhook_id, started_at, status_code, error, duration_ms)| {
-                        AttemptRecord {
-                            subscription_id: id,
-                            attempt: u32::try_from(attempt).unwrap_or(0),
-                            webhook_id,
-                            started_at,
-                            status_code: status_code.and_then(|c| u16::try_from(c).ok()),
-                            error,
-                            duration_ms: u64::try_from(duration_ms).unwrap_or(0),
-                        }
-                    },
-                )
+                .map(|(attempt, webhook_id, started_at, status_code, error, duration_ms)| AttemptRecord {
+                    subscription_id: id,
+                    attempt: u32::try_from(attempt).unwrap_or(0),
+                    webhook_id,
+                    started_at,
+                    status_code: status_code.and_then(|c| u16::try_from(c).ok()),
+                    error,
+                    duration_ms: u64::try_from(duration_ms).unwrap_or(0),
+                })
                 .collect(),
         ))
     }
 
     async fn pollable_jobs(&self) -> Result<Vec<PollableJob>> {
         let sql = format!("{POLLABLE_SELECT} GROUP BY j.job_id");
-        let rows: Vec<PollableRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
-            .fetch_all(&self.reader)
-            .await
-            .db()?;
+        let rows: Vec<PollableRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql)).fetch_all(&self.reader).await.db()?;
         rows.into_iter().map(PollableJob::try_from).collect()
     }
 
@@ -641,13 +559,7 @@ impl Store for SqliteStore {
         Ok(tasks)
     }
 
-    async fn fail_job(
-        &self,
-        job_id: JobId,
-        reason: FailureReason,
-        last_error: &str,
-        now: Millis,
-    ) -> Result<u64> {
+    async fn fail_job(&self, job_id: JobId, reason: FailureReason, last_error: &str, now: Millis) -> Result<u64> {
         let job = job_id.to_string();
         let mut tx = self.begin().await?;
         sqlx::query("UPDATE jobs SET last_error = ?, updated_at = ? WHERE job_id = ?")
@@ -668,12 +580,7 @@ impl Store for SqliteStore {
         Ok(done.rows_affected())
     }
 
-    async fn expire(
-        &self,
-        job_id: JobId,
-        cutoff: Millis,
-        now: Millis,
-    ) -> Result<Option<PollableJob>> {
+    async fn expire(&self, job_id: JobId, cutoff: Millis, now: Millis) -> Result<Option<PollableJob>> {
         let job = job_id.to_string();
         let mut tx = self.begin().await?;
         sqlx::query("UPDATE subscriptions SET state = 'expired', updated_at = ? WHERE job_id = ? AND state = 'polling' AND created_at <= ?")
@@ -690,22 +597,12 @@ impl Store for SqliteStore {
 
     async fn pending_deliveries(&self) -> Result<Vec<DeliveryTask>> {
         let sql = format!("{DELIVERY_SELECT} WHERE s.state = 'delivering'");
-        let rows: Vec<DeliveryRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
-            .fetch_all(&self.reader)
-            .await
-            .db()?;
+        let rows: Vec<DeliveryRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql)).fetch_all(&self.reader).await.db()?;
         let mut secrets = SecretCache::default();
-        rows.into_iter()
-            .map(|row| row.into_task(&mut secrets))
-            .collect()
+        rows.into_iter().map(|row| row.into_task(&mut secrets)).collect()
     }
 
-    async fn record_attempt(
-        &self,
-        record: &AttemptRecord,
-        result: AttemptResult,
-        now: Millis,
-    ) -> Result<bool> {
+    async fn record_attempt(&self, record: &AttemptRecord, result: AttemptResult, now: Millis) -> Result<bool> {
         let id = record.subscription_id.to_string();
         let mut tx = self.begin().await?;
         sqlx::query(
@@ -753,15 +650,14 @@ async fn insert_tenant_with_key(
     source: &str,
     now: Millis,
 ) -> Result<i64> {
-    let tenant_id: i64 = sqlx::query_scalar(
-        "INSERT INTO tenants (name, signing_secret, created_at) VALUES (?, ?, ?) RETURNING id",
-    )
-    .bind(name)
-    .bind(secret.expose())
-    .bind(now)
-    .fetch_one(&mut **tx)
-    .await
-    .db()?;
+    let tenant_id: i64 =
+        sqlx::query_scalar("INSERT INTO tenants (name, signing_secret, created_at) VALUES (?, ?, ?) RETURNING id")
+            .bind(name)
+            .bind(secret.expose())
+            .bind(now)
+            .fetch_one(&mut **tx)
+            .await
+            .db()?;
     sqlx::query("INSERT INTO api_keys (tenant_id, name, key_hash, source, created_at) VALUES (?, ?, ?, ?, ?)")
         .bind(tenant_id)
         .bind(name)

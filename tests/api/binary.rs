@@ -30,12 +30,7 @@ pub async fn start(args: &[String]) -> Running {
     let addr = tokio::time::timeout(Duration::from_secs(20), async {
         while let Some(line) = stderr.next_line().await.unwrap() {
             if let Some(rest) = line.split("listening on http://").nth(1) {
-                return rest
-                    .split_whitespace()
-                    .next()
-                    .unwrap()
-                    .parse::<SocketAddr>()
-                    .unwrap();
+                return rest.split_whitespace().next().unwrap().parse::<SocketAddr>().unwrap();
             }
         }
         panic!("the binary exited before listening");
@@ -47,17 +42,11 @@ pub async fn start(args: &[String]) -> Running {
     let mut stdout_lines = Vec::new();
     let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
     // The first-key banner, if any, is printed before the listener starts.
-    while let Ok(Ok(Some(line))) =
-        tokio::time::timeout(Duration::from_millis(200), stdout.next_line()).await
-    {
+    while let Ok(Ok(Some(line))) = tokio::time::timeout(Duration::from_millis(200), stdout.next_line()).await {
         stdout_lines.push(line);
     }
     tokio::spawn(async move { while let Ok(Some(_)) = stdout.next_line().await {} });
-    Running {
-        child,
-        addr,
-        stdout: stdout_lines,
-    }
+    Running { child, addr, stdout: stdout_lines }
 }
 
 /// The base arguments with a fixed listen address, for restarts on the same port.
@@ -69,9 +58,5 @@ pub fn args_on(listen: &str, db_url: &str, upstream_url: &str) -> Vec<String> {
 }
 
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }

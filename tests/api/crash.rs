@@ -26,19 +26,11 @@ async fn after_kill_9_and_restart_every_acknowledged_job_is_delivered_under_one_
     // Registrations run throughout, retrying across crashes until each is acknowledged.
     let jobs: Vec<String> = (0..JOBS).map(|_| new_job()).collect();
     let acked = Arc::new(Mutex::new(HashSet::new()));
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(5))
-        .build()
-        .unwrap();
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
     let mut registrations = tokio::task::JoinSet::new();
     for chunk in jobs.chunks(JOBS / 8) {
-        let (chunk, acked, http, listen, callback) = (
-            chunk.to_vec(),
-            acked.clone(),
-            http.clone(),
-            listen.clone(),
-            receiver.url("/hook"),
-        );
+        let (chunk, acked, http, listen, callback) =
+            (chunk.to_vec(), acked.clone(), http.clone(), listen.clone(), receiver.url("/hook"));
         registrations.spawn(async move {
             for job in chunk {
                 loop {
@@ -63,11 +55,9 @@ async fn after_kill_9_and_restart_every_acknowledged_job_is_delivered_under_one_
     // Three crashes, each once a further share of the deliveries has arrived.
     for round in 1..=3 {
         let target = JOBS * round / 5;
-        eventually(
-            Duration::from_secs(60),
-            &format!("{target} deliveries before crash {round}"),
-            || async { (receiver.requests_to("/hook").len() >= target).then_some(()) },
-        )
+        eventually(Duration::from_secs(60), &format!("{target} deliveries before crash {round}"), || async {
+            (receiver.requests_to("/hook").len() >= target).then_some(())
+        })
         .await;
         running.child.start_kill().unwrap();
         running.child.wait().await.unwrap();
@@ -77,54 +67,38 @@ async fn after_kill_9_and_restart_every_acknowledged_job_is_delivered_under_one_
     let acked = acked.lock().unwrap().clone();
     assert_eq!(acked.len(), JOBS);
 
-    let delivered = eventually(
-        Duration::from_secs(60),
-        "every acknowledged job to be delivered",
-        || async {
-            let mut by_job: HashMap<String, Vec<String>> = HashMap::new();
-            for request in receiver.requests_to("/hook") {
-                request.verify(SECRET).expect("every delivery verifies");
-                by_job
-                    .entry(request.json()["job_id"].as_str().unwrap().to_owned())
-                    .or_default()
-                    .push(request.header("webhook-id").to_owned());
-            }
-            acked
-                .iter()
-                .all(|job| by_job.contains_key(job))
-                .then_some(by_job)
-        },
-    )
+    let delivered = eventually(Duration::from_secs(60), "every acknowledged job to be delivered", || async {
+        let mut by_job: HashMap<String, Vec<String>> = HashMap::new();
+        for request in receiver.requests_to("/hook") {
+            request.verify(SECRET).expect("every delivery verifies");
+            by_job
+                .entry(request.json()["job_id"].as_str().unwrap().to_owned())
+                .or_default()
+                .push(request.header("webhook-id").to_owned());
+        }
+        acked.iter().all(|job| by_job.contains_key(job)).then_some(by_job)
+    })
     .await;
     for (job, ids) in &delivered {
-        assert!(
-            ids.iter().all(|id| *id == ids[0]),
-            "job {job} was delivered under several webhook-ids: {ids:?}"
-        );
+        assert!(ids.iter().all(|id| *id == ids[0]), "job {job} was delivered under several webhook-ids: {ids:?}");
     }
     let requests = receiver.requests_to("/hook").len();
-    eprintln!(
-        "crash test: {JOBS} jobs, 3 kills, {requests} callback requests (10 scripted failures)"
-    );
+    eprintln!("crash test: {JOBS} jobs, 3 kills, {requests} callback requests (10 scripted failures)");
 
     // The store reopened cleanly and agrees: every subscription ends delivered.
     let app = format!("http://{listen}");
-    eventually(
-        Duration::from_secs(30),
-        "every subscription to be delivered",
-        || async {
-            let page: serde_json::Value = http
-                .get(format!("{app}/v1/subscriptions?state=delivered&limit=500"))
-                .bearer_auth(KEY_A)
-                .send()
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
-            (page["items"].as_array()?.len() == JOBS).then_some(())
-        },
-    )
+    eventually(Duration::from_secs(30), "every subscription to be delivered", || async {
+        let page: serde_json::Value = http
+            .get(format!("{app}/v1/subscriptions?state=delivered&limit=500"))
+            .bearer_auth(KEY_A)
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        (page["items"].as_array()?.len() == JOBS).then_some(())
+    })
     .await;
     running.child.start_kill().unwrap();
 }
@@ -160,10 +134,7 @@ async fn sigterm_stops_the_service_gracefully_and_it_resumes_on_the_next_start()
     .await;
 
     let pid = running.child.id().unwrap().to_string();
-    let kill = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
+    let kill = std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
     assert!(kill.success());
     let status = tokio::time::timeout(Duration::from_secs(10), running.child.wait())
         .await

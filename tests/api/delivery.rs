@@ -12,15 +12,8 @@ async fn a_finished_job_is_delivered_signed_and_verifies_with_the_standard_webho
     let sub = app.register(&job, &app.receiver.url("/hook")).await;
     let got = app.receiver.wait_for("/hook", 1).await;
     let delivery = &got[0];
-    delivery
-        .verify(SECRET)
-        .expect("the stock library accepts the signature");
-    assert!(
-        delivery
-            .verify("whsec_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA")
-            .is_err(),
-        "another secret must not verify"
-    );
+    delivery.verify(SECRET).expect("the stock library accepts the signature");
+    assert!(delivery.verify("whsec_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA").is_err(), "another secret must not verify");
     assert_eq!(delivery.header("content-type"), "application/json");
     assert!(delivery.header("user-agent").starts_with("jobhook/"));
     assert!(delivery.header("webhook-id").starts_with("msg_"));
@@ -34,13 +27,7 @@ async fn a_finished_job_is_delivered_signed_and_verifies_with_the_standard_webho
     assert_eq!(done["job_status"], "Succeed");
     assert_eq!(done["webhook_id"], delivery.header("webhook-id"));
     assert_eq!(done["attempts"], 1);
-    let log: Value = app
-        .get_as(KEY_A, &format!("/v1/subscriptions/{id}/deliveries"))
-        .await
-        .json()
-        .await
-        .unwrap();
-    let attempts = log["items"].as_array().unwrap();
+    let attempts = app.deliveries(id).await;
     assert_eq!(attempts.len(), 1);
     assert_eq!(attempts[0]["attempt"], 1);
     assert_eq!(attempts[0]["status_code"], 200);
@@ -53,8 +40,7 @@ async fn a_finished_job_is_delivered_signed_and_verifies_with_the_standard_webho
 async fn the_upstream_body_is_delivered_byte_for_byte() {
     let app = spawn_app().await;
     let job = new_job();
-    app.upstream
-        .script(job.parse().unwrap(), vec![Answer::Failed]);
+    app.upstream.script(job.parse().unwrap(), vec![Answer::Failed]);
     app.register(&job, &app.receiver.url("/hook")).await;
     let got = app.receiver.wait_for("/hook", 1).await;
     let expected = format!(r#"{{"image_urls":[],"job_id":"{job}","status":"Failed"}}"#);
@@ -68,10 +54,7 @@ async fn a_failing_receiver_is_retried_with_the_same_webhook_id() {
     app.receiver.answer_with(&[500, 503, 429]);
     let sub = app.register(&new_job(), &app.receiver.url("/hook")).await;
     let got = app.receiver.wait_for("/hook", 4).await;
-    let ids: Vec<_> = got
-        .iter()
-        .map(|r| r.header("webhook-id").to_owned())
-        .collect();
+    let ids: Vec<_> = got.iter().map(|r| r.header("webhook-id").to_owned()).collect();
     assert!(ids.iter().all(|id| *id == ids[0]), "{ids:?}");
     for attempt in &got {
         attempt.verify(SECRET).unwrap();
@@ -79,18 +62,7 @@ async fn a_failing_receiver_is_retried_with_the_same_webhook_id() {
     let id = sub["id"].as_str().unwrap();
     let done = app.wait_for_state(id, "delivered").await;
     assert_eq!(done["attempts"], 4);
-    let log: Value = app
-        .get_as(KEY_A, &format!("/v1/subscriptions/{id}/deliveries"))
-        .await
-        .json()
-        .await
-        .unwrap();
-    let codes: Vec<_> = log["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|a| a["status_code"].as_u64().unwrap())
-        .collect();
+    let codes: Vec<_> = app.deliveries(id).await.iter().map(|a| a["status_code"].as_u64().unwrap()).collect();
     assert_eq!(codes, vec![500, 503, 429, 200]);
 }
 
@@ -99,9 +71,7 @@ async fn a_receiver_answering_410_stops_delivery_at_once() {
     let app = spawn_app().await;
     app.receiver.answer_with(&[410]);
     let sub = app.register(&new_job(), &app.receiver.url("/hook")).await;
-    let done = app
-        .wait_for_state(sub["id"].as_str().unwrap(), "failed")
-        .await;
+    let done = app.wait_for_state(sub["id"].as_str().unwrap(), "failed").await;
     assert_eq!(done["failure_reason"], "callback_gone");
     assert_eq!(app.receiver.requests_to("/hook").len(), 1);
 }
@@ -111,9 +81,7 @@ async fn exhausting_the_retry_schedule_fails_the_delivery() {
     let app = spawn_app().await;
     app.receiver.answer_with(&[500; 10]);
     let sub = app.register(&new_job(), &app.receiver.url("/hook")).await;
-    let done = app
-        .wait_for_state(sub["id"].as_str().unwrap(), "failed")
-        .await;
+    let done = app.wait_for_state(sub["id"].as_str().unwrap(), "failed").await;
     assert_eq!(done["failure_reason"], "delivery_exhausted");
     // The first attempt and one per scheduled retry (three).
     assert_eq!(app.receiver.requests_to("/hook").len(), 4);
@@ -128,19 +96,9 @@ async fn redirects_are_not_followed() {
     let id = sub["id"].as_str().unwrap();
     app.wait_for_state(id, "delivered").await;
     assert!(app.receiver.requests_to("/redirected").is_empty());
-    let log: Value = app
-        .get_as(KEY_A, &format!("/v1/subscriptions/{id}/deliveries"))
-        .await
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(log["items"][0]["status_code"], 302);
-    assert!(
-        log["items"][0]["error"]
-            .as_str()
-            .unwrap()
-            .contains("redirect")
-    );
+    let log = app.deliveries(id).await;
+    assert_eq!(log[0]["status_code"], 302);
+    assert!(log[0]["error"].as_str().unwrap().contains("redirect"));
 }
 
 #[tokio::test]
@@ -154,18 +112,10 @@ async fn an_unreachable_receiver_is_retried_and_recorded() {
     let id = sub["id"].as_str().unwrap();
     let done = app.wait_for_state(id, "failed").await;
     assert_eq!(done["failure_reason"], "delivery_exhausted");
-    let log: Value = app
-        .get_as(KEY_A, &format!("/v1/subscriptions/{id}/deliveries"))
-        .await
-        .json()
-        .await
-        .unwrap();
-    let first = &log["items"][0];
+    let log = app.deliveries(id).await;
+    let first = &log[0];
     assert!(first["status_code"].is_null());
-    assert!(
-        first["error"].as_str().unwrap().contains("connect"),
-        "{first}"
-    );
+    assert!(first["error"].as_str().unwrap().contains("connect"), "{first}");
 }
 
 #[tokio::test]
@@ -183,19 +133,10 @@ async fn subscribers_of_one_job_share_one_poll_stream() {
         got[0].verify(SECRET).unwrap();
     }
     let polls = app.upstream.polls(job.parse().unwrap());
-    assert_eq!(
-        polls.count, 3,
-        "two Pending and one final answer, whatever the subscriber count"
-    );
+    assert_eq!(polls.count, 3, "two Pending and one final answer, whatever the subscriber count");
     assert_eq!(polls.max_in_flight, 1);
-    let ids: std::collections::HashSet<_> = ["/a", "/b", "/c"]
-        .iter()
-        .map(|p| {
-            app.receiver.requests_to(p)[0]
-                .header("webhook-id")
-                .to_owned()
-        })
-        .collect();
+    let ids: std::collections::HashSet<_> =
+        ["/a", "/b", "/c"].iter().map(|p| app.receiver.requests_to(p)[0].header("webhook-id").to_owned()).collect();
     assert_eq!(ids.len(), 3, "each subscription has its own webhook-id");
 }
 
@@ -204,14 +145,12 @@ async fn a_subscriber_arriving_after_the_job_ended_is_delivered_without_another_
     let app = spawn_app().await;
     let job = new_job();
     let first = app.register(&job, &app.receiver.url("/first")).await;
-    app.wait_for_state(first["id"].as_str().unwrap(), "delivered")
-        .await;
+    app.wait_for_state(first["id"].as_str().unwrap(), "delivered").await;
     let polls = app.upstream.polls(job.parse().unwrap()).count;
     let late = app.register(&job, &app.receiver.url("/late")).await;
     let got = app.receiver.wait_for("/late", 1).await;
     got[0].verify(SECRET).unwrap();
     assert_eq!(got[0].body, app.receiver.requests_to("/first")[0].body);
-    app.wait_for_state(late["id"].as_str().unwrap(), "delivered")
-        .await;
+    app.wait_for_state(late["id"].as_str().unwrap(), "delivered").await;
     assert_eq!(app.upstream.polls(job.parse().unwrap()).count, polls);
 }

@@ -33,10 +33,7 @@ where
         if let Some(value) = check().await {
             return value;
         }
-        assert!(
-            start.elapsed() < deadline,
-            "timed out after {deadline:?} waiting for {what}"
-        );
+        assert!(start.elapsed() < deadline, "timed out after {deadline:?} waiting for {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -63,14 +60,21 @@ pub struct Settings {
 
 impl Default for Settings {
     fn default() -> Self {
-        Settings {
-            args: Vec::new(),
-            mock: mock_args(2),
-        }
+        Settings { args: Vec::new(), mock: mock_args(2) }
     }
 }
 
 impl Settings {
+    /// Settings whose upstream is the mock with these options.
+    pub fn mock(mock: MockArgs) -> Self {
+        Settings { mock, ..Default::default() }
+    }
+
+    /// Jobs that stay Pending until a test scripts otherwise.
+    pub fn never_ending() -> Self {
+        Self::mock(MockArgs { outcome: Outcome::Pending, ..mock_args(0) })
+    }
+
     pub fn arg(mut self, flag: &str, value: &str) -> Self {
         self.args.push(flag.to_owned());
         self.args.push(value.to_owned());
@@ -134,33 +138,20 @@ pub fn base_args(db_url: &str, upstream_url: &str) -> Vec<String> {
 
 pub async fn spawn_app_with(settings: Settings) -> TestApp {
     jobhook::install_crypto();
-    let upstream = MockUpstream::start(&settings.mock)
-        .await
-        .expect("mock upstream starts");
+    let upstream = MockUpstream::start(&settings.mock).await.expect("mock upstream starts");
     let receiver = Receiver::start().await;
     let db_dir = tempfile::tempdir().unwrap();
     let db_url = format!("sqlite://{}", db_dir.path().join("jobhook.db").display());
     let mut argv = base_args(&db_url, &upstream.url());
     argv.extend(settings.args);
     let cli = Cli::try_parse_from(argv).expect("test arguments parse");
-    let Some(Command::Serve(args)) = cli.command else {
-        unreachable!()
-    };
+    let Some(Command::Serve(args)) = cli.command else { unreachable!() };
     let config = args.into_config().expect("test settings are valid");
-    let app = Application::build(config)
-        .await
-        .expect("the application builds");
+    let app = Application::build(config).await.expect("the application builds");
     let addr = app.local_addr();
     let shutdown = app.shutdown_token();
     tokio::spawn(app.run_until_stopped());
-    TestApp {
-        addr,
-        http: reqwest::Client::new(),
-        upstream,
-        receiver,
-        _db_dir: db_dir,
-        shutdown,
-    }
+    TestApp { addr, http: reqwest::Client::new(), upstream, receiver, _db_dir: db_dir, shutdown }
 }
 
 impl TestApp {
@@ -168,12 +159,7 @@ impl TestApp {
         format!("http://{}{path}", self.addr)
     }
 
-    pub async fn register_as(
-        &self,
-        key: &str,
-        job_id: &str,
-        callback_url: &str,
-    ) -> reqwest::Response {
+    pub async fn register_as(&self, key: &str, job_id: &str, callback_url: &str) -> reqwest::Response {
         self.http
             .post(self.url("/v1/subscriptions"))
             .bearer_auth(key)
@@ -191,12 +177,7 @@ impl TestApp {
     }
 
     pub async fn get_as(&self, key: &str, path: &str) -> reqwest::Response {
-        self.http
-            .get(self.url(path))
-            .bearer_auth(key)
-            .send()
-            .await
-            .unwrap()
+        self.http.get(self.url(path)).bearer_auth(key).send().await.unwrap()
     }
 
     pub async fn subscription(&self, id: &str) -> Value {
@@ -205,16 +186,24 @@ impl TestApp {
         response.json().await.unwrap()
     }
 
+    /// The delivery attempts of a subscription, oldest first.
+    pub async fn deliveries(&self, id: &str) -> Vec<Value> {
+        let response = self.get_as(KEY_A, &format!("/v1/subscriptions/{id}/deliveries")).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        let log: Value = response.json().await.unwrap();
+        log["items"].as_array().unwrap().clone()
+    }
+
+    pub async fn delete_as(&self, key: &str, id: &str) -> reqwest::Response {
+        self.http.delete(self.url(&format!("/v1/subscriptions/{id}"))).bearer_auth(key).send().await.unwrap()
+    }
+
     /// Waits until the subscription reaches `state`, and returns it.
     pub async fn wait_for_state(&self, id: &str, state: &str) -> Value {
-        eventually(
-            Duration::from_secs(15),
-            &format!("subscription {id} to be {state}"),
-            || async {
-                let sub = self.subscription(id).await;
-                (sub["state"] == state).then_some(sub)
-            },
-        )
+        eventually(Duration::from_secs(15), &format!("subscription {id} to be {state}"), || async {
+            let sub = self.subscription(id).await;
+            (sub["state"] == state).then_some(sub)
+        })
         .await
     }
 }
@@ -229,10 +218,7 @@ pub struct Received {
 
 impl Received {
     pub fn header(&self, name: &str) -> &str {
-        self.headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
+        self.headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or_default()
     }
 
     pub fn json(&self) -> Value {
@@ -242,9 +228,7 @@ impl Received {
     /// Verifies the signature with the official Standard Webhooks crate, not with our own code.
     pub fn verify(&self, secret: &str) -> Result<(), String> {
         let webhook = standardwebhooks::Webhook::new(secret).map_err(|e| e.to_string())?;
-        webhook
-            .verify(&self.body, &self.headers)
-            .map_err(|e| e.to_string())
+        webhook.verify(&self.body, &self.headers).map_err(|e| e.to_string())
     }
 }
 
@@ -268,12 +252,10 @@ impl Receiver {
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(Mutex::new(ReceiverState::default()));
         let shared = state.clone();
-        let app = axum::Router::new().fallback(
-            move |uri: axum::http::Uri, headers: HeaderMap, body: Bytes| {
-                let state = shared.clone();
-                async move { receive(state, uri.path().to_owned(), headers, body) }
-            },
-        );
+        let app = axum::Router::new().fallback(move |uri: axum::http::Uri, headers: HeaderMap, body: Bytes| {
+            let state = shared.clone();
+            async move { receive(state, uri.path().to_owned(), headers, body) }
+        });
         tokio::spawn(async move { axum::serve(listener, app).await });
         Receiver { addr, state }
     }
@@ -292,38 +274,22 @@ impl Receiver {
     }
 
     pub fn requests_to(&self, path: &str) -> Vec<Received> {
-        self.requests()
-            .into_iter()
-            .filter(|r| r.path == path)
-            .collect()
+        self.requests().into_iter().filter(|r| r.path == path).collect()
     }
 
     /// Waits until `n` requests reached `path`, and returns them.
     pub async fn wait_for(&self, path: &str, n: usize) -> Vec<Received> {
-        eventually(
-            Duration::from_secs(15),
-            &format!("{n} deliveries to {path}"),
-            || async {
-                let got = self.requests_to(path);
-                (got.len() >= n).then_some(got)
-            },
-        )
+        eventually(Duration::from_secs(15), &format!("{n} deliveries to {path}"), || async {
+            let got = self.requests_to(path);
+            (got.len() >= n).then_some(got)
+        })
         .await
     }
 }
 
-fn receive(
-    state: Arc<Mutex<ReceiverState>>,
-    path: String,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
+fn receive(state: Arc<Mutex<ReceiverState>>, path: String, headers: HeaderMap, body: Bytes) -> Response {
     let mut state = state.lock().unwrap();
-    state.requests.push(Received {
-        path,
-        headers,
-        body,
-    });
+    state.requests.push(Received { path, headers, body });
     let status = state.script.pop_front().unwrap_or(200);
     let status = StatusCode::from_u16(status).unwrap();
     if status.is_redirection() {

@@ -21,11 +21,5 @@ async fn the_document_is_served_at_openapi_yaml() {
     let app = spawn_app().await;
     let response = app.http.get(app.url("/openapi.yaml")).send().await.unwrap();
     assert_eq!(response.status(), 200);
-    assert!(
-        response
-            .text()
-            .await
-            .unwrap()
-            .contains("/v1/subscriptions/{id}/deliveries")
-    );
+    assert!(response.text().await.unwrap().contains("/v1/subscriptions/{id}/deliveries"));
 }

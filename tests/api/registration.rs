@@ -7,18 +7,10 @@ use crate::helpers::*;
 
 async fn problem(response: reqwest::Response, status: StatusCode) -> Value {
     assert_eq!(response.status(), status);
-    assert_eq!(
-        response.headers()["content-type"],
-        "application/problem+json"
-    );
+    assert_eq!(response.headers()["content-type"], "application/problem+json");
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["status"], status.as_u16());
-    assert!(
-        body["type"]
-            .as_str()
-            .unwrap()
-            .starts_with("urn:jobhook:problem:")
-    );
+    assert!(body["type"].as_str().unwrap().starts_with("urn:jobhook:problem:"));
     assert!(!body["detail"].as_str().unwrap().is_empty());
     body
 }
@@ -27,16 +19,11 @@ async fn problem(response: reqwest::Response, status: StatusCode) -> Value {
 async fn registering_a_job_answers_201_with_the_stored_subscription() {
     let app = spawn_app().await;
     let job = new_job();
-    let response = app
-        .register_as(KEY_A, &job, &app.receiver.url("/hook"))
-        .await;
+    let response = app.register_as(KEY_A, &job, &app.receiver.url("/hook")).await;
     assert_eq!(response.status(), StatusCode::CREATED);
     let location = response.headers()["location"].to_str().unwrap().to_owned();
     let sub: Value = response.json().await.unwrap();
-    assert_eq!(
-        location,
-        format!("/v1/subscriptions/{}", sub["id"].as_str().unwrap())
-    );
+    assert_eq!(location, format!("/v1/subscriptions/{}", sub["id"].as_str().unwrap()));
     assert_eq!(sub["job_id"], job);
     assert_eq!(sub["callback_url"], app.receiver.url("/hook"));
     assert!(["polling", "delivering", "delivered"].contains(&sub["state"].as_str().unwrap()));
@@ -50,55 +37,33 @@ async fn registering_the_same_job_and_callback_again_answers_200_with_the_same_s
     let app = spawn_app().await;
     let job = new_job();
     let first = app.register(&job, &app.receiver.url("/hook")).await;
-    let again = app
-        .register_as(KEY_A, &job.to_uppercase(), &app.receiver.url("/hook"))
-        .await;
+    let again = app.register_as(KEY_A, &job.to_uppercase(), &app.receiver.url("/hook")).await;
     assert_eq!(again.status(), StatusCode::OK);
     let again: Value = again.json().await.unwrap();
     assert_eq!(again["id"], first["id"]);
     // Another tenant registering the same job gets its own subscription.
-    let other = app
-        .register_as(KEY_B, &job, &app.receiver.url("/hook"))
-        .await;
+    let other = app.register_as(KEY_B, &job, &app.receiver.url("/hook")).await;
     assert_eq!(other.status(), StatusCode::CREATED);
 }
 
 #[tokio::test]
 async fn a_job_id_that_is_not_a_uuid_is_refused_with_422() {
     let app = spawn_app().await;
-    let body = problem(
-        app.register_as(KEY_A, "job-42", &app.receiver.url("/hook"))
-            .await,
-        StatusCode::UNPROCESSABLE_ENTITY,
-    )
-    .await;
+    let body =
+        problem(app.register_as(KEY_A, "job-42", &app.receiver.url("/hook")).await, StatusCode::UNPROCESSABLE_ENTITY)
+            .await;
     assert!(body["detail"].as_str().unwrap().contains("UUID"), "{body}");
 }
 
 #[tokio::test]
 async fn a_callback_url_that_is_not_http_is_refused_with_422() {
     let app = spawn_app().await;
-    for url in [
-        "ftp://example.com/x",
-        "not a url",
-        "https://user:pw@example.com/",
-    ] {
-        let body = problem(
-            app.register_as(KEY_A, &new_job(), url).await,
-            StatusCode::UNPROCESSABLE_ENTITY,
-        )
-        .await;
-        assert!(
-            body["detail"].as_str().unwrap().contains("callback_url"),
-            "{body}"
-        );
+    for url in ["ftp://example.com/x", "not a url", "https://user:pw@example.com/"] {
+        let body = problem(app.register_as(KEY_A, &new_job(), url).await, StatusCode::UNPROCESSABLE_ENTITY).await;
+        assert!(body["detail"].as_str().unwrap().contains("callback_url"), "{body}");
     }
     let long = format!("https://example.com/{}", "a".repeat(2100));
-    problem(
-        app.register_as(KEY_A, &new_job(), &long).await,
-        StatusCode::UNPROCESSABLE_ENTITY,
-    )
-    .await;
+    problem(app.register_as(KEY_A, &new_job(), &long).await, StatusCode::UNPROCESSABLE_ENTITY).await;
 }
 
 #[tokio::test]
@@ -111,104 +76,55 @@ async fn private_callbacks_are_refused_unless_the_operator_allows_them() {
         "http://localhost/x",
         "http://10.0.0.1/x",
     ] {
-        let body = problem(
-            app.register_as(KEY_A, &new_job(), url).await,
-            StatusCode::UNPROCESSABLE_ENTITY,
-        )
-        .await;
-        assert!(
-            body["detail"].as_str().unwrap().contains("not allowed"),
-            "{url}: {body}"
-        );
+        let body = problem(app.register_as(KEY_A, &new_job(), url).await, StatusCode::UNPROCESSABLE_ENTITY).await;
+        assert!(body["detail"].as_str().unwrap().contains("not allowed"), "{url}: {body}");
     }
 }
 
 #[tokio::test]
 async fn malformed_json_is_400_and_a_wrong_shape_is_422_naming_the_field() {
     let app = spawn_app().await;
-    let post = |body: &'static str| {
-        app.http
-            .post(app.url("/v1/subscriptions"))
-            .bearer_auth(KEY_A)
-            .body(body)
-            .send()
-    };
+    let post = |body: &'static str| app.http.post(app.url("/v1/subscriptions")).bearer_auth(KEY_A).body(body).send();
     problem(post("{not json").await.unwrap(), StatusCode::BAD_REQUEST).await;
     problem(post("").await.unwrap(), StatusCode::BAD_REQUEST).await;
     let unknown = problem(
-        post(r#"{"job_id":"3f1c2b9e-8a4d-4c6e-9b1a-2d5e7f9a0c11","callback_url":"https://example.com","colour":"red"}"#).await.unwrap(),
+        post(
+            r#"{"job_id":"3f1c2b9e-8a4d-4c6e-9b1a-2d5e7f9a0c11","callback_url":"https://example.com","colour":"red"}"#,
+        )
+        .await
+        .unwrap(),
         StatusCode::UNPROCESSABLE_ENTITY,
     )
     .await;
-    assert!(
-        unknown["detail"].as_str().unwrap().contains("colour"),
-        "{unknown}"
-    );
+    assert!(unknown["detail"].as_str().unwrap().contains("colour"), "{unknown}");
     let missing = problem(
-        post(r#"{"job_id":"3f1c2b9e-8a4d-4c6e-9b1a-2d5e7f9a0c11"}"#)
-            .await
-            .unwrap(),
+        post(r#"{"job_id":"3f1c2b9e-8a4d-4c6e-9b1a-2d5e7f9a0c11"}"#).await.unwrap(),
         StatusCode::UNPROCESSABLE_ENTITY,
     )
     .await;
-    assert!(
-        missing["detail"].as_str().unwrap().contains("callback_url"),
-        "{missing}"
-    );
-    problem(
-        post(r#"[1,2]"#).await.unwrap(),
-        StatusCode::UNPROCESSABLE_ENTITY,
-    )
-    .await;
+    assert!(missing["detail"].as_str().unwrap().contains("callback_url"), "{missing}");
+    problem(post(r#"[1,2]"#).await.unwrap(), StatusCode::UNPROCESSABLE_ENTITY).await;
 }
 
 #[tokio::test]
 async fn a_body_over_64_kib_is_refused_with_413() {
     let app = spawn_app().await;
     let big = json!({ "job_id": new_job(), "callback_url": format!("https://example.com/{}", "a".repeat(70_000)) });
-    let response = app
-        .http
-        .post(app.url("/v1/subscriptions"))
-        .bearer_auth(KEY_A)
-        .json(&big)
-        .send()
-        .await
-        .unwrap();
+    let response = app.http.post(app.url("/v1/subscriptions")).bearer_auth(KEY_A).json(&big).send().await.unwrap();
     problem(response, StatusCode::PAYLOAD_TOO_LARGE).await;
 }
 
 #[tokio::test]
 async fn requests_without_a_valid_key_answer_401() {
     let app = spawn_app().await;
-    let none = app
-        .http
-        .get(app.url("/v1/subscriptions"))
-        .send()
-        .await
-        .unwrap();
+    let none = app.http.get(app.url("/v1/subscriptions")).send().await.unwrap();
     assert_eq!(none.headers()["www-authenticate"], "Bearer");
     problem(none, StatusCode::UNAUTHORIZED).await;
-    problem(
-        app.get_as("wrong-key-0123456789", "/v1/subscriptions")
-            .await,
-        StatusCode::UNAUTHORIZED,
-    )
-    .await;
-    let basic = app
-        .http
-        .get(app.url("/v1/signing-secret"))
-        .header("authorization", "Basic abc")
-        .send()
-        .await
-        .unwrap();
+    problem(app.get_as("wrong-key-0123456789", "/v1/subscriptions").await, StatusCode::UNAUTHORIZED).await;
+    let basic = app.http.get(app.url("/v1/signing-secret")).header("authorization", "Basic abc").send().await.unwrap();
     problem(basic, StatusCode::UNAUTHORIZED).await;
     // The error never echoes the key.
-    let body = problem(
-        app.get_as("wrong-key-0123456789", "/v1/signing-secret")
-            .await,
-        StatusCode::UNAUTHORIZED,
-    )
-    .await;
+    let body = problem(app.get_as("wrong-key-0123456789", "/v1/signing-secret").await, StatusCode::UNAUTHORIZED).await;
     assert!(!body.to_string().contains("wrong-key-0123456789"));
 }
 
@@ -217,31 +133,11 @@ async fn a_tenant_cannot_see_or_cancel_another_tenants_subscription() {
     let app = spawn_app().await;
     let sub = app.register(&new_job(), &app.receiver.url("/hook")).await;
     let id = sub["id"].as_str().unwrap();
-    problem(
-        app.get_as(KEY_B, &format!("/v1/subscriptions/{id}")).await,
-        StatusCode::NOT_FOUND,
-    )
-    .await;
-    problem(
-        app.get_as(KEY_B, &format!("/v1/subscriptions/{id}/deliveries"))
-            .await,
-        StatusCode::NOT_FOUND,
-    )
-    .await;
-    let delete = app
-        .http
-        .delete(app.url(&format!("/v1/subscriptions/{id}")))
-        .bearer_auth(KEY_B)
-        .send()
-        .await
-        .unwrap();
+    problem(app.get_as(KEY_B, &format!("/v1/subscriptions/{id}")).await, StatusCode::NOT_FOUND).await;
+    problem(app.get_as(KEY_B, &format!("/v1/subscriptions/{id}/deliveries")).await, StatusCode::NOT_FOUND).await;
+    let delete = app.delete_as(KEY_B, id).await;
     problem(delete, StatusCode::NOT_FOUND).await;
-    let list: Value = app
-        .get_as(KEY_B, "/v1/subscriptions")
-        .await
-        .json()
-        .await
-        .unwrap();
+    let list: Value = app.get_as(KEY_B, "/v1/subscriptions").await.json().await.unwrap();
     assert_eq!(list["items"].as_array().unwrap().len(), 0);
     // Still A's, and untouched.
     assert_ne!(app.subscription(id).await["state"], "cancelled");
@@ -250,87 +146,34 @@ async fn a_tenant_cannot_see_or_cancel_another_tenants_subscription() {
 #[tokio::test]
 async fn unknown_or_malformed_subscription_ids_answer_404() {
     let app = spawn_app().await;
-    problem(
-        app.get_as(
-            KEY_A,
-            &format!("/v1/subscriptions/{}", uuid::Uuid::now_v7()),
-        )
-        .await,
-        StatusCode::NOT_FOUND,
-    )
-    .await;
-    problem(
-        app.get_as(KEY_A, "/v1/subscriptions/not-an-id").await,
-        StatusCode::NOT_FOUND,
-    )
-    .await;
-    problem(
-        app.get_as(KEY_A, "/v1/nothing-here").await,
-        StatusCode::NOT_FOUND,
-    )
-    .await;
-    let put = app
-        .http
-        .put(app.url("/v1/subscriptions"))
-        .bearer_auth(KEY_A)
-        .send()
-        .await
-        .unwrap();
+    problem(app.get_as(KEY_A, &format!("/v1/subscriptions/{}", uuid::Uuid::now_v7())).await, StatusCode::NOT_FOUND)
+        .await;
+    problem(app.get_as(KEY_A, "/v1/subscriptions/not-an-id").await, StatusCode::NOT_FOUND).await;
+    problem(app.get_as(KEY_A, "/v1/nothing-here").await, StatusCode::NOT_FOUND).await;
+    let put = app.http.put(app.url("/v1/subscriptions")).bearer_auth(KEY_A).send().await.unwrap();
     problem(put, StatusCode::METHOD_NOT_ALLOWED).await;
 }
 
 #[tokio::test]
 async fn the_list_pages_newest_first_and_filters_by_job_and_state() {
-    let app = spawn_app_with(Settings {
-        mock: jobhook::mock_upstream::MockArgs {
-            outcome: jobhook::mock_upstream::Outcome::Pending,
-            ..mock_args(0)
-        },
-        ..Default::default()
-    })
-    .await;
+    let app = spawn_app_with(Settings::never_ending()).await;
     let mut ids = Vec::new();
     for i in 0..5 {
-        let sub = app
-            .register(&new_job(), &app.receiver.url(&format!("/hook/{i}")))
-            .await;
+        let sub = app.register(&new_job(), &app.receiver.url(&format!("/hook/{i}"))).await;
         ids.push(sub["id"].as_str().unwrap().to_owned());
     }
-    let first: Value = app
-        .get_as(KEY_A, "/v1/subscriptions?limit=2")
-        .await
-        .json()
-        .await
-        .unwrap();
-    let page: Vec<_> = first["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["id"].as_str().unwrap().to_owned())
-        .collect();
+    let first: Value = app.get_as(KEY_A, "/v1/subscriptions?limit=2").await.json().await.unwrap();
+    let page: Vec<_> =
+        first["items"].as_array().unwrap().iter().map(|s| s["id"].as_str().unwrap().to_owned()).collect();
     assert_eq!(page, vec![ids[4].clone(), ids[3].clone()]);
     let cursor = first["next_cursor"].as_str().unwrap();
-    let second: Value = app
-        .get_as(KEY_A, &format!("/v1/subscriptions?limit=2&cursor={cursor}"))
-        .await
-        .json()
-        .await
-        .unwrap();
-    let page: Vec<_> = second["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["id"].as_str().unwrap().to_owned())
-        .collect();
+    let second: Value =
+        app.get_as(KEY_A, &format!("/v1/subscriptions?limit=2&cursor={cursor}")).await.json().await.unwrap();
+    let page: Vec<_> =
+        second["items"].as_array().unwrap().iter().map(|s| s["id"].as_str().unwrap().to_owned()).collect();
     assert_eq!(page, vec![ids[2].clone(), ids[1].clone()]);
     let third: Value = app
-        .get_as(
-            KEY_A,
-            &format!(
-                "/v1/subscriptions?limit=2&cursor={}",
-                second["next_cursor"].as_str().unwrap()
-            ),
-        )
+        .get_as(KEY_A, &format!("/v1/subscriptions?limit=2&cursor={}", second["next_cursor"].as_str().unwrap()))
         .await
         .json()
         .await
@@ -338,61 +181,23 @@ async fn the_list_pages_newest_first_and_filters_by_job_and_state() {
     assert_eq!(third["items"].as_array().unwrap().len(), 1);
     assert!(third["next_cursor"].is_null());
 
-    let job = app.subscription(&ids[0]).await["job_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let by_job: Value = app
-        .get_as(KEY_A, &format!("/v1/subscriptions?job_id={job}"))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let job = app.subscription(&ids[0]).await["job_id"].as_str().unwrap().to_owned();
+    let by_job: Value = app.get_as(KEY_A, &format!("/v1/subscriptions?job_id={job}")).await.json().await.unwrap();
     assert_eq!(by_job["items"].as_array().unwrap().len(), 1);
-    let delete = app
-        .http
-        .delete(app.url(&format!("/v1/subscriptions/{}", ids[1])))
-        .bearer_auth(KEY_A)
-        .send()
-        .await
-        .unwrap();
+    let delete = app.delete_as(KEY_A, &ids[1]).await;
     assert_eq!(delete.status(), StatusCode::NO_CONTENT);
-    let cancelled: Value = app
-        .get_as(KEY_A, "/v1/subscriptions?state=cancelled")
-        .await
-        .json()
-        .await
-        .unwrap();
+    let cancelled: Value = app.get_as(KEY_A, "/v1/subscriptions?state=cancelled").await.json().await.unwrap();
     assert_eq!(cancelled["items"].as_array().unwrap().len(), 1);
     assert_eq!(cancelled["items"][0]["id"], ids[1]);
 
-    for bad in [
-        "limit=0",
-        "limit=501",
-        "limit=ten",
-        "state=done",
-        "job_id=nope",
-        "cursor=forged",
-        "colour=red",
-    ] {
-        problem(
-            app.get_as(KEY_A, &format!("/v1/subscriptions?{bad}")).await,
-            StatusCode::BAD_REQUEST,
-        )
-        .await;
+    for bad in ["limit=0", "limit=501", "limit=ten", "state=done", "job_id=nope", "cursor=forged", "colour=red"] {
+        problem(app.get_as(KEY_A, &format!("/v1/subscriptions?{bad}")).await, StatusCode::BAD_REQUEST).await;
     }
 }
 
 #[tokio::test]
 async fn cancelling_stops_polling_and_the_state_becomes_cancelled() {
-    let app = spawn_app_with(Settings {
-        mock: jobhook::mock_upstream::MockArgs {
-            outcome: jobhook::mock_upstream::Outcome::Pending,
-            ..mock_args(0)
-        },
-        ..Default::default()
-    })
-    .await;
+    let app = spawn_app_with(Settings::never_ending()).await;
     let job = new_job();
     let sub = app.register(&job, &app.receiver.url("/hook")).await;
     let id = sub["id"].as_str().unwrap();
@@ -401,13 +206,7 @@ async fn cancelling_stops_polling_and_the_state_becomes_cancelled() {
         (app.upstream.polls(job_id).count >= 3).then_some(())
     })
     .await;
-    let delete = app
-        .http
-        .delete(app.url(&format!("/v1/subscriptions/{id}")))
-        .bearer_auth(KEY_A)
-        .send()
-        .await
-        .unwrap();
+    let delete = app.delete_as(KEY_A, id).await;
     assert_eq!(delete.status(), StatusCode::NO_CONTENT);
     assert_eq!(app.subscription(id).await["state"], "cancelled");
     let polls_at_cancel = app.upstream.polls(job_id).count;
@@ -420,32 +219,17 @@ async fn cancelling_stops_polling_and_the_state_becomes_cancelled() {
             .chain([jobhook::mock_upstream::Answer::Succeed])
             .collect(),
     );
-    app.wait_for_state(other["id"].as_str().unwrap(), "delivered")
-        .await;
-    assert!(
-        app.upstream.polls(job_id).count <= polls_at_cancel + 1,
-        "polling went on after cancel"
-    );
+    app.wait_for_state(other["id"].as_str().unwrap(), "delivered").await;
+    assert!(app.upstream.polls(job_id).count <= polls_at_cancel + 1, "polling went on after cancel");
     // Cancelling again is fine.
-    let again = app
-        .http
-        .delete(app.url(&format!("/v1/subscriptions/{id}")))
-        .bearer_auth(KEY_A)
-        .send()
-        .await
-        .unwrap();
+    let again = app.delete_as(KEY_A, id).await;
     assert_eq!(again.status(), StatusCode::NO_CONTENT);
 }
 
 #[tokio::test]
 async fn the_signing_secret_and_health_are_served() {
     let app = spawn_app().await;
-    let secret: Value = app
-        .get_as(KEY_A, "/v1/signing-secret")
-        .await
-        .json()
-        .await
-        .unwrap();
+    let secret: Value = app.get_as(KEY_A, "/v1/signing-secret").await.json().await.unwrap();
     assert_eq!(secret["secret"], SECRET);
     let health = app.http.get(app.url("/healthz")).send().await.unwrap();
     assert_eq!(health.status(), StatusCode::OK);
