@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, AppState};
 use crate::config::Config;
-use crate::delivery::client::EgressPolicy;
+use crate::delivery::client;
 use crate::delivery::{self, DeliveryContext};
 use crate::keys::{ApiKey, SigningSecret};
 use crate::poller::{self, PollContext};
@@ -37,6 +37,11 @@ pub struct FirstKey {
 
 impl Application {
     pub async fn build(config: Config) -> anyhow::Result<Self> {
+        Self::build_with(config, client::system_lookup()).await
+    }
+
+    /// Builds with another way to resolve callback hosts (tests play DNS with it).
+    pub async fn build_with(config: Config, lookup: client::Lookup) -> anyhow::Result<Self> {
         let store = store::open(&config.database_url)
             .await
             .with_context(|| format!("cannot open the store {}", config.database_url))?;
@@ -47,19 +52,29 @@ impl Application {
             TcpListener::bind(config.listen).await.with_context(|| format!("cannot listen on {}", config.listen))?;
         let addr = listener.local_addr()?;
 
-        let egress = EgressPolicy { allow_private: config.allow_private_callbacks };
+        let egress = config.egress.clone();
         let (dispatcher, dispatcher_inbox) = delivery::channel();
         let (poller, poller_inbox) = poller::channel();
-        let delivery_ctx = Arc::new(DeliveryContext::new(store.clone(), egress, config.delivery.clone()));
-        let poll_ctx = Arc::new(PollContext {
-            store: store.clone(),
-            upstream: UpstreamClient::new(&config.upstream),
-            config: config.poll.clone(),
-            dispatcher: dispatcher.clone(),
-        });
+        let delivery_ctx =
+            Arc::new(DeliveryContext::new(store.clone(), egress.clone(), lookup.clone(), config.delivery.clone()));
+        let poll_ctx = Arc::new(PollContext::new(
+            store.clone(),
+            UpstreamClient::new(&config.upstream),
+            config.poll.clone(),
+            dispatcher.clone(),
+        ));
         let pending_jobs = store.pollable_jobs().await.context("cannot read the jobs to resume")?;
         let pending_deliveries = store.pending_deliveries().await.context("cannot read the deliveries to resume")?;
-        let router = api::router(AppState { store, poller, dispatcher, egress });
+        let cursor_key = Arc::new(store.meta_secret("cursor_key").await.context("cannot read the cursor key")?);
+        let router = api::router(AppState {
+            store,
+            poller,
+            dispatcher,
+            egress,
+            lookup,
+            cursor_key,
+            secret_rotation_grace: config.secret_rotation_grace,
+        });
         Ok(Application {
             listener,
             addr,
@@ -95,7 +110,26 @@ impl Application {
         tracing::info!("listening on http://{addr}");
         let server = axum::serve(listener, router).with_graceful_shutdown(shutdown.clone().cancelled_owned());
         let server = tokio::spawn(async move { server.await });
-        shutdown.cancelled().await;
+        let (mut poller, mut dispatcher) = (poller, dispatcher);
+        // A worker ends only on shutdown; one that ends before is a bug, and a process that accepts
+        // registrations nobody works on is worse than one that stops and is restarted.
+        let crashed = tokio::select! {
+            _ = shutdown.cancelled() => None,
+            ended = &mut poller => Some(("poller", ended)),
+            ended = &mut dispatcher => Some(("dispatcher", ended)),
+        };
+        if let Some((worker, ended)) = crashed {
+            shutdown.cancel();
+            poller.abort();
+            dispatcher.abort();
+            let why = match ended {
+                Ok(()) => "it returned".to_owned(),
+                Err(e) => e.to_string(),
+            };
+            tracing::error!(worker, %why, "a worker stopped unexpectedly; stopping");
+            let _ = tokio::time::timeout(grace, server).await;
+            anyhow::bail!("the {worker} stopped unexpectedly ({why}); nothing is lost, restart the service");
+        }
         tracing::info!(grace = %humantime::format_duration(grace), "shutting down");
         // The workers bound their own wait by the grace period; open HTTP requests get the same, all at once.
         let stopped =

@@ -50,6 +50,18 @@ pub enum KeysCommand {
         #[arg(long, default_value = "default")]
         name: String,
     },
+    /// List the keys (never the keys themselves: they are stored only as hashes).
+    List {
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Revoke a key by the ID `keys list` shows; it answers 401 from then on.
+    Revoke {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// The key's ID.
+        id: i64,
+    },
 }
 
 #[derive(Debug, Clone, Args)]
@@ -116,6 +128,23 @@ pub struct ServeArgs {
     #[arg(long, env = "JOBHOOK_ALLOW_PRIVATE_CALLBACKS", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub allow_private_callbacks: bool,
 
+    /// Also allow callbacks to these networks (comma-separated CIDRs, e.g. 10.20.0.0/16,fd00::/8), for
+    /// internal receivers, while the rest of the egress policy stays on.
+    #[arg(long, env = "JOBHOOK_CALLBACK_ALLOW_CIDRS", value_delimiter = ',')]
+    pub callback_allow_cidrs: Vec<String>,
+
+    /// Refuse callback URLs that are not https.
+    #[arg(long, env = "JOBHOOK_CALLBACK_HTTPS_ONLY", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub callback_https_only: bool,
+
+    /// The most polls per second sent upstream, over all jobs (a token bucket); 0 = no cap.
+    #[arg(long, env = "JOBHOOK_UPSTREAM_MAX_RPS", default_value_t = 100)]
+    pub upstream_max_rps: u32,
+
+    /// After a signing-secret rotation, how long deliveries also carry a signature with the old secret.
+    #[arg(long, env = "JOBHOOK_SECRET_ROTATION_GRACE", default_value = "24h", value_parser = parse_duration)]
+    pub secret_rotation_grace: Duration,
+
     /// On SIGTERM or Ctrl-C, how long in-flight polls and deliveries may take to finish.
     #[arg(long, env = "JOBHOOK_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
@@ -164,7 +193,8 @@ pub struct Config {
     pub signing_secret: Option<SigningSecret>,
     pub poll: PollConfig,
     pub delivery: DeliveryConfig,
-    pub allow_private_callbacks: bool,
+    pub egress: crate::delivery::client::EgressPolicy,
+    pub secret_rotation_grace: Duration,
     pub shutdown_grace: Duration,
 }
 
@@ -183,6 +213,8 @@ pub struct PollConfig {
     pub not_found_grace: Duration,
     /// How many polls may be in flight at once, over all jobs.
     pub max_in_flight: usize,
+    /// The cap on polls per second over all jobs; `None`: no cap.
+    pub max_rps: Option<std::num::NonZeroU32>,
 }
 
 #[derive(Debug, Clone)]
@@ -240,6 +272,9 @@ impl ServeArgs {
                 format!("must be at least --poll-interval ({})", humantime::format_duration(self.poll_interval)),
             ));
         }
+        if self.poll_max_interval > Duration::from_secs(3600) {
+            return Err(bad("--poll-max-interval", "JOBHOOK_POLL_MAX_INTERVAL", "must be at most 1h"));
+        }
         nonzero(self.max_wait, "--max-wait", "JOBHOOK_MAX_WAIT")?;
         nonzero(self.delivery_timeout, "--delivery-timeout", "JOBHOOK_DELIVERY_TIMEOUT")?;
         if self.retry_schedule.0.len() > 100 {
@@ -247,6 +282,18 @@ impl ServeArgs {
         }
         if self.retry_schedule.0.iter().any(|d| *d > Duration::from_secs(7 * 24 * 3600)) {
             return Err(bad("--retry-schedule", "JOBHOOK_RETRY_SCHEDULE", "each delay must be at most 7 days"));
+        }
+
+        let mut allow_cidrs = Vec::new();
+        for cidr in self.callback_allow_cidrs.iter().map(|c| c.trim()).filter(|c| !c.is_empty()) {
+            let net = cidr.parse::<ipnet::IpNet>().map_err(|_| {
+                bad(
+                    "--callback-allow-cidrs",
+                    "JOBHOOK_CALLBACK_ALLOW_CIDRS",
+                    format!("{cidr:?} is not a CIDR such as 10.20.0.0/16"),
+                )
+            })?;
+            allow_cidrs.push(net.trunc());
         }
 
         Ok(Config {
@@ -261,6 +308,7 @@ impl ServeArgs {
                 max_wait: self.max_wait,
                 not_found_grace: self.not_found_grace,
                 max_in_flight: 512,
+                max_rps: std::num::NonZeroU32::new(self.upstream_max_rps),
             },
             delivery: DeliveryConfig {
                 retry_schedule: self.retry_schedule.0,
@@ -268,7 +316,12 @@ impl ServeArgs {
                 max_in_flight: 512,
                 max_in_flight_per_host: 32,
             },
-            allow_private_callbacks: self.allow_private_callbacks,
+            egress: crate::delivery::client::EgressPolicy {
+                allow_private: self.allow_private_callbacks,
+                allow_cidrs: std::sync::Arc::new(allow_cidrs),
+                https_only: self.callback_https_only,
+            },
+            secret_rotation_grace: self.secret_rotation_grace,
             shutdown_grace: self.shutdown_grace,
         })
     }
@@ -315,7 +368,10 @@ mod tests {
             ]
         );
         assert_eq!(cfg.delivery.timeout, Duration::from_secs(15));
-        assert!(!cfg.allow_private_callbacks);
+        assert!(!cfg.egress.allow_private);
+        assert!(!cfg.egress.https_only);
+        assert_eq!(cfg.poll.max_rps, std::num::NonZeroU32::new(100));
+        assert_eq!(cfg.secret_rotation_grace, Duration::from_secs(24 * 3600));
     }
 
     #[test]
@@ -337,6 +393,7 @@ mod tests {
         assert!(parse(&["--listen", "nowhere"]).unwrap_err().contains("--listen"));
         assert!(parse(&["--signing-secret", "hunter2"]).unwrap_err().contains("--signing-secret"));
         assert!(parse(&["--database-url", "mysql://x"]).unwrap_err().contains("--database-url"));
+        assert!(parse(&["--callback-allow-cidrs", "10.0.0.0/33"]).unwrap_err().contains("--callback-allow-cidrs"));
     }
 
     #[test]

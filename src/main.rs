@@ -28,9 +28,7 @@ fn main() -> ExitCode {
         match cli.command {
             None => serve(cli.serve).await,
             Some(Command::Serve(args)) => serve(*args).await,
-            Some(Command::Keys { command: KeysCommand::Create { store, name } }) => {
-                create_key(&store.database_url, &name).await
-            }
+            Some(Command::Keys { command }) => keys(command).await,
             Some(Command::MockUpstream(args)) => jobhook::mock_upstream::run(args).await,
         }
     });
@@ -54,15 +52,39 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     app.run_until_stopped().await
 }
 
-async fn create_key(database_url: &str, name: &str) -> anyhow::Result<()> {
-    jobhook::store::check_url(database_url)
+async fn keys(command: KeysCommand) -> anyhow::Result<()> {
+    let (KeysCommand::Create { store, .. } | KeysCommand::List { store } | KeysCommand::Revoke { store, .. }) =
+        &command;
+    jobhook::store::check_url(&store.database_url)
         .map_err(|m| anyhow::anyhow!("invalid setting --database-url (JOBHOOK_DATABASE_URL): {m}"))?;
-    let store = jobhook::store::open(database_url).await?;
-    let key = ApiKey::generate();
-    let secret = SigningSecret::generate();
-    store.create_key(name, key.hash(), &secret, jobhook::store::now_ms()).await?;
-    println!("API key ({name}), shown only now: {}", key.expose());
-    println!("its signing secret:                {}", secret.expose());
+    let store = jobhook::store::open(&store.database_url).await?;
+    let now = jobhook::store::now_ms();
+    match command {
+        KeysCommand::Create { name, .. } => {
+            let key = ApiKey::generate();
+            let secret = SigningSecret::generate();
+            store.create_key(&name, key.hash(), &secret, now).await?;
+            println!("API key ({name}), shown only now: {}", key.expose());
+            println!("its signing secret:                {}", secret.expose());
+        }
+        KeysCommand::List { .. } => {
+            println!("{:>4}  {:>6}  {:<8}  {:<24}  {:<24}  name", "id", "tenant", "source", "created", "revoked");
+            for key in store.list_keys().await? {
+                let revoked = key.revoked_at.map(jobhook::api::rfc3339).unwrap_or_else(|| "-".into());
+                let created = jobhook::api::rfc3339(key.created_at);
+                println!(
+                    "{:>4}  {:>6}  {:<8}  {created:<24}  {revoked:<24}  {}",
+                    key.id, key.tenant_id, key.source, key.name
+                );
+            }
+        }
+        KeysCommand::Revoke { id, .. } => {
+            if !store.revoke_key(id, now).await? {
+                anyhow::bail!("there is no usable key with ID {id} (see: jobhook keys list)");
+            }
+            println!("key {id} revoked; it answers 401 from now on");
+        }
+    }
     Ok(())
 }
 

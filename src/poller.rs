@@ -9,10 +9,12 @@
 //! [`step`] is one poll of one job and returns what to do next; [`run`] is the loop around it.
 
 use std::collections::HashMap;
+use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -118,6 +120,25 @@ pub struct PollContext {
     pub upstream: UpstreamClient,
     pub config: PollConfig,
     pub dispatcher: DispatcherHandle,
+    /// The cap on polls per second over all jobs (DESIGN promise 7).
+    limiter: Option<DefaultDirectRateLimiter>,
+}
+
+impl PollContext {
+    pub fn new(
+        store: Arc<dyn Store>,
+        upstream: UpstreamClient,
+        config: PollConfig,
+        dispatcher: DispatcherHandle,
+    ) -> Self {
+        // A burst of a tenth of a second's worth: smooth enough for the upstream, loose enough that a
+        // poll is never late by more than one token's wait.
+        let limiter = config.max_rps.map(|rps| {
+            let burst = NonZeroU32::new(rps.get() / 10).unwrap_or(NonZeroU32::MIN);
+            RateLimiter::direct(Quota::per_second(rps).allow_burst(burst))
+        });
+        PollContext { store, upstream, config, dispatcher, limiter }
+    }
 }
 
 /// One poll of one job: ask the upstream, record what changed, say when to poll next.
@@ -133,6 +154,9 @@ pub async fn step(ctx: &PollContext, state: &mut JobState) -> (PollOutcome, Next
             Ok(None) => return (PollOutcome::Abandoned, Next::Done),
             Err(e) => return store_trouble(ctx, state, e),
         }
+    }
+    if let Some(limiter) = &ctx.limiter {
+        limiter.until_ready().await;
     }
     let answer = ctx.upstream.poll(job_id).await;
     let now = now_ms();
@@ -392,11 +416,12 @@ pub async fn run(
                     Err(e) => {
                         // A panic in a step is a bug; the job must not be forgotten for it.
                         tracing::error!(%job_id, error = %e, "poll step failed unexpectedly; retrying later");
-                        slots.remove(&job_id);
-                        if let Ok(Some(job)) = ctx.store.pollable_job(job_id).await {
-                            queue.insert(job_id, ctx.config.max_interval);
-                            slots.insert(job_id, Slot::Queued { state: JobState::new(job) });
-                        }
+                        // Requeued with a recheck: the next step asks the store who still waits.
+                        let now = now_ms();
+                        let mut state = JobState::new(PollableJob { job_id, job_created_at: now, oldest_polling_at: now });
+                        state.recheck = true;
+                        queue.insert(job_id, ctx.config.max_interval);
+                        slots.insert(job_id, Slot::Queued { state });
                     }
                 }
             },
@@ -422,6 +447,7 @@ mod tests {
             max_wait: Duration::from_secs(86_400),
             not_found_grace: Duration::from_secs(60),
             max_in_flight: 8,
+            max_rps: None,
         }
     }
 

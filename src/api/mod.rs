@@ -20,7 +20,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::delivery::DispatcherHandle;
-use crate::delivery::client::EgressPolicy;
+use crate::delivery::client::{EgressPolicy, Lookup};
 use crate::poller::PollerHandle;
 use crate::store::{Millis, Store, Tenant};
 pub use error::{ApiError, Problem};
@@ -35,6 +35,10 @@ pub struct AppState {
     pub poller: PollerHandle,
     pub dispatcher: DispatcherHandle,
     pub egress: EgressPolicy,
+    pub lookup: Lookup,
+    /// Signs list cursors, so a cursor cannot be forged or altered.
+    pub cursor_key: Arc<Vec<u8>>,
+    pub secret_rotation_grace: std::time::Duration,
 }
 
 #[derive(OpenApi)]
@@ -66,7 +70,9 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(subscriptions::create, subscriptions::list))
         .routes(routes!(subscriptions::get_one, subscriptions::cancel))
         .routes(routes!(subscriptions::deliveries))
+        .routes(routes!(subscriptions::redeliver))
         .routes(routes!(signing_secret))
+        .routes(routes!(rotate_signing_secret))
         .routes(routes!(healthz))
 }
 
@@ -113,6 +119,42 @@ pub struct SigningSecretView {
     /// `whsec_` + base64; give it to your receiver's Standard Webhooks library.
     #[schema(example = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")]
     pub secret: String,
+}
+
+/// The answer to a rotation.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct RotatedSecret {
+    /// The new secret: give it to your receiver.
+    pub secret: String,
+    /// Until then, deliveries carry a second signature made with the previous secret, so receivers that
+    /// still hold it keep verifying.
+    #[schema(format = DateTime)]
+    pub previous_secret_valid_until: String,
+}
+
+/// Rotate your signing secret.
+///
+/// Returns a new secret. For the grace period (`JOBHOOK_SECRET_ROTATION_GRACE`, 24 h by default) every
+/// delivery carries two signatures, with the new and the previous secret, space-separated in
+/// `webhook-signature`: the stock libraries accept either secret. Update your receiver within it.
+#[utoipa::path(
+    post,
+    path = "/v1/signing-secret/rotate",
+    tag = "account",
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The new secret", body = RotatedSecret),
+        (status = 401, description = "Missing or invalid API key", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The store cannot take writes now; nothing changed", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+async fn rotate_signing_secret(State(state): State<AppState>, tenant: Tenant) -> Result<Json<RotatedSecret>, ApiError> {
+    let secret = crate::keys::SigningSecret::generate();
+    let grace_ms = Millis::try_from(state.secret_rotation_grace.as_millis()).unwrap_or(Millis::MAX);
+    let until = crate::store::now_ms().saturating_add(grace_ms);
+    state.store.rotate_secret(tenant.id, &secret, until).await?;
+    tracing::info!(tenant_id = tenant.id, "signing secret rotated");
+    Ok(Json(RotatedSecret { secret: secret.expose(), previous_secret_valid_until: rfc3339(until) }))
 }
 
 /// Your signing secret.

@@ -1,18 +1,21 @@
 //! `/v1/subscriptions`: register a job with a callback, read it, list, cancel, and read its deliveries.
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
+use sha2::Sha256;
 use utoipa::{IntoParams, ToSchema};
 
 use super::error::{ApiError, ApiJson, Problem};
 use super::{AppState, rfc3339};
 use crate::domain::{CallbackUrl, FailureReason, JobId, JobStatus, SubscriptionId, SubscriptionState, truncate};
-use crate::store::{AttemptRecord, ListFilter, Registered, Subscription, Tenant, now_ms};
+use crate::store::{AttemptRecord, ListFilter, Redelivery, Registered, Subscription, Tenant, now_ms};
 
 /// A registration: which upstream job to watch, and where to POST its result.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -101,6 +104,9 @@ pub struct ListQuery {
 /// One delivery attempt.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct DeliveryAttemptView {
+    /// The delivery series: 1, then one more per redelivery.
+    pub series: u32,
+    /// The attempt's number within its series.
     pub attempt: u32,
     pub webhook_id: String,
     #[schema(format = DateTime)]
@@ -115,6 +121,7 @@ pub struct DeliveryAttemptView {
 impl From<AttemptRecord> for DeliveryAttemptView {
     fn from(a: AttemptRecord) -> Self {
         DeliveryAttemptView {
+            series: a.series,
             attempt: a.attempt,
             webhook_id: a.webhook_id,
             started_at: rfc3339(a.started_at),
@@ -138,8 +145,19 @@ fn not_found(raw: &str) -> ApiError {
     ApiError::NotFound(format!("there is no subscription {:?}", truncate(raw, 64)))
 }
 
-fn parse_id(raw: &str) -> Result<SubscriptionId, ApiError> {
-    raw.parse().map_err(|_| not_found(raw))
+/// The `{id}` of a subscription route: parsed, or a 404 problem (also for a path that is not UTF-8).
+pub struct SubscriptionPath(SubscriptionId, String);
+
+impl<S: Send + Sync> FromRequestParts<S> for SubscriptionPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let Ok(Path(raw)) = Path::<String>::from_request_parts(parts, state).await else {
+            return Err(ApiError::NotFound("there is no such subscription".into()));
+        };
+        let id = raw.parse().map_err(|_| not_found(&raw))?;
+        Ok(SubscriptionPath(id, raw))
+    }
 }
 
 /// Register a job and a callback.
@@ -171,7 +189,7 @@ pub async fn create(
 ) -> Result<Response, ApiError> {
     let job_id: JobId = body.job_id.parse().map_err(ApiError::Invalid)?;
     let callback_url: CallbackUrl = body.callback_url.parse().map_err(ApiError::Invalid)?;
-    state.egress.check_registration(&callback_url).await.map_err(ApiError::Invalid)?;
+    state.egress.check_registration(&callback_url, &state.lookup).await.map_err(ApiError::Invalid)?;
     let registered = state.store.register(&tenant, SubscriptionId::new(), job_id, &callback_url, now_ms()).await?;
     let (status, sub) = match registered {
         Registered::CreatedPolling(sub, job) => {
@@ -182,7 +200,16 @@ pub async fn create(
             state.dispatcher.deliver(vec![task]);
             (StatusCode::CREATED, sub)
         }
-        Registered::Existing(sub) => (StatusCode::OK, sub),
+        Registered::Existing(sub) => {
+            // Harmless when the job is already scheduled (the poller ignores a known job), and a repair
+            // if it was not.
+            if sub.state == SubscriptionState::Polling
+                && let Some(job) = state.store.pollable_job(sub.job_id).await?
+            {
+                state.poller.ensure(job);
+            }
+            (StatusCode::OK, sub)
+        }
     };
     tracing::info!(subscription_id = %sub.id, job_id = %sub.job_id, created = status == StatusCode::CREATED, "registered");
     let location = format!("/v1/subscriptions/{}", sub.id);
@@ -205,9 +232,8 @@ pub async fn create(
 pub async fn get_one(
     State(state): State<AppState>,
     tenant: Tenant,
-    Path(id): Path<String>,
+    SubscriptionPath(sub_id, id): SubscriptionPath,
 ) -> Result<Json<SubscriptionView>, ApiError> {
-    let sub_id = parse_id(&id)?;
     let sub = state.store.subscription(tenant.id, sub_id).await?.ok_or_else(|| not_found(&id))?;
     Ok(Json(sub.into()))
 }
@@ -246,31 +272,87 @@ pub async fn list(
             }
         },
     };
-    let before = query.cursor.as_deref().map(decode_cursor).transpose()?;
+    let before = query.cursor.as_deref().map(|c| decode_cursor(&state.cursor_key, c)).transpose()?;
     let filter = ListFilter { job_id, state: state_filter, before, limit: limit + 1 };
     let mut items = state.store.list_subscriptions(tenant.id, &filter).await?;
     let next_cursor = if items.len() > limit as usize {
         items.truncate(limit as usize);
-        items.last().map(|s| encode_cursor(s.id))
+        items.last().map(|s| encode_cursor(&state.cursor_key, s.id))
     } else {
         None
     };
     Ok(Json(SubscriptionPage { items: items.into_iter().map(Into::into).collect(), next_cursor }))
 }
 
-fn encode_cursor(id: SubscriptionId) -> String {
-    URL_SAFE_NO_PAD.encode(format!("v1:{id}"))
+/// A cursor is the last ID of the page and a MAC over it (16 bytes of HMAC-SHA256 with a key kept in
+/// the store), base64url: opaque to callers, and an altered or forged one is refused.
+fn encode_cursor(key: &[u8], id: SubscriptionId) -> String {
+    let mut raw = id.0.as_bytes().to_vec();
+    raw.extend_from_slice(&cursor_mac(key, id.0.as_bytes()).finalize().into_bytes()[..16]);
+    URL_SAFE_NO_PAD.encode(raw)
 }
 
-fn decode_cursor(raw: &str) -> Result<SubscriptionId, ApiError> {
+fn cursor_mac(key: &[u8], id: &[u8]) -> Hmac<Sha256> {
+    let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes a key of any length");
+    mac.update(b"jobhook cursor v1:");
+    mac.update(id);
+    mac
+}
+
+fn decode_cursor(key: &[u8], raw: &str) -> Result<SubscriptionId, ApiError> {
     let bad = || {
         ApiError::BadRequest(
             "cursor is not one this API issued; pass next_cursor from the previous page unchanged".into(),
         )
     };
     let decoded = URL_SAFE_NO_PAD.decode(raw).map_err(|_| bad())?;
-    let text = std::str::from_utf8(&decoded).map_err(|_| bad())?;
-    text.strip_prefix("v1:").and_then(|id| id.parse().ok()).ok_or_else(bad)
+    if decoded.len() != 32 {
+        return Err(bad());
+    }
+    let (id, tag) = decoded.split_at(16);
+    // Constant-time comparison of the tag.
+    cursor_mac(key, id).verify_truncated_left(tag).map_err(|_| bad())?;
+    Ok(SubscriptionId(uuid::Uuid::from_slice(id).map_err(|_| bad())?))
+}
+
+/// Start a new delivery series for a delivered or failed subscription.
+///
+/// For a receiver that lost its data, or was fixed after the retries ran out: the job's result is
+/// delivered again, from the first attempt of the retry schedule, under the same `webhook-id`.
+#[utoipa::path(
+    post,
+    path = "/v1/subscriptions/{id}/redeliver",
+    tag = "subscriptions",
+    security(("bearer" = [])),
+    params(("id" = String, Path, description = "The subscription ID")),
+    responses(
+        (status = 202, description = "A new delivery series has started", body = SubscriptionView),
+        (status = 401, description = "Missing or invalid API key", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such subscription for this API key", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The subscription is not delivered or failed, or its job has no result to deliver", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The store cannot take writes now; nothing changed", body = Problem, content_type = "application/problem+json"),
+    )
+)]
+pub async fn redeliver(
+    State(state): State<AppState>,
+    tenant: Tenant,
+    SubscriptionPath(sub_id, id): SubscriptionPath,
+) -> Result<(StatusCode, Json<SubscriptionView>), ApiError> {
+    match state.store.redeliver(tenant.id, sub_id, now_ms()).await?.ok_or_else(|| not_found(&id))? {
+        Redelivery::Started(task) => {
+            tracing::info!(subscription_id = %sub_id, series = task.series, "redelivery started");
+            state.dispatcher.deliver(vec![task]);
+            let sub = state.store.subscription(tenant.id, sub_id).await?.ok_or_else(|| not_found(&id))?;
+            Ok((StatusCode::ACCEPTED, Json(sub.into())))
+        }
+        Redelivery::Superseded => Err(ApiError::Conflict(
+            "a newer subscription of the same job and callback exists; redeliver that one instead".into(),
+        )),
+        Redelivery::NotEnded(current) => Err(ApiError::Conflict(format!(
+            "only a delivered or failed subscription whose job has a result can be redelivered; this one is {}",
+            current.as_str()
+        ))),
+    }
 }
 
 /// Cancel a subscription: polling and delivery stop and its state becomes `cancelled`. A subscription
@@ -291,9 +373,8 @@ fn decode_cursor(raw: &str) -> Result<SubscriptionId, ApiError> {
 pub async fn cancel(
     State(state): State<AppState>,
     tenant: Tenant,
-    Path(id): Path<String>,
+    SubscriptionPath(sub_id, id): SubscriptionPath,
 ) -> Result<StatusCode, ApiError> {
-    let sub_id = parse_id(&id)?;
     let cancelled = state.store.cancel(tenant.id, sub_id, now_ms()).await?.ok_or_else(|| not_found(&id))?;
     match cancelled.was {
         Some(SubscriptionState::Polling) => state.poller.recheck(cancelled.job_id),
@@ -322,9 +403,8 @@ pub async fn cancel(
 pub async fn deliveries(
     State(state): State<AppState>,
     tenant: Tenant,
-    Path(id): Path<String>,
+    SubscriptionPath(sub_id, id): SubscriptionPath,
 ) -> Result<Json<DeliveryAttempts>, ApiError> {
-    let sub_id = parse_id(&id)?;
     let attempts = state.store.attempts(tenant.id, sub_id).await?.ok_or_else(|| not_found(&id))?;
     Ok(Json(DeliveryAttempts { items: attempts.into_iter().map(Into::into).collect() }))
 }
@@ -335,9 +415,13 @@ mod tests {
 
     #[test]
     fn a_cursor_round_trips_and_a_forged_one_is_refused() {
-        let id = SubscriptionId::new();
-        assert_eq!(decode_cursor(&encode_cursor(id)).unwrap(), id);
-        assert!(decode_cursor("not-a-cursor").is_err());
-        assert!(decode_cursor(&URL_SAFE_NO_PAD.encode("v2:x")).is_err());
+        let (key, id) = (b"key".as_slice(), SubscriptionId::new());
+        let cursor = encode_cursor(key, id);
+        assert_eq!(decode_cursor(key, &cursor).unwrap(), id);
+        assert!(decode_cursor(key, "not-a-cursor").is_err());
+        assert!(decode_cursor(b"another key", &cursor).is_err());
+        let mut raw = URL_SAFE_NO_PAD.decode(&cursor).unwrap();
+        raw[3] ^= 1;
+        assert!(decode_cursor(key, &URL_SAFE_NO_PAD.encode(raw)).is_err(), "an altered ID is refused");
     }
 }

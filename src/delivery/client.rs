@@ -15,15 +15,31 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::future::BoxFuture;
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 
 use crate::domain::CallbackUrl;
 
 /// What may be called back.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Default)]
 pub struct EgressPolicy {
     /// Allow every address (tests, internal networks).
     pub allow_private: bool,
+    /// Networks allowed even though they are not public (internal receivers).
+    pub allow_cidrs: Arc<Vec<ipnet::IpNet>>,
+    /// Refuse plain-http callbacks.
+    pub https_only: bool,
+}
+
+/// How names become addresses: the system resolver in production; tests may put a DNS of their own in
+/// its place (to play DNS rebinding, say).
+pub type Lookup = Arc<dyn Fn(String, u16) -> BoxFuture<'static, std::io::Result<Vec<SocketAddr>>> + Send + Sync>;
+
+/// The system resolver.
+pub fn system_lookup() -> Lookup {
+    Arc::new(|host: String, port: u16| {
+        Box::pin(async move { Ok(tokio::net::lookup_host((host.as_str(), port)).await?.collect()) })
+    })
 }
 
 /// How long registration waits for DNS before refusing a callback host.
@@ -31,30 +47,33 @@ const REGISTRATION_DNS_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl EgressPolicy {
     /// Whether this callback URL may be registered; the error is a sentence for the caller.
-    pub async fn check_registration(&self, url: &CallbackUrl) -> Result<(), String> {
+    pub async fn check_registration(&self, url: &CallbackUrl, lookup: &Lookup) -> Result<(), String> {
+        let url = url.as_url();
+        self.check_scheme(url)?;
         if self.allow_private {
             return Ok(());
         }
-        let url = url.as_url();
         let port = url.port_or_known_default().unwrap_or(443);
         match url.host() {
-            Some(url::Host::Ipv4(ip)) => check_ip(IpAddr::V4(ip)),
-            Some(url::Host::Ipv6(ip)) => check_ip(IpAddr::V6(ip)),
+            Some(url::Host::Ipv4(ip)) => self.check_ip(IpAddr::V4(ip)),
+            Some(url::Host::Ipv6(ip)) => self.check_ip(IpAddr::V6(ip)),
             Some(url::Host::Domain(name)) => {
                 check_name(name)?;
-                let lookup =
-                    tokio::time::timeout(REGISTRATION_DNS_TIMEOUT, tokio::net::lookup_host((name, port))).await;
-                let addrs: Vec<SocketAddr> = match lookup {
-                    Ok(Ok(addrs)) => addrs.collect(),
-                    Ok(Err(_)) | Err(_) => {
-                        return Err(format!("the callback host {name:?} could not be resolved"));
-                    }
+                let addrs = match tokio::time::timeout(REGISTRATION_DNS_TIMEOUT, lookup(name.to_owned(), port)).await {
+                    Ok(Ok(addrs)) => addrs,
+                    Ok(Err(_)) | Err(_) => return Err(format!("the callback host {name:?} could not be resolved")),
                 };
                 if addrs.is_empty() {
                     return Err(format!("the callback host {name:?} has no address"));
                 }
+                // The address itself is not quoted: a caller must not learn the operator's internal DNS.
                 for addr in addrs {
-                    check_ip(addr.ip()).map_err(|why| format!("the callback host {name:?} resolves to {why}"))?;
+                    if !self.allows(addr.ip()) {
+                        let why = refused_because(addr.ip()).unwrap_or("refused");
+                        return Err(format!(
+                            "the callback host {name:?} resolves to a {why} address, which is not allowed (the operator can allow it with JOBHOOK_CALLBACK_ALLOW_CIDRS or JOBHOOK_ALLOW_PRIVATE_CALLBACKS)"
+                        ));
+                    }
                 }
                 Ok(())
             }
@@ -62,18 +81,41 @@ impl EgressPolicy {
         }
     }
 
-    /// The check made just before each attempt for a URL whose host is an IP literal (the connector does
-    /// not ask the resolver for those).
+    /// The check made just before each attempt: the scheme, and hosts that are IP literals (the
+    /// connector does not ask the resolver for those).
     pub fn check_literal(&self, url: &url::Url) -> Result<(), String> {
+        self.check_scheme(url)?;
         if self.allow_private {
             return Ok(());
         }
         match url.host() {
-            Some(url::Host::Ipv4(ip)) => check_ip(IpAddr::V4(ip)),
-            Some(url::Host::Ipv6(ip)) => check_ip(IpAddr::V6(ip)),
+            Some(url::Host::Ipv4(ip)) => self.check_ip(IpAddr::V4(ip)),
+            Some(url::Host::Ipv6(ip)) => self.check_ip(IpAddr::V6(ip)),
             Some(url::Host::Domain(name)) => check_name(name),
             None => Err("callback_url has no host".into()),
         }
+    }
+
+    fn check_scheme(&self, url: &url::Url) -> Result<(), String> {
+        if self.https_only && url.scheme() != "https" {
+            return Err("callback_url must use https (the operator set JOBHOOK_CALLBACK_HTTPS_ONLY)".into());
+        }
+        Ok(())
+    }
+
+    /// Whether an address may be dialled under this policy.
+    pub fn allows(&self, ip: IpAddr) -> bool {
+        self.allow_private || refused_because(ip).is_none() || self.allow_cidrs.iter().any(|net| net.contains(&ip))
+    }
+
+    fn check_ip(&self, ip: IpAddr) -> Result<(), String> {
+        if self.allows(ip) {
+            return Ok(());
+        }
+        let why = refused_because(ip).unwrap_or("refused");
+        Err(format!(
+            "{ip}, a {why} address, which is not allowed (the operator can allow it with JOBHOOK_CALLBACK_ALLOW_CIDRS or JOBHOOK_ALLOW_PRIVATE_CALLBACKS)"
+        ))
     }
 }
 
@@ -83,15 +125,6 @@ fn check_name(name: &str) -> Result<(), String> {
         return Err(format!("the callback host {name:?} is a loopback name, which is not allowed"));
     }
     Ok(())
-}
-
-fn check_ip(ip: IpAddr) -> Result<(), String> {
-    match refused_because(ip) {
-        None => Ok(()),
-        Some(why) => Err(format!(
-            "{ip}, a {why} address, which is not allowed (the operator can allow it with JOBHOOK_ALLOW_PRIVATE_CALLBACKS)"
-        )),
-    }
 }
 
 /// Why an address may not be called back, or `None` for a public unicast address.
@@ -181,24 +214,26 @@ fn refused_v6(ip: Ipv6Addr) -> Option<&'static str> {
 }
 
 /// A DNS resolver that hands the connector only addresses the policy allows.
-struct VettingResolver;
+struct VettingResolver {
+    policy: EgressPolicy,
+    lookup: Lookup,
+}
 
 impl Resolve for VettingResolver {
     fn resolve(&self, name: Name) -> Resolving {
+        let (policy, lookup) = (self.policy.clone(), self.lookup.clone());
+        let host = name.as_str().to_owned();
         Box::pin(async move {
-            let host = name.as_str().to_owned();
-            check_name(&host).map_err(|e| -> Box<dyn std::error::Error + Send + Sync> { e.into() })?;
-            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
-            let allowed: Vec<SocketAddr> =
-                addrs.iter().copied().filter(|a| refused_because(a.ip()).is_none()).collect();
+            let refuse =
+                |why: String| -> Box<dyn std::error::Error + Send + Sync> { format!("egress policy: {why}").into() };
+            check_name(&host).map_err(refuse)?;
+            let addrs = lookup(host.clone(), 0).await?;
+            let allowed: Vec<SocketAddr> = addrs.iter().copied().filter(|a| policy.allows(a.ip())).collect();
             if allowed.is_empty() {
-                let why = match addrs.first() {
-                    Some(addr) => {
-                        format!("egress policy: {host} resolves only to refused addresses such as {}", addr.ip())
-                    }
-                    None => format!("{host} has no address"),
-                };
-                return Err(why.into());
+                return Err(match addrs.first() {
+                    Some(_) => refuse(format!("{host} resolves only to non-public addresses")),
+                    None => format!("{host} has no address").into(),
+                });
             }
             Ok(Box::new(allowed.into_iter()) as Addrs)
         })
@@ -209,7 +244,7 @@ impl Resolve for VettingResolver {
 pub const USER_AGENT: &str = concat!("jobhook/", env!("CARGO_PKG_VERSION"));
 
 /// The client for callbacks: the policy's resolver, no redirects, no proxy, one timeout per request.
-pub fn callback_client(policy: EgressPolicy, timeout: Duration) -> reqwest::Client {
+pub fn callback_client(policy: &EgressPolicy, lookup: Lookup, timeout: Duration) -> reqwest::Client {
     crate::install_crypto();
     let mut builder = reqwest::Client::builder()
         .user_agent(USER_AGENT)
@@ -218,14 +253,16 @@ pub fn callback_client(policy: EgressPolicy, timeout: Duration) -> reqwest::Clie
         .timeout(timeout)
         .connect_timeout(timeout.min(Duration::from_secs(10)))
         .pool_idle_timeout(Duration::from_secs(30));
-    if !policy.allow_private {
-        builder = builder.dns_resolver(Arc::new(VettingResolver));
-    }
+    // Every name goes through the vetting resolver, also when the policy allows everything, so tests
+    // that bring their own DNS exercise the same path as production.
+    builder = builder.dns_resolver(Arc::new(VettingResolver { policy: policy.clone(), lookup }));
     builder.build().expect("the callback client's settings are valid")
 }
 
 #[cfg(test)]
 mod tests {
+    use std::str::FromStr;
+
     use super::*;
 
     fn refused(s: &str) -> bool {
@@ -285,7 +322,7 @@ mod tests {
 
     #[tokio::test]
     async fn registration_refuses_private_literals_and_loopback_names() {
-        let policy = EgressPolicy { allow_private: false };
+        let policy = EgressPolicy::default();
         for url in [
             "http://127.0.0.1:8080/hook",
             "http://[::1]/hook",
@@ -298,15 +335,55 @@ mod tests {
             "http://api.localhost./hook",
         ] {
             let url: CallbackUrl = url.parse().unwrap();
-            let err = policy.check_registration(&url).await.unwrap_err();
+            let err = policy.check_registration(&url, &system_lookup()).await.unwrap_err();
             assert!(err.contains("not allowed"), "{url}: {err}");
         }
     }
 
     #[tokio::test]
     async fn allowing_private_callbacks_allows_loopback() {
-        let policy = EgressPolicy { allow_private: true };
+        let policy = EgressPolicy { allow_private: true, ..Default::default() };
         let url: CallbackUrl = "http://127.0.0.1:9/hook".parse().unwrap();
-        assert!(policy.check_registration(&url).await.is_ok());
+        assert!(policy.check_registration(&url, &system_lookup()).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn an_allowed_cidr_opens_just_that_network() {
+        let policy =
+            EgressPolicy { allow_cidrs: Arc::new(vec!["10.20.0.0/16".parse().unwrap()]), ..Default::default() };
+        let inside: CallbackUrl = "http://10.20.3.4/hook".parse().unwrap();
+        let outside: CallbackUrl = "http://10.21.0.1/hook".parse().unwrap();
+        assert!(policy.check_registration(&inside, &system_lookup()).await.is_ok());
+        assert!(policy.check_registration(&outside, &system_lookup()).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn https_only_refuses_plain_http() {
+        let policy = EgressPolicy { https_only: true, allow_private: true, ..Default::default() };
+        let plain: CallbackUrl = "http://example.com/hook".parse().unwrap();
+        assert!(policy.check_registration(&plain, &system_lookup()).await.unwrap_err().contains("https"));
+        assert!(policy.check_literal(plain.as_url()).is_err());
+    }
+
+    #[tokio::test]
+    async fn the_resolver_dials_only_vetted_addresses() {
+        let lookup: Lookup = Arc::new(|_, _| {
+            Box::pin(async {
+                Ok(vec![
+                    "127.0.0.1:0".parse().unwrap(),
+                    "93.184.216.34:0".parse().unwrap(),
+                    "10.0.0.1:0".parse().unwrap(),
+                ])
+            })
+        });
+        let resolver = VettingResolver { policy: EgressPolicy::default(), lookup };
+        let addrs: Vec<SocketAddr> =
+            resolver.resolve(Name::from_str("mixed.example").unwrap()).await.unwrap().collect();
+        assert_eq!(addrs, vec!["93.184.216.34:0".parse::<SocketAddr>().unwrap()]);
+
+        let private: Lookup = Arc::new(|_, _| Box::pin(async { Ok(vec!["169.254.169.254:0".parse().unwrap()]) }));
+        let resolver = VettingResolver { policy: EgressPolicy::default(), lookup: private };
+        let err = resolver.resolve(Name::from_str("rebound.example").unwrap()).await.err().unwrap();
+        assert!(err.to_string().contains("egress policy"), "{err}");
     }
 }

@@ -21,6 +21,7 @@ use tokio_util::time::{DelayQueue, delay_queue};
 
 use crate::config::DeliveryConfig;
 use crate::domain::{FailureReason, SubscriptionId, truncate};
+use crate::keys::SigningSecret;
 use crate::store::{AttemptRecord, AttemptResult, DeliveryTask, Millis, Store, now_ms};
 use crate::upstream::{describe_transport_error, parse_retry_after};
 use client::EgressPolicy;
@@ -42,6 +43,8 @@ pub struct AttemptOutcome {
     pub status_code: Option<u16>,
     pub error: Option<String>,
     pub retry_after: Option<Duration>,
+    /// The egress policy refused the callback's address: retrying cannot help.
+    pub refused: bool,
 }
 
 /// What follows an attempt: a pure function of its outcome, the attempts made and the schedule.
@@ -52,6 +55,9 @@ pub fn decide(
     now: Millis,
     jitter: f64,
 ) -> AttemptResult {
+    if outcome.refused {
+        return AttemptResult::Failed(FailureReason::CallbackRefused);
+    }
     match outcome.status_code {
         Some(200..=299) => return AttemptResult::Delivered,
         Some(410) => return AttemptResult::Failed(FailureReason::CallbackGone),
@@ -77,18 +83,40 @@ pub struct DeliveryContext {
     pub config: DeliveryConfig,
     overall: Arc<Semaphore>,
     per_host: Mutex<HashMap<String, Arc<Semaphore>>>,
+    /// Each tenant's signing secrets, read at most once a second: a rotation signs with the new secret
+    /// within a second, without a store read per attempt.
+    secrets: Mutex<HashMap<i64, (Instant, Arc<Vec<SigningSecret>>)>>,
 }
 
+/// How long a tenant's secrets are reused before they are read again.
+const SECRETS_TTL: Duration = Duration::from_secs(1);
+
 impl DeliveryContext {
-    pub fn new(store: Arc<dyn Store>, policy: EgressPolicy, config: DeliveryConfig) -> Self {
+    pub fn new(store: Arc<dyn Store>, policy: EgressPolicy, lookup: client::Lookup, config: DeliveryConfig) -> Self {
         DeliveryContext {
-            http: client::callback_client(policy, config.timeout),
+            http: client::callback_client(&policy, lookup, config.timeout),
             overall: Arc::new(Semaphore::new(config.max_in_flight)),
             per_host: Mutex::new(HashMap::new()),
+            secrets: Mutex::new(HashMap::new()),
             store,
             policy,
             config,
         }
+    }
+
+    async fn secrets(&self, tenant_id: i64) -> crate::store::Result<Arc<Vec<SigningSecret>>> {
+        {
+            let cache = self.secrets.lock().expect("the secrets cache is never poisoned");
+            if let Some((read_at, secrets)) = cache.get(&tenant_id)
+                && read_at.elapsed() < SECRETS_TTL
+            {
+                return Ok(secrets.clone());
+            }
+        }
+        let secrets = Arc::new(self.store.signing_secrets(tenant_id, now_ms()).await?);
+        let mut cache = self.secrets.lock().expect("the secrets cache is never poisoned");
+        cache.insert(tenant_id, (Instant::now(), secrets.clone()));
+        Ok(secrets)
     }
 
     fn host_semaphore(&self, host: &str) -> Arc<Semaphore> {
@@ -105,13 +133,14 @@ impl DeliveryContext {
 }
 
 /// One signed POST to the callback. Never fails: every outcome is an answer.
-pub async fn send(ctx: &DeliveryContext, task: &DeliveryTask) -> AttemptOutcome {
+pub async fn send(ctx: &DeliveryContext, task: &DeliveryTask, secrets: &[SigningSecret]) -> AttemptOutcome {
     let mut started_at = now_ms();
     let mut clock = Instant::now();
     let failed = |error: String, started_at: Millis, clock: Instant| AttemptOutcome {
         started_at,
         duration_ms: elapsed_ms(clock),
         status_code: None,
+        refused: error.starts_with("egress policy"),
         error: Some(error),
         retry_after: None,
     };
@@ -138,7 +167,7 @@ pub async fn send(ctx: &DeliveryContext, task: &DeliveryTask) -> AttemptOutcome 
     clock = Instant::now();
 
     let timestamp = time::OffsetDateTime::now_utc().unix_timestamp();
-    let signature = signing::signature_header([task.secret.as_ref()], &task.webhook_id, timestamp, &task.body);
+    let signature = signing::signature_header(secrets, &task.webhook_id, timestamp, &task.body);
     let request = ctx
         .http
         .post(url)
@@ -149,7 +178,15 @@ pub async fn send(ctx: &DeliveryContext, task: &DeliveryTask) -> AttemptOutcome 
         .body(task.body.clone());
     let mut response = match request.send().await {
         Ok(response) => response,
-        Err(e) => return failed(describe_transport_error(&e), started_at, clock),
+        Err(e) => {
+            let error = describe_transport_error(&e);
+            // The vetting resolver's refusal comes back inside a connect error.
+            let error = match error.find("egress policy") {
+                Some(at) => error[at..].to_owned(),
+                None => error,
+            };
+            return failed(error, started_at, clock);
+        }
     };
     let status = response.status().as_u16();
     let retry_after = response.headers().get("retry-after").and_then(|v| v.to_str().ok()).and_then(parse_retry_after);
@@ -164,7 +201,7 @@ pub async fn send(ctx: &DeliveryContext, task: &DeliveryTask) -> AttemptOutcome 
         300..=399 => Some("the receiver redirected; redirects are not followed".to_owned()),
         _ => None,
     };
-    AttemptOutcome { started_at, duration_ms: elapsed_ms(clock), status_code: Some(status), error, retry_after }
+    AttemptOutcome { started_at, duration_ms: elapsed_ms(clock), status_code: Some(status), error, retry_after, refused: false }
 }
 
 fn elapsed_ms(since: Instant) -> u64 {
@@ -175,11 +212,19 @@ fn elapsed_ms(since: Instant) -> u64 {
 #[tracing::instrument(skip_all, fields(subscription_id = %task.subscription_id, attempt = task.attempts_made + 1))]
 pub async fn attempt(ctx: &DeliveryContext, task: &mut DeliveryTask) -> Option<Millis> {
     let attempt = task.attempts_made + 1;
-    let outcome = send(ctx, task).await;
+    let secrets = match ctx.secrets(task.tenant_id).await {
+        Ok(secrets) => secrets,
+        Err(e) => {
+            tracing::error!(error = %e, "could not read the signing secrets; the attempt waits");
+            return Some(now_ms().saturating_add(STORE_RETRY.as_millis() as Millis));
+        }
+    };
+    let outcome = send(ctx, task, &secrets).await;
     let now = now_ms();
     let result = decide(&outcome, attempt, &ctx.config.retry_schedule, now, rand::random_range(-1.0..=1.0));
     let record = AttemptRecord {
         subscription_id: task.subscription_id,
+        series: task.series,
         attempt,
         webhook_id: task.webhook_id.clone(),
         started_at: outcome.started_at,
@@ -209,7 +254,9 @@ pub async fn attempt(ctx: &DeliveryContext, task: &mut DeliveryTask) -> Option<M
         }
     }
     match ctx.store.record_attempt(&record, result, now).await {
-        Ok(_) => {
+        // Cancelled (or redelivered) meanwhile: this series is over.
+        Ok(false) => None,
+        Ok(true) => {
             task.attempts_made = attempt;
             match result {
                 AttemptResult::RetryAt(at) => Some(at),
@@ -258,15 +305,35 @@ pub fn channel() -> (DispatcherHandle, DispatcherInbox) {
 
 enum Slot {
     Queued(delay_queue::Key, DeliveryTask),
-    InFlight { cancelled: bool },
+    /// An attempt is running. `cancelled`: drop the delivery when it returns. `then`: a newer series
+    /// (a redelivery) that arrived meanwhile, to queue when it returns.
+    InFlight {
+        cancelled: bool,
+        then: Option<DeliveryTask>,
+    },
 }
 
 /// Queues a delivery unless it is already known (queued or being attempted): the store holds one
 /// delivery per subscription.
 fn enqueue(queue: &mut DelayQueue<SubscriptionId>, slots: &mut HashMap<SubscriptionId, Slot>, task: DeliveryTask) {
-    if let std::collections::hash_map::Entry::Vacant(slot) = slots.entry(task.subscription_id) {
-        let key = queue.insert(task.subscription_id, delay_until(task.due_at));
-        slot.insert(Slot::Queued(key, task));
+    let id = task.subscription_id;
+    match slots.get_mut(&id) {
+        None => {
+            let key = queue.insert(id, delay_until(task.due_at));
+            slots.insert(id, Slot::Queued(key, task));
+        }
+        // A newer series replaces a queued older one; the same series is already queued.
+        Some(Slot::Queued(key, queued)) => {
+            if task.series > queued.series {
+                queue.reset(key, delay_until(task.due_at));
+                *queued = task;
+            }
+        }
+        Some(Slot::InFlight { cancelled, then }) => {
+            if !*cancelled && then.as_ref().is_none_or(|t| task.series > t.series) {
+                *then = Some(task);
+            }
+        }
     }
 }
 
@@ -307,13 +374,16 @@ pub async fn run(
                         queue.remove(key);
                         slots.remove(&id);
                     }
-                    Some(Slot::InFlight { cancelled }) => *cancelled = true,
+                    Some(Slot::InFlight { cancelled, then }) => {
+                        *cancelled = true;
+                        *then = None;
+                    }
                     None => {}
                 },
             },
             Some(expired) = queue.next() => {
                 let id = expired.into_inner();
-                if let Some(Slot::Queued(_, mut task)) = slots.insert(id, Slot::InFlight { cancelled: false }) {
+                if let Some(Slot::Queued(_, mut task)) = slots.insert(id, Slot::InFlight { cancelled: false, then: None }) {
                     let ctx = ctx.clone();
                     let handle = in_flight.spawn(async move {
                         let next = attempt(&ctx, &mut task).await;
@@ -328,7 +398,13 @@ pub async fn run(
                     Err(e) => (task_subs.remove(&e.id()), Err(e)),
                 };
                 let Some(id) = id else { continue };
-                let cancelled = matches!(slots.remove(&id), Some(Slot::InFlight { cancelled: true }));
+                let (cancelled, then) = match slots.remove(&id) {
+                    Some(Slot::InFlight { cancelled, then }) => (cancelled, then),
+                    _ => (false, None),
+                };
+                if let Some(newer) = then {
+                    enqueue(&mut queue, &mut slots, newer);
+                }
                 match result {
                     Ok((mut task, Some(due_at))) if !cancelled => {
                         task.due_at = due_at;
@@ -364,6 +440,7 @@ mod tests {
             status_code: status,
             error: None,
             retry_after: retry_after.map(Duration::from_secs),
+            refused: false,
         }
     }
 
@@ -374,6 +451,12 @@ mod tests {
         for code in [200, 201, 202, 204, 299] {
             assert_eq!(decide(&outcome(Some(code), None), 1, &SCHEDULE, 0, 0.0), AttemptResult::Delivered);
         }
+    }
+
+    #[test]
+    fn a_refused_address_stops_at_once() {
+        let refused = AttemptOutcome { refused: true, ..outcome(None, None) };
+        assert_eq!(decide(&refused, 1, &SCHEDULE, 0, 0.0), AttemptResult::Failed(FailureReason::CallbackRefused));
     }
 
     #[test]

@@ -97,10 +97,13 @@ pub struct PollableJob {
 #[derive(Debug, Clone)]
 pub struct DeliveryTask {
     pub subscription_id: SubscriptionId,
+    /// Whose secrets sign it; they are looked up at each attempt, so a rotation applies at once.
+    pub tenant_id: i64,
     pub webhook_id: String,
     pub callback_url: String,
-    pub secret: Arc<SigningSecret>,
     pub body: Bytes,
+    /// The delivery series (1, then one more per redelivery) and the attempts made in it.
+    pub series: u32,
     pub attempts_made: u32,
     pub due_at: Millis,
 }
@@ -120,6 +123,7 @@ pub enum Registered {
 #[derive(Debug, Clone)]
 pub struct AttemptRecord {
     pub subscription_id: SubscriptionId,
+    pub series: u32,
     pub attempt: u32,
     pub webhook_id: String,
     pub started_at: Millis,
@@ -144,6 +148,29 @@ pub struct ListFilter {
     /// Only subscriptions created before this one (the cursor).
     pub before: Option<SubscriptionId>,
     pub limit: u32,
+}
+
+/// What a redelivery request found.
+#[derive(Debug)]
+pub enum Redelivery {
+    /// A new delivery series starts now, under the same `webhook-id`.
+    Started(DeliveryTask),
+    /// The subscription is not in a state that can be redelivered (it never got a result, or it is
+    /// still being worked on).
+    NotEnded(SubscriptionState),
+    /// A newer subscription of the same job and callback is live or delivered.
+    Superseded,
+}
+
+/// An API key as `jobhook keys list` shows it (never the key itself).
+#[derive(Debug, Clone)]
+pub struct KeyInfo {
+    pub id: i64,
+    pub tenant_id: i64,
+    pub name: String,
+    pub source: String,
+    pub created_at: Millis,
+    pub revoked_at: Option<Millis>,
 }
 
 /// What cancelling changed, so the workers can let go of the subscription.
@@ -171,6 +198,16 @@ pub trait Store: Send + Sync + 'static {
     /// How many keys can be used to call the API.
     async fn usable_key_count(&self) -> Result<i64>;
     async fn tenant_by_key(&self, key: KeyHash) -> Result<Option<Tenant>>;
+    async fn list_keys(&self) -> Result<Vec<KeyInfo>>;
+    /// Revokes a key by its ID; false when there is no such usable key.
+    async fn revoke_key(&self, id: i64, now: Millis) -> Result<bool>;
+    /// The secrets that sign a tenant's deliveries now: the current one first, then the previous one
+    /// while its rotation grace lasts.
+    async fn signing_secrets(&self, tenant_id: i64, now: Millis) -> Result<Vec<SigningSecret>>;
+    /// Makes `new` the tenant's secret; the current one keeps signing beside it until `previous_until`.
+    async fn rotate_secret(&self, tenant_id: i64, new: &SigningSecret, previous_until: Millis) -> Result<()>;
+    /// A server-wide random value made on first use and kept (e.g. the cursor key).
+    async fn meta_secret(&self, name: &str) -> Result<Vec<u8>>;
 
     // --- the API ---
 
@@ -187,6 +224,9 @@ pub trait Store: Send + Sync + 'static {
     async fn cancel(&self, tenant_id: i64, id: SubscriptionId, now: Millis) -> Result<Option<Cancelled>>;
     /// The attempts of a subscription, oldest first; `None` when the tenant has no such subscription.
     async fn attempts(&self, tenant_id: i64, id: SubscriptionId) -> Result<Option<Vec<AttemptRecord>>>;
+    /// Starts a new delivery series for a delivered or failed subscription whose job has a result;
+    /// `None` when the tenant has no such subscription.
+    async fn redeliver(&self, tenant_id: i64, id: SubscriptionId, now: Millis) -> Result<Option<Redelivery>>;
 
     // --- the poller ---
 

@@ -156,45 +156,38 @@ const POLLABLE_SELECT: &str = "SELECT j.job_id AS job_id, j.created_at AS job_cr
 #[derive(sqlx::FromRow)]
 struct DeliveryRow {
     id: String,
+    tenant_id: i64,
     webhook_id: Option<String>,
     callback_url: String,
-    signing_secret: String,
     result: Option<Vec<u8>>,
+    series: i64,
     attempts: i64,
     next_attempt_at: Option<i64>,
 }
 
-impl DeliveryRow {
-    fn into_task(self, secrets: &mut SecretCache) -> Result<DeliveryTask> {
+impl TryFrom<DeliveryRow> for DeliveryTask {
+    type Error = StoreError;
+
+    fn try_from(r: DeliveryRow) -> Result<Self> {
         Ok(DeliveryTask {
-            subscription_id: self.id.parse().map_err(|e| corrupt("subscription id", e))?,
-            webhook_id: self.webhook_id.ok_or_else(|| corrupt("delivery without webhook id", &self.id))?,
-            callback_url: self.callback_url,
-            secret: secrets.get(&self.signing_secret)?,
-            body: Bytes::from(self.result.ok_or_else(|| corrupt("delivery without a job result", &self.id))?),
-            attempts_made: u32::try_from(self.attempts).unwrap_or(0),
-            due_at: self.next_attempt_at.unwrap_or(0),
+            subscription_id: r.id.parse().map_err(|e| corrupt("subscription id", e))?,
+            tenant_id: r.tenant_id,
+            webhook_id: r.webhook_id.ok_or_else(|| corrupt("delivery without webhook id", &r.id))?,
+            callback_url: r.callback_url,
+            body: Bytes::from(r.result.ok_or_else(|| corrupt("delivery without a job result", &r.id))?),
+            series: u32::try_from(r.series).unwrap_or(1),
+            attempts_made: u32::try_from(r.attempts).unwrap_or(0),
+            due_at: r.next_attempt_at.unwrap_or(0),
         })
     }
 }
 
-/// Parses each distinct secret once when many deliveries of one tenant are loaded together.
-#[derive(Default)]
-struct SecretCache(std::collections::HashMap<String, Arc<SigningSecret>>);
+const DELIVERY_SELECT: &str = "SELECT s.id, s.tenant_id, s.webhook_id, s.callback_url, j.result, s.series, s.attempts, s.next_attempt_at \
+     FROM subscriptions s JOIN jobs j ON j.job_id = s.job_id";
 
-impl SecretCache {
-    fn get(&mut self, stored: &str) -> Result<Arc<SigningSecret>> {
-        if let Some(secret) = self.0.get(stored) {
-            return Ok(secret.clone());
-        }
-        let secret = Arc::new(stored.parse::<SigningSecret>().map_err(|e| corrupt("signing secret", e))?);
-        self.0.insert(stored.to_owned(), secret.clone());
-        Ok(secret)
-    }
+fn parse_secret(stored: &str) -> Result<SigningSecret> {
+    stored.parse::<SigningSecret>().map_err(|e| corrupt("signing secret", e))
 }
-
-const DELIVERY_SELECT: &str = "SELECT s.id, s.webhook_id, s.callback_url, t.signing_secret, j.result, s.attempts, s.next_attempt_at \
-     FROM subscriptions s JOIN jobs j ON j.job_id = s.job_id JOIN tenants t ON t.id = s.tenant_id";
 
 async fn subscription_in(tx: &mut Transaction<'static, Sqlite>, id: &str) -> Result<Subscription> {
     let sql =
@@ -284,11 +277,132 @@ impl Store for SqliteStore {
         .fetch_optional(&self.reader)
         .await
         .db()?;
-        row.map(|(id, secret)| {
-            let secret = secret.parse::<SigningSecret>().map_err(|e| corrupt("signing secret", e))?;
-            Ok(Tenant { id, secret: Arc::new(secret) })
-        })
-        .transpose()
+        row.map(|(id, secret)| Ok(Tenant { id, secret: Arc::new(parse_secret(&secret)?) })).transpose()
+    }
+
+    async fn list_keys(&self) -> Result<Vec<KeyInfo>> {
+        let rows: Vec<(i64, i64, String, String, i64, Option<i64>)> =
+            sqlx::query_as("SELECT id, tenant_id, name, source, created_at, revoked_at FROM api_keys ORDER BY id")
+                .fetch_all(&self.reader)
+                .await
+                .db()?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, tenant_id, name, source, created_at, revoked_at)| KeyInfo {
+                id,
+                tenant_id,
+                name,
+                source,
+                created_at,
+                revoked_at,
+            })
+            .collect())
+    }
+
+    async fn revoke_key(&self, id: i64, now: Millis) -> Result<bool> {
+        let done = sqlx::query("UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL")
+            .bind(now)
+            .bind(id)
+            .execute(&self.writer)
+            .await
+            .db()?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn signing_secrets(&self, tenant_id: i64, now: Millis) -> Result<Vec<SigningSecret>> {
+        let row: Option<(String, Option<String>, Option<i64>)> =
+            sqlx::query_as("SELECT signing_secret, previous_secret, previous_until FROM tenants WHERE id = ?")
+                .bind(tenant_id)
+                .fetch_optional(&self.reader)
+                .await
+                .db()?;
+        let Some((current, previous, until)) = row else {
+            return Err(corrupt("delivery of an unknown tenant", tenant_id));
+        };
+        let mut secrets = vec![parse_secret(&current)?];
+        if let (Some(previous), Some(until)) = (previous, until)
+            && now < until
+        {
+            secrets.push(parse_secret(&previous)?);
+        }
+        Ok(secrets)
+    }
+
+    async fn rotate_secret(&self, tenant_id: i64, new: &SigningSecret, previous_until: Millis) -> Result<()> {
+        sqlx::query(
+            "UPDATE tenants SET previous_secret = signing_secret, previous_until = ?, signing_secret = ? WHERE id = ?",
+        )
+        .bind(previous_until)
+        .bind(new.expose())
+        .bind(tenant_id)
+        .execute(&self.writer)
+        .await
+        .db()?;
+        Ok(())
+    }
+
+    async fn meta_secret(&self, name: &str) -> Result<Vec<u8>> {
+        sqlx::query("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING")
+            .bind(name)
+            .bind(rand::random::<[u8; 32]>().as_slice())
+            .execute(&self.writer)
+            .await
+            .db()?;
+        sqlx::query_scalar("SELECT value FROM meta WHERE key = ?").bind(name).fetch_one(&self.writer).await.db()
+    }
+
+    async fn redeliver(&self, tenant_id: i64, id: SubscriptionId, now: Millis) -> Result<Option<Redelivery>> {
+        let sub_id = id.to_string();
+        let mut tx = self.begin().await?;
+        let sql = format!("{DELIVERY_SELECT} WHERE s.id = ? AND s.tenant_id = ?");
+        let row: Option<DeliveryRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .bind(&sub_id)
+            .bind(tenant_id)
+            .fetch_optional(&mut *tx)
+            .await
+            .db()?;
+        let Some(row) = row else { return Ok(None) };
+        let state: String = sqlx::query_scalar("SELECT state FROM subscriptions WHERE id = ?")
+            .bind(&sub_id)
+            .fetch_one(&mut *tx)
+            .await
+            .db()?;
+        let state: SubscriptionState = state.parse().map_err(|e| corrupt("state", e))?;
+        if !matches!(state, SubscriptionState::Delivered | SubscriptionState::Failed)
+            || row.result.is_none()
+            || row.webhook_id.is_none()
+        {
+            return Ok(Some(Redelivery::NotEnded(state)));
+        }
+        // A failed subscription may have been followed by a new registration of the same job and
+        // callback; two live deliveries of one job to one callback would be one too many.
+        let newer: Option<i64> = sqlx::query_scalar(
+            "SELECT 1 FROM subscriptions s JOIN subscriptions o ON o.tenant_id = s.tenant_id AND o.job_id = s.job_id \
+             AND o.callback_url = s.callback_url AND o.id <> s.id AND o.state IN ('polling', 'delivering', 'delivered') \
+             WHERE s.id = ?",
+        )
+        .bind(&sub_id)
+        .fetch_optional(&mut *tx)
+        .await
+        .db()?;
+        if newer.is_some() {
+            return Ok(Some(Redelivery::Superseded));
+        }
+        sqlx::query(
+            "UPDATE subscriptions SET state = 'delivering', series = series + 1, attempts = 0, failure_reason = NULL, \
+             next_attempt_at = ?1, updated_at = ?1 WHERE id = ?2",
+        )
+        .bind(now)
+        .bind(&sub_id)
+        .execute(&mut *tx)
+        .await
+        .db()?;
+        tx.commit().await.db()?;
+        let mut task = DeliveryTask::try_from(row)?;
+        task.series += 1;
+        task.attempts_made = 0;
+        task.due_at = now;
+        Ok(Some(Redelivery::Started(task)))
     }
 
     async fn register(
@@ -312,7 +426,7 @@ impl Store for SqliteStore {
         .await
         .db()?;
         let existing: Option<String> = sqlx::query_scalar(
-            "SELECT id FROM subscriptions WHERE tenant_id = ? AND job_id = ? AND callback_url = ? AND state <> 'cancelled'",
+            "SELECT id FROM subscriptions WHERE tenant_id = ? AND job_id = ? AND callback_url = ? AND state IN ('polling', 'delivering', 'delivered')",
         )
         .bind(tenant.id)
         .bind(&job)
@@ -370,8 +484,9 @@ impl Store for SqliteStore {
                     subscription_id: id,
                     webhook_id,
                     callback_url: callback_url.as_str().to_owned(),
-                    secret: tenant.secret.clone(),
+                    tenant_id: tenant.id,
                     body: Bytes::from(body),
+                    series: 1,
                     attempts_made: 0,
                     due_at: now,
                 };
@@ -450,8 +565,8 @@ impl Store for SqliteStore {
         if exists.is_none() {
             return Ok(None);
         }
-        let rows: Vec<(i64, String, i64, Option<i64>, Option<String>, i64)> = sqlx::query_as(
-            "SELECT attempt, webhook_id, started_at, status_code, error, duration_ms FROM delivery_attempts \
+        let rows: Vec<(i64, i64, String, i64, Option<i64>, Option<String>, i64)> = sqlx::query_as(
+            "SELECT series, attempt, webhook_id, started_at, status_code, error, duration_ms FROM delivery_attempts \
              WHERE subscription_id = ? ORDER BY id",
         )
         .bind(id.to_string())
@@ -460,8 +575,9 @@ impl Store for SqliteStore {
         .db()?;
         Ok(Some(
             rows.into_iter()
-                .map(|(attempt, webhook_id, started_at, status_code, error, duration_ms)| AttemptRecord {
+                .map(|(series, attempt, webhook_id, started_at, status_code, error, duration_ms)| AttemptRecord {
                     subscription_id: id,
+                    series: u32::try_from(series).unwrap_or(1),
                     attempt: u32::try_from(attempt).unwrap_or(0),
                     webhook_id,
                     started_at,
@@ -524,17 +640,15 @@ impl Store for SqliteStore {
             .execute(&mut *tx)
             .await
             .db()?;
-        let subscribers: Vec<(String, String, String)> = sqlx::query_as(
-            "SELECT s.id, s.callback_url, t.signing_secret FROM subscriptions s JOIN tenants t ON t.id = s.tenant_id \
-             WHERE s.job_id = ? AND s.state = 'polling'",
+        let subscribers: Vec<(String, i64, String)> = sqlx::query_as(
+            "SELECT id, tenant_id, callback_url FROM subscriptions WHERE job_id = ? AND state = 'polling'",
         )
         .bind(&job)
         .fetch_all(&mut *tx)
         .await
         .db()?;
-        let mut secrets = SecretCache::default();
         let mut tasks = Vec::with_capacity(subscribers.len());
-        for (id, callback_url, secret) in subscribers {
+        for (id, tenant_id, callback_url) in subscribers {
             let webhook_id = new_webhook_id();
             sqlx::query(
                 "UPDATE subscriptions SET state = 'delivering', webhook_id = ?, attempts = 0, next_attempt_at = ?2, updated_at = ?2 WHERE id = ?3",
@@ -547,10 +661,11 @@ impl Store for SqliteStore {
             .db()?;
             tasks.push(DeliveryTask {
                 subscription_id: id.parse().map_err(|e| corrupt("subscription id", e))?,
+                tenant_id,
                 webhook_id,
                 callback_url,
-                secret: secrets.get(&secret)?,
                 body: body.clone(),
+                series: 1,
                 attempts_made: 0,
                 due_at: now,
             });
@@ -598,18 +713,18 @@ impl Store for SqliteStore {
     async fn pending_deliveries(&self) -> Result<Vec<DeliveryTask>> {
         let sql = format!("{DELIVERY_SELECT} WHERE s.state = 'delivering'");
         let rows: Vec<DeliveryRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql)).fetch_all(&self.reader).await.db()?;
-        let mut secrets = SecretCache::default();
-        rows.into_iter().map(|row| row.into_task(&mut secrets)).collect()
+        rows.into_iter().map(DeliveryTask::try_from).collect()
     }
 
     async fn record_attempt(&self, record: &AttemptRecord, result: AttemptResult, now: Millis) -> Result<bool> {
         let id = record.subscription_id.to_string();
         let mut tx = self.begin().await?;
         sqlx::query(
-            "INSERT INTO delivery_attempts (subscription_id, attempt, webhook_id, started_at, status_code, error, duration_ms) \
-             VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO delivery_attempts (subscription_id, series, attempt, webhook_id, started_at, status_code, error, duration_ms) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&id)
+        .bind(i64::from(record.series))
         .bind(i64::from(record.attempt))
         .bind(&record.webhook_id)
         .bind(record.started_at)
@@ -626,7 +741,7 @@ impl Store for SqliteStore {
         };
         let moved = sqlx::query(
             "UPDATE subscriptions SET state = ?, attempts = ?, next_attempt_at = ?, failure_reason = ?, updated_at = ? \
-             WHERE id = ? AND state = 'delivering'",
+             WHERE id = ? AND state = 'delivering' AND series = ?",
         )
         .bind(state)
         .bind(i64::from(record.attempt))
@@ -634,6 +749,7 @@ impl Store for SqliteStore {
         .bind(reason)
         .bind(now)
         .bind(&id)
+        .bind(i64::from(record.series))
         .execute(&mut *tx)
         .await
         .db()?;

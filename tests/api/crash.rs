@@ -15,8 +15,9 @@ async fn after_kill_9_and_restart_every_acknowledged_job_is_delivered_under_one_
     const JOBS: usize = 300;
     let upstream = MockUpstream::start(&mock_args(3)).await.unwrap();
     let receiver = Receiver::start().await;
-    // Some first attempts fail, so retries are in flight when the process dies.
-    receiver.answer_with(&[500, 500, 503, 500, 500, 500, 500, 500, 500, 500]);
+    // Some attempts fail, so retries are in flight when the process dies (three at most, so that even
+    // one unlucky job that gets all three is still delivered within its schedule).
+    receiver.answer_with(&[500, 503, 500]);
     let dir = tempfile::tempdir().unwrap();
     let db_url = format!("sqlite://{}", dir.path().join("crash.db").display());
     let listen = format!("127.0.0.1:{}", free_port());
@@ -83,7 +84,7 @@ async fn after_kill_9_and_restart_every_acknowledged_job_is_delivered_under_one_
         assert!(ids.iter().all(|id| *id == ids[0]), "job {job} was delivered under several webhook-ids: {ids:?}");
     }
     let requests = receiver.requests_to("/hook").len();
-    eprintln!("crash test: {JOBS} jobs, 3 kills, {requests} callback requests (10 scripted failures)");
+    eprintln!("crash test: {JOBS} jobs, 3 kills, {requests} callback requests (3 scripted failures)");
 
     // The store reopened cleanly and agrees: every subscription ends delivered.
     let app = format!("http://{listen}");

@@ -130,6 +130,8 @@ pub fn base_args(db_url: &str, upstream_url: &str) -> Vec<String> {
         "2s",
         "--shutdown-grace",
         "2s",
+        "--upstream-max-rps",
+        "5000",
     ]
     .iter()
     .map(|s| s.to_string())

@@ -5,7 +5,16 @@ CREATE TABLE tenants (
     id             INTEGER PRIMARY KEY,
     name           TEXT    NOT NULL,
     signing_secret TEXT    NOT NULL,   -- whsec_…
+    -- After a rotation the old secret keeps signing (beside the new one) until previous_until.
+    previous_secret TEXT,
+    previous_until  INTEGER,
     created_at     INTEGER NOT NULL
+);
+
+-- Server-wide values made once: the key that makes list cursors tamper-proof.
+CREATE TABLE meta (
+    key   TEXT PRIMARY KEY,
+    value BLOB NOT NULL
 );
 
 -- Keys are stored as SHA-256 hashes only. source: 'config' (from JOBHOOK_API_KEYS) or 'stored'.
@@ -41,14 +50,17 @@ CREATE TABLE subscriptions (
     state           TEXT    NOT NULL,
     failure_reason  TEXT,
     webhook_id      TEXT,
-    attempts        INTEGER NOT NULL DEFAULT 0,
+    series          INTEGER NOT NULL DEFAULT 1,   -- delivery series: 1, then one more per redelivery
+    attempts        INTEGER NOT NULL DEFAULT 0,   -- attempts made in the current series
     next_attempt_at INTEGER,
     created_at      INTEGER NOT NULL,
     updated_at      INTEGER NOT NULL
 );
 
--- The same (job, callback) from one tenant is one subscription, until it is cancelled.
-CREATE UNIQUE INDEX subscriptions_dedupe ON subscriptions (tenant_id, job_id, callback_url) WHERE state <> 'cancelled';
+-- The same (job, callback) from one tenant is one subscription while it is live or delivered; after it
+-- failed, expired or was cancelled, registering again starts a new one.
+CREATE UNIQUE INDEX subscriptions_dedupe ON subscriptions (tenant_id, job_id, callback_url)
+    WHERE state IN ('polling', 'delivering', 'delivered');
 CREATE INDEX subscriptions_by_tenant ON subscriptions (tenant_id, id);
 CREATE INDEX subscriptions_by_job ON subscriptions (job_id, state);
 CREATE INDEX subscriptions_delivering ON subscriptions (state) WHERE state = 'delivering';
@@ -57,6 +69,7 @@ CREATE INDEX subscriptions_delivering ON subscriptions (state) WHERE state = 'de
 CREATE TABLE delivery_attempts (
     id              INTEGER PRIMARY KEY,
     subscription_id TEXT    NOT NULL REFERENCES subscriptions (id),
+    series          INTEGER NOT NULL,
     attempt         INTEGER NOT NULL,
     webhook_id      TEXT    NOT NULL,
     started_at      INTEGER NOT NULL,
