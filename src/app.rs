@@ -114,6 +114,8 @@ impl Application {
         // A worker ends only on shutdown; one that ends before is a bug, and a process that accepts
         // registrations nobody works on is worse than one that stops and is restarted.
         let crashed = tokio::select! {
+            // Workers end once the token is cancelled, so a cancelled token must win the race.
+            biased;
             _ = shutdown.cancelled() => None,
             ended = &mut poller => Some(("poller", ended)),
             ended = &mut dispatcher => Some(("dispatcher", ended)),
