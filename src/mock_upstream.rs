@@ -55,8 +55,16 @@ pub enum Answer {
     Status(u16),
     /// 429 or 503 with `Retry-After: <seconds>`.
     RetryAfter(u16, u64),
+    /// 429 or 503 with `Retry-After` as an HTTP date this many seconds ahead.
+    RetryAfterDate(u16, u64),
     /// A 200 whose body is not a job status.
     Garbage,
+    /// A 200 whose body breaks off half way (the connection is cut).
+    Truncated,
+    /// A well-formed Succeed answer about another job.
+    OtherJob,
+    /// A status the upstream never documented.
+    UnknownStatus,
     /// Wait this long before answering Pending (to outlast a poll timeout).
     Hang(Duration),
 }
@@ -76,6 +84,8 @@ struct Inner {
     error_rate: f64,
     scripts: HashMap<JobId, Vec<Answer>>,
     polls: HashMap<JobId, JobPolls>,
+    /// When each poll arrived, in order (for rate checks).
+    times: Vec<std::time::Instant>,
 }
 
 /// A running simulated upstream.
@@ -96,6 +106,7 @@ impl MockUpstream {
             error_rate: args.error_rate.clamp(0.0, 1.0),
             scripts: HashMap::new(),
             polls: HashMap::new(),
+            times: Vec::new(),
         }));
         let app = axum::Router::new().route("/public/v1/job/{job_id}", get(job_status)).with_state(inner.clone());
         tokio::spawn(async move {
@@ -127,6 +138,11 @@ impl MockUpstream {
 
     pub fn total_polls(&self) -> u64 {
         self.lock().polls.values().map(|p| u64::from(p.count)).sum()
+    }
+
+    /// When each poll arrived, in order.
+    pub fn poll_times(&self) -> Vec<std::time::Instant> {
+        self.lock().times.clone()
     }
 
     /// The most polls of any one job that were in flight at once.
@@ -183,6 +199,7 @@ async fn job_status(State(inner): State<Arc<Mutex<Inner>>>, Path(raw): Path<Stri
         let Ok(job_id) = raw.parse::<JobId>() else {
             return problem(StatusCode::UNPROCESSABLE_ENTITY, "job_id is not a UUID");
         };
+        guard.times.push(std::time::Instant::now());
         let polls = guard.polls.entry(job_id).or_default();
         polls.count += 1;
         polls.in_flight += 1;
@@ -218,7 +235,27 @@ async fn job_status(State(inner): State<Arc<Mutex<Inner>>>, Path(raw): Path<Stri
             response.headers_mut().insert(header::RETRY_AFTER, secs.into());
             response
         }
+        Answer::RetryAfterDate(code, secs) => {
+            let mut response =
+                problem(StatusCode::from_u16(code).unwrap_or(StatusCode::TOO_MANY_REQUESTS), "slow down");
+            let when = httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(secs));
+            if let Ok(value) = when.parse() {
+                response.headers_mut().insert(header::RETRY_AFTER, value);
+            }
+            response
+        }
         Answer::Garbage => ([(header::CONTENT_TYPE, "text/html")], "<html>oops</html>").into_response(),
+        Answer::Truncated => {
+            let half = format!(r#"{{"job_id": "{id}", "status": "Succ"#);
+            let chunks: Vec<Result<String, std::io::Error>> = vec![Ok(half), Err(std::io::Error::other("cut"))];
+            (
+                [(header::CONTENT_TYPE, "application/json")],
+                axum::body::Body::from_stream(futures_util::stream::iter(chunks)),
+            )
+                .into_response()
+        }
+        Answer::OtherJob => status_body(&uuid::Uuid::new_v4().to_string(), "Succeed", &[]),
+        Answer::UnknownStatus => status_body(&id, "Exploded", &[]),
         Answer::Hang(d) => {
             tokio::time::sleep(d).await;
             status_body(&id, "Pending", &[])

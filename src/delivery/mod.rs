@@ -201,7 +201,14 @@ pub async fn send(ctx: &DeliveryContext, task: &DeliveryTask, secrets: &[Signing
         300..=399 => Some("the receiver redirected; redirects are not followed".to_owned()),
         _ => None,
     };
-    AttemptOutcome { started_at, duration_ms: elapsed_ms(clock), status_code: Some(status), error, retry_after, refused: false }
+    AttemptOutcome {
+        started_at,
+        duration_ms: elapsed_ms(clock),
+        status_code: Some(status),
+        error,
+        retry_after,
+        refused: false,
+    }
 }
 
 fn elapsed_ms(since: Instant) -> u64 {

@@ -56,11 +56,13 @@ pub fn mock_args(pending_polls: u32) -> MockArgs {
 pub struct Settings {
     pub args: Vec<String>,
     pub mock: MockArgs,
+    /// How the app resolves callback hosts (default: the system resolver).
+    pub lookup: Option<jobhook::delivery::client::Lookup>,
 }
 
 impl Default for Settings {
     fn default() -> Self {
-        Settings { args: Vec::new(), mock: mock_args(2) }
+        Settings { args: Vec::new(), mock: mock_args(2), lookup: None }
     }
 }
 
@@ -87,6 +89,7 @@ pub struct TestApp {
     pub http: reqwest::Client,
     pub upstream: MockUpstream,
     pub receiver: Receiver,
+    pub db_url: String,
     _db_dir: tempfile::TempDir,
     shutdown: CancellationToken,
 }
@@ -149,11 +152,12 @@ pub async fn spawn_app_with(settings: Settings) -> TestApp {
     let cli = Cli::try_parse_from(argv).expect("test arguments parse");
     let Some(Command::Serve(args)) = cli.command else { unreachable!() };
     let config = args.into_config().expect("test settings are valid");
-    let app = Application::build(config).await.expect("the application builds");
+    let lookup = settings.lookup.unwrap_or_else(jobhook::delivery::client::system_lookup);
+    let app = Application::build_with(config, lookup).await.expect("the application builds");
     let addr = app.local_addr();
     let shutdown = app.shutdown_token();
     tokio::spawn(app.run_until_stopped());
-    TestApp { addr, http: reqwest::Client::new(), upstream, receiver, _db_dir: db_dir, shutdown }
+    TestApp { addr, http: reqwest::Client::new(), upstream, receiver, db_url, _db_dir: db_dir, shutdown }
 }
 
 impl TestApp {
@@ -237,8 +241,8 @@ impl Received {
 #[derive(Default)]
 struct ReceiverState {
     requests: Vec<Received>,
-    /// Statuses to answer with, in order, before answering 200.
-    script: VecDeque<u16>,
+    /// Statuses (with a Retry-After in seconds, if any) to answer with, in order, before answering 200.
+    script: VecDeque<(u16, Option<u64>)>,
 }
 
 /// A callback receiver on loopback that records every request and answers as scripted.
@@ -268,7 +272,12 @@ impl Receiver {
 
     /// The next answers, in order; 200 after them.
     pub fn answer_with(&self, statuses: &[u16]) {
-        self.state.lock().unwrap().script = statuses.iter().copied().collect();
+        self.state.lock().unwrap().script = statuses.iter().map(|s| (*s, None)).collect();
+    }
+
+    /// The next answer is `status` with `Retry-After: seconds`; 200 after it.
+    pub fn answer_with_retry_after(&self, status: u16, seconds: u64) {
+        self.state.lock().unwrap().script = [(status, Some(seconds))].into_iter().collect();
     }
 
     pub fn requests(&self) -> Vec<Received> {
@@ -292,10 +301,13 @@ impl Receiver {
 fn receive(state: Arc<Mutex<ReceiverState>>, path: String, headers: HeaderMap, body: Bytes) -> Response {
     let mut state = state.lock().unwrap();
     state.requests.push(Received { path, headers, body });
-    let status = state.script.pop_front().unwrap_or(200);
+    let (status, retry_after) = state.script.pop_front().unwrap_or((200, None));
     let status = StatusCode::from_u16(status).unwrap();
     if status.is_redirection() {
         return (status, [(header::LOCATION, "/redirected")]).into_response();
     }
-    status.into_response()
+    match retry_after {
+        Some(seconds) => (status, [(header::RETRY_AFTER, seconds.to_string())]).into_response(),
+        None => status.into_response(),
+    }
 }

@@ -6,6 +6,8 @@ mod binary;
 mod cli;
 mod crash;
 mod delivery;
+mod faults;
 mod openapi;
 mod polling;
+mod raw;
 mod registration;

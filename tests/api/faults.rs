@@ -1,0 +1,273 @@
+//! Faults injected on both sides: a misbehaving upstream, misbehaving receivers, DNS that changes its
+//! mind, a rate cap under a flood of registrations.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use jobhook::delivery::client::Lookup;
+use jobhook::mock_upstream::{Answer, MockArgs, MockUpstream};
+use serde_json::Value;
+
+use crate::helpers::*;
+use crate::raw::{Misbehaviour, RawReceiver};
+
+/// Registers a job scripted with `answers`, waits until its last_error mentions `expected`, then lets
+/// the upstream recover and checks the job is still delivered.
+async fn survives(app: &TestApp, answers: Vec<Answer>, expected: &str) {
+    let job = new_job();
+    let job_id = job.parse().unwrap();
+    app.upstream.script(job_id, answers);
+    let sub = app.register(&job, &app.receiver.url(&format!("/{job}"))).await;
+    let id = sub["id"].as_str().unwrap();
+    eventually(Duration::from_secs(10), &format!("last_error to mention {expected:?}"), || async {
+        let sub = app.subscription(id).await;
+        assert_eq!(sub["state"], "polling", "{sub}");
+        sub["last_error"].as_str().is_some_and(|e| e.contains(expected)).then_some(())
+    })
+    .await;
+    app.upstream.script(job_id, vec![Answer::Succeed]);
+    let done = app.wait_for_state(id, "delivered").await;
+    assert!(done["last_error"].is_null());
+    assert_eq!(app.upstream.polls(job_id).max_in_flight, 1);
+}
+
+#[tokio::test]
+async fn broken_upstream_answers_are_retried_and_shown_as_last_error() {
+    let app = spawn_app().await;
+    survives(&app, vec![Answer::Status(500), Answer::Status(502), Answer::Status(503)], "HTTP 503").await;
+    survives(&app, vec![Answer::Truncated], "connection closed").await;
+    survives(&app, vec![Answer::Garbage], "not a job status").await;
+    survives(&app, vec![Answer::OtherJob], "instead of").await;
+    survives(&app, vec![Answer::UnknownStatus], "unknown job status").await;
+    survives(&app, vec![Answer::RetryAfter(429, 0)], "HTTP 429").await;
+}
+
+#[tokio::test]
+async fn a_burst_of_errors_backs_off_instead_of_hammering_the_upstream() {
+    let app = spawn_app().await;
+    let job = new_job();
+    let job_id = job.parse().unwrap();
+    app.upstream.script(job_id, vec![Answer::Status(500)]);
+    let started = Instant::now();
+    app.register(&job, &app.receiver.url("/hook")).await;
+    eventually(Duration::from_secs(10), "six polls", || async {
+        (app.upstream.polls(job_id).count >= 6).then_some(())
+    })
+    .await;
+    // Back-off doubles from 30 ms: 30+60+120+240+480 ms lie between the first and the sixth poll.
+    assert!(started.elapsed() >= Duration::from_millis(800), "six polls in {:?}", started.elapsed());
+}
+
+#[tokio::test]
+async fn an_upstream_retry_after_given_as_a_date_is_waited_out() {
+    let app = spawn_app().await;
+    let job = new_job();
+    app.upstream.script(job.parse().unwrap(), vec![Answer::RetryAfterDate(503, 2), Answer::Succeed]);
+    let started = Instant::now();
+    app.register(&job, &app.receiver.url("/hook")).await;
+    app.receiver.wait_for("/hook", 1).await;
+    // An HTTP date has one-second resolution: two seconds ahead is at least one full second.
+    assert!(started.elapsed() >= Duration::from_secs(1), "polled again after {:?}", started.elapsed());
+}
+
+#[tokio::test]
+async fn an_upstream_that_is_down_for_a_while_is_polled_until_it_is_back() {
+    // Reserve a port, start the app against it with nothing listening, then bring the upstream up there.
+    let reserved = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = reserved.local_addr().unwrap().port();
+    drop(reserved);
+    let mut settings = Settings::default();
+    settings.args.extend(["--upstream-url".into(), format!("http://127.0.0.1:{port}")]);
+    let app = spawn_app_with(settings).await;
+    let sub = app.register(&new_job(), &app.receiver.url("/hook")).await;
+    let id = sub["id"].as_str().unwrap();
+    eventually(Duration::from_secs(10), "the refused connection to show", || async {
+        let sub = app.subscription(id).await;
+        sub["last_error"].as_str().is_some_and(|e| e.contains("connect")).then_some(())
+    })
+    .await;
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+    let _upstream = MockUpstream::serve(listener, &mock_args(1)).unwrap();
+    app.wait_for_state(id, "delivered").await;
+}
+
+#[tokio::test]
+async fn the_total_poll_rate_never_exceeds_the_cap_and_no_job_is_forgotten() {
+    const JOBS: usize = 2_000;
+    const RPS: usize = 1_000;
+    let app = spawn_app_with(Settings::mock(mock_args(1)).arg("--upstream-max-rps", &RPS.to_string())).await;
+    let jobs: Vec<String> = (0..JOBS).map(|_| new_job()).collect();
+    let mut registrations = tokio::task::JoinSet::new();
+    let app = Arc::new(app);
+    for chunk in jobs.chunks(JOBS / 32) {
+        let (app, chunk) = (app.clone(), chunk.to_vec());
+        registrations.spawn(async move {
+            for job in chunk {
+                app.register(&job, &app.receiver.url("/hook")).await;
+            }
+        });
+    }
+    while registrations.join_next().await.is_some() {}
+    eventually(Duration::from_secs(60), "every job to be delivered", || async {
+        (app.receiver.requests_to("/hook").len() >= JOBS).then_some(())
+    })
+    .await;
+    let times = app.upstream.poll_times();
+    assert_eq!(times.len(), 2 * JOBS, "one Pending and one final poll per job");
+    // In any one-second window: at most the rate plus the bucket's burst (a tenth of the rate).
+    let mut busiest = 0;
+    let mut start = 0;
+    for end in 0..times.len() {
+        while times[end] - times[start] >= Duration::from_secs(1) {
+            start += 1;
+        }
+        busiest = busiest.max(end - start + 1);
+    }
+    assert!(busiest <= RPS + RPS / 10 + 2, "{busiest} polls in one second with a cap of {RPS}/s");
+    eprintln!("rate cap: {} polls, busiest second {busiest} (cap {RPS}/s)", times.len());
+}
+
+#[tokio::test]
+async fn receiver_errors_redirects_resets_and_timeouts_are_retried_and_logged() {
+    let app = spawn_app_with(Settings::default().arg("--delivery-timeout", "300ms")).await;
+    let reset = RawReceiver::start("127.0.0.1", Misbehaviour::Reset).await;
+    let hang = RawReceiver::start("127.0.0.1", Misbehaviour::Hang).await;
+    for (url, expected) in [(reset.url("/hook"), "could not connect|failed|request"), (hang.url("/hook"), "timed out")]
+    {
+        let sub = app.register(&new_job(), &url).await;
+        let id = sub["id"].as_str().unwrap();
+        let done = app.wait_for_state(id, "failed").await;
+        assert_eq!(done["failure_reason"], "delivery_exhausted");
+        let log = app.deliveries(id).await;
+        assert_eq!(log.len(), 4, "the first attempt and three retries");
+        let error = log[0]["error"].as_str().unwrap();
+        assert!(expected.split('|').any(|e| error.contains(e)), "{url}: {error}");
+        assert!(log[0]["status_code"].is_null());
+    }
+    assert_eq!(reset.connections.load(Ordering::SeqCst), 4);
+}
+
+#[tokio::test]
+async fn a_receiver_streaming_an_endless_body_costs_a_bounded_read() {
+    let app = spawn_app().await;
+    let endless = RawReceiver::start("127.0.0.1", Misbehaviour::EndlessBody).await;
+    let sub = app.register(&new_job(), &endless.url("/hook")).await;
+    let done = app.wait_for_state(sub["id"].as_str().unwrap(), "delivered").await;
+    let log = app.deliveries(done["id"].as_str().unwrap()).await;
+    assert_eq!(log[0]["status_code"], 200);
+    assert!(log[0]["duration_ms"].as_u64().unwrap() < 2_000, "{log:?}");
+}
+
+#[tokio::test]
+async fn a_tls_error_is_a_failed_attempt() {
+    let app = spawn_app().await;
+    // An https URL to a plain-HTTP receiver: the handshake fails.
+    let url = format!("https://{}/hook", app.receiver.addr);
+    let sub = app.register(&new_job(), &url).await;
+    let id = sub["id"].as_str().unwrap();
+    app.wait_for_state(id, "failed").await;
+    let log = app.deliveries(id).await;
+    assert!(log[0]["status_code"].is_null());
+    assert!(!log[0]["error"].as_str().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_receivers_retry_after_is_honoured() {
+    let app = spawn_app().await;
+    app.receiver.answer_with_retry_after(429, 1);
+    let started = Instant::now();
+    app.register(&new_job(), &app.receiver.url("/slow")).await;
+    let got = app.receiver.wait_for("/slow", 2).await;
+    assert!(started.elapsed() >= Duration::from_secs(1), "retried after {:?}", started.elapsed());
+    assert_eq!(got[0].header("webhook-id"), got[1].header("webhook-id"));
+}
+
+#[tokio::test]
+async fn a_host_that_never_answers_does_not_slow_the_healthy_ones() {
+    let app = spawn_app_with(Settings::default().arg("--delivery-timeout", "20s")).await;
+    // The dead host lives on another loopback address, so it is another host to the dispatcher.
+    let dead = RawReceiver::start("127.0.0.2", Misbehaviour::Hang).await;
+    for _ in 0..64 {
+        app.register(&new_job(), &dead.url("/hook")).await;
+    }
+    eventually(Duration::from_secs(10), "the dead host to hold its slots", || async {
+        (dead.connections.load(Ordering::SeqCst) >= 32).then_some(())
+    })
+    .await;
+    let started = Instant::now();
+    for i in 0..100 {
+        app.register(&new_job(), &app.receiver.url(&format!("/healthy/{i}"))).await;
+    }
+    eventually(Duration::from_secs(10), "the 100 healthy deliveries", || async {
+        (app.receiver.requests().iter().filter(|r| r.path.starts_with("/healthy/")).count() == 100).then_some(())
+    })
+    .await;
+    let took = started.elapsed();
+    eprintln!("isolation: 100 healthy deliveries in {took:?} beside 64 hanging ones");
+    assert!(took < Duration::from_secs(8), "healthy deliveries waited for the dead host: {took:?}");
+    // At most the per-host cap of requests to the dead host are open at once.
+    assert!(dead.connections.load(Ordering::SeqCst) <= 32, "{} connections", dead.connections.load(Ordering::SeqCst));
+}
+
+/// A DNS whose answer for `rebind.test` is public the first time and loopback afterwards.
+fn rebinding_dns() -> Lookup {
+    let calls = Arc::new(AtomicUsize::new(0));
+    Arc::new(move |host: String, port: u16| {
+        let calls = calls.clone();
+        Box::pin(async move {
+            if host != "rebind.test" {
+                return Err(std::io::Error::other("no such host"));
+            }
+            let ip = if calls.fetch_add(1, Ordering::SeqCst) == 0 { "93.184.216.34" } else { "127.0.0.1" };
+            Ok(vec![format!("{ip}:{port}").parse().unwrap()])
+        })
+    })
+}
+
+#[tokio::test]
+async fn dns_rebinding_after_registration_is_refused_at_connect_time() {
+    let settings =
+        Settings { lookup: Some(rebinding_dns()), ..Settings::default() }.arg("--allow-private-callbacks", "false");
+    let app = spawn_app_with(settings).await;
+    let url = format!("http://rebind.test:{}/hook", app.receiver.addr.port());
+    let sub = app.register(&new_job(), &url).await;
+    let id = sub["id"].as_str().unwrap();
+    let done = app.wait_for_state(id, "failed").await;
+    assert_eq!(done["failure_reason"], "callback_refused");
+    assert!(app.receiver.requests().is_empty(), "the loopback receiver must never be reached");
+    let log = app.deliveries(id).await;
+    let error = log[0]["error"].as_str().unwrap();
+    assert!(error.contains("egress policy"), "{error}");
+    assert!(!error.contains("127.0.0.1"), "the refused address is not disclosed: {error}");
+}
+
+#[tokio::test]
+async fn an_allowed_cidr_admits_internal_receivers_and_nothing_else() {
+    let settings =
+        Settings::default().arg("--allow-private-callbacks", "false").arg("--callback-allow-cidrs", "127.0.0.0/8");
+    let app = spawn_app_with(settings).await;
+    let sub = app.register(&new_job(), &app.receiver.url("/internal")).await;
+    app.wait_for_state(sub["id"].as_str().unwrap(), "delivered").await;
+    let refused = app.register_as(KEY_A, &new_job(), "http://10.0.0.1/hook").await;
+    assert_eq!(refused.status(), 422);
+}
+
+#[tokio::test]
+async fn https_only_refuses_plain_http_callbacks() {
+    let app = spawn_app_with(Settings::default().arg("--callback-https-only", "true")).await;
+    let refused = app.register_as(KEY_A, &new_job(), &app.receiver.url("/hook")).await;
+    assert_eq!(refused.status(), 422);
+    let body: Value = refused.json().await.unwrap();
+    assert!(body["detail"].as_str().unwrap().contains("https"), "{body}");
+}
+
+#[tokio::test]
+async fn an_upstream_that_rejects_our_key_never_sees_it_leak() {
+    let mock = MockArgs { api_key: Some("the-upstream-key-0123456789".into()), ..mock_args(1) };
+    let app = spawn_app_with(Settings::mock(mock).arg("--upstream-api-key", "wrong-upstream-key-0123456789")).await;
+    let sub = app.register(&new_job(), &app.receiver.url("/hook")).await;
+    let done = app.wait_for_state(sub["id"].as_str().unwrap(), "failed").await;
+    assert_eq!(done["failure_reason"], "upstream_unauthorized");
+    assert!(!done.to_string().contains("0123456789"));
+}
