@@ -43,6 +43,10 @@ fn main() -> ExitCode {
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = args.into_config()?;
+    // A file-size limit (RLIMIT_FSIZE) reached by the store must fail the write — which the store reports
+    // as "unavailable" and the API as 503 — not kill the process with SIGXFSZ. A handler, once set, stays.
+    #[cfg(unix)]
+    let _file_size_limit = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::from_raw(25));
     let app = Application::build(config).await?;
     let token = app.shutdown_token();
     tokio::spawn(async move {

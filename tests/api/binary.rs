@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -13,14 +14,28 @@ pub struct Running {
     pub child: Child,
     pub addr: SocketAddr,
     pub stdout: Vec<String>,
+    logs: Arc<Mutex<Vec<String>>>,
+}
+
+impl Running {
+    /// Every line the process wrote so far, stdout and stderr.
+    pub fn logs(&self) -> Vec<String> {
+        self.logs.lock().unwrap().clone()
+    }
 }
 
 /// Starts `jobhook` with `args` and waits until it says where it listens.
 pub async fn start(args: &[String]) -> Running {
+    start_with(args, "info").await
+}
+
+/// Starts `jobhook` with `args` and `RUST_LOG` at `log_level`.
+pub async fn start_with(args: &[String], log_level: &str) -> Running {
     jobhook::install_crypto();
+    let logs = Arc::new(Mutex::new(Vec::new()));
     let mut child = Command::new(env!("CARGO_BIN_EXE_jobhook"))
         .args(&args[1..])
-        .env("RUST_LOG", "info")
+        .env("RUST_LOG", log_level)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
@@ -29,6 +44,7 @@ pub async fn start(args: &[String]) -> Running {
     let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
     let addr = tokio::time::timeout(Duration::from_secs(20), async {
         while let Some(line) = stderr.next_line().await.unwrap() {
+            logs.lock().unwrap().push(line.clone());
             if let Some(rest) = line.split("listening on http://").nth(1) {
                 return rest.split_whitespace().next().unwrap().parse::<SocketAddr>().unwrap();
             }
@@ -38,15 +54,26 @@ pub async fn start(args: &[String]) -> Running {
     .await
     .expect("the binary listens within 20 s");
     // Keep draining stderr so the child never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = stderr.next_line().await {} });
+    let kept = logs.clone();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = stderr.next_line().await {
+            kept.lock().unwrap().push(line);
+        }
+    });
     let mut stdout_lines = Vec::new();
     let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
     // The first-key banner, if any, is printed before the listener starts.
     while let Ok(Ok(Some(line))) = tokio::time::timeout(Duration::from_millis(200), stdout.next_line()).await {
+        logs.lock().unwrap().push(line.clone());
         stdout_lines.push(line);
     }
-    tokio::spawn(async move { while let Ok(Some(_)) = stdout.next_line().await {} });
-    Running { child, addr, stdout: stdout_lines }
+    let kept = logs.clone();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = stdout.next_line().await {
+            kept.lock().unwrap().push(line);
+        }
+    });
+    Running { child, addr, stdout: stdout_lines, logs }
 }
 
 /// The base arguments with a fixed listen address, for restarts on the same port.

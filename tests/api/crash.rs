@@ -12,7 +12,8 @@ use crate::helpers::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_kill_9_and_restart_every_acknowledged_job_is_delivered_under_one_webhook_id() {
-    const JOBS: usize = 300;
+    const JOBS: usize = 2_000;
+    const KILLS: usize = 4;
     let upstream = MockUpstream::start(&mock_args(3)).await.unwrap();
     let receiver = Receiver::start().await;
     // Some attempts fail, so retries are in flight when the process dies (three at most, so that even
@@ -29,7 +30,7 @@ async fn after_kill_9_and_restart_every_acknowledged_job_is_delivered_under_one_
     let acked = Arc::new(Mutex::new(HashSet::new()));
     let http = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
     let mut registrations = tokio::task::JoinSet::new();
-    for chunk in jobs.chunks(JOBS / 8) {
+    for chunk in jobs.chunks(JOBS / 16) {
         let (chunk, acked, http, listen, callback) =
             (chunk.to_vec(), acked.clone(), http.clone(), listen.clone(), receiver.url("/hook"));
         registrations.spawn(async move {
@@ -53,10 +54,12 @@ async fn after_kill_9_and_restart_every_acknowledged_job_is_delivered_under_one_
         });
     }
 
-    // Three crashes, each once a further share of the deliveries has arrived.
-    for round in 1..=3 {
-        let target = JOBS * round / 5;
-        eventually(Duration::from_secs(60), &format!("{target} deliveries before crash {round}"), || async {
+    // Crashes at random moments: each once a random further share of the deliveries has arrived, so the
+    // kill lands among registrations, polls, deliveries and retries.
+    let mut targets: Vec<usize> = (0..KILLS).map(|_| rand::random_range(JOBS / 20..JOBS * 4 / 5)).collect();
+    targets.sort();
+    for (round, target) in targets.into_iter().enumerate() {
+        eventually(Duration::from_secs(120), &format!("{target} deliveries before crash {round}"), || async {
             (receiver.requests_to("/hook").len() >= target).then_some(())
         })
         .await;
@@ -68,7 +71,7 @@ async fn after_kill_9_and_restart_every_acknowledged_job_is_delivered_under_one_
     let acked = acked.lock().unwrap().clone();
     assert_eq!(acked.len(), JOBS);
 
-    let delivered = eventually(Duration::from_secs(60), "every acknowledged job to be delivered", || async {
+    let delivered = eventually(Duration::from_secs(120), "every acknowledged job to be delivered", || async {
         let mut by_job: HashMap<String, Vec<String>> = HashMap::new();
         for request in receiver.requests_to("/hook") {
             request.verify(SECRET).expect("every delivery verifies");
@@ -84,21 +87,26 @@ async fn after_kill_9_and_restart_every_acknowledged_job_is_delivered_under_one_
         assert!(ids.iter().all(|id| *id == ids[0]), "job {job} was delivered under several webhook-ids: {ids:?}");
     }
     let requests = receiver.requests_to("/hook").len();
-    eprintln!("crash test: {JOBS} jobs, 3 kills, {requests} callback requests (3 scripted failures)");
+    let repeats = requests - JOBS - 3;
+    eprintln!(
+        "crash test: {JOBS} jobs, {KILLS} kills, 0 lost, {requests} callback requests = {JOBS} + 3 scripted failures + {repeats} repeats caused by the kills"
+    );
 
     // The store reopened cleanly and agrees: every subscription ends delivered.
     let app = format!("http://{listen}");
     eventually(Duration::from_secs(30), "every subscription to be delivered", || async {
-        let page: serde_json::Value = http
-            .get(format!("{app}/v1/subscriptions?state=delivered&limit=500"))
-            .bearer_auth(KEY_A)
-            .send()
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
-        (page["items"].as_array()?.len() == JOBS).then_some(())
+        let mut delivered = 0;
+        let mut cursor = String::new();
+        loop {
+            let url = format!("{app}/v1/subscriptions?state=delivered&limit=500{cursor}");
+            let page: serde_json::Value = http.get(url).bearer_auth(KEY_A).send().await.ok()?.json().await.ok()?;
+            delivered += page["items"].as_array()?.len();
+            match page["next_cursor"].as_str() {
+                Some(next) => cursor = format!("&cursor={next}"),
+                None => break,
+            }
+        }
+        (delivered == JOBS).then_some(())
     })
     .await;
     running.child.start_kill().unwrap();
@@ -148,5 +156,53 @@ async fn sigterm_stops_the_service_gracefully_and_it_resumes_on_the_next_start()
     let mut running = start(&args).await;
     let got = receiver.wait_for("/hook", 1).await;
     got[0].verify(SECRET).unwrap();
+    running.child.start_kill().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_answers_503_without_losing_anything_and_recovers() {
+    let upstream = MockUpstream::start(&mock_args(1)).await.unwrap();
+    let receiver = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db_url = format!("sqlite://{}", dir.path().join("full.db").display());
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut running = start(&args_on(&listen, &db_url, &upstream.url())).await;
+    let pid = running.child.id().unwrap().to_string();
+    let http = reqwest::Client::new();
+    let register = |job: String| {
+        let (http, listen, callback) = (http.clone(), listen.clone(), receiver.url("/hook"));
+        async move {
+            http.post(format!("http://{listen}/v1/subscriptions"))
+                .bearer_auth(KEY_A)
+                .json(&json!({ "job_id": job, "callback_url": callback }))
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(register(new_job()).await.status(), 201);
+
+    // No file may grow past one byte: every write of the store fails, as on a full disk.
+    let limit = std::process::Command::new("prlimit").args(["--pid", &pid, "--fsize=1:"]).status().unwrap();
+    assert!(limit.success());
+    let refused = register(new_job()).await;
+    assert_eq!(refused.status(), 503);
+    assert_eq!(refused.headers()["content-type"], "application/problem+json");
+    assert!(refused.headers().contains_key("retry-after"));
+    let body = refused.text().await.unwrap();
+    assert!(body.contains("nothing was saved"), "{body}");
+    assert!(running.child.try_wait().unwrap().is_none(), "the process survives a full disk");
+    assert!(running.logs().iter().any(|l| l.contains("ERROR") && l.contains("store unavailable")), "a loud log line");
+
+    let lifted = std::process::Command::new("prlimit").args(["--pid", &pid, "--fsize=unlimited:"]).status().unwrap();
+    assert!(lifted.success());
+    let job = new_job();
+    assert_eq!(register(job.clone()).await.status(), 201);
+    let got = eventually(Duration::from_secs(20), "both accepted jobs to be delivered", || async {
+        let got = receiver.requests_to("/hook");
+        (got.len() >= 2).then_some(got)
+    })
+    .await;
+    assert!(got.iter().any(|r| r.json()["job_id"] == job.as_str()));
     running.child.start_kill().unwrap();
 }

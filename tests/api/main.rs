@@ -11,3 +11,4 @@ mod openapi;
 mod polling;
 mod raw;
 mod registration;
+mod secrets;
