@@ -85,8 +85,11 @@ pub struct DeliveryContext {
     per_host: Mutex<HashMap<String, Arc<Semaphore>>>,
     /// Each tenant's signing secrets, read at most once a second: a rotation signs with the new secret
     /// within a second, without a store read per attempt.
-    secrets: Mutex<HashMap<i64, (Instant, Arc<Vec<SigningSecret>>)>>,
+    secrets: Mutex<HashMap<i64, CachedSecrets>>,
 }
+
+/// A tenant's secrets and when they were read.
+type CachedSecrets = (Instant, Arc<Vec<SigningSecret>>);
 
 /// How long a tenant's secrets are reused before they are read again.
 const SECRETS_TTL: Duration = Duration::from_secs(1);
