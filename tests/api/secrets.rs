@@ -1,8 +1,6 @@
 //! Keys, secrets and redelivery: rotation verified by the stock library, revocation through the CLI,
 //! tenants kept apart on every route, and no secret in logs or bodies.
 
-use std::time::Duration;
-
 use serde_json::Value;
 
 use crate::binary::{args_on, free_port, start_with};
