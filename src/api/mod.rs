@@ -46,7 +46,7 @@ pub struct AppState {
     info(
         title = "jobhook",
         description = "Turns polling into push: register an async job with a callback URL; jobhook polls the job and POSTs its final status to the callback, signed with Standard Webhooks.",
-        license(name = "MIT OR Apache-2.0"),
+        license(name = "MIT", identifier = "MIT"),
     ),
     modifiers(&BearerAuth),
     tags((name = "subscriptions", description = "Jobs watched for a callback"), (name = "account", description = "Your signing secret"), (name = "operations", description = "Health"))

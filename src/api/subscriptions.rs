@@ -25,7 +25,7 @@ pub struct CreateSubscription {
     #[schema(format = Uuid, example = "3f1c2b9e-8a4d-4c6e-9b1a-2d5e7f9a0c11")]
     pub job_id: String,
     /// An absolute http(s) URL, at most 2,048 bytes; by default it must resolve to a public address.
-    #[schema(example = "https://example.com/webhooks/jobs")]
+    #[schema(example = "https://example.com/webhooks/jobs", max_length = 2048)]
     pub callback_url: String,
 }
 
