@@ -55,8 +55,14 @@ impl Application {
         let egress = config.egress.clone();
         let (dispatcher, dispatcher_inbox) = delivery::channel();
         let (poller, poller_inbox) = poller::channel();
-        let delivery_ctx =
-            Arc::new(DeliveryContext::new(store.clone(), egress.clone(), lookup.clone(), config.delivery.clone()));
+        let secrets = Arc::new(delivery::SecretsCache::new(store.clone()));
+        let delivery_ctx = Arc::new(DeliveryContext::new(
+            store.clone(),
+            secrets.clone(),
+            egress.clone(),
+            lookup.clone(),
+            config.delivery.clone(),
+        ));
         let poll_ctx = Arc::new(PollContext::new(
             store.clone(),
             UpstreamClient::new(&config.upstream),
@@ -73,6 +79,7 @@ impl Application {
             egress,
             lookup,
             cursor_key,
+            secrets,
             secret_rotation_grace: config.secret_rotation_grace,
         });
         Ok(Application {

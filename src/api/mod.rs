@@ -38,6 +38,8 @@ pub struct AppState {
     pub lookup: Lookup,
     /// Signs list cursors, so a cursor cannot be forged or altered.
     pub cursor_key: Arc<Vec<u8>>,
+    /// The signing secrets the dispatcher uses; a rotation makes it forget the old ones at once.
+    pub secrets: Arc<crate::delivery::SecretsCache>,
     pub secret_rotation_grace: std::time::Duration,
 }
 
@@ -153,6 +155,7 @@ async fn rotate_signing_secret(State(state): State<AppState>, tenant: Tenant) ->
     let grace_ms = Millis::try_from(state.secret_rotation_grace.as_millis()).unwrap_or(Millis::MAX);
     let until = crate::store::now_ms().saturating_add(grace_ms);
     state.store.rotate_secret(tenant.id, &secret, until).await?;
+    state.secrets.forget(tenant.id);
     tracing::info!(tenant_id = tenant.id, "signing secret rotated");
     Ok(Json(RotatedSecret { secret: secret.expose(), previous_secret_valid_until: rfc3339(until) }))
 }

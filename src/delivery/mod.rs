@@ -7,6 +7,7 @@
 
 pub mod client;
 pub mod retry;
+pub mod secrets;
 pub mod signing;
 
 use std::collections::HashMap;
@@ -25,6 +26,7 @@ use crate::keys::SigningSecret;
 use crate::store::{AttemptRecord, AttemptResult, DeliveryTask, Millis, Store, now_ms};
 use crate::upstream::{describe_transport_error, parse_retry_after};
 use client::EgressPolicy;
+pub use secrets::SecretsCache;
 
 /// How much of a receiver's answer we read (and then drop): enough to reuse the connection after a
 /// normal short answer, little enough that an endless body costs nothing.
@@ -83,43 +85,27 @@ pub struct DeliveryContext {
     pub config: DeliveryConfig,
     overall: Arc<Semaphore>,
     per_host: Mutex<HashMap<String, Arc<Semaphore>>>,
-    /// Each tenant's signing secrets, read at most once a second: a rotation signs with the new secret
-    /// within a second, without a store read per attempt.
-    secrets: Mutex<HashMap<i64, CachedSecrets>>,
+    /// Each tenant's signing secrets, shared with the API that rotates them.
+    pub secrets: Arc<SecretsCache>,
 }
 
-/// A tenant's secrets and when they were read.
-type CachedSecrets = (Instant, Arc<Vec<SigningSecret>>);
-
-/// How long a tenant's secrets are reused before they are read again.
-const SECRETS_TTL: Duration = Duration::from_secs(1);
-
 impl DeliveryContext {
-    pub fn new(store: Arc<dyn Store>, policy: EgressPolicy, lookup: client::Lookup, config: DeliveryConfig) -> Self {
+    pub fn new(
+        store: Arc<dyn Store>,
+        secrets: Arc<SecretsCache>,
+        policy: EgressPolicy,
+        lookup: client::Lookup,
+        config: DeliveryConfig,
+    ) -> Self {
         DeliveryContext {
             http: client::callback_client(&policy, lookup, config.timeout),
             overall: Arc::new(Semaphore::new(config.max_in_flight)),
             per_host: Mutex::new(HashMap::new()),
-            secrets: Mutex::new(HashMap::new()),
+            secrets,
             store,
             policy,
             config,
         }
-    }
-
-    async fn secrets(&self, tenant_id: i64) -> crate::store::Result<Arc<Vec<SigningSecret>>> {
-        {
-            let cache = self.secrets.lock().expect("the secrets cache is never poisoned");
-            if let Some((read_at, secrets)) = cache.get(&tenant_id)
-                && read_at.elapsed() < SECRETS_TTL
-            {
-                return Ok(secrets.clone());
-            }
-        }
-        let secrets = Arc::new(self.store.signing_secrets(tenant_id, now_ms()).await?);
-        let mut cache = self.secrets.lock().expect("the secrets cache is never poisoned");
-        cache.insert(tenant_id, (Instant::now(), secrets.clone()));
-        Ok(secrets)
     }
 
     fn host_semaphore(&self, host: &str) -> Arc<Semaphore> {
@@ -222,7 +208,7 @@ fn elapsed_ms(since: Instant) -> u64 {
 #[tracing::instrument(skip_all, fields(subscription_id = %task.subscription_id, attempt = task.attempts_made + 1))]
 pub async fn attempt(ctx: &DeliveryContext, task: &mut DeliveryTask) -> Option<Millis> {
     let attempt = task.attempts_made + 1;
-    let secrets = match ctx.secrets(task.tenant_id).await {
+    let secrets = match ctx.secrets.get(task.tenant_id).await {
         Ok(secrets) => secrets,
         Err(e) => {
             tracing::error!(error = %e, "could not read the signing secrets; the attempt waits");

@@ -9,6 +9,9 @@ use crate::helpers::*;
 #[tokio::test]
 async fn after_a_rotation_deliveries_verify_with_the_old_and_the_new_secret() {
     let app = spawn_app().await;
+    // A delivery first, so the dispatcher holds the old secret when the rotation comes.
+    app.register(&new_job(), &app.receiver.url("/before")).await;
+    app.receiver.wait_for("/before", 1).await;
     let rotated = app.http.post(app.url("/v1/signing-secret/rotate")).bearer_auth(KEY_A).send().await.unwrap();
     assert_eq!(rotated.status(), 200);
     let rotated: Value = rotated.json().await.unwrap();
