@@ -8,7 +8,7 @@
 //!
 //! `sqlite.rs` is the embedded default; PostgreSQL comes as a second implementation of the same trait.
 
-mod sqlite;
+mod sql;
 
 use std::sync::Arc;
 
@@ -18,7 +18,7 @@ use bytes::Bytes;
 use crate::domain::{CallbackUrl, FailureReason, JobId, JobStatus, SubscriptionId, SubscriptionState};
 use crate::keys::{KeyHash, SigningSecret};
 
-pub use sqlite::SqliteStore;
+pub use sql::{Backend, SqlStore, to_dollar_placeholders};
 
 /// Unix time in milliseconds: how the store keeps time.
 pub type Millis = i64;
@@ -29,18 +29,16 @@ pub fn now_ms() -> Millis {
 
 /// Whether a `--database-url` names a store we can open; the error is a sentence.
 pub fn check_url(url: &str) -> Result<(), String> {
-    if url.starts_with("sqlite:") {
+    if url.starts_with("sqlite:") || url.starts_with("postgres:") || url.starts_with("postgresql:") {
         Ok(())
-    } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
-        Err("PostgreSQL is not supported by this version yet; use sqlite://PATH".into())
     } else {
-        Err("must start with sqlite:// (for example sqlite://jobhook.db)".into())
+        Err("must start with sqlite:// (for example sqlite://jobhook.db) or postgres://".into())
     }
 }
 
 /// Opens the store a URL names, creating and migrating it as needed.
 pub async fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {
-    Ok(Arc::new(SqliteStore::open(url).await?))
+    Ok(Arc::new(SqlStore::open(url).await?))
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -1,76 +1,194 @@
-//! The embedded store: one SQLite file in WAL mode.
-//!
-//! Durability settings: `journal_mode=WAL` with `synchronous=FULL`, so a commit is on disk (fsync of
-//! the WAL) before we answer, and survives a power cut as well as `kill -9`. Writes go through a pool
-//! of exactly one connection: SQLite has one writer at a time anyway, and queueing writers in our pool
-//! (async, fair) beats letting them spin in SQLite's busy handler. Reads use a separate pool, which WAL
-//! lets run beside the writer.
+//! The store over SQL, one implementation for both backends: SQLite (embedded, the default) and
+//! PostgreSQL (several instances sharing one database). sqlx's `Any` driver carries the queries; the SQL
+//! is written once, and the few statements that must differ stand side by side (`Backend::pick`).
 
-use std::str::FromStr;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Sqlite, Transaction};
+use sqlx::AnyPool;
+use sqlx::any::AnyPoolOptions;
+use sqlx::{Any, Executor, Transaction};
 
 use super::*;
 use crate::domain::new_webhook_id;
 
-pub struct SqliteStore {
-    writer: SqlitePool,
-    reader: SqlitePool,
+/// Which database is behind the pools. The SQL is written once, in SQLite's placeholder style (`?`,
+/// `?N`); [`Backend::sql`] rewrites it for PostgreSQL (`$N`). Statements that must differ are chosen
+/// with [`Backend::pick`], the two spellings side by side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
 }
 
-/// How long a statement waits for the write lock before giving up with "unavailable".
+impl Backend {
+    /// `sql` as this backend writes it.
+    pub fn sql(self, sql: &'static str) -> &'static str {
+        match self {
+            Backend::Sqlite => sql,
+            Backend::Postgres => rewrite_cached(sql),
+        }
+    }
+
+    /// A statement built at run time (from constant pieces), as this backend writes it.
+    pub fn sql_fmt(self, sql: String) -> &'static str {
+        match self {
+            Backend::Sqlite => leak_cached(sql),
+            Backend::Postgres => rewrite_cached(&sql),
+        }
+    }
+
+    /// One of two spellings of a statement that cannot be written the same way for both.
+    pub fn pick(self, sqlite: &'static str, postgres: &'static str) -> &'static str {
+        match self {
+            Backend::Sqlite => sqlite,
+            Backend::Postgres => postgres,
+        }
+    }
+}
+
+/// Statements are a fixed set, so each rewritten (or run-time built) one is made once and kept.
+static CACHE: LazyLock<Mutex<HashMap<String, &'static str>>> = LazyLock::new(|| Mutex::new(HashMap::new()));
+
+fn leak_cached(sql: String) -> &'static str {
+    let mut cache = CACHE.lock().expect("the statement cache is never poisoned");
+    if let Some(kept) = cache.get(&format!("raw:{sql}")) {
+        return kept;
+    }
+    let kept: &'static str = Box::leak(sql.clone().into_boxed_str());
+    cache.insert(format!("raw:{sql}"), kept);
+    kept
+}
+
+fn rewrite_cached(sql: &str) -> &'static str {
+    let mut cache = CACHE.lock().expect("the statement cache is never poisoned");
+    if let Some(kept) = cache.get(sql) {
+        return kept;
+    }
+    let kept: &'static str = Box::leak(to_dollar_placeholders(sql).into_boxed_str());
+    cache.insert(sql.to_owned(), kept);
+    kept
+}
+
+/// SQLite's `?` and `?N` placeholders as PostgreSQL's `$N`, with SQLite's numbering: a bare `?` takes
+/// the largest number used so far plus one. Text inside single quotes is left alone.
+pub fn to_dollar_placeholders(sql: &str) -> String {
+    let mut out = String::with_capacity(sql.len() + 8);
+    let mut chars = sql.chars().peekable();
+    let (mut highest, mut quoted) = (0u32, false);
+    while let Some(c) = chars.next() {
+        match c {
+            '\'' => {
+                quoted = !quoted;
+                out.push(c);
+            }
+            '?' if !quoted => {
+                let mut digits = String::new();
+                while let Some(d) = chars.peek().filter(|d| d.is_ascii_digit()) {
+                    digits.push(*d);
+                    chars.next();
+                }
+                let n = if digits.is_empty() { highest + 1 } else { digits.parse().unwrap_or(highest + 1) };
+                highest = highest.max(n);
+                out.push('$');
+                out.push_str(&n.to_string());
+            }
+            _ => out.push(c),
+        }
+    }
+    out
+}
+
+/// The store over SQL: an embedded SQLite file (the default) or a PostgreSQL server.
+pub struct SqlStore {
+    backend: Backend,
+    writer: AnyPool,
+    reader: AnyPool,
+}
+
+/// How long a statement waits for a connection or a lock before giving up with "unavailable".
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
-impl SqliteStore {
+impl SqlStore {
     pub async fn open(url: &str) -> Result<Self> {
-        let options = SqliteConnectOptions::from_str(url)
-            .map_err(StoreError::Other)?
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Full)
-            .busy_timeout(BUSY_TIMEOUT)
-            .foreign_keys(true);
-        let writer = SqlitePoolOptions::new()
+        sqlx::any::install_default_drivers();
+        if url.starts_with("postgres") {
+            let pool = AnyPoolOptions::new()
+                .max_connections(16)
+                .acquire_timeout(BUSY_TIMEOUT)
+                .connect(url)
+                .await
+                .map_err(classify)?;
+            sqlx::migrate!("src/store/migrations/postgres").run(&pool).await?;
+            return Ok(SqlStore { backend: Backend::Postgres, writer: pool.clone(), reader: pool });
+        }
+        // SQLite: WAL with synchronous=FULL, so a commit is fsynced before we answer and survives a
+        // power cut as well as kill -9. Writes go through exactly one connection: SQLite has one writer
+        // at a time anyway, and queueing writers in our async pool beats spinning in its busy handler.
+        // Reads use a separate read-only pool, which WAL lets run beside the writer.
+        let separator = if url.contains('?') { '&' } else { '?' };
+        let writer = AnyPoolOptions::new()
             .max_connections(1)
             .acquire_timeout(BUSY_TIMEOUT)
-            .connect_with(options.clone())
+            .after_connect(sqlite_pragmas)
+            .connect(&format!("{url}{separator}mode=rwc"))
             .await
             .map_err(classify)?;
         sqlx::migrate!("src/store/migrations/sqlite").run(&writer).await?;
-        let reader = SqlitePoolOptions::new()
+        let reader = AnyPoolOptions::new()
             .max_connections(4)
             .acquire_timeout(BUSY_TIMEOUT)
-            .connect_with(options.read_only(true))
+            .after_connect(sqlite_pragmas)
+            .connect(&format!("{url}{separator}mode=ro"))
             .await
             .map_err(classify)?;
-        Ok(SqliteStore { writer, reader })
+        Ok(SqlStore { backend: Backend::Sqlite, writer, reader })
     }
 
-    async fn begin(&self) -> Result<Transaction<'static, Sqlite>> {
+    async fn begin(&self) -> Result<Transaction<'static, Any>> {
         self.writer.begin().await.map_err(classify)
     }
 }
 
-/// Sorts a database error into "try again later" (the disk, the file, the lock) and the rest.
+/// The settings every SQLite connection gets (see [`SqlStore::open`]).
+fn sqlite_pragmas(
+    conn: &mut sqlx::AnyConnection,
+    _: sqlx::pool::PoolConnectionMetadata,
+) -> futures_util::future::BoxFuture<'_, std::result::Result<(), sqlx::Error>> {
+    Box::pin(async move {
+        conn.execute("PRAGMA journal_mode = WAL").await?;
+        conn.execute("PRAGMA synchronous = FULL").await?;
+        conn.execute("PRAGMA busy_timeout = 10000").await?;
+        conn.execute("PRAGMA foreign_keys = ON").await?;
+        Ok(())
+    })
+}
+
+/// Sorts a database error into "try again later" (the disk, the file, the connection, a lock) and the
+/// rest.
 fn classify(e: sqlx::Error) -> StoreError {
-    match &e {
-        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => StoreError::Unavailable(e),
+    let unavailable = match &e {
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Tls(_) => true,
         sqlx::Error::Database(db) => {
-            // SQLite primary result codes: BUSY 5, LOCKED 6, NOMEM 7, READONLY 8, IOERR 10, FULL 13,
-            // CANTOPEN 14, PROTOCOL 15.
-            let primary = db.code().and_then(|c| c.parse::<i64>().ok()).map(|c| c & 0xff);
-            match primary {
-                Some(5 | 6 | 7 | 8 | 10 | 13 | 14 | 15) => StoreError::Unavailable(e),
-                _ => StoreError::Other(e),
+            let code = db.code().unwrap_or_default();
+            if db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>().is_some() {
+                // SQLSTATE classes: 08 connection, 53 insufficient resources (disk full), 57 operator
+                // intervention (shutdown, terminated backend), 58 system error; 25006 read-only
+                // transaction; 40001/40P01 serialization failure and deadlock.
+                ["08", "53", "57", "58"].iter().any(|class| code.starts_with(class))
+                    || matches!(code.as_ref(), "25006" | "40001" | "40P01")
+            } else {
+                // SQLite primary result codes: BUSY 5, LOCKED 6, NOMEM 7, READONLY 8, IOERR 10, FULL 13,
+                // CANTOPEN 14, PROTOCOL 15.
+                matches!(code.parse::<i64>().map(|c| c & 0xff), Ok(5 | 6 | 7 | 8 | 10 | 13 | 14 | 15))
             }
         }
-        _ => StoreError::Other(e),
-    }
+        _ => false,
+    };
+    if unavailable { StoreError::Unavailable(e) } else { StoreError::Other(e) }
 }
 
 trait Classify<T> {
@@ -189,22 +307,21 @@ fn parse_secret(stored: &str) -> Result<SigningSecret> {
     stored.parse::<SigningSecret>().map_err(|e| corrupt("signing secret", e))
 }
 
-async fn subscription_in(tx: &mut Transaction<'static, Sqlite>, id: &str) -> Result<Subscription> {
+async fn subscription_in(b: Backend, tx: &mut Transaction<'static, Any>, id: &str) -> Result<Subscription> {
     let sql =
         format!("SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions s JOIN jobs j ON j.job_id = s.job_id WHERE s.id = ?");
-    let row: SubscriptionRow = sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(id).fetch_one(&mut **tx).await.db()?;
+    let row: SubscriptionRow = sqlx::query_as(b.sql_fmt(sql)).bind(id).fetch_one(&mut **tx).await.db()?;
     row.try_into()
 }
 
-async fn pollable_in(tx: &mut Transaction<'static, Sqlite>, job_id: &str) -> Result<Option<PollableJob>> {
+async fn pollable_in(b: Backend, tx: &mut Transaction<'static, Any>, job_id: &str) -> Result<Option<PollableJob>> {
     let sql = format!("{POLLABLE_SELECT} WHERE j.job_id = ? GROUP BY j.job_id");
-    let row: Option<PollableRow> =
-        sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(job_id).fetch_optional(&mut **tx).await.db()?;
+    let row: Option<PollableRow> = sqlx::query_as(b.sql_fmt(sql)).bind(job_id).fetch_optional(&mut **tx).await.db()?;
     row.map(PollableJob::try_from).transpose()
 }
 
 #[async_trait]
-impl Store for SqliteStore {
+impl Store for SqlStore {
     async fn sync_configured_keys(
         &self,
         keys: &[KeyHash],
@@ -215,7 +332,7 @@ impl Store for SqliteStore {
         let mut created = 0;
         // Configured keys that left the configuration stop working; those still in it work again.
         let configured: Vec<(i64, Vec<u8>)> =
-            sqlx::query_as("SELECT id, key_hash FROM api_keys WHERE source = 'config'")
+            sqlx::query_as(self.backend.sql("SELECT id, key_hash FROM api_keys WHERE source = 'config'"))
                 .fetch_all(&mut *tx)
                 .await
                 .db()?;
@@ -229,15 +346,16 @@ impl Store for SqliteStore {
             sqlx::query(sql).bind(id).bind(now).execute(&mut *tx).await.db()?;
         }
         for (i, key) in keys.iter().enumerate() {
-            let tenant: Option<i64> = sqlx::query_scalar("SELECT tenant_id FROM api_keys WHERE key_hash = ?")
-                .bind(key.0.as_slice())
-                .fetch_optional(&mut *tx)
-                .await
-                .db()?;
+            let tenant: Option<i64> =
+                sqlx::query_scalar(self.backend.sql("SELECT tenant_id FROM api_keys WHERE key_hash = ?"))
+                    .bind(key.0.as_slice())
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .db()?;
             match tenant {
                 Some(tenant_id) => {
                     if let Some(secret) = secret {
-                        sqlx::query("UPDATE tenants SET signing_secret = ? WHERE id = ?")
+                        sqlx::query(self.backend.sql("UPDATE tenants SET signing_secret = ? WHERE id = ?"))
                             .bind(secret.expose())
                             .bind(tenant_id)
                             .execute(&mut *tx)
@@ -248,7 +366,7 @@ impl Store for SqliteStore {
                 None => {
                     let secret = secret.cloned().unwrap_or_else(SigningSecret::generate);
                     let name = format!("configured key {}", i + 1);
-                    insert_tenant_with_key(&mut tx, &name, *key, &secret, "config", now).await?;
+                    insert_tenant_with_key(self.backend, &mut tx, &name, *key, &secret, "config", now).await?;
                     created += 1;
                 }
             }
@@ -259,13 +377,16 @@ impl Store for SqliteStore {
 
     async fn create_key(&self, name: &str, key: KeyHash, secret: &SigningSecret, now: Millis) -> Result<i64> {
         let mut tx = self.begin().await?;
-        let id = insert_tenant_with_key(&mut tx, name, key, secret, "stored", now).await?;
+        let id = insert_tenant_with_key(self.backend, &mut tx, name, key, secret, "stored", now).await?;
         tx.commit().await.db()?;
         Ok(id)
     }
 
     async fn usable_key_count(&self) -> Result<i64> {
-        sqlx::query_scalar("SELECT COUNT(*) FROM api_keys WHERE revoked_at IS NULL").fetch_one(&self.reader).await.db()
+        sqlx::query_scalar(self.backend.sql("SELECT COUNT(*) FROM api_keys WHERE revoked_at IS NULL"))
+            .fetch_one(&self.reader)
+            .await
+            .db()
     }
 
     async fn tenant_by_key(&self, key: KeyHash) -> Result<Option<Tenant>> {
@@ -281,11 +402,12 @@ impl Store for SqliteStore {
     }
 
     async fn list_keys(&self) -> Result<Vec<KeyInfo>> {
-        let rows: Vec<(i64, i64, String, String, i64, Option<i64>)> =
-            sqlx::query_as("SELECT id, tenant_id, name, source, created_at, revoked_at FROM api_keys ORDER BY id")
-                .fetch_all(&self.reader)
-                .await
-                .db()?;
+        let rows: Vec<(i64, i64, String, String, i64, Option<i64>)> = sqlx::query_as(
+            self.backend.sql("SELECT id, tenant_id, name, source, created_at, revoked_at FROM api_keys ORDER BY id"),
+        )
+        .fetch_all(&self.reader)
+        .await
+        .db()?;
         Ok(rows
             .into_iter()
             .map(|(id, tenant_id, name, source, created_at, revoked_at)| KeyInfo {
@@ -300,22 +422,24 @@ impl Store for SqliteStore {
     }
 
     async fn revoke_key(&self, id: i64, now: Millis) -> Result<bool> {
-        let done = sqlx::query("UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL")
-            .bind(now)
-            .bind(id)
-            .execute(&self.writer)
-            .await
-            .db()?;
+        let done =
+            sqlx::query(self.backend.sql("UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL"))
+                .bind(now)
+                .bind(id)
+                .execute(&self.writer)
+                .await
+                .db()?;
         Ok(done.rows_affected() == 1)
     }
 
     async fn signing_secrets(&self, tenant_id: i64, now: Millis) -> Result<Vec<SigningSecret>> {
-        let row: Option<(String, Option<String>, Option<i64>)> =
-            sqlx::query_as("SELECT signing_secret, previous_secret, previous_until FROM tenants WHERE id = ?")
-                .bind(tenant_id)
-                .fetch_optional(&self.reader)
-                .await
-                .db()?;
+        let row: Option<(String, Option<String>, Option<i64>)> = sqlx::query_as(
+            self.backend.sql("SELECT signing_secret, previous_secret, previous_until FROM tenants WHERE id = ?"),
+        )
+        .bind(tenant_id)
+        .fetch_optional(&self.reader)
+        .await
+        .db()?;
         let Some((current, previous, until)) = row else {
             return Err(corrupt("delivery of an unknown tenant", tenant_id));
         };
@@ -329,9 +453,9 @@ impl Store for SqliteStore {
     }
 
     async fn rotate_secret(&self, tenant_id: i64, new: &SigningSecret, previous_until: Millis) -> Result<()> {
-        sqlx::query(
+        sqlx::query(self.backend.sql(
             "UPDATE tenants SET previous_secret = signing_secret, previous_until = ?, signing_secret = ? WHERE id = ?",
-        )
+        ))
         .bind(previous_until)
         .bind(new.expose())
         .bind(tenant_id)
@@ -342,27 +466,31 @@ impl Store for SqliteStore {
     }
 
     async fn meta_secret(&self, name: &str) -> Result<Vec<u8>> {
-        sqlx::query("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING")
+        sqlx::query(self.backend.sql("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO NOTHING"))
             .bind(name)
             .bind(rand::random::<[u8; 32]>().as_slice())
             .execute(&self.writer)
             .await
             .db()?;
-        sqlx::query_scalar("SELECT value FROM meta WHERE key = ?").bind(name).fetch_one(&self.writer).await.db()
+        sqlx::query_scalar(self.backend.sql("SELECT value FROM meta WHERE key = ?"))
+            .bind(name)
+            .fetch_one(&self.writer)
+            .await
+            .db()
     }
 
     async fn redeliver(&self, tenant_id: i64, id: SubscriptionId, now: Millis) -> Result<Option<Redelivery>> {
         let sub_id = id.to_string();
         let mut tx = self.begin().await?;
         let sql = format!("{DELIVERY_SELECT} WHERE s.id = ? AND s.tenant_id = ?");
-        let row: Option<DeliveryRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        let row: Option<DeliveryRow> = sqlx::query_as(self.backend.sql_fmt(sql))
             .bind(&sub_id)
             .bind(tenant_id)
             .fetch_optional(&mut *tx)
             .await
             .db()?;
         let Some(row) = row else { return Ok(None) };
-        let state: String = sqlx::query_scalar("SELECT state FROM subscriptions WHERE id = ?")
+        let state: String = sqlx::query_scalar(self.backend.sql("SELECT state FROM subscriptions WHERE id = ?"))
             .bind(&sub_id)
             .fetch_one(&mut *tx)
             .await
@@ -377,7 +505,7 @@ impl Store for SqliteStore {
         // A failed subscription may have been followed by a new registration of the same job and
         // callback; two live deliveries of one job to one callback would be one too many.
         let newer: Option<i64> = sqlx::query_scalar(
-            "SELECT 1 FROM subscriptions s JOIN subscriptions o ON o.tenant_id = s.tenant_id AND o.job_id = s.job_id \
+            "SELECT CAST(1 AS BIGINT) FROM subscriptions s JOIN subscriptions o ON o.tenant_id = s.tenant_id AND o.job_id = s.job_id \
              AND o.callback_url = s.callback_url AND o.id <> s.id AND o.state IN ('polling', 'delivering', 'delivered') \
              WHERE s.id = ?",
         )
@@ -417,16 +545,16 @@ impl Store for SqliteStore {
         let mut tx = self.begin().await?;
         // A write first, so this transaction holds the write lock before it reads: the job's result
         // cannot appear between our read and our insert.
-        sqlx::query(
+        sqlx::query(self.backend.sql(
             "INSERT INTO jobs (job_id, created_at, updated_at) VALUES (?1, ?2, ?2) ON CONFLICT (job_id) DO NOTHING",
-        )
+        ))
         .bind(&job)
         .bind(now)
         .execute(&mut *tx)
         .await
         .db()?;
         let existing: Option<String> = sqlx::query_scalar(
-            "SELECT id FROM subscriptions WHERE tenant_id = ? AND job_id = ? AND callback_url = ? AND state IN ('polling', 'delivering', 'delivered')",
+            self.backend.sql("SELECT id FROM subscriptions WHERE tenant_id = ? AND job_id = ? AND callback_url = ? AND state IN ('polling', 'delivering', 'delivered')"),
         )
         .bind(tenant.id)
         .bind(&job)
@@ -435,12 +563,15 @@ impl Store for SqliteStore {
         .await
         .db()?;
         if let Some(existing) = existing {
-            let sub = subscription_in(&mut tx, &existing).await?;
+            let sub = subscription_in(self.backend, &mut tx, &existing).await?;
             tx.commit().await.db()?;
             return Ok(Registered::Existing(sub));
         }
-        let result: Option<Vec<u8>> =
-            sqlx::query_scalar("SELECT result FROM jobs WHERE job_id = ?").bind(&job).fetch_one(&mut *tx).await.db()?;
+        let result: Option<Vec<u8>> = sqlx::query_scalar(self.backend.sql("SELECT result FROM jobs WHERE job_id = ?"))
+            .bind(&job)
+            .fetch_one(&mut *tx)
+            .await
+            .db()?;
         let sub_id = id.to_string();
         match result {
             None => {
@@ -456,8 +587,8 @@ impl Store for SqliteStore {
                 .execute(&mut *tx)
                 .await
                 .db()?;
-                let sub = subscription_in(&mut tx, &sub_id).await?;
-                let pollable = pollable_in(&mut tx, &job)
+                let sub = subscription_in(self.backend, &mut tx, &sub_id).await?;
+                let pollable = pollable_in(self.backend, &mut tx, &job)
                     .await?
                     .ok_or_else(|| corrupt("new subscription not polling", &sub_id))?;
                 tx.commit().await.db()?;
@@ -478,7 +609,7 @@ impl Store for SqliteStore {
                 .execute(&mut *tx)
                 .await
                 .db()?;
-                let sub = subscription_in(&mut tx, &sub_id).await?;
+                let sub = subscription_in(self.backend, &mut tx, &sub_id).await?;
                 tx.commit().await.db()?;
                 let task = DeliveryTask {
                     subscription_id: id,
@@ -499,7 +630,7 @@ impl Store for SqliteStore {
         let sql = format!(
             "SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions s JOIN jobs j ON j.job_id = s.job_id WHERE s.id = ? AND s.tenant_id = ?"
         );
-        let row: Option<SubscriptionRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        let row: Option<SubscriptionRow> = sqlx::query_as(self.backend.sql_fmt(sql))
             .bind(id.to_string())
             .bind(tenant_id)
             .fetch_optional(&self.reader)
@@ -514,7 +645,7 @@ impl Store for SqliteStore {
              WHERE s.tenant_id = ?1 AND (?2 IS NULL OR s.job_id = ?2) AND (?3 IS NULL OR s.state = ?3) AND (?4 IS NULL OR s.id < ?4) \
              ORDER BY s.id DESC LIMIT ?5"
         );
-        let rows: Vec<SubscriptionRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        let rows: Vec<SubscriptionRow> = sqlx::query_as(self.backend.sql_fmt(sql))
             .bind(tenant_id)
             .bind(filter.job_id.map(|j| j.to_string()))
             .bind(filter.state.map(|s| s.as_str()))
@@ -529,7 +660,7 @@ impl Store for SqliteStore {
     async fn cancel(&self, tenant_id: i64, id: SubscriptionId, now: Millis) -> Result<Option<Cancelled>> {
         let mut tx = self.begin().await?;
         let row: Option<(String, String)> =
-            sqlx::query_as("SELECT job_id, state FROM subscriptions WHERE id = ? AND tenant_id = ?")
+            sqlx::query_as(self.backend.sql("SELECT job_id, state FROM subscriptions WHERE id = ? AND tenant_id = ?"))
                 .bind(id.to_string())
                 .bind(tenant_id)
                 .fetch_optional(&mut *tx)
@@ -544,7 +675,9 @@ impl Store for SqliteStore {
             return Ok(Some(Cancelled { job_id, was: None }));
         }
         sqlx::query(
-            "UPDATE subscriptions SET state = 'cancelled', next_attempt_at = NULL, updated_at = ? WHERE id = ?",
+            self.backend.sql(
+                "UPDATE subscriptions SET state = 'cancelled', next_attempt_at = NULL, updated_at = ? WHERE id = ?",
+            ),
         )
         .bind(now)
         .bind(id.to_string())
@@ -556,12 +689,14 @@ impl Store for SqliteStore {
     }
 
     async fn attempts(&self, tenant_id: i64, id: SubscriptionId) -> Result<Option<Vec<AttemptRecord>>> {
-        let exists: Option<i64> = sqlx::query_scalar("SELECT 1 FROM subscriptions WHERE id = ? AND tenant_id = ?")
-            .bind(id.to_string())
-            .bind(tenant_id)
-            .fetch_optional(&self.reader)
-            .await
-            .db()?;
+        let exists: Option<i64> = sqlx::query_scalar(
+            self.backend.sql("SELECT CAST(1 AS BIGINT) FROM subscriptions WHERE id = ? AND tenant_id = ?"),
+        )
+        .bind(id.to_string())
+        .bind(tenant_id)
+        .fetch_optional(&self.reader)
+        .await
+        .db()?;
         if exists.is_none() {
             return Ok(None);
         }
@@ -591,13 +726,13 @@ impl Store for SqliteStore {
 
     async fn pollable_jobs(&self) -> Result<Vec<PollableJob>> {
         let sql = format!("{POLLABLE_SELECT} GROUP BY j.job_id");
-        let rows: Vec<PollableRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql)).fetch_all(&self.reader).await.db()?;
+        let rows: Vec<PollableRow> = sqlx::query_as(self.backend.sql_fmt(sql)).fetch_all(&self.reader).await.db()?;
         rows.into_iter().map(PollableJob::try_from).collect()
     }
 
     async fn pollable_job(&self, job_id: JobId) -> Result<Option<PollableJob>> {
         let sql = format!("{POLLABLE_SELECT} WHERE j.job_id = ? GROUP BY j.job_id");
-        let row: Option<PollableRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        let row: Option<PollableRow> = sqlx::query_as(self.backend.sql_fmt(sql))
             .bind(job_id.to_string())
             .fetch_optional(&self.reader)
             .await
@@ -612,14 +747,17 @@ impl Store for SqliteStore {
         last_error: Option<&str>,
         now: Millis,
     ) -> Result<()> {
-        sqlx::query("UPDATE jobs SET status = COALESCE(?, status), last_error = ?, updated_at = ? WHERE job_id = ?")
-            .bind(status.map(|s| s.as_str()))
-            .bind(last_error)
-            .bind(now)
-            .bind(job_id.to_string())
-            .execute(&self.writer)
-            .await
-            .db()?;
+        sqlx::query(
+            self.backend
+                .sql("UPDATE jobs SET status = COALESCE(?, status), last_error = ?, updated_at = ? WHERE job_id = ?"),
+        )
+        .bind(status.map(|s| s.as_str()))
+        .bind(last_error)
+        .bind(now)
+        .bind(job_id.to_string())
+        .execute(&self.writer)
+        .await
+        .db()?;
         Ok(())
     }
 
@@ -632,7 +770,7 @@ impl Store for SqliteStore {
     ) -> Result<Vec<DeliveryTask>> {
         let job = job_id.to_string();
         let mut tx = self.begin().await?;
-        sqlx::query("UPDATE jobs SET status = ?, result = ?, last_error = NULL, finished_at = ?3, updated_at = ?3 WHERE job_id = ?4")
+        sqlx::query(self.backend.sql("UPDATE jobs SET status = ?, result = ?, last_error = NULL, finished_at = ?3, updated_at = ?3 WHERE job_id = ?4"))
             .bind(status.as_str())
             .bind(body.as_ref())
             .bind(now)
@@ -641,7 +779,8 @@ impl Store for SqliteStore {
             .await
             .db()?;
         let subscribers: Vec<(String, i64, String)> = sqlx::query_as(
-            "SELECT id, tenant_id, callback_url FROM subscriptions WHERE job_id = ? AND state = 'polling'",
+            self.backend
+                .sql("SELECT id, tenant_id, callback_url FROM subscriptions WHERE job_id = ? AND state = 'polling'"),
         )
         .bind(&job)
         .fetch_all(&mut *tx)
@@ -651,7 +790,7 @@ impl Store for SqliteStore {
         for (id, tenant_id, callback_url) in subscribers {
             let webhook_id = new_webhook_id();
             sqlx::query(
-                "UPDATE subscriptions SET state = 'delivering', webhook_id = ?, attempts = 0, next_attempt_at = ?2, updated_at = ?2 WHERE id = ?3",
+                self.backend.sql("UPDATE subscriptions SET state = 'delivering', webhook_id = ?, attempts = 0, next_attempt_at = ?2, updated_at = ?2 WHERE id = ?3"),
             )
             .bind(&webhook_id)
             .bind(now)
@@ -677,14 +816,14 @@ impl Store for SqliteStore {
     async fn fail_job(&self, job_id: JobId, reason: FailureReason, last_error: &str, now: Millis) -> Result<u64> {
         let job = job_id.to_string();
         let mut tx = self.begin().await?;
-        sqlx::query("UPDATE jobs SET last_error = ?, updated_at = ? WHERE job_id = ?")
+        sqlx::query(self.backend.sql("UPDATE jobs SET last_error = ?, updated_at = ? WHERE job_id = ?"))
             .bind(last_error)
             .bind(now)
             .bind(&job)
             .execute(&mut *tx)
             .await
             .db()?;
-        let done = sqlx::query("UPDATE subscriptions SET state = 'failed', failure_reason = ?, updated_at = ? WHERE job_id = ? AND state = 'polling'")
+        let done = sqlx::query(self.backend.sql("UPDATE subscriptions SET state = 'failed', failure_reason = ?, updated_at = ? WHERE job_id = ? AND state = 'polling'"))
             .bind(reason.as_str())
             .bind(now)
             .bind(&job)
@@ -698,21 +837,21 @@ impl Store for SqliteStore {
     async fn expire(&self, job_id: JobId, cutoff: Millis, now: Millis) -> Result<Option<PollableJob>> {
         let job = job_id.to_string();
         let mut tx = self.begin().await?;
-        sqlx::query("UPDATE subscriptions SET state = 'expired', updated_at = ? WHERE job_id = ? AND state = 'polling' AND created_at <= ?")
+        sqlx::query(self.backend.sql("UPDATE subscriptions SET state = 'expired', updated_at = ? WHERE job_id = ? AND state = 'polling' AND created_at <= ?"))
             .bind(now)
             .bind(&job)
             .bind(cutoff)
             .execute(&mut *tx)
             .await
             .db()?;
-        let left = pollable_in(&mut tx, &job).await?;
+        let left = pollable_in(self.backend, &mut tx, &job).await?;
         tx.commit().await.db()?;
         Ok(left)
     }
 
     async fn pending_deliveries(&self) -> Result<Vec<DeliveryTask>> {
         let sql = format!("{DELIVERY_SELECT} WHERE s.state = 'delivering'");
-        let rows: Vec<DeliveryRow> = sqlx::query_as(sqlx::AssertSqlSafe(sql)).fetch_all(&self.reader).await.db()?;
+        let rows: Vec<DeliveryRow> = sqlx::query_as(self.backend.sql_fmt(sql)).fetch_all(&self.reader).await.db()?;
         rows.into_iter().map(DeliveryTask::try_from).collect()
     }
 
@@ -759,22 +898,24 @@ impl Store for SqliteStore {
 }
 
 async fn insert_tenant_with_key(
-    tx: &mut Transaction<'static, Sqlite>,
+    b: Backend,
+    tx: &mut Transaction<'static, Any>,
     name: &str,
     key: KeyHash,
     secret: &SigningSecret,
     source: &str,
     now: Millis,
 ) -> Result<i64> {
-    let tenant_id: i64 =
-        sqlx::query_scalar("INSERT INTO tenants (name, signing_secret, created_at) VALUES (?, ?, ?) RETURNING id")
-            .bind(name)
-            .bind(secret.expose())
-            .bind(now)
-            .fetch_one(&mut **tx)
-            .await
-            .db()?;
-    sqlx::query("INSERT INTO api_keys (tenant_id, name, key_hash, source, created_at) VALUES (?, ?, ?, ?, ?)")
+    let tenant_id: i64 = sqlx::query_scalar(
+        b.sql("INSERT INTO tenants (name, signing_secret, created_at) VALUES (?, ?, ?) RETURNING id"),
+    )
+    .bind(name)
+    .bind(secret.expose())
+    .bind(now)
+    .fetch_one(&mut **tx)
+    .await
+    .db()?;
+    sqlx::query(b.sql("INSERT INTO api_keys (tenant_id, name, key_hash, source, created_at) VALUES (?, ?, ?, ?, ?)"))
         .bind(tenant_id)
         .bind(name)
         .bind(key.0.as_slice())
