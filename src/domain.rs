@@ -15,9 +15,20 @@ use uuid::Uuid;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct JobId(Uuid);
 
+/// How many partitions the jobs are split into; instances sharing a PostgreSQL database lease them.
+pub const PARTITIONS: u32 = 64;
+
 impl JobId {
     pub fn as_uuid(&self) -> Uuid {
         self.0
+    }
+
+    /// The job's partition, 0..[`PARTITIONS`]: a hash of all its bits, so UUIDs whose leading bits are a
+    /// timestamp (v7) spread as evenly as random ones.
+    pub fn partition(&self) -> i64 {
+        let (hi, lo) = self.0.as_u64_pair();
+        let mixed = (hi ^ lo.rotate_left(32)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        i64::from((mixed >> 58) as u32 % PARTITIONS)
     }
 }
 
@@ -283,6 +294,18 @@ mod tests {
         let b: JobId = "3f1c2b9e-8a4d-4c6e-9b1a-2d5e7f9a0c11".parse().unwrap();
         assert_eq!(a, b);
         assert_eq!(a.to_string(), "3f1c2b9e-8a4d-4c6e-9b1a-2d5e7f9a0c11");
+    }
+
+    #[test]
+    fn partitions_spread_sequential_and_random_ids_alike() {
+        let mut v7 = [0u32; PARTITIONS as usize];
+        let mut v4 = [0u32; PARTITIONS as usize];
+        for _ in 0..6400 {
+            v7[JobId(Uuid::now_v7()).partition() as usize] += 1;
+            v4[JobId(Uuid::new_v4()).partition() as usize] += 1;
+        }
+        // 100 expected in each; a fair spread keeps every partition well inside 40..160.
+        assert!(v7.iter().chain(v4.iter()).all(|&n| (40..160).contains(&n)), "{v7:?} {v4:?}");
     }
 
     #[test]

@@ -338,12 +338,14 @@ impl Store for SqlStore {
                 .db()?;
         for (id, hash) in configured {
             let still = keys.iter().any(|k| k.0.as_slice() == hash.as_slice());
-            let sql = if still {
-                "UPDATE api_keys SET revoked_at = NULL WHERE id = ?"
-            } else {
-                "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?2) WHERE id = ?1"
-            };
-            sqlx::query(sql).bind(id).bind(now).execute(&mut *tx).await.db()?;
+            // Still configured: usable; gone from the configuration: revoked (once).
+            let revoked_at = if still { None } else { Some(now) };
+            sqlx::query(self.backend.sql("UPDATE api_keys SET revoked_at = CASE WHEN ? IS NULL THEN NULL ELSE COALESCE(revoked_at, ?1) END WHERE id = ?2"))
+                .bind(revoked_at)
+                .bind(id)
+                .execute(&mut *tx)
+                .await
+                .db()?;
         }
         for (i, key) in keys.iter().enumerate() {
             let tenant: Option<i64> =
@@ -390,10 +392,10 @@ impl Store for SqlStore {
     }
 
     async fn tenant_by_key(&self, key: KeyHash) -> Result<Option<Tenant>> {
-        let row: Option<(i64, String)> = sqlx::query_as(
+        let row: Option<(i64, String)> = sqlx::query_as(self.backend.sql(
             "SELECT t.id, t.signing_secret FROM api_keys k JOIN tenants t ON t.id = k.tenant_id \
              WHERE k.key_hash = ? AND k.revoked_at IS NULL",
-        )
+        ))
         .bind(key.0.as_slice())
         .fetch_optional(&self.reader)
         .await
@@ -505,9 +507,9 @@ impl Store for SqlStore {
         // A failed subscription may have been followed by a new registration of the same job and
         // callback; two live deliveries of one job to one callback would be one too many.
         let newer: Option<i64> = sqlx::query_scalar(
-            "SELECT CAST(1 AS BIGINT) FROM subscriptions s JOIN subscriptions o ON o.tenant_id = s.tenant_id AND o.job_id = s.job_id \
+            self.backend.sql("SELECT CAST(1 AS BIGINT) FROM subscriptions s JOIN subscriptions o ON o.tenant_id = s.tenant_id AND o.job_id = s.job_id \
              AND o.callback_url = s.callback_url AND o.id <> s.id AND o.state IN ('polling', 'delivering', 'delivered') \
-             WHERE s.id = ?",
+             WHERE s.id = ?"),
         )
         .bind(&sub_id)
         .fetch_optional(&mut *tx)
@@ -516,10 +518,10 @@ impl Store for SqlStore {
         if newer.is_some() {
             return Ok(Some(Redelivery::Superseded));
         }
-        sqlx::query(
+        sqlx::query(self.backend.sql(
             "UPDATE subscriptions SET state = 'delivering', series = series + 1, attempts = 0, failure_reason = NULL, \
              next_attempt_at = ?1, updated_at = ?1 WHERE id = ?2",
-        )
+        ))
         .bind(now)
         .bind(&sub_id)
         .execute(&mut *tx)
@@ -546,13 +548,21 @@ impl Store for SqlStore {
         // A write first, so this transaction holds the write lock before it reads: the job's result
         // cannot appear between our read and our insert.
         sqlx::query(self.backend.sql(
-            "INSERT INTO jobs (job_id, created_at, updated_at) VALUES (?1, ?2, ?2) ON CONFLICT (job_id) DO NOTHING",
+            "INSERT INTO jobs (job_id, partition, created_at, updated_at) VALUES (?1, ?2, ?3, ?3) ON CONFLICT (job_id) DO NOTHING",
         ))
         .bind(&job)
+        .bind(job_id.partition())
         .bind(now)
         .execute(&mut *tx)
         .await
         .db()?;
+        // Lock the job's row (PostgreSQL; on SQLite the one writer connection already serialises us): a
+        // concurrent registration of the same job, or the job's end, waits for this transaction.
+        sqlx::query(self.backend.sql("UPDATE jobs SET updated_at = updated_at WHERE job_id = ?"))
+            .bind(&job)
+            .execute(&mut *tx)
+            .await
+            .db()?;
         let existing: Option<String> = sqlx::query_scalar(
             self.backend.sql("SELECT id FROM subscriptions WHERE tenant_id = ? AND job_id = ? AND callback_url = ? AND state IN ('polling', 'delivering', 'delivered')"),
         )
@@ -576,14 +586,15 @@ impl Store for SqlStore {
         match result {
             None => {
                 sqlx::query(
-                    "INSERT INTO subscriptions (id, tenant_id, job_id, callback_url, state, created_at, updated_at) \
-                     VALUES (?1, ?2, ?3, ?4, 'polling', ?5, ?5)",
+                    self.backend.sql("INSERT INTO subscriptions (id, tenant_id, job_id, callback_url, state, created_at, updated_at, partition) \
+                     VALUES (?1, ?2, ?3, ?4, 'polling', ?5, ?5, ?6)"),
                 )
                 .bind(&sub_id)
                 .bind(tenant.id)
                 .bind(&job)
                 .bind(callback_url.as_str())
                 .bind(now)
+                .bind(job_id.partition())
                 .execute(&mut *tx)
                 .await
                 .db()?;
@@ -597,8 +608,8 @@ impl Store for SqlStore {
             Some(body) => {
                 let webhook_id = new_webhook_id();
                 sqlx::query(
-                    "INSERT INTO subscriptions (id, tenant_id, job_id, callback_url, state, webhook_id, next_attempt_at, created_at, updated_at) \
-                     VALUES (?1, ?2, ?3, ?4, 'delivering', ?5, ?6, ?6, ?6)",
+                    self.backend.sql("INSERT INTO subscriptions (id, tenant_id, job_id, callback_url, state, webhook_id, next_attempt_at, created_at, updated_at, partition) \
+                     VALUES (?1, ?2, ?3, ?4, 'delivering', ?5, ?6, ?6, ?6, ?7)"),
                 )
                 .bind(&sub_id)
                 .bind(tenant.id)
@@ -606,6 +617,7 @@ impl Store for SqlStore {
                 .bind(callback_url.as_str())
                 .bind(&webhook_id)
                 .bind(now)
+                .bind(job_id.partition())
                 .execute(&mut *tx)
                 .await
                 .db()?;
@@ -700,10 +712,10 @@ impl Store for SqlStore {
         if exists.is_none() {
             return Ok(None);
         }
-        let rows: Vec<(i64, i64, String, i64, Option<i64>, Option<String>, i64)> = sqlx::query_as(
+        let rows: Vec<(i64, i64, String, i64, Option<i64>, Option<String>, i64)> = sqlx::query_as(self.backend.sql(
             "SELECT series, attempt, webhook_id, started_at, status_code, error, duration_ms FROM delivery_attempts \
              WHERE subscription_id = ? ORDER BY id",
-        )
+        ))
         .bind(id.to_string())
         .fetch_all(&self.reader)
         .await
@@ -859,8 +871,8 @@ impl Store for SqlStore {
         let id = record.subscription_id.to_string();
         let mut tx = self.begin().await?;
         sqlx::query(
-            "INSERT INTO delivery_attempts (subscription_id, series, attempt, webhook_id, started_at, status_code, error, duration_ms) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            self.backend.sql("INSERT INTO delivery_attempts (subscription_id, series, attempt, webhook_id, started_at, status_code, error, duration_ms) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?)"),
         )
         .bind(&id)
         .bind(i64::from(record.series))
@@ -878,10 +890,10 @@ impl Store for SqlStore {
             AttemptResult::RetryAt(at) => ("delivering", Some(at), None),
             AttemptResult::Failed(reason) => ("failed", None, Some(reason.as_str())),
         };
-        let moved = sqlx::query(
+        let moved = sqlx::query(self.backend.sql(
             "UPDATE subscriptions SET state = ?, attempts = ?, next_attempt_at = ?, failure_reason = ?, updated_at = ? \
              WHERE id = ? AND state = 'delivering' AND series = ?",
-        )
+        ))
         .bind(state)
         .bind(i64::from(record.attempt))
         .bind(next_at)

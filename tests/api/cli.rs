@@ -28,7 +28,7 @@ async fn a_bad_setting_stops_start_up_with_one_line_naming_it() {
 async fn the_first_start_makes_a_key_and_shows_it_once() {
     let upstream = jobhook::mock_upstream::MockUpstream::start(&mock_args(1)).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let db_url = format!("sqlite://{}", dir.path().join("first.db").display());
+    let db_url = fresh_db_url(dir.path()).await;
     let args: Vec<String> =
         ["jobhook", "serve", "--listen", "127.0.0.1:0", "--database-url", &db_url, "--upstream-url", &upstream.url()]
             .iter()

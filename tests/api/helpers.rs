@@ -22,6 +22,29 @@ pub const KEY_B: &str = "test-key-tenant-b-0123456789";
 /// The signing secret of the Standard Webhooks reference tests.
 pub const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
+/// Whether this run tests the PostgreSQL backend (`JOBHOOK_TEST_BACKEND=postgres`; see scripts/test.sh).
+pub fn on_postgres() -> bool {
+    std::env::var("JOBHOOK_TEST_BACKEND").is_ok_and(|b| b == "postgres")
+}
+
+/// A fresh, empty database for one test: a SQLite file in `dir`, or on PostgreSQL a schema of its own
+/// (named after a random UUID) in the database of `JOBHOOK_TEST_POSTGRES_URL`.
+pub async fn fresh_db_url(dir: &std::path::Path) -> String {
+    if !on_postgres() {
+        return format!("sqlite://{}", dir.join("jobhook.db").display());
+    }
+    let base = postgres_url();
+    let schema = format!("jh_t_{}", uuid::Uuid::new_v4().simple());
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&base).await.expect("PostgreSQL is reachable");
+    sqlx::Executor::execute(&mut conn, sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}"))).await.unwrap();
+    let separator = if base.contains('?') { '&' } else { '?' };
+    format!("{base}{separator}options=-c%20search_path%3D{schema}")
+}
+
+pub fn postgres_url() -> String {
+    std::env::var("JOBHOOK_TEST_POSTGRES_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
 /// Waits until `check` returns `Some`, or panics with `what` after `deadline`.
 pub async fn eventually<T, F, Fut>(deadline: Duration, what: &str, mut check: F) -> T
 where
@@ -146,7 +169,7 @@ pub async fn spawn_app_with(settings: Settings) -> TestApp {
     let upstream = MockUpstream::start(&settings.mock).await.expect("mock upstream starts");
     let receiver = Receiver::start().await;
     let db_dir = tempfile::tempdir().unwrap();
-    let db_url = format!("sqlite://{}", db_dir.path().join("jobhook.db").display());
+    let db_url = fresh_db_url(db_dir.path()).await;
     let mut argv = base_args(&db_url, &upstream.url());
     argv.extend(settings.args);
     let cli = Cli::try_parse_from(argv).expect("test arguments parse");

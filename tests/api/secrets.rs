@@ -163,7 +163,7 @@ async fn no_secret_appears_in_debug_logs_bodies_or_subscriptions() {
     let upstream = jobhook::mock_upstream::MockUpstream::start(&mock).await.unwrap();
     let receiver = Receiver::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let db_url = format!("sqlite://{}", dir.path().join("leak.db").display());
+    let db_url = fresh_db_url(dir.path()).await;
     let listen = format!("127.0.0.1:{}", free_port());
     let mut args = args_on(&listen, &db_url, &upstream.url());
     args.extend(["--upstream-api-key".into(), upstream_key.into()]);

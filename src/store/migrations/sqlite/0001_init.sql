@@ -32,6 +32,7 @@ CREATE TABLE api_keys (
 -- byte for byte, once the job is Succeed or Failed.
 CREATE TABLE jobs (
     job_id      TEXT    PRIMARY KEY,
+    partition   INTEGER NOT NULL,      -- which lease covers the job (PostgreSQL scale-out)
     status      TEXT,                  -- last status seen upstream
     result      BLOB,
     last_error  TEXT,                  -- last upstream error, cleared by a good answer
@@ -46,6 +47,7 @@ CREATE TABLE subscriptions (
     id              TEXT    PRIMARY KEY,   -- UUIDv7: ordering by id is ordering by creation
     tenant_id       INTEGER NOT NULL REFERENCES tenants (id),
     job_id          TEXT    NOT NULL REFERENCES jobs (job_id),
+    partition       INTEGER NOT NULL,   -- the job's
     callback_url    TEXT    NOT NULL,
     state           TEXT    NOT NULL,
     failure_reason  TEXT,
