@@ -10,6 +10,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, AppState};
+use crate::cluster;
 use crate::config::Config;
 use crate::delivery::client;
 use crate::delivery::{self, DeliveryContext};
@@ -25,6 +26,9 @@ pub struct Application {
     router: axum::Router,
     poller: (Arc<PollContext>, poller::PollerInbox, Vec<store::PollableJob>),
     dispatcher: (Arc<DeliveryContext>, delivery::DispatcherInbox, Vec<store::DeliveryTask>),
+    /// Scale-out on PostgreSQL: the lease loop's settings and the workers' handles.
+    cluster: Option<(cluster::ClusterConfig, Arc<dyn Store>, poller::PollerHandle, delivery::DispatcherHandle)>,
+    ownership: Arc<cluster::Ownership>,
     shutdown: CancellationToken,
     grace: Duration,
 }
@@ -55,6 +59,10 @@ impl Application {
         let egress = config.egress.clone();
         let (dispatcher, dispatcher_inbox) = delivery::channel();
         let (poller, poller_inbox) = poller::channel();
+        // Alone (SQLite) we own every partition and resume all the work now; sharing a PostgreSQL database
+        // we own none until the lease loop hands us our share, and load its work then.
+        let shared = store.shared();
+        let ownership = Arc::new(if shared { cluster::Ownership::none() } else { cluster::Ownership::all() });
         let secrets = Arc::new(delivery::SecretsCache::new(store.clone()));
         let delivery_ctx = Arc::new(DeliveryContext::new(
             store.clone(),
@@ -62,15 +70,31 @@ impl Application {
             egress.clone(),
             lookup.clone(),
             config.delivery.clone(),
+            ownership.clone(),
         ));
         let poll_ctx = Arc::new(PollContext::new(
             store.clone(),
             UpstreamClient::new(&config.upstream),
             config.poll.clone(),
             dispatcher.clone(),
+            ownership.clone(),
         ));
-        let pending_jobs = store.pollable_jobs().await.context("cannot read the jobs to resume")?;
-        let pending_deliveries = store.pending_deliveries().await.context("cannot read the deliveries to resume")?;
+        let (pending_jobs, pending_deliveries) = if shared {
+            (Vec::new(), Vec::new())
+        } else {
+            (
+                store.pollable_jobs().await.context("cannot read the jobs to resume")?,
+                store.pending_deliveries().await.context("cannot read the deliveries to resume")?,
+            )
+        };
+        let cluster = shared.then(|| {
+            let settings = cluster::ClusterConfig {
+                instance_id: cluster::instance_id(),
+                lease_ttl: config.lease_ttl,
+                database_url: config.database_url.clone(),
+            };
+            (settings, store.clone(), poller.clone(), dispatcher.clone())
+        });
         let cursor_key = Arc::new(store.meta_secret("cursor_key").await.context("cannot read the cursor key")?);
         let router = api::router(AppState {
             store,
@@ -88,6 +112,8 @@ impl Application {
             router,
             poller: (poll_ctx, poller_inbox, pending_jobs),
             dispatcher: (delivery_ctx, dispatcher_inbox, pending_deliveries),
+            cluster,
+            ownership,
             shutdown: CancellationToken::new(),
             grace: config.shutdown_grace,
         })
@@ -109,7 +135,12 @@ impl Application {
     /// Serves until the shutdown token is cancelled, then stops accepting, lets in-flight requests, polls
     /// and deliveries finish (up to the grace period) and returns.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
-        let Application { listener, addr, router, poller, dispatcher, shutdown, grace } = self;
+        let Application { listener, addr, router, poller, dispatcher, cluster, ownership, shutdown, grace } = self;
+        // The lease loop stops on its own token, after the workers, so it releases the leases last.
+        let cluster_stop = CancellationToken::new();
+        let cluster = cluster.map(|(settings, store, poller, dispatcher)| {
+            tokio::spawn(cluster::run(store, ownership, poller, dispatcher, settings, cluster_stop.clone()))
+        });
         let (poll_ctx, poll_inbox, jobs) = poller;
         let poller = tokio::spawn(poller::run(poll_ctx, poll_inbox, jobs, shutdown.clone(), grace));
         let (delivery_ctx, delivery_inbox, deliveries) = dispatcher;
@@ -137,6 +168,7 @@ impl Application {
             };
             tracing::error!(worker, %why, "a worker stopped unexpectedly; stopping");
             let _ = tokio::time::timeout(grace, server).await;
+            cluster_stop.cancel();
             anyhow::bail!("the {worker} stopped unexpectedly ({why}); nothing is lost, restart the service");
         }
         tracing::info!(grace = %humantime::format_duration(grace), "shutting down");
@@ -148,6 +180,10 @@ impl Application {
             Ok((_, _, Ok(result))) => result.context("the HTTP server failed")?,
             Ok((_, _, Err(e))) => return Err(e).context("the HTTP server task failed"),
             Err(_) => tracing::warn!("some work was still running after the grace period"),
+        }
+        if let Some(cluster) = cluster {
+            cluster_stop.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(5), cluster).await;
         }
         tracing::info!("stopped");
         Ok(())

@@ -36,6 +36,8 @@ pub enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// Apply the database migrations and exit (serve applies them too, at start).
+    Migrate(StoreArgs),
     /// Run a simulated AetherForge job API, for the quick start, the tests and the benchmark.
     MockUpstream(crate::mock_upstream::MockArgs),
 }
@@ -145,6 +147,10 @@ pub struct ServeArgs {
     #[arg(long, env = "JOBHOOK_SECRET_ROTATION_GRACE", default_value = "24h", value_parser = parse_duration)]
     pub secret_rotation_grace: Duration,
 
+    /// PostgreSQL scale-out: an instance that dies has its work taken over within this.
+    #[arg(long, env = "JOBHOOK_LEASE_TTL", default_value = "15s", value_parser = parse_duration)]
+    pub lease_ttl: Duration,
+
     /// On SIGTERM or Ctrl-C, how long in-flight polls and deliveries may take to finish.
     #[arg(long, env = "JOBHOOK_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
@@ -195,6 +201,7 @@ pub struct Config {
     pub delivery: DeliveryConfig,
     pub egress: crate::delivery::client::EgressPolicy,
     pub secret_rotation_grace: Duration,
+    pub lease_ttl: Duration,
     pub shutdown_grace: Duration,
 }
 
@@ -276,6 +283,9 @@ impl ServeArgs {
             return Err(bad("--poll-max-interval", "JOBHOOK_POLL_MAX_INTERVAL", "must be at most 1h"));
         }
         nonzero(self.max_wait, "--max-wait", "JOBHOOK_MAX_WAIT")?;
+        if self.lease_ttl < Duration::from_millis(500) {
+            return Err(bad("--lease-ttl", "JOBHOOK_LEASE_TTL", "must be at least 500ms"));
+        }
         nonzero(self.delivery_timeout, "--delivery-timeout", "JOBHOOK_DELIVERY_TIMEOUT")?;
         if self.retry_schedule.0.len() > 100 {
             return Err(bad("--retry-schedule", "JOBHOOK_RETRY_SCHEDULE", "at most 100 retries"));
@@ -322,6 +332,7 @@ impl ServeArgs {
                 https_only: self.callback_https_only,
             },
             secret_rotation_grace: self.secret_rotation_grace,
+            lease_ttl: self.lease_ttl,
             shutdown_grace: self.shutdown_grace,
         })
     }

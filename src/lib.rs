@@ -20,6 +20,7 @@
 
 pub mod api;
 pub mod app;
+pub mod cluster;
 pub mod config;
 pub mod delivery;
 pub mod domain;

@@ -30,6 +30,7 @@ fn main() -> ExitCode {
             Some(Command::Serve(args)) => serve(*args).await,
             Some(Command::Keys { command }) => keys(command).await,
             Some(Command::MockUpstream(args)) => jobhook::mock_upstream::run(args).await,
+            Some(Command::Migrate(store)) => migrate(&store.database_url).await,
         }
     });
     match result {
@@ -89,6 +90,14 @@ async fn keys(command: KeysCommand) -> anyhow::Result<()> {
             println!("key {id} revoked; it answers 401 from now on");
         }
     }
+    Ok(())
+}
+
+async fn migrate(database_url: &str) -> anyhow::Result<()> {
+    jobhook::store::check_url(database_url)
+        .map_err(|m| anyhow::anyhow!("invalid setting --database-url (JOBHOOK_DATABASE_URL): {m}"))?;
+    jobhook::store::open(database_url).await?;
+    println!("the database is migrated");
     Ok(())
 }
 

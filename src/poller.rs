@@ -20,6 +20,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::time::DelayQueue;
 
+use crate::cluster::Ownership;
 use crate::config::PollConfig;
 use crate::delivery::DispatcherHandle;
 use crate::domain::{FailureReason, JobId, JobStatus};
@@ -120,6 +121,8 @@ pub struct PollContext {
     pub upstream: UpstreamClient,
     pub config: PollConfig,
     pub dispatcher: DispatcherHandle,
+    /// The partitions this instance polls (all of them on SQLite).
+    pub ownership: Arc<Ownership>,
     /// The cap on polls per second over all jobs (DESIGN promise 7).
     limiter: Option<DefaultDirectRateLimiter>,
 }
@@ -130,6 +133,7 @@ impl PollContext {
         upstream: UpstreamClient,
         config: PollConfig,
         dispatcher: DispatcherHandle,
+        ownership: Arc<Ownership>,
     ) -> Self {
         // A burst of a tenth of a second's worth: smooth enough for the upstream, loose enough that a
         // poll is never late by more than one token's wait.
@@ -137,7 +141,7 @@ impl PollContext {
             let burst = NonZeroU32::new(rps.get() / 10).unwrap_or(NonZeroU32::MIN);
             RateLimiter::direct(Quota::per_second(rps).allow_burst(burst))
         });
-        PollContext { store, upstream, config, dispatcher, limiter }
+        PollContext { store, upstream, config, dispatcher, ownership, limiter }
     }
 }
 
@@ -360,6 +364,8 @@ pub async fn run(
         tokio::select! {
             _ = shutdown.cancelled() => break,
             Some(msg) = rx.recv() => match msg {
+                // Another instance polls the partitions we do not hold.
+                PollerMsg::Ensure(job) if !ctx.ownership.owns(job.job_id.partition()) => {}
                 PollerMsg::Ensure(job) => match slots.get_mut(&job.job_id) {
                     None => {
                         queue.insert(job.job_id, Duration::ZERO);
@@ -377,14 +383,22 @@ pub async fn run(
             },
             Some(expired) = queue.next(), if in_flight.len() < ctx.config.max_in_flight => {
                 let job_id = expired.into_inner();
-                if let Some(Slot::Queued { state }) = slots.insert(job_id, Slot::InFlight { recheck: false }) {
-                    let ctx = ctx.clone();
-                    let handle = in_flight.spawn(async move {
-                        let mut state = state;
-                        let (_, next) = step(&ctx, &mut state).await;
-                        (state, next)
-                    });
-                    task_jobs.insert(handle.id(), job_id);
+                match slots.remove(&job_id) {
+                    Some(Slot::Queued { state }) if ctx.ownership.owns(job_id.partition()) => {
+                        slots.insert(job_id, Slot::InFlight { recheck: false });
+                        let ctx = ctx.clone();
+                        let handle = in_flight.spawn(async move {
+                            let mut state = state;
+                            let (_, next) = step(&ctx, &mut state).await;
+                            (state, next)
+                        });
+                        task_jobs.insert(handle.id(), job_id);
+                    }
+                    // Its partition went to another instance: the job is theirs now.
+                    Some(Slot::Queued { .. }) | None => {}
+                    Some(in_flight_slot) => {
+                        slots.insert(job_id, in_flight_slot);
+                    }
                 }
             },
             Some(done) = in_flight.join_next_with_id() => {
@@ -397,6 +411,7 @@ pub async fn run(
                 match result {
                     Ok((mut state, next)) => {
                         let delay = match next {
+                            _ if !ctx.ownership.owns(job_id.partition()) => None,
                             Next::PollIn(delay) => Some(delay),
                             // A registration arrived while we decided nobody waits: look again now.
                             Next::Done if recheck => Some(Duration::ZERO),

@@ -87,6 +87,8 @@ pub struct DeliveryContext {
     per_host: Mutex<HashMap<String, Arc<Semaphore>>>,
     /// Each tenant's signing secrets, shared with the API that rotates them.
     pub secrets: Arc<SecretsCache>,
+    /// The partitions this instance delivers (all of them on SQLite).
+    pub ownership: Arc<crate::cluster::Ownership>,
 }
 
 impl DeliveryContext {
@@ -96,12 +98,14 @@ impl DeliveryContext {
         policy: EgressPolicy,
         lookup: client::Lookup,
         config: DeliveryConfig,
+        ownership: Arc<crate::cluster::Ownership>,
     ) -> Self {
         DeliveryContext {
             http: client::callback_client(&policy, lookup, config.timeout),
             overall: Arc::new(Semaphore::new(config.max_in_flight)),
             per_host: Mutex::new(HashMap::new()),
             secrets,
+            ownership,
             store,
             policy,
             config,
@@ -301,9 +305,10 @@ pub fn channel() -> (DispatcherHandle, DispatcherInbox) {
 
 enum Slot {
     Queued(delay_queue::Key, DeliveryTask),
-    /// An attempt is running. `cancelled`: drop the delivery when it returns. `then`: a newer series
-    /// (a redelivery) that arrived meanwhile, to queue when it returns.
+    /// An attempt of `series` is running. `cancelled`: drop the delivery when it returns. `then`: a newer
+    /// series (a redelivery) that arrived meanwhile, to queue when it returns.
     InFlight {
+        series: u32,
         cancelled: bool,
         then: Option<DeliveryTask>,
     },
@@ -325,8 +330,10 @@ fn enqueue(queue: &mut DelayQueue<SubscriptionId>, slots: &mut HashMap<Subscript
                 *queued = task;
             }
         }
-        Some(Slot::InFlight { cancelled, then }) => {
-            if !*cancelled && then.as_ref().is_none_or(|t| task.series > t.series) {
+        // The same series again (say, from this instance's API and from a notice) is already being
+        // attempted; only a newer one waits its turn.
+        Some(Slot::InFlight { series, cancelled, then }) => {
+            if !*cancelled && task.series > *series && then.as_ref().is_none_or(|t| task.series > t.series) {
                 *then = Some(task);
             }
         }
@@ -361,7 +368,8 @@ pub async fn run(
             _ = shutdown.cancelled() => break,
             Some(msg) = rx.recv() => match msg {
                 DispatcherMsg::Deliver(tasks) => {
-                    for task in tasks {
+                    // Another instance delivers the partitions we do not hold.
+                    for task in tasks.into_iter().filter(|t| ctx.ownership.owns(t.partition)) {
                         enqueue(&mut queue, &mut slots, task);
                     }
                 }
@@ -370,7 +378,7 @@ pub async fn run(
                         queue.remove(key);
                         slots.remove(&id);
                     }
-                    Some(Slot::InFlight { cancelled, then }) => {
+                    Some(Slot::InFlight { cancelled, then, .. }) => {
                         *cancelled = true;
                         *then = None;
                     }
@@ -379,13 +387,21 @@ pub async fn run(
             },
             Some(expired) = queue.next() => {
                 let id = expired.into_inner();
-                if let Some(Slot::Queued(_, mut task)) = slots.insert(id, Slot::InFlight { cancelled: false, then: None }) {
-                    let ctx = ctx.clone();
-                    let handle = in_flight.spawn(async move {
-                        let next = attempt(&ctx, &mut task).await;
-                        (task, next)
-                    });
-                    task_subs.insert(handle.id(), id);
+                match slots.remove(&id) {
+                    Some(Slot::Queued(_, mut task)) if ctx.ownership.owns(task.partition) => {
+                        slots.insert(id, Slot::InFlight { series: task.series, cancelled: false, then: None });
+                        let ctx = ctx.clone();
+                        let handle = in_flight.spawn(async move {
+                            let next = attempt(&ctx, &mut task).await;
+                            (task, next)
+                        });
+                        task_subs.insert(handle.id(), id);
+                    }
+                    // Its partition went to another instance: the delivery is theirs now.
+                    Some(Slot::Queued(..)) | None => {}
+                    Some(in_flight_slot) => {
+                        slots.insert(id, in_flight_slot);
+                    }
                 }
             },
             Some(done) = in_flight.join_next_with_id() => {
@@ -395,14 +411,14 @@ pub async fn run(
                 };
                 let Some(id) = id else { continue };
                 let (cancelled, then) = match slots.remove(&id) {
-                    Some(Slot::InFlight { cancelled, then }) => (cancelled, then),
+                    Some(Slot::InFlight { cancelled, then, .. }) => (cancelled, then),
                     _ => (false, None),
                 };
                 if let Some(newer) = then {
                     enqueue(&mut queue, &mut slots, newer);
                 }
                 match result {
-                    Ok((mut task, Some(due_at))) if !cancelled => {
+                    Ok((mut task, Some(due_at))) if !cancelled && ctx.ownership.owns(task.partition) => {
                         task.due_at = due_at;
                         enqueue(&mut queue, &mut slots, task);
                     }

@@ -97,6 +97,8 @@ pub struct DeliveryTask {
     pub subscription_id: SubscriptionId,
     /// Whose secrets sign it; they are looked up at each attempt, so a rotation applies at once.
     pub tenant_id: i64,
+    /// The job's partition (which instance delivers it, when several share the work).
+    pub partition: i64,
     pub webhook_id: String,
     pub callback_url: String,
     pub body: Bytes,
@@ -254,6 +256,27 @@ pub trait Store: Send + Sync + 'static {
     async fn fail_job(&self, job_id: JobId, reason: FailureReason, last_error: &str, now: Millis) -> Result<u64>;
     /// Polling subscriptions created at or before `cutoff` expire. Returns the job if some still poll.
     async fn expire(&self, job_id: JobId, cutoff: Millis, now: Millis) -> Result<Option<PollableJob>>;
+
+    // --- scale-out (PostgreSQL; see cluster.rs) ---
+
+    /// Whether several instances share this store through leases.
+    fn shared(&self) -> bool;
+    /// Announces this instance; returns how many instances have announced themselves after `live_after`.
+    async fn heartbeat(&self, instance: &str, now: Millis, live_after: Millis) -> Result<i64>;
+    /// Extends every lease this instance holds to `until`; returns them (a partition mask).
+    async fn renew_leases(&self, instance: &str, until: Millis) -> Result<u64>;
+    /// Takes up to `n` free or lapsed leases until `until`; returns them (a partition mask).
+    async fn claim_leases(&self, instance: &str, n: i64, now: Millis, until: Millis) -> Result<u64>;
+    /// Gives back the leases in `partitions` (a mask).
+    async fn release_leases(&self, instance: &str, partitions: u64) -> Result<()>;
+    /// Gives back every lease of this instance and forgets it.
+    async fn leave(&self, instance: &str) -> Result<()>;
+    /// The jobs with polling subscriptions in these partitions (a mask).
+    async fn pollable_jobs_in(&self, partitions: u64) -> Result<Vec<PollableJob>>;
+    /// The deliveries waiting in these partitions (a mask).
+    async fn pending_deliveries_in(&self, partitions: u64) -> Result<Vec<DeliveryTask>>;
+    /// One delivery waiting, by its subscription.
+    async fn delivery_task(&self, id: SubscriptionId) -> Result<Option<DeliveryTask>>;
 
     // --- the dispatcher ---
 

@@ -275,6 +275,7 @@ const POLLABLE_SELECT: &str = "SELECT j.job_id AS job_id, j.created_at AS job_cr
 struct DeliveryRow {
     id: String,
     tenant_id: i64,
+    partition: i64,
     webhook_id: Option<String>,
     callback_url: String,
     result: Option<Vec<u8>>,
@@ -290,6 +291,7 @@ impl TryFrom<DeliveryRow> for DeliveryTask {
         Ok(DeliveryTask {
             subscription_id: r.id.parse().map_err(|e| corrupt("subscription id", e))?,
             tenant_id: r.tenant_id,
+            partition: r.partition,
             webhook_id: r.webhook_id.ok_or_else(|| corrupt("delivery without webhook id", &r.id))?,
             callback_url: r.callback_url,
             body: Bytes::from(r.result.ok_or_else(|| corrupt("delivery without a job result", &r.id))?),
@@ -300,8 +302,21 @@ impl TryFrom<DeliveryRow> for DeliveryTask {
     }
 }
 
-const DELIVERY_SELECT: &str = "SELECT s.id, s.tenant_id, s.webhook_id, s.callback_url, j.result, s.series, s.attempts, s.next_attempt_at \
+const DELIVERY_SELECT: &str = "SELECT s.id, s.tenant_id, s.partition, s.webhook_id, s.callback_url, j.result, s.series, s.attempts, s.next_attempt_at \
      FROM subscriptions s JOIN jobs j ON j.job_id = s.job_id";
+
+/// Tells the other instances about work they may own (PostgreSQL: delivered when `tx` commits, or never).
+async fn notify(b: Backend, tx: &mut Transaction<'static, Any>, notice: String) -> Result<()> {
+    if b == Backend::Postgres {
+        sqlx::query("SELECT pg_notify('jobhook', $1)").bind(notice).execute(&mut **tx).await.db()?;
+    }
+    Ok(())
+}
+
+/// Partition numbers as a mask (bit p = partition p).
+fn mask_of(partitions: &[i64]) -> u64 {
+    partitions.iter().filter(|p| (0..64).contains(*p)).fold(0, |mask, p| mask | 1 << p)
+}
 
 fn parse_secret(stored: &str) -> Result<SigningSecret> {
     stored.parse::<SigningSecret>().map_err(|e| corrupt("signing secret", e))
@@ -527,6 +542,7 @@ impl Store for SqlStore {
         .execute(&mut *tx)
         .await
         .db()?;
+        notify(self.backend, &mut tx, format!("deliver {sub_id} {}", row.partition)).await?;
         tx.commit().await.db()?;
         let mut task = DeliveryTask::try_from(row)?;
         task.series += 1;
@@ -602,6 +618,7 @@ impl Store for SqlStore {
                 let pollable = pollable_in(self.backend, &mut tx, &job)
                     .await?
                     .ok_or_else(|| corrupt("new subscription not polling", &sub_id))?;
+                notify(self.backend, &mut tx, format!("poll {job}")).await?;
                 tx.commit().await.db()?;
                 Ok(Registered::CreatedPolling(sub, pollable))
             }
@@ -622,12 +639,14 @@ impl Store for SqlStore {
                 .await
                 .db()?;
                 let sub = subscription_in(self.backend, &mut tx, &sub_id).await?;
+                notify(self.backend, &mut tx, format!("deliver {sub_id} {}", job_id.partition())).await?;
                 tx.commit().await.db()?;
                 let task = DeliveryTask {
                     subscription_id: id,
                     webhook_id,
                     callback_url: callback_url.as_str().to_owned(),
                     tenant_id: tenant.id,
+                    partition: job_id.partition(),
                     body: Bytes::from(body),
                     series: 1,
                     attempts_made: 0,
@@ -696,6 +715,7 @@ impl Store for SqlStore {
         .execute(&mut *tx)
         .await
         .db()?;
+        notify(self.backend, &mut tx, format!("cancel {id} {job_id}")).await?;
         tx.commit().await.db()?;
         Ok(Some(Cancelled { job_id, was: Some(state) }))
     }
@@ -813,6 +833,7 @@ impl Store for SqlStore {
             tasks.push(DeliveryTask {
                 subscription_id: id.parse().map_err(|e| corrupt("subscription id", e))?,
                 tenant_id,
+                partition: job_id.partition(),
                 webhook_id,
                 callback_url,
                 body: body.clone(),
@@ -859,6 +880,110 @@ impl Store for SqlStore {
         let left = pollable_in(self.backend, &mut tx, &job).await?;
         tx.commit().await.db()?;
         Ok(left)
+    }
+
+    fn shared(&self) -> bool {
+        self.backend == Backend::Postgres
+    }
+
+    async fn heartbeat(&self, instance: &str, now: Millis, live_after: Millis) -> Result<i64> {
+        sqlx::query(self.backend.sql(
+            "INSERT INTO instances (id, heartbeat_at) VALUES (?1, ?2) \
+             ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
+        ))
+        .bind(instance)
+        .bind(now)
+        .execute(&self.writer)
+        .await
+        .db()?;
+        // Instances silent for ten times the liveness window are gone for good.
+        sqlx::query(self.backend.sql("DELETE FROM instances WHERE heartbeat_at < ?"))
+            .bind(live_after - 10 * (now - live_after))
+            .execute(&self.writer)
+            .await
+            .db()?;
+        sqlx::query_scalar(self.backend.sql("SELECT COUNT(*) FROM instances WHERE heartbeat_at > ?"))
+            .bind(live_after)
+            .fetch_one(&self.writer)
+            .await
+            .db()
+    }
+
+    async fn renew_leases(&self, instance: &str, until: Millis) -> Result<u64> {
+        let held: Vec<i64> = sqlx::query_scalar(
+            self.backend.sql("UPDATE leases SET expires_at = ? WHERE owner = ? RETURNING partition"),
+        )
+        .bind(until)
+        .bind(instance)
+        .fetch_all(&self.writer)
+        .await
+        .db()?;
+        Ok(mask_of(&held))
+    }
+
+    async fn claim_leases(&self, instance: &str, n: i64, now: Millis, until: Millis) -> Result<u64> {
+        // SKIP LOCKED: two instances claiming at once take different partitions, neither waits.
+        let taken: Vec<i64> = sqlx::query_scalar(self.backend.pick(
+            "UPDATE leases SET owner = ?1, expires_at = ?3 WHERE partition IN \
+             (SELECT partition FROM leases WHERE owner IS NULL OR expires_at < ?2 ORDER BY random() LIMIT ?4) \
+             RETURNING partition",
+            "UPDATE leases SET owner = $1, expires_at = $3 WHERE partition IN \
+             (SELECT partition FROM leases WHERE owner IS NULL OR expires_at < $2 ORDER BY random() LIMIT $4 \
+              FOR UPDATE SKIP LOCKED) \
+             RETURNING partition",
+        ))
+        .bind(instance)
+        .bind(now)
+        .bind(until)
+        .bind(n)
+        .fetch_all(&self.writer)
+        .await
+        .db()?;
+        Ok(mask_of(&taken))
+    }
+
+    async fn release_leases(&self, instance: &str, partitions: u64) -> Result<()> {
+        sqlx::query(self.backend.sql(
+            "UPDATE leases SET owner = NULL, expires_at = 0 WHERE owner = ? AND ((? >> CAST(partition AS INTEGER)) & 1) = 1",
+        ))
+        .bind(instance)
+        .bind(partitions as i64)
+        .execute(&self.writer)
+        .await
+        .db()?;
+        Ok(())
+    }
+
+    async fn leave(&self, instance: &str) -> Result<()> {
+        self.release_leases(instance, u64::MAX).await?;
+        sqlx::query(self.backend.sql("DELETE FROM instances WHERE id = ?"))
+            .bind(instance)
+            .execute(&self.writer)
+            .await
+            .db()?;
+        Ok(())
+    }
+
+    async fn pollable_jobs_in(&self, partitions: u64) -> Result<Vec<PollableJob>> {
+        let sql = format!("{POLLABLE_SELECT} WHERE ((? >> CAST(j.partition AS INTEGER)) & 1) = 1 GROUP BY j.job_id");
+        let rows: Vec<PollableRow> =
+            sqlx::query_as(self.backend.sql_fmt(sql)).bind(partitions as i64).fetch_all(&self.reader).await.db()?;
+        rows.into_iter().map(PollableJob::try_from).collect()
+    }
+
+    async fn pending_deliveries_in(&self, partitions: u64) -> Result<Vec<DeliveryTask>> {
+        let sql =
+            format!("{DELIVERY_SELECT} WHERE s.state = 'delivering' AND ((? >> CAST(s.partition AS INTEGER)) & 1) = 1");
+        let rows: Vec<DeliveryRow> =
+            sqlx::query_as(self.backend.sql_fmt(sql)).bind(partitions as i64).fetch_all(&self.reader).await.db()?;
+        rows.into_iter().map(DeliveryTask::try_from).collect()
+    }
+
+    async fn delivery_task(&self, id: SubscriptionId) -> Result<Option<DeliveryTask>> {
+        let sql = format!("{DELIVERY_SELECT} WHERE s.state = 'delivering' AND s.id = ?");
+        let row: Option<DeliveryRow> =
+            sqlx::query_as(self.backend.sql_fmt(sql)).bind(id.to_string()).fetch_optional(&self.reader).await.db()?;
+        row.map(DeliveryTask::try_from).transpose()
     }
 
     async fn pending_deliveries(&self) -> Result<Vec<DeliveryTask>> {

@@ -1,0 +1,296 @@
+//! Sharing the work between instances on one PostgreSQL database.
+//!
+//! Jobs fall into 64 partitions (a hash of the job ID); deliveries follow their job. Each instance
+//! leases a share of the partitions — 64 divided by the live instances — through the `leases` table,
+//! renews its leases on a timer, and polls and delivers only what its partitions hold. Leases are rows
+//! with an owner and an expiry; claiming uses `FOR UPDATE SKIP LOCKED`, so two instances never take the
+//! same partition, and no consensus of our own is involved. We chose partition leases over claiming due
+//! rows one by one because the poll schedule stays in memory (DESIGN promise 3: a Pending answer writes
+//! nothing); the cost is a few lease writes per tick, whatever the number of jobs.
+//!
+//! * A dead instance's leases lapse `lease-ttl × 4/5` after its last renewal and are claimed at the next
+//!   tick (`lease-ttl / 5`), so its work is taken over within one lease TTL.
+//! * An instance that cannot renew stops working on its partitions before they can lapse (self-fencing),
+//!   so two instances never poll one job at once outside the takeover window.
+//! * A new instance counts itself in at its first tick; the others release their extra partitions at
+//!   their next tick and it claims them.
+//! * An instance told to stop releases its leases at once.
+//! * Work registered on another instance reaches the owner through LISTEN/NOTIFY, sent in the same
+//!   transaction as the write; after a lost listener connection the owner reloads its partitions.
+//!
+//! On SQLite there is one instance: it owns every partition and none of this runs.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::delivery::DispatcherHandle;
+use crate::domain::{JobId, PARTITIONS, SubscriptionId};
+use crate::poller::PollerHandle;
+use crate::store::{Millis, Store, now_ms};
+
+/// Which partitions this instance works on: bit `p` set = partition `p` is ours.
+#[derive(Debug)]
+pub struct Ownership(AtomicU64);
+
+impl Ownership {
+    /// Every partition: the single instance on SQLite.
+    pub fn all() -> Self {
+        Ownership(AtomicU64::new(u64::MAX))
+    }
+
+    /// No partition yet: an instance on PostgreSQL before its first leases.
+    pub fn none() -> Self {
+        Ownership(AtomicU64::new(0))
+    }
+
+    pub fn owns(&self, partition: i64) -> bool {
+        (0..i64::from(PARTITIONS)).contains(&partition) && self.mask() & (1 << partition) != 0
+    }
+
+    pub fn mask(&self) -> u64 {
+        self.0.load(Ordering::Acquire)
+    }
+
+    fn set(&self, mask: u64) {
+        self.0.store(mask, Ordering::Release);
+    }
+}
+
+/// The PostgreSQL channel that carries work between instances.
+pub const CHANNEL: &str = "jobhook";
+
+/// A message on [`CHANNEL`]: `poll <job_id>`, `deliver <subscription_id> <partition>` or
+/// `cancel <subscription_id> <job_id>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Notice {
+    Poll(JobId),
+    Deliver(SubscriptionId, i64),
+    Cancel(SubscriptionId, JobId),
+}
+
+impl Notice {
+    pub fn parse(payload: &str) -> Option<Notice> {
+        let mut words = payload.split(' ');
+        match (words.next()?, words.next(), words.next()) {
+            ("poll", Some(job), None) => Some(Notice::Poll(job.parse().ok()?)),
+            ("deliver", Some(sub), Some(partition)) => {
+                Some(Notice::Deliver(sub.parse().ok()?, partition.parse().ok()?))
+            }
+            ("cancel", Some(sub), Some(job)) => Some(Notice::Cancel(sub.parse().ok()?, job.parse().ok()?)),
+            _ => None,
+        }
+    }
+}
+
+pub struct ClusterConfig {
+    pub instance_id: String,
+    pub lease_ttl: Duration,
+    pub database_url: String,
+}
+
+/// The lease loop and the notice listener, until `shutdown`; then the leases are released.
+pub async fn run(
+    store: Arc<dyn Store>,
+    ownership: Arc<Ownership>,
+    poller: PollerHandle,
+    dispatcher: DispatcherHandle,
+    config: ClusterConfig,
+    shutdown: CancellationToken,
+) {
+    let tick = config.lease_ttl / 5;
+    let lease_ms = Millis::try_from((config.lease_ttl * 4 / 5).as_millis()).unwrap_or(Millis::MAX);
+    let ttl_ms = Millis::try_from(config.lease_ttl.as_millis()).unwrap_or(Millis::MAX);
+    let me = config.instance_id.as_str();
+    let work = Work { store: store.clone(), ownership: ownership.clone(), poller, dispatcher };
+    let listener = tokio::spawn(listen(config.database_url.clone(), work.clone(), shutdown.clone()));
+    let mut last_renewed = Instant::now();
+    let mut interval = tokio::time::interval(tick);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tracing::info!(instance = me, lease_ttl = %humantime::format_duration(config.lease_ttl), "joining the cluster");
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = interval.tick() => {}
+        }
+        match lease_tick(store.as_ref(), me, lease_ms, ttl_ms).await {
+            Ok(mask) => {
+                last_renewed = Instant::now();
+                work.take(mask).await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "could not renew the leases");
+                // Stop before the leases can lapse and another instance takes the partitions over.
+                if last_renewed.elapsed() >= config.lease_ttl * 3 / 5 && ownership.mask() != 0 {
+                    tracing::error!("leases not renewed in time: working on no partition until they are");
+                    ownership.set(0);
+                }
+            }
+        }
+    }
+    listener.abort();
+    ownership.set(0);
+    match store.leave(me).await {
+        Ok(()) => tracing::info!(instance = me, "leases released"),
+        Err(e) => tracing::warn!(error = %e, "could not release the leases; they lapse by themselves"),
+    }
+}
+
+/// One round: announce ourselves, renew, claim our share or release the excess. Returns the partitions
+/// we hold.
+async fn lease_tick(store: &dyn Store, me: &str, lease_ms: Millis, ttl_ms: Millis) -> crate::store::Result<u64> {
+    let now = now_ms();
+    let live = store.heartbeat(me, now, now - ttl_ms).await?.max(1);
+    let mut held = store.renew_leases(me, now + lease_ms).await?;
+    let share = (i64::from(PARTITIONS) + live - 1) / live;
+    let count = i64::from(held.count_ones());
+    if count < share {
+        held |= store.claim_leases(me, share - count, now, now + lease_ms).await?;
+    } else if count > share {
+        // Give back the highest partitions we hold beyond our share.
+        let mut excess = 0u64;
+        let mut extra = count - share;
+        for p in (0..PARTITIONS).rev() {
+            if extra > 0 && held & (1 << p) != 0 {
+                excess |= 1 << p;
+                extra -= 1;
+            }
+        }
+        store.release_leases(me, excess).await?;
+        held &= !excess;
+    }
+    Ok(held)
+}
+
+/// The local workers, and what to hand them when partitions come and go.
+#[derive(Clone)]
+struct Work {
+    store: Arc<dyn Store>,
+    ownership: Arc<Ownership>,
+    poller: PollerHandle,
+    dispatcher: DispatcherHandle,
+}
+
+impl Work {
+    /// Makes `mask` our partitions; loads the work of the ones just gained. The workers drop the work of
+    /// lost ones as it falls due.
+    async fn take(&self, mask: u64) {
+        let before = self.ownership.mask();
+        self.ownership.set(mask);
+        let gained = mask & !before;
+        if mask != before {
+            tracing::info!(
+                partitions = mask.count_ones(),
+                gained = gained.count_ones(),
+                lost = (before & !mask).count_ones(),
+                "leases changed"
+            );
+        }
+        if gained != 0 {
+            self.load(gained).await;
+        }
+    }
+
+    async fn load(&self, partitions: u64) {
+        match self.store.pollable_jobs_in(partitions).await {
+            Ok(jobs) => jobs.into_iter().for_each(|job| self.poller.ensure(job)),
+            Err(e) => tracing::error!(error = %e, "could not load the jobs of new partitions"),
+        }
+        match self.store.pending_deliveries_in(partitions).await {
+            Ok(tasks) => self.dispatcher.deliver(tasks),
+            Err(e) => tracing::error!(error = %e, "could not load the deliveries of new partitions"),
+        }
+    }
+
+    async fn notice(&self, notice: Notice) {
+        match notice {
+            Notice::Poll(job_id) if self.ownership.owns(job_id.partition()) => {
+                if let Ok(Some(job)) = self.store.pollable_job(job_id).await {
+                    self.poller.ensure(job);
+                }
+            }
+            Notice::Deliver(id, partition) if self.ownership.owns(partition) => {
+                if let Ok(Some(task)) = self.store.delivery_task(id).await {
+                    self.dispatcher.deliver(vec![task]);
+                }
+            }
+            Notice::Cancel(id, job_id) if self.ownership.owns(job_id.partition()) => {
+                self.dispatcher.cancel(id);
+                self.poller.recheck(job_id);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Listens on [`CHANNEL`]; reconnects on its own, and after a reconnect reloads our partitions (notices
+/// sent meanwhile are lost; the store is not).
+async fn listen(url: String, work: Work, shutdown: CancellationToken) {
+    loop {
+        let mut listener = match sqlx::postgres::PgListener::connect(&url).await {
+            Ok(listener) => listener,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for notices; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                }
+            }
+        };
+        if let Err(e) = listener.listen(CHANNEL).await {
+            tracing::warn!(error = %e, "cannot listen for notices; retrying");
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+            }
+        }
+        work.load(work.ownership.mask()).await;
+        loop {
+            let next = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                next = listener.try_recv() => next,
+            };
+            match next {
+                Ok(Some(notification)) => {
+                    if let Some(notice) = Notice::parse(notification.payload()) {
+                        work.notice(notice).await;
+                    }
+                }
+                // The connection dropped: reconnect, then reload what we own.
+                Ok(None) | Err(_) => break,
+            }
+        }
+    }
+}
+
+/// The instance ID: the process ID and a random part, so restarts are new instances.
+pub fn instance_id() -> String {
+    format!("jobhook-{}-{}", std::process::id(), &uuid::Uuid::new_v4().simple().to_string()[..8])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notices_round_trip() {
+        let job: JobId = "3f1c2b9e-8a4d-4c6e-9b1a-2d5e7f9a0c11".parse().unwrap();
+        let sub = SubscriptionId::new();
+        assert_eq!(Notice::parse(&format!("poll {job}")), Some(Notice::Poll(job)));
+        assert_eq!(Notice::parse(&format!("deliver {sub} 7")), Some(Notice::Deliver(sub, 7)));
+        assert_eq!(Notice::parse(&format!("cancel {sub} {job}")), Some(Notice::Cancel(sub, job)));
+        assert_eq!(Notice::parse("poll nonsense"), None);
+        assert_eq!(Notice::parse("reboot"), None);
+    }
+
+    #[test]
+    fn ownership_is_a_mask_of_partitions() {
+        let o = Ownership::none();
+        assert!(!o.owns(3));
+        o.set(1 << 3 | 1 << 63);
+        assert!(o.owns(3) && o.owns(63) && !o.owns(4) && !o.owns(64) && !o.owns(-1));
+        assert!(Ownership::all().owns(0));
+    }
+}
