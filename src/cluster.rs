@@ -195,7 +195,7 @@ impl Work {
 
     async fn load(&self, partitions: u64) {
         match self.store.pollable_jobs_in(partitions).await {
-            Ok(jobs) => jobs.into_iter().for_each(|job| self.poller.ensure(job)),
+            Ok(jobs) => jobs.into_iter().for_each(|job| self.poller.adopt(job)),
             Err(e) => tracing::error!(error = %e, "could not load the jobs of new partitions"),
         }
         match self.store.pending_deliveries_in(partitions).await {

@@ -303,6 +303,9 @@ fn store_trouble(ctx: &PollContext, state: &mut JobState, e: crate::store::Store
 enum PollerMsg {
     /// A job has a (new) polling subscription.
     Ensure(PollableJob),
+    /// A job taken over from another instance (or resumed at start): polled within the first interval,
+    /// at a random moment, so a partition's jobs do not all go at once.
+    Adopt(PollableJob),
     /// A subscription of this job was cancelled: check before the next poll whether anyone still waits.
     Recheck(JobId),
 }
@@ -318,6 +321,10 @@ impl PollerHandle {
         // A send fails only once the poller has stopped (shutdown); the job resumes from the store at the
         // next start.
         let _ = self.tx.send(PollerMsg::Ensure(job));
+    }
+
+    pub fn adopt(&self, job: PollableJob) {
+        let _ = self.tx.send(PollerMsg::Adopt(job));
     }
 
     pub fn recheck(&self, job_id: JobId) {
@@ -365,7 +372,13 @@ pub async fn run(
             _ = shutdown.cancelled() => break,
             Some(msg) = rx.recv() => match msg {
                 // Another instance polls the partitions we do not hold.
-                PollerMsg::Ensure(job) if !ctx.ownership.owns(job.job_id.partition()) => {}
+                PollerMsg::Ensure(job) | PollerMsg::Adopt(job) if !ctx.ownership.owns(job.job_id.partition()) => {}
+                PollerMsg::Adopt(job) => {
+                    if let std::collections::hash_map::Entry::Vacant(slot) = slots.entry(job.job_id) {
+                        queue.insert(job.job_id, Duration::from_millis(rand::random_range(0..spread)));
+                        slot.insert(Slot::Queued { state: JobState::new(job) });
+                    }
+                }
                 PollerMsg::Ensure(job) => match slots.get_mut(&job.job_id) {
                     None => {
                         queue.insert(job.job_id, Duration::ZERO);

@@ -4,6 +4,7 @@ mod helpers;
 
 mod binary;
 mod cli;
+mod cluster;
 mod crash;
 mod delivery;
 mod faults;

@@ -1,0 +1,192 @@
+//! Several `jobhook serve` processes on one PostgreSQL database (the PostgreSQL pass only).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use jobhook::mock_upstream::MockUpstream;
+use serde_json::json;
+
+use crate::binary::{Running, args_on, free_port, start};
+use crate::helpers::*;
+
+fn skip_on_sqlite() -> bool {
+    if !on_postgres() {
+        eprintln!("skipped on SQLite: several instances share a PostgreSQL database (run scripts/test.sh)");
+    }
+    !on_postgres()
+}
+
+/// Registers every job, round-robin over `listens`, retrying on the next instance until each is
+/// acknowledged; returns when all are.
+fn register_all(jobs: Vec<String>, listens: Vec<String>, callback: String) -> tokio::task::JoinHandle<HashSet<String>> {
+    tokio::spawn(async move {
+        let acked = Arc::new(Mutex::new(HashSet::new()));
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
+        let mut tasks = tokio::task::JoinSet::new();
+        for (n, chunk) in jobs.chunks(jobs.len().div_ceil(16)).enumerate() {
+            let (chunk, acked, http, listens, callback) =
+                (chunk.to_vec(), acked.clone(), http.clone(), listens.clone(), callback.clone());
+            tasks.spawn(async move {
+                for (i, job) in chunk.into_iter().enumerate() {
+                    let mut target = n + i;
+                    loop {
+                        let listen = &listens[target % listens.len()];
+                        let sent = http
+                            .post(format!("http://{listen}/v1/subscriptions"))
+                            .bearer_auth(KEY_A)
+                            .json(&json!({ "job_id": job, "callback_url": callback }))
+                            .send()
+                            .await;
+                        if let Ok(response) = sent
+                            && (response.status() == 201 || response.status() == 200)
+                        {
+                            acked.lock().unwrap().insert(job.clone());
+                            break;
+                        }
+                        target += 1;
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+            });
+        }
+        while tasks.join_next().await.is_some() {}
+        let acked = acked.lock().unwrap().clone();
+        acked
+    })
+}
+
+/// Waits until every job has a verified delivery; returns the webhook-ids seen per job.
+async fn all_delivered(receiver: &Receiver, jobs: &HashSet<String>) -> HashMap<String, Vec<String>> {
+    eventually(Duration::from_secs(120), "every acknowledged job to be delivered", || async {
+        let mut by_job: HashMap<String, Vec<String>> = HashMap::new();
+        for request in receiver.requests_to("/hook") {
+            request.verify(SECRET).expect("every delivery verifies");
+            by_job
+                .entry(request.json()["job_id"].as_str().unwrap().to_owned())
+                .or_default()
+                .push(request.header("webhook-id").to_owned());
+        }
+        jobs.iter().all(|job| by_job.contains_key(job)).then_some(by_job)
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_instances_share_the_work_and_survive_losing_one() {
+    if skip_on_sqlite() {
+        return;
+    }
+    const JOBS: usize = 2_000;
+    const PENDING: u64 = 3;
+    let upstream = MockUpstream::start(&mock_args(PENDING as u32)).await.unwrap();
+    let receiver = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db_url = fresh_db_url(dir.path()).await;
+    let listens: Vec<String> = (0..3).map(|_| format!("127.0.0.1:{}", free_port())).collect();
+    let args = |listen: &str| {
+        let mut args = args_on(listen, &db_url, &upstream.url());
+        args.extend(["--lease-ttl".into(), "2s".into(), "--poll-interval".into(), "100ms".into()]);
+        args
+    };
+    let mut instances: Vec<Running> = Vec::new();
+    for listen in &listens {
+        instances.push(start(&args(listen)).await);
+    }
+
+    let jobs: Vec<String> = (0..JOBS).map(|_| new_job()).collect();
+    let registering = register_all(jobs, listens.clone(), receiver.url("/hook"));
+
+    // Instance 0 dies mid-run; instance 1 is stopped and started again.
+    eventually(Duration::from_secs(60), "a third of the deliveries", || async {
+        (receiver.requests_to("/hook").len() >= JOBS / 3).then_some(())
+    })
+    .await;
+    instances[0].child.start_kill().unwrap();
+    instances[0].child.wait().await.unwrap();
+    let killed_at = Instant::now();
+    eventually(Duration::from_secs(60), "half of the deliveries", || async {
+        (receiver.requests_to("/hook").len() >= JOBS / 2).then_some(())
+    })
+    .await;
+    let pid = instances[1].child.id().unwrap().to_string();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let stopped = tokio::time::timeout(Duration::from_secs(10), instances[1].child.wait()).await.unwrap().unwrap();
+    assert!(stopped.success());
+    instances[1] = start(&args(&listens[1])).await;
+
+    let acked = registering.await.unwrap();
+    assert_eq!(acked.len(), JOBS);
+    let delivered = all_delivered(&receiver, &acked).await;
+    let took_over_in = killed_at.elapsed();
+    for (job, ids) in &delivered {
+        assert!(ids.iter().all(|id| *id == ids[0]), "job {job} was delivered under several webhook-ids: {ids:?}");
+    }
+    let requests = receiver.requests_to("/hook").len();
+    let polls = upstream.total_polls();
+    eprintln!(
+        "cluster: {JOBS} jobs over 3 instances, one killed, one restarted: 0 lost, {} repeated callbacks, {polls} polls ({:.2} per job, {} without failover), max concurrent polls of one job {}, everything delivered {took_over_in:?} after the kill",
+        requests - JOBS,
+        polls as f64 / JOBS as f64,
+        PENDING + 1,
+        upstream.max_overlap()
+    );
+    assert_eq!(upstream.max_overlap(), 1, "a job was polled by two instances at once");
+    // A failover may repeat the poll that was in flight, no more.
+    assert!(polls <= JOBS as u64 * (PENDING + 1) + JOBS as u64 / 10, "{polls} polls");
+    for running in &mut instances {
+        let _ = running.child.start_kill();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_reconnect_after_their_connections_are_killed_and_lose_nothing() {
+    if skip_on_sqlite() {
+        return;
+    }
+    const JOBS: usize = 500;
+    let upstream = MockUpstream::start(&mock_args(3)).await.unwrap();
+    let receiver = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    // A name of their own on their connections, so only theirs are killed.
+    let tag = format!("jh_conn_{}", uuid::Uuid::new_v4().simple());
+    let db_url = format!("{}&application_name={tag}", fresh_db_url(dir.path()).await);
+    let listens: Vec<String> = (0..2).map(|_| format!("127.0.0.1:{}", free_port())).collect();
+    let mut instances = Vec::new();
+    for listen in &listens {
+        let mut args = args_on(listen, &db_url, &upstream.url());
+        args.extend(["--lease-ttl".into(), "2s".into(), "--poll-interval".into(), "100ms".into()]);
+        instances.push(start(&args).await);
+    }
+    let jobs: Vec<String> = (0..JOBS).map(|_| new_job()).collect();
+    let registering = register_all(jobs, listens.clone(), receiver.url("/hook"));
+
+    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&postgres_url()).await.unwrap();
+    for round in 1..=3 {
+        eventually(Duration::from_secs(60), &format!("{} deliveries", JOBS * round / 4), || async {
+            (receiver.requests_to("/hook").len() >= JOBS * round / 4).then_some(())
+        })
+        .await;
+        let killed: Vec<(bool,)> =
+            sqlx::query_as("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1")
+                .bind(&tag)
+                .fetch_all(&mut admin)
+                .await
+                .unwrap();
+        assert!(!killed.is_empty(), "the instances' connections were found");
+    }
+    let acked = registering.await.unwrap();
+    assert_eq!(acked.len(), JOBS);
+    let delivered = all_delivered(&receiver, &acked).await;
+    for (job, ids) in &delivered {
+        assert!(ids.iter().all(|id| *id == ids[0]), "job {job}: {ids:?}");
+    }
+    for running in &mut instances {
+        assert!(running.child.try_wait().unwrap().is_none(), "an instance died when its connections were killed");
+        let _ = running.child.start_kill();
+    }
+    eprintln!(
+        "connection loss: {JOBS} jobs, connections killed 3 times, 0 lost, {} repeated callbacks",
+        receiver.requests_to("/hook").len() - JOBS
+    );
+}
