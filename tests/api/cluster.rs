@@ -51,8 +51,7 @@ fn register_all(jobs: Vec<String>, listens: Vec<String>, callback: String) -> to
             });
         }
         while tasks.join_next().await.is_some() {}
-        let acked = acked.lock().unwrap().clone();
-        acked
+        acked.lock().unwrap().clone()
     })
 }
 
