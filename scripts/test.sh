@@ -11,16 +11,11 @@ export JOBHOOK_TEST_POSTGRES_URL=$url
 echo "=== pass 1 of 2: SQLite"
 cargo test "$@"
 
-reachable=$(python3 - "$url" <<'PY'
-import socket, sys, urllib.parse
-u = urllib.parse.urlsplit(sys.argv[1])
-try:
-    socket.create_connection((u.hostname or "127.0.0.1", u.port or 5432), timeout=2).close()
-    print("yes")
-except OSError:
-    print("no")
-PY
-)
+# Is anything listening where the URL points?
+hostport=$(printf '%s' "$url" | sed -E 's#^[a-z]+://([^@/]*@)?([^/?]+).*#\2#')
+host=${hostport%:*}; port=${hostport##*:}
+[ "$host" = "$hostport" ] && port=5432
+if timeout 2 bash -c "exec 3<>/dev/tcp/$host/$port" 2>/dev/null; then reachable=yes; else reachable=no; fi
 if [ "$reachable" != yes ]; then
   if [ "${CI:-}" = true ]; then
     echo "PostgreSQL is not reachable at $url, and CI needs the PostgreSQL pass" >&2
