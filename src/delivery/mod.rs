@@ -224,6 +224,7 @@ pub async fn attempt(ctx: &DeliveryContext, task: &mut DeliveryTask) -> Option<M
     let result = decide(&outcome, attempt, &ctx.config.retry_schedule, now, rand::random_range(-1.0..=1.0));
     let record = AttemptRecord {
         subscription_id: task.subscription_id,
+        partition: task.partition,
         series: task.series,
         attempt,
         webhook_id: task.webhook_id.clone(),

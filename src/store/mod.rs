@@ -123,6 +123,8 @@ pub enum Registered {
 #[derive(Debug, Clone)]
 pub struct AttemptRecord {
     pub subscription_id: SubscriptionId,
+    /// The job's partition: writes about one job go through one writer (0 where it does not matter).
+    pub partition: i64,
     pub series: u32,
     pub attempt: u32,
     pub webhook_id: String,

@@ -108,8 +108,9 @@ pub struct SqlStore {
     backend: Backend,
     writer: AnyPool,
     reader: AnyPool,
-    /// The group-committed writes go to the writer task (see [`writer`]).
-    writes: mpsc::Sender<Write>,
+    /// The group-committed writes go to the writer tasks (see [`writer`]); all writes about one job go
+    /// to the same one.
+    writes: Vec<mpsc::Sender<Write>>,
 }
 
 /// A write that is group-committed: many of them share one transaction, so they share one fsync.
@@ -153,8 +154,14 @@ const MAX_BATCH: usize = 1024;
 /// turns ~6k one-row commits/s into tens of thousands of rows/s (DESIGN, "This machine's limits").
 async fn writer(backend: Backend, pool: AnyPool, mut writes: mpsc::Receiver<Write>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
-    while writes.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        let outcome = run_batch(backend, &pool, &mut batch).await;
+    loop {
+        if writes.recv_many(&mut batch, MAX_BATCH).await == 0 {
+            return;
+        }
+        // Every batch takes its row locks in the same order (by job), so batches of different
+        // instances cannot deadlock on PostgreSQL.
+        batch.sort_by_key(Write::lock_order);
+        let outcome = run_batch(backend, &pool, &batch).await;
         for (write, result) in batch.drain(..).zip(outcome) {
             write.answer(result);
         }
@@ -172,6 +179,25 @@ enum Done {
 }
 
 impl Write {
+    fn lock_order(&self) -> (u8, uuid::Uuid) {
+        match self {
+            Write::Register { job_id, .. } | Write::Complete { job_id, .. } | Write::Observe { job_id, .. } => {
+                (0, job_id.as_uuid())
+            }
+            Write::Attempt { record, .. } => (1, record.subscription_id.0),
+        }
+    }
+
+    /// The partition of the job the write is about.
+    fn partition(&self) -> i64 {
+        match self {
+            Write::Register { job_id, .. } | Write::Complete { job_id, .. } | Write::Observe { job_id, .. } => {
+                job_id.partition()
+            }
+            Write::Attempt { record, .. } => record.partition,
+        }
+    }
+
     async fn run(&self, b: Backend, tx: &mut Transaction<'static, Any>) -> Done {
         match self {
             Write::Register { tenant, id, job_id, callback_url, now, .. } => {
@@ -210,49 +236,44 @@ impl Write {
     }
 }
 
-/// Runs `batch` in one transaction. Every write gets a result; when the commit fails, every one gets
-/// "unavailable" (nothing was written).
-async fn run_batch(b: Backend, pool: &AnyPool, batch: &mut [Write]) -> Vec<Done> {
-    let unavailable = |e: &sqlx::Error| {
-        StoreError::Unavailable(sqlx::Error::Protocol(format!("the batch could not be written: {e}")))
-    };
-    let failed_all =
-        |e: &sqlx::Error, batch: &[Write]| -> Vec<Done> { batch.iter().map(|w| w.failed(unavailable(e))).collect() };
-    let mut tx = match pool.begin().await {
-        Ok(tx) => tx,
-        Err(e) => return failed_all(&e, batch),
-    };
+/// Runs `batch` in one transaction. Writes rarely fail, so the batch is tried whole; if any write fails,
+/// the transaction is rolled back and each write runs again in a transaction of its own, so one bad
+/// write cannot fail the others. Every write gets a result; when a commit fails, "unavailable" (nothing
+/// was written).
+async fn run_batch(b: Backend, pool: &AnyPool, batch: &[Write]) -> Vec<Done> {
+    if batch.len() > 1
+        && let Ok(results) = try_batch(b, pool, batch).await
+    {
+        return results;
+    }
     let mut results = Vec::with_capacity(batch.len());
-    for write in batch.iter() {
-        if let Err(e) = tx.execute("SAVEPOINT write").await {
-            return failed_all(&e, batch);
-        }
-        let done = write.run(b, &mut tx).await;
-        let end = if done.is_ok() { "RELEASE SAVEPOINT write" } else { "ROLLBACK TO SAVEPOINT write" };
-        if let Err(e) = tx.execute(end).await {
-            return failed_all(&e, batch);
-        }
-        if !done.is_ok() {
-            // ROLLBACK TO keeps the savepoint open; release it.
-            if let Err(e) = tx.execute("RELEASE SAVEPOINT write").await {
-                return failed_all(&e, batch);
-            }
-        }
-        results.push(done);
+    for write in batch {
+        results.push(match try_batch(b, pool, std::slice::from_ref(write)).await {
+            Ok(mut one) => one.pop().unwrap_or_else(|| write.failed(StoreError::Corrupt("no result".into()))),
+            Err(e) => write.failed(e),
+        });
     }
-    match tx.commit().await {
-        Ok(()) => results,
-        Err(e) => failed_all(&e, batch),
+    results
+}
+
+/// All of `batch` in one transaction, committed; or the first error, with nothing written.
+async fn try_batch(b: Backend, pool: &AnyPool, batch: &[Write]) -> Result<Vec<Done>> {
+    let mut tx = pool.begin().await.db()?;
+    let mut results = Vec::with_capacity(batch.len());
+    for write in batch {
+        // On an error, dropping the transaction rolls it back.
+        results.push(write.run(b, &mut tx).await.checked()?);
     }
+    tx.commit().await.db()?;
+    Ok(results)
 }
 
 impl Done {
-    fn is_ok(&self) -> bool {
+    /// The write's own error, if it failed; otherwise the result itself.
+    fn checked(self) -> std::result::Result<Done, StoreError> {
         match self {
-            Done::Register(r) => r.is_ok(),
-            Done::Complete(r) => r.is_ok(),
-            Done::Attempt(r) => r.is_ok(),
-            Done::Observe(r) => r.is_ok(),
+            Done::Register(Err(e)) | Done::Complete(Err(e)) | Done::Attempt(Err(e)) | Done::Observe(Err(e)) => Err(e),
+            done => Ok(done),
         }
     }
 }
@@ -310,15 +331,29 @@ impl SqlStore {
 
     fn with_writer(backend: Backend, writer_pool: AnyPool, reader: AnyPool) -> Self {
         // Bounded: when the database cannot keep up, callers wait here instead of piling up memory.
-        let (writes, queue) = mpsc::channel(8 * MAX_BATCH);
-        tokio::spawn(writer(backend, writer_pool.clone(), queue));
+        // SQLite has one writer anyway. PostgreSQL commits several transactions at once, and each
+        // statement waits a network round trip: several writers keep its connections busy. Each job's
+        // writes go to one writer (by partition), so concurrent batches never lock the same rows in
+        // opposite orders (no deadlocks).
+        let writers = match backend {
+            Backend::Sqlite => 1,
+            Backend::Postgres => 8,
+        };
+        let writes = (0..writers)
+            .map(|_| {
+                let (writes, queue) = mpsc::channel(8 * MAX_BATCH);
+                tokio::spawn(writer(backend, writer_pool.clone(), queue));
+                writes
+            })
+            .collect();
         SqlStore { backend, writer: writer_pool, reader, writes }
     }
 
     /// Queues a group-committed write and waits for its result (after its transaction committed).
     async fn write<T>(&self, write: Write, answer: oneshot::Receiver<Result<T>>) -> Result<T> {
         let gone = || StoreError::Unavailable(sqlx::Error::PoolClosed);
-        self.writes.send(write).await.map_err(|_| gone())?;
+        let lane = usize::try_from(write.partition()).unwrap_or(0) % self.writes.len();
+        self.writes[lane].send(write).await.map_err(|_| gone())?;
         answer.await.map_err(|_| gone())?
     }
 
@@ -828,6 +863,7 @@ impl Store for SqlStore {
             rows.into_iter()
                 .map(|(series, attempt, webhook_id, started_at, status_code, error, duration_ms)| AttemptRecord {
                     subscription_id: id,
+                    partition: 0,
                     series: u32::try_from(series).unwrap_or(1),
                     attempt: u32::try_from(attempt).unwrap_or(0),
                     webhook_id,
