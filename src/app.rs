@@ -29,6 +29,7 @@ pub struct Application {
     /// Scale-out on PostgreSQL: the lease loop's settings and the workers' handles.
     cluster: Option<(cluster::ClusterConfig, Arc<dyn Store>, poller::PollerHandle, delivery::DispatcherHandle)>,
     ownership: Arc<cluster::Ownership>,
+    store: Arc<dyn Store>,
     shutdown: CancellationToken,
     grace: Duration,
 }
@@ -97,7 +98,7 @@ impl Application {
         });
         let cursor_key = Arc::new(store.meta_secret("cursor_key").await.context("cannot read the cursor key")?);
         let router = api::router(AppState {
-            store,
+            store: store.clone(),
             poller,
             dispatcher,
             egress,
@@ -114,6 +115,7 @@ impl Application {
             dispatcher: (delivery_ctx, dispatcher_inbox, pending_deliveries),
             cluster,
             ownership,
+            store,
             shutdown: CancellationToken::new(),
             grace: config.shutdown_grace,
         })
@@ -135,7 +137,8 @@ impl Application {
     /// Serves until the shutdown token is cancelled, then stops accepting, lets in-flight requests, polls
     /// and deliveries finish (up to the grace period) and returns.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
-        let Application { listener, addr, router, poller, dispatcher, cluster, ownership, shutdown, grace } = self;
+        let Application { listener, addr, router, poller, dispatcher, cluster, ownership, store, shutdown, grace } =
+            self;
         // The lease loop stops on its own token, after the workers, so it releases the leases last.
         let cluster_stop = CancellationToken::new();
         let cluster = cluster.map(|(settings, store, poller, dispatcher)| {
@@ -185,7 +188,7 @@ impl Application {
             cluster_stop.cancel();
             let _ = tokio::time::timeout(Duration::from_secs(5), cluster).await;
         }
-        tracing::info!("stopped");
+        tracing::info!(store_transactions = store.transactions(), "stopped");
         Ok(())
     }
 }

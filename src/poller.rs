@@ -146,7 +146,7 @@ impl PollContext {
 }
 
 /// One poll of one job: ask the upstream, record what changed, say when to poll next.
-#[tracing::instrument(skip_all, fields(job_id = %state.job.job_id))]
+#[tracing::instrument(level = "debug", skip_all, fields(job_id = %state.job.job_id))]
 pub async fn step(ctx: &PollContext, state: &mut JobState) -> (PollOutcome, Next) {
     let job_id = state.job.job_id;
     if state.recheck {
@@ -169,7 +169,7 @@ pub async fn step(ctx: &PollContext, state: &mut JobState) -> (PollOutcome, Next
         PollAnswer::Terminal(status, body) => match ctx.store.complete_job(job_id, status, &body, now).await {
             Ok(tasks) => {
                 let n = tasks.len();
-                tracing::info!(status = status.as_str(), deliveries = n, "job finished");
+                tracing::debug!(status = status.as_str(), deliveries = n, "job finished");
                 ctx.dispatcher.deliver(tasks);
                 (PollOutcome::Finished(status, n), Next::Done)
             }

@@ -211,7 +211,8 @@ pub async fn create(
             (StatusCode::OK, sub)
         }
     };
-    tracing::info!(subscription_id = %sub.id, job_id = %sub.job_id, created = status == StatusCode::CREATED, "registered");
+    // Per-job events are debug: at thousands of jobs a second, info would be mostly log.
+    tracing::debug!(subscription_id = %sub.id, job_id = %sub.job_id, created = status == StatusCode::CREATED, "registered");
     let location = format!("/v1/subscriptions/{}", sub.id);
     Ok((status, [(header::LOCATION, location)], Json(SubscriptionView::from(sub))).into_response())
 }

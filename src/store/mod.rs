@@ -259,6 +259,11 @@ pub trait Store: Send + Sync + 'static {
     /// Polling subscriptions created at or before `cutoff` expire. Returns the job if some still poll.
     async fn expire(&self, job_id: JobId, cutoff: Millis, now: Millis) -> Result<Option<PollableJob>>;
 
+    /// How many write transactions this store has started (for the benchmark's writes-per-job figure).
+    fn transactions(&self) -> u64 {
+        0
+    }
+
     // --- scale-out (PostgreSQL; see cluster.rs) ---
 
     /// Whether several instances share this store through leases.

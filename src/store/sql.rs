@@ -111,6 +111,8 @@ pub struct SqlStore {
     /// The group-committed writes go to the writer tasks (see [`writer`]); all writes about one job go
     /// to the same one.
     writes: Vec<mpsc::Sender<Write>>,
+    /// Write transactions started, group-committed batches included.
+    transactions: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// A write that is group-committed: many of them share one transaction, so they share one fsync.
@@ -152,7 +154,12 @@ const MAX_BATCH: usize = 1024;
 /// one that fails rolls back alone — commits once, and only then answers each (a 201 is still durable).
 /// Batches form by themselves: while one transaction commits, the next writes queue up. On SQLite this
 /// turns ~6k one-row commits/s into tens of thousands of rows/s (DESIGN, "This machine's limits").
-async fn writer(backend: Backend, pool: AnyPool, mut writes: mpsc::Receiver<Write>) {
+async fn writer(
+    backend: Backend,
+    pool: AnyPool,
+    mut writes: mpsc::Receiver<Write>,
+    transactions: Arc<std::sync::atomic::AtomicU64>,
+) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     loop {
         if writes.recv_many(&mut batch, MAX_BATCH).await == 0 {
@@ -161,6 +168,7 @@ async fn writer(backend: Backend, pool: AnyPool, mut writes: mpsc::Receiver<Writ
         // Every batch takes its row locks in the same order (by job), so batches of different
         // instances cannot deadlock on PostgreSQL.
         batch.sort_by_key(Write::lock_order);
+        transactions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let outcome = run_batch(backend, &pool, &batch).await;
         for (write, result) in batch.drain(..).zip(outcome) {
             write.answer(result);
@@ -339,14 +347,15 @@ impl SqlStore {
             Backend::Sqlite => 1,
             Backend::Postgres => 8,
         };
+        let transactions = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let writes = (0..writers)
             .map(|_| {
                 let (writes, queue) = mpsc::channel(8 * MAX_BATCH);
-                tokio::spawn(writer(backend, writer_pool.clone(), queue));
+                tokio::spawn(writer(backend, writer_pool.clone(), queue, transactions.clone()));
                 writes
             })
             .collect();
-        SqlStore { backend, writer: writer_pool, reader, writes }
+        SqlStore { backend, writer: writer_pool, reader, writes, transactions }
     }
 
     /// Queues a group-committed write and waits for its result (after its transaction committed).
@@ -358,6 +367,7 @@ impl SqlStore {
     }
 
     async fn begin(&self) -> Result<Transaction<'static, Any>> {
+        self.transactions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.writer.begin().await.map_err(classify)
     }
 }
@@ -949,6 +959,10 @@ impl Store for SqlStore {
         let left = pollable_in(self.backend, &mut tx, &job).await?;
         tx.commit().await.db()?;
         Ok(left)
+    }
+
+    fn transactions(&self) -> u64 {
+        self.transactions.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn shared(&self) -> bool {

@@ -1,0 +1,472 @@
+//! `jobhook-bench`: measures jobhook against this machine's own limit, in one run.
+//!
+//! It starts a fast upstream simulator and a callback receiver on loopback, and the real `jobhook serve`
+//! binary (built beside this one) as a child process on a fresh SQLite store. First it measures the
+//! limit: the rate at which it completes, itself, the three HTTP exchanges one job needs (a
+//! registration-sized POST, a poll-sized GET, a callback-sized POST) at the same concurrency. Then it
+//! registers N jobs, each finishing upstream after K Pending answers, and reports end-to-end jobs/s and
+//! its ratio to the limit, registration latency, delivery lag after the terminal poll, polls per job,
+//! jobhook's CPU time and peak memory, and store transactions per job. Every callback's signature is
+//! checked, and duplicates and losses are counted.
+//!
+//!     cargo run --release --bin jobhook-bench -- [--jobs 100000] [--concurrency 64] [--pending-polls 2] [--json]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use clap::Parser;
+use indicatif::{ProgressBar, ProgressStyle};
+use jobhook::delivery::signing;
+use jobhook::keys::SigningSecret;
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+#[derive(Debug, Parser)]
+#[command(name = "jobhook-bench", about = "Measures jobhook against this machine's limit")]
+struct Args {
+    /// Jobs to push through.
+    #[arg(long, default_value_t = 100_000)]
+    jobs: usize,
+    /// Concurrent registrations (and concurrent exchanges when measuring the limit).
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// Pending answers before a job ends upstream.
+    #[arg(long, default_value_t = 2)]
+    pending_polls: u32,
+    /// jobhook's --poll-interval.
+    #[arg(long, default_value = "1s")]
+    poll_interval: String,
+    /// The jobhook binary (default: the one built beside this benchmark).
+    #[arg(long)]
+    binary: Option<PathBuf>,
+    /// Print the results as JSON too.
+    #[arg(long)]
+    json: bool,
+}
+
+const KEY: &str = "bench-key-0123456789abcdef";
+const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+
+/// Per job: polls answered, and when the first terminal answer went out.
+type Shard = Mutex<HashMap<uuid::Uuid, (u32, Option<Instant>)>>;
+
+/// The upstream simulator's memory of each job, sharded to keep its locks cold.
+struct Upstream {
+    shards: Vec<Shard>,
+    pending_polls: u32,
+    polls: AtomicU64,
+}
+
+impl Upstream {
+    fn shard(&self, id: &uuid::Uuid) -> &Shard {
+        &self.shards[id.as_u128() as usize % self.shards.len()]
+    }
+}
+
+async fn job_status(State(up): State<Arc<Upstream>>, Path(raw): Path<String>) -> impl IntoResponse {
+    let Ok(id) = uuid::Uuid::try_parse(&raw) else { return (StatusCode::UNPROCESSABLE_ENTITY, String::new()) };
+    up.polls.fetch_add(1, Ordering::Relaxed);
+    let terminal = {
+        let mut shard = up.shard(&id).lock().unwrap();
+        let entry = shard.entry(id).or_insert((0, None));
+        entry.0 += 1;
+        let terminal = entry.0 > up.pending_polls;
+        if terminal && entry.1.is_none() {
+            entry.1 = Some(Instant::now());
+        }
+        terminal
+    };
+    let body = if terminal {
+        format!(r#"{{"job_id":"{id}","status":"Succeed","image_urls":["https://images.example.com/{id}/0.png"]}}"#)
+    } else {
+        format!(r#"{{"job_id":"{id}","status":"Pending","image_urls":[]}}"#)
+    };
+    (StatusCode::OK, body)
+}
+
+/// What the receiver saw of one job.
+#[derive(Default, Clone)]
+struct Seen {
+    first_at: Option<Instant>,
+    count: u32,
+    webhook_ids: Vec<String>,
+}
+
+struct Receiver {
+    secret: SigningSecret,
+    seen: Mutex<HashMap<String, Seen>>,
+    bad_signatures: AtomicU64,
+    received: AtomicU64,
+}
+
+async fn callback(State(rx): State<Arc<Receiver>>, headers: HeaderMap, body: Bytes) -> StatusCode {
+    let at = Instant::now();
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
+    let (id, timestamp, signatures) = (header("webhook-id"), header("webhook-timestamp"), header("webhook-signature"));
+    let expected = timestamp.parse().map(|ts| signing::sign(&rx.secret, &id, ts, &body)).unwrap_or_default();
+    if !signatures.split(' ').any(|s| s == expected) {
+        rx.bad_signatures.fetch_add(1, Ordering::Relaxed);
+        return StatusCode::BAD_REQUEST;
+    }
+    let job = serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v["job_id"].as_str().map(str::to_owned))
+        .unwrap_or_default();
+    {
+        let mut seen = rx.seen.lock().unwrap();
+        let entry = seen.entry(job).or_default();
+        entry.first_at.get_or_insert(at);
+        entry.count += 1;
+        if !entry.webhook_ids.contains(&id) {
+            entry.webhook_ids.push(id);
+        }
+    }
+    rx.received.fetch_add(1, Ordering::Relaxed);
+    StatusCode::NO_CONTENT
+}
+
+async fn serve(router: axum::Router) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("a loopback port");
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    addr
+}
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() as f64 * q) as usize).min(sorted.len() - 1)]
+}
+
+/// Runs `n` rounds of `exchange` with `concurrency` workers; returns rounds per second.
+async fn rate<F, Fut>(n: usize, concurrency: usize, exchange: F) -> f64
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let exchange = Arc::new(exchange);
+    let next = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..concurrency {
+        let (exchange, next) = (exchange.clone(), next.clone());
+        workers.spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                if i >= n {
+                    break;
+                }
+                exchange(i).await;
+            }
+        });
+    }
+    while workers.join_next().await.is_some() {}
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
+/// jobhook's CPU seconds (user + system) and peak resident memory (bytes), from /proc.
+fn process_usage(pid: u32) -> (f64, u64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or_default().split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    // After the ")": state is field 0, utime 11, stime 12 (clock ticks of 1/100 s on Linux).
+    let cpu = (ticks(11) + ticks(12)) / 100.0;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let hwm_kb = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    (cpu, hwm_kb * 1024)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    jobhook::install_crypto();
+    let binary = match &args.binary {
+        Some(path) => path.clone(),
+        None => std::env::current_exe()?.with_file_name("jobhook"),
+    };
+    anyhow::ensure!(binary.exists(), "no jobhook binary at {} (build it: cargo build --release)", binary.display());
+
+    let upstream = Arc::new(Upstream {
+        shards: (0..64).map(|_| Mutex::new(HashMap::new())).collect(),
+        pending_polls: args.pending_polls,
+        polls: AtomicU64::new(0),
+    });
+    let upstream_addr =
+        serve(axum::Router::new().route("/public/v1/job/{id}", get(job_status)).with_state(upstream.clone())).await;
+    let receiver = Arc::new(Receiver {
+        secret: SECRET.parse().map_err(anyhow::Error::msg)?,
+        seen: Mutex::new(HashMap::new()),
+        bad_signatures: AtomicU64::new(0),
+        received: AtomicU64::new(0),
+    });
+    let receiver_addr = serve(
+        axum::Router::new()
+            .route("/hook", post(callback))
+            .route("/limit/register", post(|body: Bytes| async move { (StatusCode::CREATED, body) }))
+            .route("/limit/callback", post(|| async { StatusCode::NO_CONTENT }))
+            .with_state(receiver.clone()),
+    )
+    .await;
+    let http = reqwest::Client::builder().pool_max_idle_per_host(args.concurrency).build()?;
+
+    // 1. The machine's limit: the three exchanges of one job, made by the benchmark itself.
+    let limit_jobs = args.jobs.min(20_000);
+    let limit_ids: Arc<Vec<String>> = Arc::new((0..limit_jobs).map(|_| uuid::Uuid::new_v4().to_string()).collect());
+    let registration =
+        format!(r#"{{"job_id":"{}","callback_url":"http://{receiver_addr}/hook"}}"#, uuid::Uuid::new_v4());
+    let callback_body = format!(
+        r#"{{"job_id":"{}","status":"Succeed","image_urls":["https://images.example.com/x/0.png"]}}"#,
+        uuid::Uuid::new_v4()
+    );
+    let limit = {
+        let (http, ids) = (http.clone(), limit_ids.clone());
+        rate(limit_jobs, args.concurrency, move |i| {
+            let (http, id, registration, callback_body) =
+                (http.clone(), ids[i].clone(), registration.clone(), callback_body.clone());
+            async move {
+                let _ = http
+                    .post(format!("http://{receiver_addr}/limit/register"))
+                    .body(registration)
+                    .send()
+                    .await
+                    .map(|r| r.bytes());
+                if let Ok(r) = http.get(format!("http://{upstream_addr}/public/v1/job/{id}")).send().await {
+                    let _ = r.bytes().await;
+                }
+                let _ = http.post(format!("http://{receiver_addr}/limit/callback")).body(callback_body).send().await;
+            }
+        })
+        .await
+    };
+    // The limit run's polls are not jobhook's.
+    upstream.polls.store(0, Ordering::Relaxed);
+
+    // 2. jobhook on a fresh store.
+    let dir = std::env::temp_dir().join(format!("jobhook-bench-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir)?;
+    let listen = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0")?;
+        probe.local_addr()?
+    };
+    let mut child = tokio::process::Command::new(&binary)
+        .arg("serve")
+        .env("JOBHOOK_LISTEN", listen.to_string())
+        .env("JOBHOOK_DATABASE_URL", format!("sqlite://{}", dir.join("bench.db").display()))
+        .env("JOBHOOK_UPSTREAM_URL", format!("http://{upstream_addr}"))
+        .env("JOBHOOK_API_KEYS", KEY)
+        .env("JOBHOOK_SIGNING_SECRET", SECRET)
+        .env("JOBHOOK_ALLOW_PRIVATE_CALLBACKS", "true")
+        .env("JOBHOOK_UPSTREAM_MAX_RPS", "0")
+        .env("JOBHOOK_POLL_INTERVAL", &args.poll_interval)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let pid = child.id().unwrap_or(0);
+    let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+    loop {
+        let line = tokio::time::timeout(Duration::from_secs(20), stderr.next_line()).await??;
+        match line {
+            Some(line) if line.contains("listening on") => break,
+            Some(_) => {}
+            None => anyhow::bail!("jobhook exited before listening"),
+        }
+    }
+    let transactions = Arc::new(Mutex::new(None::<u64>));
+    {
+        let transactions = transactions.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = stderr.next_line().await {
+                if let Some(n) = line
+                    .split("store_transactions=")
+                    .nth(1)
+                    .and_then(|r| r.split_whitespace().next())
+                    .and_then(|n| n.parse().ok())
+                {
+                    *transactions.lock().unwrap() = Some(n);
+                }
+            }
+        });
+    }
+    let (cpu_before, _) = process_usage(pid);
+
+    // 3. N jobs through jobhook.
+    let jobs: Arc<Vec<String>> = Arc::new((0..args.jobs).map(|_| uuid::Uuid::new_v4().to_string()).collect());
+    let bar = ProgressBar::new(args.jobs as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:40}] {pos}/{len} delivered {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let latencies = Arc::new(Mutex::new(Vec::with_capacity(args.jobs)));
+    let failures = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let registering = {
+        let (http, jobs, latencies, failures) = (http.clone(), jobs.clone(), latencies.clone(), failures.clone());
+        let callback = format!("http://{receiver_addr}/hook");
+        let concurrency = args.concurrency;
+        let n = args.jobs;
+        tokio::spawn(rate(n, concurrency, move |i| {
+            let (http, job, latencies, failures, callback) =
+                (http.clone(), jobs[i].clone(), latencies.clone(), failures.clone(), callback.clone());
+            async move {
+                let t = Instant::now();
+                let sent = http
+                    .post(format!("http://{listen}/v1/subscriptions"))
+                    .bearer_auth(KEY)
+                    .header("content-type", "application/json")
+                    .body(json!({ "job_id": job, "callback_url": callback }).to_string())
+                    .send()
+                    .await;
+                let ok = matches!(&sent, Ok(r) if r.status() == StatusCode::CREATED);
+                if let Ok(r) = sent {
+                    let _ = r.bytes().await;
+                }
+                latencies.lock().unwrap().push(t.elapsed().as_secs_f64() * 1000.0);
+                if !ok {
+                    failures.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }))
+    };
+    let mut last_progress = (0, Instant::now());
+    let mut registered_in = None;
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let got = receiver.seen.lock().unwrap().len();
+        bar.set_position(got as u64);
+        if registered_in.is_none() && registering.is_finished() {
+            registered_in = Some(start.elapsed());
+            bar.set_message("(all registered)");
+        }
+        if got >= args.jobs {
+            break;
+        }
+        if got != last_progress.0 {
+            last_progress = (got, Instant::now());
+        } else if last_progress.1.elapsed() > Duration::from_secs(60) {
+            bar.println("no callback for 60 s: stopping");
+            break;
+        }
+    }
+    let registration_secs = registered_in.unwrap_or_else(|| start.elapsed()).as_secs_f64();
+    bar.finish_and_clear();
+    let seen = receiver.seen.lock().unwrap().clone();
+    let last_callback = seen.values().filter_map(|s| s.first_at).max().unwrap_or_else(Instant::now);
+    let elapsed = last_callback.duration_since(start).as_secs_f64();
+    let (cpu_after, peak_rss) = process_usage(pid);
+
+    // Stop jobhook gracefully, so it reports its store transactions.
+    let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+    let _ = tokio::time::timeout(Duration::from_secs(15), child.wait()).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let transactions = *transactions.lock().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+
+    // 4. Figures.
+    let delivered = jobs.iter().filter(|j| seen.contains_key(*j)).count();
+    let duplicates: u64 = seen.values().map(|s| u64::from(s.count.saturating_sub(1))).sum();
+    let split_ids = seen.values().filter(|s| s.webhook_ids.len() > 1).count();
+    let mut lags: Vec<f64> = {
+        let mut lags = Vec::with_capacity(seen.len());
+        for (job, s) in &seen {
+            let Ok(id) = uuid::Uuid::try_parse(job) else { continue };
+            let terminal = upstream.shard(&id).lock().unwrap().get(&id).and_then(|e| e.1);
+            if let (Some(terminal), Some(first)) = (terminal, s.first_at) {
+                lags.push(first.saturating_duration_since(terminal).as_secs_f64() * 1000.0);
+            }
+        }
+        lags
+    };
+    lags.sort_by(f64::total_cmp);
+    let mut latencies = latencies.lock().unwrap().clone();
+    latencies.sort_by(f64::total_cmp);
+    let jobs_per_s = delivered as f64 / elapsed;
+    let polls = upstream.polls.load(Ordering::Relaxed) as f64;
+    let cpu = cpu_after - cpu_before;
+    let results = json!({
+        "jobs": args.jobs,
+        "concurrency": args.concurrency,
+        "pending_polls": args.pending_polls,
+        "poll_interval": args.poll_interval,
+        "limit_jobs_per_s": limit.round(),
+        "jobs_per_s": jobs_per_s.round(),
+        "ratio_to_limit": (jobs_per_s / limit * 100.0).round() / 100.0,
+        "registrations_per_s": (args.jobs as f64 / registration_secs).round(),
+        "registration_ms_p50": (percentile(&latencies, 0.50) * 10.0).round() / 10.0,
+        "registration_ms_p99": (percentile(&latencies, 0.99) * 10.0).round() / 10.0,
+        "delivery_lag_ms_p50": (percentile(&lags, 0.50) * 10.0).round() / 10.0,
+        "delivery_lag_ms_p99": (percentile(&lags, 0.99) * 10.0).round() / 10.0,
+        "polls_per_job": (polls / args.jobs as f64 * 100.0).round() / 100.0,
+        "cpu_seconds_per_1000_jobs": (cpu / args.jobs as f64 * 1000.0 * 1000.0).round() / 1000.0,
+        "peak_rss_mb": (peak_rss as f64 / 1048576.0 * 10.0).round() / 10.0,
+        "store_transactions_per_job": transactions.map(|t| (t as f64 / args.jobs as f64 * 1000.0).round() / 1000.0),
+        "delivered": delivered,
+        "lost": args.jobs - delivered,
+        "duplicates": duplicates,
+        "jobs_under_several_webhook_ids": split_ids,
+        "bad_signatures": receiver.bad_signatures.load(Ordering::Relaxed),
+        "failed_registrations": failures.load(Ordering::Relaxed),
+    });
+    println!(
+        "jobhook-bench: {} jobs, {} concurrent, {} Pending polls each, poll interval {}",
+        args.jobs, args.concurrency, args.pending_polls, args.poll_interval
+    );
+    println!();
+    println!("| figure | value |");
+    println!("| --- | --- |");
+    let row = |name: &str, value: String| println!("| {name} | {value} |");
+    row("machine limit (benchmark's own 3 exchanges per job)", format!("{limit:.0} jobs/s"));
+    row(
+        "end to end (first registration → last callback)",
+        format!("{jobs_per_s:.0} jobs/s ({:.2} × limit)", jobs_per_s / limit),
+    );
+    row("registrations", format!("{:.0}/s", args.jobs as f64 / registration_secs));
+    row(
+        "registration latency p50 / p99",
+        format!("{:.1} / {:.1} ms", percentile(&latencies, 0.5), percentile(&latencies, 0.99)),
+    );
+    row(
+        "delivery lag after the terminal poll p50 / p99",
+        format!("{:.1} / {:.1} ms", percentile(&lags, 0.5), percentile(&lags, 0.99)),
+    );
+    row("polls per job", format!("{:.2} (ideal {})", polls / args.jobs as f64, args.pending_polls + 1));
+    row("jobhook CPU per 1,000 jobs", format!("{:.3} s", cpu / args.jobs as f64 * 1000.0));
+    row("jobhook peak RSS", format!("{:.1} MB", peak_rss as f64 / 1048576.0));
+    row(
+        "store transactions per job",
+        transactions.map(|t| format!("{:.3}", t as f64 / args.jobs as f64)).unwrap_or_else(|| "unknown".into()),
+    );
+    row("delivered / lost / duplicates", format!("{delivered} / {} / {duplicates}", args.jobs - delivered));
+    row(
+        "bad signatures / failed registrations",
+        format!("{} / {}", receiver.bad_signatures.load(Ordering::Relaxed), failures.load(Ordering::Relaxed)),
+    );
+    if args.json {
+        println!();
+        println!("{}", serde_json::to_string_pretty(&results)?);
+    }
+    if delivered < args.jobs || receiver.bad_signatures.load(Ordering::Relaxed) > 0 {
+        anyhow::bail!(
+            "not a clean run: {} lost, {} bad signatures",
+            args.jobs - delivered,
+            receiver.bad_signatures.load(Ordering::Relaxed)
+        );
+    }
+    Ok(())
+}
