@@ -1135,10 +1135,14 @@ async fn register_in(
     .await
     .db()?;
     // Lock the job's row (PostgreSQL; on SQLite the one writer connection already serialises us): a
-    // concurrent registration of the same job, or the job's end, waits for this transaction.
-    sqlx::query(b.sql("UPDATE jobs SET updated_at = updated_at WHERE job_id = ?"))
+    // concurrent registration of the same job, or the job's end, waits for this transaction. The same
+    // statement reads what the new subscription needs to know of its job.
+    let (job_created_at, job_status, last_error, result): (i64, Option<String>, Option<String>, Option<Vec<u8>>) =
+        sqlx::query_as(b.sql(
+            "UPDATE jobs SET updated_at = updated_at WHERE job_id = ? RETURNING created_at, status, last_error, result",
+        ))
         .bind(&job)
-        .execute(&mut **tx)
+        .fetch_one(&mut **tx)
         .await
         .db()?;
     let existing: Option<String> = sqlx::query_scalar(
@@ -1154,12 +1158,24 @@ async fn register_in(
         let sub = subscription_in(b, tx, &existing).await?;
         return Ok(Registered::Existing(sub));
     }
-    let result: Option<Vec<u8>> = sqlx::query_scalar(b.sql("SELECT result FROM jobs WHERE job_id = ?"))
-        .bind(&job)
-        .fetch_one(&mut **tx)
-        .await
-        .db()?;
     let sub_id = id.to_string();
+    // The new subscription as the API shows it, without reading it back.
+    let new_subscription = |state, webhook_id, next_attempt_at| -> Result<Subscription> {
+        Ok(Subscription {
+            id,
+            job_id,
+            callback_url: callback_url.as_str().to_owned(),
+            state,
+            job_status: job_status.as_deref().map(str::parse).transpose().map_err(|e| corrupt("job status", e))?,
+            failure_reason: None,
+            last_error: last_error.clone(),
+            webhook_id,
+            attempts: 0,
+            next_attempt_at,
+            created_at: now,
+            updated_at: now,
+        })
+    };
     match result {
         None => {
             sqlx::query(
@@ -1175,9 +1191,13 @@ async fn register_in(
             .execute(&mut **tx)
             .await
             .db()?;
-            let sub = subscription_in(b, tx, &sub_id).await?;
-            let pollable =
-                pollable_in(b, tx, &job).await?.ok_or_else(|| corrupt("new subscription not polling", &sub_id))?;
+            let sub = new_subscription(SubscriptionState::Polling, None, None)?;
+            // A job created by this registration has no older subscription to expire first.
+            let pollable = if job_created_at == now {
+                PollableJob { job_id, job_created_at, oldest_polling_at: now }
+            } else {
+                pollable_in(b, tx, &job).await?.ok_or_else(|| corrupt("new subscription not polling", &sub_id))?
+            };
             notify(b, tx, format!("poll {job}")).await?;
             Ok(Registered::CreatedPolling(sub, pollable))
         }
@@ -1197,7 +1217,7 @@ async fn register_in(
             .execute(&mut **tx)
             .await
             .db()?;
-            let sub = subscription_in(b, tx, &sub_id).await?;
+            let sub = new_subscription(SubscriptionState::Delivering, Some(webhook_id.clone()), Some(now))?;
             notify(b, tx, format!("deliver {sub_id} {}", job_id.partition())).await?;
             let task = DeliveryTask {
                 subscription_id: id,
