@@ -16,6 +16,8 @@ use tokio::sync::{mpsc, oneshot};
 use super::*;
 use crate::domain::new_webhook_id;
 
+mod sqlite_writer;
+
 /// Which database is behind the pools. The SQL is written once, in SQLite's placeholder style (`?`,
 /// `?N`); [`Backend::sql`] rewrites it for PostgreSQL (`$N`). Statements that must differ are chosen
 /// with [`Backend::pick`], the two spellings side by side.
@@ -334,7 +336,16 @@ impl SqlStore {
             .connect(&format!("{url}{separator}mode=ro"))
             .await
             .map_err(classify)?;
-        Ok(SqlStore::with_writer(Backend::Sqlite, writer, reader))
+        let path = url.trim_start_matches("sqlite://").trim_start_matches("sqlite:");
+        let path = path.split('?').next().unwrap_or_default().to_owned();
+        if path.is_empty() || path.contains(":memory:") {
+            return Err(StoreError::Other(sqlx::Error::Configuration("in-memory SQLite stores are not supported: name a file".into())));
+        }
+        let store = SqlStore::with_writer(Backend::Sqlite, writer, reader);
+        let (writes, queue) = mpsc::channel(8 * MAX_BATCH);
+        sqlite_writer::spawn(path, queue, store.transactions.clone())
+            .map_err(|e| StoreError::Unavailable(sqlx::Error::Io(e)))?;
+        Ok(SqlStore { writes: vec![writes], ..store })
     }
 
     fn with_writer(backend: Backend, writer_pool: AnyPool, reader: AnyPool) -> Self {
@@ -343,8 +354,9 @@ impl SqlStore {
         // statement waits a network round trip: several writers keep its connections busy. Each job's
         // writes go to one writer (by partition), so concurrent batches never lock the same rows in
         // opposite orders (no deadlocks).
+        // (On SQLite these are replaced by one rusqlite writer thread: see sqlite_writer.rs.)
         let writers = match backend {
-            Backend::Sqlite => 1,
+            Backend::Sqlite => 0,
             Backend::Postgres => 8,
         };
         let transactions = Arc::new(std::sync::atomic::AtomicU64::new(0));

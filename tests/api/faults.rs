@@ -115,7 +115,8 @@ async fn the_total_poll_rate_never_exceeds_the_cap_and_no_job_is_forgotten() {
     .await;
     let times = app.upstream.poll_times();
     assert_eq!(times.len(), 2 * JOBS, "one Pending and one final poll per job");
-    // In any one-second window: at most the rate plus the bucket's burst (a tenth of the rate).
+    // In any one-second window: at most the rate plus the bucket's burst (a tenth of the rate), plus a
+    // little for requests sent in order but arriving bunched (measured here at the upstream).
     let mut busiest = 0;
     let mut start = 0;
     for end in 0..times.len() {
@@ -124,7 +125,7 @@ async fn the_total_poll_rate_never_exceeds_the_cap_and_no_job_is_forgotten() {
         }
         busiest = busiest.max(end - start + 1);
     }
-    assert!(busiest <= RPS + RPS / 10 + 2, "{busiest} polls in one second with a cap of {RPS}/s");
+    assert!(busiest <= RPS + RPS / 10 + RPS / 50, "{busiest} polls in one second with a cap of {RPS}/s");
     eprintln!("rate cap: {} polls, busiest second {busiest} (cap {RPS}/s)", times.len());
 }
 
