@@ -339,7 +339,9 @@ impl SqlStore {
         let path = url.trim_start_matches("sqlite://").trim_start_matches("sqlite:");
         let path = path.split('?').next().unwrap_or_default().to_owned();
         if path.is_empty() || path.contains(":memory:") {
-            return Err(StoreError::Other(sqlx::Error::Configuration("in-memory SQLite stores are not supported: name a file".into())));
+            return Err(StoreError::Other(sqlx::Error::Configuration(
+                "in-memory SQLite stores are not supported: name a file".into(),
+            )));
         }
         let store = SqlStore::with_writer(Backend::Sqlite, writer, reader);
         let (writes, queue) = mpsc::channel(8 * MAX_BATCH);

@@ -14,7 +14,11 @@ use tokio::sync::mpsc;
 use super::*;
 
 /// Opens the writer's own connection to the store file and serves batches until the queue closes.
-pub(super) fn spawn(path: String, mut writes: mpsc::Receiver<Write>, transactions: Arc<std::sync::atomic::AtomicU64>) -> std::io::Result<()> {
+pub(super) fn spawn(
+    path: String,
+    mut writes: mpsc::Receiver<Write>,
+    transactions: Arc<std::sync::atomic::AtomicU64>,
+) -> std::io::Result<()> {
     let mut conn = Connection::open(&path).map_err(std::io::Error::other)?;
     conn.pragma_update(None, "journal_mode", "WAL").map_err(std::io::Error::other)?;
     conn.pragma_update(None, "synchronous", "FULL").map_err(std::io::Error::other)?;
@@ -66,7 +70,9 @@ fn run(tx: &rusqlite::Transaction<'_>, write: &Write) -> Done {
         Write::Register { tenant, id, job_id, callback_url, now, .. } => {
             Done::Register(register(tx, tenant, *id, *job_id, callback_url, *now))
         }
-        Write::Complete { job_id, status, body, now, .. } => Done::Complete(complete_job(tx, *job_id, *status, body, *now)),
+        Write::Complete { job_id, status, body, now, .. } => {
+            Done::Complete(complete_job(tx, *job_id, *status, body, *now))
+        }
         Write::Attempt { record, result, now, .. } => Done::Attempt(record_attempt(tx, record, *result, *now)),
         Write::Observe { job_id, status, last_error, now, .. } => {
             Done::Observe(observe(tx, *job_id, *status, last_error.as_deref(), *now))
@@ -79,7 +85,16 @@ fn classify_sqlite(e: rusqlite::Error) -> StoreError {
     use rusqlite::ErrorCode::*;
     let unavailable = matches!(
         e.sqlite_error_code(),
-        Some(DatabaseBusy | DatabaseLocked | OutOfMemory | ReadOnly | SystemIoFailure | DiskFull | CannotOpen | FileLockingProtocolFailed)
+        Some(
+            DatabaseBusy
+                | DatabaseLocked
+                | OutOfMemory
+                | ReadOnly
+                | SystemIoFailure
+                | DiskFull
+                | CannotOpen
+                | FileLockingProtocolFailed
+        )
     );
     let e = sqlx::Error::Protocol(format!("sqlite: {e}"));
     if unavailable { StoreError::Unavailable(e) } else { StoreError::Other(e) }
@@ -216,7 +231,13 @@ fn subscription(tx: &rusqlite::Transaction<'_>, id: &str) -> Result<Subscription
     row.try_into()
 }
 
-fn complete_job(tx: &rusqlite::Transaction<'_>, job_id: JobId, status: JobStatus, body: &Bytes, now: Millis) -> Result<Vec<DeliveryTask>> {
+fn complete_job(
+    tx: &rusqlite::Transaction<'_>,
+    job_id: JobId,
+    status: JobStatus,
+    body: &Bytes,
+    now: Millis,
+) -> Result<Vec<DeliveryTask>> {
     let job = job_id.to_string();
     tx.prepare_cached(
         "UPDATE jobs SET status = ?1, result = ?2, last_error = NULL, finished_at = ?3, updated_at = ?3 WHERE job_id = ?4",
@@ -256,7 +277,12 @@ fn complete_job(tx: &rusqlite::Transaction<'_>, job_id: JobId, status: JobStatus
     Ok(tasks)
 }
 
-fn record_attempt(tx: &rusqlite::Transaction<'_>, record: &AttemptRecord, result: AttemptResult, now: Millis) -> Result<bool> {
+fn record_attempt(
+    tx: &rusqlite::Transaction<'_>,
+    record: &AttemptRecord,
+    result: AttemptResult,
+    now: Millis,
+) -> Result<bool> {
     let id = record.subscription_id.to_string();
     tx.prepare_cached(
         "INSERT INTO delivery_attempts (subscription_id, series, attempt, webhook_id, started_at, status_code, error, \
@@ -290,7 +316,13 @@ fn record_attempt(tx: &rusqlite::Transaction<'_>, record: &AttemptRecord, result
     Ok(moved == 1)
 }
 
-fn observe(tx: &rusqlite::Transaction<'_>, job_id: JobId, status: Option<JobStatus>, last_error: Option<&str>, now: Millis) -> Result<()> {
+fn observe(
+    tx: &rusqlite::Transaction<'_>,
+    job_id: JobId,
+    status: Option<JobStatus>,
+    last_error: Option<&str>,
+    now: Millis,
+) -> Result<()> {
     tx.prepare_cached("UPDATE jobs SET status = COALESCE(?, status), last_error = ?, updated_at = ? WHERE job_id = ?")
         .sq()?
         .execute(params![status.map(|s| s.as_str()), last_error, now, job_id.to_string()])
