@@ -141,7 +141,7 @@ impl Application {
             self;
         // The lease loop stops on its own token, after the workers, so it releases the leases last.
         let cluster_stop = CancellationToken::new();
-        let cluster = cluster.map(|(settings, store, poller, dispatcher)| {
+        let mut cluster = cluster.map(|(settings, store, poller, dispatcher)| {
             tokio::spawn(cluster::run(store, ownership, poller, dispatcher, settings, cluster_stop.clone()))
         });
         let (poll_ctx, poll_inbox, jobs) = poller;
@@ -160,6 +160,13 @@ impl Application {
             _ = shutdown.cancelled() => None,
             ended = &mut poller => Some(("poller", ended)),
             ended = &mut dispatcher => Some(("dispatcher", ended)),
+            // The lease loop ends only when told to (after this select); ending before is a crash too.
+            ended = async {
+                match cluster.as_mut() {
+                    Some(task) => task.await,
+                    None => std::future::pending().await,
+                }
+            } => Some(("lease loop", ended)),
         };
         if let Some((worker, ended)) = crashed {
             shutdown.cancel();

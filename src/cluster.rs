@@ -59,6 +59,10 @@ impl Ownership {
     }
 }
 
+/// Every this many ticks, the owned partitions' work is reloaded from the store, in case a notice was
+/// lost (about once a minute with the default TTL).
+const RECONCILE_EVERY_TICKS: u64 = 20;
+
 /// The PostgreSQL channel that carries work between instances.
 pub const CHANNEL: &str = "jobhook";
 
@@ -107,6 +111,7 @@ pub async fn run(
     let work = Work { store: store.clone(), ownership: ownership.clone(), poller, dispatcher };
     let listener = tokio::spawn(listen(config.database_url.clone(), work.clone(), shutdown.clone()));
     let mut last_renewed = Instant::now();
+    let mut ticks: u64 = 0;
     let mut interval = tokio::time::interval(tick);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tracing::info!(instance = me, lease_ttl = %humantime::format_duration(config.lease_ttl), "joining the cluster");
@@ -115,13 +120,26 @@ pub async fn run(
             _ = shutdown.cancelled() => break,
             _ = interval.tick() => {}
         }
-        match lease_tick(store.as_ref(), me, lease_ms, ttl_ms).await {
-            Ok(mask) => {
-                last_renewed = Instant::now();
+        // The leases a successful tick renews run from its start, so the fence counts from there too; a
+        // tick that hangs (a half-open connection) is cut off after one tick.
+        let started = Instant::now();
+        let result = tokio::time::timeout(tick, lease_tick(store.as_ref(), me, lease_ms, ttl_ms, &ownership)).await;
+        match result {
+            Ok(Ok(mask)) => {
+                last_renewed = started;
                 work.take(mask).await;
+                ticks += 1;
+                // Notices can be lost without the listener noticing (a half-open connection, a pooler):
+                // now and then, look at the store for work in our partitions.
+                if ticks.is_multiple_of(RECONCILE_EVERY_TICKS) {
+                    work.load(ownership.mask()).await;
+                }
             }
-            Err(e) => {
-                tracing::error!(error = %e, "could not renew the leases");
+            failed => {
+                match failed {
+                    Ok(Err(e)) => tracing::error!(error = %e, "could not renew the leases"),
+                    _ => tracing::error!("renewing the leases took longer than a tick"),
+                }
                 // Stop before the leases can lapse and another instance takes the partitions over.
                 if last_renewed.elapsed() >= config.lease_ttl * 3 / 5 && ownership.mask() != 0 {
                     tracing::error!("leases not renewed in time: working on no partition until they are");
@@ -140,7 +158,13 @@ pub async fn run(
 
 /// One round: announce ourselves, renew, claim our share or release the excess. Returns the partitions
 /// we hold.
-async fn lease_tick(store: &dyn Store, me: &str, lease_ms: Millis, ttl_ms: Millis) -> crate::store::Result<u64> {
+async fn lease_tick(
+    store: &dyn Store,
+    me: &str,
+    lease_ms: Millis,
+    ttl_ms: Millis,
+    ownership: &Ownership,
+) -> crate::store::Result<u64> {
     let now = now_ms();
     let live = store.heartbeat(me, now, now - ttl_ms).await?.max(1);
     let mut held = store.renew_leases(me, now + lease_ms).await?;
@@ -158,6 +182,8 @@ async fn lease_tick(store: &dyn Store, me: &str, lease_ms: Millis, ttl_ms: Milli
                 extra -= 1;
             }
         }
+        // Stop working on them before another instance can claim them.
+        ownership.set(ownership.mask() & !excess);
         store.release_leases(me, excess).await?;
         held &= !excess;
     }
@@ -258,8 +284,13 @@ async fn listen(url: String, work: Work, shutdown: CancellationToken) {
                         work.notice(notice).await;
                     }
                 }
-                // The connection dropped: reconnect, then reload what we own.
-                Ok(None) | Err(_) => break,
+                // The connection dropped: reconnect (after a breath), then reload what we own.
+                Ok(None) | Err(_) => {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => break,
+                    }
+                }
             }
         }
     }

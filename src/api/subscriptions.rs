@@ -377,10 +377,10 @@ pub async fn cancel(
     SubscriptionPath(sub_id, id): SubscriptionPath,
 ) -> Result<StatusCode, ApiError> {
     let cancelled = state.store.cancel(tenant.id, sub_id, now_ms()).await?.ok_or_else(|| not_found(&id))?;
-    match cancelled.was {
-        Some(SubscriptionState::Polling) => state.poller.recheck(cancelled.job_id),
-        Some(SubscriptionState::Delivering) => state.dispatcher.cancel(sub_id),
-        _ => {}
+    if cancelled.was.is_some() {
+        // Both, whatever the state read: the job may have ended between that read and the cancel.
+        state.poller.recheck(cancelled.job_id);
+        state.dispatcher.cancel(sub_id);
     }
     if cancelled.was.is_some() {
         tracing::info!(subscription_id = %sub_id, job_id = %cancelled.job_id, "cancelled");

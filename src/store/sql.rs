@@ -251,10 +251,18 @@ impl Write {
 /// write cannot fail the others. Every write gets a result; when a commit fails, "unavailable" (nothing
 /// was written).
 async fn run_batch(b: Backend, pool: &AnyPool, batch: &[Write]) -> Vec<Done> {
-    if batch.len() > 1
-        && let Ok(results) = try_batch(b, pool, batch).await
-    {
-        return results;
+    if batch.len() > 1 {
+        match try_batch(b, pool, batch).await {
+            Ok(results) => return results,
+            // The database is away: every write would fail alike, so answer them all now.
+            Err(StoreError::Unavailable(e)) => {
+                return batch
+                    .iter()
+                    .map(|w| w.failed(StoreError::Unavailable(sqlx::Error::Protocol(e.to_string()))))
+                    .collect();
+            }
+            Err(_) => {} // one write's own failure: each alone, below
+        }
     }
     let mut results = Vec::with_capacity(batch.len());
     for write in batch {
@@ -382,7 +390,10 @@ impl SqlStore {
 
     async fn begin(&self) -> Result<Transaction<'static, Any>> {
         self.transactions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.writer.begin().await.map_err(classify)
+        // On SQLite, take the write lock at BEGIN: a transaction that reads first and writes second would
+        // otherwise fail at once (SQLITE_BUSY) whenever the group-commit writer committed in between,
+        // while one that waits for the lock up front simply waits its turn.
+        self.writer.begin_with(self.backend.pick("BEGIN IMMEDIATE", "BEGIN")).await.map_err(classify)
     }
 }
 
@@ -766,19 +777,24 @@ impl Store for SqlStore {
         if newer.is_some() {
             return Ok(Some(Redelivery::Superseded));
         }
-        sqlx::query(self.backend.sql(
+        // Conditional, and the series comes back from the row: two redeliveries at once start two series,
+        // each task with its own number.
+        let series: Option<i64> = sqlx::query_scalar(self.backend.sql(
             "UPDATE subscriptions SET state = 'delivering', series = series + 1, attempts = 0, failure_reason = NULL, \
-             next_attempt_at = ?1, updated_at = ?1 WHERE id = ?2",
+             next_attempt_at = ?1, updated_at = ?1 WHERE id = ?2 AND state IN ('delivered', 'failed') RETURNING series",
         ))
         .bind(now)
         .bind(&sub_id)
-        .execute(&mut *tx)
+        .fetch_optional(&mut *tx)
         .await
         .db()?;
+        let Some(series) = series else {
+            return Ok(Some(Redelivery::NotEnded(state)));
+        };
         notify(self.backend, &mut tx, format!("deliver {sub_id} {}", row.partition)).await?;
         tx.commit().await.db()?;
         let mut task = DeliveryTask::try_from(row)?;
-        task.series += 1;
+        task.series = u32::try_from(series).unwrap_or(u32::MAX);
         task.attempts_made = 0;
         task.due_at = now;
         Ok(Some(Redelivery::Started(task)))
@@ -848,11 +864,10 @@ impl Store for SqlStore {
         if state.is_final() {
             return Ok(Some(Cancelled { job_id, was: None }));
         }
-        sqlx::query(
-            self.backend.sql(
-                "UPDATE subscriptions SET state = 'cancelled', next_attempt_at = NULL, updated_at = ? WHERE id = ?",
-            ),
-        )
+        sqlx::query(self.backend.sql(
+            "UPDATE subscriptions SET state = 'cancelled', next_attempt_at = NULL, updated_at = ? \
+                 WHERE id = ? AND state IN ('polling', 'delivering')",
+        ))
         .bind(now)
         .bind(id.to_string())
         .execute(&mut *tx)
@@ -1258,14 +1273,23 @@ async fn complete_job_in(
     now: Millis,
 ) -> Result<Vec<DeliveryTask>> {
     let job = job_id.to_string();
-    sqlx::query(b.sql("UPDATE jobs SET status = ?, result = ?, last_error = NULL, finished_at = ?3, updated_at = ?3 WHERE job_id = ?4"))
-        .bind(status.as_str())
-        .bind(body.as_ref())
-        .bind(now)
-        .bind(&job)
-        .execute(&mut **tx)
-        .await
-        .db()?;
+    let first = sqlx::query(b.sql(
+        "UPDATE jobs SET status = ?, result = ?, last_error = NULL, finished_at = ?3, updated_at = ?3 \
+         WHERE job_id = ?4 AND result IS NULL",
+    ))
+    .bind(status.as_str())
+    .bind(body.as_ref())
+    .bind(now)
+    .bind(&job)
+    .execute(&mut **tx)
+    .await
+    .db()?
+    .rows_affected()
+        == 1;
+    if !first {
+        // Already recorded (a retry after a commit whose answer was lost): hand out its deliveries again.
+        return already_completed(b, tx, &job).await;
+    }
     let subscribers: Vec<(String, i64, String)> = sqlx::query_as(
         b.sql("SELECT id, tenant_id, callback_url FROM subscriptions WHERE job_id = ? AND state = 'polling'"),
     )
@@ -1276,8 +1300,9 @@ async fn complete_job_in(
     let mut tasks = Vec::with_capacity(subscribers.len());
     for (id, tenant_id, callback_url) in subscribers {
         let webhook_id = new_webhook_id();
-        sqlx::query(
-            b.sql("UPDATE subscriptions SET state = 'delivering', webhook_id = ?, attempts = 0, next_attempt_at = ?2, updated_at = ?2 WHERE id = ?3"),
+        let moved = sqlx::query(
+            b.sql("UPDATE subscriptions SET state = 'delivering', webhook_id = ?, attempts = 0, next_attempt_at = ?2, updated_at = ?2 \
+                   WHERE id = ?3 AND state = 'polling'"),
         )
         .bind(&webhook_id)
         .bind(now)
@@ -1285,6 +1310,10 @@ async fn complete_job_in(
         .execute(&mut **tx)
         .await
         .db()?;
+        if moved.rows_affected() == 0 {
+            // Cancelled between our read and this update (PostgreSQL): not ours to deliver.
+            continue;
+        }
         tasks.push(DeliveryTask {
             subscription_id: id.parse().map_err(|e| corrupt("subscription id", e))?,
             tenant_id,
@@ -1298,6 +1327,14 @@ async fn complete_job_in(
         });
     }
     Ok(tasks)
+}
+
+/// The deliveries a completed job created, for a completion that is recorded a second time.
+async fn already_completed(b: Backend, tx: &mut Transaction<'static, Any>, job: &str) -> Result<Vec<DeliveryTask>> {
+    let sql =
+        format!("{DELIVERY_SELECT} WHERE s.job_id = ? AND s.state = 'delivering' AND s.series = 1 AND s.attempts = 0");
+    let rows: Vec<DeliveryRow> = sqlx::query_as(b.sql_fmt(sql)).bind(job).fetch_all(&mut **tx).await.db()?;
+    rows.into_iter().map(DeliveryTask::try_from).collect()
 }
 
 async fn record_attempt_in(
@@ -1353,7 +1390,9 @@ async fn record_observation_in(
     last_error: Option<&str>,
     now: Millis,
 ) -> Result<()> {
-    sqlx::query(b.sql("UPDATE jobs SET status = COALESCE(?, status), last_error = ?, updated_at = ? WHERE job_id = ?"))
+    sqlx::query(b.sql(
+        "UPDATE jobs SET status = COALESCE(?, status), last_error = ?, updated_at = ? WHERE job_id = ? AND result IS NULL",
+    ))
         .bind(status.map(|s| s.as_str()))
         .bind(last_error)
         .bind(now)

@@ -41,10 +41,18 @@ pub(super) fn spawn(
 
 /// The whole batch in one transaction; if a write fails, each write again in a transaction of its own.
 fn run_batch(conn: &mut Connection, batch: &[Write]) -> Vec<Done> {
-    if batch.len() > 1
-        && let Ok(results) = try_batch(conn, batch)
-    {
-        return results;
+    if batch.len() > 1 {
+        match try_batch(conn, batch) {
+            Ok(results) => return results,
+            // The database is away (disk full, read-only): every write would fail alike.
+            Err(StoreError::Unavailable(e)) => {
+                return batch
+                    .iter()
+                    .map(|w| w.failed(StoreError::Unavailable(sqlx::Error::Protocol(e.to_string()))))
+                    .collect();
+            }
+            Err(_) => {} // one write's own failure: each alone, below
+        }
     }
     batch
         .iter()
@@ -239,12 +247,40 @@ fn complete_job(
     now: Millis,
 ) -> Result<Vec<DeliveryTask>> {
     let job = job_id.to_string();
-    tx.prepare_cached(
-        "UPDATE jobs SET status = ?1, result = ?2, last_error = NULL, finished_at = ?3, updated_at = ?3 WHERE job_id = ?4",
-    )
-    .sq()?
-    .execute(params![status.as_str(), body.as_ref(), now, job])
-    .sq()?;
+    let first = tx
+        .prepare_cached(
+            "UPDATE jobs SET status = ?1, result = ?2, last_error = NULL, finished_at = ?3, updated_at = ?3 \
+             WHERE job_id = ?4 AND result IS NULL",
+        )
+        .sq()?
+        .execute(params![status.as_str(), body.as_ref(), now, job])
+        .sq()?
+        == 1;
+    if !first {
+        // Already recorded: hand out the deliveries it created again (the dispatcher drops repeats).
+        let sql = format!(
+            "{DELIVERY_SELECT} WHERE s.job_id = ? AND s.state = 'delivering' AND s.series = 1 AND s.attempts = 0"
+        );
+        let mut statement = tx.prepare_cached(&sql).sq()?;
+        let rows = statement
+            .query_map(params![job], |r| {
+                Ok(DeliveryRow {
+                    id: r.get(0)?,
+                    tenant_id: r.get(1)?,
+                    partition: r.get(2)?,
+                    webhook_id: r.get(3)?,
+                    callback_url: r.get(4)?,
+                    result: r.get(5)?,
+                    series: r.get(6)?,
+                    attempts: r.get(7)?,
+                    next_attempt_at: r.get(8)?,
+                })
+            })
+            .sq()?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .sq()?;
+        return rows.into_iter().map(DeliveryTask::try_from).collect();
+    }
     let subscribers: Vec<(String, i64, String)> = tx
         .prepare_cached("SELECT id, tenant_id, callback_url FROM subscriptions WHERE job_id = ? AND state = 'polling'")
         .sq()?
@@ -323,7 +359,9 @@ fn observe(
     last_error: Option<&str>,
     now: Millis,
 ) -> Result<()> {
-    tx.prepare_cached("UPDATE jobs SET status = COALESCE(?, status), last_error = ?, updated_at = ? WHERE job_id = ?")
+    tx.prepare_cached(
+        "UPDATE jobs SET status = COALESCE(?, status), last_error = ?, updated_at = ? WHERE job_id = ? AND result IS NULL",
+    )
         .sq()?
         .execute(params![status.map(|s| s.as_str()), last_error, now, job_id.to_string()])
         .sq()?;
