@@ -52,19 +52,34 @@ struct Args {
     /// Print the results as JSON too.
     #[arg(long)]
     json: bool,
+    /// Instead: hold N subscriptions pending, and report memory, poll lateness and restart recovery.
+    #[arg(long)]
+    pending: Option<usize>,
+    /// The poll interval of --pending mode (long, as for jobs that take a while).
+    #[arg(long, default_value = "10s")]
+    pending_interval: String,
 }
 
 const KEY: &str = "bench-key-0123456789abcdef";
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
-/// Per job: polls answered, and when the first terminal answer went out.
-type Shard = Mutex<HashMap<uuid::Uuid, (u32, Option<Instant>)>>;
+/// Per job: polls answered, when the first terminal answer went out, when the last poll came.
+type Shard = Mutex<HashMap<uuid::Uuid, JobSeen>>;
+
+#[derive(Default, Clone, Copy)]
+struct JobSeen {
+    polls: u32,
+    terminal_at: Option<Instant>,
+    last_poll: Option<Instant>,
+}
 
 /// The upstream simulator's memory of each job, sharded to keep its locks cold.
 struct Upstream {
     shards: Vec<Shard>,
     pending_polls: u32,
     polls: AtomicU64,
+    /// --pending mode: how late each poll came after the latest moment its interval allows (ms).
+    lateness: Option<(Duration, Mutex<Vec<f32>>)>,
 }
 
 impl Upstream {
@@ -76,13 +91,20 @@ impl Upstream {
 async fn job_status(State(up): State<Arc<Upstream>>, Path(raw): Path<String>) -> impl IntoResponse {
     let Ok(id) = uuid::Uuid::try_parse(&raw) else { return (StatusCode::UNPROCESSABLE_ENTITY, String::new()) };
     up.polls.fetch_add(1, Ordering::Relaxed);
+    let now = Instant::now();
     let terminal = {
         let mut shard = up.shard(&id).lock().unwrap();
-        let entry = shard.entry(id).or_insert((0, None));
-        entry.0 += 1;
-        let terminal = entry.0 > up.pending_polls;
-        if terminal && entry.1.is_none() {
-            entry.1 = Some(Instant::now());
+        let entry = shard.entry(id).or_default();
+        entry.polls += 1;
+        if let (Some((interval, samples)), Some(last)) = (&up.lateness, entry.last_poll) {
+            // jobhook spaces polls by the interval ±10%: anything past +10% is late.
+            let late = now.duration_since(last).as_secs_f32() - interval.as_secs_f32() * 1.1;
+            samples.lock().unwrap().push(late.max(0.0) * 1000.0);
+        }
+        entry.last_poll = Some(now);
+        let terminal = entry.polls > up.pending_polls;
+        if terminal && entry.terminal_at.is_none() {
+            entry.terminal_at = Some(now);
         }
         terminal
     };
@@ -175,6 +197,166 @@ where
     n as f64 / start.elapsed().as_secs_f64()
 }
 
+/// Current resident memory of a process (bytes), from /proc.
+fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap_or(0)
+        * 1024
+}
+
+/// Registers `jobs` with `concurrency` clients; returns registrations per second.
+async fn register_all(
+    http: &reqwest::Client,
+    listen: SocketAddr,
+    callback: String,
+    jobs: Arc<Vec<String>>,
+    concurrency: usize,
+) -> f64 {
+    let http = http.clone();
+    rate(jobs.len(), concurrency, move |i| {
+        let (http, job, callback) = (http.clone(), jobs[i].clone(), callback.clone());
+        async move {
+            let sent = http
+                .post(format!("http://{listen}/v1/subscriptions"))
+                .bearer_auth(KEY)
+                .header("content-type", "application/json")
+                .body(json!({ "job_id": job, "callback_url": callback }).to_string())
+                .send()
+                .await;
+            if let Ok(r) = sent {
+                let _ = r.bytes().await;
+            }
+        }
+    })
+    .await
+}
+
+/// Waits until every job in `jobs` was polled at or after `since`; returns when that happened.
+async fn all_polled_since(upstream: &Upstream, jobs: &[String], since: Instant, deadline: Duration) -> Option<Instant> {
+    let ids: Vec<uuid::Uuid> = jobs.iter().filter_map(|j| uuid::Uuid::try_parse(j).ok()).collect();
+    let give_up = Instant::now() + deadline;
+    loop {
+        let mut latest = since;
+        let all = ids.iter().all(|id| match upstream.shard(id).lock().unwrap().get(id).and_then(|e| e.last_poll) {
+            Some(at) if at >= since => {
+                latest = latest.max(at);
+                true
+            }
+            _ => false,
+        });
+        if all {
+            return Some(latest);
+        }
+        if Instant::now() > give_up {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// `--pending N`: N subscriptions that never end, polled every `--pending-interval`.
+async fn pending_mode(args: &Args, binary: &std::path::Path, n: usize) -> anyhow::Result<()> {
+    let interval = humantime::parse_duration(&args.pending_interval)?;
+    let upstream = Arc::new(Upstream {
+        shards: (0..64).map(|_| Mutex::new(HashMap::new())).collect(),
+        pending_polls: u32::MAX,
+        polls: AtomicU64::new(0),
+        lateness: Some((interval, Mutex::new(Vec::new()))),
+    });
+    let upstream_addr =
+        serve(axum::Router::new().route("/public/v1/job/{id}", get(job_status)).with_state(upstream.clone())).await;
+    let dir = std::env::temp_dir().join(format!("jobhook-bench-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir)?;
+    let db = dir.join("pending.db");
+    let listen = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let mut jobhook = start_jobhook(binary, &db, listen, upstream_addr, &args.pending_interval).await?;
+    let base_rss = rss(jobhook.pid);
+    let http = reqwest::Client::builder().pool_max_idle_per_host(args.concurrency).build()?;
+    let jobs: Arc<Vec<String>> = Arc::new((0..n).map(|_| uuid::Uuid::new_v4().to_string()).collect());
+    let bar = ProgressBar::new_spinner();
+    bar.set_message(format!("registering {n} pending jobs"));
+    bar.enable_steady_tick(Duration::from_millis(200));
+    let registrations =
+        register_all(&http, listen, "http://127.0.0.1:9/never".into(), jobs.clone(), args.concurrency).await;
+    // Steady state: every job polled since registration ended, then one more interval of samples.
+    bar.set_message("waiting for every job to be polled");
+    let registered = Instant::now();
+    all_polled_since(&upstream, &jobs, registered, interval * 3).await;
+    if let Some((_, samples)) = &upstream.lateness {
+        samples.lock().unwrap().clear();
+    }
+    let window = Instant::now();
+    let polls_before = upstream.polls.load(Ordering::Relaxed);
+    tokio::time::sleep(interval + interval / 2).await;
+    let polls_per_s = (upstream.polls.load(Ordering::Relaxed) - polls_before) as f64 / window.elapsed().as_secs_f64();
+    let mut late: Vec<f64> = upstream
+        .lateness
+        .as_ref()
+        .map(|(_, s)| s.lock().unwrap().iter().map(|&v| f64::from(v)).collect())
+        .unwrap_or_default();
+    late.sort_by(f64::total_cmp);
+    let held_rss = rss(jobhook.pid);
+    // Restart: kill -9, start again, time until every job is polled again.
+    bar.set_message("kill -9 and restart");
+    let _ = jobhook.child.start_kill();
+    let _ = jobhook.child.wait().await;
+    let restarted = Instant::now();
+    let mut again = start_jobhook(binary, &db, listen, upstream_addr, &args.pending_interval).await?;
+    let listening_after = restarted.elapsed();
+    let recovered = all_polled_since(&upstream, &jobs, restarted, interval * 4 + Duration::from_secs(60)).await;
+    bar.finish_and_clear();
+    let _ = again.child.start_kill();
+    let _ = again.child.wait().await;
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let per_sub = held_rss.saturating_sub(base_rss) as f64 / n as f64;
+    let results = json!({
+        "pending": n,
+        "poll_interval": args.pending_interval,
+        "registrations_per_s": registrations.round(),
+        "rss_mb": (held_rss as f64 / 1048576.0 * 10.0).round() / 10.0,
+        "rss_bytes_per_pending_subscription": per_sub.round(),
+        "polls_per_s": polls_per_s.round(),
+        "poll_lateness_ms_p50": (percentile(&late, 0.5) * 10.0).round() / 10.0,
+        "poll_lateness_ms_p99": (percentile(&late, 0.99) * 10.0).round() / 10.0,
+        "restart_listening_s": (listening_after.as_secs_f64() * 100.0).round() / 100.0,
+        "restart_every_job_polled_again_s": recovered.map(|t| (t.duration_since(restarted).as_secs_f64() * 100.0).round() / 100.0),
+    });
+    println!("jobhook-bench --pending: {n} pending subscriptions, poll interval {}", args.pending_interval);
+    println!();
+    println!("| figure | value |");
+    println!("| --- | --- |");
+    println!("| registrations | {registrations:.0}/s |");
+    println!(
+        "| jobhook RSS holding them | {:.1} MB ({per_sub:.0} bytes per pending subscription) |",
+        held_rss as f64 / 1048576.0
+    );
+    println!("| polls | {polls_per_s:.0}/s |");
+    println!(
+        "| poll lateness (past interval + 10% jitter) p50 / p99 | {:.1} / {:.1} ms |",
+        percentile(&late, 0.5),
+        percentile(&late, 0.99)
+    );
+    println!("| kill -9, restart: listening again after | {:.2} s |", listening_after.as_secs_f64());
+    match recovered {
+        Some(t) => println!(
+            "| kill -9, restart: every job polled again after | {:.2} s (first polls spread over one interval) |",
+            t.duration_since(restarted).as_secs_f64()
+        ),
+        None => println!("| kill -9, restart: every job polled again after | not within the deadline |"),
+    }
+    if args.json {
+        println!();
+        println!("{}", serde_json::to_string_pretty(&results)?);
+    }
+    anyhow::ensure!(recovered.is_some(), "some pending jobs were not polled again after the restart");
+    Ok(())
+}
+
 /// jobhook's CPU seconds (user + system) and peak resident memory (bytes), from /proc.
 fn process_usage(pid: u32) -> (f64, u64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -191,6 +373,66 @@ fn process_usage(pid: u32) -> (f64, u64) {
     (cpu, hwm_kb * 1024)
 }
 
+/// A running `jobhook serve`, and the store-transaction count it reports when it stops.
+struct Jobhook {
+    child: tokio::process::Child,
+    pid: u32,
+    transactions: Arc<Mutex<Option<u64>>>,
+}
+
+/// Starts `jobhook serve` on `db` and waits until it listens.
+async fn start_jobhook(
+    binary: &std::path::Path,
+    db: &std::path::Path,
+    listen: SocketAddr,
+    upstream_addr: SocketAddr,
+    poll_interval: &str,
+) -> anyhow::Result<Jobhook> {
+    let mut child = tokio::process::Command::new(binary)
+        .arg("serve")
+        .env("JOBHOOK_LISTEN", listen.to_string())
+        .env("JOBHOOK_DATABASE_URL", format!("sqlite://{}", db.display()))
+        .env("JOBHOOK_UPSTREAM_URL", format!("http://{upstream_addr}"))
+        .env("JOBHOOK_API_KEYS", KEY)
+        .env("JOBHOOK_SIGNING_SECRET", SECRET)
+        .env("JOBHOOK_ALLOW_PRIVATE_CALLBACKS", "true")
+        .env("JOBHOOK_UPSTREAM_MAX_RPS", "0")
+        .env("JOBHOOK_POLL_INTERVAL", poll_interval)
+        .env("JOBHOOK_POLL_MAX_INTERVAL", poll_interval)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()?;
+    let pid = child.id().unwrap_or(0);
+    let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+    loop {
+        let line = tokio::time::timeout(Duration::from_secs(20), stderr.next_line()).await??;
+        match line {
+            Some(line) if line.contains("listening on") => break,
+            Some(_) => {}
+            None => anyhow::bail!("jobhook exited before listening"),
+        }
+    }
+    let transactions = Arc::new(Mutex::new(None::<u64>));
+    {
+        let transactions = transactions.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = stderr.next_line().await {
+                if let Some(n) = line
+                    .split("store_transactions=")
+                    .nth(1)
+                    .and_then(|r| r.split_whitespace().next())
+                    .and_then(|n| n.parse().ok())
+                {
+                    *transactions.lock().unwrap() = Some(n);
+                }
+            }
+        });
+    }
+    Ok(Jobhook { child, pid, transactions })
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -201,10 +443,14 @@ async fn main() -> anyhow::Result<()> {
     };
     anyhow::ensure!(binary.exists(), "no jobhook binary at {} (build it: cargo build --release)", binary.display());
 
+    if let Some(n) = args.pending {
+        return pending_mode(&args, &binary, n).await;
+    }
     let upstream = Arc::new(Upstream {
         shards: (0..64).map(|_| Mutex::new(HashMap::new())).collect(),
         pending_polls: args.pending_polls,
         polls: AtomicU64::new(0),
+        lateness: None,
     });
     let upstream_addr =
         serve(axum::Router::new().route("/public/v1/job/{id}", get(job_status)).with_state(upstream.clone())).await;
@@ -263,47 +509,8 @@ async fn main() -> anyhow::Result<()> {
         let probe = std::net::TcpListener::bind("127.0.0.1:0")?;
         probe.local_addr()?
     };
-    let mut child = tokio::process::Command::new(&binary)
-        .arg("serve")
-        .env("JOBHOOK_LISTEN", listen.to_string())
-        .env("JOBHOOK_DATABASE_URL", format!("sqlite://{}", dir.join("bench.db").display()))
-        .env("JOBHOOK_UPSTREAM_URL", format!("http://{upstream_addr}"))
-        .env("JOBHOOK_API_KEYS", KEY)
-        .env("JOBHOOK_SIGNING_SECRET", SECRET)
-        .env("JOBHOOK_ALLOW_PRIVATE_CALLBACKS", "true")
-        .env("JOBHOOK_UPSTREAM_MAX_RPS", "0")
-        .env("JOBHOOK_POLL_INTERVAL", &args.poll_interval)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?;
-    let pid = child.id().unwrap_or(0);
-    let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
-    loop {
-        let line = tokio::time::timeout(Duration::from_secs(20), stderr.next_line()).await??;
-        match line {
-            Some(line) if line.contains("listening on") => break,
-            Some(_) => {}
-            None => anyhow::bail!("jobhook exited before listening"),
-        }
-    }
-    let transactions = Arc::new(Mutex::new(None::<u64>));
-    {
-        let transactions = transactions.clone();
-        tokio::spawn(async move {
-            while let Ok(Some(line)) = stderr.next_line().await {
-                if let Some(n) = line
-                    .split("store_transactions=")
-                    .nth(1)
-                    .and_then(|r| r.split_whitespace().next())
-                    .and_then(|n| n.parse().ok())
-                {
-                    *transactions.lock().unwrap() = Some(n);
-                }
-            }
-        });
-    }
+    let Jobhook { mut child, pid, transactions } =
+        start_jobhook(&binary, &dir.join("bench.db"), listen, upstream_addr, &args.poll_interval).await?;
     let (cpu_before, _) = process_usage(pid);
 
     // 3. N jobs through jobhook.
@@ -386,7 +593,7 @@ async fn main() -> anyhow::Result<()> {
         let mut lags = Vec::with_capacity(seen.len());
         for (job, s) in &seen {
             let Ok(id) = uuid::Uuid::try_parse(job) else { continue };
-            let terminal = upstream.shard(&id).lock().unwrap().get(&id).and_then(|e| e.1);
+            let terminal = upstream.shard(&id).lock().unwrap().get(&id).and_then(|e| e.terminal_at);
             if let (Some(terminal), Some(first)) = (terminal, s.first_at) {
                 lags.push(first.saturating_duration_since(terminal).as_secs_f64() * 1000.0);
             }
