@@ -197,15 +197,20 @@ where
     n as f64 / start.elapsed().as_secs_f64()
 }
 
-/// Current resident memory of a process (bytes), from /proc.
-fn rss(pid: u32) -> u64 {
+/// A memory figure of a process from /proc/PID/status (`VmRSS`, `VmHWM`), in bytes.
+fn status_bytes(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .unwrap_or(0)
         * 1024
+}
+
+/// Current resident memory of a process (bytes).
+fn rss(pid: u32) -> u64 {
+    status_bytes(pid, "VmRSS")
 }
 
 /// Registers `jobs` with `concurrency` clients; returns registrations per second.
@@ -364,13 +369,7 @@ fn process_usage(pid: u32) -> (f64, u64) {
     let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
     // After the ")": state is field 0, utime 11, stime 12 (clock ticks of 1/100 s on Linux).
     let cpu = (ticks(11) + ticks(12)) / 100.0;
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let hwm_kb = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .unwrap_or(0);
-    (cpu, hwm_kb * 1024)
+    (cpu, status_bytes(pid, "VmHWM"))
 }
 
 /// A running `jobhook serve`, and the store-transaction count it reports when it stops.

@@ -1,10 +1,12 @@
 //! The real `jobhook` binary as a child process.
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use serde_json::json;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
@@ -86,4 +88,46 @@ pub fn args_on(listen: &str, db_url: &str, upstream_url: &str) -> Vec<String> {
 
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Registers every job, round-robin over `listens`, retrying on the next instance until each is
+/// acknowledged; returns when all are.
+pub fn register_all(
+    jobs: Vec<String>,
+    listens: Vec<String>,
+    callback: String,
+) -> tokio::task::JoinHandle<HashSet<String>> {
+    tokio::spawn(async move {
+        let acked = Arc::new(Mutex::new(HashSet::new()));
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
+        let mut tasks = tokio::task::JoinSet::new();
+        for (n, chunk) in jobs.chunks(jobs.len().div_ceil(16)).enumerate() {
+            let (chunk, acked, http, listens, callback) =
+                (chunk.to_vec(), acked.clone(), http.clone(), listens.clone(), callback.clone());
+            tasks.spawn(async move {
+                for (i, job) in chunk.into_iter().enumerate() {
+                    let mut target = n + i;
+                    loop {
+                        let listen = &listens[target % listens.len()];
+                        let sent = http
+                            .post(format!("http://{listen}/v1/subscriptions"))
+                            .bearer_auth(KEY_A)
+                            .json(&json!({ "job_id": job, "callback_url": callback }))
+                            .send()
+                            .await;
+                        if let Ok(response) = sent
+                            && (response.status() == 201 || response.status() == 200)
+                        {
+                            acked.lock().unwrap().insert(job.clone());
+                            break;
+                        }
+                        target += 1;
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+            });
+        }
+        while tasks.join_next().await.is_some() {}
+        acked.lock().unwrap().clone()
+    })
 }

@@ -1,13 +1,11 @@
 //! Several `jobhook serve` processes on one PostgreSQL database (the PostgreSQL pass only).
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use jobhook::mock_upstream::MockUpstream;
-use serde_json::json;
 
-use crate::binary::{Running, args_on, free_port, start};
+use crate::binary::{Running, args_on, free_port, register_all, start};
 use crate::helpers::*;
 
 fn skip_on_sqlite() -> bool {
@@ -15,44 +13,6 @@ fn skip_on_sqlite() -> bool {
         eprintln!("skipped on SQLite: several instances share a PostgreSQL database (run scripts/test.sh)");
     }
     !on_postgres()
-}
-
-/// Registers every job, round-robin over `listens`, retrying on the next instance until each is
-/// acknowledged; returns when all are.
-fn register_all(jobs: Vec<String>, listens: Vec<String>, callback: String) -> tokio::task::JoinHandle<HashSet<String>> {
-    tokio::spawn(async move {
-        let acked = Arc::new(Mutex::new(HashSet::new()));
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
-        let mut tasks = tokio::task::JoinSet::new();
-        for (n, chunk) in jobs.chunks(jobs.len().div_ceil(16)).enumerate() {
-            let (chunk, acked, http, listens, callback) =
-                (chunk.to_vec(), acked.clone(), http.clone(), listens.clone(), callback.clone());
-            tasks.spawn(async move {
-                for (i, job) in chunk.into_iter().enumerate() {
-                    let mut target = n + i;
-                    loop {
-                        let listen = &listens[target % listens.len()];
-                        let sent = http
-                            .post(format!("http://{listen}/v1/subscriptions"))
-                            .bearer_auth(KEY_A)
-                            .json(&json!({ "job_id": job, "callback_url": callback }))
-                            .send()
-                            .await;
-                        if let Ok(response) = sent
-                            && (response.status() == 201 || response.status() == 200)
-                        {
-                            acked.lock().unwrap().insert(job.clone());
-                            break;
-                        }
-                        target += 1;
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                    }
-                }
-            });
-        }
-        while tasks.join_next().await.is_some() {}
-        acked.lock().unwrap().clone()
-    })
 }
 
 /// Waits until every job has a verified delivery; returns the webhook-ids seen per job.

@@ -1,13 +1,12 @@
 //! kill -9 at random moments, and SIGTERM: nothing acknowledged is lost.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::collections::HashMap;
 use std::time::Duration;
 
 use jobhook::mock_upstream::MockUpstream;
 use serde_json::json;
 
-use crate::binary::{args_on, free_port, start};
+use crate::binary::{args_on, free_port, register_all, start};
 use crate::helpers::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -27,32 +26,7 @@ async fn after_kill_9_and_restart_every_acknowledged_job_is_delivered_under_one_
 
     // Registrations run throughout, retrying across crashes until each is acknowledged.
     let jobs: Vec<String> = (0..JOBS).map(|_| new_job()).collect();
-    let acked = Arc::new(Mutex::new(HashSet::new()));
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().unwrap();
-    let mut registrations = tokio::task::JoinSet::new();
-    for chunk in jobs.chunks(JOBS / 16) {
-        let (chunk, acked, http, listen, callback) =
-            (chunk.to_vec(), acked.clone(), http.clone(), listen.clone(), receiver.url("/hook"));
-        registrations.spawn(async move {
-            for job in chunk {
-                loop {
-                    let sent = http
-                        .post(format!("http://{listen}/v1/subscriptions"))
-                        .bearer_auth(KEY_A)
-                        .json(&json!({ "job_id": job, "callback_url": callback }))
-                        .send()
-                        .await;
-                    if let Ok(response) = sent
-                        && (response.status() == 201 || response.status() == 200)
-                    {
-                        acked.lock().unwrap().insert(job.clone());
-                        break;
-                    }
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-            }
-        });
-    }
+    let registering = register_all(jobs, vec![listen.clone()], receiver.url("/hook"));
 
     // Crashes at random moments: each once a random further share of the deliveries has arrived, so the
     // kill lands among registrations, polls, deliveries and retries.
@@ -67,8 +41,7 @@ async fn after_kill_9_and_restart_every_acknowledged_job_is_delivered_under_one_
         running.child.wait().await.unwrap();
         running = start(&args).await;
     }
-    while registrations.join_next().await.is_some() {}
-    let acked = acked.lock().unwrap().clone();
+    let acked = registering.await.unwrap();
     assert_eq!(acked.len(), JOBS);
 
     let delivered = eventually(Duration::from_secs(120), "every acknowledged job to be delivered", || async {
@@ -93,6 +66,7 @@ async fn after_kill_9_and_restart_every_acknowledged_job_is_delivered_under_one_
     );
 
     // The store reopened cleanly and agrees: every subscription ends delivered.
+    let http = reqwest::Client::new();
     let app = format!("http://{listen}");
     eventually(Duration::from_secs(30), "every subscription to be delivered", || async {
         let mut delivered = 0;
