@@ -213,6 +213,22 @@ fn rss(pid: u32) -> u64 {
     status_bytes(pid, "VmRSS")
 }
 
+/// One registration; whether it answered 201 Created.
+async fn register_one(http: &reqwest::Client, listen: SocketAddr, job: &str, callback: &str) -> bool {
+    let sent = http
+        .post(format!("http://{listen}/v1/subscriptions"))
+        .bearer_auth(KEY)
+        .header("content-type", "application/json")
+        .body(json!({ "job_id": job, "callback_url": callback }).to_string())
+        .send()
+        .await;
+    let created = matches!(&sent, Ok(r) if r.status() == StatusCode::CREATED);
+    if let Ok(r) = sent {
+        let _ = r.bytes().await;
+    }
+    created
+}
+
 /// Registers `jobs` with `concurrency` clients; returns registrations per second.
 async fn register_all(
     http: &reqwest::Client,
@@ -225,16 +241,7 @@ async fn register_all(
     rate(jobs.len(), concurrency, move |i| {
         let (http, job, callback) = (http.clone(), jobs[i].clone(), callback.clone());
         async move {
-            let sent = http
-                .post(format!("http://{listen}/v1/subscriptions"))
-                .bearer_auth(KEY)
-                .header("content-type", "application/json")
-                .body(json!({ "job_id": job, "callback_url": callback }).to_string())
-                .send()
-                .await;
-            if let Ok(r) = sent {
-                let _ = r.bytes().await;
-            }
+            register_one(&http, listen, &job, &callback).await;
         }
     })
     .await
@@ -532,17 +539,7 @@ async fn main() -> anyhow::Result<()> {
                 (http.clone(), jobs[i].clone(), latencies.clone(), failures.clone(), callback.clone());
             async move {
                 let t = Instant::now();
-                let sent = http
-                    .post(format!("http://{listen}/v1/subscriptions"))
-                    .bearer_auth(KEY)
-                    .header("content-type", "application/json")
-                    .body(json!({ "job_id": job, "callback_url": callback }).to_string())
-                    .send()
-                    .await;
-                let ok = matches!(&sent, Ok(r) if r.status() == StatusCode::CREATED);
-                if let Ok(r) = sent {
-                    let _ = r.bytes().await;
-                }
+                let ok = register_one(&http, listen, &job, &callback).await;
                 latencies.lock().unwrap().push(t.elapsed().as_secs_f64() * 1000.0);
                 if !ok {
                     failures.fetch_add(1, Ordering::Relaxed);

@@ -1,6 +1,6 @@
 //! The real `jobhook` binary as a child process.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -130,4 +130,20 @@ pub fn register_all(
         while tasks.join_next().await.is_some() {}
         acked.lock().unwrap().clone()
     })
+}
+
+/// Waits until every job has a verified delivery; returns the webhook-ids seen per job.
+pub async fn all_delivered(receiver: &Receiver, jobs: &HashSet<String>) -> HashMap<String, Vec<String>> {
+    eventually(Duration::from_secs(120), "every acknowledged job to be delivered", || async {
+        let mut by_job: HashMap<String, Vec<String>> = HashMap::new();
+        for request in receiver.requests_to("/hook") {
+            request.verify(SECRET).expect("every delivery verifies");
+            by_job
+                .entry(request.json()["job_id"].as_str().unwrap().to_owned())
+                .or_default()
+                .push(request.header("webhook-id").to_owned());
+        }
+        jobs.iter().all(|job| by_job.contains_key(job)).then_some(by_job)
+    })
+    .await
 }

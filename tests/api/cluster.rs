@@ -1,11 +1,10 @@
 //! Several `jobhook serve` processes on one PostgreSQL database (the PostgreSQL pass only).
 
-use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use jobhook::mock_upstream::MockUpstream;
 
-use crate::binary::{Running, args_on, free_port, register_all, start};
+use crate::binary::{Running, all_delivered, args_on, free_port, register_all, start};
 use crate::helpers::*;
 
 fn skip_on_sqlite() -> bool {
@@ -13,22 +12,6 @@ fn skip_on_sqlite() -> bool {
         eprintln!("skipped on SQLite: several instances share a PostgreSQL database (run scripts/test.sh)");
     }
     !on_postgres()
-}
-
-/// Waits until every job has a verified delivery; returns the webhook-ids seen per job.
-async fn all_delivered(receiver: &Receiver, jobs: &HashSet<String>) -> HashMap<String, Vec<String>> {
-    eventually(Duration::from_secs(120), "every acknowledged job to be delivered", || async {
-        let mut by_job: HashMap<String, Vec<String>> = HashMap::new();
-        for request in receiver.requests_to("/hook") {
-            request.verify(SECRET).expect("every delivery verifies");
-            by_job
-                .entry(request.json()["job_id"].as_str().unwrap().to_owned())
-                .or_default()
-                .push(request.header("webhook-id").to_owned());
-        }
-        jobs.iter().all(|job| by_job.contains_key(job)).then_some(by_job)
-    })
-    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

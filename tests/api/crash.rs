@@ -1,12 +1,11 @@
 //! kill -9 at random moments, and SIGTERM: nothing acknowledged is lost.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use jobhook::mock_upstream::MockUpstream;
 use serde_json::json;
 
-use crate::binary::{args_on, free_port, register_all, start};
+use crate::binary::{all_delivered, args_on, free_port, register_all, start};
 use crate::helpers::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -44,18 +43,7 @@ async fn after_kill_9_and_restart_every_acknowledged_job_is_delivered_under_one_
     let acked = registering.await.unwrap();
     assert_eq!(acked.len(), JOBS);
 
-    let delivered = eventually(Duration::from_secs(120), "every acknowledged job to be delivered", || async {
-        let mut by_job: HashMap<String, Vec<String>> = HashMap::new();
-        for request in receiver.requests_to("/hook") {
-            request.verify(SECRET).expect("every delivery verifies");
-            by_job
-                .entry(request.json()["job_id"].as_str().unwrap().to_owned())
-                .or_default()
-                .push(request.header("webhook-id").to_owned());
-        }
-        acked.iter().all(|job| by_job.contains_key(job)).then_some(by_job)
-    })
-    .await;
+    let delivered = all_delivered(&receiver, &acked).await;
     for (job, ids) in &delivered {
         assert!(ids.iter().all(|id| *id == ids[0]), "job {job} was delivered under several webhook-ids: {ids:?}");
     }
