@@ -15,6 +15,7 @@ use crate::config::Config;
 use crate::delivery::client;
 use crate::delivery::{self, DeliveryContext};
 use crate::keys::{ApiKey, SigningSecret};
+use crate::metrics::Metrics;
 use crate::poller::{self, PollContext};
 use crate::store::{self, Store, now_ms};
 use crate::upstream::UpstreamClient;
@@ -32,6 +33,61 @@ pub struct Application {
     store: Arc<dyn Store>,
     shutdown: CancellationToken,
     grace: Duration,
+    workers: Arc<Workers>,
+}
+
+/// Which workers are running, for `GET /readyz`. A worker is marked running while its task lives (a
+/// guard inside the task clears the mark even if the task panics).
+#[derive(Default)]
+pub struct Workers {
+    running: std::sync::Mutex<std::collections::BTreeMap<&'static str, bool>>,
+    stopping: std::sync::atomic::AtomicBool,
+}
+
+/// Clears a worker's mark when its task ends.
+pub struct Running {
+    workers: Arc<Workers>,
+    name: &'static str,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.workers.set(self.name, false);
+    }
+}
+
+impl Workers {
+    /// Declares a worker that should run; it counts as not running until [`Self::start`].
+    pub fn expect(&self, name: &'static str) {
+        self.set(name, false);
+    }
+
+    /// Marks a worker running until the returned guard is dropped.
+    pub fn start(self: &Arc<Self>, name: &'static str) -> Running {
+        self.set(name, true);
+        Running { workers: self.clone(), name }
+    }
+
+    fn set(&self, name: &'static str, running: bool) {
+        self.running.lock().unwrap_or_else(|e| e.into_inner()).insert(name, running);
+    }
+
+    pub fn stopping(&self) {
+        self.stopping.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// `ok` or what is wrong, by worker (and `shutdown` once stopping).
+    pub fn checks(&self) -> std::collections::BTreeMap<String, String> {
+        let running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        let mut checks: std::collections::BTreeMap<String, String> = running
+            .iter()
+            .map(|(name, up)| (name.to_string(), if *up { "ok" } else { "not running" }.to_owned()))
+            .collect();
+        if self.stopping.load(std::sync::atomic::Ordering::Relaxed) {
+            checks.insert("shutdown".into(), "stopping: send new work elsewhere".into());
+        }
+        checks
+    }
 }
 
 /// A key made on first start, to be shown once.
@@ -50,6 +106,11 @@ impl Application {
         let store = store::open(&config.database_url)
             .await
             .with_context(|| format!("cannot open the store {}", config.database_url))?;
+        let metrics = Arc::new(Metrics::new());
+        store.observe_writes(metrics.store_write_seconds.clone());
+        let workers = Arc::new(Workers::default());
+        workers.expect("poller");
+        workers.expect("dispatcher");
         if let Some(first) = bootstrap_keys(store.as_ref(), &config).await? {
             print_first_key(&first);
         }
@@ -72,6 +133,7 @@ impl Application {
             lookup.clone(),
             config.delivery.clone(),
             ownership.clone(),
+            metrics.clone(),
         ));
         let poll_ctx = Arc::new(PollContext::new(
             store.clone(),
@@ -79,6 +141,7 @@ impl Application {
             config.poll.clone(),
             dispatcher.clone(),
             ownership.clone(),
+            metrics.clone(),
         ));
         let (pending_jobs, pending_deliveries) = if shared {
             (Vec::new(), Vec::new())
@@ -88,6 +151,9 @@ impl Application {
                 store.pending_deliveries().await.context("cannot read the deliveries to resume")?,
             )
         };
+        if shared {
+            workers.expect("lease loop");
+        }
         let cluster = shared.then(|| {
             let settings = cluster::ClusterConfig {
                 instance_id: cluster::instance_id(),
@@ -106,6 +172,8 @@ impl Application {
             cursor_key,
             secrets,
             secret_rotation_grace: config.secret_rotation_grace,
+            metrics,
+            workers: workers.clone(),
         });
         Ok(Application {
             listener,
@@ -118,6 +186,7 @@ impl Application {
             store,
             shutdown: CancellationToken::new(),
             grace: config.shutdown_grace,
+            workers,
         })
     }
 
@@ -137,17 +206,43 @@ impl Application {
     /// Serves until the shutdown token is cancelled, then stops accepting, lets in-flight requests, polls
     /// and deliveries finish (up to the grace period) and returns.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
-        let Application { listener, addr, router, poller, dispatcher, cluster, ownership, store, shutdown, grace } =
-            self;
+        let Application {
+            listener,
+            addr,
+            router,
+            poller,
+            dispatcher,
+            cluster,
+            ownership,
+            store,
+            shutdown,
+            grace,
+            workers,
+        } = self;
         // The lease loop stops on its own token, after the workers, so it releases the leases last.
         let cluster_stop = CancellationToken::new();
         let mut cluster = cluster.map(|(settings, store, poller, dispatcher)| {
-            tokio::spawn(cluster::run(store, ownership, poller, dispatcher, settings, cluster_stop.clone()))
+            let running = workers.start("lease loop");
+            let stop = cluster_stop.clone();
+            tokio::spawn(async move {
+                let _running = running;
+                cluster::run(store, ownership, poller, dispatcher, settings, stop).await
+            })
         });
         let (poll_ctx, poll_inbox, jobs) = poller;
-        let poller = tokio::spawn(poller::run(poll_ctx, poll_inbox, jobs, shutdown.clone(), grace));
+        let running = workers.start("poller");
+        let stop = shutdown.clone();
+        let poller = tokio::spawn(async move {
+            let _running = running;
+            poller::run(poll_ctx, poll_inbox, jobs, stop, grace).await
+        });
         let (delivery_ctx, delivery_inbox, deliveries) = dispatcher;
-        let dispatcher = tokio::spawn(delivery::run(delivery_ctx, delivery_inbox, deliveries, shutdown.clone(), grace));
+        let running = workers.start("dispatcher");
+        let stop = shutdown.clone();
+        let dispatcher = tokio::spawn(async move {
+            let _running = running;
+            delivery::run(delivery_ctx, delivery_inbox, deliveries, stop, grace).await
+        });
         tracing::info!("listening on http://{addr}");
         let server = axum::serve(listener, router).with_graceful_shutdown(shutdown.clone().cancelled_owned());
         let server = tokio::spawn(async move { server.await });
@@ -168,6 +263,7 @@ impl Application {
                 }
             } => Some(("lease loop", ended)),
         };
+        workers.stopping();
         if let Some((worker, ended)) = crashed {
             shutdown.cancel();
             poller.abort();
@@ -228,4 +324,22 @@ fn print_first_key(first: &FirstKey) {
     println!("  Use the key as `Authorization: Bearer <key>`; verify deliveries with the secret.");
     println!("  More keys: jobhook keys create --name NAME");
     println!("{line}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_worker_whose_task_ended_is_reported_and_so_is_stopping() {
+        let workers = Arc::new(Workers::default());
+        workers.expect("poller");
+        assert_eq!(workers.checks()["poller"], "not running");
+        let running = workers.start("poller");
+        assert_eq!(workers.checks()["poller"], "ok");
+        drop(running);
+        assert_eq!(workers.checks()["poller"], "not running");
+        workers.stopping();
+        assert!(workers.checks()["shutdown"].starts_with("stopping"));
+    }
 }

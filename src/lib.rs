@@ -25,6 +25,7 @@ pub mod config;
 pub mod delivery;
 pub mod domain;
 pub mod keys;
+pub mod metrics;
 pub mod mock_upstream;
 pub mod poller;
 pub mod store;

@@ -24,6 +24,7 @@ use crate::cluster::Ownership;
 use crate::config::PollConfig;
 use crate::delivery::DispatcherHandle;
 use crate::domain::{FailureReason, JobId, JobStatus};
+use crate::metrics::Metrics;
 use crate::store::{Millis, PollableJob, Store, now_ms};
 use crate::upstream::{PollAnswer, UpstreamClient};
 
@@ -125,6 +126,7 @@ pub struct PollContext {
     pub ownership: Arc<Ownership>,
     /// The cap on polls per second over all jobs (DESIGN promise 7).
     limiter: Option<DefaultDirectRateLimiter>,
+    pub metrics: Arc<Metrics>,
 }
 
 impl PollContext {
@@ -134,6 +136,7 @@ impl PollContext {
         config: PollConfig,
         dispatcher: DispatcherHandle,
         ownership: Arc<Ownership>,
+        metrics: Arc<Metrics>,
     ) -> Self {
         // A burst of a tenth of a second's worth: smooth enough for the upstream, loose enough that a
         // poll is never late by more than one token's wait.
@@ -141,7 +144,7 @@ impl PollContext {
             let burst = NonZeroU32::new(rps.get() / 10).unwrap_or(NonZeroU32::MIN);
             RateLimiter::direct(Quota::per_second(rps).allow_burst(burst))
         });
-        PollContext { store, upstream, config, dispatcher, ownership, limiter }
+        PollContext { store, upstream, config, dispatcher, ownership, limiter, metrics }
     }
 }
 
@@ -162,7 +165,9 @@ pub async fn step(ctx: &PollContext, state: &mut JobState) -> (PollOutcome, Next
     if let Some(limiter) = &ctx.limiter {
         limiter.until_ready().await;
     }
+    let asked = std::time::Instant::now();
     let answer = ctx.upstream.poll(job_id).await;
+    ctx.metrics.poll(answer.outcome(), asked.elapsed());
     let now = now_ms();
     let pending_for = Duration::from_millis(u64::try_from(now - state.job.job_created_at).unwrap_or(0));
     match answer {
@@ -208,7 +213,7 @@ pub async fn step(ctx: &PollContext, state: &mut JobState) -> (PollOutcome, Next
         PollAnswer::NotFound => {
             transient(ctx, state, "upstream answered 404 (a new job may not be visible yet)".into(), None, now).await
         }
-        PollAnswer::Transient { error, retry_after } => transient(ctx, state, error, retry_after, now).await,
+        PollAnswer::Transient { error, retry_after, .. } => transient(ctx, state, error, retry_after, now).await,
     }
 }
 
@@ -258,12 +263,14 @@ async fn expire_or(
         return (outcome, Next::PollIn(delay));
     }
     match ctx.store.expire(state.job.job_id, now - max_wait, now).await {
-        Ok(Some(job)) => {
+        Ok((expired, Some(job))) => {
+            ctx.metrics.finished("expired", expired);
             tracing::info!("some subscriptions expired; others still wait");
             state.job = job;
             (outcome, Next::PollIn(delay))
         }
-        Ok(None) => {
+        Ok((expired, None)) => {
+            ctx.metrics.finished("expired", expired);
             tracing::info!("job still pending after max-wait: subscriptions expired");
             (PollOutcome::Expired, Next::Done)
         }
@@ -280,6 +287,7 @@ async fn fail(
 ) -> (PollOutcome, Next) {
     match ctx.store.fail_job(state.job.job_id, reason, why, now).await {
         Ok(n) => {
+            ctx.metrics.finished("failed", n);
             tracing::warn!(reason = reason.as_str(), subscriptions = n, "{why}");
             (PollOutcome::Failed(reason), Next::Done)
         }
@@ -454,7 +462,9 @@ pub async fn run(
                 }
             },
         }
+        ctx.metrics.jobs_polling.set(i64::try_from(slots.len()).unwrap_or(i64::MAX));
     }
+    ctx.metrics.jobs_polling.set(0);
     let waiting = in_flight.len();
     if waiting > 0 {
         tracing::info!(polls = waiting, "waiting for in-flight polls");

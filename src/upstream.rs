@@ -44,7 +44,43 @@ pub enum PollAnswer {
     Transient {
         error: String,
         retry_after: Option<Duration>,
+        kind: Trouble,
     },
+}
+
+/// What kind of transient trouble a poll met (the `outcome` label of `jobhook_polls_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trouble {
+    /// 5xx.
+    ServerError,
+    /// 429.
+    RateLimited,
+    /// Another 4xx (or 3xx) than 401, 404 and 422.
+    OtherStatus,
+    Timeout,
+    /// No connection, or it broke.
+    Unreachable,
+    /// A 200 whose body is not a status of this job.
+    BadAnswer,
+}
+
+impl PollAnswer {
+    /// A fixed name for the outcome, for metrics.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            PollAnswer::Pending => "pending",
+            PollAnswer::Terminal(..) => "terminal",
+            PollAnswer::Unauthorized | PollAnswer::NotFound | PollAnswer::Rejected => "4xx",
+            PollAnswer::Transient { kind, .. } => match kind {
+                Trouble::ServerError => "5xx",
+                Trouble::RateLimited => "rate_limited",
+                Trouble::OtherStatus => "4xx",
+                Trouble::Timeout => "timeout",
+                Trouble::Unreachable => "unreachable",
+                Trouble::BadAnswer => "bad_answer",
+            },
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -82,7 +118,8 @@ impl UpstreamClient {
         let response = match request.send().await {
             Ok(response) => response,
             Err(e) => {
-                return PollAnswer::Transient { error: describe_transport_error(&e), retry_after: None };
+                let kind = if e.is_timeout() { Trouble::Timeout } else { Trouble::Unreachable };
+                return PollAnswer::Transient { error: describe_transport_error(&e), retry_after: None, kind };
             }
         };
         let status = response.status().as_u16();
@@ -94,12 +131,17 @@ impl UpstreamClient {
             404 => return PollAnswer::NotFound,
             422 => return PollAnswer::Rejected,
             _ => {
-                return PollAnswer::Transient { error: format!("upstream answered HTTP {status}"), retry_after };
+                let kind = match status {
+                    429 => Trouble::RateLimited,
+                    500.. => Trouble::ServerError,
+                    _ => Trouble::OtherStatus,
+                };
+                return PollAnswer::Transient { error: format!("upstream answered HTTP {status}"), retry_after, kind };
             }
         }
         match read_limited(response, MAX_BODY_BYTES).await {
             Ok(body) => interpret(job_id, body),
-            Err(error) => PollAnswer::Transient { error, retry_after: None },
+            Err((error, kind)) => PollAnswer::Transient { error, retry_after: None, kind },
         }
     }
 }
@@ -112,6 +154,7 @@ pub fn interpret(job_id: JobId, body: Bytes) -> PollAnswer {
             return PollAnswer::Transient {
                 error: format!("upstream sent a body that is not a job status ({e})"),
                 retry_after: None,
+                kind: Trouble::BadAnswer,
             };
         }
     };
@@ -121,30 +164,34 @@ pub fn interpret(job_id: JobId, body: Bytes) -> PollAnswer {
             return PollAnswer::Transient {
                 error: format!("upstream answered for job {:?} instead of {job_id}", truncate(&parsed.job_id, 64)),
                 retry_after: None,
+                kind: Trouble::BadAnswer,
             };
         }
     }
     match parsed.status.parse::<JobStatus>() {
         Ok(JobStatus::Pending) => PollAnswer::Pending,
         Ok(status) => PollAnswer::Terminal(status, body),
-        Err(e) => PollAnswer::Transient { error: format!("upstream sent {e}"), retry_after: None },
+        Err(e) => {
+            PollAnswer::Transient { error: format!("upstream sent {e}"), retry_after: None, kind: Trouble::BadAnswer }
+        }
     }
 }
 
 /// Reads at most `limit` bytes of a body; a longer body is an error.
-pub async fn read_limited(mut response: reqwest::Response, limit: usize) -> Result<Bytes, String> {
+pub async fn read_limited(mut response: reqwest::Response, limit: usize) -> Result<Bytes, (String, Trouble)> {
     let mut body = bytes::BytesMut::new();
     loop {
         match response.chunk().await {
             Ok(Some(chunk)) => {
                 if body.len() + chunk.len() > limit {
-                    return Err(format!("upstream body is larger than {limit} bytes"));
+                    return Err((format!("upstream body is larger than {limit} bytes"), Trouble::BadAnswer));
                 }
                 body.extend_from_slice(&chunk);
             }
             Ok(None) => return Ok(body.freeze()),
             Err(e) => {
-                return Err(format!("upstream body was cut short ({})", describe_transport_error(&e)));
+                let kind = if e.is_timeout() { Trouble::Timeout } else { Trouble::Unreachable };
+                return Err((format!("upstream body was cut short ({})", describe_transport_error(&e)), kind));
             }
         }
     }

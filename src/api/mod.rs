@@ -41,6 +41,9 @@ pub struct AppState {
     /// The signing secrets the dispatcher uses; a rotation makes it forget the old ones at once.
     pub secrets: Arc<crate::delivery::SecretsCache>,
     pub secret_rotation_grace: std::time::Duration,
+    pub metrics: Arc<crate::metrics::Metrics>,
+    /// Which workers run, for `GET /readyz`.
+    pub workers: Arc<crate::app::Workers>,
 }
 
 #[derive(OpenApi)]
@@ -76,6 +79,8 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(signing_secret))
         .routes(routes!(rotate_signing_secret))
         .routes(routes!(healthz))
+        .routes(routes!(readyz))
+        .routes(routes!(metrics))
 }
 
 /// The OpenAPI document of this build.
@@ -185,4 +190,73 @@ pub struct Health {
 #[utoipa::path(get, path = "/healthz", tag = "operations", responses((status = 200, description = "The process is up", body = Health)))]
 async fn healthz(State(_): State<AppState>) -> impl IntoResponse {
     Json(Health { status: "ok".into() })
+}
+
+/// Whether this instance can do its work, and if not, why.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Readiness {
+    /// `ready` or `not ready`.
+    #[schema(example = "ready")]
+    pub status: String,
+    /// Each check by name (`store`, `poller`, `dispatcher`, `lease loop` on PostgreSQL, `shutdown`):
+    /// `ok`, or what is wrong.
+    #[schema(example = json!({"store": "ok", "poller": "ok", "dispatcher": "ok"}))]
+    pub checks: std::collections::BTreeMap<String, String>,
+}
+
+/// How long the readiness check waits for the database.
+const READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Whether this instance is ready for traffic: the store answers, the workers run, it is not stopping.
+///
+/// For a load balancer or an orchestrator's readiness probe.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "operations",
+    responses(
+        (status = 200, description = "Ready", body = Readiness),
+        (status = 503, description = "Not ready; `checks` says what is wrong", body = Readiness),
+    )
+)]
+async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
+    let mut checks = state.workers.checks();
+    let store = match tokio::time::timeout(READY_TIMEOUT, state.store.ping()).await {
+        Ok(Ok(())) => "ok".to_owned(),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "readiness: the store check failed");
+            match e {
+                crate::store::StoreError::Unavailable(_) => {
+                    "the database cannot take writes or cannot be reached (disk full? see the logs)".to_owned()
+                }
+                _ => "the database answered with an error (see the logs)".to_owned(),
+            }
+        }
+        Err(_) => "the database did not answer within 2 s".to_owned(),
+    };
+    checks.insert("store".into(), store);
+    let ready = checks.values().all(|v| v == "ok");
+    let status = if ready { axum::http::StatusCode::OK } else { axum::http::StatusCode::SERVICE_UNAVAILABLE };
+    let body = Readiness { status: if ready { "ready" } else { "not ready" }.into(), checks };
+    (status, Json(body))
+}
+
+/// Counters, gauges and histograms in the Prometheus text format (OpenMetrics 1.0).
+///
+/// Names and what they count are listed in the README ("Metrics"). No labels carry URLs or IDs.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    responses((status = 200, description = "The metrics", body = String, content_type = "application/openmetrics-text"))
+)]
+async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    if state.metrics.recount_due() {
+        match tokio::time::timeout(READY_TIMEOUT, state.store.count_by_state()).await {
+            Ok(Ok(counts)) => state.metrics.set_subscription_counts(&counts),
+            Ok(Err(e)) => tracing::warn!(error = %e, "metrics: could not count subscriptions"),
+            Err(_) => tracing::warn!("metrics: counting subscriptions took longer than 2 s"),
+        }
+    }
+    ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], state.metrics.render())
 }

@@ -193,10 +193,12 @@ pub async fn create(
     let registered = state.store.register(&tenant, SubscriptionId::new(), job_id, &callback_url, now_ms()).await?;
     let (status, sub) = match registered {
         Registered::CreatedPolling(sub, job) => {
+            state.metrics.registered.inc();
             state.poller.ensure(job);
             (StatusCode::CREATED, sub)
         }
         Registered::CreatedDelivering(sub, task) => {
+            state.metrics.registered.inc();
             state.dispatcher.deliver(vec![task]);
             (StatusCode::CREATED, sub)
         }
@@ -381,8 +383,7 @@ pub async fn cancel(
         // Both, whatever the state read: the job may have ended between that read and the cancel.
         state.poller.recheck(cancelled.job_id);
         state.dispatcher.cancel(sub_id);
-    }
-    if cancelled.was.is_some() {
+        state.metrics.finished("cancelled", 1);
         tracing::info!(subscription_id = %sub_id, job_id = %cancelled.job_id, "cancelled");
     }
     Ok(StatusCode::NO_CONTENT)

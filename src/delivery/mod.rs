@@ -89,6 +89,7 @@ pub struct DeliveryContext {
     pub secrets: Arc<SecretsCache>,
     /// The partitions this instance delivers (all of them on SQLite).
     pub ownership: Arc<crate::cluster::Ownership>,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl DeliveryContext {
@@ -99,8 +100,10 @@ impl DeliveryContext {
         lookup: client::Lookup,
         config: DeliveryConfig,
         ownership: Arc<crate::cluster::Ownership>,
+        metrics: Arc<crate::metrics::Metrics>,
     ) -> Self {
         DeliveryContext {
+            metrics,
             http: client::callback_client(&policy, lookup, config.timeout),
             overall: Arc::new(Semaphore::new(config.max_in_flight)),
             per_host: Mutex::new(HashMap::new()),
@@ -221,6 +224,12 @@ pub async fn attempt(ctx: &DeliveryContext, task: &mut DeliveryTask) -> Option<M
     };
     let outcome = send(ctx, task, &secrets).await;
     let now = now_ms();
+    if outcome.status_code.is_some() {
+        ctx.metrics.delivery_seconds.observe(outcome.duration_ms as f64 / 1000.0);
+    }
+    if task.attempts_made == 0 {
+        ctx.metrics.delivery_lag_seconds.observe(now.saturating_sub(task.due_at).max(0) as f64 / 1000.0);
+    }
     let result = decide(&outcome, attempt, &ctx.config.retry_schedule, now, rand::random_range(-1.0..=1.0));
     let record = AttemptRecord {
         subscription_id: task.subscription_id,
@@ -259,6 +268,15 @@ pub async fn attempt(ctx: &DeliveryContext, task: &mut DeliveryTask) -> Option<M
         Ok(false) => None,
         Ok(true) => {
             task.attempts_made = attempt;
+            let (outcome, finished) = match result {
+                AttemptResult::Delivered => ("delivered", Some("delivered")),
+                AttemptResult::RetryAt(_) => ("retry", None),
+                AttemptResult::Failed(_) => ("failed", Some("failed")),
+            };
+            ctx.metrics.attempt(outcome, attempt);
+            if let Some(state) = finished {
+                ctx.metrics.finished(state, 1);
+            }
             match result {
                 AttemptResult::RetryAt(at) => Some(at),
                 AttemptResult::Delivered | AttemptResult::Failed(_) => None,
@@ -432,6 +450,7 @@ pub async fn run(
                 }
             },
         }
+        ctx.metrics.deliveries_waiting.set(i64::try_from(slots.len()).unwrap_or(i64::MAX));
     }
     let waiting = in_flight.len();
     if waiting > 0 {

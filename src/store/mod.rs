@@ -256,8 +256,17 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Vec<DeliveryTask>>;
     /// Every polling subscription of the job fails for this reason. Returns how many.
     async fn fail_job(&self, job_id: JobId, reason: FailureReason, last_error: &str, now: Millis) -> Result<u64>;
-    /// Polling subscriptions created at or before `cutoff` expire. Returns the job if some still poll.
-    async fn expire(&self, job_id: JobId, cutoff: Millis, now: Millis) -> Result<Option<PollableJob>>;
+    /// Polling subscriptions created at or before `cutoff` expire. Returns how many, and the job if some
+    /// still poll.
+    async fn expire(&self, job_id: JobId, cutoff: Millis, now: Millis) -> Result<(u64, Option<PollableJob>)>;
+
+    /// How many subscriptions are in each state (for `GET /metrics`).
+    async fn count_by_state(&self) -> Result<Vec<(String, i64)>>;
+    /// Proves the database answers a read, and, after writes failed as unavailable, that a write goes
+    /// through again (for `GET /readyz`).
+    async fn ping(&self) -> Result<()>;
+    /// Where the store records each group-committed write's time from queueing to commit.
+    fn observe_writes(&self, histogram: prometheus_client::metrics::histogram::Histogram);
 
     /// How many write transactions this store has started (for the benchmark's writes-per-job figure).
     fn transactions(&self) -> u64 {

@@ -115,6 +115,11 @@ pub struct SqlStore {
     writes: Vec<mpsc::Sender<Write>>,
     /// Write transactions started, group-committed batches included.
     transactions: Arc<std::sync::atomic::AtomicU64>,
+    /// Where each group-committed write's latency goes, once the service's metrics are attached.
+    write_seconds: std::sync::OnceLock<prometheus_client::metrics::histogram::Histogram>,
+    /// When (Unix ms) the last group-committed write failed with "unavailable" (disk full, read-only…),
+    /// if none has succeeded since; 0 otherwise. `ping` reports it for [`WRITE_TROUBLE_FOR`].
+    write_trouble: Arc<std::sync::atomic::AtomicI64>,
 }
 
 /// A write that is group-committed: many of them share one transaction, so they share one fsync.
@@ -308,6 +313,9 @@ impl Write {
     }
 }
 
+/// How long `ping` reports a failed write (unless a write succeeds before).
+const WRITE_TROUBLE_FOR: Duration = Duration::from_secs(10);
+
 /// How long a statement waits for a connection or a lock before giving up with "unavailable".
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -377,15 +385,30 @@ impl SqlStore {
                 writes
             })
             .collect();
-        SqlStore { backend, writer: writer_pool, reader, writes, transactions }
+        SqlStore {
+            backend,
+            writer: writer_pool,
+            reader,
+            writes,
+            transactions,
+            write_seconds: Default::default(),
+            write_trouble: Default::default(),
+        }
     }
 
     /// Queues a group-committed write and waits for its result (after its transaction committed).
     async fn write<T>(&self, write: Write, answer: oneshot::Receiver<Result<T>>) -> Result<T> {
         let gone = || StoreError::Unavailable(sqlx::Error::PoolClosed);
         let lane = usize::try_from(write.partition()).unwrap_or(0) % self.writes.len();
+        let queued = std::time::Instant::now();
         self.writes[lane].send(write).await.map_err(|_| gone())?;
-        answer.await.map_err(|_| gone())?
+        let done = answer.await.map_err(|_| gone())?;
+        if let Some(h) = self.write_seconds.get() {
+            h.observe(queued.elapsed().as_secs_f64());
+        }
+        let trouble = if matches!(done, Err(StoreError::Unavailable(_))) { now_ms() } else { 0 };
+        self.write_trouble.store(trouble, std::sync::atomic::Ordering::Relaxed);
+        done
     }
 
     async fn begin(&self) -> Result<Transaction<'static, Any>> {
@@ -975,10 +998,10 @@ impl Store for SqlStore {
         Ok(done.rows_affected())
     }
 
-    async fn expire(&self, job_id: JobId, cutoff: Millis, now: Millis) -> Result<Option<PollableJob>> {
+    async fn expire(&self, job_id: JobId, cutoff: Millis, now: Millis) -> Result<(u64, Option<PollableJob>)> {
         let job = job_id.to_string();
         let mut tx = self.begin().await?;
-        sqlx::query(self.backend.sql("UPDATE subscriptions SET state = 'expired', updated_at = ? WHERE job_id = ? AND state = 'polling' AND created_at <= ?"))
+        let expired = sqlx::query(self.backend.sql("UPDATE subscriptions SET state = 'expired', updated_at = ? WHERE job_id = ? AND state = 'polling' AND created_at <= ?"))
             .bind(now)
             .bind(&job)
             .bind(cutoff)
@@ -987,7 +1010,27 @@ impl Store for SqlStore {
             .db()?;
         let left = pollable_in(self.backend, &mut tx, &job).await?;
         tx.commit().await.db()?;
-        Ok(left)
+        Ok((expired.rows_affected(), left))
+    }
+
+    async fn count_by_state(&self) -> Result<Vec<(String, i64)>> {
+        sqlx::query_as("SELECT state, COUNT(*) FROM subscriptions GROUP BY state").fetch_all(&self.reader).await.db()
+    }
+
+    async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT COUNT(*) FROM meta").execute(&self.reader).await.db()?;
+        // Writes failing lately (and none going through since) is not ready either. The mark lapses on
+        // its own, so an idle instance whose disk recovered becomes ready without writing anything; if
+        // the disk is still full, the next write marks it again.
+        let failed_at = self.write_trouble.load(std::sync::atomic::Ordering::Relaxed);
+        if failed_at > 0 && now_ms() - failed_at < WRITE_TROUBLE_FOR.as_millis() as Millis {
+            return Err(StoreError::Unavailable(sqlx::Error::Protocol("writes are failing".into())));
+        }
+        Ok(())
+    }
+
+    fn observe_writes(&self, histogram: prometheus_client::metrics::histogram::Histogram) {
+        let _ = self.write_seconds.set(histogram);
     }
 
     fn transactions(&self) -> u64 {

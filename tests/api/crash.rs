@@ -160,11 +160,20 @@ async fn a_full_disk_answers_503_without_losing_anything_and_recovers() {
     assert!(body.contains("nothing was saved"), "{body}");
     assert!(running.child.try_wait().unwrap().is_none(), "the process survives a full disk");
     assert!(running.logs().iter().any(|l| l.contains("ERROR") && l.contains("store unavailable")), "a loud log line");
+    // A load balancer reading /readyz sends new work elsewhere meanwhile.
+    let ready = http.get(format!("http://{listen}/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 503);
+    let ready: serde_json::Value = ready.json().await.unwrap();
+    assert_eq!(ready["status"], "not ready");
+    assert_ne!(ready["checks"]["store"], "ok", "{ready}");
+    assert_eq!(ready["checks"]["poller"], "ok", "{ready}");
 
     let lifted = std::process::Command::new("prlimit").args(["--pid", &pid, "--fsize=unlimited:"]).status().unwrap();
     assert!(lifted.success());
     let job = new_job();
     assert_eq!(register(job.clone()).await.status(), 201);
+    let ready = http.get(format!("http://{listen}/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 200, "ready again once writes go through: {:?}", ready.text().await);
     let got = eventually(Duration::from_secs(20), "both accepted jobs to be delivered", || async {
         let got = receiver.requests_to("/hook");
         (got.len() >= 2).then_some(got)

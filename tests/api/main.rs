@@ -9,6 +9,7 @@ mod crash;
 mod delivery;
 mod faults;
 mod openapi;
+mod operations;
 mod polling;
 mod raw;
 mod registration;

@@ -1,0 +1,213 @@
+//! What the service counts, served at `GET /metrics` in the Prometheus (OpenMetrics) text format.
+//!
+//! One [`Metrics`] per running service (not a process-wide recorder), so several services in one
+//! process (the tests) keep their own counts. Labels take only fixed values: outcomes, states and
+//! attempt numbers up to "6+", never URLs or IDs.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::{Registry, Unit};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabel {
+    pub state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AttemptLabels {
+    pub outcome: &'static str,
+    pub attempt: &'static str,
+}
+
+/// Subscription states, as the store names them.
+pub const STATES: [&str; 6] = ["polling", "delivering", "delivered", "failed", "expired", "cancelled"];
+
+/// How often `GET /metrics` may count subscriptions in the store (a scan): at most once per this.
+const STATE_COUNT_TTL: Duration = Duration::from_secs(5);
+
+pub struct Metrics {
+    registry: Registry,
+    pub registered: Counter,
+    pub finished: Family<StateLabel, Counter>,
+    pub subscriptions: Family<StateLabel, Gauge>,
+    pub jobs_polling: Gauge,
+    pub polls: Family<OutcomeLabel, Counter>,
+    pub upstream_seconds: Histogram,
+    pub attempts: Family<AttemptLabels, Counter>,
+    pub delivery_seconds: Histogram,
+    pub delivery_lag_seconds: Histogram,
+    pub deliveries_waiting: Gauge,
+    pub store_write_seconds: Histogram,
+    /// When the subscription gauges were last counted.
+    counted_at: Mutex<Option<Instant>>,
+}
+
+/// Buckets from 1 ms to about 65 s, doubling.
+fn latency() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 17))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut r = Registry::default();
+        let m = Metrics {
+            registered: Counter::default(),
+            finished: Family::default(),
+            subscriptions: Family::default(),
+            jobs_polling: Gauge::default(),
+            polls: Family::default(),
+            upstream_seconds: latency(),
+            attempts: Family::default(),
+            delivery_seconds: latency(),
+            delivery_lag_seconds: latency(),
+            deliveries_waiting: Gauge::default(),
+            store_write_seconds: latency(),
+            counted_at: Mutex::new(None),
+            registry: Registry::default(),
+        };
+        r.register("jobhook_subscriptions_registered", "Subscriptions created (201)", m.registered.clone());
+        r.register(
+            "jobhook_subscriptions_finished",
+            "Subscriptions that reached a final state, by state (counted by the instance that ended them)",
+            m.finished.clone(),
+        );
+        r.register(
+            "jobhook_subscriptions",
+            "Subscriptions in the store by state (the whole store, counted at most every 5 s)",
+            m.subscriptions.clone(),
+        );
+        r.register("jobhook_jobs_polling", "Upstream jobs in this instance's poll schedule", m.jobs_polling.clone());
+        r.register(
+            "jobhook_polls",
+            "Upstream status requests by outcome: pending, terminal, 4xx, 5xx, timeout, rate_limited, unreachable, bad_answer",
+            m.polls.clone(),
+        );
+        r.register_with_unit(
+            "jobhook_upstream_request_duration",
+            "Time of one upstream status request",
+            Unit::Seconds,
+            m.upstream_seconds.clone(),
+        );
+        r.register(
+            "jobhook_delivery_attempts",
+            "Delivery attempts by outcome (delivered, retry, failed) and attempt number (1 … 5, 6+)",
+            m.attempts.clone(),
+        );
+        r.register_with_unit(
+            "jobhook_delivery_request_duration",
+            "Time of one callback POST, from connecting to the end of the answer",
+            Unit::Seconds,
+            m.delivery_seconds.clone(),
+        );
+        r.register_with_unit(
+            "jobhook_delivery_lag",
+            "From the moment a delivery became due (the job's terminal answer, a registration of a finished job, a redeliver request) to the end of its first attempt",
+            Unit::Seconds,
+            m.delivery_lag_seconds.clone(),
+        );
+        r.register(
+            "jobhook_deliveries_waiting",
+            "Deliveries this instance holds for a first attempt or a retry (the retry backlog)",
+            m.deliveries_waiting.clone(),
+        );
+        r.register_with_unit(
+            "jobhook_store_write_duration",
+            "A write's time from queueing to its commit (group commit included)",
+            Unit::Seconds,
+            m.store_write_seconds.clone(),
+        );
+        Metrics { registry: r, ..m }
+    }
+
+    pub fn poll(&self, outcome: &'static str, took: Duration) {
+        self.polls.get_or_create(&OutcomeLabel { outcome }).inc();
+        self.upstream_seconds.observe(took.as_secs_f64());
+    }
+
+    pub fn finished(&self, state: &'static str, n: u64) {
+        if n > 0 {
+            self.finished.get_or_create(&StateLabel { state }).inc_by(n);
+        }
+    }
+
+    pub fn attempt(&self, outcome: &'static str, attempt: u32) {
+        const N: [&str; 6] = ["1", "2", "3", "4", "5", "6+"];
+        let attempt = N[(attempt.clamp(1, 6) - 1) as usize];
+        self.attempts.get_or_create(&AttemptLabels { outcome, attempt }).inc();
+    }
+
+    /// Whether the subscription gauges are due for a recount (and, if so, marks them counted now).
+    pub fn recount_due(&self) -> bool {
+        let mut at = self.counted_at.lock().unwrap_or_else(|e| e.into_inner());
+        if at.is_some_and(|t| t.elapsed() < STATE_COUNT_TTL) {
+            return false;
+        }
+        *at = Some(Instant::now());
+        true
+    }
+
+    pub fn set_subscription_counts(&self, counts: &[(String, i64)]) {
+        for state in STATES {
+            let n = counts.iter().find(|(s, _)| s == state).map_or(0, |(_, n)| *n);
+            self.subscriptions.get_or_create(&StateLabel { state }).set(n);
+        }
+    }
+
+    /// The text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// The content type of [`Metrics::render`].
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_conventions_and_labels_are_bounded() {
+        let m = Metrics::new();
+        m.registered.inc();
+        m.poll("pending", Duration::from_millis(3));
+        m.attempt("retry", 1);
+        m.attempt("delivered", 42);
+        m.set_subscription_counts(&[("polling".into(), 7)]);
+        let text = m.render();
+        assert!(text.contains("jobhook_subscriptions_registered_total 1"), "{text}");
+        assert!(text.contains(r#"jobhook_polls_total{outcome="pending"} 1"#), "{text}");
+        assert!(text.contains("jobhook_upstream_request_duration_seconds_bucket"), "{text}");
+        assert!(text.contains(r#"jobhook_delivery_attempts_total{outcome="delivered",attempt="6+"} 1"#), "{text}");
+        assert!(text.contains(r#"jobhook_subscriptions{state="polling"} 7"#), "{text}");
+        assert!(text.contains(r#"jobhook_subscriptions{state="cancelled"} 0"#), "{text}");
+        assert!(text.trim_end().ends_with("# EOF"), "{text}");
+    }
+
+    #[test]
+    fn the_store_is_counted_at_most_every_few_seconds() {
+        let m = Metrics::new();
+        assert!(m.recount_due());
+        assert!(!m.recount_due());
+    }
+}
