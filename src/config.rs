@@ -11,6 +11,8 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::keys::{ApiKey, SigningSecret};
 
+pub mod file;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "jobhook",
@@ -21,6 +23,15 @@ use crate::keys::{ApiKey, SigningSecret};
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
+
+    /// A TOML file holding settings (keys: the flags of `serve` without the dashes); the environment and
+    /// flags override it.
+    #[arg(long, global = true, env = "JOBHOOK_CONFIG", value_name = "FILE")]
+    pub config: Option<String>,
+
+    /// Log lines as human-readable text or as JSON objects (one per line). Level: RUST_LOG.
+    #[arg(long, global = true, env = "JOBHOOK_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
 
     /// Settings of `serve`, which is what plain `jobhook` runs.
     #[command(flatten)]
@@ -40,6 +51,20 @@ pub enum Command {
     Migrate(StoreArgs),
     /// Run a simulated AetherForge job API, for the quick start, the tests and the benchmark.
     MockUpstream(crate::mock_upstream::MockArgs),
+    /// Check a config file, or print a commented example of one.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Validate the settings (file, environment and flags together) and print the effective ones, with
+    /// secrets masked and where each came from.
+    Check(Box<ServeArgs>),
+    /// Print a config file with every setting at its default, commented.
+    Example,
 }
 
 #[derive(Debug, Subcommand)]
@@ -68,7 +93,7 @@ pub enum KeysCommand {
 
 #[derive(Debug, Clone, Args)]
 pub struct StoreArgs {
-    /// Where the state lives. `sqlite://PATH` (the file is created if missing).
+    /// Where the state lives: `sqlite://PATH` (the file is created if missing) or `postgres://…`.
     #[arg(long, env = "JOBHOOK_DATABASE_URL", default_value = "sqlite://jobhook.db")]
     pub database_url: String,
 }

@@ -3,19 +3,57 @@
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use jobhook::app::Application;
-use jobhook::config::{Cli, Command, KeysCommand, ServeArgs};
+use jobhook::config::{Cli, Command, ConfigCommand, KeysCommand, ServeArgs};
 use jobhook::keys::{ApiKey, SigningSecret};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    let user_argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    // The config file's settings become flags before the user's own (see config/file.rs).
+    let (argv, from_file) = match jobhook::config::file::merge(user_argv.clone()) {
+        Ok(merged) => merged,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let matches = Cli::command().get_matches_from(&argv);
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if cli.log_format == "json" {
+        // One JSON object per line, with the current span and its parents (request_id, job_id,
+        // subscription_id) as fields.
+        logs.json().with_current_span(true).with_span_list(true).init();
+    } else {
+        logs.with_ansi(std::io::stderr().is_terminal()).init();
+    }
+    if let Some(Command::Config { command }) = &cli.command {
+        return match command {
+            ConfigCommand::Example => {
+                print!("{}", jobhook::config::file::example());
+                ExitCode::SUCCESS
+            }
+            ConfigCommand::Check(args) => {
+                let check = matches.subcommand_matches("config").and_then(|m| m.subcommand_matches("check"));
+                if let Some(check) = check {
+                    print!("{}", jobhook::config::file::describe(check, &from_file, &user_argv));
+                }
+                match args.clone().into_config() {
+                    Ok(_) => {
+                        println!("# ok: the settings are valid");
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        ExitCode::from(2)
+                    }
+                }
+            }
+        };
+    }
     jobhook::install_crypto();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
@@ -31,6 +69,7 @@ fn main() -> ExitCode {
             Some(Command::Keys { command }) => keys(command).await,
             Some(Command::MockUpstream(args)) => jobhook::mock_upstream::run(args).await,
             Some(Command::Migrate(store)) => migrate(&store.database_url).await,
+            Some(Command::Config { .. }) => Ok(()), // answered above
         }
     });
     match result {

@@ -48,7 +48,9 @@ pub async fn start_with(args: &[String], log_level: &str) -> Running {
         while let Some(line) = stderr.next_line().await.unwrap() {
             logs.lock().unwrap().push(line.clone());
             if let Some(rest) = line.split("listening on http://").nth(1) {
-                return rest.split_whitespace().next().unwrap().parse::<SocketAddr>().unwrap();
+                // Text logs end the address with a space, JSON logs with a quote.
+                let addr = rest.split(|c: char| c.is_whitespace() || c == '"').next().unwrap();
+                return addr.parse::<SocketAddr>().unwrap();
             }
         }
         panic!("the binary exited before listening");

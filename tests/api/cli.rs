@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::binary::start;
+use crate::binary::{start, start_with};
 use crate::helpers::*;
 
 #[tokio::test]
@@ -72,4 +72,90 @@ async fn the_first_start_makes_a_key_and_shows_it_once() {
     .unwrap();
     assert_eq!(secret.status(), 200);
     third.child.start_kill().unwrap();
+}
+
+fn toml_file(dir: &std::path::Path, text: &str) -> String {
+    let path = dir.join("jobhook.toml");
+    std::fs::write(&path, text).unwrap();
+    path.to_string_lossy().into_owned()
+}
+
+#[tokio::test]
+async fn a_config_file_runs_the_service_with_json_logs_carrying_request_ids() {
+    let upstream = jobhook::mock_upstream::MockUpstream::start(&mock_args(1)).await.unwrap();
+    let receiver = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db_url = fresh_db_url(dir.path()).await;
+    let config = toml_file(
+        dir.path(),
+        &format!(
+            "listen = \"127.0.0.1:0\"\ndatabase_url = \"{db_url}\"\nupstream_url = \"{}\"\napi_keys = [\"{KEY_A}\"]\n\
+             signing_secret = \"{SECRET}\"\nallow_private_callbacks = true\npoll-interval = \"30ms\"\nlog_format = \"json\"\n",
+            upstream.url()
+        ),
+    );
+    let args: Vec<String> = ["jobhook", "--config", &config].iter().map(|s| s.to_string()).collect();
+    let running = start_with(&args, "info,jobhook=debug").await;
+    let http = reqwest::Client::new();
+    let response = http
+        .post(format!("http://{}/v1/subscriptions", running.addr))
+        .bearer_auth(KEY_A)
+        .json(&serde_json::json!({ "job_id": new_job(), "callback_url": receiver.url("/hook") }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201, "the key and the egress setting came from the file");
+    let request_id = response.headers()["x-request-id"].to_str().unwrap().to_owned();
+    receiver.wait_for("/hook", 1).await[0].verify(SECRET).unwrap();
+
+    let logs = running.logs();
+    let lines: Vec<serde_json::Value> = logs
+        .iter()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON log line ({e}): {l}")))
+        .collect();
+    assert!(lines.iter().all(|l| l["level"].is_string() && l["timestamp"].is_string()));
+    let registered = lines.iter().find(|l| l["fields"]["message"] == "registered").expect("a registration line");
+    assert_eq!(registered["span"]["request_id"], request_id.as_str(), "{registered}");
+    assert!(registered["fields"]["subscription_id"].is_string() && registered["fields"]["job_id"].is_string());
+    let polled = lines.iter().find(|l| l["fields"]["message"] == "job finished").expect("a poll line");
+    assert!(polled["span"]["job_id"].is_string(), "{polled}");
+}
+
+#[tokio::test]
+async fn config_check_shows_the_effective_settings_masked_with_their_sources() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = toml_file(
+        dir.path(),
+        "database_url = \"postgres://jobhook:hunter2hunter2@db.internal/jobhook\"\npoll_interval = \"2s\"\n\
+         api_keys = \"secret-key-0123456789\"\nmax_wait = \"1h\"\n",
+    );
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_jobhook"))
+        .args(["config", "check", "--config", &config, "--max-wait", "2h"])
+        .env("JOBHOOK_POLL_INTERVAL", "4s")
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}{}", String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.contains("poll_interval = \"4s\"  # environment, overrides the file"), "{stdout}");
+    assert!(stdout.contains("max_wait = \"2h\"  # flag"), "{stdout}");
+    assert!(stdout.contains("database_url = \"postgres://jobhook:********@db.internal/jobhook\"  # file"), "{stdout}");
+    assert!(stdout.contains("api_keys = \"********\"  # file"), "{stdout}");
+    assert!(stdout.contains("listen = \"127.0.0.1:8080\"  # default"), "{stdout}");
+    assert!(!stdout.contains("hunter2") && !stdout.contains("secret-key"), "secrets are masked: {stdout}");
+
+    for (text, named) in
+        [("pol_interval = \"2s\"\n", "`pol_interval`"), ("poll_interval = \"soon\"\n", "--poll-interval")]
+    {
+        let bad = toml_file(dir.path(), text);
+        let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_jobhook"))
+            .args(["config", "check", "--config", &bad])
+            .output()
+            .await
+            .unwrap();
+        assert!(!output.status.success());
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(named), "{stderr}");
+    }
 }

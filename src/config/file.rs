@@ -1,0 +1,289 @@
+//! The optional config file (`--config jobhook.toml` or `JOBHOOK_CONFIG`).
+//!
+//! Its keys are the flags of `jobhook serve` without the dashes (`database_url` or `database-url`), plus
+//! `log_format`. Precedence is file < environment < flags: a file key whose environment variable is set
+//! is skipped, and the rest become flags placed before the command line's own, where a later flag wins
+//! (`args_override_self`). So clap stays the one place that parses and validates every value.
+
+use std::collections::BTreeSet;
+use std::ffi::OsString;
+
+use clap::CommandFactory;
+
+use super::Cli;
+
+/// What the file contributed, for `jobhook config check`.
+#[derive(Debug, Default)]
+pub struct FromFile {
+    pub path: Option<String>,
+    /// The settings (by clap id) the file set and the environment did not override.
+    pub applied: BTreeSet<String>,
+    /// The settings the file set but the environment overrode.
+    pub overridden: BTreeSet<String>,
+}
+
+/// The command line with the config file's settings placed before the user's flags.
+pub fn merge(argv: Vec<OsString>) -> Result<(Vec<OsString>, FromFile), String> {
+    let Some(path) = config_path(&argv) else { return Ok((argv, FromFile::default())) };
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("cannot read the config file {path}: {e}"))?;
+    let table: toml::Table = text.parse().map_err(|e| format!("{path} is not valid TOML: {e}"))?;
+    let (at, target) = subcommand(&argv);
+    let mut accepted: BTreeSet<String> = target.get_arguments().map(|a| a.get_id().to_string()).collect();
+    accepted.insert("log_format".into()); // global: every command takes it
+    let settings = settings();
+    let mut flags = Vec::new();
+    let mut from = FromFile { path: Some(path.clone()), ..Default::default() };
+    for (key, value) in &table {
+        let id = key.replace('-', "_");
+        let Some(arg) = settings.iter().find(|a| a.get_id() == id.as_str()) else {
+            return Err(format!(
+                "{path}: unknown setting `{key}`; the settings are the flags of `jobhook serve` without the \
+                 dashes (see jobhook.example.toml or `jobhook config example`)"
+            ));
+        };
+        let value = scalar_or_list(value)
+            .ok_or_else(|| format!("{path}: `{key}` must be a string, a number, a boolean or a list of them"))?;
+        if arg.get_env().is_some_and(|env| std::env::var_os(env).is_some()) {
+            from.overridden.insert(id);
+            continue;
+        }
+        if !accepted.contains(&id) {
+            continue; // a serve setting this command does not take (`keys list` takes only the store)
+        }
+        let long = arg.get_long().unwrap_or(key.as_str());
+        flags.push(OsString::from(format!("--{long}={value}")));
+        from.applied.insert(id);
+    }
+    let mut merged = argv;
+    merged.splice(at..at, flags);
+    Ok((merged, from))
+}
+
+/// Every key the file may hold: `serve`'s flags and the global `log_format`.
+pub fn settings() -> Vec<clap::Arg> {
+    let cli = Cli::command();
+    let serve = cli.find_subcommand("serve").expect("serve exists").clone();
+    let globals = cli.get_arguments().filter(|a| a.get_id() == "log_format").cloned().collect::<Vec<_>>();
+    serve
+        .get_arguments()
+        .filter(|a| !matches!(a.get_id().as_str(), "help" | "config"))
+        .cloned()
+        .chain(globals)
+        .collect()
+}
+
+fn config_path(argv: &[OsString]) -> Option<String> {
+    let mut args = argv.iter().skip(1).map(|a| a.to_string_lossy());
+    while let Some(arg) = args.next() {
+        if arg == "--" {
+            break;
+        }
+        if let Some(path) = arg.strip_prefix("--config=") {
+            return Some(path.to_owned());
+        }
+        if arg == "--config" {
+            return args.next().map(|p| p.into_owned());
+        }
+    }
+    std::env::var("JOBHOOK_CONFIG").ok().filter(|p| !p.trim().is_empty())
+}
+
+/// Where the file's flags go (right after the subcommand's name) and the subcommand that takes them.
+fn subcommand(argv: &[OsString]) -> (usize, clap::Command) {
+    let mut command = Cli::command();
+    let mut at = 1;
+    let mut i = 1;
+    while i < argv.len() {
+        let word = argv[i].to_string_lossy();
+        if word.starts_with('-') {
+            // A flag's value is not a subcommand's name.
+            if !word.contains('=') && i + 1 < argv.len() && !argv[i + 1].to_string_lossy().starts_with('-') {
+                i += 1;
+            }
+        } else if let Some(sub) = command.find_subcommand(word.as_ref()).cloned() {
+            command = sub;
+            at = i + 1;
+        } else {
+            break;
+        }
+        i += 1;
+    }
+    // Plain `jobhook` runs serve with the top-level flags.
+    (at, command)
+}
+
+fn scalar_or_list(value: &toml::Value) -> Option<String> {
+    match value {
+        toml::Value::String(s) => Some(s.clone()),
+        toml::Value::Integer(n) => Some(n.to_string()),
+        toml::Value::Float(f) => Some(f.to_string()),
+        toml::Value::Boolean(b) => Some(b.to_string()),
+        toml::Value::Array(items) => items
+            .iter()
+            .map(|v| if v.is_array() { None } else { scalar_or_list(v) })
+            .collect::<Option<Vec<_>>>()
+            .map(|v| v.join(",")),
+        _ => None,
+    }
+}
+
+/// `jobhook.example.toml`: every setting, commented out at its default, with its help.
+pub fn example() -> String {
+    let mut out = String::from(
+        "# jobhook's settings. Use it with `jobhook --config jobhook.toml` (or JOBHOOK_CONFIG=jobhook.toml).\n\
+         # Every key is a flag of `jobhook serve` without the dashes. Precedence: this file < the\n\
+         # JOBHOOK_* environment < flags. Unknown keys are refused. Check a file with\n\
+         # `jobhook config check --config jobhook.toml`. Lists take a TOML array or a comma-separated string.\n\
+         # This file is generated by `jobhook config example`; every line below shows the default.\n",
+    );
+    for arg in settings() {
+        let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
+        out.push('\n');
+        for line in help.lines() {
+            out.push_str(&format!("# {}\n", line.trim()));
+        }
+        if let Some(env) = arg.get_env() {
+            out.push_str(&format!("# (environment: {})\n", env.to_string_lossy()));
+        }
+        let id = arg.get_id().as_str();
+        let default = arg.get_default_values().first().map(|v| v.to_string_lossy().into_owned());
+        let value = match default {
+            Some(v) if v.parse::<i64>().is_ok() || v == "true" || v == "false" => v,
+            Some(v) => format!("{v:?}"),
+            None if arg.get_value_delimiter().is_some() => "[]".to_owned(),
+            None => "\"\"".to_owned(),
+        };
+        out.push_str(&format!("# {id} = {value}\n"));
+    }
+    out
+}
+
+/// The effective settings, one `key = value  # source` line each, secrets masked.
+pub fn describe(matches: &clap::ArgMatches, from: &FromFile, user_argv: &[OsString]) -> String {
+    let mut out = String::new();
+    if let Some(path) = &from.path {
+        out.push_str(&format!("# config file: {path}\n"));
+    }
+    out.push_str("# effective settings (precedence: file < environment < flags)\n");
+    for arg in settings() {
+        let id = arg.get_id().as_str();
+        let values: Vec<String> =
+            matches.get_raw(id).map(|vs| vs.map(|v| v.to_string_lossy().into_owned()).collect()).unwrap_or_default();
+        let long = format!("--{}", arg.get_long().unwrap_or(id));
+        let source = match matches.value_source(id) {
+            Some(clap::parser::ValueSource::DefaultValue) => "default",
+            Some(clap::parser::ValueSource::EnvVariable) => "environment",
+            Some(clap::parser::ValueSource::CommandLine)
+                if from.applied.contains(id)
+                    && !user_argv.iter().any(|a| a.to_string_lossy().split('=').next() == Some(long.as_str())) =>
+            {
+                "file"
+            }
+            Some(clap::parser::ValueSource::CommandLine) => "flag",
+            _ => "unset",
+        };
+        let joined = values.join(",");
+        let shown = if arg.is_hide_env_values_set() && !joined.is_empty() {
+            "********".to_owned()
+        } else if id == "database_url" {
+            mask_password(&joined)
+        } else {
+            joined
+        };
+        let note = if from.overridden.contains(id) { ", overrides the file" } else { "" };
+        out.push_str(&format!("{id} = {shown:?}  # {source}{note}\n"));
+    }
+    out
+}
+
+fn mask_password(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("********"));
+            u.to_string()
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn argv(args: &[&str]) -> Vec<OsString> {
+        args.iter().map(OsString::from).collect()
+    }
+
+    fn file(text: &str) -> (tempfile::NamedTempFile, String) {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(f.path(), text).unwrap();
+        let path = f.path().to_string_lossy().into_owned();
+        (f, path)
+    }
+
+    #[test]
+    fn file_settings_go_before_the_flags_so_flags_win() {
+        let (_f, path) = file(
+            "poll_interval = \"2s\"\nupstream-max-rps = 7\napi_keys = [\"aaaaaaaaaaaaaaaa\", \"bbbbbbbbbbbbbbbb\"]\n",
+        );
+        let (merged, from) = merge(argv(&["jobhook", "serve", "--config", &path, "--poll-interval", "3s"])).unwrap();
+        let merged: Vec<String> = merged.iter().map(|a| a.to_string_lossy().into_owned()).collect();
+        assert_eq!(merged[1], "serve");
+        assert!(merged.contains(&"--upstream-max-rps=7".to_owned()), "{merged:?}");
+        assert!(merged.contains(&"--api-keys=aaaaaaaaaaaaaaaa,bbbbbbbbbbbbbbbb".to_owned()), "{merged:?}");
+        assert_eq!(from.applied.len(), 3);
+        let cli = <Cli as clap::Parser>::try_parse_from(&merged).unwrap();
+        let Some(super::super::Command::Serve(args)) = cli.command else { panic!("serve") };
+        assert_eq!(args.poll_interval, std::time::Duration::from_secs(3), "the flag wins over the file");
+        assert_eq!(args.upstream_max_rps, 7);
+        assert_eq!(args.api_keys.len(), 2);
+    }
+
+    #[test]
+    fn an_unknown_key_is_named() {
+        let (_f, path) = file("pol_interval = \"2s\"\n");
+        let err = merge(argv(&["jobhook", "--config", &path])).unwrap_err();
+        assert!(err.contains("`pol_interval`"), "{err}");
+        let (_g, path) = file("[poll]\ninterval = 1\n");
+        assert!(merge(argv(&["jobhook", "--config", &path])).unwrap_err().contains("`poll`"));
+        let (_h, path) = file("poll_interval = ");
+        assert!(merge(argv(&["jobhook", "--config", &path])).unwrap_err().contains("not valid TOML"));
+    }
+
+    #[test]
+    fn plain_jobhook_and_other_commands_get_what_they_take() {
+        let (_f, path) = file("database_url = \"sqlite://x.db\"\npoll_interval = \"2s\"\n");
+        let (merged, _) = merge(argv(&["jobhook", "--config", &path])).unwrap();
+        assert_eq!(merged[1], "--database-url=sqlite://x.db");
+        let (merged, _) = merge(argv(&["jobhook", "keys", "list", "--config", &path])).unwrap();
+        assert_eq!(merged.len(), 6, "only the store setting: {merged:?}");
+        assert_eq!(merged[3], "--database-url=sqlite://x.db");
+    }
+
+    #[test]
+    fn the_committed_example_is_the_generated_one() {
+        let committed = include_str!("../../jobhook.example.toml");
+        assert_eq!(committed, example(), "regenerate: cargo run -- config example > jobhook.example.toml");
+        // And every line of it, uncommented, is a valid setting at its default.
+        let uncommented: String = example()
+            .lines()
+            .filter_map(|l| {
+                let setting = l.strip_prefix("# ")?;
+                let (key, _) = setting.split_once(" = ")?;
+                key.chars().all(|c| c.is_ascii_lowercase() || c == '_').then_some(setting)
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let (_f, path) = file(&uncommented);
+        let (merged, _) = merge(argv(&["jobhook", "serve", "--config", &path])).unwrap();
+        let cli = <Cli as clap::Parser>::try_parse_from(&merged).unwrap();
+        let Some(super::super::Command::Serve(args)) = cli.command else { panic!("serve") };
+        args.into_config().unwrap();
+    }
+
+    #[test]
+    fn passwords_are_masked() {
+        assert_eq!(mask_password("postgres://u:hunter2@db/x"), "postgres://u:********@db/x");
+        assert_eq!(mask_password("sqlite://jobhook.db"), "sqlite://jobhook.db");
+    }
+}
