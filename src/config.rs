@@ -51,6 +51,8 @@ pub enum Command {
     Migrate(StoreArgs),
     /// Run a simulated AetherForge job API, for the quick start, the tests and the benchmark.
     MockUpstream(crate::mock_upstream::MockArgs),
+    /// Check a captured delivery's signature against a secret, step by step (exit 0: verified, 1: not).
+    Verify(crate::verify::VerifyArgs),
     /// Check a config file, or print a commented example of one.
     Config {
         #[command(subcommand)]

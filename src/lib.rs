@@ -30,6 +30,7 @@ pub mod mock_upstream;
 pub mod poller;
 pub mod store;
 pub mod upstream;
+pub mod verify;
 
 /// Installs the TLS crypto provider (ring) once per process; safe to call again.
 pub fn install_crypto() {

@@ -30,6 +30,20 @@ fn main() -> ExitCode {
     } else {
         logs.with_ansi(std::io::stderr().is_terminal()).init();
     }
+    if let Some(Command::Verify(args)) = &cli.command {
+        return match jobhook::verify::read(args) {
+            Ok(captured) => {
+                let now = time::OffsetDateTime::now_utc().unix_timestamp();
+                let (report, ok) = jobhook::verify::check(&args.secret, &captured, now);
+                print!("{report}");
+                if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
     if let Some(Command::Config { command }) = &cli.command {
         return match command {
             ConfigCommand::Example => {
@@ -69,7 +83,7 @@ fn main() -> ExitCode {
             Some(Command::Keys { command }) => keys(command).await,
             Some(Command::MockUpstream(args)) => jobhook::mock_upstream::run(args).await,
             Some(Command::Migrate(store)) => migrate(&store.database_url).await,
-            Some(Command::Config { .. }) => Ok(()), // answered above
+            Some(Command::Config { .. } | Command::Verify(_)) => Ok(()), // answered above
         }
     });
     match result {

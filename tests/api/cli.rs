@@ -159,3 +159,46 @@ async fn config_check_shows_the_effective_settings_masked_with_their_sources() {
         assert!(stderr.contains(named), "{stderr}");
     }
 }
+
+#[tokio::test]
+async fn jobhook_verify_checks_a_real_captured_delivery() {
+    let app = spawn_app().await;
+    app.register(&new_job(), &app.receiver.url("/hook")).await;
+    let got = app.receiver.wait_for("/hook", 1).await.remove(0);
+    got.verify(SECRET).expect("the stock crate accepts it");
+    let dir = tempfile::tempdir().unwrap();
+    let headers: String =
+        got.headers.iter().map(|(n, v)| format!("{}: {}\n", n.as_str(), v.to_str().unwrap())).collect();
+    std::fs::write(dir.path().join("headers.txt"), headers).unwrap();
+    std::fs::write(dir.path().join("body.json"), &got.body).unwrap();
+    let mut tampered = got.body.to_vec();
+    tampered.push(b'\n');
+    std::fs::write(dir.path().join("tampered.json"), tampered).unwrap();
+    let run = |secret: &'static str, body: &'static str| {
+        let dir = dir.path().to_owned();
+        async move {
+            tokio::process::Command::new(env!("CARGO_BIN_EXE_jobhook"))
+                .args(["verify", "--secret", secret, "--headers"])
+                .arg(dir.join("headers.txt"))
+                .arg("--body")
+                .arg(dir.join(body))
+                .output()
+                .await
+                .unwrap()
+        }
+    };
+    let good = run(SECRET, "body.json").await;
+    let out = String::from_utf8_lossy(&good.stdout);
+    assert!(good.status.success(), "{out}");
+    assert!(out.contains("verified"), "{out}");
+
+    let newline = run(SECRET, "tampered.json").await;
+    let out = String::from_utf8_lossy(&newline.stdout);
+    assert_eq!(newline.status.code(), Some(1), "{out}");
+    assert!(out.contains("newline"), "{out}");
+
+    let other = run("whsec_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA", "body.json").await;
+    let out = String::from_utf8_lossy(&other.stdout);
+    assert_eq!(other.status.code(), Some(1), "{out}");
+    assert!(out.contains("none of 1 signature(s) matches") && !out.contains("AAAAAAAA"), "{out}");
+}
