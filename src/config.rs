@@ -51,6 +51,9 @@ pub enum Command {
     Migrate(StoreArgs),
     /// Run a simulated AetherForge job API, for the quick start, the tests and the benchmark.
     MockUpstream(crate::mock_upstream::MockArgs),
+    /// See the whole loop in a few seconds: a simulated upstream, jobhook on a temporary store and a
+    /// receiver, all on 127.0.0.1; three jobs, each step printed as it happens.
+    Demo,
     /// Check a captured delivery's signature against a secret, step by step (exit 0: verified, 1: not).
     Verify(crate::verify::VerifyArgs),
     /// Check a config file, or print a commented example of one.

@@ -23,6 +23,7 @@ pub mod app;
 pub mod cluster;
 pub mod config;
 pub mod delivery;
+pub mod demo;
 pub mod domain;
 pub mod keys;
 pub mod metrics;

@@ -21,7 +21,9 @@ fn main() -> ExitCode {
     };
     let matches = Cli::command().get_matches_from(&argv);
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // The demo prints its own story; the service's own lines would drown it (RUST_LOG still shows them).
+    let default_level = if matches!(cli.command, Some(Command::Demo)) { "warn" } else { "info" };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
     let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     if cli.log_format == "json" {
         // One JSON object per line, with the current span and its parents (request_id, job_id,
@@ -83,6 +85,7 @@ fn main() -> ExitCode {
             Some(Command::Keys { command }) => keys(command).await,
             Some(Command::MockUpstream(args)) => jobhook::mock_upstream::run(args).await,
             Some(Command::Migrate(store)) => migrate(&store.database_url).await,
+            Some(Command::Demo) => jobhook::demo::run().await,
             Some(Command::Config { .. } | Command::Verify(_)) => Ok(()), // answered above
         }
     });

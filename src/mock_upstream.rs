@@ -86,6 +86,16 @@ struct Inner {
     polls: HashMap<JobId, JobPolls>,
     /// When each poll arrived, in order (for rate checks).
     times: Vec<std::time::Instant>,
+    /// Who wants to hear of each poll (the demo prints them).
+    watcher: Option<tokio::sync::mpsc::UnboundedSender<Polled>>,
+}
+
+/// A poll the mock answered: the job, which poll of it this was, and the answer.
+#[derive(Debug, Clone)]
+pub struct Polled {
+    pub job_id: JobId,
+    pub count: u32,
+    pub answer: Answer,
 }
 
 /// A running simulated upstream.
@@ -107,6 +117,7 @@ impl MockUpstream {
             scripts: HashMap::new(),
             polls: HashMap::new(),
             times: Vec::new(),
+            watcher: None,
         }));
         let app = axum::Router::new().route("/public/v1/job/{job_id}", get(job_status)).with_state(inner.clone());
         tokio::spawn(async move {
@@ -125,6 +136,13 @@ impl MockUpstream {
 
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// Every poll from now on, as it is answered.
+    pub fn watch(&self) -> tokio::sync::mpsc::UnboundedReceiver<Polled> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        self.lock().watcher = Some(tx);
+        rx
     }
 
     /// Answers for one job, in order; the last one repeats.
@@ -215,6 +233,9 @@ async fn job_status(State(inner): State<Arc<Mutex<Inner>>>, Path(raw): Path<Stri
                 Outcome::Pending => Answer::Pending,
             },
         };
+        if let Some(watcher) = &guard.watcher {
+            let _ = watcher.send(Polled { job_id, count: n, answer: answer.clone() });
+        }
         (answer, InFlightGuard(inner.clone(), job_id), job_id)
     };
     let (answer, _guard, job_id) = answer;

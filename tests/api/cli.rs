@@ -202,3 +202,22 @@ async fn jobhook_verify_checks_a_real_captured_delivery() {
     assert_eq!(other.status.code(), Some(1), "{out}");
     assert!(out.contains("none of 1 signature(s) matches") && !out.contains("AAAAAAAA"), "{out}");
 }
+
+#[tokio::test]
+async fn jobhook_demo_runs_the_whole_loop_and_exits() {
+    let output = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_jobhook")).arg("demo").output(),
+    )
+    .await
+    .expect("the demo ends by itself")
+    .unwrap();
+    let out = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{out}{}", String::from_utf8_lossy(&output.stderr));
+    assert!(out.contains("job A: delivered, job status Succeed, 1 attempt(s)"), "{out}");
+    assert!(out.contains("job B: delivered, job status Failed, 1 attempt(s)"), "{out}");
+    assert!(out.contains("job C: delivered, job status Succeed, 3 attempt(s)"), "{out}");
+    assert_eq!(out.matches("signature verified").count(), 5, "{out}");
+    assert!(out.contains("upstream   job A poll 3 → Succeed"), "{out}");
+    assert!(!out.contains("REJECTED"), "{out}");
+}
