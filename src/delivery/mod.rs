@@ -212,7 +212,7 @@ fn elapsed_ms(since: Instant) -> u64 {
 }
 
 /// One delivery attempt: send, decide, record. Returns the delivery's next due time, if any.
-#[tracing::instrument(level = "debug", skip_all, fields(subscription_id = %task.subscription_id, attempt = task.attempts_made + 1))]
+#[tracing::instrument(level = "debug", skip_all, fields(subscription_id = %task.subscription_id, job_id = %task.job_id, attempt = task.attempts_made + 1))]
 pub async fn attempt(ctx: &DeliveryContext, task: &mut DeliveryTask) -> Option<Millis> {
     let attempt = task.attempts_made + 1;
     let secrets = match ctx.secrets.get(task.tenant_id).await {

@@ -95,6 +95,8 @@ pub struct PollableJob {
 #[derive(Debug, Clone)]
 pub struct DeliveryTask {
     pub subscription_id: SubscriptionId,
+    /// The job whose result this delivers (for logs).
+    pub job_id: JobId,
     /// Whose secrets sign it; they are looked up at each attempt, so a rotation applies at once.
     pub tenant_id: i64,
     /// The job's partition (which instance delivers it, when several share the work).

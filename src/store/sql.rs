@@ -541,6 +541,7 @@ const POLLABLE_SELECT: &str = "SELECT j.job_id AS job_id, j.created_at AS job_cr
 #[derive(sqlx::FromRow)]
 struct DeliveryRow {
     id: String,
+    job_id: String,
     tenant_id: i64,
     partition: i64,
     webhook_id: Option<String>,
@@ -557,6 +558,7 @@ impl TryFrom<DeliveryRow> for DeliveryTask {
     fn try_from(r: DeliveryRow) -> Result<Self> {
         Ok(DeliveryTask {
             subscription_id: r.id.parse().map_err(|e| corrupt("subscription id", e))?,
+            job_id: r.job_id.parse().map_err(|e| corrupt("job id", e))?,
             tenant_id: r.tenant_id,
             partition: r.partition,
             webhook_id: r.webhook_id.ok_or_else(|| corrupt("delivery without webhook id", &r.id))?,
@@ -569,7 +571,7 @@ impl TryFrom<DeliveryRow> for DeliveryTask {
     }
 }
 
-const DELIVERY_SELECT: &str = "SELECT s.id, s.tenant_id, s.partition, s.webhook_id, s.callback_url, j.result, s.series, s.attempts, s.next_attempt_at \
+const DELIVERY_SELECT: &str = "SELECT s.id, s.job_id, s.tenant_id, s.partition, s.webhook_id, s.callback_url, j.result, s.series, s.attempts, s.next_attempt_at \
      FROM subscriptions s JOIN jobs j ON j.job_id = s.job_id";
 
 /// Tells the other instances about work they may own (PostgreSQL: delivered when `tx` commits, or never).
@@ -1292,6 +1294,7 @@ async fn register_in(
             let sub = new_subscription(SubscriptionState::Delivering, Some(webhook_id.clone()), Some(now))?;
             notify(b, tx, format!("deliver {sub_id} {}", job_id.partition())).await?;
             let task = DeliveryTask {
+                job_id,
                 subscription_id: id,
                 webhook_id,
                 callback_url: callback_url.as_str().to_owned(),
@@ -1358,6 +1361,7 @@ async fn complete_job_in(
             continue;
         }
         tasks.push(DeliveryTask {
+            job_id,
             subscription_id: id.parse().map_err(|e| corrupt("subscription id", e))?,
             tenant_id,
             partition: job_id.partition(),

@@ -120,6 +120,8 @@ async fn a_config_file_runs_the_service_with_json_logs_carrying_request_ids() {
     assert!(registered["fields"]["subscription_id"].is_string() && registered["fields"]["job_id"].is_string());
     let polled = lines.iter().find(|l| l["fields"]["message"] == "job finished").expect("a poll line");
     assert!(polled["span"]["job_id"].is_string(), "{polled}");
+    let delivered = lines.iter().find(|l| l["fields"]["message"] == "delivered").expect("a delivery line");
+    assert!(delivered["span"]["subscription_id"].is_string() && delivered["span"]["job_id"].is_string(), "{delivered}");
 }
 
 #[tokio::test]

@@ -197,6 +197,7 @@ fn register(
             .execute(params![sub_id, tenant.id, job, callback_url.as_str(), webhook_id, now, job_id.partition()])
             .sq()?;
             let task = DeliveryTask {
+                job_id,
                 subscription_id: id,
                 tenant_id: tenant.id,
                 partition: job_id.partition(),
@@ -266,14 +267,15 @@ fn complete_job(
             .query_map(params![job], |r| {
                 Ok(DeliveryRow {
                     id: r.get(0)?,
-                    tenant_id: r.get(1)?,
-                    partition: r.get(2)?,
-                    webhook_id: r.get(3)?,
-                    callback_url: r.get(4)?,
-                    result: r.get(5)?,
-                    series: r.get(6)?,
-                    attempts: r.get(7)?,
-                    next_attempt_at: r.get(8)?,
+                    job_id: r.get(1)?,
+                    tenant_id: r.get(2)?,
+                    partition: r.get(3)?,
+                    webhook_id: r.get(4)?,
+                    callback_url: r.get(5)?,
+                    result: r.get(6)?,
+                    series: r.get(7)?,
+                    attempts: r.get(8)?,
+                    next_attempt_at: r.get(9)?,
                 })
             })
             .sq()?
@@ -299,6 +301,7 @@ fn complete_job(
         .execute(params![webhook_id, now, id])
         .sq()?;
         tasks.push(DeliveryTask {
+            job_id,
             subscription_id: id.parse().map_err(|e| corrupt("subscription id", e))?,
             tenant_id,
             partition: job_id.partition(),
