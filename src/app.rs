@@ -174,6 +174,7 @@ impl Application {
             secret_rotation_grace: config.secret_rotation_grace,
             metrics,
             workers: workers.clone(),
+            known_keys: Default::default(),
         });
         Ok(Application {
             listener,

@@ -8,10 +8,59 @@ use super::{ApiError, AppState};
 use crate::keys::KeyHash;
 use crate::store::Tenant;
 
-impl FromRequestParts<AppState> for Tenant {
+/// The presented Bearer key, hashed.
+pub struct BearerKey(pub KeyHash);
+
+/// A Bearer key for a handler that checks it again inside its own write (registration). A key seen
+/// valid before passes without a read; the write refuses it if it has been revoked since (and it is
+/// forgotten then). A key never seen valid is checked first, so a caller without a key learns nothing
+/// and makes us do nothing (no validation, no DNS lookup) before its 401.
+pub struct RegisteringKey(pub KeyHash);
+
+/// Key hashes seen valid; bounded (forgotten all at once when full: they are only a shortcut).
+#[derive(Default)]
+pub struct KnownKeys(std::sync::Mutex<std::collections::HashSet<KeyHash>>);
+
+const KNOWN_KEYS_MAX: usize = 10_000;
+
+impl KnownKeys {
+    fn contains(&self, key: &KeyHash) -> bool {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).contains(key)
+    }
+
+    fn insert(&self, key: KeyHash) {
+        let mut keys = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if keys.len() >= KNOWN_KEYS_MAX {
+            keys.clear();
+        }
+        keys.insert(key);
+    }
+
+    pub fn forget(&self, key: &KeyHash) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).remove(key);
+    }
+}
+
+impl FromRequestParts<AppState> for RegisteringKey {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        let BearerKey(key) = BearerKey::from_request_parts(parts, state).await?;
+        if !state.known_keys.contains(&key) {
+            state.store.tenant_by_key(key).await?.ok_or(UNKNOWN_KEY)?;
+            state.known_keys.insert(key);
+        }
+        Ok(RegisteringKey(key))
+    }
+}
+
+/// What every route answers for a key that is not usable.
+pub const UNKNOWN_KEY: ApiError = ApiError::Unauthorized("this API key is not valid (unknown or revoked)");
+
+impl<S: Send + Sync> FromRequestParts<S> for BearerKey {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
         let value = parts
             .headers
             .get(header::AUTHORIZATION)
@@ -26,9 +75,15 @@ impl FromRequestParts<AppState> for Tenant {
             return Err(ApiError::Unauthorized("the Authorization header must be: Bearer <key>"));
         }
         // Looked up by hash: the presented key is never compared byte by byte with a stored one.
-        match state.store.tenant_by_key(KeyHash::of(key.trim())).await? {
-            Some(tenant) => Ok(tenant),
-            None => Err(ApiError::Unauthorized("this API key is not valid (unknown or revoked)")),
-        }
+        Ok(BearerKey(KeyHash::of(key.trim())))
+    }
+}
+
+impl FromRequestParts<AppState> for Tenant {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        let BearerKey(key) = BearerKey::from_request_parts(parts, state).await?;
+        state.store.tenant_by_key(key).await?.ok_or(UNKNOWN_KEY)
     }
 }

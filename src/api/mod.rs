@@ -44,6 +44,8 @@ pub struct AppState {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Which workers run, for `GET /readyz`.
     pub workers: Arc<crate::app::Workers>,
+    /// API keys seen valid (a shortcut for registration; see [`auth::RegisteringKey`]).
+    pub known_keys: Arc<auth::KnownKeys>,
 }
 
 #[derive(OpenApi)]

@@ -184,13 +184,13 @@ impl<S: Send + Sync> FromRequestParts<S> for SubscriptionPath {
 )]
 pub async fn create(
     State(state): State<AppState>,
-    tenant: Tenant,
+    super::auth::RegisteringKey(key): super::auth::RegisteringKey,
     ApiJson(body): ApiJson<CreateSubscription>,
 ) -> Result<Response, ApiError> {
     let job_id: JobId = body.job_id.parse().map_err(ApiError::Invalid)?;
     let callback_url: CallbackUrl = body.callback_url.parse().map_err(ApiError::Invalid)?;
     state.egress.check_registration(&callback_url, &state.lookup).await.map_err(ApiError::Invalid)?;
-    let registered = state.store.register(&tenant, SubscriptionId::new(), job_id, &callback_url, now_ms()).await?;
+    let registered = state.store.register(key, SubscriptionId::new(), job_id, &callback_url, now_ms()).await?;
     let (status, sub) = match registered {
         Registered::CreatedPolling(sub, job) => {
             state.metrics.registered.inc();
@@ -211,6 +211,10 @@ pub async fn create(
                 state.poller.ensure(job);
             }
             (StatusCode::OK, sub)
+        }
+        Registered::UnknownKey => {
+            state.known_keys.forget(&key);
+            return Err(super::auth::UNKNOWN_KEY);
         }
     };
     // Per-job events are debug: at thousands of jobs a second, info would be mostly log.

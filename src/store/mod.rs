@@ -119,6 +119,8 @@ pub enum Registered {
     CreatedDelivering(Subscription, DeliveryTask),
     /// The same tenant, job and callback were already registered: this is that subscription.
     Existing(Subscription),
+    /// No usable API key has this hash (unknown or revoked): nothing was written.
+    UnknownKey,
 }
 
 /// One delivery attempt as it happened.
@@ -215,9 +217,11 @@ pub trait Store: Send + Sync + 'static {
 
     // --- the API ---
 
+    /// Registers as the tenant holding `key` (checked in the same transaction, so a revoked key is refused
+    /// at once); [`Registered::UnknownKey`] when no usable key has that hash.
     async fn register(
         &self,
-        tenant: &Tenant,
+        key: KeyHash,
         id: SubscriptionId,
         job_id: JobId,
         callback_url: &CallbackUrl,

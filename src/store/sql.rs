@@ -125,7 +125,7 @@ pub struct SqlStore {
 /// A write that is group-committed: many of them share one transaction, so they share one fsync.
 enum Write {
     Register {
-        tenant: Tenant,
+        key: KeyHash,
         id: SubscriptionId,
         job_id: JobId,
         callback_url: CallbackUrl,
@@ -215,8 +215,8 @@ impl Write {
 
     async fn run(&self, b: Backend, tx: &mut Transaction<'static, Any>) -> Done {
         match self {
-            Write::Register { tenant, id, job_id, callback_url, now, .. } => {
-                Done::Register(register_in(b, tx, tenant, *id, *job_id, callback_url, *now).await)
+            Write::Register { key, id, job_id, callback_url, now, .. } => {
+                Done::Register(register_in(b, tx, key, *id, *job_id, callback_url, *now).await)
             }
             Write::Complete { job_id, status, body, now, .. } => {
                 Done::Complete(complete_job_in(b, tx, *job_id, *status, body, *now).await)
@@ -827,18 +827,14 @@ impl Store for SqlStore {
 
     async fn register(
         &self,
-        tenant: &Tenant,
+        key: KeyHash,
         id: SubscriptionId,
         job_id: JobId,
         callback_url: &CallbackUrl,
         now: Millis,
     ) -> Result<Registered> {
         let (reply, answer) = oneshot::channel();
-        self.write(
-            Write::Register { tenant: tenant.clone(), id, job_id, callback_url: callback_url.clone(), now, reply },
-            answer,
-        )
-        .await
+        self.write(Write::Register { key, id, job_id, callback_url: callback_url.clone(), now, reply }, answer).await
     }
 
     async fn subscription(&self, tenant_id: i64, id: SubscriptionId) -> Result<Option<Subscription>> {
@@ -1187,15 +1183,21 @@ async fn insert_tenant_with_key(
 
 // --- the writes that are group-committed (see `writer`) ---
 
+/// The tenant of a usable API key, by the key's hash (checked inside the registering transaction).
+const KEY_TENANT: &str = "SELECT tenant_id FROM api_keys WHERE key_hash = ? AND revoked_at IS NULL";
+
 async fn register_in(
     b: Backend,
     tx: &mut Transaction<'static, Any>,
-    tenant: &Tenant,
+    key: &KeyHash,
     id: SubscriptionId,
     job_id: JobId,
     callback_url: &CallbackUrl,
     now: Millis,
 ) -> Result<Registered> {
+    let tenant_id: Option<i64> =
+        sqlx::query_scalar(b.sql(KEY_TENANT)).bind(key.0.as_slice()).fetch_optional(&mut **tx).await.db()?;
+    let Some(tenant_id) = tenant_id else { return Ok(Registered::UnknownKey) };
     let job = job_id.to_string();
     // A write first, so this transaction holds the write lock before it reads: the job's result
     // cannot appear between our read and our insert.
@@ -1222,7 +1224,7 @@ async fn register_in(
     let existing: Option<String> = sqlx::query_scalar(
         b.sql("SELECT id FROM subscriptions WHERE tenant_id = ? AND job_id = ? AND callback_url = ? AND state IN ('polling', 'delivering', 'delivered')"),
     )
-    .bind(tenant.id)
+    .bind(tenant_id)
     .bind(&job)
     .bind(callback_url.as_str())
     .fetch_optional(&mut **tx)
@@ -1257,7 +1259,7 @@ async fn register_in(
                  VALUES (?1, ?2, ?3, ?4, 'polling', ?5, ?5, ?6)"),
             )
             .bind(&sub_id)
-            .bind(tenant.id)
+            .bind(tenant_id)
             .bind(&job)
             .bind(callback_url.as_str())
             .bind(now)
@@ -1282,7 +1284,7 @@ async fn register_in(
                  VALUES (?1, ?2, ?3, ?4, 'delivering', ?5, ?6, ?6, ?6, ?7)"),
             )
             .bind(&sub_id)
-            .bind(tenant.id)
+            .bind(tenant_id)
             .bind(&job)
             .bind(callback_url.as_str())
             .bind(&webhook_id)
@@ -1298,7 +1300,7 @@ async fn register_in(
                 subscription_id: id,
                 webhook_id,
                 callback_url: callback_url.as_str().to_owned(),
-                tenant_id: tenant.id,
+                tenant_id,
                 partition: job_id.partition(),
                 body: Bytes::from(body),
                 series: 1,

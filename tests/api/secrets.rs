@@ -64,6 +64,9 @@ async fn a_revoked_key_answers_401_at_once() {
     let out = String::from_utf8_lossy(&created.stdout);
     let key = out.lines().next().unwrap().rsplit(' ').next().unwrap().to_owned();
     assert_eq!(app.get_as(&key, "/v1/subscriptions").await.status(), 200);
+    // Registration checks the key inside its own write; once seen valid, the key is not read first.
+    let callback = app.receiver.url("/hook");
+    assert_eq!(app.register_as(&key, &new_job(), &callback).await.status(), 201);
 
     let list = tokio::process::Command::new(env!("CARGO_BIN_EXE_jobhook"))
         .args(["keys", "list", "--database-url", &app.db_url])
@@ -81,6 +84,10 @@ async fn a_revoked_key_answers_401_at_once() {
         .unwrap();
     assert!(revoked.status.success(), "{}", String::from_utf8_lossy(&revoked.stderr));
     assert_eq!(app.get_as(&key, "/v1/subscriptions").await.status(), 401);
+    let refused = app.register_as(&key, &new_job(), &callback).await;
+    assert_eq!(refused.status(), 401, "registration refuses a revoked key at once, too");
+    assert_eq!(refused.headers()["content-type"], "application/problem+json");
+    assert_eq!(app.register_as(&key, &new_job(), &callback).await.status(), 401);
     // The other keys still work.
     assert_eq!(app.get_as(KEY_A, "/v1/subscriptions").await.status(), 200);
 }

@@ -75,8 +75,8 @@ fn try_batch(conn: &mut Connection, batch: &[Write]) -> Result<Vec<Done>> {
 
 fn run(tx: &rusqlite::Transaction<'_>, write: &Write) -> Done {
     match write {
-        Write::Register { tenant, id, job_id, callback_url, now, .. } => {
-            Done::Register(register(tx, tenant, *id, *job_id, callback_url, *now))
+        Write::Register { key, id, job_id, callback_url, now, .. } => {
+            Done::Register(register(tx, key, *id, *job_id, callback_url, *now))
         }
         Write::Complete { job_id, status, body, now, .. } => {
             Done::Complete(complete_job(tx, *job_id, *status, body, *now))
@@ -120,12 +120,17 @@ impl<T> Sqlite<T> for rusqlite::Result<T> {
 
 fn register(
     tx: &rusqlite::Transaction<'_>,
-    tenant: &Tenant,
+    key: &KeyHash,
     id: SubscriptionId,
     job_id: JobId,
     callback_url: &CallbackUrl,
     now: Millis,
 ) -> Result<Registered> {
+    // The key is checked in the registering transaction: a revoked key is refused at once, and the API
+    // needs no read of its own first (see api::auth::RegisteringKey).
+    let tenant_id: Option<i64> =
+        tx.prepare_cached(KEY_TENANT).sq()?.query_row(params![key.0.as_slice()], |r| r.get(0)).optional().sq()?;
+    let Some(tenant_id) = tenant_id else { return Ok(Registered::UnknownKey) };
     let job = job_id.to_string();
     tx.prepare_cached(
         "INSERT INTO jobs (job_id, partition, created_at, updated_at) VALUES (?1, ?2, ?3, ?3) ON CONFLICT (job_id) DO NOTHING",
@@ -144,7 +149,7 @@ fn register(
              AND state IN ('polling', 'delivering', 'delivered')",
         )
         .sq()?
-        .query_row(params![tenant.id, job, callback_url.as_str()], |r| r.get(0))
+        .query_row(params![tenant_id, job, callback_url.as_str()], |r| r.get(0))
         .optional()
         .sq()?;
     if let Some(existing) = existing {
@@ -173,7 +178,7 @@ fn register(
                  VALUES (?1, ?2, ?3, ?4, 'polling', ?5, ?5, ?6)",
             )
             .sq()?
-            .execute(params![sub_id, tenant.id, job, callback_url.as_str(), now, job_id.partition()])
+            .execute(params![sub_id, tenant_id, job, callback_url.as_str(), now, job_id.partition()])
             .sq()?;
             let oldest_polling_at = if job_created_at == now {
                 now
@@ -194,12 +199,12 @@ fn register(
                  created_at, updated_at, partition) VALUES (?1, ?2, ?3, ?4, 'delivering', ?5, ?6, ?6, ?6, ?7)",
             )
             .sq()?
-            .execute(params![sub_id, tenant.id, job, callback_url.as_str(), webhook_id, now, job_id.partition()])
+            .execute(params![sub_id, tenant_id, job, callback_url.as_str(), webhook_id, now, job_id.partition()])
             .sq()?;
             let task = DeliveryTask {
                 job_id,
                 subscription_id: id,
-                tenant_id: tenant.id,
+                tenant_id,
                 partition: job_id.partition(),
                 webhook_id: webhook_id.clone(),
                 callback_url: callback_url.as_str().to_owned(),
