@@ -58,6 +58,32 @@ struct Args {
     /// The poll interval of --pending mode (long, as for jobs that take a while).
     #[arg(long, default_value = "10s")]
     pending_interval: String,
+    /// A PostgreSQL database to run on (`postgres://…`); the benchmark makes a schema of its own in it and
+    /// drops it at the end. Default: a fresh SQLite file.
+    #[arg(long)]
+    database_url: Option<String>,
+    /// How many `jobhook serve` processes share the store (PostgreSQL only); registrations go round-robin.
+    #[arg(long, default_value_t = 1)]
+    instances: usize,
+}
+
+/// A fresh store: a SQLite file in `dir`, or a new schema in the PostgreSQL database at `url`.
+async fn fresh_store(dir: &std::path::Path, url: Option<&str>) -> anyhow::Result<(String, Option<String>)> {
+    let Some(base) = url else { return Ok((format!("sqlite://{}", dir.join("bench.db").display()), None)) };
+    anyhow::ensure!(base.starts_with("postgres"), "--database-url must be a postgres:// URL (SQLite is the default)");
+    let schema = format!("jobhook_bench_{}", uuid::Uuid::new_v4().simple());
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(base).await?;
+    sqlx::Executor::execute(&mut conn, sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}"))).await?;
+    let separator = if base.contains('?') { '&' } else { '?' };
+    Ok((format!("{base}{separator}options=-c%20search_path%3D{schema}"), Some(schema)))
+}
+
+async fn drop_store(url: Option<&str>, schema: Option<String>) {
+    if let (Some(base), Some(schema)) = (url, schema)
+        && let Ok(mut conn) = <sqlx::PgConnection as sqlx::Connection>::connect(base).await
+    {
+        let _ = sqlx::Executor::execute(&mut conn, sqlx::AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE"))).await;
+    }
 }
 
 const KEY: &str = "bench-key-0123456789abcdef";
@@ -283,7 +309,7 @@ async fn pending_mode(args: &Args, binary: &std::path::Path, n: usize) -> anyhow
         serve(axum::Router::new().route("/public/v1/job/{id}", get(job_status)).with_state(upstream.clone())).await;
     let dir = std::env::temp_dir().join(format!("jobhook-bench-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir)?;
-    let db = dir.join("pending.db");
+    let db = format!("sqlite://{}", dir.join("pending.db").display());
     let listen = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
     let mut jobhook = start_jobhook(binary, &db, listen, upstream_addr, &args.pending_interval).await?;
     let base_rss = rss(jobhook.pid);
@@ -386,10 +412,10 @@ struct Jobhook {
     transactions: Arc<Mutex<Option<u64>>>,
 }
 
-/// Starts `jobhook serve` on `db` and waits until it listens.
+/// Starts `jobhook serve` on the store at `db_url` and waits until it listens.
 async fn start_jobhook(
     binary: &std::path::Path,
-    db: &std::path::Path,
+    db_url: &str,
     listen: SocketAddr,
     upstream_addr: SocketAddr,
     poll_interval: &str,
@@ -397,7 +423,7 @@ async fn start_jobhook(
     let mut child = tokio::process::Command::new(binary)
         .arg("serve")
         .env("JOBHOOK_LISTEN", listen.to_string())
-        .env("JOBHOOK_DATABASE_URL", format!("sqlite://{}", db.display()))
+        .env("JOBHOOK_DATABASE_URL", db_url)
         .env("JOBHOOK_UPSTREAM_URL", format!("http://{upstream_addr}"))
         .env("JOBHOOK_API_KEYS", KEY)
         .env("JOBHOOK_SIGNING_SECRET", SECRET)
@@ -511,13 +537,27 @@ async fn main() -> anyhow::Result<()> {
     // 2. jobhook on a fresh store.
     let dir = std::env::temp_dir().join(format!("jobhook-bench-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir)?;
-    let listen = {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0")?;
-        probe.local_addr()?
-    };
-    let Jobhook { mut child, pid, transactions } =
-        start_jobhook(&binary, &dir.join("bench.db"), listen, upstream_addr, &args.poll_interval).await?;
-    let (cpu_before, _) = process_usage(pid);
+    anyhow::ensure!(
+        args.instances >= 1 && (args.instances == 1 || args.database_url.is_some()),
+        "--instances above 1 needs --database-url postgres://… (SQLite is one process's store)"
+    );
+    let (db_url, schema) = fresh_store(&dir, args.database_url.as_deref()).await?;
+    let mut instances = Vec::new();
+    let mut listens = Vec::new();
+    for _ in 0..args.instances {
+        let listen = {
+            let probe = std::net::TcpListener::bind("127.0.0.1:0")?;
+            probe.local_addr()?
+        };
+        instances.push(start_jobhook(&binary, &db_url, listen, upstream_addr, &args.poll_interval).await?);
+        listens.push(listen);
+    }
+    if args.instances > 1 {
+        // Let the instances see each other and share the partitions before the clock starts.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
+    let listens = Arc::new(listens);
+    let cpu_before: f64 = instances.iter().map(|j| process_usage(j.pid).0).sum();
 
     // 3. N jobs through jobhook.
     let jobs: Arc<Vec<String>> = Arc::new((0..args.jobs).map(|_| uuid::Uuid::new_v4().to_string()).collect());
@@ -534,9 +574,11 @@ async fn main() -> anyhow::Result<()> {
         let callback = format!("http://{receiver_addr}/hook");
         let concurrency = args.concurrency;
         let n = args.jobs;
+        let listens = listens.clone();
         tokio::spawn(rate(n, concurrency, move |i| {
             let (http, job, latencies, failures, callback) =
                 (http.clone(), jobs[i].clone(), latencies.clone(), failures.clone(), callback.clone());
+            let listen = listens[i % listens.len()];
             async move {
                 let t = Instant::now();
                 let ok = register_one(&http, listen, &job, &callback).await;
@@ -572,14 +614,21 @@ async fn main() -> anyhow::Result<()> {
     let seen = receiver.seen.lock().unwrap().clone();
     let last_callback = seen.values().filter_map(|s| s.first_at).max().unwrap_or_else(Instant::now);
     let elapsed = last_callback.duration_since(start).as_secs_f64();
-    let (cpu_after, peak_rss) = process_usage(pid);
+    let usage: Vec<(f64, u64)> = instances.iter().map(|j| process_usage(j.pid)).collect();
+    let cpu_after: f64 = usage.iter().map(|u| u.0).sum();
+    let peak_rss = usage.iter().map(|u| u.1).max().unwrap_or(0);
 
     // Stop jobhook gracefully, so it reports its store transactions.
-    let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
-    let _ = tokio::time::timeout(Duration::from_secs(15), child.wait()).await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let transactions = *transactions.lock().unwrap();
+    let mut transactions = Some(0u64);
+    for Jobhook { mut child, pid, transactions: reported } in instances {
+        let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+        let _ = tokio::time::timeout(Duration::from_secs(15), child.wait()).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let reported = *reported.lock().unwrap();
+        transactions = transactions.zip(reported).map(|(a, b)| a + b);
+    }
     let _ = std::fs::remove_dir_all(&dir);
+    drop_store(args.database_url.as_deref(), schema).await;
 
     // 4. Figures.
     let delivered = jobs.iter().filter(|j| seen.contains_key(*j)).count();
@@ -602,8 +651,11 @@ async fn main() -> anyhow::Result<()> {
     let jobs_per_s = delivered as f64 / elapsed;
     let polls = upstream.polls.load(Ordering::Relaxed) as f64;
     let cpu = cpu_after - cpu_before;
+    let store = if args.database_url.is_some() { "PostgreSQL" } else { "SQLite" };
     let results = json!({
         "jobs": args.jobs,
+        "store": store,
+        "instances": args.instances,
         "concurrency": args.concurrency,
         "pending_polls": args.pending_polls,
         "poll_interval": args.poll_interval,
@@ -627,8 +679,8 @@ async fn main() -> anyhow::Result<()> {
         "failed_registrations": failures.load(Ordering::Relaxed),
     });
     println!(
-        "jobhook-bench: {} jobs, {} concurrent, {} Pending polls each, poll interval {}",
-        args.jobs, args.concurrency, args.pending_polls, args.poll_interval
+        "jobhook-bench: {} jobs, {} concurrent, {} Pending polls each, poll interval {}, {store}, {} instance(s)",
+        args.jobs, args.concurrency, args.pending_polls, args.poll_interval, args.instances
     );
     println!();
     println!("| figure | value |");
@@ -649,8 +701,8 @@ async fn main() -> anyhow::Result<()> {
         format!("{:.1} / {:.1} ms", percentile(&lags, 0.5), percentile(&lags, 0.99)),
     );
     row("polls per job", format!("{:.2} (ideal {})", polls / args.jobs as f64, args.pending_polls + 1));
-    row("jobhook CPU per 1,000 jobs", format!("{:.3} s", cpu / args.jobs as f64 * 1000.0));
-    row("jobhook peak RSS", format!("{:.1} MB", peak_rss as f64 / 1048576.0));
+    row("jobhook CPU per 1,000 jobs (all instances)", format!("{:.3} s", cpu / args.jobs as f64 * 1000.0));
+    row("jobhook peak RSS (largest instance)", format!("{:.1} MB", peak_rss as f64 / 1048576.0));
     row(
         "store transactions per job",
         transactions.map(|t| format!("{:.3}", t as f64 / args.jobs as f64)).unwrap_or_else(|| "unknown".into()),
