@@ -169,6 +169,15 @@ pub struct ServeArgs {
     #[arg(long, env = "JOBHOOK_CALLBACK_HTTPS_ONLY", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub callback_https_only: bool,
 
+    /// The most callback requests in flight at once, over all receivers.
+    #[arg(long, env = "JOBHOOK_DELIVERY_CONCURRENCY", default_value_t = 512)]
+    pub delivery_concurrency: usize,
+
+    /// The most callback requests in flight at once to one host, so a slow or dead receiver cannot take
+    /// every slot. Raise it for one busy receiver that answers fast.
+    #[arg(long, env = "JOBHOOK_DELIVERY_CONCURRENCY_PER_HOST", default_value_t = 32)]
+    pub delivery_concurrency_per_host: usize,
+
     /// The most polls per second sent upstream, over all jobs (a token bucket); 0 = no cap.
     #[arg(long, env = "JOBHOOK_UPSTREAM_MAX_RPS", default_value_t = 100)]
     pub upstream_max_rps: u32,
@@ -317,6 +326,16 @@ impl ServeArgs {
             return Err(bad("--lease-ttl", "JOBHOOK_LEASE_TTL", "must be at least 500ms"));
         }
         nonzero(self.delivery_timeout, "--delivery-timeout", "JOBHOOK_DELIVERY_TIMEOUT")?;
+        if !(1..=100_000).contains(&self.delivery_concurrency) {
+            return Err(bad("--delivery-concurrency", "JOBHOOK_DELIVERY_CONCURRENCY", "must be between 1 and 100000"));
+        }
+        if !(1..=self.delivery_concurrency).contains(&self.delivery_concurrency_per_host) {
+            return Err(bad(
+                "--delivery-concurrency-per-host",
+                "JOBHOOK_DELIVERY_CONCURRENCY_PER_HOST",
+                "must be between 1 and --delivery-concurrency",
+            ));
+        }
         if self.retry_schedule.0.len() > 100 {
             return Err(bad("--retry-schedule", "JOBHOOK_RETRY_SCHEDULE", "at most 100 retries"));
         }
@@ -353,8 +372,8 @@ impl ServeArgs {
             delivery: DeliveryConfig {
                 retry_schedule: self.retry_schedule.0,
                 timeout: self.delivery_timeout,
-                max_in_flight: 512,
-                max_in_flight_per_host: 32,
+                max_in_flight: self.delivery_concurrency,
+                max_in_flight_per_host: self.delivery_concurrency_per_host,
             },
             egress: crate::delivery::client::EgressPolicy {
                 allow_private: self.allow_private_callbacks,
@@ -435,6 +454,11 @@ mod tests {
         assert!(parse(&["--signing-secret", "hunter2"]).unwrap_err().contains("--signing-secret"));
         assert!(parse(&["--database-url", "mysql://x"]).unwrap_err().contains("--database-url"));
         assert!(parse(&["--callback-allow-cidrs", "10.0.0.0/33"]).unwrap_err().contains("--callback-allow-cidrs"));
+        assert!(
+            parse(&["--delivery-concurrency", "8", "--delivery-concurrency-per-host", "9"])
+                .unwrap_err()
+                .contains("--delivery-concurrency-per-host")
+        );
     }
 
     #[test]
