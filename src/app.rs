@@ -106,7 +106,9 @@ impl Application {
         let store = store::open(&config.database_url)
             .await
             .with_context(|| format!("cannot open the store {}", config.database_url))?;
-        let metrics = Arc::new(Metrics::new());
+        let mut metrics = Metrics::new();
+        metrics.attach_writer(store.writer_stats());
+        let metrics = Arc::new(metrics);
         store.observe_writes(metrics.store_write_seconds.clone());
         let workers = Arc::new(Workers::default());
         workers.expect("poller");

@@ -170,12 +170,45 @@ impl Metrics {
         }
     }
 
+    /// Adds the store writer's counters (call before sharing the metrics).
+    pub fn attach_writer(&mut self, stats: std::sync::Arc<crate::store::WriterStats>) {
+        self.registry.register_collector(Box::new(WriterCollector(stats)));
+    }
+
     /// The text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+/// The store writer's counters, read at each scrape.
+#[derive(Debug)]
+struct WriterCollector(std::sync::Arc<crate::store::WriterStats>);
+
+impl prometheus_client::collector::Collector for WriterCollector {
+    fn encode(&self, mut encoder: prometheus_client::encoding::DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        use prometheus_client::metrics::counter::ConstCounter;
+        use std::sync::atomic::Ordering::Relaxed;
+        let transactions = ConstCounter::new(self.0.transactions.load(Relaxed));
+        let described = encoder.encode_descriptor(
+            "jobhook_store_transactions",
+            "Write transactions (a group-committed batch is one)",
+            None,
+            transactions.metric_type(),
+        )?;
+        transactions.encode(described)?;
+        let busy = ConstCounter::new(self.0.busy_micros.load(Relaxed) as f64 / 1e6);
+        let described = encoder.encode_descriptor(
+            "jobhook_store_writer_busy",
+            "Time the store's writers spent running batches; its rate is their utilisation (1 = one writer always busy)",
+            Some(&Unit::Seconds),
+            busy.metric_type(),
+        )?;
+        busy.encode(described)
     }
 }
 
@@ -194,7 +227,14 @@ mod tests {
         m.attempt("retry", 1);
         m.attempt("delivered", 42);
         m.set_subscription_counts(&[("polling".into(), 7)]);
+        let mut m = m;
+        let stats = std::sync::Arc::new(crate::store::WriterStats::default());
+        stats.transactions.fetch_add(3, std::sync::atomic::Ordering::Relaxed);
+        stats.busy_micros.fetch_add(1_500_000, std::sync::atomic::Ordering::Relaxed);
+        m.attach_writer(stats);
         let text = m.render();
+        assert!(text.contains("jobhook_store_transactions_total 3"), "{text}");
+        assert!(text.contains("jobhook_store_writer_busy_seconds_total 1.5"), "{text}");
         assert!(text.contains("jobhook_subscriptions_registered_total 1"), "{text}");
         assert!(text.contains(r#"jobhook_polls_total{outcome="pending"} 1"#), "{text}");
         assert!(text.contains("jobhook_upstream_request_duration_seconds_bucket"), "{text}");

@@ -744,6 +744,16 @@ async fn main() -> anyhow::Result<()> {
         let (p50, p99) = (histogram_quantile(&metrics, metric, 0.5), histogram_quantile(&metrics, metric, 0.99));
         row(name, format!("≤ {} / ≤ {} ms (histogram buckets)", bucket_ms(p50), bucket_ms(p99)));
     }
+    let sample =
+        |name: &str| metrics.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse::<f64>().ok());
+    if let (Some(busy), Some(writes)) =
+        (sample("jobhook_store_writer_busy_seconds_total"), sample("jobhook_store_write_duration_seconds_count"))
+    {
+        row(
+            "jobhook's store writer busy / time per write",
+            format!("{:.0}% of the run / {:.0} µs", busy / elapsed * 100.0, busy / writes.max(1.0) * 1e6),
+        );
+    }
     row("polls per job", format!("{:.2} (ideal {})", polls / args.jobs as f64, args.pending_polls + 1));
     row("jobhook CPU per 1,000 jobs (all instances)", format!("{:.3} s", cpu / args.jobs as f64 * 1000.0));
     row("jobhook peak RSS (largest instance)", format!("{:.1} MB", peak_rss as f64 / 1048576.0));

@@ -41,6 +41,22 @@ pub async fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {
     Ok(Arc::new(SqlStore::open(url).await?))
 }
 
+/// What the store's writers did: transactions started, and time spent running group-committed batches
+/// (its rate is the writer's utilisation: near 1 per writer means saturated).
+#[derive(Debug, Default)]
+pub struct WriterStats {
+    pub transactions: std::sync::atomic::AtomicU64,
+    pub busy_micros: std::sync::atomic::AtomicU64,
+}
+
+impl WriterStats {
+    /// Counts one batch that ran from `since` until now.
+    pub fn batch(&self, since: std::time::Instant) {
+        let micros = u64::try_from(since.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.busy_micros.fetch_add(micros, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The database cannot take the write now: disk full, read-only file, I/O error, locked too long.
@@ -276,8 +292,10 @@ pub trait Store: Send + Sync + 'static {
 
     /// How many write transactions this store has started (for the benchmark's writes-per-job figure).
     fn transactions(&self) -> u64 {
-        0
+        self.writer_stats().transactions.load(std::sync::atomic::Ordering::Relaxed)
     }
+    /// The writer's counters, read at each scrape of `GET /metrics`.
+    fn writer_stats(&self) -> Arc<WriterStats>;
 
     // --- scale-out (PostgreSQL; see cluster.rs) ---
 

@@ -113,8 +113,8 @@ pub struct SqlStore {
     /// The group-committed writes go to the writer tasks (see [`writer`]); all writes about one job go
     /// to the same one.
     writes: Vec<mpsc::Sender<Write>>,
-    /// Write transactions started, group-committed batches included.
-    transactions: Arc<std::sync::atomic::AtomicU64>,
+    /// Write transactions started (group-committed batches included), and the writers' busy time.
+    stats: Arc<WriterStats>,
     /// Where each group-committed write's latency goes, once the service's metrics are attached.
     write_seconds: std::sync::OnceLock<prometheus_client::metrics::histogram::Histogram>,
     /// When (Unix ms) the last group-committed write failed with "unavailable" (disk full, read-only…),
@@ -161,12 +161,7 @@ const MAX_BATCH: usize = 1024;
 /// one that fails rolls back alone — commits once, and only then answers each (a 201 is still durable).
 /// Batches form by themselves: while one transaction commits, the next writes queue up. On SQLite this
 /// turns ~6k one-row commits/s into tens of thousands of rows/s (DESIGN, "This machine's limits").
-async fn writer(
-    backend: Backend,
-    pool: AnyPool,
-    mut writes: mpsc::Receiver<Write>,
-    transactions: Arc<std::sync::atomic::AtomicU64>,
-) {
+async fn writer(backend: Backend, pool: AnyPool, mut writes: mpsc::Receiver<Write>, stats: Arc<WriterStats>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     loop {
         if writes.recv_many(&mut batch, MAX_BATCH).await == 0 {
@@ -175,8 +170,10 @@ async fn writer(
         // Every batch takes its row locks in the same order (by job), so batches of different
         // instances cannot deadlock on PostgreSQL.
         batch.sort_by_key(Write::lock_order);
-        transactions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        stats.transactions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let started = std::time::Instant::now();
         let outcome = run_batch(backend, &pool, &batch).await;
+        stats.batch(started);
         for (write, result) in batch.drain(..).zip(outcome) {
             write.answer(result);
         }
@@ -361,7 +358,7 @@ impl SqlStore {
         }
         let store = SqlStore::with_writer(Backend::Sqlite, writer, reader);
         let (writes, queue) = mpsc::channel(8 * MAX_BATCH);
-        sqlite_writer::spawn(path, queue, store.transactions.clone())
+        sqlite_writer::spawn(path, queue, store.stats.clone())
             .map_err(|e| StoreError::Unavailable(sqlx::Error::Io(e)))?;
         Ok(SqlStore { writes: vec![writes], ..store })
     }
@@ -377,11 +374,11 @@ impl SqlStore {
             Backend::Sqlite => 0,
             Backend::Postgres => 8,
         };
-        let transactions = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let stats = Arc::new(WriterStats::default());
         let writes = (0..writers)
             .map(|_| {
                 let (writes, queue) = mpsc::channel(8 * MAX_BATCH);
-                tokio::spawn(writer(backend, writer_pool.clone(), queue, transactions.clone()));
+                tokio::spawn(writer(backend, writer_pool.clone(), queue, stats.clone()));
                 writes
             })
             .collect();
@@ -390,7 +387,7 @@ impl SqlStore {
             writer: writer_pool,
             reader,
             writes,
-            transactions,
+            stats,
             write_seconds: Default::default(),
             write_trouble: Default::default(),
         }
@@ -412,7 +409,7 @@ impl SqlStore {
     }
 
     async fn begin(&self) -> Result<Transaction<'static, Any>> {
-        self.transactions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.stats.transactions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // On SQLite, take the write lock at BEGIN: a transaction that reads first and writes second would
         // otherwise fail at once (SQLITE_BUSY) whenever the group-commit writer committed in between,
         // while one that waits for the lock up front simply waits its turn.
@@ -1031,8 +1028,8 @@ impl Store for SqlStore {
         let _ = self.write_seconds.set(histogram);
     }
 
-    fn transactions(&self) -> u64 {
-        self.transactions.load(std::sync::atomic::Ordering::Relaxed)
+    fn writer_stats(&self) -> Arc<WriterStats> {
+        self.stats.clone()
     }
 
     fn shared(&self) -> bool {

@@ -14,11 +14,7 @@ use tokio::sync::mpsc;
 use super::*;
 
 /// Opens the writer's own connection to the store file and serves batches until the queue closes.
-pub(super) fn spawn(
-    path: String,
-    mut writes: mpsc::Receiver<Write>,
-    transactions: Arc<std::sync::atomic::AtomicU64>,
-) -> std::io::Result<()> {
+pub(super) fn spawn(path: String, mut writes: mpsc::Receiver<Write>, stats: Arc<WriterStats>) -> std::io::Result<()> {
     let mut conn = Connection::open(&path).map_err(std::io::Error::other)?;
     conn.pragma_update(None, "journal_mode", "WAL").map_err(std::io::Error::other)?;
     conn.pragma_update(None, "synchronous", "FULL").map_err(std::io::Error::other)?;
@@ -29,8 +25,10 @@ pub(super) fn spawn(
         let mut batch = Vec::with_capacity(MAX_BATCH);
         while writes.blocking_recv_many(&mut batch, MAX_BATCH) > 0 {
             batch.sort_by_key(Write::lock_order);
-            transactions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            stats.transactions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let started = std::time::Instant::now();
             let results = run_batch(&mut conn, &batch);
+            stats.batch(started);
             for (write, result) in batch.drain(..).zip(results) {
                 write.answer(result);
             }
