@@ -19,6 +19,12 @@ assert containers and containers[0]["readinessProbe"]["httpGet"]["path"] == "/re
 print(f"deploy: compose services {sorted(compose['services'])}; kubernetes {kinds}")
 PY
 grep -q '^USER jobhook' deploy/Dockerfile
+# The image's own config file is valid (checked by the binary, with no JOBHOOK_* variable around).
+if [ -x target/debug/jobhook ]; then
+  env -u JOBHOOK_CONFIG -u JOBHOOK_LISTEN -u JOBHOOK_DATABASE_URL target/debug/jobhook config check \
+    --config deploy/jobhook.container.toml | grep -q '^listen = "0.0.0.0:8080"  # file$'
+  echo "deploy: the image's config file is valid"
+fi
 grep -q '^HEALTHCHECK .*/readyz' deploy/Dockerfile
 if command -v systemd-analyze >/dev/null && [ -x target/debug/jobhook ]; then
   # The unit names /usr/local/bin/jobhook; verify against a copy of it in a temporary root.

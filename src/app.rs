@@ -41,7 +41,6 @@ pub struct Application {
 #[derive(Default)]
 pub struct Workers {
     running: std::sync::Mutex<std::collections::BTreeMap<&'static str, bool>>,
-    stopping: std::sync::atomic::AtomicBool,
 }
 
 /// Clears a worker's mark when its task ends.
@@ -72,21 +71,10 @@ impl Workers {
         self.running.lock().unwrap_or_else(|e| e.into_inner()).insert(name, running);
     }
 
-    pub fn stopping(&self) {
-        self.stopping.store(true, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// `ok` or what is wrong, by worker (and `shutdown` once stopping).
+    /// `ok` or what is wrong, by worker.
     pub fn checks(&self) -> std::collections::BTreeMap<String, String> {
         let running = self.running.lock().unwrap_or_else(|e| e.into_inner());
-        let mut checks: std::collections::BTreeMap<String, String> = running
-            .iter()
-            .map(|(name, up)| (name.to_string(), if *up { "ok" } else { "not running" }.to_owned()))
-            .collect();
-        if self.stopping.load(std::sync::atomic::Ordering::Relaxed) {
-            checks.insert("shutdown".into(), "stopping: send new work elsewhere".into());
-        }
-        checks
+        running.iter().map(|(name, up)| (name.to_string(), if *up { "ok" } else { "not running" }.to_owned())).collect()
     }
 }
 
@@ -266,7 +254,6 @@ impl Application {
                 }
             } => Some(("lease loop", ended)),
         };
-        workers.stopping();
         if let Some((worker, ended)) = crashed {
             shutdown.cancel();
             poller.abort();
@@ -334,7 +321,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_worker_whose_task_ended_is_reported_and_so_is_stopping() {
+    fn a_worker_whose_task_ended_is_reported() {
         let workers = Arc::new(Workers::default());
         workers.expect("poller");
         assert_eq!(workers.checks()["poller"], "not running");
@@ -342,7 +329,5 @@ mod tests {
         assert_eq!(workers.checks()["poller"], "ok");
         drop(running);
         assert_eq!(workers.checks()["poller"], "not running");
-        workers.stopping();
-        assert!(workers.checks()["shutdown"].starts_with("stopping"));
     }
 }

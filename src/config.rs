@@ -99,7 +99,7 @@ pub enum KeysCommand {
 #[derive(Debug, Clone, Args)]
 pub struct StoreArgs {
     /// Where the state lives: `sqlite://PATH` (the file is created if missing) or `postgres://…`.
-    #[arg(long, env = "JOBHOOK_DATABASE_URL", default_value = "sqlite://jobhook.db")]
+    #[arg(long, env = "JOBHOOK_DATABASE_URL", default_value = "sqlite://jobhook.db", hide_env_values = true)]
     pub database_url: String,
 }
 

@@ -8,7 +8,7 @@ use anyhow::Context;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use serde_json::{Value, json};
 
 use crate::app::Application;
@@ -87,7 +87,10 @@ pub async fn run() -> anyhow::Result<()> {
         "--poll-interval=500ms".into(),
         "--retry-schedule=1s,1s,1s".into(),
     ];
-    let Some(Command::Serve(args)) = Cli::try_parse_from(argv)?.command else { unreachable!("serve") };
+    // The demo's own settings only: JOBHOOK_* variables meant for a real service must not change it.
+    let command = Cli::command().mut_subcommand("serve", |serve| serve.mut_args(|a| a.env(None::<&'static str>)));
+    let cli = Cli::from_arg_matches(&command.try_get_matches_from(argv)?)?;
+    let Some(Command::Serve(args)) = cli.command else { unreachable!("serve") };
     let app = Application::build(args.into_config()?).await?;
     let api = format!("http://{}", app.local_addr());
     let stop = app.shutdown_token();

@@ -32,6 +32,9 @@ fn main() -> ExitCode {
     } else {
         logs.with_ansi(std::io::stderr().is_terminal()).init();
     }
+    for setting in &from_file.overridden {
+        tracing::info!(setting = %setting, "the config file's value is overridden by its JOBHOOK_* environment variable");
+    }
     if let Some(Command::Verify(args)) = &cli.command {
         return match jobhook::verify::read(args) {
             Ok(captured) => {

@@ -52,12 +52,12 @@ pub fn read(args: &VerifyArgs) -> Result<Captured, String> {
 }
 
 fn parse_request(raw: &[u8]) -> Captured {
-    let (head, body) = match find(raw, b"\r\n\r\n") {
-        Some(at) => (&raw[..at], &raw[at + 4..]),
-        None => match find(raw, b"\n\n") {
-            Some(at) => (&raw[..at], &raw[at + 2..]),
-            None => (raw, &[][..]),
-        },
+    // The first blank line ends the headers, whichever line endings the capture has.
+    let crlf = find(raw, b"\r\n\r\n").map(|at| (at, 4));
+    let lf = find(raw, b"\n\n").map(|at| (at, 2));
+    let (head, body) = match [crlf, lf].into_iter().flatten().min() {
+        Some((at, len)) => (&raw[..at], &raw[at + len..]),
+        None => (raw, &[][..]),
     };
     let headers = String::from_utf8_lossy(head).lines().filter_map(header_line).collect();
     Captured { headers, body: body.to_vec() }
@@ -95,7 +95,10 @@ pub fn check(secret: &str, captured: &Captured, now: i64) -> (String, bool) {
     let mut line = |what: &str, detail: String, good: bool| {
         report.push_str(&format!("{} {what:<18} {detail}\n", if good { "ok  " } else { "FAIL" }));
     };
-    let secret: SigningSecret = match secret.trim().parse() {
+    // The stock libraries also take the base64 part alone.
+    let secret = secret.trim();
+    let secret = if secret.starts_with("whsec_") { secret.to_owned() } else { format!("whsec_{secret}") };
+    let secret: SigningSecret = match secret.parse() {
         Ok(s) => s,
         Err(e) => {
             line("secret", format!("{e} (copy it whole from GET /v1/signing-secret, `whsec_` included)"), false);
@@ -205,6 +208,12 @@ mod tests {
     }
 
     #[test]
+    fn the_secret_may_come_without_its_prefix() {
+        let bare = SECRET.trim_start_matches("whsec_");
+        assert!(check(bare, &capture(b"{}", 1000), 1000).1);
+    }
+
+    #[test]
     fn a_trailing_newline_is_pointed_out() {
         let mut c = capture(b"{\"a\":1}", 1000);
         c.body.push(b'\n');
@@ -226,6 +235,8 @@ mod tests {
         let c = parse_request(raw);
         assert_eq!(c.header("webhook-id"), Some("msg_9"));
         assert_eq!(c.body, b"{\"a\":1}");
+        let lf = parse_request(b"POST /hook HTTP/1.1\nWebhook-Id: msg_7\n\n{\"a\":\"x\\r\\n\\r\\ny\"}");
+        assert_eq!(lf.header("webhook-id"), Some("msg_7"));
         let h = parse_headers(b"{\"Webhook-Id\": \"msg_8\"}").unwrap();
         assert_eq!(h, vec![("webhook-id".to_owned(), "msg_8".to_owned())]);
     }

@@ -17,15 +17,20 @@ pub struct BearerKey(pub KeyHash);
 /// and makes us do nothing (no validation, no DNS lookup) before its 401.
 pub struct RegisteringKey(pub KeyHash);
 
-/// Key hashes seen valid; bounded (forgotten all at once when full: they are only a shortcut).
+/// Key hashes seen valid, and when; bounded (forgotten all at once when full: they are only a shortcut).
 #[derive(Default)]
-pub struct KnownKeys(std::sync::Mutex<std::collections::HashSet<KeyHash>>);
+pub struct KnownKeys(std::sync::Mutex<std::collections::HashMap<KeyHash, std::time::Instant>>);
 
 const KNOWN_KEYS_MAX: usize = 10_000;
 
+/// How long a key seen valid skips the first read. A key revoked meanwhile still cannot register (the
+/// write checks it); for at most this long it may get validation answers instead of a 401.
+const KNOWN_KEY_FOR: std::time::Duration = std::time::Duration::from_secs(10);
+
 impl KnownKeys {
     fn contains(&self, key: &KeyHash) -> bool {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).contains(key)
+        let keys = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        keys.get(key).is_some_and(|seen| seen.elapsed() < KNOWN_KEY_FOR)
     }
 
     fn insert(&self, key: KeyHash) {
@@ -33,7 +38,7 @@ impl KnownKeys {
         if keys.len() >= KNOWN_KEYS_MAX {
             keys.clear();
         }
-        keys.insert(key);
+        keys.insert(key, std::time::Instant::now());
     }
 
     pub fn forget(&self, key: &KeyHash) {

@@ -28,8 +28,24 @@ pub fn merge(argv: Vec<OsString>) -> Result<(Vec<OsString>, FromFile), String> {
     let text = std::fs::read_to_string(&path).map_err(|e| format!("cannot read the config file {path}: {e}"))?;
     let table: toml::Table = text.parse().map_err(|e| format!("{path} is not valid TOML: {e}"))?;
     let (at, target) = subcommand(&argv);
+    // Only the commands that run jobhook itself take the file (the mock upstream has a `listen` of its
+    // own); help and version print without it.
+    let asks_help =
+        argv.iter().skip(1).any(|a| matches!(a.to_str(), Some("-h" | "--help" | "-V" | "--version" | "help")));
+    let takes_file = !asks_help
+        && matches!(target.get_name(), "jobhook" | "serve" | "check" | "create" | "list" | "revoke" | "migrate");
     let mut accepted: BTreeSet<String> = target.get_arguments().map(|a| a.get_id().to_string()).collect();
     accepted.insert("log_format".into()); // global: every command takes it
+    if !takes_file {
+        accepted.clear();
+    }
+    // A flag the user typed replaces the file's value (list flags would otherwise add to it).
+    let typed = |long: &str| {
+        argv.iter().skip(1).any(|a| {
+            let a = a.to_string_lossy();
+            a.strip_prefix("--").is_some_and(|rest| rest == long || rest.starts_with(&format!("{long}=")))
+        })
+    };
     let settings = settings();
     let mut flags = Vec::new();
     let mut from = FromFile { path: Some(path.clone()), ..Default::default() };
@@ -51,6 +67,9 @@ pub fn merge(argv: Vec<OsString>) -> Result<(Vec<OsString>, FromFile), String> {
             continue; // a serve setting this command does not take (`keys list` takes only the store)
         }
         let long = arg.get_long().unwrap_or(key.as_str());
+        if typed(long) {
+            continue;
+        }
         flags.push(OsString::from(format!("--{long}={value}")));
         from.applied.insert(id);
     }
@@ -72,20 +91,21 @@ pub fn settings() -> Vec<clap::Arg> {
         .collect()
 }
 
+/// The last `--config` given (as clap keeps the last), else `JOBHOOK_CONFIG`.
 fn config_path(argv: &[OsString]) -> Option<String> {
+    let mut found = None;
     let mut args = argv.iter().skip(1).map(|a| a.to_string_lossy());
     while let Some(arg) = args.next() {
         if arg == "--" {
             break;
         }
         if let Some(path) = arg.strip_prefix("--config=") {
-            return Some(path.to_owned());
-        }
-        if arg == "--config" {
-            return args.next().map(|p| p.into_owned());
+            found = Some(path.to_owned());
+        } else if arg == "--config" {
+            found = args.next().map(|p| p.into_owned());
         }
     }
-    std::env::var("JOBHOOK_CONFIG").ok().filter(|p| !p.trim().is_empty())
+    found.or_else(|| std::env::var("JOBHOOK_CONFIG").ok().filter(|p| !p.trim().is_empty()))
 }
 
 /// Where the file's flags go (right after the subcommand's name) and the subcommand that takes them.
@@ -183,10 +203,10 @@ pub fn describe(matches: &clap::ArgMatches, from: &FromFile, user_argv: &[OsStri
             _ => "unset",
         };
         let joined = values.join(",");
-        let shown = if arg.is_hide_env_values_set() && !joined.is_empty() {
-            "********".to_owned()
-        } else if id == "database_url" {
+        let shown = if id == "database_url" {
             mask_password(&joined)
+        } else if arg.is_hide_env_values_set() && !joined.is_empty() {
+            "********".to_owned()
         } else {
             joined
         };
@@ -196,14 +216,29 @@ pub fn describe(matches: &clap::ArgMatches, from: &FromFile, user_argv: &[OsStri
     out
 }
 
+/// The URL with its password masked, in the user part or as a `password=` parameter; a URL that does
+/// not parse has everything between `://` and its last `@` masked.
 fn mask_password(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut u) if u.password().is_some() => {
-            let _ = u.set_password(Some("********"));
-            u.to_string()
-        }
-        _ => url.to_owned(),
+    let Ok(mut u) = url::Url::parse(url) else {
+        return match (url.find("://"), url.rfind('@')) {
+            (Some(start), Some(end)) if end > start => format!("{}********{}", &url[..start + 3], &url[end..]),
+            _ => url.to_owned(),
+        };
+    };
+    if u.password().is_some() {
+        let _ = u.set_password(Some("********"));
     }
+    if u.query_pairs().any(|(k, _)| k == "password") {
+        let pairs: Vec<(String, String)> = u
+            .query_pairs()
+            .map(|(k, v)| {
+                let v = if k == "password" { "********".to_owned() } else { v.into_owned() };
+                (k.into_owned(), v)
+            })
+            .collect();
+        u.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    u.to_string()
 }
 
 #[cfg(test)]
@@ -231,12 +266,35 @@ mod tests {
         assert_eq!(merged[1], "serve");
         assert!(merged.contains(&"--upstream-max-rps=7".to_owned()), "{merged:?}");
         assert!(merged.contains(&"--api-keys=aaaaaaaaaaaaaaaa,bbbbbbbbbbbbbbbb".to_owned()), "{merged:?}");
-        assert_eq!(from.applied.len(), 3);
+        assert_eq!(from.applied.len(), 2, "the typed --poll-interval is not also taken from the file");
         let cli = <Cli as clap::Parser>::try_parse_from(&merged).unwrap();
         let Some(super::super::Command::Serve(args)) = cli.command else { panic!("serve") };
         assert_eq!(args.poll_interval, std::time::Duration::from_secs(3), "the flag wins over the file");
         assert_eq!(args.upstream_max_rps, 7);
         assert_eq!(args.api_keys.len(), 2);
+    }
+
+    #[test]
+    fn a_typed_list_flag_replaces_the_files_list() {
+        let (_f, path) = file("api_keys = [\"old-key-0123456789\"]\n");
+        let (merged, _) =
+            merge(argv(&["jobhook", "serve", "--config", &path, "--api-keys", "new-key-0123456789"])).unwrap();
+        let cli = <Cli as clap::Parser>::try_parse_from(&merged).unwrap();
+        let Some(super::super::Command::Serve(args)) = cli.command else { panic!("serve") };
+        assert_eq!(args.api_keys, vec!["new-key-0123456789".to_owned()]);
+    }
+
+    #[test]
+    fn the_mock_upstream_and_help_do_not_take_the_file() {
+        let (_f, path) = file("listen = \"0.0.0.0:9999\"\n");
+        let before = argv(&["jobhook", "--config", &path, "mock-upstream"]);
+        assert_eq!(merge(before.clone()).unwrap().0, before);
+        let help = argv(&["jobhook", "--config", &path, "help", "serve"]);
+        assert_eq!(merge(help.clone()).unwrap().0, help);
+        let (_g, second) = file("listen = \"127.0.0.1:7\"\n");
+        let (merged, from) = merge(argv(&["jobhook", "--config", &path, "--config", &second])).unwrap();
+        assert_eq!(from.path.as_deref(), Some(second.as_str()), "the last --config counts, as for clap");
+        assert_eq!(merged[1], "--listen=127.0.0.1:7");
     }
 
     #[test]
@@ -285,5 +343,8 @@ mod tests {
     fn passwords_are_masked() {
         assert_eq!(mask_password("postgres://u:hunter2@db/x"), "postgres://u:********@db/x");
         assert_eq!(mask_password("sqlite://jobhook.db"), "sqlite://jobhook.db");
+        assert_eq!(mask_password("postgres://u:a/b#c@db/x"), "postgres://********@db/x");
+        let masked = mask_password("postgres://u@db/x?password=hunter2&sslmode=require");
+        assert!(!masked.contains("hunter2") && masked.contains("sslmode=require"), "{masked}");
     }
 }

@@ -1182,6 +1182,9 @@ async fn insert_tenant_with_key(
 
 /// The tenant of a usable API key, by the key's hash (checked inside the registering transaction).
 const KEY_TENANT: &str = "SELECT tenant_id FROM api_keys WHERE key_hash = ? AND revoked_at IS NULL";
+/// The same on PostgreSQL, holding the key row until commit: a revocation waits for the registrations
+/// already past this check, so once `keys revoke` returns, no registration with the key can commit.
+const KEY_TENANT_PG: &str = "SELECT tenant_id FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL FOR SHARE";
 
 async fn register_in(
     b: Backend,
@@ -1192,8 +1195,11 @@ async fn register_in(
     callback_url: &CallbackUrl,
     now: Millis,
 ) -> Result<Registered> {
-    let tenant_id: Option<i64> =
-        sqlx::query_scalar(b.sql(KEY_TENANT)).bind(key.0.as_slice()).fetch_optional(&mut **tx).await.db()?;
+    let tenant_id: Option<i64> = sqlx::query_scalar(b.pick(KEY_TENANT, KEY_TENANT_PG))
+        .bind(key.0.as_slice())
+        .fetch_optional(&mut **tx)
+        .await
+        .db()?;
     let Some(tenant_id) = tenant_id else { return Ok(Registered::UnknownKey) };
     let job = job_id.to_string();
     // A write first, so this transaction holds the write lock before it reads: the job's result
