@@ -126,6 +126,32 @@ pub struct DeliveryTask {
     pub due_at: Millis,
 }
 
+impl DeliveryTask {
+    /// A new delivery (series 1, no attempt yet) of a job's result, due `now`.
+    pub fn first(
+        subscription_id: SubscriptionId,
+        job_id: JobId,
+        tenant_id: i64,
+        webhook_id: String,
+        callback_url: String,
+        body: Bytes,
+        now: Millis,
+    ) -> Self {
+        DeliveryTask {
+            subscription_id,
+            job_id,
+            tenant_id,
+            partition: job_id.partition(),
+            webhook_id,
+            callback_url,
+            body,
+            series: 1,
+            attempts_made: 0,
+            due_at: now,
+        }
+    }
+}
+
 /// What a new registration led to.
 #[derive(Debug)]
 pub enum Registered {

@@ -1298,18 +1298,15 @@ async fn register_in(
             .db()?;
             let sub = new_subscription(SubscriptionState::Delivering, Some(webhook_id.clone()), Some(now))?;
             notify(b, tx, format!("deliver {sub_id} {}", job_id.partition())).await?;
-            let task = DeliveryTask {
+            let task = DeliveryTask::first(
+                id,
                 job_id,
-                subscription_id: id,
-                webhook_id,
-                callback_url: callback_url.as_str().to_owned(),
                 tenant_id,
-                partition: job_id.partition(),
-                body: Bytes::from(body),
-                series: 1,
-                attempts_made: 0,
-                due_at: now,
-            };
+                webhook_id,
+                callback_url.as_str().to_owned(),
+                body.into(),
+                now,
+            );
             Ok(Registered::CreatedDelivering(sub, task))
         }
     }
@@ -1365,18 +1362,8 @@ async fn complete_job_in(
             // Cancelled between our read and this update (PostgreSQL): not ours to deliver.
             continue;
         }
-        tasks.push(DeliveryTask {
-            job_id,
-            subscription_id: id.parse().map_err(|e| corrupt("subscription id", e))?,
-            tenant_id,
-            partition: job_id.partition(),
-            webhook_id,
-            callback_url,
-            body: body.clone(),
-            series: 1,
-            attempts_made: 0,
-            due_at: now,
-        });
+        let id = id.parse().map_err(|e| corrupt("subscription id", e))?;
+        tasks.push(DeliveryTask::first(id, job_id, tenant_id, webhook_id, callback_url, body.clone(), now));
     }
     Ok(tasks)
 }

@@ -199,18 +199,15 @@ fn register(
             .sq()?
             .execute(params![sub_id, tenant_id, job, callback_url.as_str(), webhook_id, now, job_id.partition()])
             .sq()?;
-            let task = DeliveryTask {
+            let task = DeliveryTask::first(
+                id,
                 job_id,
-                subscription_id: id,
                 tenant_id,
-                partition: job_id.partition(),
-                webhook_id: webhook_id.clone(),
-                callback_url: callback_url.as_str().to_owned(),
-                body: Bytes::from(body),
-                series: 1,
-                attempts_made: 0,
-                due_at: now,
-            };
+                webhook_id.clone(),
+                callback_url.as_str().to_owned(),
+                body.into(),
+                now,
+            );
             Ok(Registered::CreatedDelivering(sub(SubscriptionState::Delivering, Some(webhook_id), Some(now)), task))
         }
     }
@@ -303,18 +300,8 @@ fn complete_job(
         .sq()?
         .execute(params![webhook_id, now, id])
         .sq()?;
-        tasks.push(DeliveryTask {
-            job_id,
-            subscription_id: id.parse().map_err(|e| corrupt("subscription id", e))?,
-            tenant_id,
-            partition: job_id.partition(),
-            webhook_id,
-            callback_url,
-            body: body.clone(),
-            series: 1,
-            attempts_made: 0,
-            due_at: now,
-        });
+        let id = id.parse().map_err(|e| corrupt("subscription id", e))?;
+        tasks.push(DeliveryTask::first(id, job_id, tenant_id, webhook_id, callback_url, body.clone(), now));
     }
     Ok(tasks)
 }
