@@ -107,8 +107,12 @@ async fn a_config_file_runs_the_service_with_json_logs_carrying_request_ids() {
     assert_eq!(response.status(), 201, "the key and the egress setting came from the file");
     let request_id = response.headers()["x-request-id"].to_str().unwrap().to_owned();
     receiver.wait_for("/hook", 1).await[0].verify(SECRET).unwrap();
-
-    let logs = running.logs();
+    // The attempt logs its outcome once the receiver has answered: wait for that line, not a moment.
+    let logs = eventually(Duration::from_secs(10), "the delivery's log line", || async {
+        let logs = running.logs();
+        logs.iter().any(|l| l.contains(r#""message":"delivered""#)).then_some(logs)
+    })
+    .await;
     let lines: Vec<serde_json::Value> = logs
         .iter()
         .filter(|l| !l.trim().is_empty())
