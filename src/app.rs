@@ -67,6 +67,19 @@ impl Workers {
         Running { workers: self.clone(), name }
     }
 
+    /// Spawns a worker's task, marked running for as long as the task lives.
+    pub fn spawn<F>(self: &Arc<Self>, name: &'static str, work: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        let running = self.start(name);
+        tokio::spawn(async move {
+            let _running = running;
+            work.await
+        })
+    }
+
     fn set(&self, name: &'static str, running: bool) {
         self.running.lock().unwrap_or_else(|e| e.into_inner()).insert(name, running);
     }
@@ -97,7 +110,6 @@ impl Application {
         let mut metrics = Metrics::new();
         metrics.attach_writer(store.writer_stats());
         let metrics = Arc::new(metrics);
-        store.observe_writes(metrics.store_write_seconds.clone());
         let workers = Arc::new(Workers::default());
         workers.expect("poller");
         workers.expect("dispatcher");
@@ -213,27 +225,14 @@ impl Application {
         // The lease loop stops on its own token, after the workers, so it releases the leases last.
         let cluster_stop = CancellationToken::new();
         let mut cluster = cluster.map(|(settings, store, poller, dispatcher)| {
-            let running = workers.start("lease loop");
-            let stop = cluster_stop.clone();
-            tokio::spawn(async move {
-                let _running = running;
-                cluster::run(store, ownership, poller, dispatcher, settings, stop).await
-            })
+            let lease_loop = cluster::run(store, ownership, poller, dispatcher, settings, cluster_stop.clone());
+            workers.spawn("lease loop", lease_loop)
         });
         let (poll_ctx, poll_inbox, jobs) = poller;
-        let running = workers.start("poller");
-        let stop = shutdown.clone();
-        let poller = tokio::spawn(async move {
-            let _running = running;
-            poller::run(poll_ctx, poll_inbox, jobs, stop, grace).await
-        });
+        let poller = workers.spawn("poller", poller::run(poll_ctx, poll_inbox, jobs, shutdown.clone(), grace));
         let (delivery_ctx, delivery_inbox, deliveries) = dispatcher;
-        let running = workers.start("dispatcher");
-        let stop = shutdown.clone();
-        let dispatcher = tokio::spawn(async move {
-            let _running = running;
-            delivery::run(delivery_ctx, delivery_inbox, deliveries, stop, grace).await
-        });
+        let dispatcher = workers
+            .spawn("dispatcher", delivery::run(delivery_ctx, delivery_inbox, deliveries, shutdown.clone(), grace));
         tracing::info!("listening on http://{addr}");
         let server = axum::serve(listener, router).with_graceful_shutdown(shutdown.clone().cancelled_owned());
         let server = tokio::spawn(async move { server.await });

@@ -48,13 +48,12 @@ pub struct Metrics {
     pub delivery_seconds: Histogram,
     pub delivery_lag_seconds: Histogram,
     pub deliveries_waiting: Gauge,
-    pub store_write_seconds: Histogram,
     /// When the subscription gauges were last counted.
     counted_at: Mutex<Option<Instant>>,
 }
 
 /// Buckets from 1 ms to about 65 s, doubling.
-fn latency() -> Histogram {
+pub fn latency() -> Histogram {
     Histogram::new(exponential_buckets(0.001, 2.0, 17))
 }
 
@@ -78,7 +77,6 @@ impl Metrics {
             delivery_seconds: latency(),
             delivery_lag_seconds: latency(),
             deliveries_waiting: Gauge::default(),
-            store_write_seconds: latency(),
             counted_at: Mutex::new(None),
             registry: Registry::default(),
         };
@@ -127,12 +125,6 @@ impl Metrics {
             "Deliveries this instance holds for a first attempt or a retry (the retry backlog)",
             m.deliveries_waiting.clone(),
         );
-        r.register_with_unit(
-            "jobhook_store_write_duration",
-            "A write's time from queueing to its commit (group commit included)",
-            Unit::Seconds,
-            m.store_write_seconds.clone(),
-        );
         Metrics { registry: r, ..m }
     }
 
@@ -170,8 +162,14 @@ impl Metrics {
         }
     }
 
-    /// Adds the store writer's counters (call before sharing the metrics).
+    /// Adds the store writer's counters and write-time histogram (call before sharing the metrics).
     pub fn attach_writer(&mut self, stats: std::sync::Arc<crate::store::WriterStats>) {
+        self.registry.register_with_unit(
+            "jobhook_store_write_duration",
+            "A write's time from queueing to its commit (group commit included)",
+            Unit::Seconds,
+            stats.write_seconds.clone(),
+        );
         self.registry.register_collector(Box::new(WriterCollector(stats)));
     }
 
@@ -235,6 +233,7 @@ mod tests {
         let text = m.render();
         assert!(text.contains("jobhook_store_transactions_total 3"), "{text}");
         assert!(text.contains("jobhook_store_writer_busy_seconds_total 1.5"), "{text}");
+        assert!(text.contains("jobhook_store_write_duration_seconds_count 0"), "{text}");
         assert!(text.contains("jobhook_subscriptions_registered_total 1"), "{text}");
         assert!(text.contains(r#"jobhook_polls_total{outcome="pending"} 1"#), "{text}");
         assert!(text.contains("jobhook_upstream_request_duration_seconds_bucket"), "{text}");

@@ -193,12 +193,10 @@ pub async fn create(
     let registered = state.store.register(key, SubscriptionId::new(), job_id, &callback_url, now_ms()).await?;
     let (status, sub) = match registered {
         Registered::CreatedPolling(sub, job) => {
-            state.metrics.registered.inc();
             state.poller.ensure(job);
             (StatusCode::CREATED, sub)
         }
         Registered::CreatedDelivering(sub, task) => {
-            state.metrics.registered.inc();
             state.dispatcher.deliver(vec![task]);
             (StatusCode::CREATED, sub)
         }
@@ -217,6 +215,9 @@ pub async fn create(
             return Err(super::auth::UNKNOWN_KEY);
         }
     };
+    if status == StatusCode::CREATED {
+        state.metrics.registered.inc();
+    }
     // Per-job events are debug: at thousands of jobs a second, info would be mostly log.
     tracing::debug!(subscription_id = %sub.id, job_id = %sub.job_id, created = status == StatusCode::CREATED, "registered");
     let location = format!("/v1/subscriptions/{}", sub.id);

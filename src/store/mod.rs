@@ -41,12 +41,24 @@ pub async fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {
     Ok(Arc::new(SqlStore::open(url).await?))
 }
 
-/// What the store's writers did: transactions started, and time spent running group-committed batches
-/// (its rate is the writer's utilisation: near 1 per writer means saturated).
-#[derive(Debug, Default)]
+/// What the store's writers did: transactions started, time spent running group-committed batches (its
+/// rate is the writer's utilisation: near 1 per writer means saturated), and each group-committed
+/// write's time from queueing to commit. `GET /metrics` reads them (see `Metrics::attach_writer`).
+#[derive(Debug)]
 pub struct WriterStats {
     pub transactions: std::sync::atomic::AtomicU64,
     pub busy_micros: std::sync::atomic::AtomicU64,
+    pub write_seconds: prometheus_client::metrics::histogram::Histogram,
+}
+
+impl Default for WriterStats {
+    fn default() -> Self {
+        WriterStats {
+            transactions: Default::default(),
+            busy_micros: Default::default(),
+            write_seconds: crate::metrics::latency(),
+        }
+    }
 }
 
 impl WriterStats {
@@ -313,8 +325,6 @@ pub trait Store: Send + Sync + 'static {
     /// Proves the database answers a read, and, after writes failed as unavailable, that a write goes
     /// through again (for `GET /readyz`).
     async fn ping(&self) -> Result<()>;
-    /// Where the store records each group-committed write's time from queueing to commit.
-    fn observe_writes(&self, histogram: prometheus_client::metrics::histogram::Histogram);
 
     /// How many write transactions this store has started (for the benchmark's writes-per-job figure).
     fn transactions(&self) -> u64 {

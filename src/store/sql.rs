@@ -115,8 +115,6 @@ pub struct SqlStore {
     writes: Vec<mpsc::Sender<Write>>,
     /// Write transactions started (group-committed batches included), and the writers' busy time.
     stats: Arc<WriterStats>,
-    /// Where each group-committed write's latency goes, once the service's metrics are attached.
-    write_seconds: std::sync::OnceLock<prometheus_client::metrics::histogram::Histogram>,
     /// When (Unix ms) the last group-committed write failed with "unavailable" (disk full, read-only…),
     /// if none has succeeded since; 0 otherwise. `ping` reports it for [`WRITE_TROUBLE_FOR`].
     write_trouble: Arc<std::sync::atomic::AtomicI64>,
@@ -382,15 +380,7 @@ impl SqlStore {
                 writes
             })
             .collect();
-        SqlStore {
-            backend,
-            writer: writer_pool,
-            reader,
-            writes,
-            stats,
-            write_seconds: Default::default(),
-            write_trouble: Default::default(),
-        }
+        SqlStore { backend, writer: writer_pool, reader, writes, stats, write_trouble: Default::default() }
     }
 
     /// Queues a group-committed write and waits for its result (after its transaction committed).
@@ -400,9 +390,7 @@ impl SqlStore {
         let queued = std::time::Instant::now();
         self.writes[lane].send(write).await.map_err(|_| gone())?;
         let done = answer.await.map_err(|_| gone())?;
-        if let Some(h) = self.write_seconds.get() {
-            h.observe(queued.elapsed().as_secs_f64());
-        }
+        self.stats.write_seconds.observe(queued.elapsed().as_secs_f64());
         let trouble = if matches!(done, Err(StoreError::Unavailable(_))) { now_ms() } else { 0 };
         self.write_trouble.store(trouble, std::sync::atomic::Ordering::Relaxed);
         done
@@ -1022,10 +1010,6 @@ impl Store for SqlStore {
             return Err(StoreError::Unavailable(sqlx::Error::Protocol("writes are failing".into())));
         }
         Ok(())
-    }
-
-    fn observe_writes(&self, histogram: prometheus_client::metrics::histogram::Histogram) {
-        let _ = self.write_seconds.set(histogram);
     }
 
     fn writer_stats(&self) -> Arc<WriterStats> {
