@@ -21,8 +21,9 @@ PY
 grep -q '^USER jobhook' deploy/Dockerfile
 # The image's own config file is valid (checked by the binary, with no JOBHOOK_* variable around).
 if [ -x target/debug/jobhook ]; then
-  env -u JOBHOOK_CONFIG -u JOBHOOK_LISTEN -u JOBHOOK_DATABASE_URL target/debug/jobhook config check \
-    --config deploy/jobhook.container.toml | grep -q '^listen = "0.0.0.0:8080"  # file$'
+  settings=$(env -u JOBHOOK_CONFIG -u JOBHOOK_LISTEN -u JOBHOOK_DATABASE_URL target/debug/jobhook config check \
+    --config deploy/jobhook.container.toml)
+  grep -q '^listen = "0.0.0.0:8080"  # file$' <<<"$settings" || { echo "$settings"; exit 1; }
   echo "deploy: the image's config file is valid"
 fi
 grep -q '^HEALTHCHECK .*/readyz' deploy/Dockerfile

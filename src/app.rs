@@ -304,15 +304,15 @@ pub async fn bootstrap_keys(store: &dyn Store, config: &Config) -> anyhow::Resul
 fn print_first_key(first: &FirstKey) {
     // Printed to stdout on purpose, once: the key is stored only as a hash and cannot be shown again.
     let line = "=".repeat(78);
-    println!("{line}");
-    println!("  jobhook made its first API key. It is shown only now: copy it somewhere safe.");
-    println!();
-    println!("    API key:         {}", first.key.expose());
-    println!("    signing secret:  {}", first.secret.expose());
-    println!();
-    println!("  Use the key as `Authorization: Bearer <key>`; verify deliveries with the secret.");
-    println!("  More keys: jobhook keys create --name NAME");
-    println!("{line}");
+    crate::outln!("{line}");
+    crate::outln!("  jobhook made its first API key. It is shown only now: copy it somewhere safe.");
+    crate::outln!();
+    crate::outln!("    API key:         {}", first.key.expose());
+    crate::outln!("    signing secret:  {}", first.secret.expose());
+    crate::outln!();
+    crate::outln!("  Use the key as `Authorization: Bearer <key>`; verify deliveries with the secret.");
+    crate::outln!("  More keys: jobhook keys create --name NAME");
+    crate::outln!("{line}");
 }
 
 #[cfg(test)]

@@ -34,7 +34,7 @@ struct Demo {
 
 impl Demo {
     fn say(&self, line: impl AsRef<str>) {
-        println!("[{:>5.2}s] {}", self.start.elapsed().as_secs_f64(), line.as_ref());
+        crate::outln!("[{:>5.2}s] {}", self.start.elapsed().as_secs_f64(), line.as_ref());
     }
 
     fn name(&self, job_id: JobId) -> &'static str {
@@ -96,12 +96,12 @@ pub async fn run() -> anyhow::Result<()> {
     let stop = app.shutdown_token();
     let service = tokio::spawn(app.run_until_stopped());
 
-    println!("jobhook demo: everything runs on 127.0.0.1 and stops at the end.");
-    println!("  simulated upstream  {}  (jobs answer Pending twice, then end)", upstream.url());
-    println!("  jobhook             {api}  (store: a temporary SQLite file)");
-    println!("  receiver            http://{receiver_addr}/hook/…  (checks each Standard Webhooks signature)");
-    println!("  signing secret      {}", secret.expose());
-    println!();
+    crate::outln!("jobhook demo: everything runs on 127.0.0.1 and stops at the end.");
+    crate::outln!("  simulated upstream  {}  (jobs answer Pending twice, then end)", upstream.url());
+    crate::outln!("  jobhook             {api}  (store: a temporary SQLite file)");
+    crate::outln!("  receiver            http://{receiver_addr}/hook/…  (checks each Standard Webhooks signature)");
+    crate::outln!("  signing secret      {}", secret.expose());
+    crate::outln!();
 
     let watcher = demo.clone();
     tokio::spawn(async move {
@@ -158,14 +158,14 @@ pub async fn run() -> anyhow::Result<()> {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
-    println!();
-    println!("done:");
+    crate::outln!();
+    crate::outln!("done:");
     for line in finals {
-        println!("  {line}");
+        crate::outln!("  {line}");
     }
-    println!();
-    println!("Next: `cargo run --release` (or `jobhook`) runs the service for real; the README's quick start");
-    println!("registers a job with curl and verifies the callback with the stock Python library.");
+    crate::outln!();
+    crate::outln!("Next: `cargo run --release` (or `jobhook`) runs the service for real; the README's quick start");
+    crate::outln!("registers a job with curl and verifies the callback with the stock Python library.");
     stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(5), service).await;
     Ok(())

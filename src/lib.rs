@@ -33,6 +33,32 @@ pub mod store;
 pub mod upstream;
 pub mod verify;
 
+/// Writes to standard output. A reader that has gone away (`jobhook config check | grep -q …`,
+/// `| head`) is not an error: the rest of the output is dropped and the command finishes normally,
+/// where `print!` would panic. Any other write error is reported once on stderr.
+pub fn write_stdout(args: std::fmt::Arguments) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = stdout.write_fmt(args).and_then(|()| stdout.flush())
+        && e.kind() != std::io::ErrorKind::BrokenPipe
+    {
+        eprintln!("error: cannot write to standard output: {e}");
+    }
+}
+
+/// `print!` without the panic on a closed pipe (see [`write_stdout`]).
+#[macro_export]
+macro_rules! out {
+    ($($arg:tt)*) => { $crate::write_stdout(format_args!($($arg)*)) };
+}
+
+/// `println!` without the panic on a closed pipe (see [`write_stdout`]).
+#[macro_export]
+macro_rules! outln {
+    () => { $crate::write_stdout(format_args!("\n")) };
+    ($($arg:tt)*) => { $crate::write_stdout(format_args!("{}\n", format_args!($($arg)*))) };
+}
+
 /// Installs the TLS crypto provider (ring) once per process; safe to call again.
 pub fn install_crypto() {
     let _ = rustls::crypto::ring::default_provider().install_default();

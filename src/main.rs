@@ -40,7 +40,7 @@ fn main() -> ExitCode {
             Ok(captured) => {
                 let now = time::OffsetDateTime::now_utc().unix_timestamp();
                 let (report, ok) = jobhook::verify::check(&args.secret, &captured, now);
-                print!("{report}");
+                jobhook::out!("{report}");
                 if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
             }
             Err(e) => {
@@ -52,17 +52,17 @@ fn main() -> ExitCode {
     if let Some(Command::Config { command }) = &cli.command {
         return match command {
             ConfigCommand::Example => {
-                print!("{}", jobhook::config::file::example());
+                jobhook::out!("{}", jobhook::config::file::example());
                 ExitCode::SUCCESS
             }
             ConfigCommand::Check(args) => {
                 let check = matches.subcommand_matches("config").and_then(|m| m.subcommand_matches("check"));
                 if let Some(check) = check {
-                    print!("{}", jobhook::config::file::describe(check, &from_file, &user_argv));
+                    jobhook::out!("{}", jobhook::config::file::describe(check, &from_file, &user_argv));
                 }
                 match args.clone().into_config() {
                     Ok(_) => {
-                        println!("# ok: the settings are valid");
+                        jobhook::outln!("# ok: the settings are valid");
                         ExitCode::SUCCESS
                     }
                     Err(e) => {
@@ -95,10 +95,26 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", explain(&e));
             ExitCode::from(2)
         }
     }
+}
+
+/// The error and its causes, joined with ": ". Many errors (sqlx's among them) already show their
+/// source in their own message; a cause whose text is already there is not repeated.
+fn explain(error: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in error.chain() {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&cause);
+        }
+    }
+    text
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -128,17 +144,27 @@ async fn keys(command: KeysCommand) -> anyhow::Result<()> {
             let key = ApiKey::generate();
             let secret = SigningSecret::generate();
             store.create_key(&name, key.hash(), &secret, now).await?;
-            println!("API key ({name}), shown only now: {}", key.expose());
-            println!("its signing secret:                {}", secret.expose());
+            jobhook::outln!("API key ({name}), shown only now: {}", key.expose());
+            jobhook::outln!("its signing secret:                {}", secret.expose());
         }
         KeysCommand::List { .. } => {
-            println!("{:>4}  {:>6}  {:<8}  {:<24}  {:<24}  name", "id", "tenant", "source", "created", "revoked");
+            jobhook::outln!(
+                "{:>4}  {:>6}  {:<8}  {:<24}  {:<24}  name",
+                "id",
+                "tenant",
+                "source",
+                "created",
+                "revoked"
+            );
             for key in store.list_keys().await? {
                 let revoked = key.revoked_at.map(jobhook::api::rfc3339).unwrap_or_else(|| "-".into());
                 let created = jobhook::api::rfc3339(key.created_at);
-                println!(
+                jobhook::outln!(
                     "{:>4}  {:>6}  {:<8}  {created:<24}  {revoked:<24}  {}",
-                    key.id, key.tenant_id, key.source, key.name
+                    key.id,
+                    key.tenant_id,
+                    key.source,
+                    key.name
                 );
             }
         }
@@ -146,7 +172,7 @@ async fn keys(command: KeysCommand) -> anyhow::Result<()> {
             if !store.revoke_key(id, now).await? {
                 anyhow::bail!("there is no usable key with ID {id} (see: jobhook keys list)");
             }
-            println!("key {id} revoked; it answers 401 from now on");
+            jobhook::outln!("key {id} revoked; it answers 401 from now on");
         }
     }
     Ok(())
@@ -156,7 +182,7 @@ async fn migrate(database_url: &str) -> anyhow::Result<()> {
     jobhook::store::check_url(database_url)
         .map_err(|m| anyhow::anyhow!("invalid setting --database-url (JOBHOOK_DATABASE_URL): {m}"))?;
     jobhook::store::open(database_url).await?;
-    println!("the database is migrated");
+    jobhook::outln!("the database is migrated");
     Ok(())
 }
 

@@ -175,8 +175,8 @@ impl MockUpstream {
 
 pub async fn run(args: MockArgs) -> anyhow::Result<()> {
     let mock = MockUpstream::start(&args).await?;
-    println!("mock upstream listening on http://{}", mock.addr());
-    println!("  jobs are Pending for {} polls, then {:?}", args.pending_polls, args.outcome);
+    crate::outln!("mock upstream listening on http://{}", mock.addr());
+    crate::outln!("  jobs are Pending for {} polls, then {:?}", args.pending_polls, args.outcome);
     tokio::signal::ctrl_c().await?;
     Ok(())
 }

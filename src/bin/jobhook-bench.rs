@@ -388,32 +388,32 @@ async fn pending_mode(args: &Args, binary: &std::path::Path, n: usize) -> anyhow
         "restart_listening_s": (listening_after.as_secs_f64() * 100.0).round() / 100.0,
         "restart_every_job_polled_again_s": recovered.map(|t| (t.duration_since(restarted).as_secs_f64() * 100.0).round() / 100.0),
     });
-    println!("jobhook-bench --pending: {n} pending subscriptions, poll interval {}", args.pending_interval);
-    println!();
-    println!("| figure | value |");
-    println!("| --- | --- |");
-    println!("| registrations | {registrations:.0}/s |");
-    println!(
+    jobhook::outln!("jobhook-bench --pending: {n} pending subscriptions, poll interval {}", args.pending_interval);
+    jobhook::outln!();
+    jobhook::outln!("| figure | value |");
+    jobhook::outln!("| --- | --- |");
+    jobhook::outln!("| registrations | {registrations:.0}/s |");
+    jobhook::outln!(
         "| jobhook RSS holding them | {:.1} MB ({per_sub:.0} bytes per pending subscription) |",
         held_rss as f64 / 1048576.0
     );
-    println!("| polls | {polls_per_s:.0}/s |");
-    println!(
+    jobhook::outln!("| polls | {polls_per_s:.0}/s |");
+    jobhook::outln!(
         "| poll lateness (past interval + 10% jitter) p50 / p99 | {:.1} / {:.1} ms |",
         percentile(&late, 0.5),
         percentile(&late, 0.99)
     );
-    println!("| kill -9, restart: listening again after | {:.2} s |", listening_after.as_secs_f64());
+    jobhook::outln!("| kill -9, restart: listening again after | {:.2} s |", listening_after.as_secs_f64());
     match recovered {
-        Some(t) => println!(
+        Some(t) => jobhook::outln!(
             "| kill -9, restart: every job polled again after | {:.2} s (first polls spread over one interval) |",
             t.duration_since(restarted).as_secs_f64()
         ),
-        None => println!("| kill -9, restart: every job polled again after | not within the deadline |"),
+        None => jobhook::outln!("| kill -9, restart: every job polled again after | not within the deadline |"),
     }
     if args.json {
-        println!();
-        println!("{}", serde_json::to_string_pretty(&results)?);
+        jobhook::outln!();
+        jobhook::outln!("{}", serde_json::to_string_pretty(&results)?);
     }
     anyhow::ensure!(recovered.is_some(), "some pending jobs were not polled again after the restart");
     Ok(())
@@ -714,15 +714,19 @@ async fn main() -> anyhow::Result<()> {
         "bad_signatures": receiver.bad_signatures.load(Ordering::Relaxed),
         "failed_registrations": failures.load(Ordering::Relaxed),
     });
-    println!(
+    jobhook::outln!(
         "jobhook-bench: {} jobs, {} concurrent, {} Pending polls each, poll interval {}, {store}, {} instance(s), \
          no upstream rate cap, 256 callbacks in flight per host",
-        args.jobs, args.concurrency, args.pending_polls, args.poll_interval, args.instances
+        args.jobs,
+        args.concurrency,
+        args.pending_polls,
+        args.poll_interval,
+        args.instances
     );
-    println!();
-    println!("| figure | value |");
-    println!("| --- | --- |");
-    let row = |name: &str, value: String| println!("| {name} | {value} |");
+    jobhook::outln!();
+    jobhook::outln!("| figure | value |");
+    jobhook::outln!("| --- | --- |");
+    let row = |name: &str, value: String| jobhook::outln!("| {name} | {value} |");
     row("machine limit (benchmark's own 3 exchanges per job)", format!("{limit:.0} jobs/s"));
     row(
         "end to end (first registration → last callback)",
@@ -767,8 +771,8 @@ async fn main() -> anyhow::Result<()> {
         format!("{} / {}", receiver.bad_signatures.load(Ordering::Relaxed), failures.load(Ordering::Relaxed)),
     );
     if args.json {
-        println!();
-        println!("{}", serde_json::to_string_pretty(&results)?);
+        jobhook::outln!();
+        jobhook::outln!("{}", serde_json::to_string_pretty(&results)?);
     }
     if delivered < args.jobs || receiver.bad_signatures.load(Ordering::Relaxed) > 0 {
         anyhow::bail!(

@@ -166,6 +166,29 @@ async fn config_check_shows_the_effective_settings_masked_with_their_sources() {
     }
 }
 
+/// `jobhook config check | grep -q …` closes the pipe early; the command must still finish normally
+/// (it once panicked with "failed printing to stdout", exit 101). The pipe's reader is closed before
+/// the command starts, so every write meets the closed pipe.
+#[tokio::test]
+async fn commands_finish_normally_when_their_reader_has_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("sqlite://{}", dir.path().join("keys.db").display());
+    for args in [&["config", "example"][..], &["config", "check"], &["keys", "list", "--database-url", &store]] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_jobhook"))
+            .args(args)
+            .stdout(std::process::Stdio::from(writer))
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .await
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "{args:?}: {:?} {stderr}", output.status);
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}
+
 #[tokio::test]
 async fn jobhook_verify_checks_a_real_captured_delivery() {
     let app = spawn_app().await;
