@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
@@ -84,11 +84,14 @@ pub struct JobState {
     recorded: Option<(Option<JobStatus>, Option<String>)>,
     /// The subscriptions may have changed (a cancellation): ask the store before polling.
     pub recheck: bool,
+    /// Every store read or write by which the last step decided the job's fate began after this
+    /// moment: the step's start, then the upstream's answer (see [`RecentlyDone`]).
+    decided_after: Instant,
 }
 
 impl JobState {
     pub fn new(job: PollableJob) -> Self {
-        JobState { job, consecutive_errors: 0, recorded: None, recheck: false }
+        JobState { job, consecutive_errors: 0, recorded: None, recheck: false, decided_after: Instant::now() }
     }
 }
 
@@ -152,6 +155,7 @@ impl PollContext {
 #[tracing::instrument(level = "debug", skip_all, fields(job_id = %state.job.job_id))]
 pub async fn step(ctx: &PollContext, state: &mut JobState) -> (PollOutcome, Next) {
     let job_id = state.job.job_id;
+    state.decided_after = Instant::now();
     if state.recheck {
         match ctx.store.pollable_job(job_id).await {
             Ok(Some(job)) => {
@@ -167,6 +171,7 @@ pub async fn step(ctx: &PollContext, state: &mut JobState) -> (PollOutcome, Next
     }
     let asked = std::time::Instant::now();
     let answer = ctx.upstream.poll(job_id).await;
+    state.decided_after = Instant::now();
     ctx.metrics.poll(answer.outcome(), asked.elapsed());
     let now = now_ms();
     let pending_for = Duration::from_millis(u64::try_from(now - state.job.job_created_at).unwrap_or(0));
@@ -310,10 +315,10 @@ fn store_trouble(ctx: &PollContext, state: &mut JobState, e: crate::store::Store
 
 enum PollerMsg {
     /// A job has a (new) polling subscription.
-    Ensure(PollableJob),
+    Ensure(PollableJob, Instant),
     /// A job taken over from another instance (or resumed at start): polled within the first interval,
     /// at a random moment, so a partition's jobs do not all go at once.
-    Adopt(PollableJob),
+    Adopt(PollableJob, Instant),
     /// A subscription of this job was cancelled: check before the next poll whether anyone still waits.
     Recheck(JobId),
 }
@@ -324,15 +329,18 @@ pub struct PollerHandle {
     tx: mpsc::UnboundedSender<PollerMsg>,
 }
 
+/// `seen` is a moment no later than the store read that showed the job pollable (for a registration,
+/// any moment after its commit will do). The poller drops a message that is older than the decision
+/// that ended the job (see [`RecentlyDone`]).
 impl PollerHandle {
-    pub fn ensure(&self, job: PollableJob) {
+    pub fn ensure(&self, job: PollableJob, seen: Instant) {
         // A send fails only once the poller has stopped (shutdown); the job resumes from the store at the
         // next start.
-        let _ = self.tx.send(PollerMsg::Ensure(job));
+        let _ = self.tx.send(PollerMsg::Ensure(job, seen));
     }
 
-    pub fn adopt(&self, job: PollableJob) {
-        let _ = self.tx.send(PollerMsg::Adopt(job));
+    pub fn adopt(&self, job: PollableJob, seen: Instant) {
+        let _ = self.tx.send(PollerMsg::Adopt(job, seen));
     }
 
     pub fn recheck(&self, job_id: JobId) {
@@ -355,6 +363,43 @@ enum Slot {
     InFlight { recheck: bool },
 }
 
+/// Jobs whose polling ended in the last few seconds, with the moment after which the step that ended
+/// them made its deciding reads and writes.
+///
+/// A message can be older than the job's end: on PostgreSQL a registration's own notice, or a partition
+/// load, reads the job as pollable while its final poll is under way, and the poller takes the message
+/// after the job has left the schedule. Scheduling it again would poll a finished job once more. A
+/// message whose read began before the deciding step's reads is dropped: the step saw everything that
+/// read could have shown, or else the subscription it shows was committed later and sends a message of
+/// its own, stamped after its commit — so no waiting job is dropped.
+struct RecentlyDone {
+    ended: HashMap<JobId, Instant>,
+    pruned: Instant,
+}
+
+impl RecentlyDone {
+    /// Messages wait in the channel for milliseconds; one older than this is not expected.
+    const KEEP: Duration = Duration::from_secs(10);
+
+    fn new() -> Self {
+        RecentlyDone { ended: HashMap::new(), pruned: Instant::now() }
+    }
+
+    fn record(&mut self, job_id: JobId, last_step: Instant) {
+        let now = Instant::now();
+        if now.duration_since(self.pruned) > Self::KEEP {
+            self.ended.retain(|_, at| now.duration_since(*at) < Self::KEEP);
+            self.pruned = now;
+        }
+        self.ended.insert(job_id, last_step);
+    }
+
+    /// The message's read (begun at `seen`) is older than the decision that ended the job.
+    fn outdated(&self, job_id: &JobId, seen: Instant) -> bool {
+        self.ended.get(job_id).is_some_and(|ended| seen < *ended)
+    }
+}
+
 /// The poll loop: schedules `initial` (spread over the first interval), then polls whatever is due,
 /// at most `max_in_flight` at once, until `shutdown`; then waits for in-flight polls up to `grace`.
 pub async fn run(
@@ -369,6 +414,7 @@ pub async fn run(
     let mut slots: HashMap<JobId, Slot> = HashMap::new();
     let mut in_flight: JoinSet<(JobState, Next)> = JoinSet::new();
     let mut task_jobs: HashMap<tokio::task::Id, JobId> = HashMap::new();
+    let mut ended = RecentlyDone::new();
     let spread = ms(ctx.config.interval).max(1) as u64;
     for job in initial {
         queue.insert(job.job_id, Duration::from_millis(rand::random_range(0..spread)));
@@ -380,14 +426,19 @@ pub async fn run(
             _ = shutdown.cancelled() => break,
             Some(msg) = rx.recv() => match msg {
                 // Another instance polls the partitions we do not hold.
-                PollerMsg::Ensure(job) | PollerMsg::Adopt(job) if !ctx.ownership.owns(job.job_id.partition()) => {}
-                PollerMsg::Adopt(job) => {
+                PollerMsg::Ensure(job, _) | PollerMsg::Adopt(job, _) if !ctx.ownership.owns(job.job_id.partition()) => {}
+                PollerMsg::Ensure(job, seen) | PollerMsg::Adopt(job, seen)
+                    if !slots.contains_key(&job.job_id) && ended.outdated(&job.job_id, seen) =>
+                {
+                    tracing::debug!(job_id = %job.job_id, "job already finished; an older message about it is dropped");
+                }
+                PollerMsg::Adopt(job, _) => {
                     if let std::collections::hash_map::Entry::Vacant(slot) = slots.entry(job.job_id) {
                         queue.insert(job.job_id, Duration::from_millis(rand::random_range(0..spread)));
                         slot.insert(Slot::Queued { state: JobState::new(job) });
                     }
                 }
-                PollerMsg::Ensure(job) => match slots.get_mut(&job.job_id) {
+                PollerMsg::Ensure(job, _) => match slots.get_mut(&job.job_id) {
                     None => {
                         queue.insert(job.job_id, Duration::ZERO);
                         slots.insert(job.job_id, Slot::Queued { state: JobState::new(job) });
@@ -446,6 +497,7 @@ pub async fn run(
                             }
                             None => {
                                 slots.remove(&job_id);
+                                ended.record(job_id, state.decided_after);
                             }
                         }
                     }
@@ -525,5 +577,86 @@ mod tests {
         assert_eq!(error_delay(1, Some(secs(30)), &cfg(), 0.0), secs(30));
         assert_eq!(error_delay(7, Some(secs(5)), &cfg(), 0.0), secs(60));
         assert_eq!(error_delay(1, Some(secs(999_999)), &cfg(), 0.0), MAX_UPSTREAM_RETRY_AFTER);
+    }
+
+    /// On PostgreSQL a registration's own notice, or a partition load, can reach the poller after the
+    /// job it shows as pollable has finished. Run the real poll loop on a real SQLite store against
+    /// the mock upstream: a message older than the job's end must not poll it again; a newer one (as
+    /// from a new subscription) still does.
+    #[tokio::test]
+    async fn a_message_older_than_the_jobs_end_does_not_poll_it_again() {
+        use crate::domain::SubscriptionId;
+        use crate::keys::{ApiKey, SigningSecret};
+        use crate::mock_upstream::{MockArgs, MockUpstream, Outcome};
+        use crate::store::Registered;
+
+        async fn until(what: &str, check: impl Fn() -> bool) {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !check() {
+                assert!(Instant::now() < deadline, "timed out waiting for {what}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::open(&format!("sqlite://{}", dir.path().join("jobhook.db").display())).await.unwrap();
+        let key = ApiKey::generate();
+        store.create_key("test", key.hash(), &SigningSecret::generate(), now_ms()).await.unwrap();
+        let upstream = MockUpstream::start(&MockArgs {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            api_key: None,
+            pending_polls: 1,
+            outcome: Outcome::Succeed,
+            error_rate: 0.0,
+        })
+        .await
+        .unwrap();
+        let config = crate::config::UpstreamConfig {
+            base_url: upstream.url().parse().unwrap(),
+            api_key: None,
+            timeout: Duration::from_secs(5),
+        };
+        let poll = PollConfig { interval: Duration::from_millis(50), ..cfg() };
+        let (dispatcher, _deliveries) = crate::delivery::channel();
+        let metrics = Arc::new(Metrics::new());
+        let ctx = Arc::new(PollContext::new(
+            store.clone(),
+            UpstreamClient::new(&config),
+            poll,
+            dispatcher,
+            Arc::new(Ownership::all()),
+            metrics.clone(),
+        ));
+        let (handle, inbox) = channel();
+        let shutdown = CancellationToken::new();
+        let poller = tokio::spawn(run(ctx, inbox, Vec::new(), shutdown.clone(), Duration::from_secs(1)));
+        let callback = "http://127.0.0.1:9/hook".parse().unwrap();
+        let register = async |job_id: JobId| match store
+            .register(key.hash(), SubscriptionId::new(), job_id, &callback, now_ms())
+            .await
+            .unwrap()
+        {
+            Registered::CreatedPolling(_, job) => job,
+            _ => panic!("a new job is polled"),
+        };
+        let finished = |job_id: JobId| upstream.polls(job_id).count == 2 && metrics.jobs_polling.get() == 0;
+
+        let job = register(uuid::Uuid::new_v4().to_string().parse().unwrap()).await;
+        let stale = Instant::now();
+        handle.ensure(job, Instant::now());
+        until("the job's Pending and final polls", || finished(job.job_id)).await;
+
+        // Read before the job ended, taken after: dropped. Another job run through the same loop
+        // afterwards shows the message has been handled (messages are taken in order).
+        handle.ensure(job, stale);
+        let other = register(uuid::Uuid::new_v4().to_string().parse().unwrap()).await;
+        handle.ensure(other, Instant::now());
+        until("the other job to finish", || finished(other.job_id)).await;
+        assert_eq!(upstream.polls(job.job_id).count, 2, "a finished job was polled again");
+
+        handle.ensure(job, Instant::now());
+        until("a newer message to poll the job again", || upstream.polls(job.job_id).count == 3).await;
+        shutdown.cancel();
+        poller.await.unwrap();
     }
 }

@@ -1,5 +1,7 @@
 //! `/v1/subscriptions`: register a job with a callback, read it, list, cancel, and read its deliveries.
 
+use std::time::Instant;
+
 use axum::Json;
 use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
@@ -193,7 +195,7 @@ pub async fn create(
     let registered = state.store.register(key, SubscriptionId::new(), job_id, &callback_url, now_ms()).await?;
     let (status, sub) = match registered {
         Registered::CreatedPolling(sub, job) => {
-            state.poller.ensure(job);
+            state.poller.ensure(job, Instant::now());
             (StatusCode::CREATED, sub)
         }
         Registered::CreatedDelivering(sub, task) => {
@@ -203,10 +205,11 @@ pub async fn create(
         Registered::Existing(sub) => {
             // Harmless when the job is already scheduled (the poller ignores a known job), and a repair
             // if it was not.
+            let seen = Instant::now();
             if sub.state == SubscriptionState::Polling
                 && let Some(job) = state.store.pollable_job(sub.job_id).await?
             {
-                state.poller.ensure(job);
+                state.poller.ensure(job, seen);
             }
             (StatusCode::OK, sub)
         }
