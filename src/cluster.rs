@@ -220,9 +220,8 @@ impl Work {
     }
 
     async fn load(&self, partitions: u64) {
-        let seen = Instant::now();
         match self.store.pollable_jobs_in(partitions).await {
-            Ok(jobs) => jobs.into_iter().for_each(|job| self.poller.adopt(job, seen)),
+            Ok(jobs) => jobs.into_iter().for_each(|job| self.poller.adopt(job)),
             Err(e) => tracing::error!(error = %e, "could not load the jobs of new partitions"),
         }
         match self.store.pending_deliveries_in(partitions).await {
@@ -234,9 +233,8 @@ impl Work {
     async fn notice(&self, notice: Notice) {
         match notice {
             Notice::Poll(job_id) if self.ownership.owns(job_id.partition()) => {
-                let seen = Instant::now();
                 if let Ok(Some(job)) = self.store.pollable_job(job_id).await {
-                    self.poller.ensure(job, seen);
+                    self.poller.ensure(job);
                 }
             }
             Notice::Deliver(id, partition) if self.ownership.owns(partition) => {

@@ -84,14 +84,11 @@ pub struct JobState {
     recorded: Option<(Option<JobStatus>, Option<String>)>,
     /// The subscriptions may have changed (a cancellation): ask the store before polling.
     pub recheck: bool,
-    /// Every store read or write by which the last step decided the job's fate began after this
-    /// moment: the step's start, then the upstream's answer (see [`RecentlyDone`]).
-    decided_after: Instant,
 }
 
 impl JobState {
     pub fn new(job: PollableJob) -> Self {
-        JobState { job, consecutive_errors: 0, recorded: None, recheck: false, decided_after: Instant::now() }
+        JobState { job, consecutive_errors: 0, recorded: None, recheck: false }
     }
 }
 
@@ -155,7 +152,6 @@ impl PollContext {
 #[tracing::instrument(level = "debug", skip_all, fields(job_id = %state.job.job_id))]
 pub async fn step(ctx: &PollContext, state: &mut JobState) -> (PollOutcome, Next) {
     let job_id = state.job.job_id;
-    state.decided_after = Instant::now();
     if state.recheck {
         match ctx.store.pollable_job(job_id).await {
             Ok(Some(job)) => {
@@ -171,7 +167,6 @@ pub async fn step(ctx: &PollContext, state: &mut JobState) -> (PollOutcome, Next
     }
     let asked = std::time::Instant::now();
     let answer = ctx.upstream.poll(job_id).await;
-    state.decided_after = Instant::now();
     ctx.metrics.poll(answer.outcome(), asked.elapsed());
     let now = now_ms();
     let pending_for = Duration::from_millis(u64::try_from(now - state.job.job_created_at).unwrap_or(0));
@@ -315,10 +310,10 @@ fn store_trouble(ctx: &PollContext, state: &mut JobState, e: crate::store::Store
 
 enum PollerMsg {
     /// A job has a (new) polling subscription.
-    Ensure(PollableJob, Instant),
+    Ensure(PollableJob),
     /// A job taken over from another instance (or resumed at start): polled within the first interval,
     /// at a random moment, so a partition's jobs do not all go at once.
-    Adopt(PollableJob, Instant),
+    Adopt(PollableJob),
     /// A subscription of this job was cancelled: check before the next poll whether anyone still waits.
     Recheck(JobId),
 }
@@ -329,18 +324,15 @@ pub struct PollerHandle {
     tx: mpsc::UnboundedSender<PollerMsg>,
 }
 
-/// `seen` is a moment no later than the store read that showed the job pollable (for a registration,
-/// any moment after its commit will do). The poller drops a message that is older than the decision
-/// that ended the job (see [`RecentlyDone`]).
 impl PollerHandle {
-    pub fn ensure(&self, job: PollableJob, seen: Instant) {
+    pub fn ensure(&self, job: PollableJob) {
         // A send fails only once the poller has stopped (shutdown); the job resumes from the store at the
         // next start.
-        let _ = self.tx.send(PollerMsg::Ensure(job, seen));
+        let _ = self.tx.send(PollerMsg::Ensure(job));
     }
 
-    pub fn adopt(&self, job: PollableJob, seen: Instant) {
-        let _ = self.tx.send(PollerMsg::Adopt(job, seen));
+    pub fn adopt(&self, job: PollableJob) {
+        let _ = self.tx.send(PollerMsg::Adopt(job));
     }
 
     pub fn recheck(&self, job_id: JobId) {
@@ -363,41 +355,48 @@ enum Slot {
     InFlight { recheck: bool },
 }
 
-/// Jobs whose polling ended in the last few seconds, with the moment after which the step that ended
-/// them made its deciding reads and writes.
+/// Jobs whose polling ended in the last few seconds.
 ///
 /// A message can be older than the job's end: on PostgreSQL a registration's own notice, or a partition
 /// load, reads the job as pollable while its final poll is under way, and the poller takes the message
-/// after the job has left the schedule. Scheduling it again would poll a finished job once more. A
-/// message whose read began before the deciding step's reads is dropped: the step saw everything that
-/// read could have shown, or else the subscription it shows was committed later and sends a message of
-/// its own, stamped after its commit — so no waiting job is dropped.
-struct RecentlyDone {
+/// after the job has left the schedule. Scheduling it as it stands would poll a finished job once more.
+/// A message about a job that ended moments ago is therefore scheduled with a recheck: its first step
+/// asks the store whether any subscription still waits, and polls only if one does. That read comes
+/// after the message, so a subscription that really waits is never dropped.
+struct RecentlyEnded {
     ended: HashMap<JobId, Instant>,
     pruned: Instant,
 }
 
-impl RecentlyDone {
-    /// Messages wait in the channel for milliseconds; one older than this is not expected.
+impl RecentlyEnded {
+    /// Messages wait in the channel for milliseconds; one older than this is not expected, and would
+    /// cost one extra poll, nothing more.
     const KEEP: Duration = Duration::from_secs(10);
 
     fn new() -> Self {
-        RecentlyDone { ended: HashMap::new(), pruned: Instant::now() }
+        RecentlyEnded { ended: HashMap::new(), pruned: Instant::now() }
     }
 
-    fn record(&mut self, job_id: JobId, last_step: Instant) {
+    fn record(&mut self, job_id: JobId) {
         let now = Instant::now();
         if now.duration_since(self.pruned) > Self::KEEP {
             self.ended.retain(|_, at| now.duration_since(*at) < Self::KEEP);
             self.pruned = now;
         }
-        self.ended.insert(job_id, last_step);
+        self.ended.insert(job_id, now);
     }
 
-    /// The message's read (begun at `seen`) is older than the decision that ended the job.
-    fn outdated(&self, job_id: &JobId, seen: Instant) -> bool {
-        self.ended.get(job_id).is_some_and(|ended| seen < *ended)
+    /// Whether the job ended moments ago; it is forgotten here, being scheduled again.
+    fn take(&mut self, job_id: &JobId) -> bool {
+        self.ended.remove(job_id).is_some()
     }
+}
+
+/// A job to schedule from a message: checked against the store first if it ended moments ago.
+fn scheduled(job: PollableJob, ended: &mut RecentlyEnded) -> Slot {
+    let mut state = JobState::new(job);
+    state.recheck = ended.take(&job.job_id);
+    Slot::Queued { state }
 }
 
 /// The poll loop: schedules `initial` (spread over the first interval), then polls whatever is due,
@@ -414,7 +413,7 @@ pub async fn run(
     let mut slots: HashMap<JobId, Slot> = HashMap::new();
     let mut in_flight: JoinSet<(JobState, Next)> = JoinSet::new();
     let mut task_jobs: HashMap<tokio::task::Id, JobId> = HashMap::new();
-    let mut ended = RecentlyDone::new();
+    let mut ended = RecentlyEnded::new();
     let spread = ms(ctx.config.interval).max(1) as u64;
     for job in initial {
         queue.insert(job.job_id, Duration::from_millis(rand::random_range(0..spread)));
@@ -426,22 +425,20 @@ pub async fn run(
             _ = shutdown.cancelled() => break,
             Some(msg) = rx.recv() => match msg {
                 // Another instance polls the partitions we do not hold.
-                PollerMsg::Ensure(job, _) | PollerMsg::Adopt(job, _) if !ctx.ownership.owns(job.job_id.partition()) => {}
-                PollerMsg::Ensure(job, seen) | PollerMsg::Adopt(job, seen)
-                    if !slots.contains_key(&job.job_id) && ended.outdated(&job.job_id, seen) =>
-                {
-                    tracing::debug!(job_id = %job.job_id, "job already finished; an older message about it is dropped");
-                }
-                PollerMsg::Adopt(job, _) => {
-                    if let std::collections::hash_map::Entry::Vacant(slot) = slots.entry(job.job_id) {
+                PollerMsg::Ensure(job) | PollerMsg::Adopt(job) if !ctx.ownership.owns(job.job_id.partition()) => {}
+                PollerMsg::Adopt(job) => match slots.get_mut(&job.job_id) {
+                    None => {
                         queue.insert(job.job_id, Duration::from_millis(rand::random_range(0..spread)));
-                        slot.insert(Slot::Queued { state: JobState::new(job) });
+                        slots.insert(job.job_id, scheduled(job, &mut ended));
                     }
-                }
-                PollerMsg::Ensure(job, _) => match slots.get_mut(&job.job_id) {
+                    Some(Slot::Queued { .. }) => {}
+                    // The load may have seen a subscription the running step missed.
+                    Some(Slot::InFlight { recheck }) => *recheck = true,
+                },
+                PollerMsg::Ensure(job) => match slots.get_mut(&job.job_id) {
                     None => {
                         queue.insert(job.job_id, Duration::ZERO);
-                        slots.insert(job.job_id, Slot::Queued { state: JobState::new(job) });
+                        slots.insert(job.job_id, scheduled(job, &mut ended));
                     }
                     Some(Slot::Queued { .. }) => {}
                     // The running poll may decide nobody waits any more; make it look again.
@@ -497,7 +494,7 @@ pub async fn run(
                             }
                             None => {
                                 slots.remove(&job_id);
-                                ended.record(job_id, state.decided_after);
+                                ended.record(job_id);
                             }
                         }
                     }
@@ -581,13 +578,13 @@ mod tests {
 
     /// On PostgreSQL a registration's own notice, or a partition load, can reach the poller after the
     /// job it shows as pollable has finished. Run the real poll loop on a real SQLite store against
-    /// the mock upstream: a message older than the job's end must not poll it again; a newer one (as
-    /// from a new subscription) still does.
+    /// the mock upstream: such a late message must not poll the finished job again, yet a message about
+    /// a job that ended moments ago and has a new waiting subscription must still poll it.
     #[tokio::test]
-    async fn a_message_older_than_the_jobs_end_does_not_poll_it_again() {
+    async fn a_late_message_about_a_finished_job_does_not_poll_it_again() {
         use crate::domain::SubscriptionId;
         use crate::keys::{ApiKey, SigningSecret};
-        use crate::mock_upstream::{MockArgs, MockUpstream, Outcome};
+        use crate::mock_upstream::{Answer, MockArgs, MockUpstream, Outcome};
         use crate::store::Registered;
 
         async fn until(what: &str, check: impl Fn() -> bool) {
@@ -637,25 +634,32 @@ mod tests {
             .unwrap()
         {
             Registered::CreatedPolling(_, job) => job,
-            _ => panic!("a new job is polled"),
+            _ => panic!("a job without a result is polled"),
         };
-        let finished = |job_id: JobId| upstream.polls(job_id).count == 2 && metrics.jobs_polling.get() == 0;
+        let polls = |job: PollableJob| upstream.polls(job.job_id).count;
+        let idle = || metrics.jobs_polling.get() == 0;
 
         let job = register(uuid::Uuid::new_v4().to_string().parse().unwrap()).await;
-        let stale = Instant::now();
-        handle.ensure(job, Instant::now());
-        until("the job's Pending and final polls", || finished(job.job_id)).await;
-
-        // Read before the job ended, taken after: dropped. Another job run through the same loop
-        // afterwards shows the message has been handled (messages are taken in order).
-        handle.ensure(job, stale);
+        handle.ensure(job);
+        until("the job's Pending and final polls", || polls(job) == 2 && idle()).await;
+        // The late message. Another job run through the loop afterwards shows it has been handled
+        // (messages are taken in order, and a scheduled job would be polled at once).
+        handle.ensure(job);
+        handle.adopt(job);
         let other = register(uuid::Uuid::new_v4().to_string().parse().unwrap()).await;
-        handle.ensure(other, Instant::now());
-        until("the other job to finish", || finished(other.job_id)).await;
-        assert_eq!(upstream.polls(job.job_id).count, 2, "a finished job was polled again");
+        handle.ensure(other);
+        until("the other job to finish", || polls(other) == 2 && idle()).await;
+        assert_eq!(polls(job), 2, "a finished job was polled again");
 
-        handle.ensure(job, Instant::now());
-        until("a newer message to poll the job again", || upstream.polls(job.job_id).count == 3).await;
+        // A job that failed upstream (422) ends its subscription without a result; a new subscription
+        // to it waits, and its message, though it comes moments after the end, is polled.
+        let rejected: JobId = uuid::Uuid::new_v4().to_string().parse().unwrap();
+        upstream.script(rejected, vec![Answer::Status(422), Answer::Succeed]);
+        handle.ensure(register(rejected).await);
+        until("the 422", || upstream.polls(rejected).count == 1 && idle()).await;
+        handle.ensure(register(rejected).await);
+        until("the new subscription's poll", || upstream.polls(rejected).count == 2 && idle()).await;
+        assert!(store.pollable_job(rejected).await.unwrap().is_none(), "the job finished");
         shutdown.cancel();
         poller.await.unwrap();
     }

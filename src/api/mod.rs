@@ -19,6 +19,8 @@ use utoipa::{Modify, OpenApi, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use tracing::Instrument;
+
 use crate::delivery::DispatcherHandle;
 use crate::delivery::client::{EgressPolicy, Lookup};
 use crate::poller::PollerHandle;
@@ -162,9 +164,16 @@ async fn rotate_signing_secret(State(state): State<AppState>, tenant: Tenant) ->
     let secret = crate::keys::SigningSecret::generate();
     let grace_ms = Millis::try_from(state.secret_rotation_grace.as_millis()).unwrap_or(Millis::MAX);
     let until = crate::store::now_ms().saturating_add(grace_ms);
-    state.store.rotate_secret(tenant.id, &secret, until).await?;
-    state.secrets.forget(tenant.id);
-    tracing::info!(tenant_id = tenant.id, "signing secret rotated");
+    to_the_end({
+        let (state, secret) = (state.clone(), secret.clone());
+        async move {
+            state.store.rotate_secret(tenant.id, &secret, until).await?;
+            state.secrets.forget(tenant.id);
+            tracing::info!(tenant_id = tenant.id, "signing secret rotated");
+            Ok(())
+        }
+    })
+    .await?;
     Ok(Json(RotatedSecret { secret: secret.expose(), previous_secret_valid_until: rfc3339(until) }))
 }
 
@@ -269,4 +278,16 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         }
     }
     ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], state.metrics.render())
+}
+
+/// Runs a request's writes, and what must follow them, to the end even if the client goes away: the
+/// server drops a request's handler when its connection closes, and a registration committed without
+/// its job reaching the poller would wait, unpolled, until the next restart.
+pub(crate) async fn to_the_end<T: Send + 'static>(
+    work: impl Future<Output = Result<T, error::ApiError>> + Send + 'static,
+) -> Result<T, error::ApiError> {
+    tokio::spawn(work.in_current_span()).await.unwrap_or_else(|e| {
+        tracing::error!(error = %e, "a request's work failed unexpectedly");
+        Err(error::ApiError::Internal)
+    })
 }

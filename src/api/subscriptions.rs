@@ -1,7 +1,5 @@
 //! `/v1/subscriptions`: register a job with a callback, read it, list, cancel, and read its deliveries.
 
-use std::time::Instant;
-
 use axum::Json;
 use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
@@ -192,10 +190,24 @@ pub async fn create(
     let job_id: JobId = body.job_id.parse().map_err(ApiError::Invalid)?;
     let callback_url: CallbackUrl = body.callback_url.parse().map_err(ApiError::Invalid)?;
     state.egress.check_registration(&callback_url, &state.lookup).await.map_err(ApiError::Invalid)?;
+    let (status, sub) = super::to_the_end(register(state, key, job_id, callback_url)).await?;
+    // Per-job events are debug: at thousands of jobs a second, info would be mostly log.
+    tracing::debug!(subscription_id = %sub.id, job_id = %sub.job_id, created = status == StatusCode::CREATED, "registered");
+    let location = format!("/v1/subscriptions/{}", sub.id);
+    Ok((status, [(header::LOCATION, location)], Json(SubscriptionView::from(sub))).into_response())
+}
+
+/// Stores the registration, then hands the job to the poller or its result to the dispatcher.
+async fn register(
+    state: AppState,
+    key: crate::keys::KeyHash,
+    job_id: JobId,
+    callback_url: CallbackUrl,
+) -> Result<(StatusCode, Subscription), ApiError> {
     let registered = state.store.register(key, SubscriptionId::new(), job_id, &callback_url, now_ms()).await?;
     let (status, sub) = match registered {
         Registered::CreatedPolling(sub, job) => {
-            state.poller.ensure(job, Instant::now());
+            state.poller.ensure(job);
             (StatusCode::CREATED, sub)
         }
         Registered::CreatedDelivering(sub, task) => {
@@ -205,11 +217,10 @@ pub async fn create(
         Registered::Existing(sub) => {
             // Harmless when the job is already scheduled (the poller ignores a known job), and a repair
             // if it was not.
-            let seen = Instant::now();
             if sub.state == SubscriptionState::Polling
                 && let Some(job) = state.store.pollable_job(sub.job_id).await?
             {
-                state.poller.ensure(job, seen);
+                state.poller.ensure(job);
             }
             (StatusCode::OK, sub)
         }
@@ -221,10 +232,7 @@ pub async fn create(
     if status == StatusCode::CREATED {
         state.metrics.registered.inc();
     }
-    // Per-job events are debug: at thousands of jobs a second, info would be mostly log.
-    tracing::debug!(subscription_id = %sub.id, job_id = %sub.job_id, created = status == StatusCode::CREATED, "registered");
-    let location = format!("/v1/subscriptions/{}", sub.id);
-    Ok((status, [(header::LOCATION, location)], Json(SubscriptionView::from(sub))).into_response())
+    Ok((status, sub))
 }
 
 /// Read one subscription.
@@ -349,10 +357,20 @@ pub async fn redeliver(
     tenant: Tenant,
     SubscriptionPath(sub_id, id): SubscriptionPath,
 ) -> Result<(StatusCode, Json<SubscriptionView>), ApiError> {
-    match state.store.redeliver(tenant.id, sub_id, now_ms()).await?.ok_or_else(|| not_found(&id))? {
-        Redelivery::Started(task) => {
-            tracing::info!(subscription_id = %sub_id, series = task.series, "redelivery started");
-            state.dispatcher.deliver(vec![task]);
+    let redelivery = super::to_the_end({
+        let (state, id) = (state.clone(), id.clone());
+        async move {
+            let redelivery = state.store.redeliver(tenant.id, sub_id, now_ms()).await?.ok_or_else(|| not_found(&id))?;
+            if let Redelivery::Started(task) = &redelivery {
+                tracing::info!(subscription_id = %sub_id, series = task.series, "redelivery started");
+                state.dispatcher.deliver(vec![task.clone()]);
+            }
+            Ok(redelivery)
+        }
+    })
+    .await?;
+    match redelivery {
+        Redelivery::Started(_) => {
             let sub = state.store.subscription(tenant.id, sub_id).await?.ok_or_else(|| not_found(&id))?;
             Ok((StatusCode::ACCEPTED, Json(sub.into())))
         }
@@ -386,15 +404,18 @@ pub async fn cancel(
     tenant: Tenant,
     SubscriptionPath(sub_id, id): SubscriptionPath,
 ) -> Result<StatusCode, ApiError> {
-    let cancelled = state.store.cancel(tenant.id, sub_id, now_ms()).await?.ok_or_else(|| not_found(&id))?;
-    if cancelled.was.is_some() {
-        // Both, whatever the state read: the job may have ended between that read and the cancel.
-        state.poller.recheck(cancelled.job_id);
-        state.dispatcher.cancel(sub_id);
-        state.metrics.finished("cancelled", 1);
-        tracing::info!(subscription_id = %sub_id, job_id = %cancelled.job_id, "cancelled");
-    }
-    Ok(StatusCode::NO_CONTENT)
+    super::to_the_end(async move {
+        let cancelled = state.store.cancel(tenant.id, sub_id, now_ms()).await?.ok_or_else(|| not_found(&id))?;
+        if cancelled.was.is_some() {
+            // Both, whatever the state read: the job may have ended between that read and the cancel.
+            state.poller.recheck(cancelled.job_id);
+            state.dispatcher.cancel(sub_id);
+            state.metrics.finished("cancelled", 1);
+            tracing::info!(subscription_id = %sub_id, job_id = %cancelled.job_id, "cancelled");
+        }
+        Ok(StatusCode::NO_CONTENT)
+    })
+    .await
 }
 
 /// The delivery attempts of a subscription, oldest first.

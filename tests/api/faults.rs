@@ -272,3 +272,42 @@ async fn an_upstream_that_rejects_our_key_never_sees_it_leak() {
     assert_eq!(done["failure_reason"], "upstream_unauthorized");
     assert!(!done.to_string().contains("0123456789"));
 }
+
+/// A client that sends its registration and hangs up at once (a timeout, a killed process) must not
+/// leave a stored subscription unpolled: whatever was committed is polled and delivered. The server
+/// drops a request's handler when its client goes away, so the work after the commit must not live in
+/// that handler alone.
+#[tokio::test]
+async fn a_client_that_hangs_up_mid_registration_leaves_no_stored_job_behind() {
+    use tokio::io::AsyncWriteExt;
+    const CLIENTS: usize = 100;
+    let app = spawn_app_with(Settings::mock(mock_args(0))).await;
+    let mut hangups = tokio::task::JoinSet::new();
+    for _ in 0..CLIENTS {
+        let (addr, callback) = (app.addr, app.receiver.url("/hook"));
+        hangups.spawn(async move {
+            let body = serde_json::json!({ "job_id": new_job(), "callback_url": callback }).to_string();
+            let request = format!(
+                "POST /v1/subscriptions HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer {KEY_A}\r\n\
+                 content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            stream.write_all(request.as_bytes()).await.unwrap();
+            // Give the request a moment to reach the store, then hang up while it is under way.
+            tokio::time::sleep(Duration::from_micros(rand::random_range(0..40_000))).await;
+        });
+    }
+    while hangups.join_next().await.is_some() {}
+    // A registration after them all: once it is answered, theirs have been written or dropped.
+    app.register(&new_job(), &app.receiver.url("/hook")).await;
+    let stored: Vec<Value> =
+        app.get_as(KEY_A, "/v1/subscriptions?limit=500").await.json::<Value>().await.unwrap()["items"]
+            .as_array()
+            .unwrap()
+            .clone();
+    eprintln!("hang-ups: {} of {CLIENTS} registrations were stored before the client left", stored.len() - 1);
+    for sub in &stored {
+        app.wait_for_state(sub["id"].as_str().unwrap(), "delivered").await;
+    }
+}
