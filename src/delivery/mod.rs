@@ -32,9 +32,11 @@ pub use secrets::SecretsCache;
 /// normal short answer, little enough that an endless body costs nothing.
 pub const MAX_RESPONSE_BYTES: usize = 16 * 1024;
 
-/// When the store cannot record an attempt, the delivery is tried again after this (and may reach the
-/// receiver twice, under the same `webhook-id`).
+/// When the store cannot give the signing secrets, the attempt waits this long; when it cannot record
+/// an attempt's outcome, the write is retried after this, doubling up to [`MAX_STORE_RETRY`]. (If the
+/// process stops meanwhile, the attempt is sent again after the restart, under the same `webhook-id`.)
 const STORE_RETRY: Duration = Duration::from_secs(5);
+const MAX_STORE_RETRY: Duration = Duration::from_secs(60);
 
 /// What one attempt saw.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -263,10 +265,26 @@ pub async fn attempt(ctx: &DeliveryContext, task: &mut DeliveryTask) -> Option<M
             )
         }
     }
-    match ctx.store.record_attempt(&record, result, now).await {
+    // The receiver has answered: if the store cannot take the record now, keep the answer and retry
+    // the write, rather than send the request again (a receiver that said 2xx or 410 would hear it
+    // every few seconds for as long as the outage lasts).
+    let mut wait = STORE_RETRY;
+    let recorded = loop {
+        match ctx.store.record_attempt(&record, result, now).await {
+            Ok(recorded) => break recorded,
+            // Its partition went to another instance, which resends from the store.
+            Err(_) if !ctx.ownership.owns(task.partition) => return None,
+            Err(e) => {
+                tracing::error!(error = %e, retry_in = ?wait, "could not record a delivery attempt; its outcome is kept and the write retried");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(MAX_STORE_RETRY);
+            }
+        }
+    };
+    match recorded {
         // Cancelled (or redelivered) meanwhile: this series is over.
-        Ok(false) => None,
-        Ok(true) => {
+        false => None,
+        true => {
             task.attempts_made = attempt;
             let (outcome, finished) = match result {
                 AttemptResult::Delivered => ("delivered", Some("delivered")),
@@ -281,10 +299,6 @@ pub async fn attempt(ctx: &DeliveryContext, task: &mut DeliveryTask) -> Option<M
                 AttemptResult::RetryAt(at) => Some(at),
                 AttemptResult::Delivered | AttemptResult::Failed(_) => None,
             }
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "could not record a delivery attempt; the delivery will be repeated");
-            Some(now.saturating_add(STORE_RETRY.as_millis() as Millis))
         }
     }
 }

@@ -1,6 +1,6 @@
 //! kill -9 at random moments, and SIGTERM: nothing acknowledged is lost.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use jobhook::mock_upstream::MockUpstream;
 use serde_json::json;
@@ -180,5 +180,77 @@ async fn a_full_disk_answers_503_without_losing_anything_and_recovers() {
     })
     .await;
     assert!(got.iter().any(|r| r.json()["job_id"] == job.as_str()));
+    running.child.start_kill().unwrap();
+}
+
+/// The receiver has answered 200, but the store cannot record it (a full disk): the answer is kept and
+/// only its record is retried. The receiver must not hear the same delivery again every few seconds
+/// for as long as the outage lasts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_that_cannot_be_recorded_is_not_sent_again_while_the_disk_is_full() {
+    if on_postgres() {
+        eprintln!("skipped on PostgreSQL: this test fills the SQLite file's disk");
+        return;
+    }
+    let upstream = MockUpstream::start(&mock_args(0)).await.unwrap();
+    let receiver = Receiver::start().await;
+    receiver.answer_with(&[500]);
+    let dir = tempfile::tempdir().unwrap();
+    let db_url = fresh_db_url(dir.path()).await;
+    let mut args = args_on("127.0.0.1:0", &db_url, &upstream.url());
+    // Time between the first attempt (500) and the second (200) to fill the disk.
+    let at = args.iter().position(|a| a == "--retry-schedule").unwrap();
+    args[at + 1] = "2s".to_owned();
+    let mut running = start(&args).await;
+    let pid = running.child.id().unwrap().to_string();
+    let http = reqwest::Client::new();
+    let base = format!("http://{}", running.addr);
+    let sub: serde_json::Value = http
+        .post(format!("{base}/v1/subscriptions"))
+        .bearer_auth(KEY_A)
+        .json(&json!({ "job_id": new_job(), "callback_url": receiver.url("/hook") }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let deliveries = format!("{base}/v1/subscriptions/{}/deliveries", sub["id"].as_str().unwrap());
+    eventually(Duration::from_secs(10), "the first attempt (500) to be recorded", || async {
+        let log: serde_json::Value =
+            http.get(&deliveries).bearer_auth(KEY_A).send().await.unwrap().json().await.unwrap();
+        (log["items"].as_array().map(Vec::len) == Some(1)).then_some(())
+    })
+    .await;
+
+    let limit = std::process::Command::new("prlimit").args(["--pid", &pid, "--fsize=1:"]).status().unwrap();
+    assert!(limit.success());
+    receiver.wait_for("/hook", 2).await;
+    // Longer than the old 5 s re-send delay, and than the first record retry.
+    let outage = Instant::now();
+    eventually(Duration::from_secs(10), "the failed record to be logged", || async {
+        running.logs().iter().any(|l| l.contains("could not record a delivery attempt")).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(7).saturating_sub(outage.elapsed())).await;
+    assert_eq!(receiver.requests_to("/hook").len(), 2, "a delivery the receiver accepted was sent again");
+
+    let lifted = std::process::Command::new("prlimit").args(["--pid", &pid, "--fsize=unlimited:"]).status().unwrap();
+    assert!(lifted.success());
+    let done = eventually(Duration::from_secs(90), "the kept answer to be recorded", || async {
+        let sub: serde_json::Value = http
+            .get(format!("{base}/v1/subscriptions/{}", sub["id"].as_str().unwrap()))
+            .bearer_auth(KEY_A)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        (sub["state"] == "delivered").then_some(sub)
+    })
+    .await;
+    assert_eq!(done["attempts"], 2, "{done}");
+    assert_eq!(receiver.requests_to("/hook").len(), 2);
     running.child.start_kill().unwrap();
 }
