@@ -104,9 +104,9 @@ impl Application {
 
     /// Builds with another way to resolve callback hosts (tests play DNS with it).
     pub async fn build_with(config: Config, lookup: client::Lookup) -> anyhow::Result<Self> {
-        let store = store::open(&config.database_url)
-            .await
-            .with_context(|| format!("cannot open the store {}", config.database_url))?;
+        let store = store::open(&config.database_url).await.with_context(|| {
+            format!("cannot open the store {}", crate::config::file::mask_password(&config.database_url))
+        })?;
         let mut metrics = Metrics::new();
         metrics.attach_writer(store.writer_stats());
         let metrics = Arc::new(metrics);

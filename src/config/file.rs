@@ -218,7 +218,7 @@ pub fn describe(matches: &clap::ArgMatches, from: &FromFile, user_argv: &[OsStri
 
 /// The URL with its password masked, in the user part or as a `password=` parameter; a URL that does
 /// not parse has everything between `://` and its last `@` masked.
-fn mask_password(url: &str) -> String {
+pub fn mask_password(url: &str) -> String {
     let Ok(mut u) = url::Url::parse(url) else {
         return match (url.find("://"), url.rfind('@')) {
             (Some(start), Some(end)) if end > start => format!("{}********{}", &url[..start + 3], &url[end..]),

@@ -189,6 +189,26 @@ async fn commands_finish_normally_when_their_reader_has_gone() {
     }
 }
 
+/// A database that cannot be reached at start stops the service with a line naming it, but never with
+/// its password.
+#[tokio::test]
+async fn a_store_that_cannot_be_opened_is_named_without_its_password() {
+    for url in [
+        "postgres://jobhook:hunter2hunter2@127.0.0.1:1/jobhook",
+        "postgres://jobhook@127.0.0.1:1/jobhook?password=hunter2hunter2",
+    ] {
+        let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_jobhook"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--database-url", url])
+            .output()
+            .await
+            .unwrap();
+        assert!(!output.status.success());
+        let said = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+        assert!(said.contains("cannot open the store postgres://jobhook") && said.contains("********"), "{said}");
+        assert!(!said.contains("hunter2"), "the password leaked: {said}");
+    }
+}
+
 #[tokio::test]
 async fn jobhook_verify_checks_a_real_captured_delivery() {
     let app = spawn_app().await;
