@@ -870,7 +870,7 @@ impl Store for SqlStore {
         if state.is_final() {
             return Ok(Some(Cancelled { job_id, was: None }));
         }
-        sqlx::query(self.backend.sql(
+        let changed = sqlx::query(self.backend.sql(
             "UPDATE subscriptions SET state = 'cancelled', next_attempt_at = NULL, updated_at = ? \
                  WHERE id = ? AND state IN ('polling', 'delivering')",
         ))
@@ -879,6 +879,10 @@ impl Store for SqlStore {
         .execute(&mut *tx)
         .await
         .db()?;
+        // On PostgreSQL the read above takes no lock: the subscription may have ended since.
+        if changed.rows_affected() == 0 {
+            return Ok(Some(Cancelled { job_id, was: None }));
+        }
         notify(self.backend, &mut tx, format!("cancel {id} {job_id}")).await?;
         tx.commit().await.db()?;
         Ok(Some(Cancelled { job_id, was: Some(state) }))
