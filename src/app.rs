@@ -288,10 +288,17 @@ impl Application {
 /// Syncs the keys from the configuration; with none configured and none stored, makes the first one.
 pub async fn bootstrap_keys(store: &dyn Store, config: &Config) -> anyhow::Result<Option<FirstKey>> {
     let hashes: Vec<_> = config.api_keys.iter().map(ApiKey::hash).collect();
-    store
+    let synced = store
         .sync_configured_keys(&hashes, config.signing_secret.as_ref(), now_ms())
         .await
         .context("cannot store the configured API keys")?;
+    for id in synced.revoked_by_command {
+        tracing::warn!(
+            key_id = id,
+            "a key listed in --api-keys (JOBHOOK_API_KEYS) was revoked with `jobhook keys revoke` and stays \
+             revoked: remove it from the list"
+        );
+    }
     if !config.api_keys.is_empty() || store.usable_key_count().await? > 0 {
         return Ok(None);
     }
@@ -311,7 +318,7 @@ fn print_first_key(first: &FirstKey) {
     crate::outln!("    signing secret:  {}", first.secret.expose());
     crate::outln!();
     crate::outln!("  Use the key as `Authorization: Bearer <key>`; verify deliveries with the secret.");
-    crate::outln!("  More keys: jobhook keys create --name NAME");
+    crate::outln!("  More keys: jobhook keys create --name NAME  (with this service's --database-url)");
     crate::outln!("{line}");
 }
 

@@ -128,7 +128,7 @@ pub struct ServeArgs {
     #[arg(long, env = "JOBHOOK_API_KEYS", hide_env_values = true, value_delimiter = ',')]
     pub api_keys: Vec<String>,
 
-    /// `whsec_…` secret used to sign for every key given in --api-keys (default: one generated per tenant and stored).
+    /// `whsec_…` secret used to sign for every key given in --api-keys (default: one generated per tenant and stored). Applied when it changes; a rotation through the API is kept until then.
     #[arg(long, env = "JOBHOOK_SIGNING_SECRET", hide_env_values = true)]
     pub signing_secret: Option<String>,
 

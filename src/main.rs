@@ -169,10 +169,24 @@ async fn keys(command: KeysCommand) -> anyhow::Result<()> {
             }
         }
         KeysCommand::Revoke { id, .. } => {
+            let key = store.list_keys().await?.into_iter().find(|k| k.id == id);
+            let Some(key) = key else {
+                anyhow::bail!("there is no key with ID {id} (see: jobhook keys list)");
+            };
+            if key.revoked_at.is_some() {
+                jobhook::outln!("key {id} was already revoked");
+                return Ok(());
+            }
             if !store.revoke_key(id, now).await? {
-                anyhow::bail!("there is no usable key with ID {id} (see: jobhook keys list)");
+                anyhow::bail!("key {id} could not be revoked (see: jobhook keys list)");
             }
             jobhook::outln!("key {id} revoked; it answers 401 from now on");
+            if key.source == "config" {
+                jobhook::outln!(
+                    "it comes from --api-keys (JOBHOOK_API_KEYS): remove it from there too; it stays revoked \
+                     across restarts meanwhile"
+                );
+            }
         }
     }
     Ok(())

@@ -241,18 +241,29 @@ pub struct Cancelled {
     pub was: Option<SubscriptionState>,
 }
 
+/// What [`Store::sync_configured_keys`] did.
+#[derive(Debug, Default)]
+pub struct ConfiguredKeys {
+    /// Tenants created for keys seen for the first time.
+    pub created: usize,
+    /// IDs of keys still listed in the configuration but revoked with `jobhook keys revoke`.
+    pub revoked_by_command: Vec<i64>,
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     // --- tenants and keys ---
 
-    /// Makes sure a key from the configuration exists as a tenant; sets its secret when one is given.
-    /// Configured keys no longer in `keys` are revoked. Returns how many tenants were created.
+    /// Makes sure a key from the configuration exists as a tenant. `secret` becomes their signing
+    /// secret when it differs from the one applied at an earlier start (so a rotation through the API
+    /// outlives restarts). Configured keys no longer in `keys` are revoked; listed again, they work
+    /// again, except those revoked with `jobhook keys revoke`.
     async fn sync_configured_keys(
         &self,
         keys: &[KeyHash],
         secret: Option<&SigningSecret>,
         now: Millis,
-    ) -> Result<usize>;
+    ) -> Result<ConfiguredKeys>;
     /// A new tenant with a stored key and a fresh secret.
     async fn create_key(&self, name: &str, key: KeyHash, secret: &SigningSecret, now: Millis) -> Result<i64>;
     /// How many keys can be used to call the API.

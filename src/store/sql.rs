@@ -15,6 +15,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::*;
 use crate::domain::new_webhook_id;
+use sha2::{Digest, Sha256};
 
 mod sqlite_writer;
 
@@ -596,25 +597,49 @@ impl Store for SqlStore {
         keys: &[KeyHash],
         secret: Option<&SigningSecret>,
         now: Millis,
-    ) -> Result<usize> {
+    ) -> Result<ConfiguredKeys> {
         let mut tx = self.begin().await?;
-        let mut created = 0;
-        // Configured keys that left the configuration stop working; those still in it work again.
-        let configured: Vec<(i64, Vec<u8>)> =
-            sqlx::query_as(self.backend.sql("SELECT id, key_hash FROM api_keys WHERE source = 'config'"))
+        let mut sync = ConfiguredKeys::default();
+        // Configured keys that left the configuration stop working; those listed again work again,
+        // unless `jobhook keys revoke` revoked them: that stays.
+        let configured: Vec<(i64, Vec<u8>, Option<String>)> =
+            sqlx::query_as(self.backend.sql("SELECT id, key_hash, revoked_by FROM api_keys WHERE source = 'config'"))
                 .fetch_all(&mut *tx)
                 .await
                 .db()?;
-        for (id, hash) in configured {
+        for (id, hash, revoked_by) in configured {
             let still = keys.iter().any(|k| k.0.as_slice() == hash.as_slice());
-            // Still configured: usable; gone from the configuration: revoked (once).
-            let revoked_at = if still { None } else { Some(now) };
-            sqlx::query(self.backend.sql("UPDATE api_keys SET revoked_at = CASE WHEN ? IS NULL THEN NULL ELSE COALESCE(revoked_at, ?1) END WHERE id = ?2"))
-                .bind(revoked_at)
-                .bind(id)
-                .execute(&mut *tx)
+            if still && revoked_by.as_deref() == Some("command") {
+                sync.revoked_by_command.push(id);
+                continue;
+            }
+            let sql = if still {
+                "UPDATE api_keys SET revoked_at = NULL, revoked_by = NULL WHERE id = ?"
+            } else {
+                "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?), revoked_by = COALESCE(revoked_by, 'config') WHERE id = ?"
+            };
+            let query = sqlx::query(self.backend.sql(sql));
+            let query = if still { query } else { query.bind(now) };
+            query.bind(id).execute(&mut *tx).await.db()?;
+        }
+        // The configured secret is applied when it changes, not at every start: a rotation through the
+        // API since then is kept.
+        let fingerprint = secret.map(|s| Sha256::digest(s.bytes()).to_vec());
+        let applied: Option<Vec<u8>> =
+            sqlx::query_scalar(self.backend.sql("SELECT value FROM meta WHERE key = 'configured_signing_secret'"))
+                .fetch_optional(&mut *tx)
                 .await
                 .db()?;
+        let secret_changed = fingerprint.is_some() && fingerprint != applied;
+        if let Some(fingerprint) = fingerprint.as_ref().filter(|_| secret_changed) {
+            sqlx::query(self.backend.sql(
+                "INSERT INTO meta (key, value) VALUES ('configured_signing_secret', ?) \
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            ))
+            .bind(fingerprint.as_slice())
+            .execute(&mut *tx)
+            .await
+            .db()?;
         }
         for (i, key) in keys.iter().enumerate() {
             let tenant: Option<i64> =
@@ -625,7 +650,7 @@ impl Store for SqlStore {
                     .db()?;
             match tenant {
                 Some(tenant_id) => {
-                    if let Some(secret) = secret {
+                    if let Some(secret) = secret.filter(|_| secret_changed) {
                         sqlx::query(self.backend.sql("UPDATE tenants SET signing_secret = ? WHERE id = ?"))
                             .bind(secret.expose())
                             .bind(tenant_id)
@@ -638,12 +663,12 @@ impl Store for SqlStore {
                     let secret = secret.cloned().unwrap_or_else(SigningSecret::generate);
                     let name = format!("configured key {}", i + 1);
                     insert_tenant_with_key(self.backend, &mut tx, &name, *key, &secret, "config", now).await?;
-                    created += 1;
+                    sync.created += 1;
                 }
             }
         }
         tx.commit().await.db()?;
-        Ok(created)
+        Ok(sync)
     }
 
     async fn create_key(&self, name: &str, key: KeyHash, secret: &SigningSecret, now: Millis) -> Result<i64> {
@@ -693,13 +718,15 @@ impl Store for SqlStore {
     }
 
     async fn revoke_key(&self, id: i64, now: Millis) -> Result<bool> {
-        let done =
-            sqlx::query(self.backend.sql("UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL"))
-                .bind(now)
-                .bind(id)
-                .execute(&self.writer)
-                .await
-                .db()?;
+        let done = sqlx::query(
+            self.backend
+                .sql("UPDATE api_keys SET revoked_at = ?, revoked_by = 'command' WHERE id = ? AND revoked_at IS NULL"),
+        )
+        .bind(now)
+        .bind(id)
+        .execute(&self.writer)
+        .await
+        .db()?;
         Ok(done.rows_affected() == 1)
     }
 

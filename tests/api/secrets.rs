@@ -235,3 +235,66 @@ async fn no_secret_appears_in_debug_logs_bodies_or_subscriptions() {
         assert!(!everything.contains(secret), "{what} appears in logs or bodies");
     }
 }
+
+/// What an operator does outlives a restart with the same settings: a configured key revoked with
+/// `jobhook keys revoke` stays revoked (with a warning to take it out of the list), and a secret
+/// rotated through the API is not put back by `--signing-secret`. A changed `--signing-secret` applies.
+#[tokio::test]
+async fn a_revoked_configured_key_and_a_rotated_secret_outlive_a_restart() {
+    jobhook::install_crypto();
+    let upstream = jobhook::mock_upstream::MockUpstream::start(&mock_args(0)).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let db_url = fresh_db_url(dir.path()).await;
+    let mut args = args_on("127.0.0.1:0", &db_url, &upstream.url());
+    let http = reqwest::Client::new();
+    let secret_of = |base: String| {
+        let http = http.clone();
+        async move {
+            let answer = http.get(format!("{base}/v1/signing-secret")).bearer_auth(KEY_A).send().await.unwrap();
+            answer.json::<Value>().await.unwrap()["secret"].as_str().unwrap().to_owned()
+        }
+    };
+    let jobhook = |args: &[&str]| {
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(["--database-url", &db_url]);
+        let all: Vec<String> = all.iter().map(|s| s.to_string()).collect();
+        async move {
+            let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_jobhook")).args(&all).output().await.unwrap();
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        }
+    };
+
+    let mut running = start_with(&args, "info").await;
+    let base = format!("http://{}", running.addr);
+    let rotated: Value = http
+        .post(format!("{base}/v1/signing-secret/rotate"))
+        .bearer_auth(KEY_A)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let rotated = rotated["secret"].as_str().unwrap().to_owned();
+    assert_ne!(rotated, SECRET);
+    running.child.kill().await.unwrap();
+    let listing = jobhook(&["keys", "list"]).await;
+    let id = listing.lines().find(|l| l.ends_with("configured key 2")).unwrap().split_whitespace().next().unwrap();
+    let said = jobhook(&["keys", "revoke", id]).await;
+    assert!(said.contains("--api-keys"), "the operator is told to take it out of the list: {said}");
+
+    let mut running = start_with(&args, "info").await;
+    let base = format!("http://{}", running.addr);
+    assert_eq!(secret_of(base.clone()).await, rotated, "the rotation outlives the restart");
+    let refused = http.get(format!("{base}/v1/subscriptions")).bearer_auth(KEY_B).send().await.unwrap();
+    assert_eq!(refused.status(), 401, "the revoked key stays revoked");
+    assert!(running.logs().iter().any(|l| l.contains("WARN") && l.contains("stays revoked")), "a warning says so");
+    running.child.kill().await.unwrap();
+
+    let changed = jobhook::keys::SigningSecret::generate().expose();
+    let at = args.iter().position(|a| a == "--signing-secret").unwrap();
+    args[at + 1] = changed.clone();
+    let running = start_with(&args, "info").await;
+    assert_eq!(secret_of(format!("http://{}", running.addr)).await, changed, "a changed setting applies");
+}
