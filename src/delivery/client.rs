@@ -105,6 +105,12 @@ impl EgressPolicy {
 
     /// Whether an address may be dialled under this policy.
     pub fn allows(&self, ip: IpAddr) -> bool {
+        // An IPv4-mapped IPv6 address (`::ffff:127.0.0.1`) is judged, and matched against the allowed
+        // ranges, as the IPv4 address it carries.
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
         self.allow_private || refused_because(ip).is_none() || self.allow_cidrs.iter().any(|net| net.contains(&ip))
     }
 
@@ -226,7 +232,10 @@ impl Resolve for VettingResolver {
         Box::pin(async move {
             let refuse =
                 |why: String| -> Box<dyn std::error::Error + Send + Sync> { format!("egress policy: {why}").into() };
-            check_name(&host).map_err(refuse)?;
+            // With private callbacks allowed, `localhost` passes registration, so it must connect too.
+            if !policy.allow_private {
+                check_name(&host).map_err(refuse)?;
+            }
             let addrs = lookup(host.clone(), 0).await?;
             let allowed: Vec<SocketAddr> = addrs.iter().copied().filter(|a| policy.allows(a.ip())).collect();
             if allowed.is_empty() {
@@ -355,6 +364,11 @@ mod tests {
         let outside: CallbackUrl = "http://10.21.0.1/hook".parse().unwrap();
         assert!(policy.check_registration(&inside, &system_lookup()).await.is_ok());
         assert!(policy.check_registration(&outside, &system_lookup()).await.is_err());
+        // The IPv4-mapped IPv6 forms are the same addresses.
+        let mapped_inside: CallbackUrl = "http://[::ffff:10.20.3.4]/hook".parse().unwrap();
+        let mapped_outside: CallbackUrl = "http://[::ffff:10.21.0.1]/hook".parse().unwrap();
+        assert!(policy.check_registration(&mapped_inside, &system_lookup()).await.is_ok());
+        assert!(policy.check_registration(&mapped_outside, &system_lookup()).await.is_err());
     }
 
     #[tokio::test]
