@@ -128,6 +128,14 @@ impl FromStr for CallbackUrl {
         if url.fragment().is_some() {
             return Err("callback_url must not have a #fragment (it is never sent to the server)".into());
         }
+        // Non-ASCII characters are percent-encoded, up to nine bytes each: the limit holds for the URL
+        // as it is stored and sent.
+        if url.as_str().len() > MAX_CALLBACK_URL_LEN {
+            return Err(format!(
+                "callback_url is {} bytes long once percent-encoded; the limit is {MAX_CALLBACK_URL_LEN}",
+                url.as_str().len()
+            ));
+        }
         Ok(CallbackUrl(url))
     }
 }

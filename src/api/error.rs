@@ -142,6 +142,12 @@ where
         if body.is_empty() {
             return Err(ApiError::MalformedJson("the request body is empty; send a JSON object".into()));
         }
+        // Valid JSON that is not an object (an array, a string) is the wrong shape: serde would take an
+        // array for a struct's fields in order, and name our internal type for the rest.
+        let first = body.iter().find(|b| !b.is_ascii_whitespace());
+        if first.is_some_and(|b| *b != b'{') && serde_json::from_slice::<serde::de::IgnoredAny>(&body).is_ok() {
+            return Err(ApiError::Invalid("the body must be a JSON object".into()));
+        }
         serde_json::from_slice(&body).map(ApiJson).map_err(|e| match e.classify() {
             serde_json::error::Category::Data => ApiError::Invalid(e.to_string()),
             _ => ApiError::MalformedJson(format!("the body is not valid JSON: {e}")),

@@ -64,6 +64,18 @@ async fn a_callback_url_that_is_not_http_is_refused_with_422() {
     }
     let long = format!("https://example.com/{}", "a".repeat(2100));
     problem(app.register_as(KEY_A, &new_job(), &long).await, StatusCode::UNPROCESSABLE_ENTITY).await;
+    // Under the limit as sent, 6,000 bytes once percent-encoded as stored.
+    let encoded = format!("https://example.com/{}", "ü".repeat(1000));
+    let body = problem(app.register_as(KEY_A, &new_job(), &encoded).await, StatusCode::UNPROCESSABLE_ENTITY).await;
+    assert!(body["detail"].as_str().unwrap().contains("percent-encoded"), "{body}");
+}
+
+#[tokio::test]
+async fn with_private_callbacks_allowed_a_localhost_callback_is_delivered() {
+    let app = spawn_app().await;
+    let callback = app.receiver.url("/hook").replace("127.0.0.1", "localhost");
+    let sub = app.register(&new_job(), &callback).await;
+    app.wait_for_state(sub["id"].as_str().unwrap(), "delivered").await;
 }
 
 #[tokio::test]
@@ -109,6 +121,11 @@ async fn malformed_json_is_400_and_a_wrong_shape_is_422_naming_the_field() {
     .await;
     assert!(missing["detail"].as_str().unwrap().contains("callback_url"), "{missing}");
     problem(post(r#"[1,2]"#).await.unwrap(), StatusCode::UNPROCESSABLE_ENTITY).await;
+    // An array with the right values in the right order is still not an object.
+    for body in [r#"["3f1c2b9e-8a4d-4c6e-9b1a-2d5e7f9a0c11","https://example.com/hook"]"#, r#""text""#, "42"] {
+        let wrong = problem(post(body).await.unwrap(), StatusCode::UNPROCESSABLE_ENTITY).await;
+        assert_eq!(wrong["detail"], "the body must be a JSON object", "{body}: {wrong}");
+    }
 }
 
 #[tokio::test]
