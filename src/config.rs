@@ -291,7 +291,7 @@ impl ServeArgs {
         let upstream_api_key = match self.upstream_api_key.as_deref().map(str::trim) {
             None | Some("") => None,
             Some(key) => Some(
-                ApiKey::new_configured(key).map_err(|m| bad("--upstream-api-key", "JOBHOOK_UPSTREAM_API_KEY", m))?,
+                ApiKey::new_upstream(key).map_err(|m| bad("--upstream-api-key", "JOBHOOK_UPSTREAM_API_KEY", m))?,
             ),
         };
         nonzero(self.upstream_timeout, "--upstream-timeout", "JOBHOOK_UPSTREAM_TIMEOUT")?;
@@ -432,6 +432,14 @@ mod tests {
         assert!(!cfg.egress.https_only);
         assert_eq!(cfg.poll.max_rps, std::num::NonZeroU32::new(100));
         assert_eq!(cfg.secret_rotation_grace, Duration::from_secs(24 * 3600));
+    }
+
+    #[test]
+    fn the_upstream_key_is_the_upstreams_business() {
+        // Our own API keys need 16 characters; the upstream's key is whatever the upstream issued.
+        let cfg = parse(&["--upstream-api-key", "short"]).unwrap();
+        assert_eq!(cfg.upstream.api_key.unwrap().expose(), "short");
+        assert!(parse(&["--upstream-api-key", "has space"]).unwrap_err().contains("--upstream-api-key"));
     }
 
     #[test]

@@ -38,6 +38,15 @@ impl ApiKey {
         Ok(ApiKey(key.to_owned()))
     }
 
+    /// The key jobhook sends to the upstream: the upstream sets its rules, so only what fits in an
+    /// `Authorization` header is required.
+    pub fn new_upstream(key: &str) -> Result<Self, String> {
+        if !key.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err("the key may contain only visible ASCII characters (no spaces)".into());
+        }
+        Ok(ApiKey(key.to_owned()))
+    }
+
     pub fn hash(&self) -> KeyHash {
         KeyHash::of(&self.0)
     }
