@@ -34,6 +34,8 @@ pub struct Application {
     shutdown: CancellationToken,
     grace: Duration,
     workers: Arc<Workers>,
+    /// On SQLite: held while this process serves the file (see `store::lock_sqlite_for_serving`).
+    sqlite_lock: Option<std::fs::File>,
 }
 
 /// Which workers are running, for `GET /readyz`. A worker is marked running while its task lives (a
@@ -104,6 +106,7 @@ impl Application {
 
     /// Builds with another way to resolve callback hosts (tests play DNS with it).
     pub async fn build_with(config: Config, lookup: client::Lookup) -> anyhow::Result<Self> {
+        let sqlite_lock = store::lock_sqlite_for_serving(&config.database_url).map_err(anyhow::Error::msg)?;
         let store = store::open(&config.database_url).await.with_context(|| {
             format!("cannot open the store {}", crate::config::file::mask_password(&config.database_url))
         })?;
@@ -113,11 +116,13 @@ impl Application {
         let workers = Arc::new(Workers::default());
         workers.expect("poller");
         workers.expect("dispatcher");
+        // Bound before the first key is made: a start that cannot listen must not use up the one
+        // showing of that key.
+        let listener =
+            TcpListener::bind(config.listen).await.with_context(|| format!("cannot listen on {}", config.listen))?;
         if let Some(first) = bootstrap_keys(store.as_ref(), &config).await? {
             print_first_key(&first);
         }
-        let listener =
-            TcpListener::bind(config.listen).await.with_context(|| format!("cannot listen on {}", config.listen))?;
         let addr = listener.local_addr()?;
 
         let egress = config.egress.clone();
@@ -190,6 +195,7 @@ impl Application {
             shutdown: CancellationToken::new(),
             grace: config.shutdown_grace,
             workers,
+            sqlite_lock,
         })
     }
 
@@ -221,6 +227,7 @@ impl Application {
             shutdown,
             grace,
             workers,
+            sqlite_lock,
         } = self;
         // The lease loop stops on its own token, after the workers, so it releases the leases last.
         let cluster_stop = CancellationToken::new();
@@ -281,6 +288,8 @@ impl Application {
             let _ = tokio::time::timeout(Duration::from_secs(5), cluster).await;
         }
         tracing::info!(store_transactions = store.transactions(), "stopped");
+        // Another process may serve the file from now on (the lock also ends with the process).
+        drop(sqlite_lock);
         Ok(())
     }
 }

@@ -290,9 +290,9 @@ impl ServeArgs {
         }
         let upstream_api_key = match self.upstream_api_key.as_deref().map(str::trim) {
             None | Some("") => None,
-            Some(key) => Some(
-                ApiKey::new_upstream(key).map_err(|m| bad("--upstream-api-key", "JOBHOOK_UPSTREAM_API_KEY", m))?,
-            ),
+            Some(key) => {
+                Some(ApiKey::new_upstream(key).map_err(|m| bad("--upstream-api-key", "JOBHOOK_UPSTREAM_API_KEY", m))?)
+            }
         };
         nonzero(self.upstream_timeout, "--upstream-timeout", "JOBHOOK_UPSTREAM_TIMEOUT")?;
 

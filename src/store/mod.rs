@@ -36,6 +36,38 @@ pub fn check_url(url: &str) -> Result<(), String> {
     }
 }
 
+/// The file a `sqlite:` URL names (without its `?options`); `None` for other stores.
+pub fn sqlite_path(url: &str) -> Option<&str> {
+    let path = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:"))?;
+    path.split('?').next()
+}
+
+/// Keeps a second `jobhook serve` off a SQLite file this process serves: two would both resume the
+/// same work, polling jobs and sending deliveries twice. The lock is an advisory `flock` on a file
+/// beside the database (`<file>.lock`; not the database itself, whose locks SQLite manages), held
+/// until the returned file is dropped or the process ends, however it ends. `None` for PostgreSQL,
+/// where several instances share the work by design.
+pub fn lock_sqlite_for_serving(url: &str) -> Result<Option<std::fs::File>, String> {
+    let Some(path) = sqlite_path(url).filter(|p| !p.is_empty() && !p.contains(":memory:")) else {
+        return Ok(None);
+    };
+    let lock_path = format!("{path}.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| format!("cannot open the lock file {lock_path}: {e}"))?;
+    match file.try_lock() {
+        Ok(()) => Ok(Some(file)),
+        Err(std::fs::TryLockError::WouldBlock) => Err(format!(
+            "another jobhook is already serving {path} (it holds {lock_path}). Run one `jobhook serve` per \
+             SQLite file; to run several instances, use PostgreSQL"
+        )),
+        Err(std::fs::TryLockError::Error(e)) => Err(format!("cannot lock {lock_path}: {e}")),
+    }
+}
+
 /// Opens the store a URL names, creating and migrating it as needed.
 pub async fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {
     Ok(Arc::new(SqlStore::open(url).await?))

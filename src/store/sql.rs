@@ -348,8 +348,7 @@ impl SqlStore {
             .connect(&format!("{url}{separator}mode=ro"))
             .await
             .map_err(classify)?;
-        let path = url.trim_start_matches("sqlite://").trim_start_matches("sqlite:");
-        let path = path.split('?').next().unwrap_or_default().to_owned();
+        let path = sqlite_path(url).unwrap_or_default().to_owned();
         if path.is_empty() || path.contains(":memory:") {
             return Err(StoreError::Other(sqlx::Error::Configuration(
                 "in-memory SQLite stores are not supported: name a file".into(),

@@ -254,3 +254,33 @@ async fn an_answer_that_cannot_be_recorded_is_not_sent_again_while_the_disk_is_f
     assert_eq!(receiver.requests_to("/hook").len(), 2);
     running.child.start_kill().unwrap();
 }
+
+/// One `jobhook serve` per SQLite file: a second one is refused with a line saying why (both would
+/// resume the same work and send it twice). The lock dies with the process, even with kill -9.
+#[tokio::test]
+async fn a_second_service_on_the_same_sqlite_file_is_refused() {
+    if on_postgres() {
+        eprintln!("skipped on PostgreSQL: several instances share a PostgreSQL database by design");
+        return;
+    }
+    let upstream = MockUpstream::start(&mock_args(0)).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let db_url = fresh_db_url(dir.path()).await;
+    let args = args_on("127.0.0.1:0", &db_url, &upstream.url());
+    let mut first = start(&args).await;
+    let second = tokio::process::Command::new(env!("CARGO_BIN_EXE_jobhook")).args(&args[1..]).output().await.unwrap();
+    assert!(!second.status.success());
+    let said = String::from_utf8_lossy(&second.stderr);
+    assert!(said.contains("another jobhook is already serving") && said.contains("PostgreSQL"), "{said}");
+    // The CLI still works on the file the service holds.
+    let listed = tokio::process::Command::new(env!("CARGO_BIN_EXE_jobhook"))
+        .args(["keys", "list", "--database-url", &db_url])
+        .output()
+        .await
+        .unwrap();
+    assert!(listed.status.success(), "{}", String::from_utf8_lossy(&listed.stderr));
+
+    first.child.kill().await.unwrap();
+    let after = start(&args).await;
+    assert!(reqwest::get(format!("http://{}/healthz", after.addr)).await.unwrap().status().is_success());
+}
