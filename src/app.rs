@@ -36,6 +36,7 @@ pub struct Application {
     workers: Arc<Workers>,
     /// On SQLite: held while this process serves the file (see `store::lock_sqlite_for_serving`).
     sqlite_lock: Option<std::fs::File>,
+    request_timeout: Duration,
 }
 
 /// Which workers are running, for `GET /readyz`. A worker is marked running while its task lives (a
@@ -179,6 +180,7 @@ impl Application {
             cursor_key,
             secrets,
             secret_rotation_grace: config.secret_rotation_grace,
+            request_timeout: config.request_timeout,
             metrics,
             workers: workers.clone(),
             known_keys: Default::default(),
@@ -196,6 +198,7 @@ impl Application {
             grace: config.shutdown_grace,
             workers,
             sqlite_lock,
+            request_timeout: config.request_timeout,
         })
     }
 
@@ -228,6 +231,7 @@ impl Application {
             grace,
             workers,
             sqlite_lock,
+            request_timeout,
         } = self;
         // The lease loop stops on its own token, after the workers, so it releases the leases last.
         let cluster_stop = CancellationToken::new();
@@ -241,8 +245,7 @@ impl Application {
         let dispatcher = workers
             .spawn("dispatcher", delivery::run(delivery_ctx, delivery_inbox, deliveries, shutdown.clone(), grace));
         tracing::info!("listening on http://{addr}");
-        let server = axum::serve(listener, router).with_graceful_shutdown(shutdown.clone().cancelled_owned());
-        let server = tokio::spawn(async move { server.await });
+        let server = tokio::spawn(api::serve(listener, router, request_timeout, shutdown.clone()));
         let (mut poller, mut dispatcher) = (poller, dispatcher);
         // A worker ends only on shutdown; one that ends before is a bug, and a process that accepts
         // registrations nobody works on is worse than one that stops and is restarted.
@@ -279,7 +282,7 @@ impl Application {
             tokio::time::timeout(grace + Duration::from_secs(1), async { tokio::join!(poller, dispatcher, server) })
                 .await;
         match stopped {
-            Ok((_, _, Ok(result))) => result.context("the HTTP server failed")?,
+            Ok((_, _, Ok(()))) => {}
             Ok((_, _, Err(e))) => return Err(e).context("the HTTP server task failed"),
             Err(_) => tracing::warn!("some work was still running after the grace period"),
         }

@@ -193,6 +193,11 @@ pub struct ServeArgs {
     /// On SIGTERM or Ctrl-C, how long in-flight polls and deliveries may take to finish.
     #[arg(long, env = "JOBHOOK_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
+
+    /// How long an API client may take to send a request's headers, and then its body: a connection
+    /// whose headers are late is closed, a body that is late is answered 408.
+    #[arg(long, env = "JOBHOOK_REQUEST_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub request_timeout: Duration,
 }
 
 /// The delays between delivery attempts after the first one.
@@ -242,6 +247,7 @@ pub struct Config {
     pub secret_rotation_grace: Duration,
     pub lease_ttl: Duration,
     pub shutdown_grace: Duration,
+    pub request_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -326,6 +332,7 @@ impl ServeArgs {
             return Err(bad("--lease-ttl", "JOBHOOK_LEASE_TTL", "must be at least 500ms"));
         }
         nonzero(self.delivery_timeout, "--delivery-timeout", "JOBHOOK_DELIVERY_TIMEOUT")?;
+        nonzero(self.request_timeout, "--request-timeout", "JOBHOOK_REQUEST_TIMEOUT")?;
         if !(1..=100_000).contains(&self.delivery_concurrency) {
             return Err(bad("--delivery-concurrency", "JOBHOOK_DELIVERY_CONCURRENCY", "must be between 1 and 100000"));
         }
@@ -383,6 +390,7 @@ impl ServeArgs {
             secret_rotation_grace: self.secret_rotation_grace,
             lease_ttl: self.lease_ttl,
             shutdown_grace: self.shutdown_grace,
+            request_timeout: self.request_timeout,
         })
     }
 }

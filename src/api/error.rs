@@ -5,7 +5,7 @@
 
 use axum::Json;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
-use axum::extract::{FromRequest, Request};
+use axum::extract::{FromRef, FromRequest, Request};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
@@ -36,6 +36,8 @@ pub enum ApiError {
     Unavailable,
     #[error("something went wrong on our side; it has been logged")]
     Internal,
+    #[error("the request body did not arrive within {}", humantime::format_duration(*.0))]
+    RequestTimeout(std::time::Duration),
 }
 
 /// An RFC 9457 problem document.
@@ -67,6 +69,7 @@ impl ApiError {
             Self::Conflict(_) => (StatusCode::CONFLICT, "conflict", "Not possible in the current state"),
             Self::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", "Storage unavailable"),
             Self::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal", "Internal error"),
+            Self::RequestTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "request-timeout", "The request was too slow"),
         }
     }
 }
@@ -128,17 +131,27 @@ impl<S, T> FromRequest<S> for ApiJson<T>
 where
     T: DeserializeOwned,
     S: Send + Sync,
+    super::AppState: FromRef<S>,
 {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let body = axum::body::Bytes::from_request(req, state).await.map_err(|e: BytesRejection| {
-            if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::PayloadTooLarge { limit: super::MAX_BODY_BYTES }
-            } else {
-                ApiError::BadRequest("the request body could not be read".into())
-            }
-        })?;
+        // A declared length over the limit is refused before any of the body is awaited.
+        let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > super::MAX_BODY_BYTES as u64) {
+            return Err(ApiError::PayloadTooLarge { limit: super::MAX_BODY_BYTES });
+        }
+        let timeout = super::AppState::from_ref(state).request_timeout;
+        let body = tokio::time::timeout(timeout, axum::body::Bytes::from_request(req, state))
+            .await
+            .map_err(|_| ApiError::RequestTimeout(timeout))?
+            .map_err(|e: BytesRejection| {
+                if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::PayloadTooLarge { limit: super::MAX_BODY_BYTES }
+                } else {
+                    ApiError::BadRequest("the request body could not be read".into())
+                }
+            })?;
         if body.is_empty() {
             return Err(ApiError::MalformedJson("the request body is empty; send a JSON object".into()));
         }

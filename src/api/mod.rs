@@ -43,6 +43,8 @@ pub struct AppState {
     /// The signing secrets the dispatcher uses; a rotation makes it forget the old ones at once.
     pub secrets: Arc<crate::delivery::SecretsCache>,
     pub secret_rotation_grace: std::time::Duration,
+    /// How long a client may take to send a body (see `--request-timeout`).
+    pub request_timeout: std::time::Duration,
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Which workers run, for `GET /readyz`.
     pub workers: Arc<crate::app::Workers>,
@@ -290,4 +292,45 @@ pub(crate) async fn to_the_end<T: Send + 'static>(
         tracing::error!(error = %e, "a request's work failed unexpectedly");
         Err(error::ApiError::Internal)
     })
+}
+
+/// Serves the API on `listener` until `shutdown`, then lets open requests finish.
+///
+/// axum's own `serve` sets no timer, so a client could hold a connection open for ever by never
+/// finishing its headers (slowloris). Here each connection gets HTTP/1 with a header-read timeout of
+/// `request_timeout` (the body's own deadline is in [`error::ApiJson`]).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    request_timeout: std::time::Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(request_timeout);
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors, or a connection reset while queued: wait a moment
+                    // rather than spin.
+                    tracing::warn!(error = %e, "could not accept a connection");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let connection = graceful.watch(http.serve_connection(hyper_util::rt::TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
 }

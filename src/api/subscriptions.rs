@@ -177,6 +177,7 @@ impl<S: Send + Sync> FromRequestParts<S> for SubscriptionPath {
         (status = 200, description = "Already registered: the existing subscription", body = SubscriptionView),
         (status = 400, description = "The body is not JSON", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "Missing or invalid API key", body = Problem, content_type = "application/problem+json"),
+        (status = 408, description = "The body did not arrive within --request-timeout", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "The body is larger than 64 KiB", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "A field is missing, unknown or invalid; or the callback URL is refused by the egress policy", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "The store cannot take writes now; nothing was saved", body = Problem, content_type = "application/problem+json"),

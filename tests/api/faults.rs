@@ -311,3 +311,39 @@ async fn a_client_that_hangs_up_mid_registration_leaves_no_stored_job_behind() {
         app.wait_for_state(sub["id"].as_str().unwrap(), "delivered").await;
     }
 }
+
+/// Slow clients cannot hold the API: headers that never end close the connection, a body that never
+/// arrives is answered 408, and a declared length over the limit is refused before any body is awaited.
+#[tokio::test]
+async fn slow_and_oversized_requests_are_cut_off_with_a_clear_answer() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = spawn_app_with(Settings::default().arg("--request-timeout", "1s")).await;
+    let exchange = |request: String| async move {
+        let mut stream = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        // The deadline is the test's: the server must answer or close well before it.
+        tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer))
+            .await
+            .expect("the server answers or closes the connection")
+            .unwrap();
+        String::from_utf8_lossy(&answer).into_owned()
+    };
+    let started = Instant::now();
+    let answer = exchange("GET /healthz HTTP/1.1\r\nhost: x\r\n".into()).await;
+    assert!(answer.is_empty() || answer.starts_with("HTTP/1.1 408"), "unfinished headers: {answer}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+
+    let post = |length: usize| {
+        format!(
+            "POST /v1/subscriptions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {KEY_A}\r\n\
+             content-type: application/json\r\ncontent-length: {length}\r\n\r\n{{}}"
+        )
+    };
+    let answer = exchange(post(100_000_000)).await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("application/problem+json"), "{answer}");
+    let answer = exchange(post(100)).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("did not arrive within 1s"), "{answer}");
+}
