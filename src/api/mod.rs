@@ -322,7 +322,8 @@ pub async fn serve(
             },
             _ = shutdown.cancelled() => break,
         };
-        let _ = stream.set_nodelay(true);
+        // No TCP_NODELAY (as axum::serve): measured with jobhook-bench, it cost about 8% more CPU per
+        // job and 8% fewer jobs a second.
         let service = hyper_util::service::TowerToHyperService::new(router.clone());
         let connection = graceful.watch(http.serve_connection(hyper_util::rt::TokioIo::new(stream), service));
         tokio::spawn(async move {
