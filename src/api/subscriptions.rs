@@ -46,7 +46,7 @@ pub struct SubscriptionView {
     pub last_error: Option<String>,
     /// The `webhook-id` of the delivery, once the job has ended.
     pub webhook_id: Option<String>,
-    /// Delivery attempts made so far.
+    /// Delivery attempts made in the current series: a redelivery starts a new series from 0. `GET /v1/subscriptions/{id}/deliveries` lists the attempts of every series.
     pub attempts: u32,
     /// When the next delivery attempt is due, while one is waiting.
     #[schema(format = DateTime)]
