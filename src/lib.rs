@@ -29,6 +29,7 @@ pub mod keys;
 pub mod metrics;
 pub mod mock_upstream;
 pub mod poller;
+pub mod recent;
 pub mod store;
 pub mod upstream;
 pub mod verify;

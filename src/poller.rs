@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures_util::StreamExt;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
@@ -25,6 +25,7 @@ use crate::config::PollConfig;
 use crate::delivery::DispatcherHandle;
 use crate::domain::{FailureReason, JobId, JobStatus};
 use crate::metrics::Metrics;
+use crate::recent::Recently;
 use crate::store::{Millis, PollableJob, Store, now_ms};
 use crate::upstream::{PollAnswer, UpstreamClient};
 
@@ -355,45 +356,17 @@ enum Slot {
     InFlight { recheck: bool },
 }
 
-/// Jobs whose polling ended in the last few seconds.
-///
-/// A message can be older than the job's end: on PostgreSQL a registration's own notice, or a partition
-/// load, reads the job as pollable while its final poll is under way, and the poller takes the message
-/// after the job has left the schedule. Scheduling it as it stands would poll a finished job once more.
-/// A message about a job that ended moments ago is therefore scheduled with a recheck: its first step
-/// asks the store whether any subscription still waits, and polls only if one does. That read comes
-/// after the message, so a subscription that really waits is never dropped.
-struct RecentlyEnded {
-    ended: HashMap<JobId, Instant>,
-    pruned: Instant,
-}
-
-impl RecentlyEnded {
-    /// Messages wait in the channel for milliseconds; one older than this is not expected, and would
-    /// cost one extra poll, nothing more.
-    const KEEP: Duration = Duration::from_secs(10);
-
-    fn new() -> Self {
-        RecentlyEnded { ended: HashMap::new(), pruned: Instant::now() }
-    }
-
-    fn record(&mut self, job_id: JobId) {
-        let now = Instant::now();
-        if now.duration_since(self.pruned) > Self::KEEP {
-            self.ended.retain(|_, at| now.duration_since(*at) < Self::KEEP);
-            self.pruned = now;
-        }
-        self.ended.insert(job_id, now);
-    }
-
-    /// Whether the job ended moments ago; it is forgotten here, being scheduled again.
-    fn take(&mut self, job_id: &JobId) -> bool {
-        self.ended.remove(job_id).is_some()
-    }
-}
+// Jobs whose polling ended in the last few seconds ([`Recently`]).
+//
+// A message can be older than the job's end: on PostgreSQL a registration's own notice, or a partition
+// load, reads the job as pollable while its final poll is under way, and the poller takes the message
+// after the job has left the schedule. Scheduling it as it stands would poll a finished job once more.
+// A message about a job that ended moments ago is therefore scheduled with a recheck: its first step
+// asks the store whether any subscription still waits, and polls only if one does. That read comes
+// after the message, so a subscription that really waits is never dropped.
 
 /// A job to schedule from a message: checked against the store first if it ended moments ago.
-fn scheduled(job: PollableJob, ended: &mut RecentlyEnded) -> Slot {
+fn scheduled(job: PollableJob, ended: &mut Recently<JobId>) -> Slot {
     let mut state = JobState::new(job);
     state.recheck = ended.take(&job.job_id);
     Slot::Queued { state }
@@ -413,7 +386,7 @@ pub async fn run(
     let mut slots: HashMap<JobId, Slot> = HashMap::new();
     let mut in_flight: JoinSet<(JobState, Next)> = JoinSet::new();
     let mut task_jobs: HashMap<tokio::task::Id, JobId> = HashMap::new();
-    let mut ended = RecentlyEnded::new();
+    let mut ended = Recently::new();
     let spread = ms(ctx.config.interval).max(1) as u64;
     for job in initial {
         queue.insert(job.job_id, Duration::from_millis(rand::random_range(0..spread)));
@@ -586,6 +559,7 @@ mod tests {
         use crate::keys::{ApiKey, SigningSecret};
         use crate::mock_upstream::{Answer, MockArgs, MockUpstream, Outcome};
         use crate::store::Registered;
+        use std::time::Instant;
 
         async fn until(what: &str, check: impl Fn() -> bool) {
             let deadline = Instant::now() + Duration::from_secs(10);

@@ -23,6 +23,7 @@ use tokio_util::time::{DelayQueue, delay_queue};
 use crate::config::DeliveryConfig;
 use crate::domain::{FailureReason, SubscriptionId, truncate};
 use crate::keys::SigningSecret;
+use crate::recent::Recently;
 use crate::store::{AttemptRecord, AttemptResult, DeliveryTask, Millis, Store, now_ms};
 use crate::upstream::{describe_transport_error, parse_retry_after};
 use client::EgressPolicy;
@@ -390,6 +391,10 @@ pub async fn run(
     let mut queue: DelayQueue<SubscriptionId> = DelayQueue::new();
     let mut slots: HashMap<SubscriptionId, Slot> = HashMap::new();
     let mut in_flight: JoinSet<(DeliveryTask, Option<Millis>)> = JoinSet::new();
+    // A cancellation can overtake the delivery it ends: the job's result commits, the cancel commits
+    // and sends its message, and only then does the poller hand over the delivery. A cancelled
+    // subscription cannot be redelivered, so a delivery for one cancelled moments ago is dropped.
+    let mut cancelled: Recently<SubscriptionId> = Recently::new();
     let mut task_subs: HashMap<tokio::task::Id, SubscriptionId> = HashMap::new();
     let initial_count = initial.len();
     for task in initial {
@@ -403,20 +408,27 @@ pub async fn run(
                 DispatcherMsg::Deliver(tasks) => {
                     // Another instance delivers the partitions we do not hold.
                     for task in tasks.into_iter().filter(|t| ctx.ownership.owns(t.partition)) {
+                        if cancelled.contains(&task.subscription_id) {
+                            tracing::debug!(subscription_id = %task.subscription_id, "cancelled; its delivery is dropped");
+                            continue;
+                        }
                         enqueue(&mut queue, &mut slots, task);
                     }
                 }
-                DispatcherMsg::Cancel(id) => match slots.get_mut(&id) {
-                    Some(Slot::Queued(key, _)) => {
-                        queue.remove(key);
-                        slots.remove(&id);
+                DispatcherMsg::Cancel(id) => {
+                    cancelled.record(id);
+                    match slots.get_mut(&id) {
+                        Some(Slot::Queued(key, _)) => {
+                            queue.remove(key);
+                            slots.remove(&id);
+                        }
+                        Some(Slot::InFlight { cancelled, then, .. }) => {
+                            *cancelled = true;
+                            *then = None;
+                        }
+                        None => {}
                     }
-                    Some(Slot::InFlight { cancelled, then, .. }) => {
-                        *cancelled = true;
-                        *then = None;
-                    }
-                    None => {}
-                },
+                }
             },
             Some(expired) = queue.next() => {
                 let id = expired.into_inner();
@@ -534,5 +546,84 @@ mod tests {
         assert_eq!(decide(&outcome(Some(429), Some(60)), 1, &SCHEDULE, 0, 0.0), AttemptResult::RetryAt(60_000));
         assert_eq!(decide(&outcome(Some(503), Some(60)), 1, &SCHEDULE, 0, 0.0), AttemptResult::RetryAt(60_000));
         assert_eq!(decide(&outcome(Some(500), Some(60)), 1, &SCHEDULE, 0, 0.0), AttemptResult::RetryAt(5_000));
+    }
+
+    /// A cancellation that overtakes its delivery (the result commits, the cancel commits and sends its
+    /// message, then the poller hands over the delivery) must not reach the receiver. The real dispatch
+    /// loop on a real SQLite store, with a receiver on loopback.
+    #[tokio::test]
+    async fn a_delivery_that_arrives_after_its_cancellation_is_not_sent() {
+        use crate::keys::ApiKey;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::open(&format!("sqlite://{}", dir.path().join("jobhook.db").display())).await.unwrap();
+        let key = ApiKey::generate();
+        store.create_key("test", key.hash(), &SigningSecret::generate(), now_ms()).await.unwrap();
+        let tenant = store.tenant_by_key(key.hash()).await.unwrap().unwrap();
+        let hits: Arc<[AtomicUsize; 2]> = Arc::new([AtomicUsize::new(0), AtomicUsize::new(0)]);
+        let receiver = {
+            let hits = hits.clone();
+            axum::Router::new().route(
+                "/{which}",
+                axum::routing::post(move |axum::extract::Path(which): axum::extract::Path<usize>| {
+                    let hits = hits.clone();
+                    async move {
+                        hits[which].fetch_add(1, Ordering::SeqCst);
+                        axum::http::StatusCode::NO_CONTENT
+                    }
+                }),
+            )
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, receiver).await });
+
+        let policy = EgressPolicy { allow_private: true, ..Default::default() };
+        let config = DeliveryConfig {
+            retry_schedule: vec![Duration::from_secs(1)],
+            timeout: Duration::from_secs(5),
+            max_in_flight: 8,
+            max_in_flight_per_host: 8,
+        };
+        let ctx = Arc::new(DeliveryContext::new(
+            store.clone(),
+            Arc::new(SecretsCache::new(store.clone())),
+            policy,
+            client::system_lookup(),
+            config,
+            Arc::new(crate::cluster::Ownership::all()),
+            Arc::new(crate::metrics::Metrics::new()),
+        ));
+        let (handle, inbox) = channel();
+        let shutdown = CancellationToken::new();
+        let dispatcher = tokio::spawn(run(ctx, inbox, Vec::new(), shutdown.clone(), Duration::from_secs(1)));
+        let task = |which: usize, due_at: Millis| {
+            let job_id: crate::domain::JobId = uuid::Uuid::new_v4().to_string().parse().unwrap();
+            let mut task = DeliveryTask::first(
+                SubscriptionId::new(),
+                job_id,
+                tenant.id,
+                crate::domain::new_webhook_id(),
+                format!("http://{addr}/{which}"),
+                bytes::Bytes::from_static(b"{}"),
+                due_at,
+            );
+            task.due_at = due_at;
+            task
+        };
+        let cancelled = task(0, now_ms());
+        handle.cancel(cancelled.subscription_id);
+        handle.deliver(vec![cancelled]);
+        // Due later than the cancelled one: had that been sent, it would have arrived first.
+        handle.deliver(vec![task(1, now_ms() + 200)]);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while hits[1].load(Ordering::SeqCst) == 0 {
+            assert!(std::time::Instant::now() < deadline, "timed out waiting for the live delivery");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(hits[0].load(Ordering::SeqCst), 0, "a cancelled subscription was called back");
+        shutdown.cancel();
+        dispatcher.await.unwrap();
     }
 }
