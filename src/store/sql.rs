@@ -319,6 +319,13 @@ impl SqlStore {
     pub async fn open(url: &str) -> Result<Self> {
         sqlx::any::install_default_drivers();
         if url.starts_with("postgres") {
+            // One direct connection first: a pool that cannot connect says only "pool timed out" after
+            // its timeout, where this says why at once (refused, wrong password, no such database).
+            let probe = tokio::time::timeout(BUSY_TIMEOUT, <sqlx::AnyConnection as sqlx::Connection>::connect(url))
+                .await
+                .map_err(|_| StoreError::Unavailable(sqlx::Error::PoolTimedOut))?
+                .map_err(classify)?;
+            let _ = sqlx::Connection::close(probe).await;
             let pool = AnyPoolOptions::new()
                 .max_connections(16)
                 .acquire_timeout(BUSY_TIMEOUT)
