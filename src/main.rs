@@ -19,7 +19,23 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let matches = Cli::command().get_matches_from(&argv);
+    let matches = match Cli::command().try_get_matches_from(&argv) {
+        Ok(matches) => matches,
+        Err(e) => {
+            // clap names the flag; when the value came from the config file, say so too.
+            let from_the_file = e
+                .get(clap::error::ContextKind::InvalidArg)
+                .and_then(|arg| {
+                    arg.to_string().split_whitespace().next().map(|f| f.trim_start_matches('-').replace('-', "_"))
+                })
+                .filter(|id| from_file.applied.contains(id));
+            let _ = e.print();
+            if let (Some(key), Some(path)) = (from_the_file, &from_file.path) {
+                eprintln!("note: that value is `{key}` in the config file {path}");
+            }
+            return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
+        }
+    };
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     // The demo prints its own story; the service's own lines would drown it (RUST_LOG still shows them).
     let default_level = if matches!(cli.command, Some(Command::Demo)) { "warn" } else { "info" };

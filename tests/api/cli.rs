@@ -163,6 +163,7 @@ async fn config_check_shows_the_effective_settings_masked_with_their_sources() {
         assert!(!output.status.success());
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(stderr.contains(named), "{stderr}");
+        assert!(stderr.contains(&bad), "the file is named: {stderr}");
     }
 }
 
