@@ -150,7 +150,8 @@ pub struct RotatedSecret {
 ///
 /// Returns a new secret. For the grace period (`JOBHOOK_SECRET_ROTATION_GRACE`, 24 h by default) every
 /// delivery carries two signatures, with the new and the previous secret, space-separated in
-/// `webhook-signature`: the stock libraries accept either secret. Update your receiver within it.
+/// `webhook-signature`: the stock libraries accept either secret. Update your receiver within it. Only
+/// the secret just replaced keeps signing: rotating again within the grace ends the older one's grace.
 #[utoipa::path(
     post,
     path = "/v1/signing-secret/rotate",
