@@ -315,6 +315,14 @@ const WRITE_TROUBLE_FOR: Duration = Duration::from_secs(10);
 /// How long a statement waits for a connection or a lock before giving up with "unavailable".
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Migrations only ever add (columns, tables, indexes), so a binary may run on a database that a newer
+/// one has already migrated further: during a rolling upgrade an old instance that restarts must not
+/// refuse to start over a migration it does not know.
+fn migrator(mut migrator: sqlx::migrate::Migrator) -> sqlx::migrate::Migrator {
+    migrator.set_ignore_missing(true);
+    migrator
+}
+
 impl SqlStore {
     pub async fn open(url: &str) -> Result<Self> {
         sqlx::any::install_default_drivers();
@@ -332,7 +340,7 @@ impl SqlStore {
                 .connect(url)
                 .await
                 .map_err(classify)?;
-            sqlx::migrate!("src/store/migrations/postgres").run(&pool).await?;
+            migrator(sqlx::migrate!("src/store/migrations/postgres")).run(&pool).await?;
             return Ok(SqlStore::with_writer(Backend::Postgres, pool.clone(), pool));
         }
         // SQLite: WAL with synchronous=FULL, so a commit is fsynced before we answer and survives a
@@ -347,7 +355,7 @@ impl SqlStore {
             .connect(&format!("{url}{separator}mode=rwc"))
             .await
             .map_err(classify)?;
-        sqlx::migrate!("src/store/migrations/sqlite").run(&writer).await?;
+        migrator(sqlx::migrate!("src/store/migrations/sqlite")).run(&writer).await?;
         let reader = AnyPoolOptions::new()
             .max_connections(4)
             .acquire_timeout(BUSY_TIMEOUT)

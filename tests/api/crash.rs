@@ -284,3 +284,26 @@ async fn a_second_service_on_the_same_sqlite_file_is_refused() {
     let after = start(&args).await;
     assert!(reqwest::get(format!("http://{}/healthz", after.addr)).await.unwrap().status().is_success());
 }
+
+/// A rolling upgrade: a newer jobhook has migrated the database further, and an instance of this one
+/// restarts on it. Migrations only add, so it must start rather than refuse a migration it does not
+/// know.
+#[tokio::test]
+async fn a_database_migrated_by_a_newer_version_still_opens() {
+    let dir = tempfile::tempdir().unwrap();
+    let db_url = fresh_db_url(dir.path()).await;
+    drop(jobhook::store::open(&db_url).await.unwrap());
+    sqlx::any::install_default_drivers();
+    let pool = sqlx::AnyPool::connect(&db_url).await.unwrap();
+    let insert = if on_postgres() {
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+         VALUES (99990101, 'from a newer jobhook', TRUE, $1, 0)"
+    } else {
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+         VALUES (99990101, 'from a newer jobhook', TRUE, ?, 0)"
+    };
+    sqlx::query(insert).bind(vec![0u8; 48]).execute(&pool).await.unwrap();
+    pool.close().await;
+    let store = jobhook::store::open(&db_url).await;
+    assert!(store.is_ok(), "{:?}", store.err());
+}
