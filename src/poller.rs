@@ -179,7 +179,15 @@ pub async fn step(ctx: &PollContext, state: &mut JobState) -> (PollOutcome, Next
                 ctx.dispatcher.deliver(tasks);
                 (PollOutcome::Finished(status, n), Next::Done)
             }
-            Err(e) => store_trouble(ctx, state, e),
+            Err(e) => {
+                let trouble = store_trouble(ctx, state, e);
+                // The write may have committed with its answer lost (a connection dropped at COMMIT).
+                // Asking the store who still waits would then find nobody and stop, leaving the
+                // deliveries for the next restart or reload; polling and recording again is idempotent
+                // and hands them out.
+                state.recheck = false;
+                trouble
+            }
         },
         PollAnswer::Pending => {
             state.consecutive_errors = 0;

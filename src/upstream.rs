@@ -17,14 +17,13 @@ use crate::domain::{JobId, JobStatus, truncate};
 /// image URLs while keeping a broken upstream from filling our memory.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 
-/// The status endpoint's answer, as far as we read it. Other fields pass through untouched: we deliver
-/// the body byte for byte.
+/// The status endpoint's answer, as far as we read it: the job and its status. Every other field,
+/// `image_urls` included, passes through unread (we deliver the body byte for byte), so an upstream
+/// that sends `"image_urls": null` or a shape of its own still gets its result delivered.
 #[derive(Debug, Deserialize)]
 pub struct GetJobStatusResponse {
     pub job_id: String,
     pub status: String,
-    #[serde(default)]
-    pub image_urls: Option<Vec<String>>,
 }
 
 /// What one poll found out.
@@ -113,7 +112,10 @@ impl UpstreamClient {
         let mut request =
             self.http.get(format!("{}/public/v1/job/{job_id}", self.base)).header("accept", "application/json");
         if let Some(auth) = &self.api_key {
-            request = request.header("authorization", auth);
+            let mut value = reqwest::header::HeaderValue::from_str(auth).expect("the key is checked at start-up");
+            // Kept out of reqwest's and hyper's debug output.
+            value.set_sensitive(true);
+            request = request.header(reqwest::header::AUTHORIZATION, value);
         }
         let response = match request.send().await {
             Ok(response) => response,
@@ -152,7 +154,8 @@ pub fn interpret(job_id: JobId, body: Bytes) -> PollAnswer {
         Ok(parsed) => parsed,
         Err(e) => {
             return PollAnswer::Transient {
-                error: format!("upstream sent a body that is not a job status ({e})"),
+                // serde quotes a mistyped value whole; the upstream decides how long that is.
+                error: format!("upstream sent a body that is not a job status ({})", truncate(&e.to_string(), 200)),
                 retry_after: None,
                 kind: Trouble::BadAnswer,
             };
@@ -246,6 +249,22 @@ mod tests {
             r#"{{"job_id":"{JOB}","status":"Succeed","image_urls":["https://x/1.png"],"extra":{{"n":1}}}}"#
         ));
         assert_eq!(interpret(job(), body.clone()), PollAnswer::Terminal(JobStatus::Succeed, body));
+    }
+
+    #[test]
+    fn image_urls_of_any_shape_pass_through_to_the_delivery() {
+        for urls in ["null", "[null]", r#""https://x/1.png""#, r#"[{"url":"https://x/1.png"}]"#] {
+            let body = Bytes::from(format!(r#"{{"job_id":"{JOB}","status":"Failed","image_urls":{urls}}}"#));
+            assert_eq!(interpret(job(), body.clone()), PollAnswer::Terminal(JobStatus::Failed, body), "{urls}");
+        }
+    }
+
+    #[test]
+    fn a_body_that_is_not_a_job_status_is_reported_briefly() {
+        // A JSON string where an object belongs: serde quotes all of it, here 100 kB.
+        let body = Bytes::from(format!(r#""{}""#, "x".repeat(100_000)));
+        let PollAnswer::Transient { error, .. } = interpret(job(), body) else { panic!("a bad answer") };
+        assert!(error.len() < 400, "{} bytes", error.len());
     }
 
     #[test]
