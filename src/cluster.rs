@@ -8,13 +8,20 @@
 //! rows one by one because the poll schedule stays in memory (DESIGN promise 3: a Pending answer writes
 //! nothing); the cost is a few lease writes per tick, whatever the number of jobs.
 //!
-//! * A dead instance's leases lapse `lease-ttl × 4/5` after its last renewal and are claimed at the next
-//!   tick (`lease-ttl / 5`), so its work is taken over within one lease TTL.
-//! * An instance that cannot renew stops working on its partitions before they can lapse (self-fencing),
-//!   so two instances never poll one job at once outside the takeover window.
+//! * A dead instance's leases lapse `lease-ttl × 4/5` after its last renewal; the others count it gone
+//!   once its heartbeat is a TTL old and claim its partitions at their next tick (`lease-ttl / 5`), so its
+//!   work is taken over within about 1.2 × the lease TTL.
+//! * An instance stops working on its partitions `lease-ttl × 3/5` after its last successful renewal,
+//!   whatever it is doing (a deadline in [`Ownership`], checked before each poll and delivery), so a
+//!   stalled instance that resumes never works beside the one that took over.
+//! * Lease times come from each instance's clock: the instances' clocks must agree to well within a
+//!   fifth of the TTL (NTP does).
 //! * A new instance counts itself in at its first tick; the others release their extra partitions at
-//!   their next tick and it claims them.
-//! * An instance told to stop releases its leases at once.
+//!   their next tick and it claims them. A poll or delivery already under way on the releasing instance
+//!   finishes there, so one may overlap with the new owner's (a delivery is then sent twice under one
+//!   `webhook-id`).
+//! * An instance told to stop keeps its leases while its in-flight work finishes (at most
+//!   `--shutdown-grace`), then releases them.
 //! * Work registered on another instance reaches the owner through LISTEN/NOTIFY, sent in the same
 //!   transaction as the write; after a lost listener connection the owner reloads its partitions.
 //!
@@ -31,31 +38,56 @@ use crate::domain::{JobId, PARTITIONS, SubscriptionId};
 use crate::poller::PollerHandle;
 use crate::store::{Millis, Store, now_ms};
 
-/// Which partitions this instance works on: bit `p` set = partition `p` is ours.
+/// Which partitions this instance works on: bit `p` set = partition `p` is ours, until a deadline.
+///
+/// The deadline is a safety margin before our leases lapse, moved on by every successful renewal. An
+/// instance that stalls (SIGSTOP, a hung lease query, an overloaded host) stops working on its
+/// partitions by itself when it resumes, before the lease loop has had a chance to notice, so it never
+/// works beside the instance that took them over.
 #[derive(Debug)]
-pub struct Ownership(AtomicU64);
+pub struct Ownership {
+    mask: AtomicU64,
+    /// Milliseconds since [`EPOCH`] (a monotonic clock) until which `mask` holds.
+    valid_until: AtomicU64,
+}
+
+static EPOCH: std::sync::LazyLock<Instant> = std::sync::LazyLock::new(Instant::now);
+
+fn monotonic_ms(at: Instant) -> u64 {
+    u64::try_from(at.saturating_duration_since(*EPOCH).as_millis()).unwrap_or(u64::MAX)
+}
 
 impl Ownership {
-    /// Every partition: the single instance on SQLite.
+    /// Every partition, for ever: the single instance on SQLite.
     pub fn all() -> Self {
-        Ownership(AtomicU64::new(u64::MAX))
+        Ownership { mask: AtomicU64::new(u64::MAX), valid_until: AtomicU64::new(u64::MAX) }
     }
 
     /// No partition yet: an instance on PostgreSQL before its first leases.
     pub fn none() -> Self {
-        Ownership(AtomicU64::new(0))
+        Ownership { mask: AtomicU64::new(0), valid_until: AtomicU64::new(0) }
     }
 
     pub fn owns(&self, partition: i64) -> bool {
         (0..i64::from(PARTITIONS)).contains(&partition) && self.mask() & (1 << partition) != 0
     }
 
+    /// The partitions we may work on now: none once the deadline has passed.
     pub fn mask(&self) -> u64 {
-        self.0.load(Ordering::Acquire)
+        if monotonic_ms(Instant::now()) < self.valid_until.load(Ordering::Acquire) {
+            self.mask.load(Ordering::Acquire)
+        } else {
+            0
+        }
     }
 
     fn set(&self, mask: u64) {
-        self.0.store(mask, Ordering::Release);
+        self.mask.store(mask, Ordering::Release);
+    }
+
+    /// Our leases were renewed: the mask holds until `until`.
+    fn valid_until(&self, until: Instant) {
+        self.valid_until.store(monotonic_ms(until), Ordering::Release);
     }
 }
 
@@ -127,12 +159,15 @@ pub async fn run(
         match result {
             Ok(Ok(mask)) => {
                 last_renewed = started;
-                work.take(mask).await;
+                // The leases run for 4/5 of the TTL from before this tick; stop working a fifth of the
+                // TTL before that, unless a later tick renews them.
+                ownership.valid_until(started + config.lease_ttl * 3 / 5);
+                work.take(mask);
                 ticks += 1;
                 // Notices can be lost without the listener noticing (a half-open connection, a pooler):
                 // now and then, look at the store for work in our partitions.
                 if ticks.is_multiple_of(RECONCILE_EVERY_TICKS) {
-                    work.load(ownership.mask()).await;
+                    tokio::spawn(work.clone().load(ownership.mask()));
                 }
             }
             failed => {
@@ -140,8 +175,9 @@ pub async fn run(
                     Ok(Err(e)) => tracing::error!(error = %e, "could not renew the leases"),
                     _ => tracing::error!("renewing the leases took longer than a tick"),
                 }
-                // Stop before the leases can lapse and another instance takes the partitions over.
-                if last_renewed.elapsed() >= config.lease_ttl * 3 / 5 && ownership.mask() != 0 {
+                // Stop before the leases can lapse and another instance takes the partitions over. (The
+                // deadline in `ownership` has already stopped the workers; this says so, once.)
+                if last_renewed.elapsed() >= config.lease_ttl * 3 / 5 && ownership.mask.load(Ordering::Acquire) != 0 {
                     tracing::error!("leases not renewed in time: working on no partition until they are");
                     ownership.set(0);
                 }
@@ -200,9 +236,10 @@ struct Work {
 }
 
 impl Work {
-    /// Makes `mask` our partitions; loads the work of the ones just gained. The workers drop the work of
-    /// lost ones as it falls due.
-    async fn take(&self, mask: u64) {
+    /// Makes `mask` our partitions; loads the work of the ones just gained (in a task of its own, so a
+    /// slow load never holds up the next renewal). The workers drop the work of lost ones as it falls
+    /// due. Partitions whose deadline had passed count as gained: their work was dropped meanwhile.
+    fn take(&self, mask: u64) {
         let before = self.ownership.mask();
         self.ownership.set(mask);
         let gained = mask & !before;
@@ -215,18 +252,25 @@ impl Work {
             );
         }
         if gained != 0 {
-            self.load(gained).await;
+            tokio::spawn(self.clone().load(gained));
         }
     }
 
-    async fn load(&self, partitions: u64) {
-        match self.store.pollable_jobs_in(partitions).await {
-            Ok(jobs) => jobs.into_iter().for_each(|job| self.poller.adopt(job)),
-            Err(e) => tracing::error!(error = %e, "could not load the jobs of new partitions"),
-        }
-        match self.store.pending_deliveries_in(partitions).await {
-            Ok(tasks) => self.dispatcher.deliver(tasks),
-            Err(e) => tracing::error!(error = %e, "could not load the deliveries of new partitions"),
+    /// Hands the work stored in `partitions` to the workers. If the store cannot say, the partitions
+    /// are set aside until the next renewal, which counts them as gained and loads them again (rather
+    /// than leaving their work for the reconcile a minute later).
+    async fn load(self, partitions: u64) {
+        let jobs = self.store.pollable_jobs_in(partitions).await;
+        let deliveries = self.store.pending_deliveries_in(partitions).await;
+        match (jobs, deliveries) {
+            (Ok(jobs), Ok(tasks)) => {
+                jobs.into_iter().for_each(|job| self.poller.adopt(job));
+                self.dispatcher.deliver(tasks);
+            }
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::error!(error = %e, "could not load the work of new partitions; trying again at the next renewal");
+                self.ownership.set(self.ownership.mask() & !partitions);
+            }
         }
     }
 
@@ -272,7 +316,7 @@ async fn listen(url: String, work: Work, shutdown: CancellationToken) {
                 _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
             }
         }
-        work.load(work.ownership.mask()).await;
+        work.clone().load(work.ownership.mask()).await;
         loop {
             let next = tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -317,11 +361,16 @@ mod tests {
     }
 
     #[test]
-    fn ownership_is_a_mask_of_partitions() {
+    fn ownership_is_a_mask_of_partitions_until_its_deadline() {
         let o = Ownership::none();
         assert!(!o.owns(3));
         o.set(1 << 3 | 1 << 63);
+        assert!(!o.owns(3), "no renewal yet: nothing is ours");
+        o.valid_until(Instant::now() + Duration::from_secs(60));
         assert!(o.owns(3) && o.owns(63) && !o.owns(4) && !o.owns(64) && !o.owns(-1));
+        // A stalled instance that resumes after its deadline works on nothing until it renews.
+        o.valid_until(Instant::now() - Duration::from_millis(1));
+        assert!(!o.owns(3) && o.mask() == 0);
         assert!(Ownership::all().owns(0));
     }
 }

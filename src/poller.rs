@@ -165,6 +165,10 @@ pub async fn step(ctx: &PollContext, state: &mut JobState) -> (PollOutcome, Next
     }
     if let Some(limiter) = &ctx.limiter {
         limiter.until_ready().await;
+        // The wait can be long; the partition may have gone to another instance meanwhile.
+        if !ctx.ownership.owns(job_id.partition()) {
+            return (PollOutcome::Abandoned, Next::Done);
+        }
     }
     let asked = std::time::Instant::now();
     let answer = ctx.upstream.poll(job_id).await;
