@@ -74,7 +74,9 @@ impl Ownership {
 
     /// The partitions we may work on now: none once the deadline has passed.
     pub fn mask(&self) -> u64 {
-        if monotonic_ms(Instant::now()) < self.valid_until.load(Ordering::Acquire) {
+        let until = self.valid_until.load(Ordering::Acquire);
+        // `all()` never expires: no clock read on SQLite's hot path.
+        if until == u64::MAX || monotonic_ms(Instant::now()) < until {
             self.mask.load(Ordering::Acquire)
         } else {
             0
