@@ -14,8 +14,8 @@
 //! * An instance stops working on its partitions `lease-ttl × 3/5` after its last successful renewal,
 //!   whatever it is doing (a deadline in [`Ownership`], checked before each poll and delivery), so a
 //!   stalled instance that resumes never works beside the one that took over.
-//! * Lease times come from each instance's clock: the instances' clocks must agree to well within a
-//!   fifth of the TTL (NTP does).
+//! * Lease times come from the database's clock, so instances whose clocks disagree still agree on who
+//!   holds what. (Each instance's own deadline runs on its monotonic clock from the renewal's start.)
 //! * A new instance counts itself in at its first tick; the others release their extra partitions at
 //!   their next tick and it claims them. A poll or delivery already under way on the releasing instance
 //!   finishes there, so one may overlap with the new owner's (a delivery is then sent twice under one
@@ -36,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 use crate::delivery::DispatcherHandle;
 use crate::domain::{JobId, PARTITIONS, SubscriptionId};
 use crate::poller::PollerHandle;
-use crate::store::{Millis, Store, now_ms};
+use crate::store::{Millis, Store};
 
 /// Which partitions this instance works on: bit `p` set = partition `p` is ours, until a deadline.
 ///
@@ -76,11 +76,7 @@ impl Ownership {
     pub fn mask(&self) -> u64 {
         let until = self.valid_until.load(Ordering::Acquire);
         // `all()` never expires: no clock read on SQLite's hot path.
-        if until == u64::MAX || monotonic_ms(Instant::now()) < until {
-            self.mask.load(Ordering::Acquire)
-        } else {
-            0
-        }
+        if until == u64::MAX || monotonic_ms(Instant::now()) < until { self.mask.load(Ordering::Acquire) } else { 0 }
     }
 
     fn set(&self, mask: u64) {
@@ -203,7 +199,7 @@ async fn lease_tick(
     ttl_ms: Millis,
     ownership: &Ownership,
 ) -> crate::store::Result<u64> {
-    let now = now_ms();
+    let now = store.clock().await?;
     let live = store.heartbeat(me, now, now - ttl_ms).await?.max(1);
     let mut held = store.renew_leases(me, now + lease_ms).await?;
     let share = (i64::from(PARTITIONS) + live - 1) / live;

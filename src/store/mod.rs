@@ -380,6 +380,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Whether several instances share this store through leases.
     fn shared(&self) -> bool;
+    /// The database's clock, in milliseconds since the epoch: the one clock every instance's lease times
+    /// are read from, so instances whose own clocks disagree still agree on who holds what.
+    async fn clock(&self) -> Result<Millis>;
     /// Announces this instance; returns how many instances have announced themselves after `live_after`.
     async fn heartbeat(&self, instance: &str, now: Millis, live_after: Millis) -> Result<i64>;
     /// Extends every lease this instance holds to `until`; returns them (a partition mask).

@@ -1065,6 +1065,19 @@ impl Store for SqlStore {
         self.backend == Backend::Postgres
     }
 
+    async fn clock(&self) -> Result<Millis> {
+        match self.backend {
+            Backend::Postgres => {
+                sqlx::query_scalar("SELECT CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)")
+                    .fetch_one(&self.writer)
+                    .await
+                    .db()
+            }
+            // One process, one clock.
+            Backend::Sqlite => Ok(now_ms()),
+        }
+    }
+
     async fn heartbeat(&self, instance: &str, now: Millis, live_after: Millis) -> Result<i64> {
         sqlx::query(self.backend.sql(
             "INSERT INTO instances (id, heartbeat_at) VALUES (?1, ?2) \
