@@ -86,7 +86,7 @@ impl PollAnswer {
 pub struct UpstreamClient {
     http: reqwest::Client,
     base: String,
-    api_key: Option<String>,
+    api_key: Option<reqwest::header::HeaderValue>,
 }
 
 impl UpstreamClient {
@@ -103,7 +103,13 @@ impl UpstreamClient {
         UpstreamClient {
             http,
             base: config.base_url.as_str().trim_end_matches('/').to_owned(),
-            api_key: config.api_key.as_ref().map(|k| format!("Bearer {}", k.expose())),
+            api_key: config.api_key.as_ref().map(|k| {
+                let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {}", k.expose()))
+                    .expect("the key is checked at start-up: visible ASCII only");
+                // Kept out of reqwest's and hyper's debug output.
+                value.set_sensitive(true);
+                value
+            }),
         }
     }
 
@@ -112,10 +118,7 @@ impl UpstreamClient {
         let mut request =
             self.http.get(format!("{}/public/v1/job/{job_id}", self.base)).header("accept", "application/json");
         if let Some(auth) = &self.api_key {
-            let mut value = reqwest::header::HeaderValue::from_str(auth).expect("the key is checked at start-up");
-            // Kept out of reqwest's and hyper's debug output.
-            value.set_sensitive(true);
-            request = request.header(reqwest::header::AUTHORIZATION, value);
+            request = request.header(reqwest::header::AUTHORIZATION, auth.clone());
         }
         let response = match request.send().await {
             Ok(response) => response,

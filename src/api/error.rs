@@ -131,7 +131,7 @@ impl<S, T> FromRequest<S> for ApiJson<T>
 where
     T: DeserializeOwned,
     S: Send + Sync,
-    super::AppState: FromRef<S>,
+    super::RequestTimeout: FromRef<S>,
 {
     type Rejection = ApiError;
 
@@ -141,7 +141,7 @@ where
         if declared.is_some_and(|n| n > super::MAX_BODY_BYTES as u64) {
             return Err(ApiError::PayloadTooLarge { limit: super::MAX_BODY_BYTES });
         }
-        let timeout = super::AppState::from_ref(state).request_timeout;
+        let super::RequestTimeout(timeout) = super::RequestTimeout::from_ref(state);
         let body = tokio::time::timeout(timeout, axum::body::Bytes::from_request(req, state))
             .await
             .map_err(|_| ApiError::RequestTimeout(timeout))?

@@ -283,6 +283,16 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], state.metrics.render())
 }
 
+/// How long a client may take to send a body; read per request without cloning the whole state.
+#[derive(Clone, Copy)]
+pub struct RequestTimeout(pub std::time::Duration);
+
+impl axum::extract::FromRef<AppState> for RequestTimeout {
+    fn from_ref(state: &AppState) -> Self {
+        RequestTimeout(state.request_timeout)
+    }
+}
+
 /// Runs a request's writes, and what must follow them, to the end even if the client goes away: the
 /// server drops a request's handler when its connection closes, and a registration committed without
 /// its job reaching the poller would wait, unpolled, until the next restart.
