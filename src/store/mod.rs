@@ -36,10 +36,11 @@ pub fn check_url(url: &str) -> Result<(), String> {
     }
 }
 
-/// The file a `sqlite:` URL names (without its `?options`); `None` for other stores.
-pub fn sqlite_path(url: &str) -> Option<&str> {
+/// The file a `sqlite:` URL names (without its `?options`); `None` for other stores and for an
+/// in-memory SQLite database, which names no file.
+pub fn sqlite_file(url: &str) -> Option<&str> {
     let path = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:"))?;
-    path.split('?').next()
+    path.split('?').next().filter(|p| !p.is_empty() && !p.contains(":memory:"))
 }
 
 /// Keeps a second `jobhook serve` off a SQLite file this process serves: two would both resume the
@@ -48,7 +49,7 @@ pub fn sqlite_path(url: &str) -> Option<&str> {
 /// until the returned file is dropped or the process ends, however it ends. `None` for PostgreSQL,
 /// where several instances share the work by design.
 pub fn lock_sqlite_for_serving(url: &str) -> Result<Option<std::fs::File>, String> {
-    let Some(path) = sqlite_path(url).filter(|p| !p.is_empty() && !p.contains(":memory:")) else {
+    let Some(path) = sqlite_file(url) else {
         return Ok(None);
     };
     let lock_path = format!("{path}.lock");

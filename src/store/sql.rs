@@ -347,6 +347,11 @@ impl SqlStore {
         // power cut as well as kill -9. Writes go through exactly one connection: SQLite has one writer
         // at a time anyway, and queueing writers in our async pool beats spinning in its busy handler.
         // Reads use a separate read-only pool, which WAL lets run beside the writer.
+        let Some(path) = sqlite_file(url).map(str::to_owned) else {
+            return Err(StoreError::Other(sqlx::Error::Configuration(
+                "in-memory SQLite stores are not supported: name a file".into(),
+            )));
+        };
         let separator = if url.contains('?') { '&' } else { '?' };
         let writer = AnyPoolOptions::new()
             .max_connections(1)
@@ -363,12 +368,6 @@ impl SqlStore {
             .connect(&format!("{url}{separator}mode=ro"))
             .await
             .map_err(classify)?;
-        let path = sqlite_path(url).unwrap_or_default().to_owned();
-        if path.is_empty() || path.contains(":memory:") {
-            return Err(StoreError::Other(sqlx::Error::Configuration(
-                "in-memory SQLite stores are not supported: name a file".into(),
-            )));
-        }
         let store = SqlStore::with_writer(Backend::Sqlite, writer, reader);
         let (writes, queue) = mpsc::channel(8 * MAX_BATCH);
         sqlite_writer::spawn(path, queue, store.stats.clone())
