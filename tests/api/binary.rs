@@ -88,6 +88,14 @@ pub fn args_on(listen: &str, db_url: &str, upstream_url: &str) -> Vec<String> {
     args
 }
 
+/// Sets the largest file the running binary may write (`1` fills its disk at once, `unlimited` frees
+/// it): every write of the SQLite store then fails as on a full disk.
+pub fn limit_file_size(running: &Running, limit: &str) {
+    let pid = running.child.id().unwrap().to_string();
+    let set = std::process::Command::new("prlimit").args(["--pid", &pid, &format!("--fsize={limit}:")]).status();
+    assert!(set.unwrap().success(), "prlimit --fsize={limit}");
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use jobhook::mock_upstream::MockUpstream;
 use serde_json::json;
 
-use crate::binary::{all_delivered, args_on, free_port, register_all, start};
+use crate::binary::{all_delivered, args_on, free_port, limit_file_size, register_all, start};
 use crate::helpers::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -134,7 +134,6 @@ async fn a_full_disk_answers_503_without_losing_anything_and_recovers() {
     let db_url = fresh_db_url(dir.path()).await;
     let listen = format!("127.0.0.1:{}", free_port());
     let mut running = start(&args_on(&listen, &db_url, &upstream.url())).await;
-    let pid = running.child.id().unwrap().to_string();
     let http = reqwest::Client::new();
     let register = |job: String| {
         let (http, listen, callback) = (http.clone(), listen.clone(), receiver.url("/hook"));
@@ -150,8 +149,7 @@ async fn a_full_disk_answers_503_without_losing_anything_and_recovers() {
     assert_eq!(register(new_job()).await.status(), 201);
 
     // No file may grow past one byte: every write of the store fails, as on a full disk.
-    let limit = std::process::Command::new("prlimit").args(["--pid", &pid, "--fsize=1:"]).status().unwrap();
-    assert!(limit.success());
+    limit_file_size(&running, "1");
     let refused = register(new_job()).await;
     assert_eq!(refused.status(), 503);
     assert_eq!(refused.headers()["content-type"], "application/problem+json");
@@ -168,8 +166,7 @@ async fn a_full_disk_answers_503_without_losing_anything_and_recovers() {
     assert_ne!(ready["checks"]["store"], "ok", "{ready}");
     assert_eq!(ready["checks"]["poller"], "ok", "{ready}");
 
-    let lifted = std::process::Command::new("prlimit").args(["--pid", &pid, "--fsize=unlimited:"]).status().unwrap();
-    assert!(lifted.success());
+    limit_file_size(&running, "unlimited");
     let job = new_job();
     assert_eq!(register(job.clone()).await.status(), 201);
     let ready = http.get(format!("http://{listen}/readyz")).send().await.unwrap();
@@ -202,29 +199,21 @@ async fn an_answer_that_cannot_be_recorded_is_not_sent_again_while_the_disk_is_f
     let at = args.iter().position(|a| a == "--retry-schedule").unwrap();
     args[at + 1] = "2s".to_owned();
     let mut running = start(&args).await;
-    let pid = running.child.id().unwrap().to_string();
     let http = reqwest::Client::new();
     let base = format!("http://{}", running.addr);
-    let sub: serde_json::Value = http
-        .post(format!("{base}/v1/subscriptions"))
-        .bearer_auth(KEY_A)
-        .json(&json!({ "job_id": new_job(), "callback_url": receiver.url("/hook") }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let sub = json_as_a(
+        http.post(format!("{base}/v1/subscriptions"))
+            .json(&json!({ "job_id": new_job(), "callback_url": receiver.url("/hook") })),
+    )
+    .await;
     let deliveries = format!("{base}/v1/subscriptions/{}/deliveries", sub["id"].as_str().unwrap());
     eventually(Duration::from_secs(10), "the first attempt (500) to be recorded", || async {
-        let log: serde_json::Value =
-            http.get(&deliveries).bearer_auth(KEY_A).send().await.unwrap().json().await.unwrap();
+        let log = json_as_a(http.get(&deliveries)).await;
         (log["items"].as_array().map(Vec::len) == Some(1)).then_some(())
     })
     .await;
 
-    let limit = std::process::Command::new("prlimit").args(["--pid", &pid, "--fsize=1:"]).status().unwrap();
-    assert!(limit.success());
+    limit_file_size(&running, "1");
     receiver.wait_for("/hook", 2).await;
     // Longer than the old 5 s re-send delay, and than the first record retry.
     let outage = Instant::now();
@@ -235,18 +224,9 @@ async fn an_answer_that_cannot_be_recorded_is_not_sent_again_while_the_disk_is_f
     tokio::time::sleep(Duration::from_secs(7).saturating_sub(outage.elapsed())).await;
     assert_eq!(receiver.requests_to("/hook").len(), 2, "a delivery the receiver accepted was sent again");
 
-    let lifted = std::process::Command::new("prlimit").args(["--pid", &pid, "--fsize=unlimited:"]).status().unwrap();
-    assert!(lifted.success());
+    limit_file_size(&running, "unlimited");
     let done = eventually(Duration::from_secs(90), "the kept answer to be recorded", || async {
-        let sub: serde_json::Value = http
-            .get(format!("{base}/v1/subscriptions/{}", sub["id"].as_str().unwrap()))
-            .bearer_auth(KEY_A)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let sub = json_as_a(http.get(format!("{base}/v1/subscriptions/{}", sub["id"].as_str().unwrap()))).await;
         (sub["state"] == "delivered").then_some(sub)
     })
     .await;

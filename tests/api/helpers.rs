@@ -61,6 +61,12 @@ where
     }
 }
 
+/// Sends `request` with tenant A's key and reads its JSON answer (for services reached by URL, such as
+/// the real binary).
+pub async fn json_as_a(request: reqwest::RequestBuilder) -> Value {
+    request.bearer_auth(KEY_A).send().await.unwrap().json().await.unwrap()
+}
+
 pub fn new_job() -> String {
     uuid::Uuid::new_v4().to_string()
 }

@@ -34,16 +34,7 @@ async fn after_a_rotation_deliveries_verify_with_the_old_and_the_new_secret() {
 #[tokio::test]
 async fn after_the_grace_period_only_the_new_secret_signs() {
     let app = spawn_app_with(Settings::default().arg("--secret-rotation-grace", "1ms")).await;
-    let rotated: Value = app
-        .http
-        .post(app.url("/v1/signing-secret/rotate"))
-        .bearer_auth(KEY_A)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let rotated = json_as_a(app.http.post(app.url("/v1/signing-secret/rotate"))).await;
     let new_secret = rotated["secret"].as_str().unwrap();
     app.register(&new_job(), &app.receiver.url("/hook")).await;
     let got = app.receiver.wait_for("/hook", 1).await;
@@ -208,15 +199,7 @@ async fn no_secret_appears_in_debug_logs_bodies_or_subscriptions() {
             .await
             .unwrap(),
     );
-    let rotated: Value = http
-        .post(format!("{app}/v1/signing-secret/rotate"))
-        .bearer_auth(KEY_A)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let rotated = json_as_a(http.post(format!("{app}/v1/signing-secret/rotate"))).await;
     let new_secret = rotated["secret"].as_str().unwrap().to_owned();
     running.child.start_kill().unwrap();
     running.child.wait().await.unwrap();
@@ -249,10 +232,7 @@ async fn a_revoked_configured_key_and_a_rotated_secret_outlive_a_restart() {
     let http = reqwest::Client::new();
     let secret_of = |base: String| {
         let http = http.clone();
-        async move {
-            let answer = http.get(format!("{base}/v1/signing-secret")).bearer_auth(KEY_A).send().await.unwrap();
-            answer.json::<Value>().await.unwrap()["secret"].as_str().unwrap().to_owned()
-        }
+        async move { json_as_a(http.get(format!("{base}/v1/signing-secret"))).await["secret"].as_str().unwrap().to_owned() }
     };
     let jobhook = |args: &[&str]| {
         let mut all: Vec<&str> = args.to_vec();
@@ -267,15 +247,7 @@ async fn a_revoked_configured_key_and_a_rotated_secret_outlive_a_restart() {
 
     let mut running = start_with(&args, "info").await;
     let base = format!("http://{}", running.addr);
-    let rotated: Value = http
-        .post(format!("{base}/v1/signing-secret/rotate"))
-        .bearer_auth(KEY_A)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let rotated = json_as_a(http.post(format!("{base}/v1/signing-secret/rotate"))).await;
     let rotated = rotated["secret"].as_str().unwrap().to_owned();
     assert_ne!(rotated, SECRET);
     running.child.kill().await.unwrap();
