@@ -127,7 +127,7 @@ impl Application {
         let addr = listener.local_addr()?;
 
         let egress = config.egress.clone();
-        let (dispatcher, dispatcher_inbox) = delivery::channel();
+        let (dispatcher, dispatcher_inbox) = delivery::channel(&config.delivery);
         let (poller, poller_inbox) = poller::channel();
         // Alone (SQLite) we own every partition and resume all the work now; sharing a PostgreSQL database
         // we own none until the lease loop hands us our share, and load its work then.

@@ -178,6 +178,11 @@ pub struct ServeArgs {
     #[arg(long, env = "JOBHOOK_DELIVERY_CONCURRENCY_PER_HOST", default_value_t = 32)]
     pub delivery_concurrency_per_host: usize,
 
+    /// The most callback requests in flight at once for one tenant (API key holder), over all its hosts,
+    /// so one tenant's slow receivers spread over many host names cannot take every slot.
+    #[arg(long, env = "JOBHOOK_DELIVERY_CONCURRENCY_PER_TENANT", default_value_t = 256)]
+    pub delivery_concurrency_per_tenant: usize,
+
     /// The most polls per second sent upstream, over all jobs (a token bucket); 0 = no cap.
     #[arg(long, env = "JOBHOOK_UPSTREAM_MAX_RPS", default_value_t = 100)]
     pub upstream_max_rps: u32,
@@ -278,6 +283,8 @@ pub struct DeliveryConfig {
     /// How many callback requests may be in flight at once to one host, so one slow host cannot take
     /// every slot.
     pub max_in_flight_per_host: usize,
+    /// How many callback requests may be in flight at once for one tenant, over all its hosts.
+    pub max_in_flight_per_tenant: usize,
 }
 
 impl ServeArgs {
@@ -343,6 +350,13 @@ impl ServeArgs {
                 "must be between 1 and --delivery-concurrency",
             ));
         }
+        if !(1..=self.delivery_concurrency).contains(&self.delivery_concurrency_per_tenant) {
+            return Err(bad(
+                "--delivery-concurrency-per-tenant",
+                "JOBHOOK_DELIVERY_CONCURRENCY_PER_TENANT",
+                "must be between 1 and --delivery-concurrency",
+            ));
+        }
         if self.retry_schedule.0.len() > 100 {
             return Err(bad("--retry-schedule", "JOBHOOK_RETRY_SCHEDULE", "at most 100 retries"));
         }
@@ -381,6 +395,7 @@ impl ServeArgs {
                 timeout: self.delivery_timeout,
                 max_in_flight: self.delivery_concurrency,
                 max_in_flight_per_host: self.delivery_concurrency_per_host,
+                max_in_flight_per_tenant: self.delivery_concurrency_per_tenant,
             },
             egress: crate::delivery::client::EgressPolicy {
                 allow_private: self.allow_private_callbacks,

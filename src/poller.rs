@@ -176,23 +176,25 @@ pub async fn step(ctx: &PollContext, state: &mut JobState) -> (PollOutcome, Next
     let now = now_ms();
     let pending_for = Duration::from_millis(u64::try_from(now - state.job.job_created_at).unwrap_or(0));
     match answer {
-        PollAnswer::Terminal(status, body) => match ctx.store.complete_job(job_id, status, &body, now).await {
-            Ok(tasks) => {
-                let n = tasks.len();
-                tracing::debug!(status = status.as_str(), deliveries = n, "job finished");
-                ctx.dispatcher.deliver(tasks);
-                (PollOutcome::Finished(status, n), Next::Done)
+        PollAnswer::Terminal(status, body) => {
+            match ctx.store.complete_job(job_id, status, &body, now, ctx.dispatcher.claim_for()).await {
+                Ok(tasks) => {
+                    let n = tasks.len();
+                    tracing::debug!(status = status.as_str(), deliveries = n, "job finished");
+                    ctx.dispatcher.deliver(tasks);
+                    (PollOutcome::Finished(status, n), Next::Done)
+                }
+                Err(e) => {
+                    let trouble = store_trouble(ctx, state, e);
+                    // The write may have committed with its answer lost (a connection dropped at COMMIT).
+                    // Asking the store who still waits would then find nobody and stop, leaving the
+                    // deliveries for the next restart or reload; polling and recording again is idempotent
+                    // and hands them out.
+                    state.recheck = false;
+                    trouble
+                }
             }
-            Err(e) => {
-                let trouble = store_trouble(ctx, state, e);
-                // The write may have committed with its answer lost (a connection dropped at COMMIT).
-                // Asking the store who still waits would then find nobody and stop, leaving the
-                // deliveries for the next restart or reload; polling and recording again is idempotent
-                // and hands them out.
-                state.recheck = false;
-                trouble
-            }
-        },
+        }
         PollAnswer::Pending => {
             state.consecutive_errors = 0;
             if let Err(e) = observe(ctx, state, Some(JobStatus::Pending), None, now).await {
@@ -600,7 +602,14 @@ mod tests {
             timeout: Duration::from_secs(5),
         };
         let poll = PollConfig { interval: Duration::from_millis(50), ..cfg() };
-        let (dispatcher, _deliveries) = crate::delivery::channel();
+        let delivery = crate::config::DeliveryConfig {
+            retry_schedule: vec![Duration::from_secs(1)],
+            timeout: Duration::from_secs(5),
+            max_in_flight: 8,
+            max_in_flight_per_host: 8,
+            max_in_flight_per_tenant: 8,
+        };
+        let (dispatcher, _deliveries) = crate::delivery::channel(&delivery);
         let metrics = Arc::new(Metrics::new());
         let ctx = Arc::new(PollContext::new(
             store.clone(),

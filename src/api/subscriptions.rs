@@ -15,7 +15,7 @@ use utoipa::{IntoParams, ToSchema};
 use super::error::{ApiError, ApiJson, Problem};
 use super::{AppState, rfc3339};
 use crate::domain::{CallbackUrl, FailureReason, JobId, JobStatus, SubscriptionId, SubscriptionState, truncate};
-use crate::store::{AttemptRecord, ListFilter, Redelivery, Registered, Subscription, Tenant, now_ms};
+use crate::store::{AttemptRecord, Cancel, ListFilter, Redelivery, Registered, Subscription, Tenant, now_ms};
 
 /// A registration: which upstream job to watch, and where to POST its result.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -385,8 +385,11 @@ pub async fn redeliver(
     }
 }
 
-/// Cancel a subscription: polling and delivery stop and its state becomes `cancelled`. A subscription
-/// that has already ended keeps its final state. Cancelling twice is fine.
+/// Cancel a subscription: polling and delivery stop and its state becomes `cancelled`; once this answers
+/// 204, no delivery attempt starts for it, and it was never delivered. If an attempt is on the wire,
+/// the answer waits for its outcome (at most the delivery timeout plus 30 s): a subscription that the
+/// attempt delivered (or one that had already ended) cannot be cancelled and answers 409 naming its
+/// state. Cancelling a cancelled subscription again is fine (204).
 #[utoipa::path(
     delete,
     path = "/v1/subscriptions/{id}",
@@ -394,9 +397,10 @@ pub async fn redeliver(
     security(("bearer" = [])),
     params(("id" = String, Path, description = "The subscription ID")),
     responses(
-        (status = 204, description = "Cancelled (or already ended)"),
+        (status = 204, description = "Cancelled (now or before); no delivery attempt starts for it"),
         (status = 401, description = "Missing or invalid API key", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such subscription for this API key", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "It already ended as delivered, failed or expired (the detail names the state), or a delivery attempt was still on the wire when the wait ran out", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "The store cannot take writes now; nothing changed", body = Problem, content_type = "application/problem+json"),
     )
 )]
@@ -406,18 +410,40 @@ pub async fn cancel(
     SubscriptionPath(sub_id, id): SubscriptionPath,
 ) -> Result<StatusCode, ApiError> {
     super::to_the_end(async move {
-        let cancelled = state.store.cancel(tenant.id, sub_id, now_ms()).await?.ok_or_else(|| not_found(&id))?;
-        if cancelled.was.is_some() {
-            // Both, whatever the state read: the job may have ended between that read and the cancel.
-            state.poller.recheck(cancelled.job_id);
-            state.dispatcher.cancel(sub_id);
-            state.metrics.finished("cancelled", 1);
-            tracing::info!(subscription_id = %sub_id, job_id = %cancelled.job_id, "cancelled");
+        // An attempt holds its claim for at most this long; it releases it when its outcome is recorded.
+        let deadline = tokio::time::Instant::now() + state.dispatcher.claim_for();
+        loop {
+            match state.store.cancel(tenant.id, sub_id, now_ms()).await?.ok_or_else(|| not_found(&id))? {
+                Cancel::Cancelled { job_id, was: _ } => {
+                    // Both, whatever the state read: the job may have ended between that read and the cancel.
+                    state.poller.recheck(job_id);
+                    state.dispatcher.cancel(sub_id);
+                    state.metrics.finished("cancelled", 1);
+                    tracing::info!(subscription_id = %sub_id, %job_id, "cancelled");
+                    return Ok(StatusCode::NO_CONTENT);
+                }
+                Cancel::Ended(SubscriptionState::Cancelled) => return Ok(StatusCode::NO_CONTENT),
+                Cancel::Ended(ended) => {
+                    return Err(ApiError::Conflict(format!(
+                        "the subscription has already ended as {}; it cannot be cancelled",
+                        ended.as_str()
+                    )));
+                }
+                Cancel::AttemptInFlight if tokio::time::Instant::now() >= deadline => {
+                    return Err(ApiError::Conflict(
+                        "a delivery attempt for this subscription is still in progress; try again".into(),
+                    ));
+                }
+                // The attempt ends within its timeout; its outcome decides.
+                Cancel::AttemptInFlight => tokio::time::sleep(CANCEL_RECHECK).await,
+            }
         }
-        Ok(StatusCode::NO_CONTENT)
     })
     .await
 }
+
+/// How often a cancellation waiting for an in-flight attempt asks again.
+const CANCEL_RECHECK: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// The delivery attempts of a subscription, oldest first.
 #[utoipa::path(

@@ -11,6 +11,7 @@
 mod sql;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -169,6 +170,9 @@ pub struct DeliveryTask {
     pub series: u32,
     pub attempts_made: u32,
     pub due_at: Millis,
+    /// Until when (on this process's monotonic clock) this instance holds the delivery's claim, if it
+    /// does: an attempt may start only under a claim that outlasts it (see [`Store::claim_delivery`]).
+    pub claimed_until: Option<std::time::Instant>,
 }
 
 impl DeliveryTask {
@@ -193,8 +197,20 @@ impl DeliveryTask {
             series: 1,
             attempts_made: 0,
             due_at: now,
+            claimed_until: None,
         }
     }
+}
+
+/// What asking for a delivery's claim found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// Ours until this moment (this process's monotonic clock, a little before the stored expiry).
+    Held(std::time::Instant),
+    /// Another instance holds it (an attempt may be under way there) until about this time.
+    Busy(Millis),
+    /// The delivery is no longer waiting: cancelled, delivered, failed, or a newer series replaced it.
+    Gone,
 }
 
 /// What a new registration led to.
@@ -266,12 +282,16 @@ pub struct KeyInfo {
     pub revoked_at: Option<Millis>,
 }
 
-/// What cancelling changed, so the workers can let go of the subscription.
-#[derive(Debug, Clone, Copy)]
-pub struct Cancelled {
-    pub job_id: JobId,
-    /// The state before cancelling, or `None` when it had already ended (then nothing changed).
-    pub was: Option<SubscriptionState>,
+/// What a cancellation found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cancel {
+    /// Cancelled now; this was the state before (the workers let go of the subscription).
+    Cancelled { job_id: JobId, was: SubscriptionState },
+    /// It had already ended in this state (`cancelled` included): nothing changed.
+    Ended(SubscriptionState),
+    /// A delivery attempt holds the subscription's claim, so it may be on the wire: nothing changed.
+    /// Once the attempt is recorded the subscription either ended or can be cancelled.
+    AttemptInFlight,
 }
 
 /// What [`Store::sync_configured_keys`] did.
@@ -327,7 +347,9 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Registered>;
     async fn subscription(&self, tenant_id: i64, id: SubscriptionId) -> Result<Option<Subscription>>;
     async fn list_subscriptions(&self, tenant_id: i64, filter: &ListFilter) -> Result<Vec<Subscription>>;
-    async fn cancel(&self, tenant_id: i64, id: SubscriptionId, now: Millis) -> Result<Option<Cancelled>>;
+    /// Cancels a live subscription, unless a delivery attempt holds its claim (promise 11: a subscription
+    /// that reads `cancelled` was never delivered). `None` when the tenant has no such subscription.
+    async fn cancel(&self, tenant_id: i64, id: SubscriptionId, now: Millis) -> Result<Option<Cancel>>;
     /// The attempts of a subscription, oldest first; `None` when the tenant has no such subscription.
     async fn attempts(&self, tenant_id: i64, id: SubscriptionId) -> Result<Option<Vec<AttemptRecord>>>;
     /// Starts a new delivery series for a delivered or failed subscription whose job has a result;
@@ -350,13 +372,15 @@ pub trait Store: Send + Sync + 'static {
         now: Millis,
     ) -> Result<()>;
     /// The job ended: one transaction stores its result and turns every polling subscription into a
-    /// delivery due now. Returns those deliveries.
+    /// delivery due now, claimed by this instance for `claim_for` (its first attempt needs no write of
+    /// its own). Returns those deliveries.
     async fn complete_job(
         &self,
         job_id: JobId,
         status: JobStatus,
         body: &Bytes,
         now: Millis,
+        claim_for: Duration,
     ) -> Result<Vec<DeliveryTask>>;
     /// Every polling subscription of the job fails for this reason. Returns how many.
     async fn fail_job(&self, job_id: JobId, reason: FailureReason, last_error: &str, now: Millis) -> Result<u64>;
@@ -405,7 +429,12 @@ pub trait Store: Send + Sync + 'static {
 
     /// Every delivery waiting for an attempt (start-up).
     async fn pending_deliveries(&self) -> Result<Vec<DeliveryTask>>;
-    /// Logs an attempt and moves the delivery on, in one transaction. Returns false when the
-    /// subscription was no longer delivering (cancelled meanwhile); the attempt is logged anyway.
+    /// Claims a waiting delivery of `series` for this instance for `claim_for`, so that no cancellation
+    /// commits and no other instance attempts it meanwhile. Taken when unclaimed, when the claim lapsed,
+    /// or when this instance already holds it. Claims are kept on the database's clock.
+    async fn claim_delivery(&self, task: &DeliveryTask, claim_for: Duration) -> Result<Claim>;
+    /// Logs an attempt, moves the delivery on and releases its claim, in one transaction. Returns false
+    /// when the subscription was no longer delivering (possible only once a claim lapsed); the attempt is
+    /// logged anyway.
     async fn record_attempt(&self, record: &AttemptRecord, result: AttemptResult, now: Millis) -> Result<bool>;
 }

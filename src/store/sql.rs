@@ -119,6 +119,22 @@ pub struct SqlStore {
     /// When (Unix ms) the last group-committed write failed with "unavailable" (disk full, read-only…),
     /// if none has succeeded since; 0 otherwise. `ping` reports it for [`WRITE_TROUBLE_FOR`].
     write_trouble: Arc<std::sync::atomic::AtomicI64>,
+    /// Who this process is when it claims deliveries: on PostgreSQL a new name per process; on SQLite,
+    /// where one process serves a file at a time (see `lock_sqlite_for_serving`), always the same, so a
+    /// restart takes its predecessor's claims over at once.
+    instance: Arc<str>,
+}
+
+/// A claim is taken this much before the stored expiry on this process's clock, so the two clocks'
+/// tiny drift over a claim's life never lets us believe we hold one that has lapsed.
+const CLAIM_SAFETY: Duration = Duration::from_secs(1);
+
+/// The database's clock in Unix milliseconds (PostgreSQL), the one clock every instance's claims are
+/// read from (as for leases).
+macro_rules! pg_now_ms {
+    () => {
+        "CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)"
+    };
 }
 
 /// A write that is group-committed: many of them share one transaction, so they share one fsync.
@@ -136,7 +152,16 @@ enum Write {
         status: JobStatus,
         body: Bytes,
         now: Millis,
+        claim: ClaimFor,
         reply: oneshot::Sender<Result<Vec<DeliveryTask>>>,
+    },
+    Claim {
+        id: SubscriptionId,
+        partition: i64,
+        series: u32,
+        now: Millis,
+        claim: ClaimFor,
+        reply: oneshot::Sender<Result<Claim>>,
     },
     Attempt {
         record: AttemptRecord,
@@ -151,6 +176,15 @@ enum Write {
         now: Millis,
         reply: oneshot::Sender<Result<()>>,
     },
+}
+
+/// Who claims a delivery, and for how long (milliseconds).
+#[derive(Debug, Clone)]
+struct ClaimFor {
+    by: Arc<str>,
+    ms: i64,
+    /// The claim's end on this process's clock, a little before the stored one.
+    held_until: std::time::Instant,
 }
 
 /// The most writes one transaction carries.
@@ -185,6 +219,7 @@ async fn writer(backend: Backend, pool: AnyPool, mut writes: mpsc::Receiver<Writ
 enum Done {
     Register(Result<Registered>),
     Complete(Result<Vec<DeliveryTask>>),
+    Claim(Result<Claim>),
     Attempt(Result<bool>),
     Observe(Result<()>),
 }
@@ -196,6 +231,7 @@ impl Write {
                 (0, job_id.as_uuid())
             }
             Write::Attempt { record, .. } => (1, record.subscription_id.0),
+            Write::Claim { id, .. } => (1, id.0),
         }
     }
 
@@ -206,6 +242,7 @@ impl Write {
                 job_id.partition()
             }
             Write::Attempt { record, .. } => record.partition,
+            Write::Claim { partition, .. } => *partition,
         }
     }
 
@@ -214,8 +251,11 @@ impl Write {
             Write::Register { key, id, job_id, callback_url, now, .. } => {
                 Done::Register(register_in(b, tx, key, *id, *job_id, callback_url, *now).await)
             }
-            Write::Complete { job_id, status, body, now, .. } => {
-                Done::Complete(complete_job_in(b, tx, *job_id, *status, body, *now).await)
+            Write::Complete { job_id, status, body, now, claim, .. } => {
+                Done::Complete(complete_job_in(b, tx, *job_id, *status, body, *now, claim).await)
+            }
+            Write::Claim { id, series, now, claim, .. } => {
+                Done::Claim(claim_in(b, tx, *id, *series, *now, claim).await)
             }
             Write::Attempt { record, result, now, .. } => {
                 Done::Attempt(record_attempt_in(b, tx, record, *result, *now).await)
@@ -231,6 +271,7 @@ impl Write {
         match (self, done) {
             (Write::Register { reply, .. }, Done::Register(r)) => drop(reply.send(r)),
             (Write::Complete { reply, .. }, Done::Complete(r)) => drop(reply.send(r)),
+            (Write::Claim { reply, .. }, Done::Claim(r)) => drop(reply.send(r)),
             (Write::Attempt { reply, .. }, Done::Attempt(r)) => drop(reply.send(r)),
             (Write::Observe { reply, .. }, Done::Observe(r)) => drop(reply.send(r)),
             (write, _) => write.answer_with(StoreError::Corrupt("a write got another write's result".into())),
@@ -241,6 +282,7 @@ impl Write {
         match self {
             Write::Register { reply, .. } => drop(reply.send(Err(e))),
             Write::Complete { reply, .. } => drop(reply.send(Err(e))),
+            Write::Claim { reply, .. } => drop(reply.send(Err(e))),
             Write::Attempt { reply, .. } => drop(reply.send(Err(e))),
             Write::Observe { reply, .. } => drop(reply.send(Err(e))),
         }
@@ -291,7 +333,11 @@ impl Done {
     /// The write's own error, if it failed; otherwise the result itself.
     fn checked(self) -> std::result::Result<Done, StoreError> {
         match self {
-            Done::Register(Err(e)) | Done::Complete(Err(e)) | Done::Attempt(Err(e)) | Done::Observe(Err(e)) => Err(e),
+            Done::Register(Err(e))
+            | Done::Complete(Err(e))
+            | Done::Claim(Err(e))
+            | Done::Attempt(Err(e))
+            | Done::Observe(Err(e)) => Err(e),
             done => Ok(done),
         }
     }
@@ -303,6 +349,7 @@ impl Write {
         match self {
             Write::Register { .. } => Done::Register(Err(e)),
             Write::Complete { .. } => Done::Complete(Err(e)),
+            Write::Claim { .. } => Done::Claim(Err(e)),
             Write::Attempt { .. } => Done::Attempt(Err(e)),
             Write::Observe { .. } => Done::Observe(Err(e)),
         }
@@ -394,7 +441,11 @@ impl SqlStore {
                 writes
             })
             .collect();
-        SqlStore { backend, writer: writer_pool, reader, writes, stats, write_trouble: Default::default() }
+        let instance: Arc<str> = match backend {
+            Backend::Sqlite => "local".into(),
+            Backend::Postgres => uuid::Uuid::new_v4().to_string().into(),
+        };
+        SqlStore { backend, writer: writer_pool, reader, writes, stats, write_trouble: Default::default(), instance }
     }
 
     /// Queues a group-committed write and waits for its result (after its transaction committed).
@@ -408,6 +459,15 @@ impl SqlStore {
         let trouble = if matches!(done, Err(StoreError::Unavailable(_))) { now_ms() } else { 0 };
         self.write_trouble.store(trouble, std::sync::atomic::Ordering::Relaxed);
         done
+    }
+
+    /// A claim by this process for `d`, starting now.
+    fn claim_for(&self, d: Duration) -> ClaimFor {
+        ClaimFor {
+            by: self.instance.clone(),
+            ms: i64::try_from(d.as_millis()).unwrap_or(i64::MAX),
+            held_until: std::time::Instant::now() + d.saturating_sub(CLAIM_SAFETY),
+        }
     }
 
     async fn begin(&self) -> Result<Transaction<'static, Any>> {
@@ -566,6 +626,7 @@ impl TryFrom<DeliveryRow> for DeliveryTask {
             series: u32::try_from(r.series).unwrap_or(1),
             attempts_made: u32::try_from(r.attempts).unwrap_or(0),
             due_at: r.next_attempt_at.unwrap_or(0),
+            claimed_until: None,
         })
     }
 }
@@ -893,11 +954,12 @@ impl Store for SqlStore {
         rows.into_iter().map(Subscription::try_from).collect()
     }
 
-    async fn cancel(&self, tenant_id: i64, id: SubscriptionId, now: Millis) -> Result<Option<Cancelled>> {
+    async fn cancel(&self, tenant_id: i64, id: SubscriptionId, now: Millis) -> Result<Option<Cancel>> {
+        let sub_id = id.to_string();
         let mut tx = self.begin().await?;
         let row: Option<(String, String)> =
             sqlx::query_as(self.backend.sql("SELECT job_id, state FROM subscriptions WHERE id = ? AND tenant_id = ?"))
-                .bind(id.to_string())
+                .bind(&sub_id)
                 .bind(tenant_id)
                 .fetch_optional(&mut *tx)
                 .await
@@ -906,26 +968,43 @@ impl Store for SqlStore {
             return Ok(None);
         };
         let job_id: JobId = job_id.parse().map_err(|e| corrupt("job id", e))?;
-        let state: SubscriptionState = state.parse().map_err(|e| corrupt("state", e))?;
-        if state.is_final() {
-            return Ok(Some(Cancelled { job_id, was: None }));
+        let was: SubscriptionState = state.parse().map_err(|e| corrupt("state", e))?;
+        if was.is_final() {
+            return Ok(Some(Cancel::Ended(was)));
         }
-        let changed = sqlx::query(self.backend.sql(
-            "UPDATE subscriptions SET state = 'cancelled', next_attempt_at = NULL, updated_at = ? \
-                 WHERE id = ? AND state IN ('polling', 'delivering')",
+        // Not while an attempt holds the claim: it may be on the wire, and a subscription that reads
+        // `cancelled` must never have been delivered. The claim is read on the clock that set it.
+        let changed = sqlx::query(self.backend.pick(
+            "UPDATE subscriptions SET state = 'cancelled', next_attempt_at = NULL, claimed_until = NULL, claimed_by = NULL, \
+             updated_at = ?1 WHERE id = ?2 AND state IN ('polling', 'delivering') \
+             AND (claimed_until IS NULL OR claimed_until <= ?1)",
+            concat!(
+                "UPDATE subscriptions SET state = 'cancelled', next_attempt_at = NULL, claimed_until = NULL, claimed_by = NULL, \
+                 updated_at = $1 WHERE id = $2 AND state IN ('polling', 'delivering') \
+                 AND (claimed_until IS NULL OR claimed_until <= ",
+                pg_now_ms!(),
+                ")"
+            ),
         ))
         .bind(now)
-        .bind(id.to_string())
+        .bind(&sub_id)
         .execute(&mut *tx)
         .await
         .db()?;
-        // On PostgreSQL the read above takes no lock: the subscription may have ended since.
         if changed.rows_affected() == 0 {
-            return Ok(Some(Cancelled { job_id, was: None }));
+            // Claimed, or (PostgreSQL: the read above takes no lock) ended since. A live subscription here
+            // is held by an attempt (or its claim lapsed a moment ago): the caller asks again shortly.
+            let state: String = sqlx::query_scalar(self.backend.sql("SELECT state FROM subscriptions WHERE id = ?"))
+                .bind(&sub_id)
+                .fetch_one(&mut *tx)
+                .await
+                .db()?;
+            let state: SubscriptionState = state.parse().map_err(|e| corrupt("state", e))?;
+            return Ok(Some(if state.is_final() { Cancel::Ended(state) } else { Cancel::AttemptInFlight }));
         }
         notify(self.backend, &mut tx, format!("cancel {id} {job_id}")).await?;
         tx.commit().await.db()?;
-        Ok(Some(Cancelled { job_id, was: Some(state) }))
+        Ok(Some(Cancel::Cancelled { job_id, was }))
     }
 
     async fn attempts(&self, tenant_id: i64, id: SubscriptionId) -> Result<Option<Vec<AttemptRecord>>> {
@@ -999,9 +1078,25 @@ impl Store for SqlStore {
         status: JobStatus,
         body: &Bytes,
         now: Millis,
+        claim_for: Duration,
     ) -> Result<Vec<DeliveryTask>> {
         let (reply, answer) = oneshot::channel();
-        self.write(Write::Complete { job_id, status, body: body.clone(), now, reply }, answer).await
+        let claim = self.claim_for(claim_for);
+        self.write(Write::Complete { job_id, status, body: body.clone(), now, claim, reply }, answer).await
+    }
+
+    async fn claim_delivery(&self, task: &DeliveryTask, claim_for: Duration) -> Result<Claim> {
+        let (reply, answer) = oneshot::channel();
+        let claim = self.claim_for(claim_for);
+        let write = Write::Claim {
+            id: task.subscription_id,
+            partition: task.partition,
+            series: task.series,
+            now: now_ms(),
+            claim,
+            reply,
+        };
+        self.write(write, answer).await
     }
 
     async fn fail_job(&self, job_id: JobId, reason: FailureReason, last_error: &str, now: Millis) -> Result<u64> {
@@ -1360,6 +1455,7 @@ async fn complete_job_in(
     status: JobStatus,
     body: &Bytes,
     now: Millis,
+    claim: &ClaimFor,
 ) -> Result<Vec<DeliveryTask>> {
     let job = job_id.to_string();
     let first = sqlx::query(b.sql(
@@ -1389,13 +1485,22 @@ async fn complete_job_in(
     let mut tasks = Vec::with_capacity(subscribers.len());
     for (id, tenant_id, callback_url) in subscribers {
         let webhook_id = new_webhook_id();
-        let moved = sqlx::query(
-            b.sql("UPDATE subscriptions SET state = 'delivering', webhook_id = ?, attempts = 0, next_attempt_at = ?2, updated_at = ?2 \
-                   WHERE id = ?3 AND state = 'polling'"),
-        )
+        // Claimed for this instance's first attempt in the same write (see `Store::claim_delivery`).
+        let moved = sqlx::query(b.pick(
+            "UPDATE subscriptions SET state = 'delivering', webhook_id = ?1, attempts = 0, next_attempt_at = ?2, updated_at = ?2, \
+             claimed_until = ?2 + ?4, claimed_by = ?5 WHERE id = ?3 AND state = 'polling'",
+            concat!(
+                "UPDATE subscriptions SET state = 'delivering', webhook_id = $1, attempts = 0, next_attempt_at = $2, updated_at = $2, \
+                 claimed_until = ",
+                pg_now_ms!(),
+                " + $4, claimed_by = $5 WHERE id = $3 AND state = 'polling'"
+            ),
+        ))
         .bind(&webhook_id)
         .bind(now)
         .bind(&id)
+        .bind(claim.ms)
+        .bind(&*claim.by)
         .execute(&mut **tx)
         .await
         .db()?;
@@ -1404,9 +1509,63 @@ async fn complete_job_in(
             continue;
         }
         let id = id.parse().map_err(|e| corrupt("subscription id", e))?;
-        tasks.push(DeliveryTask::first(id, job_id, tenant_id, webhook_id, callback_url, body.clone(), now));
+        let mut task = DeliveryTask::first(id, job_id, tenant_id, webhook_id, callback_url, body.clone(), now);
+        task.claimed_until = Some(claim.held_until);
+        tasks.push(task);
     }
     Ok(tasks)
+}
+
+/// See [`Store::claim_delivery`].
+async fn claim_in(
+    b: Backend,
+    tx: &mut Transaction<'static, Any>,
+    id: SubscriptionId,
+    series: u32,
+    now: Millis,
+    claim: &ClaimFor,
+) -> Result<Claim> {
+    let id = id.to_string();
+    let taken = sqlx::query(b.pick(
+        "UPDATE subscriptions SET claimed_until = ?1 + ?2, claimed_by = ?3 \
+         WHERE id = ?4 AND state = 'delivering' AND series = ?5 AND (claimed_until IS NULL OR claimed_until <= ?1 OR claimed_by = ?3)",
+        concat!(
+            "UPDATE subscriptions SET claimed_until = ",
+            pg_now_ms!(),
+            " + $2, claimed_by = $3 WHERE id = $4 AND state = 'delivering' AND series = $5 AND $1 = $1 \
+             AND (claimed_until IS NULL OR claimed_until <= ",
+            pg_now_ms!(),
+            " OR claimed_by = $3)"
+        ),
+    ))
+    .bind(now)
+    .bind(claim.ms)
+    .bind(&*claim.by)
+    .bind(&id)
+    .bind(i64::from(series))
+    .execute(&mut **tx)
+    .await
+    .db()?
+    .rows_affected()
+        == 1;
+    if taken {
+        return Ok(Claim::Held(claim.held_until));
+    }
+    let row: Option<(String, i64, Option<i64>)> =
+        sqlx::query_as(b.sql("SELECT state, series, claimed_until FROM subscriptions WHERE id = ?"))
+            .bind(&id)
+            .fetch_optional(&mut **tx)
+            .await
+            .db()?;
+    Ok(claim_refused(row, series, now))
+}
+
+/// Why a claim was not taken: another holder (until when), or the delivery is over.
+fn claim_refused(row: Option<(String, i64, Option<i64>)>, series: u32, now: Millis) -> Claim {
+    match row {
+        Some((state, s, Some(until))) if state == "delivering" && s == i64::from(series) => Claim::Busy(until.max(now)),
+        _ => Claim::Gone,
+    }
 }
 
 /// The deliveries a completed job created, for a completion that is recorded a second time.
@@ -1446,8 +1605,8 @@ async fn record_attempt_in(
         AttemptResult::Failed(reason) => ("failed", None, Some(reason.as_str())),
     };
     let moved = sqlx::query(b.sql(
-        "UPDATE subscriptions SET state = ?, attempts = ?, next_attempt_at = ?, failure_reason = ?, updated_at = ? \
-         WHERE id = ? AND state = 'delivering' AND series = ?",
+        "UPDATE subscriptions SET state = ?, attempts = ?, next_attempt_at = ?, failure_reason = ?, updated_at = ?, \
+         claimed_until = NULL, claimed_by = NULL WHERE id = ? AND state = 'delivering' AND series = ?",
     ))
     .bind(state)
     .bind(i64::from(record.attempt))

@@ -3,6 +3,7 @@
 mod helpers;
 
 mod binary;
+mod cancel;
 mod cli;
 mod cluster;
 mod crash;

@@ -76,9 +76,10 @@ fn run(tx: &rusqlite::Transaction<'_>, write: &Write) -> Done {
         Write::Register { key, id, job_id, callback_url, now, .. } => {
             Done::Register(register(tx, key, *id, *job_id, callback_url, *now))
         }
-        Write::Complete { job_id, status, body, now, .. } => {
-            Done::Complete(complete_job(tx, *job_id, *status, body, *now))
+        Write::Complete { job_id, status, body, now, claim, .. } => {
+            Done::Complete(complete_job(tx, *job_id, *status, body, *now, claim))
         }
+        Write::Claim { id, series, now, claim, .. } => Done::Claim(claim_delivery(tx, *id, *series, *now, claim)),
         Write::Attempt { record, result, now, .. } => Done::Attempt(record_attempt(tx, record, *result, *now)),
         Write::Observe { job_id, status, last_error, now, .. } => {
             Done::Observe(observe(tx, *job_id, *status, last_error.as_deref(), *now))
@@ -246,6 +247,7 @@ fn complete_job(
     status: JobStatus,
     body: &Bytes,
     now: Millis,
+    claim: &ClaimFor,
 ) -> Result<Vec<DeliveryTask>> {
     let job = job_id.to_string();
     let first = tx
@@ -293,17 +295,51 @@ fn complete_job(
     let mut tasks = Vec::with_capacity(subscribers.len());
     for (id, tenant_id, callback_url) in subscribers {
         let webhook_id = new_webhook_id();
+        // The rows were read in this IMMEDIATE transaction, which holds SQLite's write lock: nothing can
+        // have moved them since, so the update needs no `AND state = 'polling'` (unlike PostgreSQL's).
+        // Claimed for our first attempt in the same write (see `Store::claim_delivery`).
         tx.prepare_cached(
             "UPDATE subscriptions SET state = 'delivering', webhook_id = ?1, attempts = 0, next_attempt_at = ?2, \
-             updated_at = ?2 WHERE id = ?3",
+             updated_at = ?2, claimed_until = ?2 + ?4, claimed_by = ?5 WHERE id = ?3",
         )
         .sq()?
-        .execute(params![webhook_id, now, id])
+        .execute(params![webhook_id, now, id, claim.ms, &*claim.by])
         .sq()?;
         let id = id.parse().map_err(|e| corrupt("subscription id", e))?;
-        tasks.push(DeliveryTask::first(id, job_id, tenant_id, webhook_id, callback_url, body.clone(), now));
+        let mut task = DeliveryTask::first(id, job_id, tenant_id, webhook_id, callback_url, body.clone(), now);
+        task.claimed_until = Some(claim.held_until);
+        tasks.push(task);
     }
     Ok(tasks)
+}
+
+fn claim_delivery(
+    tx: &rusqlite::Transaction<'_>,
+    id: SubscriptionId,
+    series: u32,
+    now: Millis,
+    claim: &ClaimFor,
+) -> Result<Claim> {
+    let id = id.to_string();
+    let taken = tx
+        .prepare_cached(
+            "UPDATE subscriptions SET claimed_until = ?1 + ?2, claimed_by = ?3 WHERE id = ?4 AND state = 'delivering' \
+             AND series = ?5 AND (claimed_until IS NULL OR claimed_until <= ?1 OR claimed_by = ?3)",
+        )
+        .sq()?
+        .execute(params![now, claim.ms, &*claim.by, id, i64::from(series)])
+        .sq()?
+        == 1;
+    if taken {
+        return Ok(Claim::Held(claim.held_until));
+    }
+    let row = tx
+        .prepare_cached("SELECT state, series, claimed_until FROM subscriptions WHERE id = ?")
+        .sq()?
+        .query_row(params![id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .optional()
+        .sq()?;
+    Ok(claim_refused(row, series, now))
 }
 
 fn record_attempt(
@@ -336,8 +372,8 @@ fn record_attempt(
     };
     let moved = tx
         .prepare_cached(
-            "UPDATE subscriptions SET state = ?, attempts = ?, next_attempt_at = ?, failure_reason = ?, updated_at = ? \
-             WHERE id = ? AND state = 'delivering' AND series = ?",
+            "UPDATE subscriptions SET state = ?, attempts = ?, next_attempt_at = ?, failure_reason = ?, updated_at = ?, \
+             claimed_until = NULL, claimed_by = NULL WHERE id = ? AND state = 'delivering' AND series = ?",
         )
         .sq()?
         .execute(params![state, i64::from(record.attempt), next_at, reason, now, id, i64::from(record.series)])
