@@ -347,3 +347,42 @@ async fn slow_and_oversized_requests_are_cut_off_with_a_clear_answer() {
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(answer.contains("did not arrive within 1s"), "{answer}");
 }
+
+#[tokio::test]
+async fn one_tenants_tarpits_on_many_host_names_cannot_take_every_delivery_slot() {
+    // Tenant A's 300 deliveries go to 30 host names that all lead to a receiver that never answers;
+    // 300 slots overall, so without a per-tenant cap (default 256) A would hold them all for 30 s.
+    let dead = RawReceiver::start("127.0.0.2", Misbehaviour::Hang).await;
+    let port = dead.addr.port();
+    let tarpits: Lookup = Arc::new(move |host: String, _: u16| {
+        Box::pin(async move {
+            match host.ends_with(".tarpit.test") {
+                true => Ok(vec![format!("127.0.0.2:{port}").parse().unwrap()]),
+                false => Err(std::io::Error::other("no such host")),
+            }
+        })
+    });
+    let settings = Settings { lookup: Some(tarpits), ..Settings::default() }
+        .arg("--delivery-timeout", "30s")
+        .arg("--delivery-concurrency", "300");
+    let app = spawn_app_with(settings).await;
+    for i in 0..300 {
+        app.register(&new_job(), &format!("http://h{}.tarpit.test:{port}/hook", i % 30)).await;
+    }
+    eventually(Duration::from_secs(15), "tenant A's tarpits to hold its slots", || async {
+        (dead.connections.load(Ordering::SeqCst) >= 256).then_some(())
+    })
+    .await;
+    let started = Instant::now();
+    for i in 0..60 {
+        let response = app.register_as(KEY_B, &new_job(), &app.receiver.url(&format!("/b/{i}"))).await;
+        assert_eq!(response.status(), 201);
+    }
+    eventually(Duration::from_secs(5), "tenant B's 60 deliveries", || async {
+        (app.receiver.requests().iter().filter(|r| r.path.starts_with("/b/")).count() == 60).then_some(())
+    })
+    .await;
+    eprintln!("tenant isolation: B's 60 deliveries in {:?} beside A's 300 hanging ones", started.elapsed());
+    let open = dead.connections.load(Ordering::SeqCst);
+    assert!(open <= 256, "tenant A held {open} connections, more than its cap");
+}
