@@ -28,7 +28,7 @@
 //! On SQLite there is one instance: it owns every partition and none of this runs.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
@@ -49,6 +49,22 @@ pub struct Ownership {
     mask: AtomicU64,
     /// Milliseconds since [`EPOCH`] (a monotonic clock) until which `mask` holds.
     valid_until: AtomicU64,
+    /// Polls under way, per partition. A partition we give up is released only once its polls have
+    /// ended, so its next owner never polls a job beside us (DESIGN promise 4). (Deliveries need no
+    /// count: each attempt holds a claim in the store.)
+    polls: [AtomicU32; PARTITIONS as usize],
+}
+
+/// A poll under way in a partition; counted until dropped (see [`Ownership::poll_started`]).
+pub struct PollUnderWay {
+    ownership: Arc<Ownership>,
+    partition: usize,
+}
+
+impl Drop for PollUnderWay {
+    fn drop(&mut self) {
+        self.ownership.polls[self.partition].fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 static EPOCH: std::sync::LazyLock<Instant> = std::sync::LazyLock::new(Instant::now);
@@ -60,12 +76,35 @@ fn monotonic_ms(at: Instant) -> u64 {
 impl Ownership {
     /// Every partition, for ever: the single instance on SQLite.
     pub fn all() -> Self {
-        Ownership { mask: AtomicU64::new(u64::MAX), valid_until: AtomicU64::new(u64::MAX) }
+        Ownership {
+            mask: AtomicU64::new(u64::MAX),
+            valid_until: AtomicU64::new(u64::MAX),
+            polls: std::array::from_fn(|_| AtomicU32::new(0)),
+        }
     }
 
     /// No partition yet: an instance on PostgreSQL before its first leases.
     pub fn none() -> Self {
-        Ownership { mask: AtomicU64::new(0), valid_until: AtomicU64::new(0) }
+        Ownership {
+            mask: AtomicU64::new(0),
+            valid_until: AtomicU64::new(0),
+            polls: std::array::from_fn(|_| AtomicU32::new(0)),
+        }
+    }
+
+    /// Counts a poll of a job in `partition` until the returned value is dropped; `None` (nothing
+    /// counted) when the partition is not ours. Counted before the ownership check, so a release that
+    /// sees no poll under way after taking the partition away cannot miss one starting.
+    pub fn poll_started(self: &Arc<Self>, partition: i64) -> Option<PollUnderWay> {
+        let index = usize::try_from(partition).ok().filter(|p| *p < PARTITIONS as usize)?;
+        self.polls[index].fetch_add(1, Ordering::AcqRel);
+        let under_way = PollUnderWay { ownership: self.clone(), partition: index };
+        self.owns(partition).then_some(under_way)
+    }
+
+    /// Whether any poll is under way in `partitions` (a mask).
+    fn polls_under_way(&self, partitions: u64) -> bool {
+        (0..PARTITIONS as usize).any(|p| partitions & (1 << p) != 0 && self.polls[p].load(Ordering::Acquire) > 0)
     }
 
     pub fn owns(&self, partition: i64) -> bool {
@@ -142,6 +181,9 @@ pub async fn run(
     let listener = tokio::spawn(listen(config.database_url.clone(), work.clone(), shutdown.clone()));
     let mut last_renewed = Instant::now();
     let mut ticks: u64 = 0;
+    // Partitions given up whose polls are still under way: renewed (so they cannot lapse to another
+    // instance) but not worked on, until `drain_then_release` lets them go.
+    let draining = Arc::new(AtomicU64::new(0));
     let mut interval = tokio::time::interval(tick);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tracing::info!(instance = me, lease_ttl = %humantime::format_duration(config.lease_ttl), "joining the cluster");
@@ -153,9 +195,23 @@ pub async fn run(
         // The leases a successful tick renews run from its start, so the fence counts from there too; a
         // tick that hangs (a half-open connection) is cut off after one tick.
         let started = Instant::now();
-        let result = tokio::time::timeout(tick, lease_tick(store.as_ref(), me, lease_ms, ttl_ms, &ownership)).await;
+        let result = tokio::time::timeout(
+            tick,
+            lease_tick(store.as_ref(), me, lease_ms, ttl_ms, &ownership, draining.load(Ordering::Acquire)),
+        )
+        .await;
         match result {
-            Ok(Ok(mask)) => {
+            Ok(Ok((mask, excess))) => {
+                if excess != 0 {
+                    draining.fetch_or(excess, Ordering::AcqRel);
+                    tokio::spawn(drain_then_release(
+                        store.clone(),
+                        me.to_owned(),
+                        excess,
+                        ownership.clone(),
+                        draining.clone(),
+                    ));
+                }
                 last_renewed = started;
                 // The leases run for 4/5 of the TTL from before this tick; stop working a fifth of the
                 // TTL before that, unless a later tick renews them.
@@ -190,25 +246,27 @@ pub async fn run(
     }
 }
 
-/// One round: announce ourselves, renew, claim our share or release the excess. Returns the partitions
-/// we hold.
+/// One round: announce ourselves, renew, claim our share or give up the excess. Returns the partitions
+/// we hold and work on, and those we give up now (still leased: see [`drain_then_release`]).
 async fn lease_tick(
     store: &dyn Store,
     me: &str,
     lease_ms: Millis,
     ttl_ms: Millis,
     ownership: &Ownership,
-) -> crate::store::Result<u64> {
+    draining: u64,
+) -> crate::store::Result<(u64, u64)> {
     let now = store.clock().await?;
     let live = store.heartbeat(me, now, now - ttl_ms).await?.max(1);
-    let mut held = store.renew_leases(me, now + lease_ms).await?;
+    // The draining ones are renewed too, but are no longer ours to work on.
+    let mut held = store.renew_leases(me, now + lease_ms).await? & !draining;
+    let mut excess = 0u64;
     let share = (i64::from(PARTITIONS) + live - 1) / live;
     let count = i64::from(held.count_ones());
     if count < share {
         held |= store.claim_leases(me, share - count, now, now + lease_ms).await?;
     } else if count > share {
         // Give back the highest partitions we hold beyond our share.
-        let mut excess = 0u64;
         let mut extra = count - share;
         for p in (0..PARTITIONS).rev() {
             if extra > 0 && held & (1 << p) != 0 {
@@ -216,12 +274,35 @@ async fn lease_tick(
                 extra -= 1;
             }
         }
-        // Stop working on them before another instance can claim them.
+        // Stop starting work on them now; they are released once the polls under way have ended.
         ownership.set(ownership.mask() & !excess);
-        store.release_leases(me, excess).await?;
         held &= !excess;
     }
-    Ok(held)
+    Ok((held, excess))
+}
+
+/// How long a partition given up waits for its polls to end before it is released anyway (a poll is
+/// bounded by the upstream timeout; this only guards against a bug leaving a count behind).
+const DRAIN_AT_MOST: Duration = Duration::from_secs(120);
+
+/// Releases `partitions` once no poll of ours is under way in them, so the instance that claims them
+/// next never polls a job while we still do. (Their deliveries need no wait: an attempt holds its claim
+/// in the store, and the next owner's attempt waits for it.)
+async fn drain_then_release(
+    store: Arc<dyn Store>,
+    me: String,
+    partitions: u64,
+    ownership: Arc<Ownership>,
+    draining: Arc<AtomicU64>,
+) {
+    let deadline = Instant::now() + DRAIN_AT_MOST;
+    while ownership.polls_under_way(partitions) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if let Err(e) = store.release_leases(&me, partitions).await {
+        tracing::warn!(error = %e, "could not release the leases given up; they lapse by themselves");
+    }
+    draining.fetch_and(!partitions, Ordering::AcqRel);
 }
 
 /// The local workers, and what to hand them when partitions come and go.

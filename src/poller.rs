@@ -439,11 +439,14 @@ pub async fn run(
             },
             Some(expired) = queue.next(), if in_flight.len() < ctx.config.max_in_flight => {
                 let job_id = expired.into_inner();
-                match slots.remove(&job_id) {
-                    Some(Slot::Queued { state }) if ctx.ownership.owns(job_id.partition()) => {
+                let under_way = ctx.ownership.poll_started(job_id.partition());
+                match (slots.remove(&job_id), under_way) {
+                    (Some(Slot::Queued { state }), Some(under_way)) => {
                         slots.insert(job_id, Slot::InFlight { recheck: false });
                         let ctx = ctx.clone();
                         let handle = in_flight.spawn(async move {
+                            // Counted until the step ends: a partition we give up is released only then.
+                            let _under_way = under_way;
                             let mut state = state;
                             let (_, next) = step(&ctx, &mut state).await;
                             (state, next)
@@ -451,8 +454,8 @@ pub async fn run(
                         task_jobs.insert(handle.id(), job_id);
                     }
                     // Its partition went to another instance: the job is theirs now.
-                    Some(Slot::Queued { .. }) | None => {}
-                    Some(in_flight_slot) => {
+                    (Some(Slot::Queued { .. }) | None, _) => {}
+                    (Some(in_flight_slot), _) => {
                         slots.insert(job_id, in_flight_slot);
                     }
                 }

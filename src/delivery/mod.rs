@@ -453,6 +453,13 @@ fn enqueue(queue: &mut DelayQueue<SubscriptionId>, slots: &mut HashMap<Subscript
     }
 }
 
+/// Whether this instance delivers `task`: its partition is ours, or it holds the task's claim (a job
+/// that ended here just as its partition was given up: its claim keeps the next owner from attempting
+/// it meanwhile, so it is sent from here rather than left to wait for the claim to lapse).
+fn ours(ctx: &DeliveryContext, task: &DeliveryTask) -> bool {
+    ctx.ownership.owns(task.partition) || task.claimed_until.is_some_and(|until| until > Instant::now())
+}
+
 fn delay_until(due_at: Millis) -> Duration {
     Duration::from_millis(u64::try_from(due_at - now_ms()).unwrap_or(0))
 }
@@ -484,7 +491,7 @@ pub async fn run(
                     // Another instance delivers the partitions we do not hold.
                     // A delivery whose subscription was cancelled meanwhile is dropped when its claim is
                     // refused (a cancellation never commits while a claim is held).
-                    for task in tasks.into_iter().filter(|t| ctx.ownership.owns(t.partition)) {
+                    for task in tasks.into_iter().filter(|t| ours(&ctx, t)) {
                         enqueue(&mut queue, &mut slots, task);
                     }
                 }
@@ -505,7 +512,7 @@ pub async fn run(
             Some(expired) = queue.next() => {
                 let id = expired.into_inner();
                 match slots.remove(&id) {
-                    Some(Slot::Queued(_, mut task)) if ctx.ownership.owns(task.partition) => {
+                    Some(Slot::Queued(_, mut task)) if ours(&ctx, &task) => {
                         slots.insert(id, Slot::InFlight { series: task.series, cancelled: false, then: None });
                         let ctx = ctx.clone();
                         let handle = in_flight.spawn(async move {

@@ -416,7 +416,8 @@ pub trait Store: Send + Sync + 'static {
     async fn claim_leases(&self, instance: &str, n: i64, now: Millis, until: Millis) -> Result<u64>;
     /// Gives back the leases in `partitions` (a mask).
     async fn release_leases(&self, instance: &str, partitions: u64) -> Result<()>;
-    /// Gives back every lease of this instance and forgets it.
+    /// Gives back every lease of this instance and the delivery claims its workers still hold (call it
+    /// once they have stopped), and forgets it.
     async fn leave(&self, instance: &str) -> Result<()>;
     /// The jobs with polling subscriptions in these partitions (a mask).
     async fn pollable_jobs_in(&self, partitions: u64) -> Result<Vec<PollableJob>>;

@@ -187,6 +187,17 @@ struct ClaimFor {
     held_until: std::time::Instant,
 }
 
+/// How long a write batch may wait for PostgreSQL before it is abandoned (see [`writer`]).
+const BATCH_DEADLINE: Duration = Duration::from_secs(15);
+
+/// What every PostgreSQL connection is told at connect: no statement runs longer than
+/// `statement_timeout`, none waits for a lock longer than `lock_timeout` (our transactions are short;
+/// a longer wait is a stuck peer), a transaction left idle is ended, and the server probes an idle client
+/// with TCP keepalives, so a client that vanished releases its locks within about a minute.
+const PG_SESSION: &str = "SET statement_timeout = '30s'; SET lock_timeout = '10s'; \
+     SET idle_in_transaction_session_timeout = '60s'; SET tcp_keepalives_idle = 30; \
+     SET tcp_keepalives_interval = 10; SET tcp_keepalives_count = 3";
+
 /// The most writes one transaction carries.
 const MAX_BATCH: usize = 1024;
 
@@ -205,7 +216,17 @@ async fn writer(backend: Backend, pool: AnyPool, mut writes: mpsc::Receiver<Writ
         batch.sort_by_key(Write::lock_order);
         stats.transactions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let started = std::time::Instant::now();
-        let outcome = run_batch(backend, &pool, &batch).await;
+        // A deadline of our own: a connection whose server stopped answering without closing it (a
+        // half-open TCP connection, a frozen backend) would otherwise pin this lane until a restart.
+        // sqlx has no client-side TCP keepalive, and the server's statement_timeout cannot fire on a
+        // server that is not running. Dropping the batch rolls it back: nothing was committed.
+        let outcome = match tokio::time::timeout(BATCH_DEADLINE, run_batch(backend, &pool, &batch)).await {
+            Ok(outcome) => outcome,
+            Err(_) => {
+                tracing::error!(deadline = ?BATCH_DEADLINE, "a write batch got no answer from the database in time; its connection is dropped");
+                batch.iter().map(|w| w.failed(StoreError::Unavailable(sqlx::Error::PoolTimedOut))).collect()
+            }
+        };
         stats.batch(started);
         for (write, result) in batch.drain(..).zip(outcome) {
             write.answer(result);
@@ -376,18 +397,21 @@ impl SqlStore {
         if url.starts_with("postgres") {
             // One direct connection first: a pool that cannot connect says only "pool timed out" after
             // its timeout, where this says why at once (refused, wrong password, no such database).
-            let probe = tokio::time::timeout(BUSY_TIMEOUT, <sqlx::AnyConnection as sqlx::Connection>::connect(url))
+            let mut probe = tokio::time::timeout(BUSY_TIMEOUT, <sqlx::AnyConnection as sqlx::Connection>::connect(url))
                 .await
                 .map_err(|_| StoreError::Unavailable(sqlx::Error::PoolTimedOut))?
                 .map_err(classify)?;
+            // Migrations run on this connection, without the pool's statement timeout: an index built
+            // by a future migration may take longer.
+            migrator(sqlx::migrate!("src/store/migrations/postgres")).run(&mut probe).await?;
             let _ = sqlx::Connection::close(probe).await;
             let pool = AnyPoolOptions::new()
                 .max_connections(16)
                 .acquire_timeout(BUSY_TIMEOUT)
+                .after_connect(|conn, _| Box::pin(async move { conn.execute(PG_SESSION).await.map(drop) }))
                 .connect(url)
                 .await
                 .map_err(classify)?;
-            migrator(sqlx::migrate!("src/store/migrations/postgres")).run(&pool).await?;
             return Ok(SqlStore::with_writer(Backend::Postgres, pool.clone(), pool));
         }
         // SQLite: WAL with synchronous=FULL, so a commit is fsynced before we answer and survives a
@@ -1241,6 +1265,15 @@ impl Store for SqlStore {
     }
 
     async fn leave(&self, instance: &str) -> Result<()> {
+        // Our workers have stopped: the claims they took for deliveries they did not get to (or that
+        // will be retried) are let go, so the next owner need not wait for them to lapse.
+        sqlx::query(self.backend.sql(
+            "UPDATE subscriptions SET claimed_until = NULL, claimed_by = NULL WHERE state = 'delivering' AND claimed_by = ?",
+        ))
+        .bind(&*self.instance)
+        .execute(&self.writer)
+        .await
+        .db()?;
         self.release_leases(instance, u64::MAX).await?;
         sqlx::query(self.backend.sql("DELETE FROM instances WHERE id = ?"))
             .bind(instance)

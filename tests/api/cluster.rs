@@ -132,3 +132,65 @@ async fn instances_reconnect_after_their_connections_are_killed_and_lose_nothing
         receiver.requests_to("/hook").len() - JOBS
     );
 }
+
+/// A clean rebalance (an instance joins, another is stopped with SIGTERM) hands partitions over without
+/// overlap: the old owner's polls end before the new owner's start, and a delivery attempt's claim keeps
+/// the new owner from sending what the old one is sending. So no callback is repeated at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_rebalance_repeats_no_callback() {
+    if skip_on_sqlite() {
+        return;
+    }
+    const JOBS: usize = 2_000;
+    const PENDING: u64 = 3;
+    let upstream = MockUpstream::start(&mock_args(PENDING as u32)).await.unwrap();
+    let receiver = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db_url = fresh_db_url(dir.path()).await;
+    let listens: Vec<String> = (0..4).map(|_| format!("127.0.0.1:{}", free_port())).collect();
+    let args = |listen: &str| {
+        let mut args = args_on(listen, &db_url, &upstream.url());
+        args.extend(["--lease-ttl".into(), "2s".into(), "--poll-interval".into(), "100ms".into()]);
+        args
+    };
+    let mut instances: Vec<Running> = Vec::new();
+    for listen in &listens[..3] {
+        instances.push(start(&args(listen)).await);
+    }
+    let jobs: Vec<String> = (0..JOBS).map(|_| new_job()).collect();
+    // Registrations go to the three first instances only: the one stopped later must not be needed.
+    let registering = register_all(jobs, listens[..3].to_vec(), receiver.url("/hook"));
+
+    eventually(Duration::from_secs(60), "a quarter of the deliveries", || async {
+        (receiver.requests_to("/hook").len() >= JOBS / 4).then_some(())
+    })
+    .await;
+    // A fourth instance joins: every instance gives up partitions to it.
+    instances.push(start(&args(&listens[3])).await);
+    eventually(Duration::from_secs(60), "half of the deliveries", || async {
+        (receiver.requests_to("/hook").len() >= JOBS / 2).then_some(())
+    })
+    .await;
+    // The joiner leaves cleanly: its partitions go back to the others.
+    let pid = instances[3].child.id().unwrap().to_string();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let stopped = tokio::time::timeout(Duration::from_secs(10), instances[3].child.wait()).await.unwrap().unwrap();
+    assert!(stopped.success());
+
+    let acked = registering.await.unwrap();
+    assert_eq!(acked.len(), JOBS);
+    let delivered = all_delivered(&receiver, &acked).await;
+    let requests = receiver.requests_to("/hook").len();
+    eprintln!(
+        "rebalance: {JOBS} jobs, an instance joined then left: {} repeated callbacks, {} polls, max concurrent polls of one job {}",
+        requests - JOBS,
+        upstream.total_polls(),
+        upstream.max_overlap()
+    );
+    assert_eq!(delivered.len(), JOBS);
+    assert_eq!(requests, JOBS, "a clean rebalance repeated {} callback(s)", requests - JOBS);
+    assert_eq!(upstream.max_overlap(), 1, "a job was polled by two instances at once");
+    for running in &mut instances[..3] {
+        let _ = running.child.start_kill();
+    }
+}
