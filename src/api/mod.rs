@@ -4,6 +4,7 @@
 mod auth;
 pub mod error;
 pub mod subscriptions;
+mod unparsable;
 
 use std::sync::Arc;
 
@@ -336,6 +337,8 @@ pub async fn serve(
         // No TCP_NODELAY (as axum::serve): measured with jobhook-bench, it cost about 8% more CPU per
         // job and 8% fewer jobs a second.
         let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        // Requests hyper cannot parse (a raw `<id>` in the path) still get a problem answer.
+        let stream = unparsable::ProblemIo::new(stream);
         let connection = graceful.watch(http.serve_connection(hyper_util::rt::TokioIo::new(stream), service));
         tokio::spawn(async move {
             if let Err(e) = connection.await {
