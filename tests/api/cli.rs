@@ -271,3 +271,30 @@ async fn jobhook_demo_runs_the_whole_loop_and_exits() {
     assert!(out.contains("upstream   job A poll 3 → Succeed"), "{out}");
     assert!(!out.contains("REJECTED"), "{out}");
 }
+
+/// Runs `jobhook args` in `dir`, with no store named by the environment.
+async fn jobhook(args: &[&str], dir: &std::path::Path) -> std::process::Output {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_jobhook"))
+        .args(args)
+        .current_dir(dir)
+        .env_remove("JOBHOOK_DATABASE_URL")
+        .env_remove("JOBHOOK_CONFIG")
+        .output()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn verify_usage_shows_the_two_ways_to_give_a_capture() {
+    let dir = tempfile::tempdir().unwrap();
+    let help = jobhook(&["verify", "--help"], dir.path()).await;
+    let help = String::from_utf8_lossy(&help.stdout).into_owned();
+    let usage = help.lines().find(|l| l.starts_with("Usage:")).unwrap();
+    assert!(usage.contains("<--request <FILE> | --headers <FILE> --body <FILE>>"), "{help}");
+    let neither = jobhook(&["verify", "--secret", SECRET], dir.path()).await;
+    assert_eq!(neither.status.code(), Some(2));
+    let both = jobhook(&["verify", "--secret", SECRET, "--request", "r", "--headers", "h", "--body", "b"], dir.path()).await;
+    assert_eq!(both.status.code(), Some(2));
+    let half = jobhook(&["verify", "--secret", SECRET, "--headers", "h"], dir.path()).await;
+    assert!(String::from_utf8_lossy(&half.stderr).contains("--body"), "{half:?}");
+}
