@@ -39,7 +39,7 @@ fn main() -> ExitCode {
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     // The demo prints its own story; the service's own lines would drown it (RUST_LOG still shows them).
     let default_level = if matches!(cli.command, Some(Command::Demo)) { "warn" } else { "info" };
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
+    let filter = log_filter(std::env::var("RUST_LOG").ok(), default_level);
     let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     if cli.log_format == "json" {
         // One JSON object per line, with the current span and its parents (request_id, job_id,
@@ -115,6 +115,14 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// `RUST_LOG` (or the default level), with PostgreSQL's notices held at `warn` unless it names sqlx
+/// itself: every start would otherwise log "relation \"_sqlx_migrations\" already exists, skipping".
+fn log_filter(rust_log: Option<String>, default_level: &str) -> EnvFilter {
+    let wanted = rust_log.filter(|s| !s.trim().is_empty()).unwrap_or_else(|| default_level.to_owned());
+    let directives = if wanted.contains("sqlx") { wanted } else { format!("{wanted},sqlx::postgres::notice=warn") };
+    EnvFilter::try_new(directives).unwrap_or_else(|_| EnvFilter::new(default_level))
 }
 
 /// The error and its causes, joined with ": ". Many errors (sqlx's among them) already show their

@@ -114,6 +114,10 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("a stored row is not readable: {0}")]
     Corrupt(String),
+    /// The PostgreSQL server answers but has no database of that name: it is made once, by whoever
+    /// runs the server (jobhook creates its tables, not its database).
+    #[error("database {0:?} does not exist on that server; create it with: createdb {0}")]
+    NoDatabase(String),
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;

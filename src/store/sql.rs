@@ -332,7 +332,14 @@ impl SqlStore {
             let probe = tokio::time::timeout(BUSY_TIMEOUT, <sqlx::AnyConnection as sqlx::Connection>::connect(url))
                 .await
                 .map_err(|_| StoreError::Unavailable(sqlx::Error::PoolTimedOut))?
-                .map_err(classify)?;
+                .map_err(|e| match &e {
+                    // SQLSTATE 3D000 invalid_catalog_name: said plainly rather than as the server's
+                    // message with its source file and line.
+                    sqlx::Error::Database(db) if db.code().as_deref() == Some("3D000") => {
+                        StoreError::NoDatabase(postgres_database_name(url))
+                    }
+                    _ => classify(e),
+                })?;
             let _ = sqlx::Connection::close(probe).await;
             let pool = AnyPoolOptions::new()
                 .max_connections(16)
@@ -435,6 +442,20 @@ fn sqlite_pragmas(
 
 /// Sorts a database error into "try again later" (the disk, the file, the connection, a lock) and the
 /// rest.
+/// The database a `postgres://` URL names: its path, else its `dbname` parameter, else (as libpq does)
+/// the user's name.
+fn postgres_database_name(url: &str) -> String {
+    let Ok(u) = url::Url::parse(url) else { return "(named in the URL)".into() };
+    let path = u.path().trim_start_matches('/');
+    if !path.is_empty() {
+        return path.to_owned();
+    }
+    if let Some((_, name)) = u.query_pairs().find(|(k, _)| k == "dbname") {
+        return name.into_owned();
+    }
+    if u.username().is_empty() { "postgres".into() } else { u.username().to_owned() }
+}
+
 fn classify(e: sqlx::Error) -> StoreError {
     let unavailable = match &e {
         sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Tls(_) => true,

@@ -298,3 +298,35 @@ async fn verify_usage_shows_the_two_ways_to_give_a_capture() {
     let half = jobhook(&["verify", "--secret", SECRET, "--headers", "h"], dir.path()).await;
     assert!(String::from_utf8_lossy(&half.stderr).contains("--body"), "{half:?}");
 }
+
+/// On PostgreSQL: a database that does not exist is named with the command that makes it, and the
+/// server's notices at each start ("_sqlx_migrations already exists") stay out of the log.
+#[tokio::test]
+async fn on_postgres_a_missing_database_is_named_and_notices_stay_quiet() {
+    if !on_postgres() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut missing = url::Url::parse(&postgres_url()).unwrap();
+    let name = format!("jobhook_absent_{}", uuid::Uuid::new_v4().simple());
+    missing.set_path(&name);
+    let output = jobhook(&["serve", "--listen", "127.0.0.1:0", "--database-url", missing.as_str()], dir.path()).await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains(&format!("database \"{name}\" does not exist")), "{stderr}");
+    assert!(stderr.contains(&format!("createdb {name}")), "{stderr}");
+    assert!(!stderr.contains(" line "), "{stderr}");
+
+    let db_url = fresh_db_url(dir.path()).await;
+    for _ in 0..2 {
+        let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_jobhook"))
+            .args(["migrate", "--database-url", &db_url])
+            .env("RUST_LOG", "info")
+            .output()
+            .await
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "{stderr}");
+        assert!(!stderr.contains("sqlx::postgres::notice"), "{stderr}");
+    }
+}
