@@ -712,6 +712,31 @@ impl Store for SqlStore {
         Ok(id)
     }
 
+    async fn add_key(&self, tenant_id: i64, name: &str, key: KeyHash, now: Millis) -> Result<Option<i64>> {
+        let mut tx = self.begin().await?;
+        let tenant: Option<i64> = sqlx::query_scalar(self.backend.sql("SELECT id FROM tenants WHERE id = ?"))
+            .bind(tenant_id)
+            .fetch_optional(&mut *tx)
+            .await
+            .db()?;
+        if tenant.is_none() {
+            return Ok(None);
+        }
+        let id: i64 = sqlx::query_scalar(self.backend.sql(
+            "INSERT INTO api_keys (tenant_id, name, key_hash, source, created_at) VALUES (?, ?, ?, 'stored', ?) \
+             RETURNING id",
+        ))
+        .bind(tenant_id)
+        .bind(name)
+        .bind(key.0.as_slice())
+        .bind(now)
+        .fetch_one(&mut *tx)
+        .await
+        .db()?;
+        tx.commit().await.db()?;
+        Ok(Some(id))
+    }
+
     async fn usable_key_count(&self) -> Result<i64> {
         sqlx::query_scalar(self.backend.sql("SELECT COUNT(*) FROM api_keys WHERE revoked_at IS NULL"))
             .fetch_one(&self.reader)
