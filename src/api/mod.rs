@@ -60,6 +60,7 @@ pub struct AppState {
         description = "Turns polling into push: register an async job with a callback URL; jobhook polls the job and POSTs its final status to the callback, signed with Standard Webhooks.",
         license(name = "MIT", identifier = "MIT"),
     ),
+    servers((url = "http://127.0.0.1:8080", description = "jobhook on its default --listen address")),
     modifiers(&BearerAuth),
     tags((name = "subscriptions", description = "Jobs watched for a callback"), (name = "account", description = "Your signing secret"), (name = "operations", description = "Health"))
 )]
@@ -203,7 +204,13 @@ pub struct Health {
 }
 
 /// Whether the process is up.
-#[utoipa::path(get, path = "/healthz", tag = "operations", responses((status = 200, description = "The process is up", body = Health)))]
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "operations",
+    security(()),
+    responses((status = 200, description = "The process is up", body = Health))
+)]
 async fn healthz(State(_): State<AppState>) -> impl IntoResponse {
     Json(Health { status: "ok".into() })
 }
@@ -230,6 +237,7 @@ const READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
     get,
     path = "/readyz",
     tag = "operations",
+    security(()),
     responses(
         (status = 200, description = "Ready", body = Readiness),
         (status = 503, description = "Not ready; `checks` says what is wrong", body = Readiness),
@@ -264,6 +272,7 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     get,
     path = "/metrics",
     tag = "operations",
+    security(()),
     responses((status = 200, description = "The metrics", body = String, content_type = "application/openmetrics-text"))
 )]
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
