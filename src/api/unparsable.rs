@@ -84,12 +84,8 @@ fn problem_for(head: &[u8]) -> Option<Vec<u8>> {
         431 => ("headers-too-large", "The request headers are too large", "the request headers are too large"),
         _ => return None,
     };
-    let problem = Problem {
-        kind: format!("urn:jobhook:problem:{slug}"),
-        title: title.into(),
-        status,
-        detail: detail.into(),
-    };
+    let problem =
+        Problem { kind: format!("urn:jobhook:problem:{slug}"), title: title.into(), status, detail: detail.into() };
     let body = serde_json::to_vec(&problem).ok()?;
     let original: Vec<&str> = std::str::from_utf8(head).ok()?.split("\r\n").collect();
     let status_line = original.first()?;

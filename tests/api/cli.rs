@@ -307,7 +307,8 @@ async fn keys_create_with_a_tenant_adds_a_key_that_sees_the_same_tenant() {
     assert!(jobhook(&["migrate", "--database-url", &db_url], dir.path()).await.status.success());
     let created = jobhook(&["keys", "create", "--name", "first", "--database-url", &db_url], dir.path()).await;
     assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
-    let first_key = String::from_utf8_lossy(&created.stdout).lines().next().unwrap().rsplit(' ').next().unwrap().to_owned();
+    let first_key =
+        String::from_utf8_lossy(&created.stdout).lines().next().unwrap().rsplit(' ').next().unwrap().to_owned();
     let list = jobhook(&["keys", "list", "--database-url", &db_url], dir.path()).await;
     let list = String::from_utf8_lossy(&list.stdout).into_owned();
     let tenant = list.lines().nth(1).expect("one key listed").split_whitespace().nth(1).unwrap().to_owned();
@@ -317,9 +318,11 @@ async fn keys_create_with_a_tenant_adds_a_key_that_sees_the_same_tenant() {
     assert_eq!(unknown.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("there is no tenant 9999"), "{stderr}");
 
-    let added =
-        jobhook(&["keys", "create", "--tenant", &tenant, "--name", "replacement", "--database-url", &db_url], dir.path())
-            .await;
+    let added = jobhook(
+        &["keys", "create", "--tenant", &tenant, "--name", "replacement", "--database-url", &db_url],
+        dir.path(),
+    )
+    .await;
     let out = String::from_utf8_lossy(&added.stdout).into_owned();
     assert!(added.status.success(), "{out} {}", String::from_utf8_lossy(&added.stderr));
     let second_key = out.lines().next().unwrap().rsplit(' ').next().unwrap().to_owned();
@@ -374,7 +377,8 @@ async fn verify_usage_shows_the_two_ways_to_give_a_capture() {
     assert!(usage.contains("<--request <FILE> | --headers <FILE> --body <FILE>>"), "{help}");
     let neither = jobhook(&["verify", "--secret", SECRET], dir.path()).await;
     assert_eq!(neither.status.code(), Some(2));
-    let both = jobhook(&["verify", "--secret", SECRET, "--request", "r", "--headers", "h", "--body", "b"], dir.path()).await;
+    let both =
+        jobhook(&["verify", "--secret", SECRET, "--request", "r", "--headers", "h", "--body", "b"], dir.path()).await;
     assert_eq!(both.status.code(), Some(2));
     let half = jobhook(&["verify", "--secret", SECRET, "--headers", "h"], dir.path()).await;
     assert!(String::from_utf8_lossy(&half.stderr).contains("--body"), "{half:?}");

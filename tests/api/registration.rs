@@ -186,8 +186,10 @@ async fn a_placeholder_id_left_in_a_raw_request_answers_a_problem() {
     for path in ["/v1/subscriptions/<id>", "/v1/subscriptions/<id>/deliveries", "/v1/subscriptions/%3Cid%3E/deliveries"]
     {
         let mut stream = tokio::net::TcpStream::connect(app.addr).await.unwrap();
-        let request =
-            format!("GET {path} HTTP/1.1\r\nhost: {}\r\nauthorization: Bearer {KEY_A}\r\nconnection: close\r\n\r\n", app.addr);
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nhost: {}\r\nauthorization: Bearer {KEY_A}\r\nconnection: close\r\n\r\n",
+            app.addr
+        );
         stream.write_all(request.as_bytes()).await.unwrap();
         let mut answer = Vec::new();
         tokio::time::timeout(std::time::Duration::from_secs(10), stream.read_to_end(&mut answer))
