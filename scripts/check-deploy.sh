@@ -16,9 +16,15 @@ docs = list(yaml.safe_load_all(open("deploy/kubernetes/jobhook.yaml")))
 kinds = sorted(d["kind"] for d in docs if d)
 containers = [c for d in docs if d and d["kind"] == "Deployment" for c in d["spec"]["template"]["spec"]["containers"]]
 assert containers and containers[0]["readinessProbe"]["httpGet"]["path"] == "/readyz", "k8s: readiness on /readyz"
+pods = [d["spec"]["template"]["spec"] for d in docs if d and d["kind"] == "Deployment"]
+images = [c for p in pods for c in p["containers"] + p.get("initContainers", [])]
+# A locally built :latest image is pulled from a registry (and not found) unless told otherwise.
+assert all(c.get("imagePullPolicy") == "IfNotPresent" for c in images if c["image"].endswith(":latest")), "k8s: imagePullPolicy"
 print(f"deploy: compose services {sorted(compose['services'])}; kubernetes {kinds}")
 PY
 grep -q '^USER jobhook' deploy/Dockerfile
+# The unit's documented install steps make the directory of its environment file before the file.
+grep -q '^#   install -d .*/etc/jobhook$' deploy/jobhook.service
 # The image's own config file is valid (checked by the binary, with no JOBHOOK_* variable around).
 if [ -x target/debug/jobhook ]; then
   settings=$(env -u JOBHOOK_CONFIG -u JOBHOOK_LISTEN -u JOBHOOK_DATABASE_URL target/debug/jobhook config check \

@@ -74,15 +74,20 @@ pub enum ConfigCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum KeysCommand {
-    /// Create an API key (a new tenant with its own signing secret); the key is shown once.
+    /// Create an API key (a new tenant with its own signing secret, or with --tenant another key of an
+    /// existing tenant); the key is shown once.
     Create {
         #[command(flatten)]
         store: StoreArgs,
         /// A name to recognise the key by.
         #[arg(long, default_value = "default")]
         name: String,
+        /// Add the key to this existing tenant (the TENANT column of `keys list`) instead of making a new
+        /// one: it sees the tenant's subscriptions and signs with its secret (to replace a lost key).
+        #[arg(long, value_name = "ID")]
+        tenant: Option<i64>,
     },
-    /// List the keys (never the keys themselves: they are stored only as hashes).
+    /// List the keys and their tenants (never the keys themselves: they are stored only as hashes).
     List {
         #[command(flatten)]
         store: StoreArgs,
@@ -94,6 +99,9 @@ pub enum KeysCommand {
         /// The key's ID.
         id: i64,
     },
+    /// Print a new random signing secret (`whsec_…`), for --signing-secret (JOBHOOK_SIGNING_SECRET);
+    /// touches no store.
+    Secret,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -3,6 +3,7 @@
 use std::io::IsTerminal;
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::{CommandFactory, FromArgMatches};
 use jobhook::app::Application;
 use jobhook::config::{Cli, Command, ConfigCommand, KeysCommand, ServeArgs};
@@ -39,7 +40,7 @@ fn main() -> ExitCode {
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     // The demo prints its own story; the service's own lines would drown it (RUST_LOG still shows them).
     let default_level = if matches!(cli.command, Some(Command::Demo)) { "warn" } else { "info" };
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level));
+    let filter = log_filter(std::env::var("RUST_LOG").ok(), default_level);
     let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     if cli.log_format == "json" {
         // One JSON object per line, with the current span and its parents (request_id, job_id,
@@ -117,6 +118,14 @@ fn main() -> ExitCode {
     }
 }
 
+/// `RUST_LOG` (or the default level), with PostgreSQL's notices held at `warn` unless it names sqlx
+/// itself: every start would otherwise log "relation \"_sqlx_migrations\" already exists, skipping".
+fn log_filter(rust_log: Option<String>, default_level: &str) -> EnvFilter {
+    let wanted = rust_log.filter(|s| !s.trim().is_empty()).unwrap_or_else(|| default_level.to_owned());
+    let directives = if wanted.contains("sqlx") { wanted } else { format!("{wanted},sqlx::postgres::notice=warn") };
+    EnvFilter::try_new(directives).unwrap_or_else(|_| EnvFilter::new(default_level))
+}
+
 /// The error and its causes, joined with ": ". Many errors (sqlx's among them) already show their
 /// source in their own message; a cause whose text is already there is not repeated.
 fn explain(error: &anyhow::Error) -> String {
@@ -149,19 +158,36 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 async fn keys(command: KeysCommand) -> anyhow::Result<()> {
-    let (KeysCommand::Create { store, .. } | KeysCommand::List { store } | KeysCommand::Revoke { store, .. }) =
-        &command;
-    jobhook::store::check_url(&store.database_url)
-        .map_err(|m| anyhow::anyhow!("invalid setting --database-url (JOBHOOK_DATABASE_URL): {m}"))?;
-    let store = jobhook::store::open(&store.database_url).await?;
+    let store = match &command {
+        KeysCommand::Create { store, .. } | KeysCommand::List { store } | KeysCommand::Revoke { store, .. } => store,
+        KeysCommand::Secret => {
+            jobhook::outln!("{}", SigningSecret::generate().expose());
+            return Ok(());
+        }
+    };
+    let store = open_existing_store(&store.database_url).await?;
     let now = jobhook::store::now_ms();
     match command {
-        KeysCommand::Create { name, .. } => {
+        KeysCommand::Create { name, tenant: None, .. } => {
             let key = ApiKey::generate();
             let secret = SigningSecret::generate();
             store.create_key(&name, key.hash(), &secret, now).await?;
             jobhook::outln!("API key ({name}), shown only now: {}", key.expose());
             jobhook::outln!("its signing secret:                {}", secret.expose());
+        }
+        KeysCommand::Create { name, tenant: Some(tenant), .. } => {
+            let key = ApiKey::generate();
+            if store.add_key(tenant, &name, key.hash(), now).await?.is_none() {
+                anyhow::bail!(
+                    "there is no tenant {tenant} (see the TENANT column of: jobhook keys list); \
+                     without --tenant, keys create makes a new tenant"
+                );
+            }
+            let secret = store.signing_secrets(tenant, now).await?.into_iter().next();
+            jobhook::outln!("API key ({name}) of tenant {tenant}, shown only now: {}", key.expose());
+            if let Some(secret) = secret {
+                jobhook::outln!("the tenant's signing secret (unchanged):  {}", secret.expose());
+            }
         }
         KeysCommand::List { .. } => {
             jobhook::outln!(
@@ -204,8 +230,29 @@ async fn keys(command: KeysCommand) -> anyhow::Result<()> {
                 );
             }
         }
+        KeysCommand::Secret => {} // printed above, without a store
     }
     Ok(())
+}
+
+/// The store the key commands manage. They never make one: run in the wrong directory, they would
+/// otherwise create an empty `./jobhook.db` and manage keys no service reads.
+async fn open_existing_store(database_url: &str) -> anyhow::Result<std::sync::Arc<dyn jobhook::store::Store>> {
+    jobhook::store::check_url(database_url)
+        .map_err(|m| anyhow::anyhow!("invalid setting --database-url (JOBHOOK_DATABASE_URL): {m}"))?;
+    if let Some(file) = jobhook::store::sqlite_file(database_url)
+        && !std::path::Path::new(file).exists()
+    {
+        let full = std::path::absolute(file).map(|p| p.display().to_string()).unwrap_or_else(|_| file.to_owned());
+        anyhow::bail!(
+            "no jobhook store at {full}; pass --database-url (or set JOBHOOK_DATABASE_URL) to the store \
+             `jobhook serve` uses (`jobhook serve` or `jobhook migrate` creates one)"
+        );
+    }
+    let store = jobhook::store::open(database_url)
+        .await
+        .with_context(|| format!("cannot open the store {}", jobhook::config::file::mask_password(database_url)))?;
+    Ok(store)
 }
 
 async fn migrate(database_url: &str) -> anyhow::Result<()> {

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use clap::Args;
+use clap::{ArgGroup, Args};
 
 use crate::delivery::signing;
 use crate::keys::SigningSecret;
@@ -11,19 +11,22 @@ use crate::keys::SigningSecret;
 /// How far a `webhook-timestamp` may be from now before the stock libraries refuse it.
 const TOLERANCE_SECS: i64 = 5 * 60;
 
+/// The capture comes whole (`--request`) or in two parts (`--headers` with `--body`): one of the two.
 #[derive(Debug, Clone, Args)]
+#[command(group(ArgGroup::new("capture").required(true).args(["request", "headers"])))]
+#[command(override_usage = "jobhook verify --secret <SECRET> <--request <FILE> | --headers <FILE> --body <FILE>>")]
 pub struct VerifyArgs {
     /// The signing secret (`whsec_…`, from GET /v1/signing-secret).
     #[arg(long, env = "JOBHOOK_SIGNING_SECRET", hide_env_values = true)]
     pub secret: String,
     /// A whole captured HTTP request: request line (optional), headers, a blank line, the body.
-    #[arg(long, conflicts_with_all = ["headers", "body"], required_unless_present_all = ["headers", "body"])]
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["headers", "body"])]
     pub request: Option<PathBuf>,
-    /// The request's headers: `Name: value` lines (as `curl -D` writes them) or a JSON object.
-    #[arg(long, requires = "body")]
+    /// The request's headers: `Name: value` lines (as `curl -D` writes them) or a JSON object; with --body.
+    #[arg(long, value_name = "FILE", requires = "body")]
     pub headers: Option<PathBuf>,
-    /// The request's body, byte for byte.
-    #[arg(long, requires = "headers")]
+    /// The request's body, byte for byte; with --headers.
+    #[arg(long, value_name = "FILE", requires = "headers")]
     pub body: Option<PathBuf>,
 }
 

@@ -115,6 +115,10 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("a stored row is not readable: {0}")]
     Corrupt(String),
+    /// The PostgreSQL server answers but has no database of that name: it is made once, by whoever
+    /// runs the server (jobhook creates its tables, not its database).
+    #[error("database {0:?} does not exist on that server; create it with: createdb {0}")]
+    NoDatabase(String),
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -319,6 +323,9 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<ConfiguredKeys>;
     /// A new tenant with a stored key and a fresh secret.
     async fn create_key(&self, name: &str, key: KeyHash, secret: &SigningSecret, now: Millis) -> Result<i64>;
+    /// Another stored key for an existing tenant, which keeps its secret and subscriptions (a lost key
+    /// is replaced this way); the new key's ID, or `None` when there is no such tenant.
+    async fn add_key(&self, tenant_id: i64, name: &str, key: KeyHash, now: Millis) -> Result<Option<i64>>;
     /// How many keys can be used to call the API.
     async fn usable_key_count(&self) -> Result<i64>;
     async fn tenant_by_key(&self, key: KeyHash) -> Result<Option<Tenant>>;

@@ -400,7 +400,14 @@ impl SqlStore {
             let mut probe = tokio::time::timeout(BUSY_TIMEOUT, <sqlx::AnyConnection as sqlx::Connection>::connect(url))
                 .await
                 .map_err(|_| StoreError::Unavailable(sqlx::Error::PoolTimedOut))?
-                .map_err(classify)?;
+                .map_err(|e| match &e {
+                    // SQLSTATE 3D000 invalid_catalog_name: said plainly rather than as the server's
+                    // message with its source file and line.
+                    sqlx::Error::Database(db) if db.code().as_deref() == Some("3D000") => {
+                        StoreError::NoDatabase(postgres_database_name(url))
+                    }
+                    _ => classify(e),
+                })?;
             // Migrations run on this connection, without the pool's statement timeout: an index built
             // by a future migration may take longer.
             migrator(sqlx::migrate!("src/store/migrations/postgres")).run(&mut probe).await?;
@@ -519,6 +526,20 @@ fn sqlite_pragmas(
 
 /// Sorts a database error into "try again later" (the disk, the file, the connection, a lock) and the
 /// rest.
+/// The database a `postgres://` URL names: its path, else its `dbname` parameter, else (as libpq does)
+/// the user's name.
+fn postgres_database_name(url: &str) -> String {
+    let Ok(u) = url::Url::parse(url) else { return "(named in the URL)".into() };
+    let path = u.path().trim_start_matches('/');
+    if !path.is_empty() {
+        return path.to_owned();
+    }
+    if let Some((_, name)) = u.query_pairs().find(|(k, _)| k == "dbname") {
+        return name.into_owned();
+    }
+    if u.username().is_empty() { "postgres".into() } else { u.username().to_owned() }
+}
+
 fn classify(e: sqlx::Error) -> StoreError {
     let unavailable = match &e {
         sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Tls(_) => true,
@@ -774,6 +795,31 @@ impl Store for SqlStore {
         let id = insert_tenant_with_key(self.backend, &mut tx, name, key, secret, "stored", now).await?;
         tx.commit().await.db()?;
         Ok(id)
+    }
+
+    async fn add_key(&self, tenant_id: i64, name: &str, key: KeyHash, now: Millis) -> Result<Option<i64>> {
+        let mut tx = self.begin().await?;
+        let tenant: Option<i64> = sqlx::query_scalar(self.backend.sql("SELECT id FROM tenants WHERE id = ?"))
+            .bind(tenant_id)
+            .fetch_optional(&mut *tx)
+            .await
+            .db()?;
+        if tenant.is_none() {
+            return Ok(None);
+        }
+        let id: i64 = sqlx::query_scalar(self.backend.sql(
+            "INSERT INTO api_keys (tenant_id, name, key_hash, source, created_at) VALUES (?, ?, ?, 'stored', ?) \
+             RETURNING id",
+        ))
+        .bind(tenant_id)
+        .bind(name)
+        .bind(key.0.as_slice())
+        .bind(now)
+        .fetch_one(&mut *tx)
+        .await
+        .db()?;
+        tx.commit().await.db()?;
+        Ok(Some(id))
     }
 
     async fn usable_key_count(&self) -> Result<i64> {

@@ -174,6 +174,7 @@ async fn config_check_shows_the_effective_settings_masked_with_their_sources() {
 async fn commands_finish_normally_when_their_reader_has_gone() {
     let dir = tempfile::tempdir().unwrap();
     let store = format!("sqlite://{}", dir.path().join("keys.db").display());
+    assert!(jobhook(&["migrate", "--database-url", &store], dir.path()).await.status.success());
     for args in [&["config", "example"][..], &["config", "check"], &["keys", "list", "--database-url", &store]] {
         let (reader, writer) = std::io::pipe().unwrap();
         drop(reader);
@@ -270,4 +271,147 @@ async fn jobhook_demo_runs_the_whole_loop_and_exits() {
     assert_eq!(out.matches("signature verified").count(), 5, "{out}");
     assert!(out.contains("upstream   job A poll 3 → Succeed"), "{out}");
     assert!(!out.contains("REJECTED"), "{out}");
+}
+
+/// Runs `jobhook args` in `dir`, with no store named by the environment.
+async fn jobhook(args: &[&str], dir: &std::path::Path) -> std::process::Output {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_jobhook"))
+        .args(args)
+        .current_dir(dir)
+        .env_remove("JOBHOOK_DATABASE_URL")
+        .env_remove("JOBHOOK_CONFIG")
+        .output()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn key_commands_run_where_there_is_no_store_refuse_and_create_none() {
+    let dir = tempfile::tempdir().unwrap();
+    for args in [&["keys", "list"][..], &["keys", "create", "--name", "x"], &["keys", "revoke", "1"]] {
+        let output = jobhook(args, dir.path()).await;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains("no jobhook store at") && stderr.contains("jobhook.db"), "{args:?}: {stderr}");
+        assert!(stderr.contains("--database-url"), "{args:?}: {stderr}");
+    }
+    let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+    assert!(left.is_empty(), "the key commands made files: {left:?}");
+}
+
+#[tokio::test]
+async fn keys_create_with_a_tenant_adds_a_key_that_sees_the_same_tenant() {
+    let upstream = jobhook::mock_upstream::MockUpstream::start(&mock_args(1)).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let db_url = fresh_db_url(dir.path()).await;
+    assert!(jobhook(&["migrate", "--database-url", &db_url], dir.path()).await.status.success());
+    let created = jobhook(&["keys", "create", "--name", "first", "--database-url", &db_url], dir.path()).await;
+    assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
+    let first_key =
+        String::from_utf8_lossy(&created.stdout).lines().next().unwrap().rsplit(' ').next().unwrap().to_owned();
+    let list = jobhook(&["keys", "list", "--database-url", &db_url], dir.path()).await;
+    let list = String::from_utf8_lossy(&list.stdout).into_owned();
+    let tenant = list.lines().nth(1).expect("one key listed").split_whitespace().nth(1).unwrap().to_owned();
+
+    let unknown = jobhook(&["keys", "create", "--tenant", "9999", "--database-url", &db_url], dir.path()).await;
+    let stderr = String::from_utf8_lossy(&unknown.stderr);
+    assert_eq!(unknown.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("there is no tenant 9999"), "{stderr}");
+
+    let added = jobhook(
+        &["keys", "create", "--tenant", &tenant, "--name", "replacement", "--database-url", &db_url],
+        dir.path(),
+    )
+    .await;
+    let out = String::from_utf8_lossy(&added.stdout).into_owned();
+    assert!(added.status.success(), "{out} {}", String::from_utf8_lossy(&added.stderr));
+    let second_key = out.lines().next().unwrap().rsplit(' ').next().unwrap().to_owned();
+    assert!(second_key.starts_with("jh_") && second_key != first_key, "{out}");
+    let list = jobhook(&["keys", "list", "--database-url", &db_url], dir.path()).await;
+    let list = String::from_utf8_lossy(&list.stdout).into_owned();
+    let tenants: Vec<&str> = list.lines().skip(1).map(|l| l.split_whitespace().nth(1).unwrap()).collect();
+    assert_eq!(tenants, [tenant.as_str(), tenant.as_str()], "{list}");
+    assert!(list.contains("replacement"), "{list}");
+
+    // Both keys are the same tenant to the API: one signing secret, one set of subscriptions.
+    let args: Vec<String> =
+        ["jobhook", "serve", "--listen", "127.0.0.1:0", "--database-url", &db_url, "--upstream-url", &upstream.url()]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+    let mut running = start(&args).await;
+    let http = reqwest::Client::new();
+    let secret_of = |key: String| {
+        let request = http.get(format!("http://{}/v1/signing-secret", running.addr)).bearer_auth(key);
+        async move { request.send().await.unwrap().json::<serde_json::Value>().await.unwrap()["secret"].clone() }
+    };
+    let (first, second) = (secret_of(first_key.clone()).await, secret_of(second_key.clone()).await);
+    assert!(first.as_str().is_some_and(|s| s.starts_with("whsec_")), "{first}");
+    assert_eq!(first, second);
+    assert!(out.contains(first.as_str().unwrap()), "the new key's output shows the tenant's secret: {out}");
+    running.child.start_kill().unwrap();
+}
+
+#[tokio::test]
+async fn keys_secret_prints_a_fresh_signing_secret_and_touches_no_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let output = jobhook(&["keys", "secret"], dir.path()).await;
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        let secret = String::from_utf8(output.stdout).unwrap().trim().to_owned();
+        let parsed: jobhook::keys::SigningSecret = secret.parse().expect("a valid whsec_ secret");
+        assert!(parsed.bytes().len() >= jobhook::keys::SigningSecret::MIN_BYTES);
+        seen.push(secret);
+    }
+    assert_ne!(seen[0], seen[1]);
+    assert!(std::fs::read_dir(dir.path()).unwrap().next().is_none(), "no store was made");
+}
+
+#[tokio::test]
+async fn verify_usage_shows_the_two_ways_to_give_a_capture() {
+    let dir = tempfile::tempdir().unwrap();
+    let help = jobhook(&["verify", "--help"], dir.path()).await;
+    let help = String::from_utf8_lossy(&help.stdout).into_owned();
+    let usage = help.lines().find(|l| l.starts_with("Usage:")).unwrap();
+    assert!(usage.contains("<--request <FILE> | --headers <FILE> --body <FILE>>"), "{help}");
+    let neither = jobhook(&["verify", "--secret", SECRET], dir.path()).await;
+    assert_eq!(neither.status.code(), Some(2));
+    let both =
+        jobhook(&["verify", "--secret", SECRET, "--request", "r", "--headers", "h", "--body", "b"], dir.path()).await;
+    assert_eq!(both.status.code(), Some(2));
+    let half = jobhook(&["verify", "--secret", SECRET, "--headers", "h"], dir.path()).await;
+    assert!(String::from_utf8_lossy(&half.stderr).contains("--body"), "{half:?}");
+}
+
+/// On PostgreSQL: a database that does not exist is named with the command that makes it, and the
+/// server's notices at each start ("_sqlx_migrations already exists") stay out of the log.
+#[tokio::test]
+async fn on_postgres_a_missing_database_is_named_and_notices_stay_quiet() {
+    if !on_postgres() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut missing = url::Url::parse(&postgres_url()).unwrap();
+    let name = format!("jobhook_absent_{}", uuid::Uuid::new_v4().simple());
+    missing.set_path(&name);
+    let output = jobhook(&["serve", "--listen", "127.0.0.1:0", "--database-url", missing.as_str()], dir.path()).await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains(&format!("database \"{name}\" does not exist")), "{stderr}");
+    assert!(stderr.contains(&format!("createdb {name}")), "{stderr}");
+    assert!(!stderr.contains(" line "), "{stderr}");
+
+    let db_url = fresh_db_url(dir.path()).await;
+    for _ in 0..2 {
+        let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_jobhook"))
+            .args(["migrate", "--database-url", &db_url])
+            .env("RUST_LOG", "info")
+            .output()
+            .await
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "{stderr}");
+        assert!(!stderr.contains("sqlx::postgres::notice"), "{stderr}");
+    }
 }

@@ -176,6 +176,38 @@ async fn unknown_or_malformed_subscription_ids_answer_404() {
     problem(put, StatusCode::METHOD_NOT_ALLOWED).await;
 }
 
+/// A path pasted from the docs with its `<id>` placeholder left in, sent as curl sends it (raw), is
+/// refused before routing (a URI may not hold `<`), and percent-encoded it reaches the router: both
+/// answer a problem, not a bare status with an empty body.
+#[tokio::test]
+async fn a_placeholder_id_left_in_a_raw_request_answers_a_problem() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = spawn_app().await;
+    for path in ["/v1/subscriptions/<id>", "/v1/subscriptions/<id>/deliveries", "/v1/subscriptions/%3Cid%3E/deliveries"]
+    {
+        let mut stream = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nhost: {}\r\nauthorization: Bearer {KEY_A}\r\nconnection: close\r\n\r\n",
+            app.addr
+        );
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        tokio::time::timeout(std::time::Duration::from_secs(10), stream.read_to_end(&mut answer))
+            .await
+            .expect("the server answers and closes the connection")
+            .unwrap();
+        let answer = String::from_utf8_lossy(&answer);
+        let (head, body) = answer.split_once("\r\n\r\n").expect("a whole answer");
+        let status: u16 = head[9..12].parse().unwrap();
+        assert!((400..500).contains(&status), "{path}: {answer}");
+        assert!(head.to_ascii_lowercase().contains("content-type: application/problem+json"), "{path}: {answer}");
+        let problem: Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{path}: {e}: {answer}"));
+        assert_eq!(problem["status"], status, "{path}: {answer}");
+        assert!(problem["type"].as_str().unwrap().starts_with("urn:jobhook:problem:"), "{path}: {answer}");
+        assert!(!problem["detail"].as_str().unwrap().is_empty(), "{path}: {answer}");
+    }
+}
+
 #[tokio::test]
 async fn the_list_pages_newest_first_and_filters_by_job_and_state() {
     let app = spawn_app_with(Settings::never_ending()).await;
