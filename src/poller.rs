@@ -203,10 +203,11 @@ pub async fn step(ctx: &PollContext, state: &mut JobState) -> (PollOutcome, Next
             expire_or(ctx, state, now, PollOutcome::Pending, pending_delay(pending_for, &ctx.config, random_jitter()))
                 .await
         }
-        PollAnswer::Unauthorized => {
-            let why = "upstream answered 401 Unauthorized: check JOBHOOK_UPSTREAM_API_KEY";
+        PollAnswer::Unauthorized(status) => {
+            // As it came: a 403 (a key without the right) is a different fix from a 401 (a wrong key).
+            let why = format!("upstream answered {status}: check JOBHOOK_UPSTREAM_API_KEY");
             tracing::error!("{why}");
-            fail(ctx, state, FailureReason::UpstreamUnauthorized, why, now).await
+            fail(ctx, state, FailureReason::UpstreamUnauthorized, &why, now).await
         }
         PollAnswer::Rejected => {
             fail(

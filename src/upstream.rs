@@ -32,8 +32,8 @@ pub enum PollAnswer {
     Pending,
     /// Succeed or Failed, with the exact body to deliver.
     Terminal(JobStatus, Bytes),
-    /// 401: our upstream key is wrong.
-    Unauthorized,
+    /// 401 or 403 (which one is kept, to be reported as it came): the upstream refuses our key.
+    Unauthorized(reqwest::StatusCode),
     /// 404: the upstream does not know this job (yet).
     NotFound,
     /// 422: the upstream refuses this job ID.
@@ -54,7 +54,7 @@ pub enum Trouble {
     ServerError,
     /// 429.
     RateLimited,
-    /// Another 4xx (or 3xx) than 401, 404 and 422.
+    /// Another 4xx (or 3xx) than 401, 403, 404 and 422.
     OtherStatus,
     Timeout,
     /// No connection, or it broke.
@@ -69,7 +69,7 @@ impl PollAnswer {
         match self {
             PollAnswer::Pending => "pending",
             PollAnswer::Terminal(..) => "terminal",
-            PollAnswer::Unauthorized | PollAnswer::NotFound | PollAnswer::Rejected => "4xx",
+            PollAnswer::Unauthorized(_) | PollAnswer::NotFound | PollAnswer::Rejected => "4xx",
             PollAnswer::Transient { kind, .. } => match kind {
                 Trouble::ServerError => "5xx",
                 Trouble::RateLimited => "rate_limited",
@@ -132,7 +132,7 @@ impl UpstreamClient {
             response.headers().get("retry-after").and_then(|v| v.to_str().ok()).and_then(parse_retry_after);
         match status {
             200 => {}
-            401 | 403 => return PollAnswer::Unauthorized,
+            401 | 403 => return PollAnswer::Unauthorized(response.status()),
             404 => return PollAnswer::NotFound,
             422 => return PollAnswer::Rejected,
             _ => {

@@ -175,7 +175,7 @@ impl<S: Send + Sync> FromRequestParts<S> for SubscriptionPath {
         (status = 201, description = "Registered and durably stored", body = SubscriptionView,
             headers(("location" = String, description = "The subscription's URL"))),
         (status = 200, description = "Already registered: the existing subscription", body = SubscriptionView),
-        (status = 400, description = "The body is not JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "The body is not JSON, or the request has more than one Authorization header", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "Missing or invalid API key", body = Problem, content_type = "application/problem+json"),
         (status = 408, description = "The body did not arrive within --request-timeout", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "The body is larger than 64 KiB", body = Problem, content_type = "application/problem+json"),
