@@ -43,6 +43,31 @@ async fn broken_upstream_answers_are_retried_and_shown_as_last_error() {
     survives(&app, vec![Answer::RetryAfter(429, 0)], "HTTP 429").await;
 }
 
+/// Python's standard-library JSON parser (which the stock verifiers use) raises RecursionError on a
+/// body nested 10,000 levels deep, after the HMAC has checked out: such a body is never delivered.
+#[tokio::test]
+async fn a_terminal_body_nested_deeper_than_64_levels_is_polled_again_never_delivered() {
+    let app = spawn_app().await;
+    let job = new_job();
+    let job_id = job.parse().unwrap();
+    app.upstream.script(job_id, vec![Answer::Nested(10_000)]);
+    let sub = app.register(&job, &app.receiver.url("/hook")).await;
+    let id = sub["id"].as_str().unwrap();
+    eventually(Duration::from_secs(10), "last_error to say the body is too deep", || async {
+        let sub = app.subscription(id).await;
+        assert_eq!(sub["state"], "polling", "{sub}");
+        let deep = sub["last_error"].as_str().is_some_and(|e| e.contains("nested deeper than 64"));
+        (deep && app.upstream.polls(job_id).count >= 3).then_some(())
+    })
+    .await;
+    assert!(app.receiver.requests().is_empty(), "the deep body was delivered");
+    // 63 arrays inside the object: 64 levels, which passes.
+    app.upstream.script(job_id, vec![Answer::Nested(63)]);
+    app.wait_for_state(id, "delivered").await;
+    let delivered = app.receiver.wait_for("/hook", 1).await;
+    assert!(delivered[0].json()["extra"].is_array());
+}
+
 #[tokio::test]
 async fn a_burst_of_errors_backs_off_instead_of_hammering_the_upstream() {
     let app = spawn_app().await;
