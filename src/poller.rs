@@ -622,6 +622,7 @@ mod tests {
             base_url: upstream.url().parse().unwrap(),
             api_key: None,
             timeout: Duration::from_secs(5),
+            proxy: None,
         };
         let poll = PollConfig { interval: Duration::from_millis(50), ..cfg() };
         let (dispatcher, _deliveries) = crate::delivery::channel();

@@ -11,6 +11,7 @@ mod faults;
 mod openapi;
 mod operations;
 mod polling;
+mod proxies;
 mod raw;
 mod registration;
 mod secrets;
