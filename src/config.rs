@@ -132,6 +132,10 @@ pub struct ServeArgs {
     #[arg(long, env = "JOBHOOK_UPSTREAM_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub upstream_timeout: Duration,
 
+    /// Send polls through this HTTP proxy (`http://host:port`, `http://user:password@host:port`). Proxies named by HTTP_PROXY, HTTPS_PROXY or ALL_PROXY are never used: polls carry the upstream key.
+    #[arg(long, env = "JOBHOOK_UPSTREAM_PROXY", hide_env_values = true)]
+    pub upstream_proxy: Option<String>,
+
     /// Comma-separated Bearer keys accepted by the API; each key is a tenant.
     #[arg(long, env = "JOBHOOK_API_KEYS", hide_env_values = true, value_delimiter = ',')]
     pub api_keys: Vec<String>,
@@ -268,6 +272,8 @@ pub struct UpstreamConfig {
     pub base_url: url::Url,
     pub api_key: Option<ApiKey>,
     pub timeout: Duration,
+    /// The one proxy polls may go through (never one from the environment).
+    pub proxy: Option<url::Url>,
 }
 
 #[derive(Debug, Clone)]
@@ -316,6 +322,23 @@ impl ServeArgs {
             }
         };
         nonzero(self.upstream_timeout, "--upstream-timeout", "JOBHOOK_UPSTREAM_TIMEOUT")?;
+        let upstream_proxy = match self.upstream_proxy.as_deref().map(str::trim) {
+            None | Some("") => None,
+            // The value is not quoted back: it may hold the proxy's password.
+            Some(raw) => Some(
+                url::Url::parse(raw)
+                    .ok()
+                    .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
+                    .filter(|u| reqwest::Proxy::all(u.as_str()).is_ok())
+                    .ok_or_else(|| {
+                        bad(
+                            "--upstream-proxy",
+                            "JOBHOOK_UPSTREAM_PROXY",
+                            "must be an http:// or https:// URL such as http://proxy.internal:3128",
+                        )
+                    })?,
+            ),
+        };
 
         let mut api_keys = Vec::new();
         for key in self.api_keys.iter().map(|k| k.trim()).filter(|k| !k.is_empty()) {
@@ -387,7 +410,12 @@ impl ServeArgs {
         Ok(Config {
             listen,
             database_url,
-            upstream: UpstreamConfig { base_url, api_key: upstream_api_key, timeout: self.upstream_timeout },
+            upstream: UpstreamConfig {
+                base_url,
+                api_key: upstream_api_key,
+                timeout: self.upstream_timeout,
+                proxy: upstream_proxy,
+            },
             api_keys,
             signing_secret,
             poll: PollConfig {
@@ -481,6 +509,17 @@ mod tests {
             cfg.delivery.retry_schedule,
             vec![Duration::from_secs(1), Duration::from_secs(120), Duration::from_secs(3 * 3600)]
         );
+    }
+
+    #[test]
+    fn an_upstream_proxy_must_be_an_http_url_and_is_never_quoted_back() {
+        for bad in ["socks5://u:hunter2@proxy:1080", "proxy:3128", "http://u:hunter2@"] {
+            let err = parse(&["--upstream-proxy", bad]).unwrap_err();
+            assert!(err.contains("--upstream-proxy") && !err.contains("hunter2"), "{bad}: {err}");
+        }
+        let cfg = parse(&["--upstream-proxy", "http://u:pw@proxy.internal:3128"]).unwrap();
+        assert_eq!(cfg.upstream.proxy.unwrap().host_str(), Some("proxy.internal"));
+        assert!(parse(&[]).unwrap().upstream.proxy.is_none(), "no proxy unless one is set");
     }
 
     #[test]

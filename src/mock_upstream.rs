@@ -67,6 +67,8 @@ pub enum Answer {
     UnknownStatus,
     /// Wait this long before answering Pending (to outlast a poll timeout).
     Hang(Duration),
+    /// A Succeed answer with an extra field of arrays nested this deep (a hostile body).
+    Nested(usize),
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -277,6 +279,14 @@ async fn job_status(State(inner): State<Arc<Mutex<Inner>>>, Path(raw): Path<Stri
         }
         Answer::OtherJob => status_body(&uuid::Uuid::new_v4().to_string(), "Succeed", &[]),
         Answer::UnknownStatus => status_body(&id, "Exploded", &[]),
+        Answer::Nested(depth) => {
+            let body = format!(
+                r#"{{"job_id":"{id}","status":"Succeed","image_urls":[],"extra":{}{}}}"#,
+                "[".repeat(depth),
+                "]".repeat(depth)
+            );
+            ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+        }
         Answer::Hang(d) => {
             tokio::time::sleep(d).await;
             status_body(&id, "Pending", &[])

@@ -35,12 +35,13 @@ pub const SLOWDOWN_AFTER: Duration = Duration::from_secs(60);
 /// The longest upstream `Retry-After` we honour; beyond it we would rather ask again.
 pub const MAX_UPSTREAM_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
-/// How far poll times move at random, both ways (±10%), so jobs registered together spread out.
+/// How far poll times move at random, so jobs registered together spread out: later only, by up to 10%.
+/// Never earlier: the upstream asks for 1–2 s between polls, and ±10% would space them 0.9 s apart.
 pub const POLL_JITTER: f64 = 0.1;
 
 /// The spacing before the next poll of a job that answered Pending and has been pending `pending_for`:
 /// `poll-interval` for the first minute, then doubling every minute up to `poll-max-interval`.
-/// `jitter` is in [-1, 1].
+/// `jitter` is in [0, 1] (a value outside is clamped to it).
 pub fn pending_delay(pending_for: Duration, cfg: &PollConfig, jitter: f64) -> Duration {
     let base = if pending_for <= SLOWDOWN_AFTER {
         cfg.interval
@@ -54,6 +55,7 @@ pub fn pending_delay(pending_for: Duration, cfg: &PollConfig, jitter: f64) -> Du
 
 /// The spacing after `consecutive_errors` failed polls (at least 1): exponential from `poll-interval`
 /// up to six times `poll-max-interval` (60 s by default), and never sooner than the upstream asked.
+/// `jitter` is in [0, 1], as for [`pending_delay`].
 pub fn error_delay(consecutive_errors: u32, retry_after: Option<Duration>, cfg: &PollConfig, jitter: f64) -> Duration {
     let cap = cfg.max_interval.saturating_mul(6);
     let exp = consecutive_errors.saturating_sub(1).min(20);
@@ -65,11 +67,11 @@ pub fn error_delay(consecutive_errors: u32, retry_after: Option<Duration>, cfg: 
 }
 
 fn jittered(d: Duration, jitter: f64) -> Duration {
-    d.mul_f64(1.0 + POLL_JITTER * jitter.clamp(-1.0, 1.0))
+    d.mul_f64(1.0 + POLL_JITTER * jitter.clamp(0.0, 1.0))
 }
 
 fn random_jitter() -> f64 {
-    rand::random_range(-1.0..=1.0)
+    rand::random_range(0.0..=1.0)
 }
 
 fn ms(d: Duration) -> Millis {
@@ -203,10 +205,11 @@ pub async fn step(ctx: &PollContext, state: &mut JobState) -> (PollOutcome, Next
             expire_or(ctx, state, now, PollOutcome::Pending, pending_delay(pending_for, &ctx.config, random_jitter()))
                 .await
         }
-        PollAnswer::Unauthorized => {
-            let why = "upstream answered 401 Unauthorized: check JOBHOOK_UPSTREAM_API_KEY";
+        PollAnswer::Unauthorized(status) => {
+            // As it came: a 403 (a key without the right) is a different fix from a 401 (a wrong key).
+            let why = format!("upstream answered {status}: check JOBHOOK_UPSTREAM_API_KEY");
             tracing::error!("{why}");
-            fail(ctx, state, FailureReason::UpstreamUnauthorized, why, now).await
+            fail(ctx, state, FailureReason::UpstreamUnauthorized, &why, now).await
         }
         PollAnswer::Rejected => {
             fail(
@@ -548,9 +551,30 @@ mod tests {
     }
 
     #[test]
-    fn poll_jitter_is_a_tenth_either_way() {
+    fn poll_jitter_only_adds_up_to_a_tenth() {
         assert_eq!(pending_delay(secs(0), &cfg(), 1.0), Duration::from_millis(1100));
-        assert_eq!(pending_delay(secs(0), &cfg(), -1.0), Duration::from_millis(900));
+        assert_eq!(pending_delay(secs(0), &cfg(), 0.0), secs(1));
+    }
+
+    /// The upstream asks for 1–2 s between polls: whatever the jitter, no spacing the poller chooses
+    /// with the default settings is shorter than a second.
+    #[test]
+    fn with_the_default_interval_polls_of_one_job_are_never_closer_than_a_second() {
+        // cfg() holds the default interval and maximum (see config's the_defaults_are_the_documented_ones).
+        let defaults = cfg();
+        for step in 0..=20 {
+            let jitter = -1.0 + f64::from(step) / 10.0;
+            for pending_for in [secs(0), secs(30), secs(59), secs(61), secs(3600)] {
+                let delay = pending_delay(pending_for, &defaults, jitter);
+                assert!(delay >= secs(1), "pending {pending_for:?}, jitter {jitter}: {delay:?}");
+            }
+            for errors in 1..=10 {
+                let delay = error_delay(errors, None, &defaults, jitter);
+                assert!(delay >= secs(1), "{errors} errors, jitter {jitter}: {delay:?}");
+            }
+        }
+        let drawn = (0..1000).map(|_| random_jitter());
+        assert!(drawn.clone().all(|j| (0.0..=1.0).contains(&j)), "jitter is drawn from [0, 1]");
     }
 
     #[test]
@@ -603,6 +627,7 @@ mod tests {
             base_url: upstream.url().parse().unwrap(),
             api_key: None,
             timeout: Duration::from_secs(5),
+            proxy: None,
         };
         let poll = PollConfig { interval: Duration::from_millis(50), ..cfg() };
         let delivery = crate::config::DeliveryConfig {

@@ -17,6 +17,12 @@ use crate::domain::{JobId, JobStatus, truncate};
 /// image URLs while keeping a broken upstream from filling our memory.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 
+/// The deepest nesting of arrays and objects we accept in a body (the outermost counts as one). We
+/// deliver the body as it came, and receivers parse it with parsers that recurse: Python's standard one
+/// raises RecursionError near a thousand levels, after the signature has checked out. Job statuses nest
+/// two or three levels; 64 leaves room for any real extension.
+pub const MAX_BODY_DEPTH: usize = 64;
+
 /// The status endpoint's answer, as far as we read it: the job and its status. Every other field,
 /// `image_urls` included, passes through unread (we deliver the body byte for byte), so an upstream
 /// that sends `"image_urls": null` or a shape of its own still gets its result delivered.
@@ -32,8 +38,8 @@ pub enum PollAnswer {
     Pending,
     /// Succeed or Failed, with the exact body to deliver.
     Terminal(JobStatus, Bytes),
-    /// 401: our upstream key is wrong.
-    Unauthorized,
+    /// 401 or 403 (which one is kept, to be reported as it came): the upstream refuses our key.
+    Unauthorized(reqwest::StatusCode),
     /// 404: the upstream does not know this job (yet).
     NotFound,
     /// 422: the upstream refuses this job ID.
@@ -54,7 +60,7 @@ pub enum Trouble {
     ServerError,
     /// 429.
     RateLimited,
-    /// Another 4xx (or 3xx) than 401, 404 and 422.
+    /// Another 4xx (or 3xx) than 401, 403, 404 and 422.
     OtherStatus,
     Timeout,
     /// No connection, or it broke.
@@ -69,7 +75,7 @@ impl PollAnswer {
         match self {
             PollAnswer::Pending => "pending",
             PollAnswer::Terminal(..) => "terminal",
-            PollAnswer::Unauthorized | PollAnswer::NotFound | PollAnswer::Rejected => "4xx",
+            PollAnswer::Unauthorized(_) | PollAnswer::NotFound | PollAnswer::Rejected => "4xx",
             PollAnswer::Transient { kind, .. } => match kind {
                 Trouble::ServerError => "5xx",
                 Trouble::RateLimited => "rate_limited",
@@ -92,14 +98,20 @@ pub struct UpstreamClient {
 impl UpstreamClient {
     pub fn new(config: &UpstreamConfig) -> Self {
         crate::install_crypto();
-        let http = reqwest::Client::builder()
+        // No proxy from the environment (HTTP_PROXY, HTTPS_PROXY, ALL_PROXY): every poll carries our
+        // Bearer key, which must not go to whatever proxy a variable happens to name. An operator who
+        // needs one says so with --upstream-proxy.
+        let mut builder = reqwest::Client::builder()
             .user_agent(crate::delivery::client::USER_AGENT)
             .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
             .timeout(config.timeout)
             .connect_timeout(config.timeout.min(Duration::from_secs(10)))
-            .pool_idle_timeout(Duration::from_secs(60))
-            .build()
-            .expect("the upstream client's settings are valid");
+            .pool_idle_timeout(Duration::from_secs(60));
+        if let Some(proxy) = &config.proxy {
+            builder = builder.proxy(reqwest::Proxy::all(proxy.as_str()).expect("the proxy URL is checked at start-up"));
+        }
+        let http = builder.build().expect("the upstream client's settings are valid");
         UpstreamClient {
             http,
             base: config.base_url.as_str().trim_end_matches('/').to_owned(),
@@ -132,7 +144,7 @@ impl UpstreamClient {
             response.headers().get("retry-after").and_then(|v| v.to_str().ok()).and_then(parse_retry_after);
         match status {
             200 => {}
-            401 | 403 => return PollAnswer::Unauthorized,
+            401 | 403 => return PollAnswer::Unauthorized(response.status()),
             404 => return PollAnswer::NotFound,
             422 => return PollAnswer::Rejected,
             _ => {
@@ -153,6 +165,16 @@ impl UpstreamClient {
 
 /// Reads a 200 body: it must be the status of the job we asked about, with a status we know.
 pub fn interpret(job_id: JobId, body: Bytes) -> PollAnswer {
+    // serde_json skips fields we do not read without a depth limit, so the limit is checked here.
+    if nests_deeper_than(&body, MAX_BODY_DEPTH) {
+        return PollAnswer::Transient {
+            error: format!(
+                "upstream sent a body nested deeper than {MAX_BODY_DEPTH} levels; receivers could not parse it"
+            ),
+            retry_after: None,
+            kind: Trouble::BadAnswer,
+        };
+    }
     let parsed: GetJobStatusResponse = match serde_json::from_slice(&body) {
         Ok(parsed) => parsed,
         Err(e) => {
@@ -181,6 +203,36 @@ pub fn interpret(job_id: JobId, body: Bytes) -> PollAnswer {
             PollAnswer::Transient { error: format!("upstream sent {e}"), retry_after: None, kind: Trouble::BadAnswer }
         }
     }
+}
+
+/// Whether JSON text nests arrays and objects more than `limit` levels deep. A scan of the raw bytes,
+/// so the check cannot itself recurse; brackets inside strings are text. What it says of malformed JSON
+/// does not matter: the parse after it refuses that.
+fn nests_deeper_than(json: &[u8], limit: usize) -> bool {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in json {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > limit {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
 }
 
 /// Reads at most `limit` bytes of a body; a longer body is an error.
@@ -289,6 +341,39 @@ mod tests {
             matches!(interpret(job(), body), PollAnswer::Transient { error, .. } if error.contains("unknown job status"))
         );
         assert!(matches!(interpret(job(), Bytes::from_static(b"<html>")), PollAnswer::Transient { .. }));
+    }
+
+    /// A terminal body with `extra` arrays nested inside the object: `extra + 1` levels in all.
+    fn nested(extra: usize) -> Bytes {
+        Bytes::from(format!(
+            r#"{{"job_id":"{JOB}","status":"Succeed","image_urls":[],"extra":{}{}}}"#,
+            "[".repeat(extra),
+            "]".repeat(extra)
+        ))
+    }
+
+    #[test]
+    fn a_body_nested_up_to_64_levels_passes_through() {
+        let body = nested(63);
+        assert_eq!(interpret(job(), body.clone()), PollAnswer::Terminal(JobStatus::Succeed, body));
+        // Brackets inside strings are text, not nesting.
+        let text = Bytes::from(format!(
+            r#"{{"job_id":"{JOB}","status":"Succeed","note":"{}\"{}"}}"#,
+            "[".repeat(100),
+            "{".repeat(100)
+        ));
+        assert_eq!(interpret(job(), text.clone()), PollAnswer::Terminal(JobStatus::Succeed, text));
+    }
+
+    #[test]
+    fn a_body_nested_deeper_than_64_levels_is_a_bad_answer() {
+        for extra in [64, 10_000] {
+            let answer = interpret(job(), nested(extra));
+            let PollAnswer::Transient { error, kind: Trouble::BadAnswer, .. } = answer else {
+                panic!("{extra}: {answer:?}")
+            };
+            assert!(error.contains("nested deeper than 64"), "{error}");
+        }
     }
 
     #[test]

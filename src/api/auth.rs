@@ -66,10 +66,16 @@ impl<S: Send + Sync> FromRequestParts<S> for BearerKey {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
-        let value = parts
-            .headers
-            .get(header::AUTHORIZATION)
+        let mut values = parts.headers.get_all(header::AUTHORIZATION).iter();
+        let value = values
+            .next()
             .ok_or(ApiError::Unauthorized("send your API key in an Authorization: Bearer <key> header"))?;
+        // Two keys are a confused client (or a proxy adding its own): neither is taken.
+        if values.next().is_some() {
+            return Err(ApiError::BadRequest(
+                "several Authorization headers: send one Authorization header, with your key".into(),
+            ));
+        }
         let value =
             value.to_str().map_err(|_| ApiError::Unauthorized("the Authorization header is not readable text"))?;
         let (scheme, key) = value

@@ -34,6 +34,9 @@ pub enum ApiError {
     Conflict(String),
     #[error("the service cannot store this right now; nothing was saved, try again shortly")]
     Unavailable,
+    /// The callback host could not be looked up now; the same request may pass later.
+    #[error("{0}")]
+    DnsUnavailable(String),
     #[error("something went wrong on our side; it has been logged")]
     Internal,
     #[error("the request body did not arrive within {}", humantime::format_duration(*.0))]
@@ -68,6 +71,9 @@ impl ApiError {
             Self::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed", "Method not allowed"),
             Self::Conflict(_) => (StatusCode::CONFLICT, "conflict", "Not possible in the current state"),
             Self::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", "Storage unavailable"),
+            Self::DnsUnavailable(_) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "dns-unavailable", "The callback host cannot be looked up now")
+            }
             Self::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal", "Internal error"),
             Self::RequestTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "request-timeout", "The request was too slow"),
         }
@@ -90,7 +96,7 @@ impl IntoResponse for ApiError {
             Self::Unauthorized(_) => {
                 headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
-            Self::Unavailable => {
+            Self::Unavailable | Self::DnsUnavailable(_) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
             }
             _ => {}
@@ -110,6 +116,16 @@ impl From<StoreError> for ApiError {
                 tracing::error!(error = %e, "store error");
                 ApiError::Internal
             }
+        }
+    }
+}
+
+impl From<crate::delivery::client::Refusal> for ApiError {
+    fn from(refusal: crate::delivery::client::Refusal) -> Self {
+        use crate::delivery::client::Refusal;
+        match refusal {
+            Refusal::NotAllowed(why) => ApiError::Invalid(why),
+            Refusal::DnsUnavailable(why) => ApiError::DnsUnavailable(why),
         }
     }
 }

@@ -73,7 +73,14 @@ impl Modify for BearerAuth {
         let components = openapi.components.get_or_insert_with(Default::default);
         components.add_security_scheme(
             "bearer",
-            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(
+                        "Your API key, in one `Authorization: Bearer <key>` header. A request with several Authorization headers is answered 400 (problem+json).",
+                    ))
+                    .build(),
+            ),
         );
     }
 }

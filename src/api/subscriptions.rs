@@ -175,12 +175,13 @@ impl<S: Send + Sync> FromRequestParts<S> for SubscriptionPath {
         (status = 201, description = "Registered and durably stored", body = SubscriptionView,
             headers(("location" = String, description = "The subscription's URL"))),
         (status = 200, description = "Already registered: the existing subscription", body = SubscriptionView),
-        (status = 400, description = "The body is not JSON", body = Problem, content_type = "application/problem+json"),
+        (status = 400, description = "The body is not JSON, or the request has more than one Authorization header", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "Missing or invalid API key", body = Problem, content_type = "application/problem+json"),
         (status = 408, description = "The body did not arrive within --request-timeout", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "The body is larger than 64 KiB", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "A field is missing, unknown or invalid; or the callback URL is refused by the egress policy", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "The store cannot take writes now; nothing was saved", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "The store cannot take writes now, or DNS cannot look up the callback host now (`urn:jobhook:problem:dns-unavailable`); nothing was saved, retry after `Retry-After` seconds", body = Problem, content_type = "application/problem+json",
+            headers(("retry-after" = String, description = "Seconds to wait before trying again"))),
     )
 )]
 pub async fn create(
@@ -190,7 +191,7 @@ pub async fn create(
 ) -> Result<Response, ApiError> {
     let job_id: JobId = body.job_id.parse().map_err(ApiError::Invalid)?;
     let callback_url: CallbackUrl = body.callback_url.parse().map_err(ApiError::Invalid)?;
-    state.egress.check_registration(&callback_url, &state.lookup).await.map_err(ApiError::Invalid)?;
+    state.egress.check_registration(&callback_url, &state.lookup).await?;
     let (status, sub) = super::to_the_end(register(state, key, job_id, callback_url)).await?;
     // Per-job events are debug: at thousands of jobs a second, info would be mostly log.
     tracing::debug!(subscription_id = %sub.id, job_id = %sub.job_id, created = status == StatusCode::CREATED, "registered");

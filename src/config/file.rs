@@ -203,7 +203,7 @@ pub fn describe(matches: &clap::ArgMatches, from: &FromFile, user_argv: &[OsStri
             _ => "unset",
         };
         let joined = values.join(",");
-        let shown = if id == "database_url" {
+        let shown = if id == "database_url" || id == "upstream_proxy" {
             mask_password(&joined)
         } else if arg.is_hide_env_values_set() && !joined.is_empty() {
             "********".to_owned()

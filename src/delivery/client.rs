@@ -5,7 +5,8 @@
 //! (loopback, private, link-local including cloud metadata, CGNAT, multicast, documentation, reserved,
 //! and the IPv6 forms that embed such an IPv4 address). We check twice (DESIGN promise 9):
 //!
-//! * at registration, so the caller gets a 422 that says why;
+//! * at registration, so the caller gets a 422 that says why (for a host name, one sentence whatever
+//!   the reason: the caller must not learn which names the operator's DNS knows, nor where they point);
 //! * at connect time, through a resolver that drops refused addresses and hands the connector only the
 //!   vetted ones, so a host that resolves to something else later (DNS rebinding) cannot slip through.
 //!
@@ -32,53 +33,95 @@ pub struct EgressPolicy {
 }
 
 /// How names become addresses: the system resolver in production; tests may put a DNS of their own in
-/// its place (to play DNS rebinding, say).
+/// its place (to play DNS rebinding, say). An error of kind [`std::io::ErrorKind::NotFound`] says the
+/// name does not exist (or has no address); any other error is trouble that may pass (a timeout, a
+/// resolver that cannot be reached).
 pub type Lookup = Arc<dyn Fn(String, u16) -> BoxFuture<'static, std::io::Result<Vec<SocketAddr>>> + Send + Sync>;
 
-/// The system resolver.
+/// The system resolver (getaddrinfo, so /etc/hosts and nsswitch apply as for any program).
+///
+/// Through `dns-lookup` rather than `tokio::net::lookup_host`: the standard library keeps only the
+/// message of a getaddrinfo failure, and registration must tell "no such name" (the caller's mistake,
+/// 422) from "try again" (ours, 503) by its code, not by its wording.
 pub fn system_lookup() -> Lookup {
     Arc::new(|host: String, port: u16| {
-        Box::pin(async move { Ok(tokio::net::lookup_host((host.as_str(), port)).await?.collect()) })
+        Box::pin(async move {
+            let found = tokio::task::spawn_blocking(move || dns_lookup::lookup_host(&host))
+                .await
+                .map_err(std::io::Error::other)?;
+            match found {
+                Ok(ips) => Ok(ips.map(|ip| SocketAddr::new(ip, port)).collect()),
+                Err(e) => {
+                    let kind = match e.kind() {
+                        dns_lookup::LookupErrorKind::NoName | dns_lookup::LookupErrorKind::NoData => {
+                            std::io::ErrorKind::NotFound
+                        }
+                        _ => std::io::ErrorKind::Other,
+                    };
+                    Err(std::io::Error::new(kind, std::io::Error::from(e)))
+                }
+            }
+        })
     })
+}
+
+/// Why a callback URL cannot be registered.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// The URL is not allowed: the caller must send another (422). The text says why.
+    #[error("{0}")]
+    NotAllowed(String),
+    /// DNS could not answer now (a timeout, a temporary failure): the same URL may pass later (503).
+    #[error("{0}")]
+    DnsUnavailable(String),
 }
 
 /// How long registration waits for DNS before refusing a callback host.
 const REGISTRATION_DNS_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl EgressPolicy {
-    /// Whether this callback URL may be registered; the error is a sentence for the caller.
-    pub async fn check_registration(&self, url: &CallbackUrl, lookup: &Lookup) -> Result<(), String> {
+    /// Whether this callback URL may be registered; a refusal carries a sentence for the caller.
+    pub async fn check_registration(&self, url: &CallbackUrl, lookup: &Lookup) -> Result<(), Refusal> {
         let url = url.as_url();
-        self.check_scheme(url)?;
+        self.check_scheme(url).map_err(Refusal::NotAllowed)?;
         if self.allow_private {
             return Ok(());
         }
         let port = url.port_or_known_default().unwrap_or(443);
-        match url.host() {
-            Some(url::Host::Ipv4(ip)) => self.check_ip(IpAddr::V4(ip)),
-            Some(url::Host::Ipv6(ip)) => self.check_ip(IpAddr::V6(ip)),
-            Some(url::Host::Domain(name)) => {
-                check_name(name)?;
-                let addrs = match tokio::time::timeout(REGISTRATION_DNS_TIMEOUT, lookup(name.to_owned(), port)).await {
-                    Ok(Ok(addrs)) => addrs,
-                    Ok(Err(_)) | Err(_) => return Err(format!("the callback host {name:?} could not be resolved")),
-                };
-                if addrs.is_empty() {
-                    return Err(format!("the callback host {name:?} has no address"));
-                }
-                // The address itself is not quoted: a caller must not learn the operator's internal DNS.
-                for addr in addrs {
-                    if !self.allows(addr.ip()) {
-                        let why = refused_because(addr.ip()).unwrap_or("refused");
-                        return Err(format!(
-                            "the callback host {name:?} resolves to a {why} address, which is not allowed (the operator can allow it with JOBHOOK_CALLBACK_ALLOW_CIDRS or JOBHOOK_ALLOW_PRIVATE_CALLBACKS)"
-                        ));
-                    }
-                }
-                Ok(())
+        let name = match url.host() {
+            Some(url::Host::Ipv4(ip)) => return self.check_ip(IpAddr::V4(ip)).map_err(Refusal::NotAllowed),
+            Some(url::Host::Ipv6(ip)) => return self.check_ip(IpAddr::V6(ip)).map_err(Refusal::NotAllowed),
+            Some(url::Host::Domain(name)) => name,
+            None => return Err(Refusal::NotAllowed("callback_url has no host".into())),
+        };
+        check_name(name).map_err(Refusal::NotAllowed)?;
+        // One sentence for a name that does not exist, has no address or points somewhere refused:
+        // telling them apart would let callers map the operator's internal DNS.
+        let refused = || {
+            Refusal::NotAllowed(format!(
+                "the callback host {name:?} must resolve to public addresses only, and does not: other addresses are not allowed (the operator can allow networks with JOBHOOK_CALLBACK_ALLOW_CIDRS or JOBHOOK_ALLOW_PRIVATE_CALLBACKS)"
+            ))
+        };
+        let try_later = |what: &str| {
+            Refusal::DnsUnavailable(format!(
+                "the callback host {name:?} could not be looked up: {what}; nothing was saved, try again shortly"
+            ))
+        };
+        let addrs = match tokio::time::timeout(REGISTRATION_DNS_TIMEOUT, lookup(name.to_owned(), port)).await {
+            Ok(Ok(addrs)) => addrs,
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => return Err(refused()),
+            Ok(Err(_)) => return Err(try_later("DNS failed for now")),
+            Err(_) => {
+                return Err(try_later(&format!(
+                    "DNS did not answer within {}",
+                    humantime::format_duration(REGISTRATION_DNS_TIMEOUT)
+                )));
             }
-            None => Err("callback_url has no host".into()),
+        };
+        if addrs.is_empty() || addrs.iter().any(|addr| !self.allows(addr.ip())) {
+            return Err(refused());
         }
+        Ok(())
     }
 
     /// The check made just before each attempt: the scheme, and hosts that are IP literals (the
@@ -345,8 +388,14 @@ mod tests {
         ] {
             let url: CallbackUrl = url.parse().unwrap();
             let err = policy.check_registration(&url, &system_lookup()).await.unwrap_err();
-            assert!(err.contains("not allowed"), "{url}: {err}");
+            assert!(matches!(&err, Refusal::NotAllowed(why) if why.contains("not allowed")), "{url}: {err}");
         }
+    }
+
+    #[tokio::test]
+    async fn the_system_lookup_resolves_with_the_port_asked_for() {
+        let addrs = system_lookup()("localhost".into(), 8080).await.unwrap();
+        assert!(!addrs.is_empty() && addrs.iter().all(|a| a.ip().is_loopback() && a.port() == 8080), "{addrs:?}");
     }
 
     #[tokio::test]
@@ -375,7 +424,7 @@ mod tests {
     async fn https_only_refuses_plain_http() {
         let policy = EgressPolicy { https_only: true, allow_private: true, ..Default::default() };
         let plain: CallbackUrl = "http://example.com/hook".parse().unwrap();
-        assert!(policy.check_registration(&plain, &system_lookup()).await.unwrap_err().contains("https"));
+        assert!(policy.check_registration(&plain, &system_lookup()).await.unwrap_err().to_string().contains("https"));
         assert!(policy.check_literal(plain.as_url()).is_err());
     }
 

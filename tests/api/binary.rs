@@ -33,11 +33,17 @@ pub async fn start(args: &[String]) -> Running {
 
 /// Starts `jobhook` with `args` and `RUST_LOG` at `log_level`.
 pub async fn start_with(args: &[String], log_level: &str) -> Running {
+    start_with_env(args, log_level, &[]).await
+}
+
+/// Starts `jobhook` with `args`, `RUST_LOG` at `log_level`, and these environment variables besides.
+pub async fn start_with_env(args: &[String], log_level: &str, env: &[(&str, &str)]) -> Running {
     jobhook::install_crypto();
     let logs = Arc::new(Mutex::new(Vec::new()));
     let mut child = Command::new(env!("CARGO_BIN_EXE_jobhook"))
         .args(&args[1..])
         .env("RUST_LOG", log_level)
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)

@@ -43,6 +43,31 @@ async fn broken_upstream_answers_are_retried_and_shown_as_last_error() {
     survives(&app, vec![Answer::RetryAfter(429, 0)], "HTTP 429").await;
 }
 
+/// Python's standard-library JSON parser (which the stock verifiers use) raises RecursionError on a
+/// body nested 10,000 levels deep, after the HMAC has checked out: such a body is never delivered.
+#[tokio::test]
+async fn a_terminal_body_nested_deeper_than_64_levels_is_polled_again_never_delivered() {
+    let app = spawn_app().await;
+    let job = new_job();
+    let job_id = job.parse().unwrap();
+    app.upstream.script(job_id, vec![Answer::Nested(10_000)]);
+    let sub = app.register(&job, &app.receiver.url("/hook")).await;
+    let id = sub["id"].as_str().unwrap();
+    eventually(Duration::from_secs(10), "last_error to say the body is too deep", || async {
+        let sub = app.subscription(id).await;
+        assert_eq!(sub["state"], "polling", "{sub}");
+        let deep = sub["last_error"].as_str().is_some_and(|e| e.contains("nested deeper than 64"));
+        (deep && app.upstream.polls(job_id).count >= 3).then_some(())
+    })
+    .await;
+    assert!(app.receiver.requests().is_empty(), "the deep body was delivered");
+    // 63 arrays inside the object: 64 levels, which passes.
+    app.upstream.script(job_id, vec![Answer::Nested(63)]);
+    app.wait_for_state(id, "delivered").await;
+    let delivered = app.receiver.wait_for("/hook", 1).await;
+    assert!(delivered[0].json()["extra"].is_array());
+}
+
 #[tokio::test]
 async fn a_burst_of_errors_backs_off_instead_of_hammering_the_upstream() {
     let app = spawn_app().await;
@@ -218,7 +243,7 @@ fn rebinding_dns() -> Lookup {
         let calls = calls.clone();
         Box::pin(async move {
             if host != "rebind.test" {
-                return Err(std::io::Error::other("no such host"));
+                return Err(std::io::Error::new(std::io::ErrorKind::NotFound, "no such host"));
             }
             let ip = if calls.fetch_add(1, Ordering::SeqCst) == 0 { "93.184.216.34" } else { "127.0.0.1" };
             Ok(vec![format!("{ip}:{port}").parse().unwrap()])
@@ -241,6 +266,62 @@ async fn dns_rebinding_after_registration_is_refused_at_connect_time() {
     let error = log[0]["error"].as_str().unwrap();
     assert!(error.contains("egress policy"), "{error}");
     assert!(!error.contains("127.0.0.1"), "the refused address is not disclosed: {error}");
+}
+
+/// A DNS with a fixed answer per name: `flaky.test` fails for now, `slow.test` never answers,
+/// `missing.test` does not exist, `loopback.test` and `private.test` resolve to non-public addresses.
+fn scripted_dns() -> Lookup {
+    Arc::new(|host: String, port: u16| {
+        Box::pin(async move {
+            let ip = match host.as_str() {
+                "flaky.test" => return Err(std::io::Error::other("temporary failure in name resolution")),
+                "slow.test" => std::future::pending().await,
+                "missing.test" => return Err(std::io::Error::new(std::io::ErrorKind::NotFound, "no such host")),
+                "loopback.test" => "127.0.0.1",
+                "private.test" => "10.1.2.3",
+                // No public answer: a registration would be delivered there, off this machine.
+                _ => return Err(std::io::Error::new(std::io::ErrorKind::NotFound, "no such host")),
+            };
+            Ok(vec![format!("{ip}:{port}").parse().unwrap()])
+        })
+    })
+}
+
+fn with_scripted_dns() -> Settings {
+    Settings { lookup: Some(scripted_dns()), ..Settings::default() }.arg("--allow-private-callbacks", "false")
+}
+
+#[tokio::test]
+async fn a_dns_failure_at_registration_is_a_503_to_retry_not_a_422() {
+    let app = spawn_app_with(with_scripted_dns()).await;
+    for host in ["flaky.test", "slow.test"] {
+        let refused = app.register_as(KEY_A, &new_job(), &format!("https://{host}/hook")).await;
+        assert_eq!(refused.status(), 503, "{host}");
+        assert_eq!(refused.headers()["content-type"], "application/problem+json");
+        assert!(refused.headers().get("retry-after").is_some(), "{host}: a 503 says when to retry");
+        let body: Value = refused.json().await.unwrap();
+        assert!(body["detail"].as_str().unwrap().contains(host), "{body}");
+    }
+    let list: Value = app.get_as(KEY_A, "/v1/subscriptions").await.json().await.unwrap();
+    assert_eq!(list["items"].as_array().map(Vec::len), Some(0), "nothing was registered: {list}");
+}
+
+#[tokio::test]
+async fn a_callback_host_that_does_not_exist_or_is_not_public_gets_one_refusal() {
+    let app = spawn_app_with(with_scripted_dns()).await;
+    let mut details = Vec::new();
+    for host in ["missing.test", "loopback.test", "private.test"] {
+        let refused = app.register_as(KEY_A, &new_job(), &format!("https://{host}/hook")).await;
+        assert_eq!(refused.status(), 422, "{host}");
+        let body: Value = refused.json().await.unwrap();
+        details.push(body["detail"].as_str().unwrap().replace(host, "HOST"));
+    }
+    assert!(details.iter().all(|d| *d == details[0]), "a caller can tell the cases apart: {details:#?}");
+    // A literal address names nothing the caller does not know: it keeps the precise reason.
+    let literal = app.register_as(KEY_A, &new_job(), "https://127.0.0.1/hook").await;
+    assert_eq!(literal.status(), 422);
+    let body: Value = literal.json().await.unwrap();
+    assert!(body["detail"].as_str().unwrap().contains("loopback"), "{body}");
 }
 
 #[tokio::test]

@@ -12,6 +12,7 @@ mod faults;
 mod openapi;
 mod operations;
 mod polling;
+mod proxies;
 mod raw;
 mod registration;
 mod secrets;

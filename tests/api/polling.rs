@@ -18,6 +18,18 @@ async fn an_upstream_401_fails_the_subscription_as_upstream_unauthorized() {
 }
 
 #[tokio::test]
+async fn an_upstream_403_is_reported_as_403_not_401() {
+    let app = spawn_app().await;
+    let job = new_job();
+    app.upstream.script(job.parse().unwrap(), vec![Answer::Status(403)]);
+    let sub = app.register(&job, &app.receiver.url("/hook")).await;
+    let done = app.wait_for_state(sub["id"].as_str().unwrap(), "failed").await;
+    assert_eq!(done["failure_reason"], "upstream_unauthorized");
+    let error = done["last_error"].as_str().unwrap_or_default();
+    assert!(error.contains("403 Forbidden") && !error.contains("401"), "{done}");
+}
+
+#[tokio::test]
 async fn the_upstream_key_is_sent_as_a_bearer_token() {
     let mock = MockArgs { api_key: Some("the-right-upstream-key".into()), ..mock_args(1) };
     let app = spawn_app_with(Settings::mock(mock).arg("--upstream-api-key", "the-right-upstream-key")).await;

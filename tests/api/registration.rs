@@ -151,6 +151,27 @@ async fn requests_without_a_valid_key_answer_401() {
 }
 
 #[tokio::test]
+async fn two_authorization_headers_are_a_400_whichever_comes_first() {
+    let app = spawn_app().await;
+    let registration = json!({ "job_id": new_job(), "callback_url": app.receiver.url("/hook") });
+    for (first, second) in [(KEY_A, "wrong-key-0123456789"), ("wrong-key-0123456789", KEY_A), (KEY_A, KEY_B)] {
+        let (first, second) = (format!("Bearer {first}"), format!("Bearer {second}"));
+        let list =
+            app.http.get(app.url("/v1/subscriptions")).header("authorization", &first).header("authorization", &second);
+        let body = problem(list.send().await.unwrap(), StatusCode::BAD_REQUEST).await;
+        assert!(body["detail"].as_str().unwrap().contains("one Authorization header"), "{body}");
+        let register = app
+            .http
+            .post(app.url("/v1/subscriptions"))
+            .header("authorization", &first)
+            .header("authorization", &second);
+        problem(register.json(&registration).send().await.unwrap(), StatusCode::BAD_REQUEST).await;
+    }
+    let list = app.get_as(KEY_A, "/v1/subscriptions").await.json::<Value>().await.unwrap();
+    assert_eq!(list["items"].as_array().map(Vec::len), Some(0), "nothing was registered: {list}");
+}
+
+#[tokio::test]
 async fn a_tenant_cannot_see_or_cancel_another_tenants_subscription() {
     let app = spawn_app().await;
     let sub = app.register(&new_job(), &app.receiver.url("/hook")).await;
