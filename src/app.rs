@@ -36,7 +36,7 @@ pub struct Application {
     workers: Arc<Workers>,
     /// On SQLite: held while this process serves the file (see `store::lock_sqlite_for_serving`).
     sqlite_lock: Option<std::fs::File>,
-    request_timeout: Duration,
+    limits: api::ServerLimits,
 }
 
 /// Which workers are running, for `GET /readyz`. A worker is marked running while its task lives (a
@@ -198,7 +198,10 @@ impl Application {
             grace: config.shutdown_grace,
             workers,
             sqlite_lock,
-            request_timeout: config.request_timeout,
+            limits: api::ServerLimits {
+                request_timeout: config.request_timeout,
+                max_connections: config.max_connections,
+            },
         })
     }
 
@@ -231,7 +234,7 @@ impl Application {
             grace,
             workers,
             sqlite_lock,
-            request_timeout,
+            limits,
         } = self;
         // The lease loop stops on its own token, after the workers, so it releases the leases last.
         let cluster_stop = CancellationToken::new();
@@ -245,7 +248,7 @@ impl Application {
         let dispatcher = workers
             .spawn("dispatcher", delivery::run(delivery_ctx, delivery_inbox, deliveries, shutdown.clone(), grace));
         tracing::info!("listening on http://{addr}");
-        let server = tokio::spawn(api::serve(listener, router, request_timeout, shutdown.clone()));
+        let server = tokio::spawn(api::serve(listener, router, limits, shutdown.clone()));
         let (mut poller, mut dispatcher) = (poller, dispatcher);
         // A worker ends only on shutdown; one that ends before is a bug, and a process that accepts
         // registrations nobody works on is worse than one that stops and is restarted.

@@ -215,6 +215,11 @@ pub struct ServeArgs {
     /// whose headers are late is closed, a body that is late is answered 408.
     #[arg(long, env = "JOBHOOK_REQUEST_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub request_timeout: Duration,
+
+    /// The most API client connections open at once; past it, new connections wait in the listen
+    /// queue until one closes. Bounds the memory that idle or slow clients can take.
+    #[arg(long, env = "JOBHOOK_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub max_connections: usize,
 }
 
 /// The delays between delivery attempts after the first one.
@@ -265,6 +270,7 @@ pub struct Config {
     pub lease_ttl: Duration,
     pub shutdown_grace: Duration,
     pub request_timeout: Duration,
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -371,6 +377,9 @@ impl ServeArgs {
         }
         nonzero(self.delivery_timeout, "--delivery-timeout", "JOBHOOK_DELIVERY_TIMEOUT")?;
         nonzero(self.request_timeout, "--request-timeout", "JOBHOOK_REQUEST_TIMEOUT")?;
+        if !(1..=1_000_000).contains(&self.max_connections) {
+            return Err(bad("--max-connections", "JOBHOOK_MAX_CONNECTIONS", "must be between 1 and 1000000"));
+        }
         if !(1..=100_000).contains(&self.delivery_concurrency) {
             return Err(bad("--delivery-concurrency", "JOBHOOK_DELIVERY_CONCURRENCY", "must be between 1 and 100000"));
         }
@@ -442,6 +451,7 @@ impl ServeArgs {
             lease_ttl: self.lease_ttl,
             shutdown_grace: self.shutdown_grace,
             request_timeout: self.request_timeout,
+            max_connections: self.max_connections,
         })
     }
 }

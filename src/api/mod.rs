@@ -322,21 +322,38 @@ pub(crate) async fn to_the_end<T: Send + 'static>(
     })
 }
 
+/// What the API server allows its clients.
+#[derive(Debug, Clone, Copy)]
+pub struct ServerLimits {
+    /// How long a client may take to send a request's headers (see `--request-timeout`).
+    pub request_timeout: std::time::Duration,
+    /// The most connections open at once (see `--max-connections`).
+    pub max_connections: usize,
+}
+
 /// Serves the API on `listener` until `shutdown`, then lets open requests finish.
 ///
 /// axum's own `serve` sets no timer, so a client could hold a connection open for ever by never
 /// finishing its headers (slowloris). Here each connection gets HTTP/1 with a header-read timeout of
-/// `request_timeout` (the body's own deadline is in [`error::ApiJson`]).
+/// `request_timeout` (the body's own deadline is in [`error::ApiJson`]), and at most
+/// `max_connections` are open at once (as mini-redis caps its connections with a semaphore): past the
+/// cap we stop accepting, and new connections wait in the kernel's listen queue.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: axum::Router,
-    request_timeout: std::time::Duration,
+    limits: ServerLimits,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(request_timeout);
+    http.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(limits.request_timeout);
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     loop {
+        // Never closed: acquiring fails only if it were.
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => slot.expect("the connection semaphore is never closed"),
+            _ = shutdown.cancelled() => break,
+        };
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
@@ -360,6 +377,7 @@ pub async fn serve(
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "connection ended with an error");
             }
+            drop(slot);
         });
     }
     drop(listener);

@@ -429,6 +429,29 @@ async fn slow_and_oversized_requests_are_cut_off_with_a_clear_answer() {
     assert!(answer.contains("did not arrive within 1s"), "{answer}");
 }
 
+/// Idle clients cannot open connections without bound: past `--max-connections` a new connection waits
+/// (unanswered, in the listen queue) until an open one closes, and is then served.
+#[tokio::test]
+async fn connections_past_the_cap_wait_until_one_closes() {
+    let app = spawn_app_with(Settings::default().arg("--max-connections", "20")).await;
+    let mut idle = Vec::new();
+    for _ in 0..20 {
+        idle.push(tokio::net::TcpStream::connect(app.addr).await.unwrap());
+    }
+    // The cap is full: a request on a new connection is not answered while it stays full. (Absence
+    // cannot be awaited: this gives it a second, far more than a loopback request needs.)
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(1)).build().unwrap();
+    let refused = client.get(app.url("/healthz")).send().await;
+    assert!(refused.is_err_and(|e| e.is_timeout()), "a connection past the cap was served");
+    // One idle client leaves: the next connection is served.
+    drop(idle.pop());
+    let waited = eventually(Duration::from_secs(10), "a connection to be served once one closed", || async {
+        client.get(app.url("/healthz")).send().await.ok()
+    })
+    .await;
+    assert_eq!(waited.status(), 200);
+}
+
 #[tokio::test]
 async fn one_tenants_tarpits_on_many_host_names_cannot_take_every_delivery_slot() {
     // Tenant A's 300 deliveries go to 30 host names that all lead to a receiver that never answers;
