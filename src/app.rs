@@ -37,6 +37,8 @@ pub struct Application {
     /// On SQLite: held while this process serves the file (see `store::lock_sqlite_for_serving`).
     sqlite_lock: Option<std::fs::File>,
     limits: api::ServerLimits,
+    /// The retention purge's settings, and the metrics it counts into.
+    housekeeping: (crate::config::HousekeepingConfig, Arc<Metrics>),
 }
 
 /// Which workers are running, for `GET /readyz`. A worker is marked running while its task lives (a
@@ -181,7 +183,7 @@ impl Application {
             secrets,
             secret_rotation_grace: config.secret_rotation_grace,
             request_timeout: config.request_timeout,
-            metrics,
+            metrics: metrics.clone(),
             workers: workers.clone(),
             known_keys: Default::default(),
         });
@@ -202,6 +204,7 @@ impl Application {
                 request_timeout: config.request_timeout,
                 max_connections: config.max_connections,
             },
+            housekeeping: (config.housekeeping.clone(), metrics),
         })
     }
 
@@ -235,7 +238,19 @@ impl Application {
             workers,
             sqlite_lock,
             limits,
+            housekeeping,
         } = self;
+        let (housekeeping_config, metrics) = housekeeping;
+        // Housekeeping is not one of the workers the service needs: if it cannot run, the service goes
+        // on and says so.
+        let housekeeping = tokio::spawn({
+            let (store, shutdown) = (store.clone(), shutdown.clone());
+            async move {
+                if let Err(e) = crate::housekeeping::run(store, housekeeping_config, metrics, shutdown).await {
+                    tracing::error!(error = %e, "housekeeping could not run; nothing is purged");
+                }
+            }
+        });
         // The lease loop stops on its own token, after the workers, so it releases the leases last.
         let cluster_stop = CancellationToken::new();
         let mut cluster = cluster.map(|(settings, store, poller, dispatcher)| {
@@ -289,6 +304,7 @@ impl Application {
             Ok((_, _, Err(e))) => return Err(e).context("the HTTP server task failed"),
             Err(_) => tracing::warn!("some work was still running after the grace period"),
         }
+        let _ = tokio::time::timeout(Duration::from_secs(1), housekeeping).await;
         if let Some(cluster) = cluster {
             cluster_stop.cancel();
             let _ = tokio::time::timeout(Duration::from_secs(5), cluster).await;

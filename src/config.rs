@@ -61,6 +61,21 @@ pub enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// Delete subscriptions that ended longer ago than --older-than, with their delivery attempts and
+    /// the jobs nobody refers to any more (what housekeeping does on its schedule), and say how many.
+    Purge(PurgeArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct PurgeArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// Subscriptions that ended (delivered, failed, expired, cancelled) longer ago than this are deleted.
+    #[arg(long, value_parser = parse_duration)]
+    pub older_than: Duration,
+    /// Only count what would be deleted.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -203,6 +218,15 @@ pub struct ServeArgs {
     #[arg(long, env = "JOBHOOK_SECRET_ROTATION_GRACE", default_value = "24h", value_parser = parse_duration)]
     pub secret_rotation_grace: Duration,
 
+    /// How long ended subscriptions (delivered, failed, expired, cancelled) are kept, with their delivery
+    /// attempts; 0 keeps everything. Live subscriptions are never purged.
+    #[arg(long, env = "JOBHOOK_RETENTION", default_value = "30d", value_parser = parse_duration)]
+    pub retention: Duration,
+
+    /// When housekeeping (the retention purge) runs: a cron expression with seconds, in UTC.
+    #[arg(long, env = "JOBHOOK_HOUSEKEEPING_SCHEDULE", default_value = "0 */5 * * * *")]
+    pub housekeeping_schedule: String,
+
     /// PostgreSQL scale-out: an instance that dies has its work taken over within this.
     #[arg(long, env = "JOBHOOK_LEASE_TTL", default_value = "15s", value_parser = parse_duration)]
     pub lease_ttl: Duration,
@@ -271,6 +295,15 @@ pub struct Config {
     pub shutdown_grace: Duration,
     pub request_timeout: Duration,
     pub max_connections: usize,
+    pub housekeeping: HousekeepingConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct HousekeepingConfig {
+    /// How long ended subscriptions are kept; `None`: for ever.
+    pub retention: Option<Duration>,
+    /// When the purge runs (a cron expression with seconds).
+    pub schedule: String,
 }
 
 #[derive(Debug, Clone)]
@@ -377,6 +410,13 @@ impl ServeArgs {
         }
         nonzero(self.delivery_timeout, "--delivery-timeout", "JOBHOOK_DELIVERY_TIMEOUT")?;
         nonzero(self.request_timeout, "--request-timeout", "JOBHOOK_REQUEST_TIMEOUT")?;
+        if let Err(e) = tokio_cron_scheduler::Job::new_async(self.housekeeping_schedule.trim(), |_, _| Box::pin(async {})) {
+            return Err(bad(
+                "--housekeeping-schedule",
+                "JOBHOOK_HOUSEKEEPING_SCHEDULE",
+                format!("{:?} is not a cron expression with seconds such as \"0 */5 * * * *\" ({e})", self.housekeeping_schedule),
+            ));
+        }
         if !(1..=1_000_000).contains(&self.max_connections) {
             return Err(bad("--max-connections", "JOBHOOK_MAX_CONNECTIONS", "must be between 1 and 1000000"));
         }
@@ -452,6 +492,10 @@ impl ServeArgs {
             shutdown_grace: self.shutdown_grace,
             request_timeout: self.request_timeout,
             max_connections: self.max_connections,
+            housekeeping: HousekeepingConfig {
+                retention: (!self.retention.is_zero()).then_some(self.retention),
+                schedule: self.housekeeping_schedule.trim().to_owned(),
+            },
         })
     }
 }

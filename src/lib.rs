@@ -25,6 +25,7 @@ pub mod config;
 pub mod delivery;
 pub mod demo;
 pub mod domain;
+pub mod housekeeping;
 pub mod keys;
 pub mod metrics;
 pub mod mock_upstream;

@@ -106,6 +106,7 @@ fn main() -> ExitCode {
             Some(Command::MockUpstream(args)) => jobhook::mock_upstream::run(args).await,
             Some(Command::Migrate(store)) => migrate(&store.database_url).await,
             Some(Command::Demo) => jobhook::demo::run().await,
+            Some(Command::Purge(args)) => purge(args).await,
             Some(Command::Config { .. } | Command::Verify(_)) => Ok(()), // answered above
         }
     });
@@ -260,6 +261,34 @@ async fn migrate(database_url: &str) -> anyhow::Result<()> {
         .map_err(|m| anyhow::anyhow!("invalid setting --database-url (JOBHOOK_DATABASE_URL): {m}"))?;
     jobhook::store::open(database_url).await?;
     jobhook::outln!("the database is migrated");
+    Ok(())
+}
+
+/// `jobhook purge`: the housekeeping purge, once, from the command line.
+async fn purge(args: jobhook::config::PurgeArgs) -> anyhow::Result<()> {
+    let store = open_existing_store(&args.store.database_url).await?;
+    let older = humantime::format_duration(args.older_than);
+    let ended_before = jobhook::store::now_ms()
+        .saturating_sub(i64::try_from(args.older_than.as_millis()).unwrap_or(i64::MAX));
+    if args.dry_run {
+        let would = store.purgeable(ended_before).await?;
+        jobhook::outln!(
+            "would delete {} subscription(s) that ended more than {older} ago, {} delivery attempt(s) and {} job(s) (dry run: nothing deleted)",
+            would.subscriptions,
+            would.attempts,
+            would.jobs
+        );
+        return Ok(());
+    }
+    match jobhook::housekeeping::purge(store.as_ref(), ended_before).await? {
+        Some(done) => jobhook::outln!(
+            "deleted {} subscription(s) that ended more than {older} ago, {} delivery attempt(s) and {} job(s)",
+            done.subscriptions,
+            done.attempts,
+            done.jobs
+        ),
+        None => anyhow::bail!("another jobhook instance is purging this database now; try again later"),
+    }
     Ok(())
 }
 

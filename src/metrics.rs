@@ -48,6 +48,9 @@ pub struct Metrics {
     pub delivery_seconds: Histogram,
     pub delivery_lag_seconds: Histogram,
     pub deliveries_waiting: Gauge,
+    pub purged_subscriptions: Counter,
+    pub purged_attempts: Counter,
+    pub purged_jobs: Counter,
     /// When the subscription gauges were last counted.
     counted_at: Mutex<Option<Instant>>,
 }
@@ -77,6 +80,9 @@ impl Metrics {
             delivery_seconds: latency(),
             delivery_lag_seconds: latency(),
             deliveries_waiting: Gauge::default(),
+            purged_subscriptions: Counter::default(),
+            purged_attempts: Counter::default(),
+            purged_jobs: Counter::default(),
             counted_at: Mutex::new(None),
             registry: Registry::default(),
         };
@@ -125,6 +131,17 @@ impl Metrics {
             "Deliveries this instance holds for a first attempt or a retry (the retry backlog)",
             m.deliveries_waiting.clone(),
         );
+        r.register(
+            "jobhook_purged_subscriptions",
+            "Ended subscriptions deleted by housekeeping after the retention (this instance's runs)",
+            m.purged_subscriptions.clone(),
+        );
+        r.register(
+            "jobhook_purged_attempts",
+            "Delivery attempts deleted with their subscriptions by housekeeping",
+            m.purged_attempts.clone(),
+        );
+        r.register("jobhook_purged_jobs", "Job rows deleted by housekeeping once no subscription referred to them", m.purged_jobs.clone());
         Metrics { registry: r, ..m }
     }
 

@@ -298,6 +298,22 @@ pub enum Cancel {
     AttemptInFlight,
 }
 
+/// What a purge deleted (or, counted for a dry run, would delete).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Purged {
+    pub subscriptions: u64,
+    pub attempts: u64,
+    pub jobs: u64,
+}
+
+impl Purged {
+    pub fn add(&mut self, other: &Purged) {
+        self.subscriptions += other.subscriptions;
+        self.attempts += other.attempts;
+        self.jobs += other.jobs;
+    }
+}
+
 /// What [`Store::sync_configured_keys`] did.
 #[derive(Debug, Default)]
 pub struct ConfiguredKeys {
@@ -395,8 +411,21 @@ pub trait Store: Send + Sync + 'static {
     /// still poll.
     async fn expire(&self, job_id: JobId, cutoff: Millis, now: Millis) -> Result<(u64, Option<PollableJob>)>;
 
-    /// How many subscriptions are in each state (for `GET /metrics`).
+    /// How many subscriptions are in each state (for `GET /metrics`): read from counts kept in the
+    /// same transactions as the changes, never by counting the table.
     async fn count_by_state(&self) -> Result<Vec<(String, i64)>>;
+
+    // --- housekeeping ---
+
+    /// Deletes, in one short transaction, up to `limit` subscriptions that ended (delivered, failed,
+    /// expired, cancelled) before `ended_before`, oldest first, with their delivery attempts and the jobs
+    /// no subscription refers to any more. `None` when another instance is purging (PostgreSQL).
+    async fn purge_ended(&self, ended_before: Millis, limit: u32) -> Result<Option<Purged>>;
+    /// What [`Store::purge_ended`] would delete, all batches together (`jobhook purge --dry-run`).
+    async fn purgeable(&self, ended_before: Millis) -> Result<Purged>;
+    /// Hands pages freed by a purge back to the file system (SQLite's incremental vacuum; PostgreSQL's
+    /// autovacuum does this by itself).
+    async fn reclaim_space(&self) -> Result<()>;
     /// Proves the database answers a read, and, after writes failed as unavailable, that a write goes
     /// through again (for `GET /readyz`).
     async fn ping(&self) -> Result<()>;

@@ -15,4 +15,5 @@ mod polling;
 mod proxies;
 mod raw;
 mod registration;
+mod retention;
 mod secrets;

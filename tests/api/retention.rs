@@ -1,0 +1,222 @@
+//! Retention: ended subscriptions are purged after `--retention`, with their attempts and orphaned
+//! jobs; live ones never; the state gauges stay equal to a real count; list queries use indexes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use jobhook::domain::{CallbackUrl, FailureReason, JobId, JobStatus, SubscriptionId};
+use jobhook::keys::{ApiKey, SigningSecret};
+use jobhook::store::{AttemptRecord, AttemptResult, Purged, Registered, Store};
+use reqwest::StatusCode;
+
+use crate::helpers::*;
+
+/// A store of its own (SQLite file or PostgreSQL schema), with one tenant.
+async fn store_with_key() -> (Arc<dyn Store>, ApiKey, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = jobhook::store::open(&fresh_db_url(dir.path()).await).await.unwrap();
+    let key = ApiKey::generate();
+    store.create_key("test", key.hash(), &SigningSecret::generate(), 0).await.unwrap();
+    (store, key, dir)
+}
+
+/// Registers a job at `at` and, if `ended_at` is given, ends it then: the job succeeds, and its
+/// delivery is accepted at `ended_at`. Returns the subscription.
+async fn subscription(store: &dyn Store, key: &ApiKey, at: i64, ended_at: Option<i64>) -> SubscriptionId {
+    let job: JobId = uuid::Uuid::new_v4().to_string().parse().unwrap();
+    let url: CallbackUrl = "https://receiver.example/hook".parse().unwrap();
+    let id = SubscriptionId::new();
+    let Registered::CreatedPolling(..) = store.register(key.hash(), id, job, &url, at).await.unwrap() else {
+        panic!("a new job is polled");
+    };
+    if let Some(ended_at) = ended_at {
+        let body = bytes::Bytes::from(format!(r#"{{"job_id":"{job}","status":"Succeed","image_urls":[]}}"#));
+        let tasks = store.complete_job(job, JobStatus::Succeed, &body, at + 1, Duration::from_secs(30)).await.unwrap();
+        let task = &tasks[0];
+        let record = AttemptRecord {
+            subscription_id: id,
+            partition: task.partition,
+            series: 1,
+            attempt: 1,
+            webhook_id: task.webhook_id.clone(),
+            started_at: ended_at,
+            status_code: Some(204),
+            error: None,
+            duration_ms: 1,
+        };
+        assert!(store.record_attempt(&record, AttemptResult::Delivered, ended_at).await.unwrap());
+    }
+    id
+}
+
+#[tokio::test]
+async fn a_subscription_ended_before_the_cutoff_is_purged_one_ended_at_it_or_after_is_kept_live_ones_never() {
+    let (store, key, _dir) = store_with_key().await;
+    let tenant = store.tenant_by_key(key.hash()).await.unwrap().unwrap().id;
+    let outside = subscription(store.as_ref(), &key, 1_000, Some(9_999)).await;
+    let at_cutoff = subscription(store.as_ref(), &key, 1_000, Some(10_000)).await;
+    let inside = subscription(store.as_ref(), &key, 1_000, Some(10_001)).await;
+    // Live, and far older than the cutoff: never purged, whatever its age.
+    let live = subscription(store.as_ref(), &key, 0, None).await;
+
+    let would = store.purgeable(10_000).await.unwrap();
+    assert_eq!(would, Purged { subscriptions: 1, attempts: 1, jobs: 1 });
+    let purged = jobhook::housekeeping::purge(store.as_ref(), 10_000).await.unwrap().unwrap();
+    assert_eq!(purged, would, "the dry run counts what the purge deletes");
+    assert!(store.subscription(tenant, outside).await.unwrap().is_none(), "ended before the cutoff");
+    assert!(store.attempts(tenant, outside).await.unwrap().is_none());
+    for kept in [at_cutoff, inside, live] {
+        assert!(store.subscription(tenant, kept).await.unwrap().is_some(), "{kept} was purged");
+    }
+    assert_eq!(store.attempts(tenant, inside).await.unwrap().unwrap().len(), 1);
+    // Again: nothing more to do.
+    assert_eq!(jobhook::housekeeping::purge(store.as_ref(), 10_000).await.unwrap().unwrap(), Purged::default());
+}
+
+#[tokio::test]
+async fn a_job_row_goes_only_with_its_last_subscription() {
+    let (store, key, _dir) = store_with_key().await;
+    let tenant = store.tenant_by_key(key.hash()).await.unwrap().unwrap().id;
+    // Two subscriptions of one job: one fails early, the other is still polling.
+    let job: JobId = uuid::Uuid::new_v4().to_string().parse().unwrap();
+    let (a, b) = (SubscriptionId::new(), SubscriptionId::new());
+    store.register(key.hash(), a, job, &"https://a.example/".parse().unwrap(), 100).await.unwrap();
+    store.fail_job(job, FailureReason::UpstreamJobNotFound, "gone", 200).await.unwrap();
+    store.register(key.hash(), b, job, &"https://b.example/".parse().unwrap(), 300).await.unwrap();
+    let purged = jobhook::housekeeping::purge(store.as_ref(), 10_000).await.unwrap().unwrap();
+    assert_eq!(purged, Purged { subscriptions: 1, attempts: 0, jobs: 0 });
+    assert!(store.subscription(tenant, b).await.unwrap().is_some());
+    assert!(store.pollable_job(job).await.unwrap().is_some(), "the job of a live subscription stays");
+}
+
+/// The whole loop with a short retention: delivered subscriptions disappear (404), metrics count the
+/// purge, the state gauges follow, and live work registered meanwhile is untouched.
+#[tokio::test]
+async fn housekeeping_purges_on_its_schedule_while_work_goes_on() {
+    let app = spawn_app_with(
+        Settings::default().arg("--retention", "1s").arg("--housekeeping-schedule", "*/1 * * * * *"),
+    )
+    .await;
+    let mut ended = Vec::new();
+    for _ in 0..30 {
+        ended.push(app.register(&new_job(), &app.receiver.url("/hook")).await["id"].as_str().unwrap().to_owned());
+    }
+    for id in &ended {
+        app.wait_for_state(id, "delivered").await;
+    }
+    // Live work while the purge runs: jobs that never end.
+    let pending_job = new_job();
+    app.upstream.script(pending_job.parse().unwrap(), vec![jobhook::mock_upstream::Answer::Pending; 10_000]);
+    let live = app.register(&pending_job, &app.receiver.url("/live")).await;
+    let live = live["id"].as_str().unwrap();
+    eventually(Duration::from_secs(15), "the ended subscriptions to be purged", || async {
+        let mut gone = true;
+        for id in &ended {
+            gone &= app.get_as(KEY_A, &format!("/v1/subscriptions/{id}")).await.status() == StatusCode::NOT_FOUND;
+        }
+        gone.then_some(())
+    })
+    .await;
+    assert_eq!(app.subscription(live).await["state"], "polling");
+    let metrics = app.http.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("jobhook_purged_subscriptions_total 30"), "{metrics}");
+    assert!(metrics.contains("jobhook_purged_attempts_total 30"), "{metrics}");
+    assert!(metrics.contains("jobhook_purged_jobs_total 30"), "{metrics}");
+}
+
+/// The state gauges are counts kept with every change, not counts of the table: they must still equal
+/// a real count after kill -9 (twice, mid-flow), cancellations, and a purge run from the command line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_state_gauges_equal_a_real_count_after_kill_9_and_a_purge() {
+    use crate::binary::{args_on, free_port, register_all, start};
+    const JOBS: usize = 400;
+    let upstream = jobhook::mock_upstream::MockUpstream::start(&mock_args(2)).await.unwrap();
+    let receiver = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let db_url = fresh_db_url(dir.path()).await;
+    let listen = format!("127.0.0.1:{}", free_port());
+    let args = args_on(&listen, &db_url, &upstream.url());
+    let mut running = start(&args).await;
+    let jobs: Vec<String> = (0..JOBS).map(|_| new_job()).collect();
+    let registering = register_all(jobs, vec![listen.clone()], receiver.url("/hook"));
+    for target in [JOBS / 4, JOBS / 2] {
+        eventually(Duration::from_secs(60), "deliveries before a crash", || async {
+            (receiver.requests_to("/hook").len() >= target).then_some(())
+        })
+        .await;
+        running.child.start_kill().unwrap();
+        running.child.wait().await.unwrap();
+        running = start(&args).await;
+    }
+    assert_eq!(registering.await.unwrap().len(), JOBS);
+    let http = reqwest::Client::new();
+    let app = format!("http://{listen}");
+    // Some live ones, and some cancelled.
+    for i in 0..10 {
+        let job = new_job();
+        upstream.script(job.parse().unwrap(), vec![jobhook::mock_upstream::Answer::Pending; 10_000]);
+        let sub: serde_json::Value = http
+            .post(format!("{app}/v1/subscriptions"))
+            .bearer_auth(KEY_A)
+            .json(&serde_json::json!({"job_id": job, "callback_url": receiver.url("/live")}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if i % 2 == 0 {
+            let id = sub["id"].as_str().unwrap();
+            let deleted = http.delete(format!("{app}/v1/subscriptions/{id}")).bearer_auth(KEY_A).send().await.unwrap();
+            assert_eq!(deleted.status(), 204);
+        }
+    }
+    let gauges_match = || async {
+        let real = real_counts(&db_url).await;
+        let text = http.get(format!("{app}/metrics")).send().await.ok()?.text().await.ok()?;
+        let gauges = gauges(&text);
+        (gauges == real).then_some(real)
+    };
+    let real = eventually(Duration::from_secs(60), "the gauges to equal a real count", gauges_match).await;
+    assert_eq!(real.get("delivered").copied().unwrap_or(0) as usize, JOBS, "{real:?}");
+    assert_eq!(real.get("cancelled").copied().unwrap_or(0), 5, "{real:?}");
+
+    // A purge from the command line while the service runs: the ended ones go, the gauges follow.
+    let purge = tokio::process::Command::new(env!("CARGO_BIN_EXE_jobhook"))
+        .args(["purge", "--older-than", "0s", "--database-url", &db_url])
+        .output()
+        .await
+        .unwrap();
+    let said = String::from_utf8_lossy(&purge.stdout);
+    assert!(purge.status.success(), "{said} {}", String::from_utf8_lossy(&purge.stderr));
+    assert!(said.contains(&format!("deleted {} subscription(s)", JOBS + 5)), "{said}");
+    let real = eventually(Duration::from_secs(30), "the gauges to equal a real count after the purge", gauges_match).await;
+    assert_eq!(real.get("polling").copied(), Some(5), "{real:?}");
+    assert_eq!(real.values().sum::<i64>(), 5, "{real:?}");
+    running.child.start_kill().unwrap();
+}
+
+/// `jobhook_subscriptions{state="…"} n` from a scrape.
+fn gauges(metrics: &str) -> std::collections::BTreeMap<String, i64> {
+    metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("jobhook_subscriptions{state=\""))
+        .filter_map(|rest| {
+            let (state, n) = rest.split_once("\"} ")?;
+            Some((state.to_owned(), n.trim().parse().ok()?))
+        })
+        .filter(|(_, n)| *n != 0)
+        .collect()
+}
+
+/// Subscriptions by state, counted in the store itself.
+async fn real_counts(db_url: &str) -> std::collections::BTreeMap<String, i64> {
+    let rows: Vec<(String, i64)> = if on_postgres() {
+        let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(db_url).await.unwrap();
+        sqlx::query_as("SELECT state, COUNT(*) FROM subscriptions GROUP BY state").fetch_all(&mut conn).await.unwrap()
+    } else {
+        let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(db_url).await.unwrap();
+        sqlx::query_as("SELECT state, COUNT(*) FROM subscriptions GROUP BY state").fetch_all(&mut conn).await.unwrap()
+    };
+    rows.into_iter().filter(|(_, n)| *n != 0).collect()
+}
