@@ -14,8 +14,10 @@ use crate::cluster;
 use crate::config::Config;
 use crate::delivery::client;
 use crate::delivery::{self, DeliveryContext};
+use crate::health::Workers;
 use crate::keys::{ApiKey, SigningSecret};
 use crate::metrics::Metrics;
+use crate::partition;
 use crate::poller::{self, PollContext};
 use crate::store::{self, Store, now_ms};
 use crate::upstream::UpstreamClient;
@@ -29,7 +31,7 @@ pub struct Application {
     dispatcher: (Arc<DeliveryContext>, delivery::DispatcherInbox, Vec<store::DeliveryTask>),
     /// Scale-out on PostgreSQL: the lease loop's settings and the workers' handles.
     cluster: Option<(cluster::ClusterConfig, Arc<dyn Store>, poller::PollerHandle, delivery::DispatcherHandle)>,
-    ownership: Arc<cluster::Ownership>,
+    ownership: Arc<partition::Ownership>,
     store: Arc<dyn Store>,
     shutdown: CancellationToken,
     grace: Duration,
@@ -39,61 +41,6 @@ pub struct Application {
     limits: api::ServerLimits,
     /// The retention purge's settings, and the metrics it counts into.
     housekeeping: (crate::config::HousekeepingConfig, Arc<Metrics>),
-}
-
-/// Which workers are running, for `GET /readyz`. A worker is marked running while its task lives (a
-/// guard inside the task clears the mark even if the task panics).
-#[derive(Default)]
-pub struct Workers {
-    running: std::sync::Mutex<std::collections::BTreeMap<&'static str, bool>>,
-}
-
-/// Clears a worker's mark when its task ends.
-pub struct Running {
-    workers: Arc<Workers>,
-    name: &'static str,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        self.workers.set(self.name, false);
-    }
-}
-
-impl Workers {
-    /// Declares a worker that should run; it counts as not running until [`Self::start`].
-    pub fn expect(&self, name: &'static str) {
-        self.set(name, false);
-    }
-
-    /// Marks a worker running until the returned guard is dropped.
-    pub fn start(self: &Arc<Self>, name: &'static str) -> Running {
-        self.set(name, true);
-        Running { workers: self.clone(), name }
-    }
-
-    /// Spawns a worker's task, marked running for as long as the task lives.
-    pub fn spawn<F>(self: &Arc<Self>, name: &'static str, work: F) -> tokio::task::JoinHandle<F::Output>
-    where
-        F: std::future::Future + Send + 'static,
-        F::Output: Send + 'static,
-    {
-        let running = self.start(name);
-        tokio::spawn(async move {
-            let _running = running;
-            work.await
-        })
-    }
-
-    fn set(&self, name: &'static str, running: bool) {
-        self.running.lock().unwrap_or_else(|e| e.into_inner()).insert(name, running);
-    }
-
-    /// `ok` or what is wrong, by worker.
-    pub fn checks(&self) -> std::collections::BTreeMap<String, String> {
-        let running = self.running.lock().unwrap_or_else(|e| e.into_inner());
-        running.iter().map(|(name, up)| (name.to_string(), if *up { "ok" } else { "not running" }.to_owned())).collect()
-    }
 }
 
 /// A key made on first start, to be shown once.
@@ -134,7 +81,7 @@ impl Application {
         // Alone (SQLite) we own every partition and resume all the work now; sharing a PostgreSQL database
         // we own none until the lease loop hands us our share, and load its work then.
         let shared = store.shared();
-        let ownership = Arc::new(if shared { cluster::Ownership::none() } else { cluster::Ownership::all() });
+        let ownership = Arc::new(if shared { partition::Ownership::none() } else { partition::Ownership::all() });
         let secrets = Arc::new(delivery::SecretsCache::new(store.clone()));
         let delivery_ctx = Arc::new(DeliveryContext::new(
             store.clone(),
@@ -165,11 +112,7 @@ impl Application {
             workers.expect("lease loop");
         }
         let cluster = shared.then(|| {
-            let settings = cluster::ClusterConfig {
-                instance_id: cluster::instance_id(),
-                lease_ttl: config.lease_ttl,
-                database_url: config.database_url.clone(),
-            };
+            let settings = cluster::ClusterConfig { instance_id: cluster::instance_id(), lease_ttl: config.lease_ttl };
             (settings, store.clone(), poller.clone(), dispatcher.clone())
         });
         let cursor_key = Arc::new(store.meta_secret("cursor_key").await.context("cannot read the cursor key")?);

@@ -28,140 +28,23 @@
 //! On SQLite there is one instance: it owns every partition and none of this runs.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
 use crate::delivery::DispatcherHandle;
-use crate::domain::{JobId, PARTITIONS, SubscriptionId};
+use crate::partition::{Ownership, PARTITIONS};
 use crate::poller::PollerHandle;
-use crate::store::{Millis, Store};
-
-/// Which partitions this instance works on: bit `p` set = partition `p` is ours, until a deadline.
-///
-/// The deadline is a safety margin before our leases lapse, moved on by every successful renewal. An
-/// instance that stalls (SIGSTOP, a hung lease query, an overloaded host) stops working on its
-/// partitions by itself when it resumes, before the lease loop has had a chance to notice, so it never
-/// works beside the instance that took them over.
-#[derive(Debug)]
-pub struct Ownership {
-    mask: AtomicU64,
-    /// Milliseconds since [`EPOCH`] (a monotonic clock) until which `mask` holds.
-    valid_until: AtomicU64,
-    /// Polls under way, per partition. A partition we give up is released only once its polls have
-    /// ended, so its next owner never polls a job beside us (DESIGN promise 4). (Deliveries need no
-    /// count: each attempt holds a claim in the store.)
-    polls: [AtomicU32; PARTITIONS as usize],
-}
-
-/// A poll under way in a partition; counted until dropped (see [`Ownership::poll_started`]).
-pub struct PollUnderWay {
-    ownership: Arc<Ownership>,
-    partition: usize,
-}
-
-impl Drop for PollUnderWay {
-    fn drop(&mut self) {
-        self.ownership.polls[self.partition].fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-static EPOCH: std::sync::LazyLock<Instant> = std::sync::LazyLock::new(Instant::now);
-
-fn monotonic_ms(at: Instant) -> u64 {
-    u64::try_from(at.saturating_duration_since(*EPOCH).as_millis()).unwrap_or(u64::MAX)
-}
-
-impl Ownership {
-    /// Every partition, for ever: the single instance on SQLite.
-    pub fn all() -> Self {
-        Ownership {
-            mask: AtomicU64::new(u64::MAX),
-            valid_until: AtomicU64::new(u64::MAX),
-            polls: std::array::from_fn(|_| AtomicU32::new(0)),
-        }
-    }
-
-    /// No partition yet: an instance on PostgreSQL before its first leases.
-    pub fn none() -> Self {
-        Ownership {
-            mask: AtomicU64::new(0),
-            valid_until: AtomicU64::new(0),
-            polls: std::array::from_fn(|_| AtomicU32::new(0)),
-        }
-    }
-
-    /// Counts a poll of a job in `partition` until the returned value is dropped; `None` (nothing
-    /// counted) when the partition is not ours. Counted before the ownership check, so a release that
-    /// sees no poll under way after taking the partition away cannot miss one starting.
-    pub fn poll_started(self: &Arc<Self>, partition: i64) -> Option<PollUnderWay> {
-        let index = usize::try_from(partition).ok().filter(|p| *p < PARTITIONS as usize)?;
-        self.polls[index].fetch_add(1, Ordering::AcqRel);
-        let under_way = PollUnderWay { ownership: self.clone(), partition: index };
-        self.owns(partition).then_some(under_way)
-    }
-
-    /// Whether any poll is under way in `partitions` (a mask).
-    fn polls_under_way(&self, partitions: u64) -> bool {
-        (0..PARTITIONS as usize).any(|p| partitions & (1 << p) != 0 && self.polls[p].load(Ordering::Acquire) > 0)
-    }
-
-    pub fn owns(&self, partition: i64) -> bool {
-        (0..i64::from(PARTITIONS)).contains(&partition) && self.mask() & (1 << partition) != 0
-    }
-
-    /// The partitions we may work on now: none once the deadline has passed.
-    pub fn mask(&self) -> u64 {
-        let until = self.valid_until.load(Ordering::Acquire);
-        // `all()` never expires: no clock read on SQLite's hot path.
-        if until == u64::MAX || monotonic_ms(Instant::now()) < until { self.mask.load(Ordering::Acquire) } else { 0 }
-    }
-
-    fn set(&self, mask: u64) {
-        self.mask.store(mask, Ordering::Release);
-    }
-
-    /// Our leases were renewed: the mask holds until `until`.
-    fn valid_until(&self, until: Instant) {
-        self.valid_until.store(monotonic_ms(until), Ordering::Release);
-    }
-}
+use crate::store::{Heard, Millis, Notice, Store};
 
 /// Every this many ticks, the owned partitions' work is reloaded from the store, in case a notice was
 /// lost (about once a minute with the default TTL).
 const RECONCILE_EVERY_TICKS: u64 = 20;
 
-/// The PostgreSQL channel that carries work between instances.
-pub const CHANNEL: &str = "jobhook";
-
-/// A message on [`CHANNEL`]: `poll <job_id>`, `deliver <subscription_id> <partition>` or
-/// `cancel <subscription_id> <job_id>`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Notice {
-    Poll(JobId),
-    Deliver(SubscriptionId, i64),
-    Cancel(SubscriptionId, JobId),
-}
-
-impl Notice {
-    pub fn parse(payload: &str) -> Option<Notice> {
-        let mut words = payload.split(' ');
-        match (words.next()?, words.next(), words.next()) {
-            ("poll", Some(job), None) => Some(Notice::Poll(job.parse().ok()?)),
-            ("deliver", Some(sub), Some(partition)) => {
-                Some(Notice::Deliver(sub.parse().ok()?, partition.parse().ok()?))
-            }
-            ("cancel", Some(sub), Some(job)) => Some(Notice::Cancel(sub.parse().ok()?, job.parse().ok()?)),
-            _ => None,
-        }
-    }
-}
-
 pub struct ClusterConfig {
     pub instance_id: String,
     pub lease_ttl: Duration,
-    pub database_url: String,
 }
 
 /// The lease loop and the notice listener, until `shutdown`; then the leases are released.
@@ -178,7 +61,7 @@ pub async fn run(
     let ttl_ms = Millis::try_from(config.lease_ttl.as_millis()).unwrap_or(Millis::MAX);
     let me = config.instance_id.as_str();
     let work = Work { store: store.clone(), ownership: ownership.clone(), poller, dispatcher };
-    let listener = tokio::spawn(listen(config.database_url.clone(), work.clone(), shutdown.clone()));
+    let listener = tokio::spawn(listen(store.notices(shutdown.clone()), work.clone(), shutdown.clone()));
     let mut last_renewed = Instant::now();
     let mut ticks: u64 = 0;
     // Partitions given up whose polls are still under way: renewed (so they cannot lapse to another
@@ -374,47 +257,19 @@ impl Work {
     }
 }
 
-/// Listens on [`CHANNEL`]; reconnects on its own, and after a reconnect reloads our partitions (notices
-/// sent meanwhile are lost; the store is not).
-async fn listen(url: String, work: Work, shutdown: CancellationToken) {
+/// Acts on other instances' notices; after the store's listener (re)connects, reloads our partitions
+/// (notices sent meanwhile are lost; the store is not).
+async fn listen(notices: Option<tokio::sync::mpsc::Receiver<Heard>>, work: Work, shutdown: CancellationToken) {
+    let Some(mut notices) = notices else { return };
     loop {
-        let mut listener = match sqlx::postgres::PgListener::connect(&url).await {
-            Ok(listener) => listener,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for notices; retrying");
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                }
-            }
+        let heard = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            heard = notices.recv() => heard,
         };
-        if let Err(e) = listener.listen(CHANNEL).await {
-            tracing::warn!(error = %e, "cannot listen for notices; retrying");
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
-            }
-        }
-        work.clone().load(work.ownership.mask()).await;
-        loop {
-            let next = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                next = listener.try_recv() => next,
-            };
-            match next {
-                Ok(Some(notification)) => {
-                    if let Some(notice) = Notice::parse(notification.payload()) {
-                        work.notice(notice).await;
-                    }
-                }
-                // The connection dropped: reconnect (after a breath), then reload what we own.
-                Ok(None) | Err(_) => {
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(Duration::from_millis(500)) => break,
-                    }
-                }
-            }
+        match heard {
+            Some(Heard::Notice(notice)) => work.notice(notice).await,
+            Some(Heard::Listening) => work.clone().load(work.ownership.mask()).await,
+            None => return,
         }
     }
 }
@@ -422,34 +277,4 @@ async fn listen(url: String, work: Work, shutdown: CancellationToken) {
 /// The instance ID: the process ID and a random part, so restarts are new instances.
 pub fn instance_id() -> String {
     format!("jobhook-{}-{}", std::process::id(), &uuid::Uuid::new_v4().simple().to_string()[..8])
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn notices_round_trip() {
-        let job: JobId = "3f1c2b9e-8a4d-4c6e-9b1a-2d5e7f9a0c11".parse().unwrap();
-        let sub = SubscriptionId::new();
-        assert_eq!(Notice::parse(&format!("poll {job}")), Some(Notice::Poll(job)));
-        assert_eq!(Notice::parse(&format!("deliver {sub} 7")), Some(Notice::Deliver(sub, 7)));
-        assert_eq!(Notice::parse(&format!("cancel {sub} {job}")), Some(Notice::Cancel(sub, job)));
-        assert_eq!(Notice::parse("poll nonsense"), None);
-        assert_eq!(Notice::parse("reboot"), None);
-    }
-
-    #[test]
-    fn ownership_is_a_mask_of_partitions_until_its_deadline() {
-        let o = Ownership::none();
-        assert!(!o.owns(3));
-        o.set(1 << 3 | 1 << 63);
-        assert!(!o.owns(3), "no renewal yet: nothing is ours");
-        o.valid_until(Instant::now() + Duration::from_secs(60));
-        assert!(o.owns(3) && o.owns(63) && !o.owns(4) && !o.owns(64) && !o.owns(-1));
-        // A stalled instance that resumes after its deadline works on nothing until it renews.
-        o.valid_until(Instant::now() - Duration::from_millis(1));
-        assert!(!o.owns(3) && o.mask() == 0);
-        assert!(Ownership::all().owns(0));
-    }
 }

@@ -410,11 +410,16 @@ impl ServeArgs {
         }
         nonzero(self.delivery_timeout, "--delivery-timeout", "JOBHOOK_DELIVERY_TIMEOUT")?;
         nonzero(self.request_timeout, "--request-timeout", "JOBHOOK_REQUEST_TIMEOUT")?;
-        if let Err(e) = tokio_cron_scheduler::Job::new_async(self.housekeeping_schedule.trim(), |_, _| Box::pin(async {})) {
+        if let Err(e) =
+            tokio_cron_scheduler::Job::new_async(self.housekeeping_schedule.trim(), |_, _| Box::pin(async {}))
+        {
             return Err(bad(
                 "--housekeeping-schedule",
                 "JOBHOOK_HOUSEKEEPING_SCHEDULE",
-                format!("{:?} is not a cron expression with seconds such as \"0 */5 * * * *\" ({e})", self.housekeeping_schedule),
+                format!(
+                    "{:?} is not a cron expression with seconds such as \"0 */5 * * * *\" ({e})",
+                    self.housekeeping_schedule
+                ),
             ));
         }
         if !(1..=1_000_000).contains(&self.max_connections) {

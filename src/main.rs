@@ -268,8 +268,8 @@ async fn migrate(database_url: &str) -> anyhow::Result<()> {
 async fn purge(args: jobhook::config::PurgeArgs) -> anyhow::Result<()> {
     let store = open_existing_store(&args.store.database_url).await?;
     let older = humantime::format_duration(args.older_than);
-    let ended_before = jobhook::store::now_ms()
-        .saturating_sub(i64::try_from(args.older_than.as_millis()).unwrap_or(i64::MAX));
+    let ended_before =
+        jobhook::store::now_ms().saturating_sub(i64::try_from(args.older_than.as_millis()).unwrap_or(i64::MAX));
     if args.dry_run {
         let would = store.purgeable(ended_before).await?;
         jobhook::outln!(

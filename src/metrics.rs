@@ -141,7 +141,11 @@ impl Metrics {
             "Delivery attempts deleted with their subscriptions by housekeeping",
             m.purged_attempts.clone(),
         );
-        r.register("jobhook_purged_jobs", "Job rows deleted by housekeeping once no subscription referred to them", m.purged_jobs.clone());
+        r.register(
+            "jobhook_purged_jobs",
+            "Job rows deleted by housekeeping once no subscription referred to them",
+            m.purged_jobs.clone(),
+        );
         Metrics { registry: r, ..m }
     }
 
@@ -180,7 +184,7 @@ impl Metrics {
     }
 
     /// Adds the store writer's counters and write-time histogram (call before sharing the metrics).
-    pub fn attach_writer(&mut self, stats: std::sync::Arc<crate::store::WriterStats>) {
+    pub fn attach_writer(&mut self, stats: std::sync::Arc<WriterStats>) {
         self.registry.register_with_unit(
             "jobhook_store_write_duration",
             "A write's time from queueing to its commit (group commit included)",
@@ -201,7 +205,7 @@ impl Metrics {
 
 /// The store writer's counters, read at each scrape.
 #[derive(Debug)]
-struct WriterCollector(std::sync::Arc<crate::store::WriterStats>);
+struct WriterCollector(std::sync::Arc<WriterStats>);
 
 impl prometheus_client::collector::Collector for WriterCollector {
     fn encode(&self, mut encoder: prometheus_client::encoding::DescriptorEncoder) -> Result<(), std::fmt::Error> {
@@ -227,6 +231,31 @@ impl prometheus_client::collector::Collector for WriterCollector {
     }
 }
 
+/// What the store's writers did: transactions started, time spent running group-committed batches (its
+/// rate is the writer's utilisation: near 1 per writer means saturated), and each group-committed
+/// write's time from queueing to commit. `GET /metrics` reads them (see [`Metrics::attach_writer`]). Defined here, a leaf, and handed to the store when it opens, so the store
+/// depends on metrics and never the other way round.
+#[derive(Debug)]
+pub struct WriterStats {
+    pub transactions: std::sync::atomic::AtomicU64,
+    pub busy_micros: std::sync::atomic::AtomicU64,
+    pub write_seconds: prometheus_client::metrics::histogram::Histogram,
+}
+
+impl Default for WriterStats {
+    fn default() -> Self {
+        WriterStats { transactions: Default::default(), busy_micros: Default::default(), write_seconds: latency() }
+    }
+}
+
+impl WriterStats {
+    /// Counts one batch that ran from `since` until now.
+    pub fn batch(&self, since: std::time::Instant) {
+        let micros = u64::try_from(since.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.busy_micros.fetch_add(micros, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// The content type of [`Metrics::render`].
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
@@ -243,7 +272,7 @@ mod tests {
         m.attempt("delivered", 42);
         m.set_subscription_counts(&[("polling".into(), 7)]);
         let mut m = m;
-        let stats = std::sync::Arc::new(crate::store::WriterStats::default());
+        let stats = std::sync::Arc::new(WriterStats::default());
         stats.transactions.fetch_add(3, std::sync::atomic::Ordering::Relaxed);
         stats.busy_micros.fetch_add(1_500_000, std::sync::atomic::Ordering::Relaxed);
         m.attach_writer(stats);

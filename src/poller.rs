@@ -20,11 +20,11 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::time::DelayQueue;
 
-use crate::cluster::Ownership;
 use crate::config::PollConfig;
 use crate::delivery::DispatcherHandle;
 use crate::domain::{FailureReason, JobId, JobStatus};
 use crate::metrics::Metrics;
+use crate::partition::Ownership;
 use crate::recent::Recently;
 use crate::store::{Millis, PollableJob, Store, now_ms};
 use crate::upstream::{PollAnswer, UpstreamClient};

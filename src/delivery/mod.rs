@@ -98,7 +98,7 @@ pub struct DeliveryContext {
     /// Each tenant's signing secrets, shared with the API that rotates them.
     pub secrets: Arc<SecretsCache>,
     /// The partitions this instance delivers (all of them on SQLite).
-    pub ownership: Arc<crate::cluster::Ownership>,
+    pub ownership: Arc<crate::partition::Ownership>,
     pub metrics: Arc<crate::metrics::Metrics>,
 }
 
@@ -109,7 +109,7 @@ impl DeliveryContext {
         policy: EgressPolicy,
         lookup: client::Lookup,
         config: DeliveryConfig,
-        ownership: Arc<crate::cluster::Ownership>,
+        ownership: Arc<crate::partition::Ownership>,
         metrics: Arc<crate::metrics::Metrics>,
     ) -> Self {
         DeliveryContext {

@@ -6,9 +6,15 @@
 //!   outbox): nobody can see a job finished with no delivery scheduled;
 //! * nothing is written for a Pending poll; the poller writes only at transitions.
 //!
-//! `sqlite.rs` is the embedded default; PostgreSQL comes as a second implementation of the same trait.
+//! Two implementations, one module each: `sqlite/` (embedded, the default: rusqlite, one writer
+//! thread with group commit, a small reader pool) and `postgres/` (several instances sharing one
+//! database: native sqlx `PgPool`, group commit with multi-row statements, notices). Both pass the same
+//! integration suite (scripts/test.sh runs it on each). Nothing in this file knows either backend.
 
-mod sql;
+mod group;
+mod postgres;
+mod rows;
+mod sqlite;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,7 +25,8 @@ use bytes::Bytes;
 use crate::domain::{CallbackUrl, FailureReason, JobId, JobStatus, SubscriptionId, SubscriptionState};
 use crate::keys::{KeyHash, SigningSecret};
 
-pub use sql::{Backend, SqlStore, to_dollar_placeholders};
+pub use postgres::Notice;
+pub use sqlite::{lock_sqlite_for_serving, sqlite_file};
 
 /// Unix time in milliseconds: how the store keeps time.
 pub type Millis = i64;
@@ -37,89 +44,70 @@ pub fn check_url(url: &str) -> Result<(), String> {
     }
 }
 
-/// The file a `sqlite:` URL names (without its `?options`); `None` for other stores and for an
-/// in-memory SQLite database, which names no file.
-pub fn sqlite_file(url: &str) -> Option<&str> {
-    let path = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:"))?;
-    path.split('?').next().filter(|p| !p.is_empty() && !p.contains(":memory:"))
-}
-
-/// Keeps a second `jobhook serve` off a SQLite file this process serves: two would both resume the
-/// same work, polling jobs and sending deliveries twice. The lock is an advisory `flock` on a file
-/// beside the database (`<file>.lock`; not the database itself, whose locks SQLite manages), held
-/// until the returned file is dropped or the process ends, however it ends. `None` for PostgreSQL,
-/// where several instances share the work by design.
-pub fn lock_sqlite_for_serving(url: &str) -> Result<Option<std::fs::File>, String> {
-    let Some(path) = sqlite_file(url) else {
-        return Ok(None);
-    };
-    let lock_path = format!("{path}.lock");
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .map_err(|e| format!("cannot open the lock file {lock_path}: {e}"))?;
-    match file.try_lock() {
-        Ok(()) => Ok(Some(file)),
-        Err(std::fs::TryLockError::WouldBlock) => Err(format!(
-            "another jobhook is already serving {path} (it holds {lock_path}). Run one `jobhook serve` per \
-             SQLite file; to run several instances, use PostgreSQL"
-        )),
-        Err(std::fs::TryLockError::Error(e)) => Err(format!("cannot lock {lock_path}: {e}")),
-    }
-}
-
 /// Opens the store a URL names, creating and migrating it as needed.
 pub async fn open(url: &str) -> Result<Arc<dyn Store>, StoreError> {
-    Ok(Arc::new(SqlStore::open(url).await?))
+    open_with(url, Arc::default()).await
 }
 
-/// What the store's writers did: transactions started, time spent running group-committed batches (its
-/// rate is the writer's utilisation: near 1 per writer means saturated), and each group-committed
-/// write's time from queueing to commit. `GET /metrics` reads them (see `Metrics::attach_writer`).
-#[derive(Debug)]
-pub struct WriterStats {
-    pub transactions: std::sync::atomic::AtomicU64,
-    pub busy_micros: std::sync::atomic::AtomicU64,
-    pub write_seconds: prometheus_client::metrics::histogram::Histogram,
-}
-
-impl Default for WriterStats {
-    fn default() -> Self {
-        WriterStats {
-            transactions: Default::default(),
-            busy_micros: Default::default(),
-            write_seconds: crate::metrics::latency(),
-        }
+/// Opens the store a URL names; its writers count what they do in `stats` (see [`WriterStats`]).
+pub async fn open_with(url: &str, stats: Arc<WriterStats>) -> Result<Arc<dyn Store>, StoreError> {
+    if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+        Ok(Arc::new(postgres::PgStore::open(url, stats).await?))
+    } else {
+        Ok(Arc::new(sqlite::SqliteStore::open(url, stats).await?))
     }
 }
 
-impl WriterStats {
-    /// Counts one batch that ran from `since` until now.
-    pub fn batch(&self, since: std::time::Instant) {
-        let micros = u64::try_from(since.elapsed().as_micros()).unwrap_or(u64::MAX);
-        self.busy_micros.fetch_add(micros, std::sync::atomic::Ordering::Relaxed);
-    }
-}
+/// The cause behind a [`StoreError`]: the driver's error, or one of ours below. Shared (`Arc`), so one
+/// failed commit can answer every write of its batch.
+pub type Cause = Arc<dyn std::error::Error + Send + Sync>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// The database cannot take the write now: disk full, read-only file, I/O error, locked too long.
-    /// Nothing was committed; the caller may try again later.
+    /// The database cannot take the write now: disk full, read-only file, I/O error, locked too long,
+    /// unreachable. Nothing was committed; the caller may try again later.
     #[error("the database is unavailable: {0}")]
-    Unavailable(#[source] sqlx::Error),
+    Unavailable(#[source] Cause),
     #[error("database error: {0}")]
-    Other(#[source] sqlx::Error),
+    Other(#[source] Cause),
     #[error("could not migrate the database: {0}")]
-    Migrate(#[from] sqlx::migrate::MigrateError),
+    Migrate(#[source] Cause),
     #[error("a stored row is not readable: {0}")]
     Corrupt(String),
     /// The PostgreSQL server answers but has no database of that name: it is made once, by whoever
     /// runs the server (jobhook creates its tables, not its database).
     #[error("database {0:?} does not exist on that server; create it with: createdb {0}")]
     NoDatabase(String),
+    /// The URL names no store we can open (an in-memory SQLite database, for one).
+    #[error("{0}")]
+    BadUrl(&'static str),
 }
+
+/// Causes of [`StoreError::Unavailable`] that come from the store itself rather than the driver.
+#[derive(Debug, thiserror::Error)]
+pub enum Trouble {
+    /// The store's writer has stopped (the service is shutting down).
+    #[error("the store's writer has stopped")]
+    WriterGone,
+    /// A write batch got no answer in time; its connection was dropped and nothing committed.
+    #[error("a write batch got no answer from the database within {0:?}")]
+    BatchDeadline(Duration),
+    /// Writes failed as unavailable lately and none has gone through since (see [`Store::ping`]).
+    #[error("writes are failing")]
+    WritesFailing,
+    /// No connection could be had in time.
+    #[error("no database connection within {0:?}")]
+    ConnectTimeout(Duration),
+}
+
+impl StoreError {
+    /// An `Unavailable` error with one of our own causes.
+    pub fn trouble(t: Trouble) -> Self {
+        StoreError::Unavailable(Arc::new(t))
+    }
+}
+
+pub use crate::metrics::WriterStats;
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
@@ -314,6 +302,14 @@ impl Purged {
     }
 }
 
+/// What a listener on other instances' notices heard (see [`Store::notices`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Heard {
+    /// Listening (again): notices sent before now may have been missed.
+    Listening,
+    Notice(Notice),
+}
+
 /// What [`Store::sync_configured_keys`] did.
 #[derive(Debug, Default)]
 pub struct ConfiguredKeys {
@@ -429,6 +425,11 @@ pub trait Store: Send + Sync + 'static {
     /// Proves the database answers a read, and, after writes failed as unavailable, that a write goes
     /// through again (for `GET /readyz`).
     async fn ping(&self) -> Result<()>;
+
+    /// Notices from other instances sharing this store, until `shutdown`: `None` where no other instance
+    /// can share it (SQLite). The listener reconnects by itself and says [`Heard::Listening`] each time
+    /// it (re)starts listening: notices sent meanwhile are lost, so the caller reloads its work.
+    fn notices(&self, shutdown: tokio_util::sync::CancellationToken) -> Option<tokio::sync::mpsc::Receiver<Heard>>;
 
     /// How many write transactions this store has started (for the benchmark's writes-per-job figure).
     fn transactions(&self) -> u64 {

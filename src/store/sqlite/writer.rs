@@ -3,8 +3,7 @@
 //! sqlx drives each SQLite connection from a worker thread and crosses to it for every statement; with
 //! a dozen statements a job, those hand-offs were most of jobhook's CPU (profiled with perf). Here a
 //! whole batch runs on this thread, with cached prepared statements, in one transaction: one hand-off
-//! per batch. The SQL is the same as the sqlx path's (which PostgreSQL keeps using); the tests run the
-//! whole suite on both paths.
+//! per batch. The tests run the whole suite on this store and on PostgreSQL's.
 
 use std::time::Duration;
 
@@ -12,6 +11,8 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use tokio::sync::mpsc;
 
 use super::*;
+use crate::domain::new_webhook_id;
+use crate::store::group::{Done, claim_refused};
 
 /// Opens the writer's own connection to the store file and serves batches until the queue closes.
 pub(super) fn spawn(path: String, mut writes: mpsc::Receiver<Write>, stats: Arc<WriterStats>) -> std::io::Result<()> {
@@ -44,10 +45,7 @@ fn run_batch(conn: &mut Connection, batch: &[Write]) -> Vec<Done> {
             Ok(results) => return results,
             // The database is away (disk full, read-only): every write would fail alike.
             Err(StoreError::Unavailable(e)) => {
-                return batch
-                    .iter()
-                    .map(|w| w.failed(StoreError::Unavailable(sqlx::Error::Protocol(e.to_string()))))
-                    .collect();
+                return batch.iter().map(|w| w.failed(StoreError::Unavailable(e.clone()))).collect();
             }
             Err(_) => {} // one write's own failure: each alone, below
         }
@@ -103,8 +101,7 @@ fn classify_sqlite(e: rusqlite::Error) -> StoreError {
                 | FileLockingProtocolFailed
         )
     );
-    let e = sqlx::Error::Protocol(format!("sqlite: {e}"));
-    if unavailable { StoreError::Unavailable(e) } else { StoreError::Other(e) }
+    if unavailable { StoreError::Unavailable(Arc::new(e)) } else { StoreError::Other(Arc::new(e)) }
 }
 
 trait Sqlite<T> {
@@ -127,8 +124,12 @@ fn register(
 ) -> Result<Registered> {
     // The key is checked in the registering transaction: a revoked key is refused at once, and the API
     // needs no read of its own first (see api::auth::RegisteringKey).
-    let tenant_id: Option<i64> =
-        tx.prepare_cached(KEY_TENANT).sq()?.query_row(params![key.0.as_slice()], |r| r.get(0)).optional().sq()?;
+    let tenant_id: Option<i64> = tx
+        .prepare_cached("SELECT tenant_id FROM api_keys WHERE key_hash = ? AND revoked_at IS NULL")
+        .sq()?
+        .query_row(params![key.0.as_slice()], |r| r.get(0))
+        .optional()
+        .sq()?;
     let Some(tenant_id) = tenant_id else { return Ok(Registered::UnknownKey) };
     let job = job_id.to_string();
     tx.prepare_cached(
@@ -217,8 +218,10 @@ fn register(
 /// A subscription as the API shows it, read inside the writer's transaction.
 fn subscription(tx: &rusqlite::Transaction<'_>, id: &str) -> Result<Subscription> {
     let row = tx
-        .prepare_cached(&format!(
-            "SELECT {SUBSCRIPTION_COLUMNS} FROM subscriptions s JOIN jobs j ON j.job_id = s.job_id WHERE s.id = ?"
+        .prepare_cached(concat!(
+            "SELECT ",
+            subscription_columns!(),
+            " FROM subscriptions s JOIN jobs j ON j.job_id = s.job_id WHERE s.id = ?"
         ))
         .sq()?
         .query_row(params![id], |r| {
@@ -261,10 +264,11 @@ fn complete_job(
         == 1;
     if !first {
         // Already recorded: hand out the deliveries it created again (the dispatcher drops repeats).
-        let sql = format!(
-            "{DELIVERY_SELECT} WHERE s.job_id = ? AND s.state = 'delivering' AND s.series = 1 AND s.attempts = 0"
+        let sql = concat!(
+            delivery_select!(),
+            " WHERE s.job_id = ? AND s.state = 'delivering' AND s.series = 1 AND s.attempts = 0"
         );
-        let mut statement = tx.prepare_cached(&sql).sq()?;
+        let mut statement = tx.prepare_cached(sql).sq()?;
         let rows = statement
             .query_map(params![job], |r| {
                 Ok(DeliveryRow {

@@ -1,0 +1,866 @@
+//! The store on PostgreSQL, where several instances share one database: sqlx's native `PgPool`, every
+//! statement written once in PostgreSQL's own SQL and prepared once per connection (sqlx caches them),
+//! the group-committed writes in lanes (see `writer.rs`), and notices between instances (`notice.rs`).
+
+mod notice;
+mod purge;
+mod writer;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sha2::{Digest, Sha256};
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::{Executor, Postgres, Transaction};
+use tokio::sync::{mpsc, oneshot};
+
+use super::group::{ClaimFor, Write};
+use super::rows::*;
+use super::*;
+
+pub use notice::Notice;
+
+/// How long a write batch may wait for PostgreSQL before it is abandoned (see [`writer`]).
+const BATCH_DEADLINE: Duration = Duration::from_secs(15);
+
+/// What every PostgreSQL connection is told at connect: no statement runs longer than
+/// `statement_timeout`, none waits for a lock longer than `lock_timeout` (our transactions are short;
+/// a longer wait is a stuck peer), a transaction left idle is ended, and the server probes an idle client
+/// with TCP keepalives, so a client that vanished releases its locks within about a minute.
+const PG_SESSION: &str = "SET statement_timeout = '30s'; SET lock_timeout = '10s'; \
+     SET idle_in_transaction_session_timeout = '60s'; SET tcp_keepalives_idle = 30; \
+     SET tcp_keepalives_interval = 10; SET tcp_keepalives_count = 3";
+
+/// The database's clock in Unix milliseconds (PostgreSQL), the one clock every instance's claims are
+/// read from (as for leases).
+macro_rules! pg_now_ms {
+    () => {
+        "CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)"
+    };
+}
+
+/// How long `ping` reports a failed write (unless a write succeeds before).
+const WRITE_TROUBLE_FOR: Duration = Duration::from_secs(10);
+
+/// How long a statement waits for a connection or a lock before giving up with "unavailable".
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Migrations only ever add (columns, tables, indexes), so a binary may run on a database that a newer
+/// one has already migrated further: during a rolling upgrade an old instance that restarts must not
+/// refuse to start over a migration it does not know.
+fn migrator(mut migrator: sqlx::migrate::Migrator) -> sqlx::migrate::Migrator {
+    migrator.set_ignore_missing(true);
+    migrator
+}
+
+/// The store on a PostgreSQL server.
+pub struct PgStore {
+    pool: PgPool,
+    /// The group-committed writes go to the writer lanes (see [`writer`]); all writes about one job go
+    /// to the same one.
+    writes: Vec<mpsc::Sender<Write>>,
+    /// Write transactions started (group-committed batches included), and the writers' busy time.
+    stats: Arc<WriterStats>,
+    /// When (Unix ms) the last group-committed write failed as unavailable, if none has succeeded
+    /// since; 0 otherwise. `ping` reports it for [`WRITE_TROUBLE_FOR`].
+    write_trouble: Arc<std::sync::atomic::AtomicI64>,
+    /// Who this process is when it claims deliveries: a new name per process.
+    instance: Arc<str>,
+    /// Where to listen for notices (see [`Store::notices`]).
+    url: String,
+}
+
+/// How many writer lanes: PostgreSQL commits several transactions at once, and each statement waits a
+/// network round trip, so several lanes keep its connections busy.
+const LANES: usize = 8;
+
+impl PgStore {
+    pub async fn open(url: &str, stats: Arc<WriterStats>) -> Result<Self> {
+        // One direct connection first: a pool that cannot connect says only "pool timed out" after its
+        // timeout, where this says why at once (refused, wrong password, no such database).
+        let mut probe = tokio::time::timeout(BUSY_TIMEOUT, <sqlx::PgConnection as sqlx::Connection>::connect(url))
+            .await
+            .map_err(|_| StoreError::trouble(Trouble::ConnectTimeout(BUSY_TIMEOUT)))?
+            .map_err(|e| match &e {
+                // SQLSTATE 3D000 invalid_catalog_name: said plainly rather than as the server's message
+                // with its source file and line.
+                sqlx::Error::Database(db) if db.code().as_deref() == Some("3D000") => {
+                    StoreError::NoDatabase(postgres_database_name(url))
+                }
+                _ => classify(e),
+            })?;
+        // Migrations run on this connection, without the pool's statement timeout: an index built by a
+        // future migration may take longer.
+        migrator(sqlx::migrate!("src/store/migrations/postgres"))
+            .run(&mut probe)
+            .await
+            .map_err(|e| StoreError::Migrate(Arc::new(e)))?;
+        let _ = sqlx::Connection::close(probe).await;
+        let pool = PgPoolOptions::new()
+            .max_connections(16)
+            .acquire_timeout(BUSY_TIMEOUT)
+            .after_connect(|conn, _| Box::pin(async move { conn.execute(PG_SESSION).await.map(drop) }))
+            .connect(url)
+            .await
+            .map_err(classify)?;
+        // Bounded: when the database cannot keep up, callers wait here instead of piling up memory.
+        // Each job's writes go to one lane (by partition), so concurrent batches never lock the same rows
+        // in opposite orders (no deadlocks).
+        let writes = (0..LANES)
+            .map(|_| {
+                let (writes, queue) = mpsc::channel(8 * group::MAX_BATCH);
+                tokio::spawn(writer::run(pool.clone(), queue, stats.clone()));
+                writes
+            })
+            .collect();
+        Ok(PgStore {
+            pool,
+            writes,
+            stats,
+            write_trouble: Default::default(),
+            instance: uuid::Uuid::new_v4().to_string().into(),
+            url: url.to_owned(),
+        })
+    }
+
+    /// Queues a group-committed write and waits for its result (after its transaction committed).
+    async fn write<T>(&self, write: Write, answer: oneshot::Receiver<Result<T>>) -> Result<T> {
+        let gone = || StoreError::trouble(Trouble::WriterGone);
+        let lane = usize::try_from(write.partition()).unwrap_or(0) % self.writes.len();
+        let queued = std::time::Instant::now();
+        self.writes[lane].send(write).await.map_err(|_| gone())?;
+        let done = answer.await.map_err(|_| gone())?;
+        self.stats.write_seconds.observe(queued.elapsed().as_secs_f64());
+        let trouble = if matches!(done, Err(StoreError::Unavailable(_))) { now_ms() } else { 0 };
+        self.write_trouble.store(trouble, std::sync::atomic::Ordering::Relaxed);
+        done
+    }
+
+    async fn begin(&self) -> Result<Transaction<'static, Postgres>> {
+        self.stats.transactions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.pool.begin().await.map_err(classify)
+    }
+}
+use pg_now_ms;
+
+/// The database a `postgres://` URL names: its path, else its `dbname` parameter, else (as libpq does)
+/// the user's name.
+fn postgres_database_name(url: &str) -> String {
+    let Ok(u) = url::Url::parse(url) else { return "(named in the URL)".into() };
+    let path = u.path().trim_start_matches('/');
+    if !path.is_empty() {
+        return path.to_owned();
+    }
+    if let Some((_, name)) = u.query_pairs().find(|(k, _)| k == "dbname") {
+        return name.into_owned();
+    }
+    if u.username().is_empty() { "postgres".into() } else { u.username().to_owned() }
+}
+
+/// Sorts a database error into "try again later" (the connection, the server, a lock) and the rest.
+pub(super) fn classify(e: sqlx::Error) -> StoreError {
+    let unavailable = match &e {
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Tls(_) => true,
+        // SQLSTATE classes: 08 connection, 53 insufficient resources (disk full), 57 operator
+        // intervention (shutdown, terminated backend), 58 system error; 25006 read-only transaction;
+        // 40001/40P01 serialization failure and deadlock.
+        sqlx::Error::Database(db) => {
+            let code = db.code().unwrap_or_default();
+            ["08", "53", "57", "58"].iter().any(|class| code.starts_with(class))
+                || matches!(code.as_ref(), "25006" | "40001" | "40P01")
+        }
+        _ => false,
+    };
+    if unavailable { StoreError::Unavailable(Arc::new(e)) } else { StoreError::Other(Arc::new(e)) }
+}
+
+pub(super) trait Classify<T> {
+    fn db(self) -> Result<T>;
+}
+
+impl<T> Classify<T> for std::result::Result<T, sqlx::Error> {
+    fn db(self) -> Result<T> {
+        self.map_err(classify)
+    }
+}
+
+/// Tells the other instances about work they may own: delivered when `tx` commits, or never.
+pub(super) async fn notify(tx: &mut Transaction<'static, Postgres>, notice: Notice) -> Result<()> {
+    sqlx::query("SELECT pg_notify('jobhook', $1)").bind(notice.to_string()).execute(&mut **tx).await.db()?;
+    Ok(())
+}
+
+pub(super) async fn subscription_in(tx: &mut Transaction<'static, Postgres>, id: &str) -> Result<Subscription> {
+    let sql = concat!(
+        "SELECT ",
+        subscription_columns!(),
+        " FROM subscriptions s JOIN jobs j ON j.job_id = s.job_id WHERE s.id = $1"
+    );
+    let row: SubscriptionRow = sqlx::query_as(sql).bind(id).fetch_one(&mut **tx).await.db()?;
+    row.try_into()
+}
+
+pub(super) async fn pollable_in(tx: &mut Transaction<'static, Postgres>, job_id: &str) -> Result<Option<PollableJob>> {
+    let sql = concat!(pollable_select!(), " WHERE j.job_id = $1 GROUP BY j.job_id");
+    let row: Option<PollableRow> = sqlx::query_as(sql).bind(job_id).fetch_optional(&mut **tx).await.db()?;
+    row.map(PollableJob::try_from).transpose()
+}
+
+#[async_trait]
+impl Store for PgStore {
+    async fn sync_configured_keys(
+        &self,
+        keys: &[KeyHash],
+        secret: Option<&SigningSecret>,
+        now: Millis,
+    ) -> Result<ConfiguredKeys> {
+        let mut tx = self.begin().await?;
+        let mut sync = ConfiguredKeys::default();
+        // Configured keys that left the configuration stop working; those listed again work again,
+        // unless `jobhook keys revoke` revoked them: that stays.
+        let configured: Vec<(i64, Vec<u8>, Option<String>)> =
+            sqlx::query_as("SELECT id, key_hash, revoked_by FROM api_keys WHERE source = 'config'")
+                .fetch_all(&mut *tx)
+                .await
+                .db()?;
+        for (id, hash, revoked_by) in configured {
+            let still = keys.iter().any(|k| k.0.as_slice() == hash.as_slice());
+            if still && revoked_by.as_deref() == Some("command") {
+                sync.revoked_by_command.push(id);
+                continue;
+            }
+            let sql = if still {
+                "UPDATE api_keys SET revoked_at = NULL, revoked_by = NULL WHERE id = $1"
+            } else {
+                "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, $2), revoked_by = COALESCE(revoked_by, 'config') WHERE id = $1"
+            };
+            let query = sqlx::query(sql);
+            let query = query.bind(id);
+            let query = if still { query } else { query.bind(now) };
+            query.execute(&mut *tx).await.db()?;
+        }
+        // The configured secret is applied when it changes, not at every start: a rotation through the
+        // API since then is kept.
+        let fingerprint = secret.map(|s| Sha256::digest(s.bytes()).to_vec());
+        let applied: Option<Vec<u8>> =
+            sqlx::query_scalar("SELECT value FROM meta WHERE key = 'configured_signing_secret'")
+                .fetch_optional(&mut *tx)
+                .await
+                .db()?;
+        let secret_changed = fingerprint.is_some() && fingerprint != applied;
+        if let Some(fingerprint) = fingerprint.as_ref().filter(|_| secret_changed) {
+            sqlx::query(
+                "INSERT INTO meta (key, value) VALUES ('configured_signing_secret', $1) \
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            )
+            .bind(fingerprint.as_slice())
+            .execute(&mut *tx)
+            .await
+            .db()?;
+        }
+        for (i, key) in keys.iter().enumerate() {
+            let tenant: Option<i64> = sqlx::query_scalar("SELECT tenant_id FROM api_keys WHERE key_hash = $1")
+                .bind(key.0.as_slice())
+                .fetch_optional(&mut *tx)
+                .await
+                .db()?;
+            match tenant {
+                Some(tenant_id) => {
+                    if let Some(secret) = secret.filter(|_| secret_changed) {
+                        sqlx::query("UPDATE tenants SET signing_secret = $1 WHERE id = $2")
+                            .bind(secret.expose())
+                            .bind(tenant_id)
+                            .execute(&mut *tx)
+                            .await
+                            .db()?;
+                    }
+                }
+                None => {
+                    let secret = secret.cloned().unwrap_or_else(SigningSecret::generate);
+                    let name = format!("configured key {}", i + 1);
+                    insert_tenant_with_key(&mut tx, &name, *key, &secret, "config", now).await?;
+                    sync.created += 1;
+                }
+            }
+        }
+        tx.commit().await.db()?;
+        Ok(sync)
+    }
+
+    async fn create_key(&self, name: &str, key: KeyHash, secret: &SigningSecret, now: Millis) -> Result<i64> {
+        let mut tx = self.begin().await?;
+        let id = insert_tenant_with_key(&mut tx, name, key, secret, "stored", now).await?;
+        tx.commit().await.db()?;
+        Ok(id)
+    }
+
+    async fn add_key(&self, tenant_id: i64, name: &str, key: KeyHash, now: Millis) -> Result<Option<i64>> {
+        let mut tx = self.begin().await?;
+        let tenant: Option<i64> = sqlx::query_scalar("SELECT id FROM tenants WHERE id = $1")
+            .bind(tenant_id)
+            .fetch_optional(&mut *tx)
+            .await
+            .db()?;
+        if tenant.is_none() {
+            return Ok(None);
+        }
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO api_keys (tenant_id, name, key_hash, source, created_at) VALUES ($1, $2, $3, 'stored', $4) \
+             RETURNING id",
+        )
+        .bind(tenant_id)
+        .bind(name)
+        .bind(key.0.as_slice())
+        .bind(now)
+        .fetch_one(&mut *tx)
+        .await
+        .db()?;
+        tx.commit().await.db()?;
+        Ok(Some(id))
+    }
+
+    async fn usable_key_count(&self) -> Result<i64> {
+        sqlx::query_scalar("SELECT COUNT(*) FROM api_keys WHERE revoked_at IS NULL").fetch_one(&self.pool).await.db()
+    }
+
+    async fn tenant_by_key(&self, key: KeyHash) -> Result<Option<Tenant>> {
+        let row: Option<(i64, String)> = sqlx::query_as(
+            "SELECT t.id, t.signing_secret FROM api_keys k JOIN tenants t ON t.id = k.tenant_id \
+             WHERE k.key_hash = $1 AND k.revoked_at IS NULL",
+        )
+        .bind(key.0.as_slice())
+        .fetch_optional(&self.pool)
+        .await
+        .db()?;
+        row.map(|(id, secret)| Ok(Tenant { id, secret: Arc::new(parse_secret(&secret)?) })).transpose()
+    }
+
+    async fn list_keys(&self) -> Result<Vec<KeyInfo>> {
+        let rows: Vec<(i64, i64, String, String, i64, Option<i64>)> =
+            sqlx::query_as("SELECT id, tenant_id, name, source, created_at, revoked_at FROM api_keys ORDER BY id")
+                .fetch_all(&self.pool)
+                .await
+                .db()?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, tenant_id, name, source, created_at, revoked_at)| KeyInfo {
+                id,
+                tenant_id,
+                name,
+                source,
+                created_at,
+                revoked_at,
+            })
+            .collect())
+    }
+
+    async fn revoke_key(&self, id: i64, now: Millis) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE api_keys SET revoked_at = $1, revoked_by = 'command' WHERE id = $2 AND revoked_at IS NULL",
+        )
+        .bind(now)
+        .bind(id)
+        .execute(&self.pool)
+        .await
+        .db()?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn signing_secrets(&self, tenant_id: i64, now: Millis) -> Result<Vec<SigningSecret>> {
+        let row: Option<(String, Option<String>, Option<i64>)> =
+            sqlx::query_as("SELECT signing_secret, previous_secret, previous_until FROM tenants WHERE id = $1")
+                .bind(tenant_id)
+                .fetch_optional(&self.pool)
+                .await
+                .db()?;
+        let Some((current, previous, until)) = row else {
+            return Err(corrupt("delivery of an unknown tenant", tenant_id));
+        };
+        let mut secrets = vec![parse_secret(&current)?];
+        if let (Some(previous), Some(until)) = (previous, until)
+            && now < until
+        {
+            secrets.push(parse_secret(&previous)?);
+        }
+        Ok(secrets)
+    }
+
+    async fn rotate_secret(&self, tenant_id: i64, new: &SigningSecret, previous_until: Millis) -> Result<()> {
+        sqlx::query("UPDATE tenants SET previous_secret = signing_secret, previous_until = $1, signing_secret = $2 WHERE id = $3",)
+        .bind(previous_until)
+        .bind(new.expose())
+        .bind(tenant_id)
+        .execute(&self.pool)
+        .await
+        .db()?;
+        Ok(())
+    }
+
+    async fn meta_secret(&self, name: &str) -> Result<Vec<u8>> {
+        sqlx::query("INSERT INTO meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING")
+            .bind(name)
+            .bind(rand::random::<[u8; 32]>().as_slice())
+            .execute(&self.pool)
+            .await
+            .db()?;
+        sqlx::query_scalar("SELECT value FROM meta WHERE key = $1").bind(name).fetch_one(&self.pool).await.db()
+    }
+
+    async fn redeliver(&self, tenant_id: i64, id: SubscriptionId, now: Millis) -> Result<Option<Redelivery>> {
+        let sub_id = id.to_string();
+        let mut tx = self.begin().await?;
+        let sql = concat!(delivery_select!(), " WHERE s.id = $1 AND s.tenant_id = $2");
+        let row: Option<DeliveryRow> =
+            sqlx::query_as(sql).bind(&sub_id).bind(tenant_id).fetch_optional(&mut *tx).await.db()?;
+        let Some(row) = row else { return Ok(None) };
+        let state: String = sqlx::query_scalar("SELECT state FROM subscriptions WHERE id = $1")
+            .bind(&sub_id)
+            .fetch_one(&mut *tx)
+            .await
+            .db()?;
+        let state: SubscriptionState = state.parse().map_err(|e| corrupt("state", e))?;
+        if !matches!(state, SubscriptionState::Delivered | SubscriptionState::Failed)
+            || row.result.is_none()
+            || row.webhook_id.is_none()
+        {
+            return Ok(Some(Redelivery::NotEnded(state)));
+        }
+        // A failed subscription may have been followed by a new registration of the same job and
+        // callback; two live deliveries of one job to one callback would be one too many.
+        let newer: Option<i64> = sqlx::query_scalar(
+            "SELECT CAST(1 AS BIGINT) FROM subscriptions s JOIN subscriptions o ON o.tenant_id = s.tenant_id AND o.job_id = s.job_id \
+             AND o.callback_url = s.callback_url AND o.id <> s.id AND o.state IN ('polling', 'delivering', 'delivered') \
+             WHERE s.id = $1",
+        )
+        .bind(&sub_id)
+        .fetch_optional(&mut *tx)
+        .await
+        .db()?;
+        if newer.is_some() {
+            return Ok(Some(Redelivery::Superseded));
+        }
+        // Conditional, and the series comes back from the row: two redeliveries at once start two series,
+        // each task with its own number.
+        let series: Option<i64> = sqlx::query_scalar(
+            "UPDATE subscriptions SET state = 'delivering', series = series + 1, attempts = 0, failure_reason = NULL, \
+             next_attempt_at = $1, updated_at = $1 WHERE id = $2 AND state IN ('delivered', 'failed') RETURNING series",
+        )
+        .bind(now)
+        .bind(&sub_id)
+        .fetch_optional(&mut *tx)
+        .await
+        .db()?;
+        let Some(series) = series else {
+            return Ok(Some(Redelivery::NotEnded(state)));
+        };
+        notify(&mut tx, Notice::Deliver(id, row.partition)).await?;
+        tx.commit().await.db()?;
+        let mut task = DeliveryTask::try_from(row)?;
+        task.series = u32::try_from(series).unwrap_or(u32::MAX);
+        task.attempts_made = 0;
+        task.due_at = now;
+        Ok(Some(Redelivery::Started(task)))
+    }
+
+    async fn register(
+        &self,
+        key: KeyHash,
+        id: SubscriptionId,
+        job_id: JobId,
+        callback_url: &CallbackUrl,
+        now: Millis,
+    ) -> Result<Registered> {
+        let (reply, answer) = oneshot::channel();
+        self.write(Write::Register { key, id, job_id, callback_url: callback_url.clone(), now, reply }, answer).await
+    }
+
+    async fn subscription(&self, tenant_id: i64, id: SubscriptionId) -> Result<Option<Subscription>> {
+        let sql = concat!(
+            "SELECT ",
+            subscription_columns!(),
+            " FROM subscriptions s JOIN jobs j ON j.job_id = s.job_id WHERE s.id = $1 AND s.tenant_id = $2"
+        );
+        let row: Option<SubscriptionRow> =
+            sqlx::query_as(sql).bind(id.to_string()).bind(tenant_id).fetch_optional(&self.pool).await.db()?;
+        row.map(Subscription::try_from).transpose()
+    }
+
+    async fn list_subscriptions(&self, tenant_id: i64, filter: &ListFilter) -> Result<Vec<Subscription>> {
+        let sql = concat!(
+            "SELECT ",
+            subscription_columns!(),
+            " FROM subscriptions s JOIN jobs j ON j.job_id = s.job_id \
+             WHERE s.tenant_id = $1 AND ($2 IS NULL OR s.job_id = $2) AND ($3 IS NULL OR s.state = $3) AND ($4 IS NULL OR s.id < $4) \
+             ORDER BY s.id DESC LIMIT $5"
+        );
+        let rows: Vec<SubscriptionRow> = sqlx::query_as(sql)
+            .bind(tenant_id)
+            .bind(filter.job_id.map(|j| j.to_string()))
+            .bind(filter.state.map(|s| s.as_str()))
+            .bind(filter.before.map(|b| b.to_string()))
+            .bind(i64::from(filter.limit))
+            .fetch_all(&self.pool)
+            .await
+            .db()?;
+        rows.into_iter().map(Subscription::try_from).collect()
+    }
+
+    async fn cancel(&self, tenant_id: i64, id: SubscriptionId, now: Millis) -> Result<Option<Cancel>> {
+        let sub_id = id.to_string();
+        let mut tx = self.begin().await?;
+        let row: Option<(String, String)> =
+            sqlx::query_as("SELECT job_id, state FROM subscriptions WHERE id = $1 AND tenant_id = $2")
+                .bind(&sub_id)
+                .bind(tenant_id)
+                .fetch_optional(&mut *tx)
+                .await
+                .db()?;
+        let Some((job_id, state)) = row else {
+            return Ok(None);
+        };
+        let job_id: JobId = job_id.parse().map_err(|e| corrupt("job id", e))?;
+        let was: SubscriptionState = state.parse().map_err(|e| corrupt("state", e))?;
+        if was.is_final() {
+            return Ok(Some(Cancel::Ended(was)));
+        }
+        // Not while an attempt holds the claim: it may be on the wire, and a subscription that reads
+        // `cancelled` must never have been delivered. The claim is read on the clock that set it.
+        let changed = sqlx::query(concat!(
+                "UPDATE subscriptions SET state = 'cancelled', next_attempt_at = NULL, claimed_until = NULL, claimed_by = NULL, \
+                 updated_at = $1 WHERE id = $2 AND state IN ('polling', 'delivering') \
+                 AND (claimed_until IS NULL OR claimed_until <= ",
+                pg_now_ms!(),
+                ")"
+            ))
+        .bind(now)
+        .bind(&sub_id)
+        .execute(&mut *tx)
+        .await
+        .db()?;
+        if changed.rows_affected() == 0 {
+            // Claimed, or (PostgreSQL: the read above takes no lock) ended since. A live subscription here
+            // is held by an attempt (or its claim lapsed a moment ago): the caller asks again shortly.
+            let state: String = sqlx::query_scalar("SELECT state FROM subscriptions WHERE id = $1")
+                .bind(&sub_id)
+                .fetch_one(&mut *tx)
+                .await
+                .db()?;
+            let state: SubscriptionState = state.parse().map_err(|e| corrupt("state", e))?;
+            return Ok(Some(if state.is_final() { Cancel::Ended(state) } else { Cancel::AttemptInFlight }));
+        }
+        notify(&mut tx, Notice::Cancel(id, job_id)).await?;
+        tx.commit().await.db()?;
+        Ok(Some(Cancel::Cancelled { job_id, was }))
+    }
+
+    async fn attempts(&self, tenant_id: i64, id: SubscriptionId) -> Result<Option<Vec<AttemptRecord>>> {
+        let exists: Option<i64> =
+            sqlx::query_scalar("SELECT CAST(1 AS BIGINT) FROM subscriptions WHERE id = $1 AND tenant_id = $2")
+                .bind(id.to_string())
+                .bind(tenant_id)
+                .fetch_optional(&self.pool)
+                .await
+                .db()?;
+        if exists.is_none() {
+            return Ok(None);
+        }
+        let rows: Vec<(i64, i64, String, i64, Option<i64>, Option<String>, i64)> = sqlx::query_as(
+            "SELECT series, attempt, webhook_id, started_at, status_code, error, duration_ms FROM delivery_attempts \
+             WHERE subscription_id = $1 ORDER BY id",
+        )
+        .bind(id.to_string())
+        .fetch_all(&self.pool)
+        .await
+        .db()?;
+        Ok(Some(
+            rows.into_iter()
+                .map(|(series, attempt, webhook_id, started_at, status_code, error, duration_ms)| AttemptRecord {
+                    subscription_id: id,
+                    partition: 0,
+                    series: u32::try_from(series).unwrap_or(1),
+                    attempt: u32::try_from(attempt).unwrap_or(0),
+                    webhook_id,
+                    started_at,
+                    status_code: status_code.and_then(|c| u16::try_from(c).ok()),
+                    error,
+                    duration_ms: u64::try_from(duration_ms).unwrap_or(0),
+                })
+                .collect(),
+        ))
+    }
+
+    async fn pollable_jobs(&self) -> Result<Vec<PollableJob>> {
+        let sql = concat!(pollable_select!(), " GROUP BY j.job_id");
+        let rows: Vec<PollableRow> = sqlx::query_as(sql).fetch_all(&self.pool).await.db()?;
+        rows.into_iter().map(PollableJob::try_from).collect()
+    }
+
+    async fn pollable_job(&self, job_id: JobId) -> Result<Option<PollableJob>> {
+        let sql = concat!(pollable_select!(), " WHERE j.job_id = $1 GROUP BY j.job_id");
+        let row: Option<PollableRow> =
+            sqlx::query_as(sql).bind(job_id.to_string()).fetch_optional(&self.pool).await.db()?;
+        row.map(PollableJob::try_from).transpose()
+    }
+
+    async fn record_observation(
+        &self,
+        job_id: JobId,
+        status: Option<JobStatus>,
+        last_error: Option<&str>,
+        now: Millis,
+    ) -> Result<()> {
+        let (reply, answer) = oneshot::channel();
+        let last_error = last_error.map(str::to_owned);
+        self.write(Write::Observe { job_id, status, last_error, now, reply }, answer).await
+    }
+
+    async fn complete_job(
+        &self,
+        job_id: JobId,
+        status: JobStatus,
+        body: &Bytes,
+        now: Millis,
+        claim_for: Duration,
+    ) -> Result<Vec<DeliveryTask>> {
+        let (reply, answer) = oneshot::channel();
+        let claim = ClaimFor::new(&self.instance, claim_for);
+        self.write(Write::Complete { job_id, status, body: body.clone(), now, claim, reply }, answer).await
+    }
+
+    async fn claim_delivery(&self, task: &DeliveryTask, claim_for: Duration) -> Result<Claim> {
+        let (reply, answer) = oneshot::channel();
+        let claim = ClaimFor::new(&self.instance, claim_for);
+        let write = Write::Claim {
+            id: task.subscription_id,
+            partition: task.partition,
+            series: task.series,
+            now: now_ms(),
+            claim,
+            reply,
+        };
+        self.write(write, answer).await
+    }
+
+    async fn fail_job(&self, job_id: JobId, reason: FailureReason, last_error: &str, now: Millis) -> Result<u64> {
+        let job = job_id.to_string();
+        let mut tx = self.begin().await?;
+        sqlx::query("UPDATE jobs SET last_error = $1, updated_at = $2 WHERE job_id = $3")
+            .bind(last_error)
+            .bind(now)
+            .bind(&job)
+            .execute(&mut *tx)
+            .await
+            .db()?;
+        let done = sqlx::query("UPDATE subscriptions SET state = 'failed', failure_reason = $1, updated_at = $2 WHERE job_id = $3 AND state = 'polling'")
+            .bind(reason.as_str())
+            .bind(now)
+            .bind(&job)
+            .execute(&mut *tx)
+            .await
+            .db()?;
+        tx.commit().await.db()?;
+        Ok(done.rows_affected())
+    }
+
+    async fn expire(&self, job_id: JobId, cutoff: Millis, now: Millis) -> Result<(u64, Option<PollableJob>)> {
+        let job = job_id.to_string();
+        let mut tx = self.begin().await?;
+        let expired = sqlx::query("UPDATE subscriptions SET state = 'expired', updated_at = $1 WHERE job_id = $2 AND state = 'polling' AND created_at <= $3")
+            .bind(now)
+            .bind(&job)
+            .bind(cutoff)
+            .execute(&mut *tx)
+            .await
+            .db()?;
+        let left = pollable_in(&mut tx, &job).await?;
+        tx.commit().await.db()?;
+        Ok((expired.rows_affected(), left))
+    }
+
+    async fn count_by_state(&self) -> Result<Vec<(String, i64)>> {
+        // Kept by triggers with every change (migration 0004), a row per state and shard.
+        sqlx::query_as("SELECT state, CAST(SUM(n) AS BIGINT) FROM subscription_counts GROUP BY state")
+            .fetch_all(&self.pool)
+            .await
+            .db()
+    }
+
+    async fn purge_ended(&self, ended_before: Millis, limit: u32) -> Result<Option<Purged>> {
+        self.purge_batch(ended_before, limit).await
+    }
+
+    async fn purgeable(&self, ended_before: Millis) -> Result<Purged> {
+        self.count_purgeable(ended_before).await
+    }
+
+    async fn reclaim_space(&self) -> Result<()> {
+        // Autovacuum makes the space of deleted rows reusable by itself.
+        Ok(())
+    }
+
+    async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT COUNT(*) FROM meta").execute(&self.pool).await.db()?;
+        // Writes failing lately (and none going through since) is not ready either. The mark lapses on
+        // its own, so an idle instance whose disk recovered becomes ready without writing anything; if
+        // the disk is still full, the next write marks it again.
+        let failed_at = self.write_trouble.load(std::sync::atomic::Ordering::Relaxed);
+        if failed_at > 0 && now_ms() - failed_at < WRITE_TROUBLE_FOR.as_millis() as Millis {
+            return Err(StoreError::trouble(Trouble::WritesFailing));
+        }
+        Ok(())
+    }
+
+    fn writer_stats(&self) -> Arc<WriterStats> {
+        self.stats.clone()
+    }
+
+    fn shared(&self) -> bool {
+        true
+    }
+
+    fn notices(&self, shutdown: tokio_util::sync::CancellationToken) -> Option<mpsc::Receiver<Heard>> {
+        Some(notice::listen(self.url.clone(), shutdown))
+    }
+
+    async fn clock(&self) -> Result<Millis> {
+        sqlx::query_scalar(concat!("SELECT ", pg_now_ms!())).fetch_one(&self.pool).await.db()
+    }
+
+    async fn heartbeat(&self, instance: &str, now: Millis, live_after: Millis) -> Result<i64> {
+        sqlx::query(
+            "INSERT INTO instances (id, heartbeat_at) VALUES ($1, $2) \
+             ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
+        )
+        .bind(instance)
+        .bind(now)
+        .execute(&self.pool)
+        .await
+        .db()?;
+        // Instances silent for ten times the liveness window are gone for good.
+        sqlx::query("DELETE FROM instances WHERE heartbeat_at < $1")
+            .bind(live_after - 10 * (now - live_after))
+            .execute(&self.pool)
+            .await
+            .db()?;
+        sqlx::query_scalar("SELECT COUNT(*) FROM instances WHERE heartbeat_at > $1")
+            .bind(live_after)
+            .fetch_one(&self.pool)
+            .await
+            .db()
+    }
+
+    async fn renew_leases(&self, instance: &str, until: Millis) -> Result<u64> {
+        let held: Vec<i64> =
+            sqlx::query_scalar("UPDATE leases SET expires_at = $1 WHERE owner = $2 RETURNING partition")
+                .bind(until)
+                .bind(instance)
+                .fetch_all(&self.pool)
+                .await
+                .db()?;
+        Ok(mask_of(&held))
+    }
+
+    async fn claim_leases(&self, instance: &str, n: i64, now: Millis, until: Millis) -> Result<u64> {
+        // SKIP LOCKED: two instances claiming at once take different partitions, neither waits.
+        let taken: Vec<i64> = sqlx::query_scalar(
+            "UPDATE leases SET owner = $1, expires_at = $3 WHERE partition IN \
+             (SELECT partition FROM leases WHERE owner IS NULL OR expires_at < $2 ORDER BY random() LIMIT $4 \
+              FOR UPDATE SKIP LOCKED) \
+             RETURNING partition",
+        )
+        .bind(instance)
+        .bind(now)
+        .bind(until)
+        .bind(n)
+        .fetch_all(&self.pool)
+        .await
+        .db()?;
+        Ok(mask_of(&taken))
+    }
+
+    async fn release_leases(&self, instance: &str, partitions: u64) -> Result<()> {
+        sqlx::query("UPDATE leases SET owner = NULL, expires_at = 0 WHERE owner = $1 AND (($2 >> CAST(partition AS INTEGER)) & 1) = 1",)
+        .bind(instance)
+        .bind(partitions as i64)
+        .execute(&self.pool)
+        .await
+        .db()?;
+        Ok(())
+    }
+
+    async fn leave(&self, instance: &str) -> Result<()> {
+        // Our workers have stopped: the claims they took for deliveries they did not get to (or that
+        // will be retried) are let go, so the next owner need not wait for them to lapse.
+        sqlx::query("UPDATE subscriptions SET claimed_until = NULL, claimed_by = NULL WHERE state = 'delivering' AND claimed_by = $1",)
+        .bind(&*self.instance)
+        .execute(&self.pool)
+        .await
+        .db()?;
+        self.release_leases(instance, u64::MAX).await?;
+        sqlx::query("DELETE FROM instances WHERE id = $1").bind(instance).execute(&self.pool).await.db()?;
+        Ok(())
+    }
+
+    async fn pollable_jobs_in(&self, partitions: u64) -> Result<Vec<PollableJob>> {
+        let sql =
+            concat!(pollable_select!(), " WHERE (($1 >> CAST(j.partition AS INTEGER)) & 1) = 1 GROUP BY j.job_id");
+        let rows: Vec<PollableRow> = sqlx::query_as(sql).bind(partitions as i64).fetch_all(&self.pool).await.db()?;
+        rows.into_iter().map(PollableJob::try_from).collect()
+    }
+
+    async fn pending_deliveries_in(&self, partitions: u64) -> Result<Vec<DeliveryTask>> {
+        let sql = concat!(
+            delivery_select!(),
+            " WHERE s.state = 'delivering' AND (($1 >> CAST(s.partition AS INTEGER)) & 1) = 1"
+        );
+        let rows: Vec<DeliveryRow> = sqlx::query_as(sql).bind(partitions as i64).fetch_all(&self.pool).await.db()?;
+        rows.into_iter().map(DeliveryTask::try_from).collect()
+    }
+
+    async fn delivery_task(&self, id: SubscriptionId) -> Result<Option<DeliveryTask>> {
+        let sql = concat!(delivery_select!(), " WHERE s.state = 'delivering' AND s.id = $1");
+        let row: Option<DeliveryRow> =
+            sqlx::query_as(sql).bind(id.to_string()).fetch_optional(&self.pool).await.db()?;
+        row.map(DeliveryTask::try_from).transpose()
+    }
+
+    async fn pending_deliveries(&self) -> Result<Vec<DeliveryTask>> {
+        let sql = concat!(delivery_select!(), " WHERE s.state = 'delivering'");
+        let rows: Vec<DeliveryRow> = sqlx::query_as(sql).fetch_all(&self.pool).await.db()?;
+        rows.into_iter().map(DeliveryTask::try_from).collect()
+    }
+
+    async fn record_attempt(&self, record: &AttemptRecord, result: AttemptResult, now: Millis) -> Result<bool> {
+        let (reply, answer) = oneshot::channel();
+        self.write(Write::Attempt { record: record.clone(), result, now, reply }, answer).await
+    }
+}
+
+async fn insert_tenant_with_key(
+    tx: &mut Transaction<'static, Postgres>,
+    name: &str,
+    key: KeyHash,
+    secret: &SigningSecret,
+    source: &str,
+    now: Millis,
+) -> Result<i64> {
+    let tenant_id: i64 =
+        sqlx::query_scalar("INSERT INTO tenants (name, signing_secret, created_at) VALUES ($1, $2, $3) RETURNING id")
+            .bind(name)
+            .bind(secret.expose())
+            .bind(now)
+            .fetch_one(&mut **tx)
+            .await
+            .db()?;
+    sqlx::query("INSERT INTO api_keys (tenant_id, name, key_hash, source, created_at) VALUES ($1, $2, $3, $4, $5)")
+        .bind(tenant_id)
+        .bind(name)
+        .bind(key.0.as_slice())
+        .bind(source)
+        .bind(now)
+        .execute(&mut **tx)
+        .await
+        .db()?;
+    Ok(tenant_id)
+}

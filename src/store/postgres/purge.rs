@@ -1,0 +1,84 @@
+//! The retention purge on PostgreSQL: one short transaction per batch, one instance at a time.
+//!
+//! A batch first takes a transaction-scoped advisory lock (another instance purging: skip), then the
+//! state counts of every shard in a fixed order (the counting triggers of the deletes need them, and
+//! taking them up front, before any row lock, means a writer lane that holds a count never waits for us
+//! while we wait for it), then the rows it deletes with `SKIP LOCKED`, so it never waits for a
+//! registration or a delivery.
+
+use super::*;
+
+/// The advisory lock key of the purge ("jobhook purge").
+const PURGE_LOCK: i64 = 0x6a6f_6268_6f6f_6b70;
+
+impl PgStore {
+    pub(super) async fn purge_batch(&self, ended_before: Millis, limit: u32) -> Result<Option<Purged>> {
+        let mut tx = self.begin().await?;
+        let ours: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
+            .bind(PURGE_LOCK)
+            .fetch_one(&mut *tx)
+            .await
+            .db()?;
+        if !ours {
+            return Ok(None);
+        }
+        sqlx::query("SELECT 1 FROM subscription_counts ORDER BY state, shard FOR UPDATE")
+            .execute(&mut *tx)
+            .await
+            .db()?;
+        let rows: Vec<(String, String)> = sqlx::query_as(
+            "SELECT id, job_id FROM subscriptions WHERE state IN ('delivered', 'failed', 'expired', 'cancelled') \
+             AND updated_at < $1 ORDER BY updated_at LIMIT $2 FOR UPDATE SKIP LOCKED",
+        )
+        .bind(ended_before)
+        .bind(i64::from(limit))
+        .fetch_all(&mut *tx)
+        .await
+        .db()?;
+        if rows.is_empty() {
+            return Ok(Some(Purged::default()));
+        }
+        let (ids, jobs): (Vec<String>, Vec<String>) = rows.into_iter().unzip();
+        let attempts = sqlx::query("DELETE FROM delivery_attempts WHERE subscription_id = ANY($1)")
+            .bind(&ids)
+            .execute(&mut *tx)
+            .await
+            .db()?
+            .rows_affected();
+        let subscriptions = sqlx::query("DELETE FROM subscriptions WHERE id = ANY($1)")
+            .bind(&ids)
+            .execute(&mut *tx)
+            .await
+            .db()?
+            .rows_affected();
+        // A job another transaction holds (a registration of it right now) is left for a later run.
+        let jobs = sqlx::query(
+            "DELETE FROM jobs WHERE job_id IN (SELECT job_id FROM jobs j WHERE j.job_id = ANY($1) \
+             AND NOT EXISTS (SELECT 1 FROM subscriptions s WHERE s.job_id = j.job_id) FOR UPDATE SKIP LOCKED)",
+        )
+        .bind(&jobs)
+        .execute(&mut *tx)
+        .await
+        .db()?
+        .rows_affected();
+        tx.commit().await.db()?;
+        Ok(Some(Purged { subscriptions, attempts, jobs }))
+    }
+
+    pub(super) async fn count_purgeable(&self, ended_before: Millis) -> Result<Purged> {
+        let (subscriptions, attempts, jobs): (i64, i64, i64) = sqlx::query_as(
+            "WITH ended AS (SELECT id, job_id FROM subscriptions WHERE state IN ('delivered', 'failed', 'expired', 'cancelled') \
+                            AND updated_at < $1) \
+             SELECT (SELECT COUNT(*) FROM ended), \
+                    (SELECT COUNT(*) FROM delivery_attempts a JOIN ended e ON e.id = a.subscription_id), \
+                    (SELECT COUNT(DISTINCT e.job_id) FROM ended e WHERE NOT EXISTS ( \
+                        SELECT 1 FROM subscriptions o WHERE o.job_id = e.job_id AND o.id NOT IN (SELECT id FROM ended)))",
+        )
+        .bind(ended_before)
+        .fetch_one(&self.pool)
+        .await
+        .db()?;
+        let n = |v: i64| u64::try_from(v).unwrap_or(0);
+        Ok(Purged { subscriptions: n(subscriptions), attempts: n(attempts), jobs: n(jobs) })
+    }
+}

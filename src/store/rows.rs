@@ -1,0 +1,139 @@
+//! Rows as both backends read them, and how they become the store's types.
+
+use bytes::Bytes;
+
+use super::*;
+
+pub(super) fn corrupt(what: &str, value: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(format!("{what}: {value}"))
+}
+
+/// The columns of a [`Subscription`], from `subscriptions s JOIN jobs j`.
+macro_rules! subscription_columns {
+    () => {
+        "s.id, s.job_id, s.callback_url, s.state, s.failure_reason, s.webhook_id, s.attempts, \
+     s.next_attempt_at, s.created_at, s.updated_at, j.status AS job_status, j.last_error"
+    };
+}
+pub(super) use subscription_columns;
+
+#[derive(sqlx::FromRow)]
+pub(super) struct SubscriptionRow {
+    pub(super) id: String,
+    pub(super) job_id: String,
+    pub(super) callback_url: String,
+    pub(super) state: String,
+    pub(super) failure_reason: Option<String>,
+    pub(super) webhook_id: Option<String>,
+    pub(super) attempts: i64,
+    pub(super) next_attempt_at: Option<i64>,
+    pub(super) created_at: i64,
+    pub(super) updated_at: i64,
+    pub(super) job_status: Option<String>,
+    pub(super) last_error: Option<String>,
+}
+
+impl TryFrom<SubscriptionRow> for Subscription {
+    type Error = StoreError;
+
+    fn try_from(r: SubscriptionRow) -> Result<Self> {
+        Ok(Subscription {
+            id: r.id.parse().map_err(|e| corrupt("subscription id", e))?,
+            job_id: r.job_id.parse().map_err(|e| corrupt("job id", e))?,
+            callback_url: r.callback_url,
+            state: r.state.parse().map_err(|e| corrupt("state", e))?,
+            job_status: r.job_status.map(|s| s.parse()).transpose().map_err(|e| corrupt("job status", e))?,
+            failure_reason: r
+                .failure_reason
+                .map(|s| s.parse())
+                .transpose()
+                .map_err(|e| corrupt("failure reason", e))?,
+            last_error: r.last_error,
+            webhook_id: r.webhook_id,
+            attempts: u32::try_from(r.attempts).unwrap_or(0),
+            next_attempt_at: r.next_attempt_at,
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+pub(super) struct PollableRow {
+    pub(super) job_id: String,
+    pub(super) job_created_at: i64,
+    pub(super) oldest_polling_at: i64,
+}
+
+impl TryFrom<PollableRow> for PollableJob {
+    type Error = StoreError;
+
+    fn try_from(r: PollableRow) -> Result<Self> {
+        Ok(PollableJob {
+            job_id: r.job_id.parse().map_err(|e| corrupt("job id", e))?,
+            job_created_at: r.job_created_at,
+            oldest_polling_at: r.oldest_polling_at,
+        })
+    }
+}
+
+/// A [`PollableJob`]: add a `WHERE` and `GROUP BY j.job_id`.
+macro_rules! pollable_select {
+    () => {
+        "SELECT j.job_id AS job_id, j.created_at AS job_created_at, MIN(s.created_at) AS oldest_polling_at \
+     FROM jobs j JOIN subscriptions s ON s.job_id = j.job_id AND s.state = 'polling'"
+    };
+}
+pub(super) use pollable_select;
+
+#[derive(sqlx::FromRow)]
+pub(super) struct DeliveryRow {
+    pub(super) id: String,
+    pub(super) job_id: String,
+    pub(super) tenant_id: i64,
+    pub(super) partition: i64,
+    pub(super) webhook_id: Option<String>,
+    pub(super) callback_url: String,
+    pub(super) result: Option<Vec<u8>>,
+    pub(super) series: i64,
+    pub(super) attempts: i64,
+    pub(super) next_attempt_at: Option<i64>,
+}
+
+impl TryFrom<DeliveryRow> for DeliveryTask {
+    type Error = StoreError;
+
+    fn try_from(r: DeliveryRow) -> Result<Self> {
+        Ok(DeliveryTask {
+            subscription_id: r.id.parse().map_err(|e| corrupt("subscription id", e))?,
+            job_id: r.job_id.parse().map_err(|e| corrupt("job id", e))?,
+            tenant_id: r.tenant_id,
+            partition: r.partition,
+            webhook_id: r.webhook_id.ok_or_else(|| corrupt("delivery without webhook id", &r.id))?,
+            callback_url: r.callback_url,
+            body: Bytes::from(r.result.ok_or_else(|| corrupt("delivery without a job result", &r.id))?),
+            series: u32::try_from(r.series).unwrap_or(1),
+            attempts_made: u32::try_from(r.attempts).unwrap_or(0),
+            due_at: r.next_attempt_at.unwrap_or(0),
+            claimed_until: None,
+        })
+    }
+}
+
+/// A [`DeliveryTask`]: add a `WHERE`.
+macro_rules! delivery_select {
+    () => {
+        "SELECT s.id, s.job_id, s.tenant_id, s.partition, s.webhook_id, s.callback_url, j.result, s.series, s.attempts, s.next_attempt_at \
+     FROM subscriptions s JOIN jobs j ON j.job_id = s.job_id"
+    };
+}
+pub(super) use delivery_select;
+
+/// Partition numbers as a mask (bit p = partition p).
+pub(super) fn mask_of(partitions: &[i64]) -> u64 {
+    partitions.iter().filter(|p| (0..64).contains(*p)).fold(0, |mask, p| mask | 1 << p)
+}
+
+pub(super) fn parse_secret(stored: &str) -> Result<SigningSecret> {
+    stored.parse::<SigningSecret>().map_err(|e| corrupt("signing secret", e))
+}
