@@ -171,7 +171,7 @@ impl Application {
             (settings, store.clone(), poller.clone(), dispatcher.clone())
         });
         let cursor_key = Arc::new(store.meta_secret("cursor_key").await.context("cannot read the cursor key")?);
-        let router = api::router(AppState {
+        let state = AppState {
             store: store.clone(),
             poller,
             dispatcher,
@@ -184,7 +184,15 @@ impl Application {
             metrics,
             workers: workers.clone(),
             known_keys: Default::default(),
-        });
+        };
+        let console = match config.console {
+            true => {
+                let key = store.meta_secret("console_session_key").await.context("cannot read the console key")?;
+                crate::console::router(state.clone(), key)
+            }
+            false => axum::Router::new(),
+        };
+        let router = api::router_with(state, console);
         Ok(Application {
             listener,
             addr,

@@ -215,6 +215,10 @@ pub struct ServeArgs {
     /// whose headers are late is closed, a body that is late is answered 408.
     #[arg(long, env = "JOBHOOK_REQUEST_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub request_timeout: Duration,
+
+    /// Serve the web console at /console (sign in with an API key); false leaves the JSON API alone.
+    #[arg(long, env = "JOBHOOK_CONSOLE", default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub console: bool,
 }
 
 /// The delays between delivery attempts after the first one.
@@ -265,6 +269,8 @@ pub struct Config {
     pub lease_ttl: Duration,
     pub shutdown_grace: Duration,
     pub request_timeout: Duration,
+    /// Whether the web console is served at `/console`.
+    pub console: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -442,6 +448,7 @@ impl ServeArgs {
             lease_ttl: self.lease_ttl,
             shutdown_grace: self.shutdown_grace,
             request_timeout: self.request_timeout,
+            console: self.console,
         })
     }
 }
