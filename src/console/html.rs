@@ -91,7 +91,9 @@ pub fn notice(kind: &str, text: &str) -> String {
 
 /// An RFC 3339 time, as a `<time>` element (readable, and machine-readable for the tooltip).
 pub fn time(rfc3339: &str) -> String {
-    let shown = rfc3339.replace('T', " ").replace('Z', " UTC");
+    // To the second: milliseconds are noise on a page (the datetime attribute keeps them).
+    let seconds = rfc3339.split(['.', 'Z']).next().unwrap_or(rfc3339);
+    let shown = format!("{} UTC", seconds.replace('T', " "));
     format!("<time datetime=\"{}\">{}</time>", esc(rfc3339), esc(&shown))
 }
 
@@ -114,5 +116,7 @@ mod tests {
     fn markup_is_escaped() {
         assert_eq!(esc("<a href=\"x\">'&'</a>"), "&lt;a href=&quot;x&quot;&gt;&#39;&amp;&#39;&lt;/a&gt;");
         assert_eq!(q("a b&c=d"), "a+b%26c%3Dd");
+        assert!(time("2026-12-01T04:33:09.5Z").contains(">2026-12-01 04:33:09 UTC<"));
+        assert!(time("2026-12-01T04:33:09Z").contains(">2026-12-01 04:33:09 UTC<"));
     }
 }
