@@ -153,10 +153,10 @@ fn secret_view(state: &ConsoleState, session: &Session, revealed: bool, rotated:
         )
     } else {
         (
-            format!("<code class=\"secret\" id=\"secret\">{}</code>", esc(&masked(&secret))),
+            format!("<code class=\"secret\" id=\"secret\">{}</code> (masked)", esc(&masked(&secret))),
             format!(
-                "<form method=\"post\" action=\"/console/secret/reveal\">{}<button type=\"submit\" \
-                 aria-controls=\"secret\">Reveal secret</button></form>",
+                "<form method=\"post\" action=\"/console/secret/reveal\">{}<button type=\"submit\">Reveal \
+                 secret</button></form>",
                 csrf_field(&session.csrf)
             ),
         )
@@ -164,7 +164,7 @@ fn secret_view(state: &ConsoleState, session: &Session, revealed: bool, rotated:
     let main = format!(
         "<h1>Signing secret</h1>{notice}<p>Every delivery to your receivers is signed with this secret \
          (Standard Webhooks). Give it to your receiver's verification library.</p>\
-         <p aria-label=\"Signing secret\">{shown}</p><div class=\"actions\">{toggle}\
+         <p><strong>Current secret:</strong> {shown}</p><div class=\"actions\">{toggle}\
          <a class=\"button danger\" href=\"/console/secret/rotate\">Rotate secret…</a></div>\
          <p class=\"hint\">After a rotation, deliveries carry signatures with both the new and the previous \
          secret for {grace}.</p>"

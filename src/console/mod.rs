@@ -120,11 +120,16 @@ impl FromRequest<ConsoleState> for CsrfForm {
         if req.method() != Method::POST || !same_origin(req.headers()) {
             return Err(refused());
         }
-        // Bound to the session cookie once signed in, to the sign-in nonce before.
-        let bound_to = session::cookie(req.headers(), session::SESSION_COOKIE)
-            .or_else(|| session::cookie(req.headers(), session::LOGIN_COOKIE))
-            .map(str::to_owned)
-            .ok_or_else(refused)?;
+        // Bound to the session cookie once signed in, to the sign-in nonce before. Either is accepted:
+        // both are HttpOnly SameSite=Strict cookies another site can neither read nor send, and a
+        // browser may hold both (a session of a revoked key, then the sign-in form).
+        let bound_to: Vec<String> = [session::SESSION_COOKIE, session::LOGIN_COOKIE]
+            .iter()
+            .filter_map(|name| session::cookie(req.headers(), name).map(str::to_owned))
+            .collect();
+        if bound_to.is_empty() {
+            return Err(refused());
+        }
         let timeout = state.app.request_timeout;
         let body = tokio::time::timeout(timeout, axum::body::Bytes::from_request(req, state))
             .await
@@ -133,7 +138,7 @@ impl FromRequest<ConsoleState> for CsrfForm {
         let fields: Vec<(String, String)> =
             url::form_urlencoded::parse(&body).map(|(k, v)| (k.into_owned(), v.into_owned())).collect();
         let form = CsrfForm(fields);
-        if !state.keys.check_csrf(&bound_to, form.get("csrf")) {
+        if !bound_to.iter().any(|cookie| state.keys.check_csrf(cookie, form.get("csrf"))) {
             return Err(refused());
         }
         Ok(form)

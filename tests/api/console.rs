@@ -188,6 +188,47 @@ async fn a_revoked_key_ends_its_sessions_at_once() {
     let page =
         browser().get(app.url("/console/subscriptions")).header(header::COOKIE, &session.cookie).send().await.unwrap();
     assert_eq!(page.status(), StatusCode::SEE_OTHER, "back to sign-in");
+
+    // The browser still holds that cookie when it signs in again, with another key.
+    let mut stale = HeaderMap::new();
+    stale.insert(header::COOKIE, session.cookie.parse().unwrap());
+    let (status, headers, _) = try_sign_in(&app, KEY_B, &stale).await;
+    assert_eq!(status, StatusCode::SEE_OTHER, "signed in despite the stale session cookie");
+    assert!(set_cookie(&headers, "jobhook_session").is_some());
+}
+
+#[tokio::test]
+async fn the_list_pages_with_the_apis_cursors_and_filters() {
+    let app = spawn_app_with(Settings::never_ending()).await;
+    let mut jobs = Vec::new();
+    for _ in 0..27 {
+        let job = new_job();
+        app.register(&job, &app.receiver.url("/hook")).await;
+        jobs.push(job);
+    }
+    let session = sign_in(&app, KEY_A).await;
+    let get = |path: String| {
+        let cookie = session.cookie.clone();
+        let url = app.url(&path);
+        async move { browser().get(url).header(header::COOKIE, cookie).send().await.unwrap().text().await.unwrap() }
+    };
+    let first = get("/console/subscriptions".into()).await;
+    assert!(first.contains(&jobs[26]) && !first.contains(&jobs[1]), "newest first, 25 a page");
+    let next = first.split("href=\"/console/subscriptions?").find(|s| s.contains("rel=\"next\"")).unwrap();
+    let next = next.split('"').next().unwrap().replace("&amp;", "&");
+    let second = get(format!("/console/subscriptions?{next}")).await;
+    assert!(second.contains(&jobs[0]) && second.contains(&jobs[1]) && !second.contains(&jobs[26]), "{second}");
+    assert!(!second.contains("rel=\"next\""), "the last page");
+
+    let one = get(format!("/console/subscriptions?state=polling&job_id={}", jobs[5])).await;
+    assert!(one.contains(&jobs[5]) && !one.contains(&jobs[6]));
+    let bad = browser()
+        .get(app.url("/console/subscriptions?job_id=nope"))
+        .header(header::COOKIE, &session.cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), StatusCode::BAD_REQUEST, "the API's refusal, on the page");
 }
 
 #[tokio::test]

@@ -31,6 +31,16 @@ function step(what) {
   console.log(`--- ${what}`);
 }
 
+// Presses Tab until the control named `name` has the focus (so it is reachable by keyboard).
+async function tabTo(page, name) {
+  for (let i = 0; i < 60; i++) {
+    await page.keyboard.press("Tab");
+    const focused = await page.evaluate(() => document.activeElement?.textContent?.trim());
+    if (focused === name) return;
+  }
+  throw new Error(`"${name}" cannot be reached with the Tab key`);
+}
+
 async function freePort() {
   return new Promise((resolve, reject) => {
     const server = net.createServer();
@@ -138,9 +148,15 @@ async function main() {
   await page.getByRole("button", { name: "Sign in" }).click();
   await page.getByText("This API key is not valid").waitFor();
   assert.equal(await page.getByLabel("API key").getAttribute("aria-invalid"), "true");
-  await page.getByLabel("API key").fill(KEY_A);
-  await page.getByRole("button", { name: "Sign in" }).click();
+  // By keyboard alone: the field has the focus again, with the error tied to it.
+  assert.equal(await page.evaluate(() => document.activeElement.id), "key");
+  assert.equal(await page.getByLabel("API key").getAttribute("aria-describedby"), "key-error");
+  await page.keyboard.press("Control+A");
+  await page.keyboard.type(KEY_A);
+  await page.keyboard.press("Enter");
   await page.getByRole("heading", { name: "Subscriptions" }).waitFor();
+  await page.keyboard.press("Tab");
+  assert.equal(await page.evaluate(() => document.activeElement.textContent), "Skip to content");
   const cookies = await contextA.cookies();
   const session = cookies.find((c) => c.name === "jobhook_session");
   assert.ok(session && session.httpOnly && session.sameSite === "Strict", JSON.stringify(cookies));
@@ -165,9 +181,12 @@ async function main() {
   for (let i = 0; i < 3; i++) assert.match(await timeline.nth(i).innerText(), /HTTP 500/);
   await page.getByText("delivery_exhausted").waitFor();
   flakyFixed = true;
-  await page.getByRole("link", { name: "Redeliver…" }).click();
+  // Keyboard only: Tab to each control and press Enter.
+  await tabTo(page, "Redeliver…");
+  await page.keyboard.press("Enter");
   await page.getByRole("heading", { name: "Redeliver the job's result?" }).waitFor();
-  await page.getByRole("button", { name: "Yes, redeliver" }).click();
+  await tabTo(page, "Yes, redeliver");
+  await page.keyboard.press("Enter");
   await page.getByText("A new delivery series has started").waitFor();
   await page.locator("ol.timeline li", { hasText: "HTTP 200" }).waitFor({ timeout: 15_000 });
   assert.match(await timeline.last().innerText(), /Series 2, attempt 1 · HTTP 200/);
