@@ -185,12 +185,12 @@ impl Application {
             workers: workers.clone(),
             known_keys: Default::default(),
         };
-        let console = match config.console {
-            true => {
-                let key = store.meta_secret("console_session_key").await.context("cannot read the console key")?;
-                crate::console::router(state.clone(), key)
-            }
-            false => axum::Router::new(),
+        // The console's session key lives in the store, so every instance sharing it accepts a session.
+        let console = if config.console {
+            let key = store.meta_secret("console_session_key").await.context("cannot read the console key")?;
+            crate::console::router(state.clone(), key)
+        } else {
+            axum::Router::new()
         };
         let router = api::router_with(state, console);
         Ok(Application {

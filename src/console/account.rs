@@ -41,7 +41,7 @@ fn sign_in_form(
     let (invalid, described, message) = match error {
         Some(e) => (
             " aria-invalid=\"true\"",
-            " aria-describedby=\"key-error\"",
+            " aria-describedby=\"key-error key-hint\"",
             format!("<p class=\"field-error\" id=\"key-error\" role=\"alert\">{}</p>", esc(e)),
         ),
         None => ("", " aria-describedby=\"key-hint\"", String::new()),
@@ -109,6 +109,18 @@ pub async fn sign_out(headers: HeaderMap, _form: CsrfForm) -> Response {
     response
 }
 
+/// A grace period as people say it: "24 hours", "90 minutes" (humantime's "1day" reads as a typo).
+fn in_words(d: std::time::Duration) -> String {
+    let secs = d.as_secs();
+    let plural = |n: u64, unit: &str| if n == 1 { format!("1 {unit}") } else { format!("{n} {unit}s") };
+    match secs {
+        0 => humantime::format_duration(d).to_string(),
+        s if s % 3600 == 0 => plural(s / 3600, "hour"),
+        s if s % 60 == 0 => plural(s / 60, "minute"),
+        _ => humantime::format_duration(d).to_string(),
+    }
+}
+
 /// `whsec_` and the last four characters: enough to tell two secrets apart, not to sign.
 fn masked(secret: &str) -> String {
     let tail: String = secret.chars().rev().take(4).collect::<Vec<_>>().into_iter().rev().collect();
@@ -137,7 +149,7 @@ pub async fn reveal_secret(State(state): State<ConsoleState>, session: Session, 
 
 fn secret_view(state: &ConsoleState, session: &Session, revealed: bool, rotated: Option<&str>) -> Response {
     let secret = session.tenant.secret.expose();
-    let grace = humantime::format_duration(state.app.secret_rotation_grace);
+    let grace = in_words(state.app.secret_rotation_grace);
     let notice = match rotated {
         Some(until) => format!(
             "<p class=\"notice notice-ok\" role=\"status\">The secret was rotated. Until {} deliveries carry a \
@@ -174,7 +186,7 @@ fn secret_view(state: &ConsoleState, session: &Session, revealed: bool, rotated:
 
 /// The confirmation before a rotation.
 pub async fn confirm_rotate(State(state): State<ConsoleState>, session: Session) -> Response {
-    let grace = humantime::format_duration(state.app.secret_rotation_grace);
+    let grace = in_words(state.app.secret_rotation_grace);
     let main = format!(
         "<h1>Rotate the signing secret?</h1><p>A new secret is made and signs every delivery from now on. \
          For the next <strong>{grace}</strong> (the grace period) each delivery also carries a signature \
@@ -204,6 +216,14 @@ pub async fn rotate(State(state): State<ConsoleState>, session: Session, _form: 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_grace_period_reads_as_words() {
+        assert_eq!(in_words(std::time::Duration::from_secs(24 * 3600)), "24 hours");
+        assert_eq!(in_words(std::time::Duration::from_secs(3600)), "1 hour");
+        assert_eq!(in_words(std::time::Duration::from_secs(90 * 60)), "90 minutes");
+        assert_eq!(in_words(std::time::Duration::from_millis(1500)), "1s 500ms");
+    }
 
     #[test]
     fn a_masked_secret_shows_only_its_last_four_characters() {
