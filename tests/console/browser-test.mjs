@@ -95,9 +95,10 @@ async function main() {
   const base = `http://127.0.0.1:${appPort}`;
   const databaseUrl = process.env.JOBHOOK_TEST_DATABASE_URL || `sqlite://${path.join(tmp, "jobhook.db")}`;
 
-  // Jobs stay Pending for 12 polls 400 ms apart (about 5 s), long enough to see them polling and to
-  // cancel one; a receiver that keeps failing uses up the short retry schedule in about a second.
-  start(["mock-upstream", "--listen", `127.0.0.1:${upstreamPort}`, "--pending-polls", "12"], "mock.log");
+  // Jobs stay Pending for 25 polls 400 ms apart (about 10 s): a new row shows up on the list within
+  // 5 s (its refresh) and must still be polling then; long enough to cancel one too. A receiver that
+  // keeps failing uses up the short retry schedule in about a second.
+  start(["mock-upstream", "--listen", `127.0.0.1:${upstreamPort}`, "--pending-polls", "25"], "mock.log");
   start(
     [
       "serve", "--listen", `127.0.0.1:${appPort}`, "--database-url", databaseUrl, "--upstream-url", upstreamUrl,
@@ -175,7 +176,7 @@ async function main() {
   const flaky = await register("/flaky");
   await register("/down"); // ends failed, for the list's screenshot
   await page.goto(`${base}/console/subscriptions/${flaky.id}`);
-  await page.locator(".state", { hasText: "failed" }).waitFor({ timeout: 25_000 });
+  await page.locator(".state", { hasText: "failed" }).waitFor({ timeout: 30_000 });
   const timeline = page.locator("ol.timeline li");
   assert.equal(await timeline.count(), 3, "three attempts: the first and two retries");
   for (let i = 0; i < 3; i++) assert.match(await timeline.nth(i).innerText(), /HTTP 500/);
