@@ -17,12 +17,15 @@
     // A hidden tab asks nothing; it catches up when shown again.
     if (document.hidden) return schedule();
     try {
-      const response = await fetch(location.href, { credentials: "same-origin", headers: { "X-Console-Refresh": "1" } });
+      const response = await fetch(location.href, { credentials: "same-origin" });
+      // Sent to sign-in (the session ended): stop; the next click shows the sign-in page.
+      if (response.redirected) return;
       if (response.ok && response.headers.get("content-type")?.startsWith("text/html")) {
         const doc = new DOMParser().parseFromString(await response.text(), "text/html");
         const fresh = doc.querySelector("[data-live]");
+        if (!fresh) return;
         // Replaced only when something changed, so focus and selection stay put otherwise.
-        if (fresh && fresh.outerHTML !== region.outerHTML) {
+        if (fresh.outerHTML !== region.outerHTML) {
           region.replaceWith(document.importNode(fresh, true));
         }
       }
