@@ -116,7 +116,7 @@ impl Application {
             (settings, store.clone(), poller.clone(), dispatcher.clone())
         });
         let cursor_key = Arc::new(store.meta_secret("cursor_key").await.context("cannot read the cursor key")?);
-        let router = api::router(AppState {
+        let state = AppState {
             store: store.clone(),
             poller,
             dispatcher,
@@ -129,7 +129,15 @@ impl Application {
             metrics: metrics.clone(),
             workers: workers.clone(),
             known_keys: Default::default(),
-        });
+        };
+        // The console's session key lives in the store, so every instance sharing it accepts a session.
+        let console = if config.console {
+            let key = store.meta_secret("console_session_key").await.context("cannot read the console key")?;
+            crate::console::router(state.clone(), key)
+        } else {
+            axum::Router::new()
+        };
+        let router = api::router_with(state, console);
         Ok(Application {
             listener,
             addr,

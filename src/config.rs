@@ -244,6 +244,10 @@ pub struct ServeArgs {
     /// queue until one closes. Bounds the memory that idle or slow clients can take.
     #[arg(long, env = "JOBHOOK_MAX_CONNECTIONS", default_value_t = 10_000)]
     pub max_connections: usize,
+
+    /// Serve the web console at /console (sign in with an API key); false leaves the JSON API alone.
+    #[arg(long, env = "JOBHOOK_CONSOLE", default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub console: bool,
 }
 
 /// The delays between delivery attempts after the first one.
@@ -296,6 +300,8 @@ pub struct Config {
     pub request_timeout: Duration,
     pub max_connections: usize,
     pub housekeeping: HousekeepingConfig,
+    /// Whether the web console is served at `/console`.
+    pub console: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -501,6 +507,7 @@ impl ServeArgs {
                 retention: (!self.retention.is_zero()).then_some(self.retention),
                 schedule: self.housekeeping_schedule.trim().to_owned(),
             },
+            console: self.console,
         })
     }
 }

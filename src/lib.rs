@@ -22,6 +22,7 @@ pub mod api;
 pub mod app;
 pub mod cluster;
 pub mod config;
+pub mod console;
 pub mod delivery;
 pub mod demo;
 pub mod domain;

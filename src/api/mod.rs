@@ -26,6 +26,7 @@ use crate::delivery::DispatcherHandle;
 use crate::delivery::client::{EgressPolicy, Lookup};
 use crate::poller::PollerHandle;
 use crate::store::{Millis, Store, Tenant};
+pub use auth::UNKNOWN_KEY;
 pub use error::{ApiError, Problem};
 
 /// Request bodies larger than this are refused with 413.
@@ -107,9 +108,16 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 pub const OPENAPI_YAML: &str = include_str!("../../openapi.yaml");
 
 pub fn router(state: AppState) -> axum::Router {
+    router_with(state, axum::Router::new())
+}
+
+/// The API router with `extra` routes beside it (the web console), under the same layers: request IDs,
+/// tracing and the body limit.
+pub fn router_with(state: AppState, extra: axum::Router<AppState>) -> axum::Router {
     let request_id = HeaderName::from_static("x-request-id");
     let (router, _) = routes().split_for_parts();
     router
+        .merge(extra)
         .route(
             "/openapi.yaml",
             axum::routing::get(|| async { ([(header::CONTENT_TYPE, "application/yaml")], OPENAPI_YAML) }),
@@ -172,7 +180,10 @@ pub struct RotatedSecret {
         (status = 503, description = "The store cannot take writes now; nothing changed", body = Problem, content_type = "application/problem+json"),
     )
 )]
-async fn rotate_signing_secret(State(state): State<AppState>, tenant: Tenant) -> Result<Json<RotatedSecret>, ApiError> {
+pub(crate) async fn rotate_signing_secret(
+    State(state): State<AppState>,
+    tenant: Tenant,
+) -> Result<Json<RotatedSecret>, ApiError> {
     let secret = crate::keys::SigningSecret::generate();
     let grace_ms = Millis::try_from(state.secret_rotation_grace.as_millis()).unwrap_or(Millis::MAX);
     let until = crate::store::now_ms().saturating_add(grace_ms);

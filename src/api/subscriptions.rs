@@ -148,6 +148,13 @@ fn not_found(raw: &str) -> ApiError {
 /// The `{id}` of a subscription route: parsed, or a 404 problem (also for a path that is not UTF-8).
 pub struct SubscriptionPath(SubscriptionId, String);
 
+impl SubscriptionPath {
+    /// An ID already parsed elsewhere (the web console calls these handlers directly).
+    pub(crate) fn new(id: SubscriptionId) -> Self {
+        SubscriptionPath(id, id.to_string())
+    }
+}
+
 impl<S: Send + Sync> FromRequestParts<S> for SubscriptionPath {
     type Rejection = ApiError;
 
@@ -200,7 +207,7 @@ pub async fn create(
 }
 
 /// Stores the registration, then hands the job to the poller or its result to the dispatcher.
-async fn register(
+pub(crate) async fn register(
     state: AppState,
     key: crate::keys::KeyHash,
     job_id: JobId,

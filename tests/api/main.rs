@@ -6,6 +6,7 @@ mod binary;
 mod cancel;
 mod cli;
 mod cluster;
+mod console;
 mod crash;
 mod delivery;
 mod faults;
