@@ -44,6 +44,10 @@ pub struct SubscriptionView {
     pub failure_reason: Option<FailureReason>,
     /// The last error seen while polling the upstream, if the last poll failed.
     pub last_error: Option<String>,
+    /// What went wrong with the last delivery attempt, if it failed (an error such as a timeout, or
+    /// "the receiver answered 500"); null before the first attempt and once one succeeded. Every
+    /// attempt is listed at `GET /v1/subscriptions/{id}/deliveries`.
+    pub last_delivery_error: Option<String>,
     /// The `webhook-id` of the delivery, once the job has ended.
     pub webhook_id: Option<String>,
     /// Delivery attempts made in the current series: a redelivery starts a new series from 0. `GET /v1/subscriptions/{id}/deliveries` lists the attempts of every series.
@@ -67,6 +71,7 @@ impl From<Subscription> for SubscriptionView {
             job_status: s.job_status,
             failure_reason: s.failure_reason,
             last_error: s.last_error,
+            last_delivery_error: s.last_delivery_error,
             webhook_id: s.webhook_id,
             attempts: s.attempts,
             next_attempt_at: s.next_attempt_at.map(rfc3339),

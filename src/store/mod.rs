@@ -128,6 +128,8 @@ pub struct Subscription {
     pub job_status: Option<JobStatus>,
     pub failure_reason: Option<FailureReason>,
     pub last_error: Option<String>,
+    /// What went wrong with the last delivery attempt, if it failed.
+    pub last_delivery_error: Option<String>,
     pub webhook_id: Option<String>,
     pub attempts: u32,
     pub next_attempt_at: Option<Millis>,

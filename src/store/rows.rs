@@ -12,7 +12,10 @@ pub(super) fn corrupt(what: &str, value: impl std::fmt::Display) -> StoreError {
 macro_rules! subscription_columns {
     () => {
         "s.id, s.job_id, s.callback_url, s.state, s.failure_reason, s.webhook_id, s.attempts, \
-     s.next_attempt_at, s.created_at, s.updated_at, j.status AS job_status, j.last_error"
+     s.next_attempt_at, s.created_at, s.updated_at, j.status AS job_status, j.last_error, \
+     (SELECT CASE WHEN a.status_code BETWEEN 200 AND 299 THEN NULL \
+             ELSE COALESCE(a.error, 'the receiver answered ' || a.status_code) END \
+      FROM delivery_attempts a WHERE a.subscription_id = s.id ORDER BY a.id DESC LIMIT 1) AS last_delivery_error"
     };
 }
 pub(super) use subscription_columns;
@@ -31,6 +34,7 @@ pub(super) struct SubscriptionRow {
     pub(super) updated_at: i64,
     pub(super) job_status: Option<String>,
     pub(super) last_error: Option<String>,
+    pub(super) last_delivery_error: Option<String>,
 }
 
 impl TryFrom<SubscriptionRow> for Subscription {
@@ -49,6 +53,7 @@ impl TryFrom<SubscriptionRow> for Subscription {
                 .transpose()
                 .map_err(|e| corrupt("failure reason", e))?,
             last_error: r.last_error,
+            last_delivery_error: r.last_delivery_error,
             webhook_id: r.webhook_id,
             attempts: u32::try_from(r.attempts).unwrap_or(0),
             next_attempt_at: r.next_attempt_at,

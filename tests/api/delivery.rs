@@ -1,5 +1,7 @@
 //! Signed delivery, retries, and their end states.
 
+use std::time::Duration;
+
 use jobhook::mock_upstream::Answer;
 use serde_json::Value;
 
@@ -64,6 +66,27 @@ async fn a_failing_receiver_is_retried_with_the_same_webhook_id() {
     assert_eq!(done["attempts"], 4);
     let codes: Vec<_> = app.deliveries(id).await.iter().map(|a| a["status_code"].as_u64().unwrap()).collect();
     assert_eq!(codes, vec![500, 503, 429, 200]);
+}
+
+/// While its deliveries fail, the subscription says why (not only its delivery log); once one succeeds
+/// it says nothing.
+#[tokio::test]
+async fn the_subscription_shows_its_last_delivery_error_until_a_delivery_succeeds() {
+    let app = spawn_app_with(Settings::default().arg("--retry-schedule", "1s,1s")).await;
+    app.receiver.answer_with(&[500]);
+    let sub = app.register(&new_job(), &app.receiver.url("/hook")).await;
+    let id = sub["id"].as_str().unwrap();
+    assert!(sub["last_delivery_error"].is_null(), "no attempt yet: {sub}");
+    let failing = eventually(Duration::from_secs(10), "the failed attempt on the subscription", || async {
+        let sub = app.subscription(id).await;
+        (!sub["last_delivery_error"].is_null()).then_some(sub)
+    })
+    .await;
+    assert_eq!(failing["state"], "delivering");
+    assert_eq!(failing["last_delivery_error"], "the receiver answered 500");
+    assert!(failing["last_error"].is_null(), "the upstream was fine: {failing}");
+    let done = app.wait_for_state(id, "delivered").await;
+    assert!(done["last_delivery_error"].is_null(), "{done}");
 }
 
 #[tokio::test]

@@ -155,6 +155,7 @@ async fn register_in(
             job_status: job_status.as_deref().map(str::parse).transpose().map_err(|e| corrupt("job status", e))?,
             failure_reason: None,
             last_error: last_error.clone(),
+            last_delivery_error: None,
             webhook_id,
             attempts: 0,
             next_attempt_at,

@@ -165,6 +165,7 @@ fn register(
         job_status,
         failure_reason: None,
         last_error: last_error.clone(),
+        last_delivery_error: None,
         webhook_id,
         attempts: 0,
         next_attempt_at,
@@ -238,6 +239,7 @@ fn subscription(tx: &rusqlite::Transaction<'_>, id: &str) -> Result<Subscription
                 updated_at: r.get(9)?,
                 job_status: r.get(10)?,
                 last_error: r.get(11)?,
+                last_delivery_error: r.get(12)?,
             })
         })
         .sq()?;
