@@ -26,6 +26,7 @@ use crate::domain::{CallbackUrl, FailureReason, JobId, JobStatus, SubscriptionId
 use crate::keys::{KeyHash, SigningSecret};
 
 pub use postgres::Notice;
+pub use rows::list_query;
 pub use sqlite::{lock_sqlite_for_serving, sqlite_file};
 
 /// Unix time in milliseconds: how the store keeps time.

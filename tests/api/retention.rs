@@ -11,13 +11,14 @@ use reqwest::StatusCode;
 
 use crate::helpers::*;
 
-/// A store of its own (SQLite file or PostgreSQL schema), with one tenant.
-async fn store_with_key() -> (Arc<dyn Store>, ApiKey, tempfile::TempDir) {
+/// A store of its own (SQLite file or PostgreSQL schema), with one tenant; and its URL.
+async fn store_with_key() -> (Arc<dyn Store>, ApiKey, String, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
-    let store = jobhook::store::open(&fresh_db_url(dir.path()).await).await.unwrap();
+    let url = fresh_db_url(dir.path()).await;
+    let store = jobhook::store::open(&url).await.unwrap();
     let key = ApiKey::generate();
     store.create_key("test", key.hash(), &SigningSecret::generate(), 0).await.unwrap();
-    (store, key, dir)
+    (store, key, url, dir)
 }
 
 /// Registers a job at `at` and, if `ended_at` is given, ends it then: the job succeeds, and its
@@ -51,7 +52,7 @@ async fn subscription(store: &dyn Store, key: &ApiKey, at: i64, ended_at: Option
 
 #[tokio::test]
 async fn a_subscription_ended_before_the_cutoff_is_purged_one_ended_at_it_or_after_is_kept_live_ones_never() {
-    let (store, key, _dir) = store_with_key().await;
+    let (store, key, _url, _dir) = store_with_key().await;
     let tenant = store.tenant_by_key(key.hash()).await.unwrap().unwrap().id;
     let outside = subscription(store.as_ref(), &key, 1_000, Some(9_999)).await;
     let at_cutoff = subscription(store.as_ref(), &key, 1_000, Some(10_000)).await;
@@ -75,7 +76,7 @@ async fn a_subscription_ended_before_the_cutoff_is_purged_one_ended_at_it_or_aft
 
 #[tokio::test]
 async fn a_job_row_goes_only_with_its_last_subscription() {
-    let (store, key, _dir) = store_with_key().await;
+    let (store, key, _url, _dir) = store_with_key().await;
     let tenant = store.tenant_by_key(key.hash()).await.unwrap().unwrap().id;
     // Two subscriptions of one job: one fails early, the other is still polling.
     let job: JobId = uuid::Uuid::new_v4().to_string().parse().unwrap();
@@ -224,4 +225,77 @@ async fn real_counts(db_url: &str) -> std::collections::BTreeMap<String, i64> {
         sqlx::query_as("SELECT state, COUNT(*) FROM subscriptions GROUP BY state").fetch_all(&mut conn).await.unwrap()
     };
     rows.into_iter().filter(|(_, n)| *n != 0).collect()
+}
+
+/// Every shape of `GET /v1/subscriptions` (no filter, `job_id`, `state`, a cursor, and their mixes) is
+/// served by an index: the plan the database itself makes never scans the subscriptions table (nor the
+/// delivery log, read for each row's last delivery error).
+#[tokio::test]
+async fn every_list_query_is_served_by_an_index() {
+    use jobhook::domain::SubscriptionState;
+    use jobhook::store::ListFilter;
+    let (store, key, url, _dir) = store_with_key().await;
+    for i in 0..20 {
+        subscription(store.as_ref(), &key, i, (i % 2 == 0).then_some(i + 5)).await;
+    }
+    let job: JobId = uuid::Uuid::new_v4().to_string().parse().unwrap();
+    let mut shapes = Vec::new();
+    for job_id in [None, Some(job)] {
+        for state in [None, Some(SubscriptionState::Failed)] {
+            for before in [None, Some(SubscriptionId::new())] {
+                shapes.push(ListFilter { job_id, state, before, limit: 50 });
+            }
+        }
+    }
+    for filter in &shapes {
+        let sql = jobhook::store::list_query(filter);
+        let values: Vec<String> = [
+            filter.job_id.map(|j| j.to_string()),
+            filter.state.map(|s| s.as_str().to_owned()),
+            filter.before.map(|b| b.to_string()),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        let plan = explain(&url, &sql, &values).await;
+        let scans: Vec<&String> = plan
+            .iter()
+            .filter(|line| {
+                if on_postgres() {
+                    line.contains("Seq Scan on subscriptions") || line.contains("Seq Scan on delivery_attempts")
+                } else {
+                    // SQLite: "SCAN s" (a table scan) or "SCAN s USING INDEX …" (a whole index).
+                    line.contains("SCAN s") || line.contains("SCAN a")
+                }
+            })
+            .collect();
+        assert!(scans.is_empty(), "{filter:?}: a full scan in the plan of\n{sql}\n{plan:#?}");
+        // A job's few subscriptions are found by the job, not among all of the tenant's.
+        if filter.job_id.is_some() && !on_postgres() {
+            assert!(plan.iter().any(|l| l.starts_with("SEARCH s") && l.contains("job_id=?")), "{filter:?}: {plan:#?}");
+        }
+    }
+}
+
+/// The plan of `sql` with `values` after the tenant (1) and before the limit (50), in the store at `url`.
+async fn explain(url: &str, sql: &str, values: &[String]) -> Vec<String> {
+    if on_postgres() {
+        let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(url).await.unwrap();
+        // Tables this small are cheaper to scan: forbid it, so a scan in the plan means no index fits.
+        sqlx::query("SET enable_seqscan = off").execute(&mut conn).await.unwrap();
+        let mut query = sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(format!("EXPLAIN {sql}"))).bind(1_i64);
+        for v in values {
+            query = query.bind(v);
+        }
+        query.bind(50_i64).fetch_all(&mut conn).await.unwrap()
+    } else {
+        let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(url).await.unwrap();
+        let mut query =
+            sqlx::query_as::<_, (i64, i64, i64, String)>(sqlx::AssertSqlSafe(format!("EXPLAIN QUERY PLAN {sql}")))
+                .bind(1_i64);
+        for v in values {
+            query = query.bind(v);
+        }
+        query.bind(50_i64).fetch_all(&mut conn).await.unwrap().into_iter().map(|(_, _, _, detail)| detail).collect()
+    }
 }

@@ -473,22 +473,13 @@ impl Store for SqliteStore {
     }
 
     async fn list_subscriptions(&self, tenant_id: i64, filter: &ListFilter) -> Result<Vec<Subscription>> {
-        let sql = concat!(
-            "SELECT ",
-            subscription_columns!(),
-            " FROM subscriptions s JOIN jobs j ON j.job_id = s.job_id \
-             WHERE s.tenant_id = ?1 AND (?2 IS NULL OR s.job_id = ?2) AND (?3 IS NULL OR s.state = ?3) AND (?4 IS NULL OR s.id < ?4) \
-             ORDER BY s.id DESC LIMIT ?5"
-        );
-        let rows: Vec<SubscriptionRow> = sqlx::query_as(sql)
-            .bind(tenant_id)
-            .bind(filter.job_id.map(|j| j.to_string()))
-            .bind(filter.state.map(|s| s.as_str()))
-            .bind(filter.before.map(|b| b.to_string()))
-            .bind(i64::from(filter.limit))
-            .fetch_all(&self.reader)
-            .await
-            .db()?;
+        let sql = list_query(filter);
+        let (values, limit) = list_binds(filter);
+        let mut query = sqlx::query_as::<_, SubscriptionRow>(sqlx::AssertSqlSafe(sql)).bind(tenant_id);
+        for value in values {
+            query = query.bind(value);
+        }
+        let rows = query.bind(limit).fetch_all(&self.reader).await.db()?;
         rows.into_iter().map(Subscription::try_from).collect()
     }
 
