@@ -2,7 +2,9 @@
 //! statement written once in PostgreSQL's own SQL and prepared once per connection (sqlx caches them),
 //! the group-committed writes in lanes (see `writer.rs`), and notices between instances (`notice.rs`).
 
+mod complete;
 mod notice;
+mod register;
 mod writer;
 
 use std::sync::Arc;
@@ -188,16 +190,6 @@ impl<T> Classify<T> for std::result::Result<T, sqlx::Error> {
 pub(super) async fn notify(tx: &mut Transaction<'static, Postgres>, notice: Notice) -> Result<()> {
     sqlx::query("SELECT pg_notify('jobhook', $1)").bind(notice.to_string()).execute(&mut **tx).await.db()?;
     Ok(())
-}
-
-pub(super) async fn subscription_in(tx: &mut Transaction<'static, Postgres>, id: &str) -> Result<Subscription> {
-    let sql = concat!(
-        "SELECT ",
-        subscription_columns!(),
-        " FROM subscriptions s JOIN jobs j ON j.job_id = s.job_id WHERE s.id = $1"
-    );
-    let row: SubscriptionRow = sqlx::query_as(sql).bind(id).fetch_one(&mut **tx).await.db()?;
-    row.try_into()
 }
 
 pub(super) async fn pollable_in(tx: &mut Transaction<'static, Postgres>, job_id: &str) -> Result<Option<PollableJob>> {
