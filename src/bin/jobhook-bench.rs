@@ -429,6 +429,25 @@ fn process_usage(pid: u32) -> (f64, u64) {
     (cpu, status_bytes(pid, "VmHWM"))
 }
 
+/// CPU seconds (user + system) of every PostgreSQL server process on this machine, by PID: the backends
+/// serving jobhook's connections and the server's own helpers (WAL writer, checkpointer…). Read from
+/// /proc, which shows other users' processes' times; a process that ends during the run takes its time
+/// with it, so the figure is a floor (jobhook's pool keeps its connections for the whole run).
+fn postgres_cpu() -> std::collections::HashMap<u32, f64> {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Default::default() };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "postgres"))
+        .map(|pid| (pid, process_usage(pid).0))
+        .collect()
+}
+
+/// The PostgreSQL server's CPU seconds between two [`postgres_cpu`] readings.
+fn postgres_cpu_since(before: &std::collections::HashMap<u32, f64>) -> f64 {
+    postgres_cpu().into_iter().map(|(pid, cpu)| cpu - before.get(&pid).copied().unwrap_or(0.0)).sum()
+}
+
 /// A running `jobhook serve`, and the store-transaction count it reports when it stops.
 struct Jobhook {
     child: tokio::process::Child,
@@ -589,6 +608,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let listens = Arc::new(listens);
     let cpu_before: f64 = instances.iter().map(|j| process_usage(j.pid).0).sum();
+    let pg_before = args.database_url.as_ref().map(|_| postgres_cpu());
 
     // 3. N jobs through jobhook.
     let jobs: Arc<Vec<String>> = Arc::new((0..args.jobs).map(|_| uuid::Uuid::new_v4().to_string()).collect());
@@ -652,6 +672,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let usage: Vec<(f64, u64)> = instances.iter().map(|j| process_usage(j.pid)).collect();
     let cpu_after: f64 = usage.iter().map(|u| u.0).sum();
+    let pg_cpu = pg_before.as_ref().map(postgres_cpu_since);
     let peak_rss = usage.iter().map(|u| u.1).max().unwrap_or(0);
 
     // Stop jobhook gracefully, so it reports its store transactions.
@@ -705,6 +726,7 @@ async fn main() -> anyhow::Result<()> {
         "delivery_lag_ms_p99": (percentile(&lags, 0.99) * 10.0).round() / 10.0,
         "polls_per_job": (polls / args.jobs as f64 * 100.0).round() / 100.0,
         "cpu_seconds_per_1000_jobs": (cpu / args.jobs as f64 * 1000.0 * 1000.0).round() / 1000.0,
+        "postgres_cpu_seconds_per_1000_jobs": pg_cpu.map(|c| (c / args.jobs as f64 * 1000.0 * 1000.0).round() / 1000.0),
         "peak_rss_mb": (peak_rss as f64 / 1048576.0 * 10.0).round() / 10.0,
         "store_transactions_per_job": transactions.map(|t| (t as f64 / args.jobs as f64 * 1000.0).round() / 1000.0),
         "delivered": delivered,
@@ -760,6 +782,12 @@ async fn main() -> anyhow::Result<()> {
     }
     row("polls per job", format!("{:.2} (ideal {})", polls / args.jobs as f64, args.pending_polls + 1));
     row("jobhook CPU per 1,000 jobs (all instances)", format!("{:.3} s", cpu / args.jobs as f64 * 1000.0));
+    if let Some(pg_cpu) = pg_cpu {
+        row(
+            "PostgreSQL server CPU per 1,000 jobs (its processes on this machine)",
+            format!("{:.3} s", pg_cpu / args.jobs as f64 * 1000.0),
+        );
+    }
     row("jobhook peak RSS (largest instance)", format!("{:.1} MB", peak_rss as f64 / 1048576.0));
     row(
         "store transactions per job",
