@@ -2,6 +2,9 @@
 
 use super::*;
 
+/// An attempt as the log keeps it: series, attempt, webhook ID, start, status, error, duration.
+type AttemptRow = (i64, i64, String, i64, Option<i64>, Option<String>, i64);
+
 impl PgStore {
     pub(super) async fn cancel_now(&self, tenant_id: i64, id: SubscriptionId, now: Millis) -> Result<Option<Cancel>> {
         let sub_id = id.to_string();
@@ -123,7 +126,7 @@ impl PgStore {
         if exists.is_none() {
             return Ok(None);
         }
-        let rows: Vec<(i64, i64, String, i64, Option<i64>, Option<String>, i64)> = sqlx::query_as(
+        let rows: Vec<AttemptRow> = sqlx::query_as(
             "SELECT series, attempt, webhook_id, started_at, status_code, error, duration_ms FROM delivery_attempts \
              WHERE subscription_id = $1 ORDER BY id",
         )

@@ -16,7 +16,9 @@ pub(super) struct Registration<'a> {
 }
 
 /// What a registration's job looked like, read under its row lock.
+#[derive(sqlx::FromRow)]
 struct JobRow {
+    job_id: String,
     created_at: i64,
     status: Option<String>,
     last_error: Option<String>,
@@ -71,7 +73,7 @@ pub(super) async fn register_all(
     .execute(&mut **tx)
     .await
     .db()?;
-    let job_rows: Vec<(String, i64, Option<String>, Option<String>, Option<Vec<u8>>)> = sqlx::query_as(
+    let job_rows: Vec<JobRow> = sqlx::query_as(
         "SELECT job_id, created_at, status, last_error, result FROM jobs WHERE job_id = ANY($1) \
          ORDER BY job_id FOR UPDATE",
     )
@@ -79,10 +81,7 @@ pub(super) async fn register_all(
     .fetch_all(&mut **tx)
     .await
     .db()?;
-    let jobs: HashMap<String, JobRow> = job_rows
-        .into_iter()
-        .map(|(id, created_at, status, last_error, result)| (id, JobRow { created_at, status, last_error, result }))
-        .collect();
+    let jobs: HashMap<String, JobRow> = job_rows.into_iter().map(|row| (row.job_id.clone(), row)).collect();
 
     // Live subscriptions with the same tenant, job and callback: a registration of one is that one.
     let keyed: Vec<(i64, String, String)> = regs
