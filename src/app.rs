@@ -57,11 +57,13 @@ impl Application {
     /// Builds with another way to resolve callback hosts (tests play DNS with it).
     pub async fn build_with(config: Config, lookup: client::Lookup) -> anyhow::Result<Self> {
         let sqlite_lock = store::lock_sqlite_for_serving(&config.database_url).map_err(anyhow::Error::msg)?;
-        let store = store::open(&config.database_url).await.with_context(|| {
+        // The writer's counters belong to the metrics; the store is handed them as it opens.
+        let writer_stats = Arc::new(crate::metrics::WriterStats::default());
+        let store = store::open_with(&config.database_url, writer_stats.clone()).await.with_context(|| {
             format!("cannot open the store {}", crate::config::file::mask_password(&config.database_url))
         })?;
         let mut metrics = Metrics::new();
-        metrics.attach_writer(store.writer_stats());
+        metrics.attach_writer(writer_stats);
         let metrics = Arc::new(metrics);
         let workers = Arc::new(Workers::default());
         workers.expect("poller");

@@ -273,17 +273,16 @@ async fn a_database_migrated_by_a_newer_version_still_opens() {
     let dir = tempfile::tempdir().unwrap();
     let db_url = fresh_db_url(dir.path()).await;
     drop(jobhook::store::open(&db_url).await.unwrap());
-    sqlx::any::install_default_drivers();
-    let pool = sqlx::AnyPool::connect(&db_url).await.unwrap();
-    let insert = if on_postgres() {
-        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
-         VALUES (99990101, 'from a newer jobhook', TRUE, $1, 0)"
+    let insert = "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+                  VALUES (99990101, 'from a newer jobhook', TRUE, $1, 0)";
+    if on_postgres() {
+        let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&db_url).await.unwrap();
+        sqlx::query(insert).bind(vec![0u8; 48]).execute(&mut conn).await.unwrap();
     } else {
-        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
-         VALUES (99990101, 'from a newer jobhook', TRUE, ?, 0)"
-    };
-    sqlx::query(insert).bind(vec![0u8; 48]).execute(&pool).await.unwrap();
-    pool.close().await;
+        let file = jobhook::store::sqlite_file(&db_url).unwrap();
+        let conn = rusqlite::Connection::open(file).unwrap();
+        conn.execute(&insert.replace("$1", "?1"), [vec![0u8; 48]]).unwrap();
+    }
     let store = jobhook::store::open(&db_url).await;
     assert!(store.is_ok(), "{:?}", store.err());
 }

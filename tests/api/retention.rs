@@ -221,8 +221,9 @@ async fn real_counts(db_url: &str) -> std::collections::BTreeMap<String, i64> {
         let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(db_url).await.unwrap();
         sqlx::query_as("SELECT state, COUNT(*) FROM subscriptions GROUP BY state").fetch_all(&mut conn).await.unwrap()
     } else {
-        let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(db_url).await.unwrap();
-        sqlx::query_as("SELECT state, COUNT(*) FROM subscriptions GROUP BY state").fetch_all(&mut conn).await.unwrap()
+        let conn = rusqlite::Connection::open(jobhook::store::sqlite_file(db_url).unwrap()).unwrap();
+        let mut statement = conn.prepare("SELECT state, COUNT(*) FROM subscriptions GROUP BY state").unwrap();
+        statement.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap().map(Result::unwrap).collect()
     };
     rows.into_iter().filter(|(_, n)| *n != 0).collect()
 }
@@ -289,13 +290,16 @@ async fn explain(url: &str, sql: &str, values: &[String]) -> Vec<String> {
         }
         query.bind(50_i64).fetch_all(&mut conn).await.unwrap()
     } else {
-        let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(url).await.unwrap();
-        let mut query =
-            sqlx::query_as::<_, (i64, i64, i64, String)>(sqlx::AssertSqlSafe(format!("EXPLAIN QUERY PLAN {sql}")))
-                .bind(1_i64);
-        for v in values {
-            query = query.bind(v);
-        }
-        query.bind(50_i64).fetch_all(&mut conn).await.unwrap().into_iter().map(|(_, _, _, detail)| detail).collect()
+        let conn = rusqlite::Connection::open(jobhook::store::sqlite_file(url).unwrap()).unwrap();
+        let mut statement = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+        let binds: Vec<rusqlite::types::Value> = std::iter::once(rusqlite::types::Value::Integer(1))
+            .chain(values.iter().cloned().map(rusqlite::types::Value::Text))
+            .chain(std::iter::once(rusqlite::types::Value::Integer(50)))
+            .collect();
+        statement
+            .query_map(rusqlite::params_from_iter(binds), |r| r.get::<_, String>(3))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
     }
 }

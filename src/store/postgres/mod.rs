@@ -2,15 +2,19 @@
 //! statement written once in PostgreSQL's own SQL and prepared once per connection (sqlx caches them),
 //! the group-committed writes in lanes (see `writer.rs`), and notices between instances (`notice.rs`).
 
+mod api;
+mod complete;
+mod keys;
+mod leases;
 mod notice;
 mod purge;
+mod register;
 mod writer;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use sha2::{Digest, Sha256};
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::{Executor, Postgres, Transaction};
 use tokio::sync::{mpsc, oneshot};
@@ -19,6 +23,7 @@ use super::group::{ClaimFor, Write};
 use super::rows::*;
 use super::*;
 
+use keys::insert_tenant_with_key;
 pub use notice::Notice;
 
 /// How long a write batch may wait for PostgreSQL before it is abandoned (see [`writer`]).
@@ -191,16 +196,6 @@ pub(super) async fn notify(tx: &mut Transaction<'static, Postgres>, notice: Noti
     Ok(())
 }
 
-pub(super) async fn subscription_in(tx: &mut Transaction<'static, Postgres>, id: &str) -> Result<Subscription> {
-    let sql = concat!(
-        "SELECT ",
-        subscription_columns!(),
-        " FROM subscriptions s JOIN jobs j ON j.job_id = s.job_id WHERE s.id = $1"
-    );
-    let row: SubscriptionRow = sqlx::query_as(sql).bind(id).fetch_one(&mut **tx).await.db()?;
-    row.try_into()
-}
-
 pub(super) async fn pollable_in(tx: &mut Transaction<'static, Postgres>, job_id: &str) -> Result<Option<PollableJob>> {
     let sql = concat!(pollable_select!(), " WHERE j.job_id = $1 GROUP BY j.job_id");
     let row: Option<PollableRow> = sqlx::query_as(sql).bind(job_id).fetch_optional(&mut **tx).await.db()?;
@@ -215,77 +210,7 @@ impl Store for PgStore {
         secret: Option<&SigningSecret>,
         now: Millis,
     ) -> Result<ConfiguredKeys> {
-        let mut tx = self.begin().await?;
-        let mut sync = ConfiguredKeys::default();
-        // Configured keys that left the configuration stop working; those listed again work again,
-        // unless `jobhook keys revoke` revoked them: that stays.
-        let configured: Vec<(i64, Vec<u8>, Option<String>)> =
-            sqlx::query_as("SELECT id, key_hash, revoked_by FROM api_keys WHERE source = 'config'")
-                .fetch_all(&mut *tx)
-                .await
-                .db()?;
-        for (id, hash, revoked_by) in configured {
-            let still = keys.iter().any(|k| k.0.as_slice() == hash.as_slice());
-            if still && revoked_by.as_deref() == Some("command") {
-                sync.revoked_by_command.push(id);
-                continue;
-            }
-            let sql = if still {
-                "UPDATE api_keys SET revoked_at = NULL, revoked_by = NULL WHERE id = $1"
-            } else {
-                "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, $2), revoked_by = COALESCE(revoked_by, 'config') WHERE id = $1"
-            };
-            let query = sqlx::query(sql);
-            let query = query.bind(id);
-            let query = if still { query } else { query.bind(now) };
-            query.execute(&mut *tx).await.db()?;
-        }
-        // The configured secret is applied when it changes, not at every start: a rotation through the
-        // API since then is kept.
-        let fingerprint = secret.map(|s| Sha256::digest(s.bytes()).to_vec());
-        let applied: Option<Vec<u8>> =
-            sqlx::query_scalar("SELECT value FROM meta WHERE key = 'configured_signing_secret'")
-                .fetch_optional(&mut *tx)
-                .await
-                .db()?;
-        let secret_changed = fingerprint.is_some() && fingerprint != applied;
-        if let Some(fingerprint) = fingerprint.as_ref().filter(|_| secret_changed) {
-            sqlx::query(
-                "INSERT INTO meta (key, value) VALUES ('configured_signing_secret', $1) \
-                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            )
-            .bind(fingerprint.as_slice())
-            .execute(&mut *tx)
-            .await
-            .db()?;
-        }
-        for (i, key) in keys.iter().enumerate() {
-            let tenant: Option<i64> = sqlx::query_scalar("SELECT tenant_id FROM api_keys WHERE key_hash = $1")
-                .bind(key.0.as_slice())
-                .fetch_optional(&mut *tx)
-                .await
-                .db()?;
-            match tenant {
-                Some(tenant_id) => {
-                    if let Some(secret) = secret.filter(|_| secret_changed) {
-                        sqlx::query("UPDATE tenants SET signing_secret = $1 WHERE id = $2")
-                            .bind(secret.expose())
-                            .bind(tenant_id)
-                            .execute(&mut *tx)
-                            .await
-                            .db()?;
-                    }
-                }
-                None => {
-                    let secret = secret.cloned().unwrap_or_else(SigningSecret::generate);
-                    let name = format!("configured key {}", i + 1);
-                    insert_tenant_with_key(&mut tx, &name, *key, &secret, "config", now).await?;
-                    sync.created += 1;
-                }
-            }
-        }
-        tx.commit().await.db()?;
-        Ok(sync)
+        self.keys_sync(keys, secret, now).await
     }
 
     async fn create_key(&self, name: &str, key: KeyHash, secret: &SigningSecret, now: Millis) -> Result<i64> {
@@ -408,59 +333,7 @@ impl Store for PgStore {
     }
 
     async fn redeliver(&self, tenant_id: i64, id: SubscriptionId, now: Millis) -> Result<Option<Redelivery>> {
-        let sub_id = id.to_string();
-        let mut tx = self.begin().await?;
-        let sql = concat!(delivery_select!(), " WHERE s.id = $1 AND s.tenant_id = $2");
-        let row: Option<DeliveryRow> =
-            sqlx::query_as(sql).bind(&sub_id).bind(tenant_id).fetch_optional(&mut *tx).await.db()?;
-        let Some(row) = row else { return Ok(None) };
-        let state: String = sqlx::query_scalar("SELECT state FROM subscriptions WHERE id = $1")
-            .bind(&sub_id)
-            .fetch_one(&mut *tx)
-            .await
-            .db()?;
-        let state: SubscriptionState = state.parse().map_err(|e| corrupt("state", e))?;
-        if !matches!(state, SubscriptionState::Delivered | SubscriptionState::Failed)
-            || row.result.is_none()
-            || row.webhook_id.is_none()
-        {
-            return Ok(Some(Redelivery::NotEnded(state)));
-        }
-        // A failed subscription may have been followed by a new registration of the same job and
-        // callback; two live deliveries of one job to one callback would be one too many.
-        let newer: Option<i64> = sqlx::query_scalar(
-            "SELECT CAST(1 AS BIGINT) FROM subscriptions s JOIN subscriptions o ON o.tenant_id = s.tenant_id AND o.job_id = s.job_id \
-             AND o.callback_url = s.callback_url AND o.id <> s.id AND o.state IN ('polling', 'delivering', 'delivered') \
-             WHERE s.id = $1",
-        )
-        .bind(&sub_id)
-        .fetch_optional(&mut *tx)
-        .await
-        .db()?;
-        if newer.is_some() {
-            return Ok(Some(Redelivery::Superseded));
-        }
-        // Conditional, and the series comes back from the row: two redeliveries at once start two series,
-        // each task with its own number.
-        let series: Option<i64> = sqlx::query_scalar(
-            "UPDATE subscriptions SET state = 'delivering', series = series + 1, attempts = 0, failure_reason = NULL, \
-             next_attempt_at = $1, updated_at = $1 WHERE id = $2 AND state IN ('delivered', 'failed') RETURNING series",
-        )
-        .bind(now)
-        .bind(&sub_id)
-        .fetch_optional(&mut *tx)
-        .await
-        .db()?;
-        let Some(series) = series else {
-            return Ok(Some(Redelivery::NotEnded(state)));
-        };
-        notify(&mut tx, Notice::Deliver(id, row.partition)).await?;
-        tx.commit().await.db()?;
-        let mut task = DeliveryTask::try_from(row)?;
-        task.series = u32::try_from(series).unwrap_or(u32::MAX);
-        task.attempts_made = 0;
-        task.due_at = now;
-        Ok(Some(Redelivery::Started(task)))
+        self.redeliver_now(tenant_id, id, now).await
     }
 
     async fn register(
@@ -498,87 +371,11 @@ impl Store for PgStore {
     }
 
     async fn cancel(&self, tenant_id: i64, id: SubscriptionId, now: Millis) -> Result<Option<Cancel>> {
-        let sub_id = id.to_string();
-        let mut tx = self.begin().await?;
-        let row: Option<(String, String)> =
-            sqlx::query_as("SELECT job_id, state FROM subscriptions WHERE id = $1 AND tenant_id = $2")
-                .bind(&sub_id)
-                .bind(tenant_id)
-                .fetch_optional(&mut *tx)
-                .await
-                .db()?;
-        let Some((job_id, state)) = row else {
-            return Ok(None);
-        };
-        let job_id: JobId = job_id.parse().map_err(|e| corrupt("job id", e))?;
-        let was: SubscriptionState = state.parse().map_err(|e| corrupt("state", e))?;
-        if was.is_final() {
-            return Ok(Some(Cancel::Ended(was)));
-        }
-        // Not while an attempt holds the claim: it may be on the wire, and a subscription that reads
-        // `cancelled` must never have been delivered. The claim is read on the clock that set it.
-        let changed = sqlx::query(concat!(
-                "UPDATE subscriptions SET state = 'cancelled', next_attempt_at = NULL, claimed_until = NULL, claimed_by = NULL, \
-                 updated_at = $1 WHERE id = $2 AND state IN ('polling', 'delivering') \
-                 AND (claimed_until IS NULL OR claimed_until <= ",
-                pg_now_ms!(),
-                ")"
-            ))
-        .bind(now)
-        .bind(&sub_id)
-        .execute(&mut *tx)
-        .await
-        .db()?;
-        if changed.rows_affected() == 0 {
-            // Claimed, or (PostgreSQL: the read above takes no lock) ended since. A live subscription here
-            // is held by an attempt (or its claim lapsed a moment ago): the caller asks again shortly.
-            let state: String = sqlx::query_scalar("SELECT state FROM subscriptions WHERE id = $1")
-                .bind(&sub_id)
-                .fetch_one(&mut *tx)
-                .await
-                .db()?;
-            let state: SubscriptionState = state.parse().map_err(|e| corrupt("state", e))?;
-            return Ok(Some(if state.is_final() { Cancel::Ended(state) } else { Cancel::AttemptInFlight }));
-        }
-        notify(&mut tx, Notice::Cancel(id, job_id)).await?;
-        tx.commit().await.db()?;
-        Ok(Some(Cancel::Cancelled { job_id, was }))
+        self.cancel_now(tenant_id, id, now).await
     }
 
     async fn attempts(&self, tenant_id: i64, id: SubscriptionId) -> Result<Option<Vec<AttemptRecord>>> {
-        let exists: Option<i64> =
-            sqlx::query_scalar("SELECT CAST(1 AS BIGINT) FROM subscriptions WHERE id = $1 AND tenant_id = $2")
-                .bind(id.to_string())
-                .bind(tenant_id)
-                .fetch_optional(&self.pool)
-                .await
-                .db()?;
-        if exists.is_none() {
-            return Ok(None);
-        }
-        let rows: Vec<(i64, i64, String, i64, Option<i64>, Option<String>, i64)> = sqlx::query_as(
-            "SELECT series, attempt, webhook_id, started_at, status_code, error, duration_ms FROM delivery_attempts \
-             WHERE subscription_id = $1 ORDER BY id",
-        )
-        .bind(id.to_string())
-        .fetch_all(&self.pool)
-        .await
-        .db()?;
-        Ok(Some(
-            rows.into_iter()
-                .map(|(series, attempt, webhook_id, started_at, status_code, error, duration_ms)| AttemptRecord {
-                    subscription_id: id,
-                    partition: 0,
-                    series: u32::try_from(series).unwrap_or(1),
-                    attempt: u32::try_from(attempt).unwrap_or(0),
-                    webhook_id,
-                    started_at,
-                    status_code: status_code.and_then(|c| u16::try_from(c).ok()),
-                    error,
-                    duration_ms: u64::try_from(duration_ms).unwrap_or(0),
-                })
-                .collect(),
-        ))
+        self.attempts_of(tenant_id, id).await
     }
 
     async fn pollable_jobs(&self) -> Result<Vec<PollableJob>> {
@@ -719,78 +516,23 @@ impl Store for PgStore {
     }
 
     async fn heartbeat(&self, instance: &str, now: Millis, live_after: Millis) -> Result<i64> {
-        sqlx::query(
-            "INSERT INTO instances (id, heartbeat_at) VALUES ($1, $2) \
-             ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
-        )
-        .bind(instance)
-        .bind(now)
-        .execute(&self.pool)
-        .await
-        .db()?;
-        // Instances silent for ten times the liveness window are gone for good.
-        sqlx::query("DELETE FROM instances WHERE heartbeat_at < $1")
-            .bind(live_after - 10 * (now - live_after))
-            .execute(&self.pool)
-            .await
-            .db()?;
-        sqlx::query_scalar("SELECT COUNT(*) FROM instances WHERE heartbeat_at > $1")
-            .bind(live_after)
-            .fetch_one(&self.pool)
-            .await
-            .db()
+        self.heartbeat_now(instance, now, live_after).await
     }
 
     async fn renew_leases(&self, instance: &str, until: Millis) -> Result<u64> {
-        let held: Vec<i64> =
-            sqlx::query_scalar("UPDATE leases SET expires_at = $1 WHERE owner = $2 RETURNING partition")
-                .bind(until)
-                .bind(instance)
-                .fetch_all(&self.pool)
-                .await
-                .db()?;
-        Ok(mask_of(&held))
+        self.renew_now(instance, until).await
     }
 
     async fn claim_leases(&self, instance: &str, n: i64, now: Millis, until: Millis) -> Result<u64> {
-        // SKIP LOCKED: two instances claiming at once take different partitions, neither waits.
-        let taken: Vec<i64> = sqlx::query_scalar(
-            "UPDATE leases SET owner = $1, expires_at = $3 WHERE partition IN \
-             (SELECT partition FROM leases WHERE owner IS NULL OR expires_at < $2 ORDER BY random() LIMIT $4 \
-              FOR UPDATE SKIP LOCKED) \
-             RETURNING partition",
-        )
-        .bind(instance)
-        .bind(now)
-        .bind(until)
-        .bind(n)
-        .fetch_all(&self.pool)
-        .await
-        .db()?;
-        Ok(mask_of(&taken))
+        self.claim_now(instance, n, now, until).await
     }
 
     async fn release_leases(&self, instance: &str, partitions: u64) -> Result<()> {
-        sqlx::query("UPDATE leases SET owner = NULL, expires_at = 0 WHERE owner = $1 AND (($2 >> CAST(partition AS INTEGER)) & 1) = 1",)
-        .bind(instance)
-        .bind(partitions as i64)
-        .execute(&self.pool)
-        .await
-        .db()?;
-        Ok(())
+        self.release_now(instance, partitions).await
     }
 
     async fn leave(&self, instance: &str) -> Result<()> {
-        // Our workers have stopped: the claims they took for deliveries they did not get to (or that
-        // will be retried) are let go, so the next owner need not wait for them to lapse.
-        sqlx::query("UPDATE subscriptions SET claimed_until = NULL, claimed_by = NULL WHERE state = 'delivering' AND claimed_by = $1",)
-        .bind(&*self.instance)
-        .execute(&self.pool)
-        .await
-        .db()?;
-        self.release_leases(instance, u64::MAX).await?;
-        sqlx::query("DELETE FROM instances WHERE id = $1").bind(instance).execute(&self.pool).await.db()?;
-        Ok(())
+        self.leave_now(instance).await
     }
 
     async fn pollable_jobs_in(&self, partitions: u64) -> Result<Vec<PollableJob>> {
@@ -826,32 +568,4 @@ impl Store for PgStore {
         let (reply, answer) = oneshot::channel();
         self.write(Write::Attempt { record: record.clone(), result, now, reply }, answer).await
     }
-}
-
-async fn insert_tenant_with_key(
-    tx: &mut Transaction<'static, Postgres>,
-    name: &str,
-    key: KeyHash,
-    secret: &SigningSecret,
-    source: &str,
-    now: Millis,
-) -> Result<i64> {
-    let tenant_id: i64 =
-        sqlx::query_scalar("INSERT INTO tenants (name, signing_secret, created_at) VALUES ($1, $2, $3) RETURNING id")
-            .bind(name)
-            .bind(secret.expose())
-            .bind(now)
-            .fetch_one(&mut **tx)
-            .await
-            .db()?;
-    sqlx::query("INSERT INTO api_keys (tenant_id, name, key_hash, source, created_at) VALUES ($1, $2, $3, $4, $5)")
-        .bind(tenant_id)
-        .bind(name)
-        .bind(key.0.as_slice())
-        .bind(source)
-        .bind(now)
-        .execute(&mut **tx)
-        .await
-        .db()?;
-    Ok(tenant_id)
 }

@@ -95,10 +95,10 @@ pub(super) fn listen(url: String, shutdown: CancellationToken) -> mpsc::Receiver
                 };
                 match next {
                     Ok(Some(notification)) => {
-                        if let Ok(notice) = notification.payload().parse() {
-                            if heard.send(Heard::Notice(notice)).await.is_err() {
-                                return;
-                            }
+                        if let Ok(notice) = notification.payload().parse()
+                            && heard.send(Heard::Notice(notice)).await.is_err()
+                        {
+                            return;
                         }
                     }
                     // The connection dropped: reconnect (after a breath).

@@ -1,22 +1,24 @@
-//! Group commit on PostgreSQL: each lane is a task that takes every write waiting and runs them in one
-//! transaction; all writes about one job go to the same lane.
+//! Group commit on PostgreSQL. Each lane is a task that takes every write waiting and runs them in one
+//! transaction; all writes about one job go to the same lane. A batch runs kind by kind, each kind in a
+//! fixed number of multi-row statements (arrays bound once, `UNNEST` on the server), so a batch of N
+//! registrations costs what one costs, plus the rows.
 
+use std::collections::HashSet;
+
+use super::complete::{Completion, complete_all};
+use super::register::{Registration, register_all};
 use super::*;
-use crate::domain::new_webhook_id;
 use crate::store::group::{Done, MAX_BATCH, claim_refused};
 
-/// Group commit: takes every write waiting, runs them in one transaction — each inside a savepoint, so
-/// one that fails rolls back alone — commits once, and only then answers each (a 201 is still durable).
-/// Batches form by themselves: while one transaction commits, the next writes queue up.
+/// Takes every write waiting, runs them in one transaction, commits once, and only then answers each (a
+/// 201 is still durable). Batches form by themselves: while one transaction commits, the next writes
+/// queue up.
 pub(super) async fn run(pool: PgPool, mut writes: mpsc::Receiver<Write>, stats: Arc<WriterStats>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     loop {
         if writes.recv_many(&mut batch, MAX_BATCH).await == 0 {
             return;
         }
-        // Every batch takes its row locks in the same order (by job), so batches of different
-        // instances cannot deadlock on PostgreSQL.
-        batch.sort_by_key(Write::lock_order);
         stats.transactions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let started = std::time::Instant::now();
         // A deadline of our own: a connection whose server stopped answering without closing it (a
@@ -37,30 +39,10 @@ pub(super) async fn run(pool: PgPool, mut writes: mpsc::Receiver<Write>, stats: 
     }
 }
 
-impl Write {
-    async fn run_in(&self, tx: &mut Transaction<'static, Postgres>) -> Done {
-        match self {
-            Write::Register { key, id, job_id, callback_url, now, .. } => {
-                Done::Register(register_in(tx, key, *id, *job_id, callback_url, *now).await)
-            }
-            Write::Complete { job_id, status, body, now, claim, .. } => {
-                Done::Complete(complete_job_in(tx, *job_id, *status, body, *now, claim).await)
-            }
-            Write::Claim { id, series, now, claim, .. } => Done::Claim(claim_in(tx, *id, *series, *now, claim).await),
-            Write::Attempt { record, result, now, .. } => {
-                Done::Attempt(record_attempt_in(tx, record, *result, *now).await)
-            }
-            Write::Observe { job_id, status, last_error, now, .. } => {
-                Done::Observe(record_observation_in(tx, *job_id, *status, last_error.as_deref(), *now).await)
-            }
-        }
-    }
-}
-
-/// Runs `batch` in one transaction. Writes rarely fail, so the batch is tried whole; if any write fails,
-/// the transaction is rolled back and each write runs again in a transaction of its own, so one bad
-/// write cannot fail the others. Every write gets a result; when a commit fails, "unavailable" (nothing
-/// was written).
+/// Runs `batch` in one transaction. Writes rarely fail, so the batch is tried whole; if it fails, the
+/// transaction is rolled back and each write runs again in a transaction of its own, so one bad write
+/// cannot fail the others. Every write gets a result; when a commit fails, "unavailable" (nothing was
+/// written).
 async fn run_batch(pool: &PgPool, batch: &[Write]) -> Vec<Done> {
     if batch.len() > 1 {
         match try_batch(pool, batch).await {
@@ -82,311 +64,240 @@ async fn run_batch(pool: &PgPool, batch: &[Write]) -> Vec<Done> {
     results
 }
 
-/// All of `batch` in one transaction, committed; or the first error, with nothing written.
+/// All of `batch` in one transaction, committed; or the first error, with nothing written. Kinds run in a
+/// fixed order (registrations, observations, completions, claims, attempts); no two writes of a batch
+/// depend on each other's order but a registration and its job's end, which come out the same either
+/// way (the subscription is delivered).
 async fn try_batch(pool: &PgPool, batch: &[Write]) -> Result<Vec<Done>> {
     let mut tx = pool.begin().await.db()?;
-    let mut results = Vec::with_capacity(batch.len());
-    for write in batch {
-        // On an error, dropping the transaction rolls it back.
-        results.push(write.run_in(&mut tx).await.checked()?);
-    }
-    tx.commit().await.db()?;
-    Ok(results)
-}
+    let mut results: Vec<Option<Done>> = batch.iter().map(|_| None).collect();
 
-// --- the writes that are group-committed (see `writer`) ---
-
-/// The tenant of a usable API key, by the key's hash, checked inside the registering transaction and
-/// holding the key row until commit: a revocation waits for the registrations
-/// already past this check, so once `keys revoke` returns, no registration with the key can commit.
-const KEY_TENANT: &str = "SELECT tenant_id FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL FOR SHARE";
-
-async fn register_in(
-    tx: &mut Transaction<'static, Postgres>,
-    key: &KeyHash,
-    id: SubscriptionId,
-    job_id: JobId,
-    callback_url: &CallbackUrl,
-    now: Millis,
-) -> Result<Registered> {
-    let tenant_id: Option<i64> =
-        sqlx::query_scalar(KEY_TENANT).bind(key.0.as_slice()).fetch_optional(&mut **tx).await.db()?;
-    let Some(tenant_id) = tenant_id else { return Ok(Registered::UnknownKey) };
-    let job = job_id.to_string();
-    // A write first, so this transaction holds the write lock before it reads: the job's result
-    // cannot appear between our read and our insert.
-    sqlx::query("INSERT INTO jobs (job_id, partition, created_at, updated_at) VALUES ($1, $2, $3, $3) ON CONFLICT (job_id) DO NOTHING",)
-    .bind(&job)
-    .bind(job_id.partition())
-    .bind(now)
-    .execute(&mut **tx)
-    .await
-    .db()?;
-    // Lock the job's row (PostgreSQL; on SQLite the one writer connection already serialises us): a
-    // concurrent registration of the same job, or the job's end, waits for this transaction. The same
-    // statement reads what the new subscription needs to know of its job.
-    let (job_created_at, job_status, last_error, result): (i64, Option<String>, Option<String>, Option<Vec<u8>>) =
-        sqlx::query_as("UPDATE jobs SET updated_at = updated_at WHERE job_id = $1 RETURNING created_at, status, last_error, result",)
-        .bind(&job)
-        .fetch_one(&mut **tx)
-        .await
-        .db()?;
-    let existing: Option<String> = sqlx::query_scalar(
-        "SELECT id FROM subscriptions WHERE tenant_id = $1 AND job_id = $2 AND callback_url = $3 AND state IN ('polling', 'delivering', 'delivered')",
-    )
-    .bind(tenant_id)
-    .bind(&job)
-    .bind(callback_url.as_str())
-    .fetch_optional(&mut **tx)
-    .await
-    .db()?;
-    if let Some(existing) = existing {
-        let sub = subscription_in(tx, &existing).await?;
-        return Ok(Registered::Existing(sub));
-    }
-    let sub_id = id.to_string();
-    // The new subscription as the API shows it, without reading it back.
-    let new_subscription = |state, webhook_id, next_attempt_at| -> Result<Subscription> {
-        Ok(Subscription {
-            id,
-            job_id,
-            callback_url: callback_url.as_str().to_owned(),
-            state,
-            job_status: job_status.as_deref().map(str::parse).transpose().map_err(|e| corrupt("job status", e))?,
-            failure_reason: None,
-            last_error: last_error.clone(),
-            last_delivery_error: None,
-            webhook_id,
-            attempts: 0,
-            next_attempt_at,
-            created_at: now,
-            updated_at: now,
+    let (at, regs): (Vec<usize>, Vec<Registration<'_>>) = batch
+        .iter()
+        .enumerate()
+        .filter_map(|(i, w)| match w {
+            Write::Register { key, id, job_id, callback_url, now, .. } => {
+                Some((i, Registration { key, id: *id, job_id: *job_id, callback_url, now: *now }))
+            }
+            _ => None,
         })
-    };
-    match result {
-        None => {
-            sqlx::query(
-                "INSERT INTO subscriptions (id, tenant_id, job_id, callback_url, state, created_at, updated_at, partition) \
-                 VALUES ($1, $2, $3, $4, 'polling', $5, $5, $6)",
-            )
-            .bind(&sub_id)
-            .bind(tenant_id)
-            .bind(&job)
-            .bind(callback_url.as_str())
-            .bind(now)
-            .bind(job_id.partition())
-            .execute(&mut **tx)
-            .await
-            .db()?;
-            let sub = new_subscription(SubscriptionState::Polling, None, None)?;
-            // A job created by this registration has no older subscription to expire first.
-            let pollable = if job_created_at == now {
-                PollableJob { job_id, job_created_at, oldest_polling_at: now }
-            } else {
-                pollable_in(tx, &job).await?.ok_or_else(|| corrupt("new subscription not polling", &sub_id))?
-            };
-            notify(tx, Notice::Poll(job_id)).await?;
-            Ok(Registered::CreatedPolling(sub, pollable))
-        }
-        Some(body) => {
-            let webhook_id = new_webhook_id();
-            sqlx::query(
-                "INSERT INTO subscriptions (id, tenant_id, job_id, callback_url, state, webhook_id, next_attempt_at, created_at, updated_at, partition) \
-                 VALUES ($1, $2, $3, $4, 'delivering', $5, $6, $6, $6, $7)",
-            )
-            .bind(&sub_id)
-            .bind(tenant_id)
-            .bind(&job)
-            .bind(callback_url.as_str())
-            .bind(&webhook_id)
-            .bind(now)
-            .bind(job_id.partition())
-            .execute(&mut **tx)
-            .await
-            .db()?;
-            let sub = new_subscription(SubscriptionState::Delivering, Some(webhook_id.clone()), Some(now))?;
-            notify(tx, Notice::Deliver(id, job_id.partition())).await?;
-            let task = DeliveryTask::first(
-                id,
-                job_id,
-                tenant_id,
-                webhook_id,
-                callback_url.as_str().to_owned(),
-                body.into(),
-                now,
-            );
-            Ok(Registered::CreatedDelivering(sub, task))
+        .unzip();
+    if !regs.is_empty() {
+        for (i, registered) in at.into_iter().zip(register_all(&mut tx, &regs).await?) {
+            results[i] = Some(Done::Register(Ok(registered)));
         }
     }
+
+    let observed: Vec<usize> =
+        batch.iter().enumerate().filter(|(_, w)| matches!(w, Write::Observe { .. })).map(|(i, _)| i).collect();
+    if !observed.is_empty() {
+        observe_all(&mut tx, batch, &observed).await?;
+        for i in observed {
+            results[i] = Some(Done::Observe(Ok(())));
+        }
+    }
+
+    let (at, done): (Vec<usize>, Vec<Completion<'_>>) = batch
+        .iter()
+        .enumerate()
+        .filter_map(|(i, w)| match w {
+            Write::Complete { job_id, status, body, now, claim, .. } => {
+                Some((i, Completion { job_id: *job_id, status: *status, body, now: *now, claim }))
+            }
+            _ => None,
+        })
+        .unzip();
+    if !done.is_empty() {
+        for (i, tasks) in at.into_iter().zip(complete_all(&mut tx, &done).await?) {
+            results[i] = Some(Done::Complete(Ok(tasks)));
+        }
+    }
+
+    let claims: Vec<usize> =
+        batch.iter().enumerate().filter(|(_, w)| matches!(w, Write::Claim { .. })).map(|(i, _)| i).collect();
+    if !claims.is_empty() {
+        for (i, claim) in claims.iter().zip(claim_all(&mut tx, batch, &claims).await?) {
+            results[*i] = Some(Done::Claim(Ok(claim)));
+        }
+    }
+
+    let attempts: Vec<usize> =
+        batch.iter().enumerate().filter(|(_, w)| matches!(w, Write::Attempt { .. })).map(|(i, _)| i).collect();
+    if !attempts.is_empty() {
+        for (i, moved) in attempts.iter().zip(record_attempts(&mut tx, batch, &attempts).await?) {
+            results[*i] = Some(Done::Attempt(Ok(moved)));
+        }
+    }
+
+    tx.commit().await.db()?;
+    results
+        .into_iter()
+        .zip(batch)
+        .map(|(done, write)| done.ok_or_else(|| corrupt("a write got no result", write.partition())))
+        .collect()
 }
 
-async fn complete_job_in(
-    tx: &mut Transaction<'static, Postgres>,
-    job_id: JobId,
-    status: JobStatus,
-    body: &Bytes,
-    now: Millis,
-    claim: &ClaimFor,
-) -> Result<Vec<DeliveryTask>> {
-    let job = job_id.to_string();
-    let first = sqlx::query(
-        "UPDATE jobs SET status = $1, result = $2, last_error = NULL, finished_at = $3, updated_at = $3 \
-         WHERE job_id = $4 AND result IS NULL",
+/// What the upstream last said, for each job (the latest of a job's observations in the batch wins, as
+/// it would one after the other).
+async fn observe_all(tx: &mut Transaction<'static, Postgres>, batch: &[Write], at: &[usize]) -> Result<()> {
+    let mut seen = HashSet::new();
+    let (mut jobs, mut statuses, mut errors, mut nows) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for i in at.iter().rev() {
+        if let Write::Observe { job_id, status, last_error, now, .. } = &batch[*i]
+            && seen.insert(*job_id)
+        {
+            jobs.push(job_id.to_string());
+            statuses.push(status.map(|s| s.as_str()));
+            errors.push(last_error.as_deref());
+            nows.push(*now);
+        }
+    }
+    sqlx::query(
+        "UPDATE jobs SET status = COALESCE(u.s, jobs.status), last_error = u.e, updated_at = u.n \
+         FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int8[]) AS u (j, s, e, n) \
+         WHERE jobs.job_id = u.j AND jobs.result IS NULL",
     )
-    .bind(status.as_str())
-    .bind(body.as_ref())
-    .bind(now)
-    .bind(&job)
+    .bind(&jobs)
+    .bind(&statuses)
+    .bind(&errors)
+    .bind(&nows)
     .execute(&mut **tx)
     .await
-    .db()?
-    .rows_affected()
-        == 1;
-    if !first {
-        // Already recorded (a retry after a commit whose answer was lost): hand out its deliveries again.
-        return already_completed(tx, &job).await;
-    }
-    let subscribers: Vec<(String, i64, String)> =
-        sqlx::query_as("SELECT id, tenant_id, callback_url FROM subscriptions WHERE job_id = $1 AND state = 'polling'")
-            .bind(&job)
-            .fetch_all(&mut **tx)
-            .await
-            .db()?;
-    let mut tasks = Vec::with_capacity(subscribers.len());
-    for (id, tenant_id, callback_url) in subscribers {
-        let webhook_id = new_webhook_id();
-        // Claimed for this instance's first attempt in the same write (see `Store::claim_delivery`).
-        let moved = sqlx::query(concat!(
-                "UPDATE subscriptions SET state = 'delivering', webhook_id = $1, attempts = 0, next_attempt_at = $2, updated_at = $2, \
-                 claimed_until = ",
-                pg_now_ms!(),
-                " + $4, claimed_by = $5 WHERE id = $3 AND state = 'polling'"
-            ))
-        .bind(&webhook_id)
-        .bind(now)
-        .bind(&id)
-        .bind(claim.ms)
-        .bind(&*claim.by)
-        .execute(&mut **tx)
-        .await
-        .db()?;
-        if moved.rows_affected() == 0 {
-            // Cancelled between our read and this update (PostgreSQL): not ours to deliver.
-            continue;
-        }
-        let id = id.parse().map_err(|e| corrupt("subscription id", e))?;
-        let mut task = DeliveryTask::first(id, job_id, tenant_id, webhook_id, callback_url, body.clone(), now);
-        task.claimed_until = Some(claim.held_until);
-        tasks.push(task);
-    }
-    Ok(tasks)
+    .db()?;
+    Ok(())
 }
 
-/// See [`Store::claim_delivery`].
-async fn claim_in(
-    tx: &mut Transaction<'static, Postgres>,
-    id: SubscriptionId,
-    series: u32,
-    now: Millis,
-    claim: &ClaimFor,
-) -> Result<Claim> {
-    let id = id.to_string();
-    let taken = sqlx::query(concat!(
+/// See [`Store::claim_delivery`]. Claims are kept on the database's clock.
+async fn claim_all(tx: &mut Transaction<'static, Postgres>, batch: &[Write], at: &[usize]) -> Result<Vec<Claim>> {
+    let (mut ids, mut series, mut ms, mut by) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for i in at {
+        if let Write::Claim { id, series: s, claim, .. } = &batch[*i] {
+            ids.push(id.to_string());
+            series.push(i64::from(*s));
+            ms.push(claim.ms);
+            by.push(claim.by.to_string());
+        }
+    }
+    let taken: HashSet<String> = sqlx::query_scalar(concat!(
         "UPDATE subscriptions SET claimed_until = ",
         pg_now_ms!(),
-        " + $2, claimed_by = $3 WHERE id = $4 AND state = 'delivering' AND series = $5 AND $1 = $1 \
-             AND (claimed_until IS NULL OR claimed_until <= ",
+        " + u.m, claimed_by = u.b FROM UNNEST($1::text[], $2::int8[], $3::int8[], $4::text[]) AS u (i, s, m, b) \
+         WHERE subscriptions.id = u.i AND subscriptions.state = 'delivering' AND subscriptions.series = u.s \
+         AND (subscriptions.claimed_until IS NULL OR subscriptions.claimed_until <= ",
         pg_now_ms!(),
-        " OR claimed_by = $3)"
+        " OR subscriptions.claimed_by = u.b) RETURNING subscriptions.id"
     ))
-    .bind(now)
-    .bind(claim.ms)
-    .bind(&*claim.by)
-    .bind(&id)
-    .bind(i64::from(series))
-    .execute(&mut **tx)
+    .bind(&ids)
+    .bind(&series)
+    .bind(&ms)
+    .bind(&by)
+    .fetch_all(&mut **tx)
     .await
     .db()?
-    .rows_affected()
-        == 1;
-    if taken {
-        return Ok(Claim::Held(claim.held_until));
+    .into_iter()
+    .collect();
+    let mut claims = Vec::with_capacity(at.len());
+    for i in at {
+        let Write::Claim { id, series, now, claim, .. } = &batch[*i] else { continue };
+        let id = id.to_string();
+        if taken.contains(&id) {
+            claims.push(Claim::Held(claim.held_until));
+            continue;
+        }
+        let row: Option<(String, i64, Option<i64>)> =
+            sqlx::query_as("SELECT state, series, claimed_until FROM subscriptions WHERE id = $1")
+                .bind(&id)
+                .fetch_optional(&mut **tx)
+                .await
+                .db()?;
+        claims.push(claim_refused(row, *series, *now));
     }
-    let row: Option<(String, i64, Option<i64>)> =
-        sqlx::query_as("SELECT state, series, claimed_until FROM subscriptions WHERE id = $1")
-            .bind(&id)
-            .fetch_optional(&mut **tx)
-            .await
-            .db()?;
-    Ok(claim_refused(row, series, now))
+    Ok(claims)
 }
 
-/// The deliveries a completed job created, for a completion that is recorded a second time.
-async fn already_completed(tx: &mut Transaction<'static, Postgres>, job: &str) -> Result<Vec<DeliveryTask>> {
-    let sql = concat!(
-        delivery_select!(),
-        " WHERE s.job_id = $1 AND s.state = 'delivering' AND s.series = 1 AND s.attempts = 0"
-    );
-    let rows: Vec<DeliveryRow> = sqlx::query_as(sql).bind(job).fetch_all(&mut **tx).await.db()?;
-    rows.into_iter().map(DeliveryTask::try_from).collect()
-}
-
-async fn record_attempt_in(
-    tx: &mut Transaction<'static, Postgres>,
-    record: &AttemptRecord,
-    result: AttemptResult,
-    now: Millis,
-) -> Result<bool> {
-    let id = record.subscription_id.to_string();
+/// Logs the attempts, moves their deliveries on and releases their claims; for each, whether its
+/// subscription was still delivering.
+async fn record_attempts(tx: &mut Transaction<'static, Postgres>, batch: &[Write], at: &[usize]) -> Result<Vec<bool>> {
+    let mut log = AttemptColumns::default();
+    for i in at {
+        if let Write::Attempt { record, result, now, .. } = &batch[*i] {
+            log.push(record, *result, *now);
+        }
+    }
     sqlx::query(
-        "INSERT INTO delivery_attempts (subscription_id, series, attempt, webhook_id, started_at, status_code, error, duration_ms) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        "INSERT INTO delivery_attempts (subscription_id, series, attempt, webhook_id, started_at, status_code, \
+         error, duration_ms) SELECT * FROM UNNEST($1::text[], $2::int8[], $3::int8[], $4::text[], $5::int8[], \
+         $6::int8[], $7::text[], $8::int8[])",
     )
-    .bind(&id)
-    .bind(i64::from(record.series))
-    .bind(i64::from(record.attempt))
-    .bind(&record.webhook_id)
-    .bind(record.started_at)
-    .bind(record.status_code.map(i64::from))
-    .bind(record.error.as_deref())
-    .bind(i64::try_from(record.duration_ms).unwrap_or(i64::MAX))
+    .bind(&log.ids)
+    .bind(&log.series)
+    .bind(&log.attempts)
+    .bind(&log.webhook_ids)
+    .bind(&log.started_at)
+    .bind(&log.status_codes)
+    .bind(&log.errors)
+    .bind(&log.durations)
     .execute(&mut **tx)
     .await
     .db()?;
-    let (state, next_at, reason) = match result {
-        AttemptResult::Delivered => ("delivered", None, None),
-        AttemptResult::RetryAt(at) => ("delivering", Some(at), None),
-        AttemptResult::Failed(reason) => ("failed", None, Some(reason.as_str())),
-    };
-    let moved = sqlx::query("UPDATE subscriptions SET state = $1, attempts = $2, next_attempt_at = $3, failure_reason = $4, updated_at = $5, \
-         claimed_until = NULL, claimed_by = NULL WHERE id = $6 AND state = 'delivering' AND series = $7",)
-    .bind(state)
-    .bind(i64::from(record.attempt))
-    .bind(next_at)
-    .bind(reason)
-    .bind(now)
-    .bind(&id)
-    .bind(i64::from(record.series))
-    .execute(&mut **tx)
+    let moved: HashSet<(String, i64)> = sqlx::query_as(
+        "UPDATE subscriptions SET state = u.st, attempts = u.a, next_attempt_at = u.na, failure_reason = u.r, \
+         updated_at = u.n, claimed_until = NULL, claimed_by = NULL \
+         FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::int8[], $5::int8[], $6::text[], $7::int8[]) \
+         AS u (i, s, st, a, na, r, n) \
+         WHERE subscriptions.id = u.i AND subscriptions.state = 'delivering' AND subscriptions.series = u.s \
+         RETURNING subscriptions.id, subscriptions.series",
+    )
+    .bind(&log.ids)
+    .bind(&log.series)
+    .bind(&log.states)
+    .bind(&log.attempts)
+    .bind(&log.next_at)
+    .bind(&log.reasons)
+    .bind(&log.nows)
+    .fetch_all(&mut **tx)
     .await
-    .db()?;
-    Ok(moved.rows_affected() == 1)
+    .db()?
+    .into_iter()
+    .collect();
+    Ok(log.ids.into_iter().zip(log.series).map(|key| moved.contains(&key)).collect())
 }
 
-async fn record_observation_in(
-    tx: &mut Transaction<'static, Postgres>,
-    job_id: JobId,
-    status: Option<JobStatus>,
-    last_error: Option<&str>,
-    now: Millis,
-) -> Result<()> {
-    sqlx::query("UPDATE jobs SET status = COALESCE($1, status), last_error = $2, updated_at = $3 WHERE job_id = $4 AND result IS NULL",)
-        .bind(status.map(|s| s.as_str()))
-        .bind(last_error)
-        .bind(now)
-        .bind(job_id.to_string())
-        .execute(&mut **tx)
-        .await
-        .db()?;
-    Ok(())
+/// Attempts as columns.
+#[derive(Default)]
+struct AttemptColumns<'a> {
+    ids: Vec<String>,
+    series: Vec<i64>,
+    attempts: Vec<i64>,
+    webhook_ids: Vec<&'a str>,
+    started_at: Vec<i64>,
+    status_codes: Vec<Option<i64>>,
+    errors: Vec<Option<&'a str>>,
+    durations: Vec<i64>,
+    states: Vec<&'static str>,
+    next_at: Vec<Option<i64>>,
+    reasons: Vec<Option<&'static str>>,
+    nows: Vec<i64>,
+}
+
+impl<'a> AttemptColumns<'a> {
+    fn push(&mut self, record: &'a AttemptRecord, result: AttemptResult, now: Millis) {
+        let (state, next_at, reason) = match result {
+            AttemptResult::Delivered => ("delivered", None, None),
+            AttemptResult::RetryAt(at) => ("delivering", Some(at), None),
+            AttemptResult::Failed(reason) => ("failed", None, Some(reason.as_str())),
+        };
+        self.ids.push(record.subscription_id.to_string());
+        self.series.push(i64::from(record.series));
+        self.attempts.push(i64::from(record.attempt));
+        self.webhook_ids.push(&record.webhook_id);
+        self.started_at.push(record.started_at);
+        self.status_codes.push(record.status_code.map(i64::from));
+        self.errors.push(record.error.as_deref());
+        self.durations.push(i64::try_from(record.duration_ms).unwrap_or(i64::MAX));
+        self.states.push(state);
+        self.next_at.push(next_at);
+        self.reasons.push(reason);
+        self.nows.push(now);
+    }
 }

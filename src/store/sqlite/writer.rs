@@ -5,33 +5,52 @@
 //! whole batch runs on this thread, with cached prepared statements, in one transaction: one hand-off
 //! per batch. The tests run the whole suite on this store and on PostgreSQL's.
 
-use std::time::Duration;
-
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+
+use super::ops::{delivery_row, subscription_row};
 use tokio::sync::mpsc;
 
 use super::*;
 use crate::domain::new_webhook_id;
 use crate::store::group::{Done, claim_refused};
 
-/// Opens the writer's own connection to the store file and serves batches until the queue closes.
-pub(super) fn spawn(path: String, mut writes: mpsc::Receiver<Write>, stats: Arc<WriterStats>) -> std::io::Result<()> {
-    let mut conn = Connection::open(&path).map_err(std::io::Error::other)?;
-    conn.pragma_update(None, "journal_mode", "WAL").map_err(std::io::Error::other)?;
-    conn.pragma_update(None, "synchronous", "FULL").map_err(std::io::Error::other)?;
-    conn.pragma_update(None, "foreign_keys", "ON").map_err(std::io::Error::other)?;
-    conn.busy_timeout(Duration::from_secs(10)).map_err(std::io::Error::other)?;
-    conn.set_prepared_statement_cache_capacity(64);
+/// What the writer thread runs: a group-committed write, or a write of another kind in a transaction of
+/// its own (see [`SqliteStore::exec`]).
+pub(super) enum Job {
+    Group(Write),
+    Alone(Box<dyn FnOnce(&mut Connection) + Send>),
+}
+
+/// Serves batches on `conn`, the store's only writing connection, until the queue closes.
+pub(super) fn spawn(
+    mut conn: Connection,
+    mut jobs: mpsc::Receiver<Job>,
+    stats: Arc<WriterStats>,
+) -> std::io::Result<()> {
     std::thread::Builder::new().name("jobhook-sqlite-writer".into()).spawn(move || {
+        let mut received = Vec::with_capacity(MAX_BATCH);
         let mut batch = Vec::with_capacity(MAX_BATCH);
-        while writes.blocking_recv_many(&mut batch, MAX_BATCH) > 0 {
-            batch.sort_by_key(Write::lock_order);
-            stats.transactions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let started = std::time::Instant::now();
-            let results = run_batch(&mut conn, &batch);
-            stats.batch(started);
-            for (write, result) in batch.drain(..).zip(results) {
-                write.answer(result);
+        let mut alone = Vec::new();
+        while jobs.blocking_recv_many(&mut received, MAX_BATCH) > 0 {
+            for job in received.drain(..) {
+                match job {
+                    Job::Group(write) => batch.push(write),
+                    Job::Alone(run) => alone.push(run),
+                }
+            }
+            if !batch.is_empty() {
+                batch.sort_by_key(Write::lock_order);
+                stats.transactions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let started = std::time::Instant::now();
+                let results = run_batch(&mut conn, &batch);
+                stats.batch(started);
+                for (write, result) in batch.drain(..).zip(results) {
+                    write.answer(result);
+                }
+            }
+            for run in alone.drain(..) {
+                stats.transactions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                run(&mut conn);
             }
         }
     })?;
@@ -60,12 +79,12 @@ fn run_batch(conn: &mut Connection, batch: &[Write]) -> Vec<Done> {
 }
 
 fn try_batch(conn: &mut Connection, batch: &[Write]) -> Result<Vec<Done>> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(classify_sqlite)?;
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).sq()?;
     let mut results = Vec::with_capacity(batch.len());
     for write in batch {
         results.push(run(&tx, write).checked()?);
     }
-    tx.commit().map_err(classify_sqlite)?;
+    tx.commit().sq()?;
     Ok(results)
 }
 
@@ -82,35 +101,6 @@ fn run(tx: &rusqlite::Transaction<'_>, write: &Write) -> Done {
         Write::Observe { job_id, status, last_error, now, .. } => {
             Done::Observe(observe(tx, *job_id, *status, last_error.as_deref(), *now))
         }
-    }
-}
-
-/// SQLite's "try again later" codes become `Unavailable`, as on the sqlx path.
-fn classify_sqlite(e: rusqlite::Error) -> StoreError {
-    use rusqlite::ErrorCode::*;
-    let unavailable = matches!(
-        e.sqlite_error_code(),
-        Some(
-            DatabaseBusy
-                | DatabaseLocked
-                | OutOfMemory
-                | ReadOnly
-                | SystemIoFailure
-                | DiskFull
-                | CannotOpen
-                | FileLockingProtocolFailed
-        )
-    );
-    if unavailable { StoreError::Unavailable(Arc::new(e)) } else { StoreError::Other(Arc::new(e)) }
-}
-
-trait Sqlite<T> {
-    fn sq(self) -> Result<T>;
-}
-
-impl<T> Sqlite<T> for rusqlite::Result<T> {
-    fn sq(self) -> Result<T> {
-        self.map_err(classify_sqlite)
     }
 }
 
@@ -225,23 +215,7 @@ fn subscription(tx: &rusqlite::Transaction<'_>, id: &str) -> Result<Subscription
             " FROM subscriptions s JOIN jobs j ON j.job_id = s.job_id WHERE s.id = ?"
         ))
         .sq()?
-        .query_row(params![id], |r| {
-            Ok(SubscriptionRow {
-                id: r.get(0)?,
-                job_id: r.get(1)?,
-                callback_url: r.get(2)?,
-                state: r.get(3)?,
-                failure_reason: r.get(4)?,
-                webhook_id: r.get(5)?,
-                attempts: r.get(6)?,
-                next_attempt_at: r.get(7)?,
-                created_at: r.get(8)?,
-                updated_at: r.get(9)?,
-                job_status: r.get(10)?,
-                last_error: r.get(11)?,
-                last_delivery_error: r.get(12)?,
-            })
-        })
+        .query_row(params![id], subscription_row)
         .sq()?;
     row.try_into()
 }
@@ -271,24 +245,7 @@ fn complete_job(
             " WHERE s.job_id = ? AND s.state = 'delivering' AND s.series = 1 AND s.attempts = 0"
         );
         let mut statement = tx.prepare_cached(sql).sq()?;
-        let rows = statement
-            .query_map(params![job], |r| {
-                Ok(DeliveryRow {
-                    id: r.get(0)?,
-                    job_id: r.get(1)?,
-                    tenant_id: r.get(2)?,
-                    partition: r.get(3)?,
-                    webhook_id: r.get(4)?,
-                    callback_url: r.get(5)?,
-                    result: r.get(6)?,
-                    series: r.get(7)?,
-                    attempts: r.get(8)?,
-                    next_attempt_at: r.get(9)?,
-                })
-            })
-            .sq()?
-            .collect::<rusqlite::Result<Vec<_>>>()
-            .sq()?;
+        let rows = statement.query_map(params![job], delivery_row).sq()?.collect::<rusqlite::Result<Vec<_>>>().sq()?;
         return rows.into_iter().map(DeliveryTask::try_from).collect();
     }
     let subscribers: Vec<(String, i64, String)> = tx

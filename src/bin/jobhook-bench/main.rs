@@ -31,6 +31,13 @@ use jobhook::keys::SigningSecret;
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
+mod pending;
+mod proc;
+mod servers;
+
+use proc::*;
+use servers::*;
+
 #[derive(Debug, Parser)]
 #[command(name = "jobhook-bench", about = "Measures jobhook against this machine's limit")]
 struct Args {
@@ -113,107 +120,6 @@ async fn drop_store(url: Option<&str>, schema: Option<String>) {
 const KEY: &str = "bench-key-0123456789abcdef";
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
-/// Per job: polls answered, when the first terminal answer went out, when the last poll came.
-type Shard = Mutex<HashMap<uuid::Uuid, JobSeen>>;
-
-#[derive(Default, Clone, Copy)]
-struct JobSeen {
-    polls: u32,
-    terminal_at: Option<Instant>,
-    last_poll: Option<Instant>,
-}
-
-/// The upstream simulator's memory of each job, sharded to keep its locks cold.
-struct Upstream {
-    shards: Vec<Shard>,
-    pending_polls: u32,
-    polls: AtomicU64,
-    /// --pending mode: how late each poll came after the latest moment its interval allows (ms).
-    lateness: Option<(Duration, Mutex<Vec<f32>>)>,
-}
-
-impl Upstream {
-    fn shard(&self, id: &uuid::Uuid) -> &Shard {
-        &self.shards[id.as_u128() as usize % self.shards.len()]
-    }
-}
-
-async fn job_status(State(up): State<Arc<Upstream>>, Path(raw): Path<String>) -> impl IntoResponse {
-    let Ok(id) = uuid::Uuid::try_parse(&raw) else { return (StatusCode::UNPROCESSABLE_ENTITY, String::new()) };
-    up.polls.fetch_add(1, Ordering::Relaxed);
-    let now = Instant::now();
-    let terminal = {
-        let mut shard = up.shard(&id).lock().unwrap();
-        let entry = shard.entry(id).or_default();
-        entry.polls += 1;
-        if let (Some((interval, samples)), Some(last)) = (&up.lateness, entry.last_poll) {
-            // jobhook spaces polls by the interval ±10%: anything past +10% is late.
-            let late = now.duration_since(last).as_secs_f32() - interval.as_secs_f32() * 1.1;
-            samples.lock().unwrap().push(late.max(0.0) * 1000.0);
-        }
-        entry.last_poll = Some(now);
-        let terminal = entry.polls > up.pending_polls;
-        if terminal && entry.terminal_at.is_none() {
-            entry.terminal_at = Some(now);
-        }
-        terminal
-    };
-    let body = if terminal {
-        format!(r#"{{"job_id":"{id}","status":"Succeed","image_urls":["https://images.example.com/{id}/0.png"]}}"#)
-    } else {
-        format!(r#"{{"job_id":"{id}","status":"Pending","image_urls":[]}}"#)
-    };
-    (StatusCode::OK, body)
-}
-
-/// What the receiver saw of one job.
-#[derive(Default, Clone)]
-struct Seen {
-    first_at: Option<Instant>,
-    count: u32,
-    webhook_ids: Vec<String>,
-}
-
-struct Receiver {
-    secret: SigningSecret,
-    seen: Mutex<HashMap<String, Seen>>,
-    bad_signatures: AtomicU64,
-    received: AtomicU64,
-}
-
-async fn callback(State(rx): State<Arc<Receiver>>, headers: HeaderMap, body: Bytes) -> StatusCode {
-    let at = Instant::now();
-    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned();
-    let (id, timestamp, signatures) = (header("webhook-id"), header("webhook-timestamp"), header("webhook-signature"));
-    let expected = timestamp.parse().map(|ts| signing::sign(&rx.secret, &id, ts, &body)).unwrap_or_default();
-    if !signatures.split(' ').any(|s| s == expected) {
-        rx.bad_signatures.fetch_add(1, Ordering::Relaxed);
-        return StatusCode::BAD_REQUEST;
-    }
-    let job = serde_json::from_slice::<serde_json::Value>(&body)
-        .ok()
-        .and_then(|v| v["job_id"].as_str().map(str::to_owned))
-        .unwrap_or_default();
-    {
-        let mut seen = rx.seen.lock().unwrap();
-        let entry = seen.entry(job).or_default();
-        entry.first_at.get_or_insert(at);
-        entry.count += 1;
-        if !entry.webhook_ids.contains(&id) {
-            entry.webhook_ids.push(id);
-        }
-    }
-    rx.received.fetch_add(1, Ordering::Relaxed);
-    StatusCode::NO_CONTENT
-}
-
-async fn serve(router: axum::Router) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("a loopback port");
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, router).await });
-    addr
-}
-
 fn percentile(sorted: &[f64], q: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -245,22 +151,6 @@ where
     }
     while workers.join_next().await.is_some() {}
     n as f64 / start.elapsed().as_secs_f64()
-}
-
-/// A memory figure of a process from /proc/PID/status (`VmRSS`, `VmHWM`), in bytes.
-fn status_bytes(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .unwrap_or(0)
-        * 1024
-}
-
-/// Current resident memory of a process (bytes).
-fn rss(pid: u32) -> u64 {
-    status_bytes(pid, "VmRSS")
 }
 
 /// One registration; whether it answered 201 Created.
@@ -295,138 +185,6 @@ async fn register_all(
         }
     })
     .await
-}
-
-/// Waits until every job in `jobs` was polled at or after `since`; returns when that happened.
-async fn all_polled_since(upstream: &Upstream, jobs: &[String], since: Instant, deadline: Duration) -> Option<Instant> {
-    let ids: Vec<uuid::Uuid> = jobs.iter().filter_map(|j| uuid::Uuid::try_parse(j).ok()).collect();
-    let give_up = Instant::now() + deadline;
-    loop {
-        let mut latest = since;
-        let all = ids.iter().all(|id| match upstream.shard(id).lock().unwrap().get(id).and_then(|e| e.last_poll) {
-            Some(at) if at >= since => {
-                latest = latest.max(at);
-                true
-            }
-            _ => false,
-        });
-        if all {
-            return Some(latest);
-        }
-        if Instant::now() > give_up {
-            return None;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-/// `--pending N`: N subscriptions that never end, polled every `--pending-interval`.
-async fn pending_mode(args: &Args, binary: &std::path::Path, n: usize) -> anyhow::Result<()> {
-    let interval = humantime::parse_duration(&args.pending_interval)?;
-    let upstream = Arc::new(Upstream {
-        shards: (0..64).map(|_| Mutex::new(HashMap::new())).collect(),
-        pending_polls: u32::MAX,
-        polls: AtomicU64::new(0),
-        lateness: Some((interval, Mutex::new(Vec::new()))),
-    });
-    let upstream_addr =
-        serve(axum::Router::new().route("/public/v1/job/{id}", get(job_status)).with_state(upstream.clone())).await;
-    let dir = std::env::temp_dir().join(format!("jobhook-bench-{}", uuid::Uuid::new_v4().simple()));
-    std::fs::create_dir_all(&dir)?;
-    let db = format!("sqlite://{}", dir.join("pending.db").display());
-    let listen = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
-    let mut jobhook = start_jobhook(binary, &db, listen, upstream_addr, &args.pending_interval).await?;
-    let base_rss = rss(jobhook.pid);
-    let http = reqwest::Client::builder().pool_max_idle_per_host(args.concurrency).build()?;
-    let jobs: Arc<Vec<String>> = Arc::new((0..n).map(|_| uuid::Uuid::new_v4().to_string()).collect());
-    let bar = ProgressBar::new_spinner();
-    bar.set_message(format!("registering {n} pending jobs"));
-    bar.enable_steady_tick(Duration::from_millis(200));
-    let registrations =
-        register_all(&http, listen, "http://127.0.0.1:9/never".into(), jobs.clone(), args.concurrency).await;
-    // Steady state: every job polled since registration ended, then one more interval of samples.
-    bar.set_message("waiting for every job to be polled");
-    let registered = Instant::now();
-    all_polled_since(&upstream, &jobs, registered, interval * 3).await;
-    if let Some((_, samples)) = &upstream.lateness {
-        samples.lock().unwrap().clear();
-    }
-    let window = Instant::now();
-    let polls_before = upstream.polls.load(Ordering::Relaxed);
-    tokio::time::sleep(interval + interval / 2).await;
-    let polls_per_s = (upstream.polls.load(Ordering::Relaxed) - polls_before) as f64 / window.elapsed().as_secs_f64();
-    let mut late: Vec<f64> = upstream
-        .lateness
-        .as_ref()
-        .map(|(_, s)| s.lock().unwrap().iter().map(|&v| f64::from(v)).collect())
-        .unwrap_or_default();
-    late.sort_by(f64::total_cmp);
-    let held_rss = rss(jobhook.pid);
-    // Restart: kill -9, start again, time until every job is polled again.
-    bar.set_message("kill -9 and restart");
-    let _ = jobhook.child.start_kill();
-    let _ = jobhook.child.wait().await;
-    let restarted = Instant::now();
-    let mut again = start_jobhook(binary, &db, listen, upstream_addr, &args.pending_interval).await?;
-    let listening_after = restarted.elapsed();
-    let recovered = all_polled_since(&upstream, &jobs, restarted, interval * 4 + Duration::from_secs(60)).await;
-    bar.finish_and_clear();
-    let _ = again.child.start_kill();
-    let _ = again.child.wait().await;
-    let _ = std::fs::remove_dir_all(&dir);
-
-    let per_sub = held_rss.saturating_sub(base_rss) as f64 / n as f64;
-    let results = json!({
-        "pending": n,
-        "poll_interval": args.pending_interval,
-        "registrations_per_s": registrations.round(),
-        "rss_mb": (held_rss as f64 / 1048576.0 * 10.0).round() / 10.0,
-        "rss_bytes_per_pending_subscription": per_sub.round(),
-        "polls_per_s": polls_per_s.round(),
-        "poll_lateness_ms_p50": (percentile(&late, 0.5) * 10.0).round() / 10.0,
-        "poll_lateness_ms_p99": (percentile(&late, 0.99) * 10.0).round() / 10.0,
-        "restart_listening_s": (listening_after.as_secs_f64() * 100.0).round() / 100.0,
-        "restart_every_job_polled_again_s": recovered.map(|t| (t.duration_since(restarted).as_secs_f64() * 100.0).round() / 100.0),
-    });
-    jobhook::outln!("jobhook-bench --pending: {n} pending subscriptions, poll interval {}", args.pending_interval);
-    jobhook::outln!();
-    jobhook::outln!("| figure | value |");
-    jobhook::outln!("| --- | --- |");
-    jobhook::outln!("| registrations | {registrations:.0}/s |");
-    jobhook::outln!(
-        "| jobhook RSS holding them | {:.1} MB ({per_sub:.0} bytes per pending subscription) |",
-        held_rss as f64 / 1048576.0
-    );
-    jobhook::outln!("| polls | {polls_per_s:.0}/s |");
-    jobhook::outln!(
-        "| poll lateness (past interval + 10% jitter) p50 / p99 | {:.1} / {:.1} ms |",
-        percentile(&late, 0.5),
-        percentile(&late, 0.99)
-    );
-    jobhook::outln!("| kill -9, restart: listening again after | {:.2} s |", listening_after.as_secs_f64());
-    match recovered {
-        Some(t) => jobhook::outln!(
-            "| kill -9, restart: every job polled again after | {:.2} s (first polls spread over one interval) |",
-            t.duration_since(restarted).as_secs_f64()
-        ),
-        None => jobhook::outln!("| kill -9, restart: every job polled again after | not within the deadline |"),
-    }
-    if args.json {
-        jobhook::outln!();
-        jobhook::outln!("{}", serde_json::to_string_pretty(&results)?);
-    }
-    anyhow::ensure!(recovered.is_some(), "some pending jobs were not polled again after the restart");
-    Ok(())
-}
-
-/// jobhook's CPU seconds (user + system) and peak resident memory (bytes), from /proc.
-fn process_usage(pid: u32) -> (f64, u64) {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or_default().split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
-    // After the ")": state is field 0, utime 11, stime 12 (clock ticks of 1/100 s on Linux).
-    let cpu = (ticks(11) + ticks(12)) / 100.0;
-    (cpu, status_bytes(pid, "VmHWM"))
 }
 
 /// A running `jobhook serve`, and the store-transaction count it reports when it stops.
@@ -507,7 +265,7 @@ async fn main() -> anyhow::Result<()> {
     anyhow::ensure!(binary.exists(), "no jobhook binary at {} (build it: cargo build --release)", binary.display());
 
     if let Some(n) = args.pending {
-        return pending_mode(&args, &binary, n).await;
+        return pending::pending_mode(&args, &binary, n).await;
     }
     let upstream = Arc::new(Upstream {
         shards: (0..64).map(|_| Mutex::new(HashMap::new())).collect(),
@@ -589,6 +347,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let listens = Arc::new(listens);
     let cpu_before: f64 = instances.iter().map(|j| process_usage(j.pid).0).sum();
+    let pg_before = args.database_url.as_ref().map(|_| postgres_cpu());
 
     // 3. N jobs through jobhook.
     let jobs: Arc<Vec<String>> = Arc::new((0..args.jobs).map(|_| uuid::Uuid::new_v4().to_string()).collect());
@@ -652,6 +411,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let usage: Vec<(f64, u64)> = instances.iter().map(|j| process_usage(j.pid)).collect();
     let cpu_after: f64 = usage.iter().map(|u| u.0).sum();
+    let pg_cpu = pg_before.as_ref().map(postgres_cpu_since);
     let peak_rss = usage.iter().map(|u| u.1).max().unwrap_or(0);
 
     // Stop jobhook gracefully, so it reports its store transactions.
@@ -705,6 +465,7 @@ async fn main() -> anyhow::Result<()> {
         "delivery_lag_ms_p99": (percentile(&lags, 0.99) * 10.0).round() / 10.0,
         "polls_per_job": (polls / args.jobs as f64 * 100.0).round() / 100.0,
         "cpu_seconds_per_1000_jobs": (cpu / args.jobs as f64 * 1000.0 * 1000.0).round() / 1000.0,
+        "postgres_cpu_seconds_per_1000_jobs": pg_cpu.map(|c| (c / args.jobs as f64 * 1000.0 * 1000.0).round() / 1000.0),
         "peak_rss_mb": (peak_rss as f64 / 1048576.0 * 10.0).round() / 10.0,
         "store_transactions_per_job": transactions.map(|t| (t as f64 / args.jobs as f64 * 1000.0).round() / 1000.0),
         "delivered": delivered,
@@ -760,6 +521,12 @@ async fn main() -> anyhow::Result<()> {
     }
     row("polls per job", format!("{:.2} (ideal {})", polls / args.jobs as f64, args.pending_polls + 1));
     row("jobhook CPU per 1,000 jobs (all instances)", format!("{:.3} s", cpu / args.jobs as f64 * 1000.0));
+    if let Some(pg_cpu) = pg_cpu {
+        row(
+            "PostgreSQL server CPU per 1,000 jobs (its processes on this machine)",
+            format!("{:.3} s", pg_cpu / args.jobs as f64 * 1000.0),
+        );
+    }
     row("jobhook peak RSS (largest instance)", format!("{:.1} MB", peak_rss as f64 / 1048576.0));
     row(
         "store transactions per job",

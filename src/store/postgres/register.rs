@@ -1,0 +1,304 @@
+//! Registrations on PostgreSQL, a batch at a time: however many a batch holds, it costs the same few
+//! statements (arrays bound once, `UNNEST` on the server), not a handful per registration.
+
+use std::collections::HashMap;
+
+use super::*;
+use crate::domain::new_webhook_id;
+
+/// One registration of a batch, as the writer hands it over.
+pub(super) struct Registration<'a> {
+    pub key: &'a KeyHash,
+    pub id: SubscriptionId,
+    pub job_id: JobId,
+    pub callback_url: &'a CallbackUrl,
+    pub now: Millis,
+}
+
+/// What a registration's job looked like, read under its row lock.
+#[derive(sqlx::FromRow)]
+struct JobRow {
+    job_id: String,
+    created_at: i64,
+    status: Option<String>,
+    last_error: Option<String>,
+    result: Option<Vec<u8>>,
+}
+
+/// Runs every registration of the batch inside `tx`; the answers come in the batch's order. An error
+/// is the whole batch's (the writer then runs each registration alone).
+pub(super) async fn register_all(
+    tx: &mut Transaction<'static, Postgres>,
+    regs: &[Registration<'_>],
+) -> Result<Vec<Registered>> {
+    // The tenants of the keys, holding the key rows until commit: a revocation waits for the
+    // registrations already past this check, so once `keys revoke` returns, none with the key commits.
+    let mut hashes: Vec<Vec<u8>> = regs.iter().map(|r| r.key.0.to_vec()).collect();
+    hashes.sort();
+    hashes.dedup();
+    let tenants: HashMap<Vec<u8>, i64> = sqlx::query_as(
+        "SELECT key_hash, tenant_id FROM api_keys WHERE key_hash = ANY($1) AND revoked_at IS NULL \
+         ORDER BY key_hash FOR SHARE",
+    )
+    .bind(&hashes)
+    .fetch_all(&mut **tx)
+    .await
+    .db()?
+    .into_iter()
+    .collect();
+    let tenant_of = |r: &Registration<'_>| tenants.get(r.key.0.as_slice()).copied();
+    if regs.iter().all(|r| tenant_of(r).is_none()) {
+        return Ok(regs.iter().map(|_| Registered::UnknownKey).collect());
+    }
+
+    // The jobs: created if new, then locked in one order (by ID), so batches of different instances
+    // cannot deadlock, and a job's end or another registration of it waits for this transaction.
+    let mut jobs: Vec<(String, i64, i64)> = regs
+        .iter()
+        .filter(|r| tenant_of(r).is_some())
+        .map(|r| (r.job_id.to_string(), r.job_id.partition(), r.now))
+        .collect();
+    jobs.sort();
+    jobs.dedup_by(|a, b| a.0 == b.0);
+    let (ids, (partitions, nows)): (Vec<String>, (Vec<i64>, Vec<i64>)) =
+        jobs.into_iter().map(|(j, p, n)| (j, (p, n))).unzip();
+    sqlx::query(
+        "INSERT INTO jobs (job_id, partition, created_at, updated_at) \
+         SELECT j, p, n, n FROM UNNEST($1::text[], $2::int8[], $3::int8[]) AS u (j, p, n) \
+         ON CONFLICT (job_id) DO NOTHING",
+    )
+    .bind(&ids)
+    .bind(&partitions)
+    .bind(&nows)
+    .execute(&mut **tx)
+    .await
+    .db()?;
+    let job_rows: Vec<JobRow> = sqlx::query_as(
+        "SELECT job_id, created_at, status, last_error, result FROM jobs WHERE job_id = ANY($1) \
+         ORDER BY job_id FOR UPDATE",
+    )
+    .bind(&ids)
+    .fetch_all(&mut **tx)
+    .await
+    .db()?;
+    let jobs: HashMap<String, JobRow> = job_rows.into_iter().map(|row| (row.job_id.clone(), row)).collect();
+
+    // Live subscriptions with the same tenant, job and callback: a registration of one is that one.
+    let keyed: Vec<(i64, String, String)> = regs
+        .iter()
+        .filter_map(|r| Some((tenant_of(r)?, r.job_id.to_string(), r.callback_url.as_str().to_owned())))
+        .collect();
+    let (k_tenants, (k_jobs, k_urls)): (Vec<i64>, (Vec<String>, Vec<String>)) =
+        keyed.into_iter().map(|(t, j, c)| (t, (j, c))).unzip();
+    let mut existing: HashMap<(i64, String, String), String> = sqlx::query_as(
+        "SELECT s.tenant_id, s.job_id, s.callback_url, s.id FROM subscriptions s \
+         JOIN UNNEST($1::int8[], $2::text[], $3::text[]) AS u (t, j, c) \
+         ON s.tenant_id = u.t AND s.job_id = u.j AND s.callback_url = u.c \
+         WHERE s.state IN ('polling', 'delivering', 'delivered')",
+    )
+    .bind(&k_tenants)
+    .bind(&k_jobs)
+    .bind(&k_urls)
+    .fetch_all(&mut **tx)
+    .await
+    .db()?
+    .into_iter()
+    .map(|(t, j, c, id): (i64, String, String, String)| ((t, j, c), id))
+    .collect();
+
+    // Decide each in the batch's order; a repeat within the batch is the earlier one's subscription.
+    let mut answers: Vec<Answer> = Vec::with_capacity(regs.len());
+    let mut new = NewRows::default();
+    for r in regs {
+        let Some(tenant_id) = tenant_of(r) else {
+            answers.push(Answer::Done(Registered::UnknownKey));
+            continue;
+        };
+        let job = r.job_id.to_string();
+        let key = (tenant_id, job.clone(), r.callback_url.as_str().to_owned());
+        if let Some(id) = existing.get(&key) {
+            answers.push(Answer::Existing(id.clone()));
+            continue;
+        }
+        existing.insert(key, r.id.to_string());
+        let row = jobs.get(&job).ok_or_else(|| corrupt("job not written", &job))?;
+        let job_status = row.status.as_deref().map(str::parse).transpose().map_err(|e| corrupt("job status", e))?;
+        let mut sub = Subscription {
+            id: r.id,
+            job_id: r.job_id,
+            callback_url: r.callback_url.as_str().to_owned(),
+            state: SubscriptionState::Polling,
+            job_status,
+            failure_reason: None,
+            last_error: row.last_error.clone(),
+            last_delivery_error: None,
+            webhook_id: None,
+            attempts: 0,
+            next_attempt_at: None,
+            created_at: r.now,
+            updated_at: r.now,
+        };
+        match &row.result {
+            None => {
+                new.push(r, tenant_id, "polling", None);
+                new.notices.push(Notice::Poll(r.job_id).to_string());
+                answers.push(Answer::Polling(sub, row.created_at));
+            }
+            Some(body) => {
+                let webhook_id = new_webhook_id();
+                sub.state = SubscriptionState::Delivering;
+                sub.webhook_id = Some(webhook_id.clone());
+                sub.next_attempt_at = Some(r.now);
+                new.push(r, tenant_id, "delivering", Some(webhook_id.clone()));
+                new.notices.push(Notice::Deliver(r.id, r.job_id.partition()).to_string());
+                let task = DeliveryTask::first(
+                    r.id,
+                    r.job_id,
+                    tenant_id,
+                    webhook_id,
+                    r.callback_url.as_str().to_owned(),
+                    body.clone().into(),
+                    r.now,
+                );
+                answers.push(Answer::Done(Registered::CreatedDelivering(sub, task)));
+            }
+        }
+    }
+    new.insert(tx).await?;
+
+    // The oldest polling subscription of the jobs that had others before this batch.
+    let older: Vec<String> = answers
+        .iter()
+        .filter_map(|a| match a {
+            Answer::Polling(sub, created) if *created != sub.created_at => Some(sub.job_id.to_string()),
+            _ => None,
+        })
+        .collect();
+    let oldest: HashMap<String, Option<i64>> = if older.is_empty() {
+        HashMap::new()
+    } else {
+        sqlx::query_as(
+            "SELECT job_id, MIN(created_at) FROM subscriptions WHERE job_id = ANY($1) AND state = 'polling' \
+             GROUP BY job_id",
+        )
+        .bind(&older)
+        .fetch_all(&mut **tx)
+        .await
+        .db()?
+        .into_iter()
+        .collect()
+    };
+    // The subscriptions registered before, as the API shows them.
+    let repeated: Vec<String> = answers
+        .iter()
+        .filter_map(|a| match a {
+            Answer::Existing(id) => Some(id.clone()),
+            _ => None,
+        })
+        .collect();
+    let mut shown: HashMap<String, Subscription> = HashMap::new();
+    if !repeated.is_empty() {
+        let rows: Vec<SubscriptionRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            subscription_columns!(),
+            " FROM subscriptions s JOIN jobs j ON j.job_id = s.job_id WHERE s.id = ANY($1)"
+        ))
+        .bind(&repeated)
+        .fetch_all(&mut **tx)
+        .await
+        .db()?;
+        for row in rows {
+            shown.insert(row.id.clone(), row.try_into()?);
+        }
+    }
+    if !new.notices.is_empty() {
+        sqlx::query("SELECT pg_notify('jobhook', n) FROM UNNEST($1::text[]) AS n")
+            .bind(&new.notices)
+            .execute(&mut **tx)
+            .await
+            .db()?;
+    }
+    answers
+        .into_iter()
+        .map(|a| match a {
+            Answer::Done(registered) => Ok(registered),
+            Answer::Existing(id) => {
+                shown.get(&id).cloned().map(Registered::Existing).ok_or_else(|| corrupt("subscription not found", id))
+            }
+            Answer::Polling(sub, job_created_at) => {
+                // A job created by this registration has no older subscription to expire first.
+                let oldest_polling_at = if job_created_at == sub.created_at {
+                    sub.created_at
+                } else {
+                    oldest.get(&sub.job_id.to_string()).copied().flatten().unwrap_or(sub.created_at)
+                };
+                let pollable = PollableJob { job_id: sub.job_id, job_created_at, oldest_polling_at };
+                Ok(Registered::CreatedPolling(sub, pollable))
+            }
+        })
+        .collect()
+}
+
+/// A registration's answer, until the batch's reads are done.
+enum Answer {
+    Done(Registered),
+    /// An earlier subscription (by ID), read at the end.
+    Existing(String),
+    /// A new polling subscription, and its job's creation time.
+    Polling(Subscription, i64),
+}
+
+/// The new subscriptions of a batch, as columns, inserted in one statement.
+#[derive(Default)]
+struct NewRows {
+    ids: Vec<String>,
+    tenants: Vec<i64>,
+    jobs: Vec<String>,
+    urls: Vec<String>,
+    states: Vec<&'static str>,
+    webhook_ids: Vec<Option<String>>,
+    next_attempt_at: Vec<Option<i64>>,
+    created_at: Vec<i64>,
+    partitions: Vec<i64>,
+    notices: Vec<String>,
+}
+
+impl NewRows {
+    fn push(&mut self, r: &Registration<'_>, tenant_id: i64, state: &'static str, webhook_id: Option<String>) {
+        self.ids.push(r.id.to_string());
+        self.tenants.push(tenant_id);
+        self.jobs.push(r.job_id.to_string());
+        self.urls.push(r.callback_url.as_str().to_owned());
+        self.states.push(state);
+        self.next_attempt_at.push(webhook_id.as_ref().map(|_| r.now));
+        self.webhook_ids.push(webhook_id);
+        self.created_at.push(r.now);
+        self.partitions.push(r.job_id.partition());
+    }
+
+    async fn insert(&self, tx: &mut Transaction<'static, Postgres>) -> Result<()> {
+        if self.ids.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(
+            "INSERT INTO subscriptions (id, tenant_id, job_id, callback_url, state, webhook_id, next_attempt_at, \
+             created_at, updated_at, partition) \
+             SELECT i, t, j, c, s, w, n, a, a, p \
+             FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::text[], $5::text[], $6::text[], $7::int8[], \
+             $8::int8[], $9::int8[]) AS u (i, t, j, c, s, w, n, a, p)",
+        )
+        .bind(&self.ids)
+        .bind(&self.tenants)
+        .bind(&self.jobs)
+        .bind(&self.urls)
+        .bind(&self.states)
+        .bind(&self.webhook_ids)
+        .bind(&self.next_attempt_at)
+        .bind(&self.created_at)
+        .bind(&self.partitions)
+        .execute(&mut **tx)
+        .await
+        .db()?;
+        Ok(())
+    }
+}

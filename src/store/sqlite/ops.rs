@@ -1,0 +1,460 @@
+//! The SQLite statements that are not group-committed: keys, the API's reads and rarer writes, expiry,
+//! and the lease bookkeeping (which runs only on PostgreSQL in practice, kept so both stores answer the
+//! whole trait). Writes take the writer thread's transaction; reads a read-only connection.
+
+use rusqlite::{Connection, OptionalExtension, Params, Row, Transaction, params};
+use sha2::{Digest, Sha256};
+
+use super::*;
+
+pub(super) fn subscription_row(r: &Row<'_>) -> rusqlite::Result<SubscriptionRow> {
+    Ok(SubscriptionRow {
+        id: r.get(0)?,
+        job_id: r.get(1)?,
+        callback_url: r.get(2)?,
+        state: r.get(3)?,
+        failure_reason: r.get(4)?,
+        webhook_id: r.get(5)?,
+        attempts: r.get(6)?,
+        next_attempt_at: r.get(7)?,
+        created_at: r.get(8)?,
+        updated_at: r.get(9)?,
+        job_status: r.get(10)?,
+        last_error: r.get(11)?,
+        last_delivery_error: r.get(12)?,
+    })
+}
+
+pub(super) fn delivery_row(r: &Row<'_>) -> rusqlite::Result<DeliveryRow> {
+    Ok(DeliveryRow {
+        id: r.get(0)?,
+        job_id: r.get(1)?,
+        tenant_id: r.get(2)?,
+        partition: r.get(3)?,
+        webhook_id: r.get(4)?,
+        callback_url: r.get(5)?,
+        result: r.get(6)?,
+        series: r.get(7)?,
+        attempts: r.get(8)?,
+        next_attempt_at: r.get(9)?,
+    })
+}
+
+/// The pollable jobs a statement selects.
+pub(super) fn pollable(c: &Connection, sql: &str, p: impl Params) -> Result<Vec<PollableJob>> {
+    let mut statement = c.prepare_cached(sql).sq()?;
+    let rows = statement
+        .query_map(p, |r| {
+            Ok(PollableRow { job_id: r.get(0)?, job_created_at: r.get(1)?, oldest_polling_at: r.get(2)? })
+        })
+        .sq()?
+        .collect::<rusqlite::Result<Vec<_>>>()
+        .sq()?;
+    rows.into_iter().map(PollableJob::try_from).collect()
+}
+
+/// The deliveries a statement selects.
+pub(super) fn deliveries(c: &Connection, sql: &str, p: impl Params) -> Result<Vec<DeliveryTask>> {
+    let mut statement = c.prepare_cached(sql).sq()?;
+    let rows = statement.query_map(p, delivery_row).sq()?.collect::<rusqlite::Result<Vec<_>>>().sq()?;
+    rows.into_iter().map(DeliveryTask::try_from).collect()
+}
+
+pub(super) fn sync_configured_keys(
+    tx: &Transaction<'_>,
+    keys: &[KeyHash],
+    secret: Option<&SigningSecret>,
+    now: Millis,
+) -> Result<ConfiguredKeys> {
+    let mut sync = ConfiguredKeys::default();
+    // Configured keys that left the configuration stop working; those listed again work again, unless
+    // `jobhook keys revoke` revoked them: that stays.
+    let configured: Vec<(i64, Vec<u8>, Option<String>)> = tx
+        .prepare_cached("SELECT id, key_hash, revoked_by FROM api_keys WHERE source = 'config'")
+        .sq()?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .sq()?
+        .collect::<rusqlite::Result<_>>()
+        .sq()?;
+    for (id, hash, revoked_by) in configured {
+        let still = keys.iter().any(|k| k.0.as_slice() == hash.as_slice());
+        if still && revoked_by.as_deref() == Some("command") {
+            sync.revoked_by_command.push(id);
+            continue;
+        }
+        if still {
+            tx.execute("UPDATE api_keys SET revoked_at = NULL, revoked_by = NULL WHERE id = ?1", [id]).sq()?;
+        } else {
+            tx.execute(
+                "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?1), revoked_by = COALESCE(revoked_by, 'config') \
+                 WHERE id = ?2",
+                [now, id],
+            )
+            .sq()?;
+        }
+    }
+    // The configured secret is applied when it changes, not at every start: a rotation through the API
+    // since then is kept.
+    let fingerprint = secret.map(|s| Sha256::digest(s.bytes()).to_vec());
+    let applied: Option<Vec<u8>> = tx
+        .query_row("SELECT value FROM meta WHERE key = 'configured_signing_secret'", [], |r| r.get(0))
+        .optional()
+        .sq()?;
+    let secret_changed = fingerprint.is_some() && fingerprint != applied;
+    if let Some(fingerprint) = fingerprint.as_ref().filter(|_| secret_changed) {
+        tx.execute(
+            "INSERT INTO meta (key, value) VALUES ('configured_signing_secret', ?1) \
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            [fingerprint],
+        )
+        .sq()?;
+    }
+    for (i, key) in keys.iter().enumerate() {
+        let tenant: Option<i64> = tx
+            .query_row("SELECT tenant_id FROM api_keys WHERE key_hash = ?1", [key.0.as_slice()], |r| r.get(0))
+            .optional()
+            .sq()?;
+        match tenant {
+            Some(tenant_id) => {
+                if let Some(secret) = secret.filter(|_| secret_changed) {
+                    tx.execute(
+                        "UPDATE tenants SET signing_secret = ?1 WHERE id = ?2",
+                        params![secret.expose(), tenant_id],
+                    )
+                    .sq()?;
+                }
+            }
+            None => {
+                let secret = secret.cloned().unwrap_or_else(SigningSecret::generate);
+                let name = format!("configured key {}", i + 1);
+                insert_tenant_with_key(tx, &name, *key, &secret, "config", now)?;
+                sync.created += 1;
+            }
+        }
+    }
+    Ok(sync)
+}
+
+pub(super) fn insert_tenant_with_key(
+    tx: &Transaction<'_>,
+    name: &str,
+    key: KeyHash,
+    secret: &SigningSecret,
+    source: &str,
+    now: Millis,
+) -> Result<i64> {
+    let tenant_id: i64 = tx
+        .query_row(
+            "INSERT INTO tenants (name, signing_secret, created_at) VALUES (?1, ?2, ?3) RETURNING id",
+            params![name, secret.expose(), now],
+            |r| r.get(0),
+        )
+        .sq()?;
+    tx.execute(
+        "INSERT INTO api_keys (tenant_id, name, key_hash, source, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![tenant_id, name, key.0.as_slice(), source, now],
+    )
+    .sq()?;
+    Ok(tenant_id)
+}
+
+pub(super) fn add_key(
+    tx: &Transaction<'_>,
+    tenant_id: i64,
+    name: &str,
+    key: KeyHash,
+    now: Millis,
+) -> Result<Option<i64>> {
+    let tenant: Option<i64> =
+        tx.query_row("SELECT id FROM tenants WHERE id = ?1", [tenant_id], |r| r.get(0)).optional().sq()?;
+    if tenant.is_none() {
+        return Ok(None);
+    }
+    let id = tx
+        .query_row(
+            "INSERT INTO api_keys (tenant_id, name, key_hash, source, created_at) VALUES (?1, ?2, ?3, 'stored', ?4) \
+             RETURNING id",
+            params![tenant_id, name, key.0.as_slice(), now],
+            |r| r.get(0),
+        )
+        .sq()?;
+    Ok(Some(id))
+}
+
+pub(super) fn tenant_by_key(c: &Connection, key: KeyHash) -> Result<Option<Tenant>> {
+    let row: Option<(i64, String)> = c
+        .prepare_cached(
+            "SELECT t.id, t.signing_secret FROM api_keys k JOIN tenants t ON t.id = k.tenant_id \
+             WHERE k.key_hash = ?1 AND k.revoked_at IS NULL",
+        )
+        .sq()?
+        .query_row([key.0.as_slice()], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()
+        .sq()?;
+    row.map(|(id, secret)| Ok(Tenant { id, secret: Arc::new(parse_secret(&secret)?) })).transpose()
+}
+
+pub(super) fn list_keys(c: &Connection) -> Result<Vec<KeyInfo>> {
+    let mut statement = c
+        .prepare_cached("SELECT id, tenant_id, name, source, created_at, revoked_at FROM api_keys ORDER BY id")
+        .sq()?;
+    let rows = statement
+        .query_map([], |r| {
+            Ok(KeyInfo {
+                id: r.get(0)?,
+                tenant_id: r.get(1)?,
+                name: r.get(2)?,
+                source: r.get(3)?,
+                created_at: r.get(4)?,
+                revoked_at: r.get(5)?,
+            })
+        })
+        .sq()?;
+    rows.collect::<rusqlite::Result<_>>().sq()
+}
+
+pub(super) fn signing_secrets(c: &Connection, tenant_id: i64, now: Millis) -> Result<Vec<SigningSecret>> {
+    let row: Option<(String, Option<String>, Option<i64>)> = c
+        .prepare_cached("SELECT signing_secret, previous_secret, previous_until FROM tenants WHERE id = ?1")
+        .sq()?
+        .query_row([tenant_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .optional()
+        .sq()?;
+    let Some((current, previous, until)) = row else {
+        return Err(corrupt("delivery of an unknown tenant", tenant_id));
+    };
+    let mut secrets = vec![parse_secret(&current)?];
+    if let (Some(previous), Some(until)) = (previous, until)
+        && now < until
+    {
+        secrets.push(parse_secret(&previous)?);
+    }
+    Ok(secrets)
+}
+
+pub(super) fn subscription(c: &Connection, tenant_id: i64, id: SubscriptionId) -> Result<Option<Subscription>> {
+    let sql = concat!(
+        "SELECT ",
+        subscription_columns!(),
+        " FROM subscriptions s JOIN jobs j ON j.job_id = s.job_id WHERE s.id = ?1 AND s.tenant_id = ?2"
+    );
+    let row =
+        c.prepare_cached(sql).sq()?.query_row(params![id.to_string(), tenant_id], subscription_row).optional().sq()?;
+    row.map(Subscription::try_from).transpose()
+}
+
+pub(super) fn list_subscriptions(c: &Connection, tenant_id: i64, filter: &ListFilter) -> Result<Vec<Subscription>> {
+    let sql = list_query(filter);
+    let (values, limit) = list_binds(filter);
+    let binds: Vec<rusqlite::types::Value> = std::iter::once(rusqlite::types::Value::Integer(tenant_id))
+        .chain(values.into_iter().map(rusqlite::types::Value::Text))
+        .chain(std::iter::once(rusqlite::types::Value::Integer(limit)))
+        .collect();
+    let mut statement = c.prepare_cached(&sql).sq()?;
+    let rows = statement
+        .query_map(rusqlite::params_from_iter(binds), subscription_row)
+        .sq()?
+        .collect::<rusqlite::Result<Vec<_>>>()
+        .sq()?;
+    rows.into_iter().map(Subscription::try_from).collect()
+}
+
+pub(super) fn cancel(tx: &Transaction<'_>, tenant_id: i64, id: SubscriptionId, now: Millis) -> Result<Option<Cancel>> {
+    let sub_id = id.to_string();
+    let row: Option<(String, String)> = tx
+        .query_row(
+            "SELECT job_id, state FROM subscriptions WHERE id = ?1 AND tenant_id = ?2",
+            params![sub_id, tenant_id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()
+        .sq()?;
+    let Some((job_id, state)) = row else { return Ok(None) };
+    let job_id: JobId = job_id.parse().map_err(|e| corrupt("job id", e))?;
+    let was: SubscriptionState = state.parse().map_err(|e| corrupt("state", e))?;
+    if was.is_final() {
+        return Ok(Some(Cancel::Ended(was)));
+    }
+    // Not while an attempt holds the claim: it may be on the wire, and a subscription that reads
+    // `cancelled` must never have been delivered.
+    let changed = tx
+        .execute(
+            "UPDATE subscriptions SET state = 'cancelled', next_attempt_at = NULL, claimed_until = NULL, \
+             claimed_by = NULL, updated_at = ?1 WHERE id = ?2 AND state IN ('polling', 'delivering') \
+             AND (claimed_until IS NULL OR claimed_until <= ?1)",
+            params![now, sub_id],
+        )
+        .sq()?;
+    if changed == 0 {
+        // Held by an attempt (or its claim lapsed a moment ago): the caller asks again shortly.
+        let state: String =
+            tx.query_row("SELECT state FROM subscriptions WHERE id = ?1", [&sub_id], |r| r.get(0)).sq()?;
+        let state: SubscriptionState = state.parse().map_err(|e| corrupt("state", e))?;
+        return Ok(Some(if state.is_final() { Cancel::Ended(state) } else { Cancel::AttemptInFlight }));
+    }
+    Ok(Some(Cancel::Cancelled { job_id, was }))
+}
+
+pub(super) fn attempts(c: &Connection, tenant_id: i64, id: SubscriptionId) -> Result<Option<Vec<AttemptRecord>>> {
+    let exists: Option<i64> = c
+        .prepare_cached("SELECT 1 FROM subscriptions WHERE id = ?1 AND tenant_id = ?2")
+        .sq()?
+        .query_row(params![id.to_string(), tenant_id], |r| r.get(0))
+        .optional()
+        .sq()?;
+    if exists.is_none() {
+        return Ok(None);
+    }
+    let mut statement = c
+        .prepare_cached(
+            "SELECT series, attempt, webhook_id, started_at, status_code, error, duration_ms FROM delivery_attempts \
+             WHERE subscription_id = ?1 ORDER BY id",
+        )
+        .sq()?;
+    let rows = statement
+        .query_map([id.to_string()], |r| {
+            Ok(AttemptRecord {
+                subscription_id: id,
+                partition: 0,
+                series: u32::try_from(r.get::<_, i64>(0)?).unwrap_or(1),
+                attempt: u32::try_from(r.get::<_, i64>(1)?).unwrap_or(0),
+                webhook_id: r.get(2)?,
+                started_at: r.get(3)?,
+                status_code: r.get::<_, Option<i64>>(4)?.and_then(|c| u16::try_from(c).ok()),
+                error: r.get(5)?,
+                duration_ms: u64::try_from(r.get::<_, i64>(6)?).unwrap_or(0),
+            })
+        })
+        .sq()?;
+    Ok(Some(rows.collect::<rusqlite::Result<_>>().sq()?))
+}
+
+pub(super) fn redeliver(
+    tx: &Transaction<'_>,
+    tenant_id: i64,
+    id: SubscriptionId,
+    now: Millis,
+) -> Result<Option<Redelivery>> {
+    let sub_id = id.to_string();
+    let sql = concat!(delivery_select!(), " WHERE s.id = ?1 AND s.tenant_id = ?2");
+    let row = tx.query_row(sql, params![sub_id, tenant_id], delivery_row).optional().sq()?;
+    let Some(row) = row else { return Ok(None) };
+    let state: String = tx.query_row("SELECT state FROM subscriptions WHERE id = ?1", [&sub_id], |r| r.get(0)).sq()?;
+    let state: SubscriptionState = state.parse().map_err(|e| corrupt("state", e))?;
+    if !matches!(state, SubscriptionState::Delivered | SubscriptionState::Failed)
+        || row.result.is_none()
+        || row.webhook_id.is_none()
+    {
+        return Ok(Some(Redelivery::NotEnded(state)));
+    }
+    // A failed subscription may have been followed by a new registration of the same job and callback;
+    // two live deliveries of one job to one callback would be one too many.
+    let newer: Option<i64> = tx
+        .query_row(
+            "SELECT 1 FROM subscriptions s JOIN subscriptions o ON o.tenant_id = s.tenant_id AND o.job_id = s.job_id \
+             AND o.callback_url = s.callback_url AND o.id <> s.id AND o.state IN ('polling', 'delivering', 'delivered') \
+             WHERE s.id = ?1",
+            [&sub_id],
+            |r| r.get(0),
+        )
+        .optional()
+        .sq()?;
+    if newer.is_some() {
+        return Ok(Some(Redelivery::Superseded));
+    }
+    let series: Option<i64> = tx
+        .query_row(
+            "UPDATE subscriptions SET state = 'delivering', series = series + 1, attempts = 0, failure_reason = NULL, \
+             next_attempt_at = ?1, updated_at = ?1 WHERE id = ?2 AND state IN ('delivered', 'failed') RETURNING series",
+            params![now, sub_id],
+            |r| r.get(0),
+        )
+        .optional()
+        .sq()?;
+    let Some(series) = series else {
+        return Ok(Some(Redelivery::NotEnded(state)));
+    };
+    let mut task = DeliveryTask::try_from(row)?;
+    task.series = u32::try_from(series).unwrap_or(u32::MAX);
+    task.attempts_made = 0;
+    task.due_at = now;
+    Ok(Some(Redelivery::Started(task)))
+}
+
+pub(super) fn fail_job(
+    tx: &Transaction<'_>,
+    job_id: JobId,
+    reason: FailureReason,
+    last_error: &str,
+    now: Millis,
+) -> Result<u64> {
+    let job = job_id.to_string();
+    tx.execute("UPDATE jobs SET last_error = ?1, updated_at = ?2 WHERE job_id = ?3", params![last_error, now, job])
+        .sq()?;
+    let failed = tx
+        .execute(
+            "UPDATE subscriptions SET state = 'failed', failure_reason = ?1, updated_at = ?2 \
+             WHERE job_id = ?3 AND state = 'polling'",
+            params![reason.as_str(), now, job],
+        )
+        .sq()?;
+    Ok(failed as u64)
+}
+
+pub(super) fn expire(
+    tx: &Transaction<'_>,
+    job_id: JobId,
+    cutoff: Millis,
+    now: Millis,
+) -> Result<(u64, Option<PollableJob>)> {
+    let job = job_id.to_string();
+    let expired = tx
+        .execute(
+            "UPDATE subscriptions SET state = 'expired', updated_at = ?1 \
+             WHERE job_id = ?2 AND state = 'polling' AND created_at <= ?3",
+            params![now, job, cutoff],
+        )
+        .sq()?;
+    let left = pollable(tx, concat!(pollable_select!(), " WHERE j.job_id = ?1 GROUP BY j.job_id"), [job])?.pop();
+    Ok((expired as u64, left))
+}
+
+pub(super) fn heartbeat(tx: &Transaction<'_>, instance: &str, now: Millis, live_after: Millis) -> Result<i64> {
+    tx.execute(
+        "INSERT INTO instances (id, heartbeat_at) VALUES (?1, ?2) \
+         ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
+        params![instance, now],
+    )
+    .sq()?;
+    // Instances silent for ten times the liveness window are gone for good.
+    tx.execute("DELETE FROM instances WHERE heartbeat_at < ?1", [live_after - 10 * (now - live_after)]).sq()?;
+    tx.query_row("SELECT COUNT(*) FROM instances WHERE heartbeat_at > ?1", [live_after], |r| r.get(0)).sq()
+}
+
+/// The partitions a `… RETURNING partition` statement returns, as a mask.
+pub(super) fn partitions(tx: &Transaction<'_>, sql: &str, p: impl Params) -> Result<u64> {
+    let mut statement = tx.prepare_cached(sql).sq()?;
+    let held: Vec<i64> = statement.query_map(p, |r| r.get(0)).sq()?.collect::<rusqlite::Result<_>>().sq()?;
+    Ok(mask_of(&held))
+}
+
+pub(super) fn release_leases(tx: &Transaction<'_>, instance: &str, partitions: u64) -> Result<()> {
+    tx.execute(
+        "UPDATE leases SET owner = NULL, expires_at = 0 WHERE owner = ?1 AND ((?2 >> CAST(partition AS INTEGER)) & 1) = 1",
+        params![instance, partitions as i64],
+    )
+    .sq()?;
+    Ok(())
+}
+
+/// Gives back every lease of `instance` and the delivery claims this store's workers (`me`) still hold.
+pub(super) fn leave(tx: &Transaction<'_>, instance: &str, me: &str) -> Result<()> {
+    tx.execute(
+        "UPDATE subscriptions SET claimed_until = NULL, claimed_by = NULL WHERE state = 'delivering' AND claimed_by = ?1",
+        [me],
+    )
+    .sq()?;
+    release_leases(tx, instance, u64::MAX)?;
+    tx.execute("DELETE FROM instances WHERE id = ?1", [instance]).sq()?;
+    Ok(())
+}
