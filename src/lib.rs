@@ -20,10 +20,10 @@
 
 pub mod api;
 pub mod app;
+pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod delivery;
-pub mod demo;
 pub mod domain;
 pub mod keys;
 pub mod metrics;

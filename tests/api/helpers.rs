@@ -12,7 +12,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use clap::Parser;
 use jobhook::app::Application;
-use jobhook::config::{Cli, Command};
+use jobhook::cli::{Cli, Command};
 use jobhook::mock_upstream::{MockArgs, MockUpstream, Outcome};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;

@@ -11,8 +11,8 @@ use axum::http::{HeaderMap, StatusCode};
 use clap::{CommandFactory, FromArgMatches};
 use serde_json::{Value, json};
 
+use super::{Cli, Command};
 use crate::app::Application;
-use crate::config::{Cli, Command};
 use crate::domain::JobId;
 use crate::keys::{ApiKey, SigningSecret};
 use crate::mock_upstream::{Answer, MockArgs, MockUpstream, Outcome};
