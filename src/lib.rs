@@ -25,6 +25,7 @@ pub mod cluster;
 pub mod config;
 pub mod delivery;
 pub mod domain;
+pub mod health;
 pub mod keys;
 pub mod metrics;
 pub mod mock_upstream;

@@ -48,7 +48,7 @@ pub struct AppState {
     pub request_timeout: std::time::Duration,
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Which workers run, for `GET /readyz`.
-    pub workers: Arc<crate::app::Workers>,
+    pub workers: Arc<crate::health::Workers>,
     /// API keys seen valid (a shortcut for registration; see [`auth::RegisteringKey`]).
     pub known_keys: Arc<auth::KnownKeys>,
 }
