@@ -232,93 +232,17 @@ pub struct DeliveryConfig {
 }
 
 impl ServeArgs {
+    /// The settings the service trusts: each value was parsed by its flag's type; what is left here
+    /// are the checks across settings and the secrets (never quoted back in an error).
     pub fn into_config(self) -> Result<Config, ConfigError> {
         let database_url = self.store.database_url.trim().to_owned();
         crate::store::check_url(&database_url).map_err(|m| bad("--database-url", "JOBHOOK_DATABASE_URL", m))?;
 
-        let upstream_api_key = match self.upstream_api_key.as_deref().map(str::trim) {
-            None | Some("") => None,
-            Some(key) => {
-                Some(ApiKey::new_upstream(key).map_err(|m| bad("--upstream-api-key", "JOBHOOK_UPSTREAM_API_KEY", m))?)
-            }
-        };
-        let upstream_proxy = match self.upstream_proxy.as_deref().map(str::trim) {
-            None | Some("") => None,
-            // The value is not quoted back: it may hold the proxy's password.
-            Some(raw) => Some(
-                url::Url::parse(raw)
-                    .ok()
-                    .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
-                    .filter(|u| reqwest::Proxy::all(u.as_str()).is_ok())
-                    .ok_or_else(|| {
-                        bad(
-                            "--upstream-proxy",
-                            "JOBHOOK_UPSTREAM_PROXY",
-                            "must be an http:// or https:// URL such as http://proxy.internal:3128",
-                        )
-                    })?,
-            ),
-        };
-
-        let mut api_keys = Vec::new();
-        for key in self.api_keys.iter().map(|k| k.trim()).filter(|k| !k.is_empty()) {
-            let key = ApiKey::new_configured(key).map_err(|m| bad("--api-keys", "JOBHOOK_API_KEYS", m))?;
-            if !api_keys.contains(&key) {
-                api_keys.push(key);
-            }
-        }
-        let signing_secret = match self.signing_secret.as_deref().map(str::trim) {
-            None | Some("") => None,
-            Some(s) => {
-                Some(s.parse::<SigningSecret>().map_err(|m| bad("--signing-secret", "JOBHOOK_SIGNING_SECRET", m))?)
-            }
-        };
-
-        if self.poll_max_interval < self.poll_interval {
-            return Err(bad(
-                "--poll-max-interval",
-                "JOBHOOK_POLL_MAX_INTERVAL",
-                format!("must be at least --poll-interval ({})", humantime::format_duration(self.poll_interval)),
-            ));
-        }
-        if self.poll_max_interval > Duration::from_secs(3600) {
-            return Err(bad("--poll-max-interval", "JOBHOOK_POLL_MAX_INTERVAL", "must be at most 1h"));
-        }
-        if self.lease_ttl < Duration::from_millis(500) {
-            return Err(bad("--lease-ttl", "JOBHOOK_LEASE_TTL", "must be at least 500ms"));
-        }
-        if !(1..=self.delivery_concurrency).contains(&self.delivery_concurrency_per_host) {
-            return Err(bad(
-                "--delivery-concurrency-per-host",
-                "JOBHOOK_DELIVERY_CONCURRENCY_PER_HOST",
-                "must be between 1 and --delivery-concurrency",
-            ));
-        }
-        if !(1..=self.delivery_concurrency).contains(&self.delivery_concurrency_per_tenant) {
-            return Err(bad(
-                "--delivery-concurrency-per-tenant",
-                "JOBHOOK_DELIVERY_CONCURRENCY_PER_TENANT",
-                "must be between 1 and --delivery-concurrency",
-            ));
-        }
-        if self.retry_schedule.0.len() > 100 {
-            return Err(bad("--retry-schedule", "JOBHOOK_RETRY_SCHEDULE", "at most 100 retries"));
-        }
-        if self.retry_schedule.0.iter().any(|d| *d > Duration::from_secs(7 * 24 * 3600)) {
-            return Err(bad("--retry-schedule", "JOBHOOK_RETRY_SCHEDULE", "each delay must be at most 7 days"));
-        }
-
-        let mut allow_cidrs = Vec::new();
-        for cidr in self.callback_allow_cidrs.iter().map(|c| c.trim()).filter(|c| !c.is_empty()) {
-            let net = cidr.parse::<ipnet::IpNet>().map_err(|_| {
-                bad(
-                    "--callback-allow-cidrs",
-                    "JOBHOOK_CALLBACK_ALLOW_CIDRS",
-                    format!("{cidr:?} is not a CIDR such as 10.20.0.0/16"),
-                )
-            })?;
-            allow_cidrs.push(net.trunc());
-        }
+        let upstream_api_key = self.upstream_api_key()?;
+        let upstream_proxy = self.upstream_proxy()?;
+        let (api_keys, signing_secret) = self.own_keys()?;
+        self.check_across()?;
+        let allow_cidrs = self.allow_cidrs()?;
 
         Ok(Config {
             listen: self.listen,
@@ -356,6 +280,110 @@ impl ServeArgs {
             shutdown_grace: self.shutdown_grace,
             request_timeout: self.request_timeout,
         })
+    }
+
+    /// The key we poll the upstream with: whatever the upstream issued.
+    fn upstream_api_key(&self) -> Result<Option<ApiKey>, ConfigError> {
+        match self.upstream_api_key.as_deref().map(str::trim) {
+            None | Some("") => Ok(None),
+            Some(key) => ApiKey::new_upstream(key)
+                .map(Some)
+                .map_err(|m| bad("--upstream-api-key", "JOBHOOK_UPSTREAM_API_KEY", m)),
+        }
+    }
+
+    /// Our own API keys and the secret that signs for them.
+    fn own_keys(&self) -> Result<(Vec<ApiKey>, Option<SigningSecret>), ConfigError> {
+        let mut api_keys = Vec::new();
+        for key in self.api_keys.iter().map(|k| k.trim()).filter(|k| !k.is_empty()) {
+            let key = ApiKey::new_configured(key).map_err(|m| bad("--api-keys", "JOBHOOK_API_KEYS", m))?;
+            if !api_keys.contains(&key) {
+                api_keys.push(key);
+            }
+        }
+        let signing_secret = match self.signing_secret.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(s) => {
+                Some(s.parse::<SigningSecret>().map_err(|m| bad("--signing-secret", "JOBHOOK_SIGNING_SECRET", m))?)
+            }
+        };
+
+        Ok((api_keys, signing_secret))
+    }
+
+    fn upstream_proxy(&self) -> Result<Option<url::Url>, ConfigError> {
+        let upstream_proxy = match self.upstream_proxy.as_deref().map(str::trim) {
+            None | Some("") => None,
+            // The value is not quoted back: it may hold the proxy's password.
+            Some(raw) => Some(
+                url::Url::parse(raw)
+                    .ok()
+                    .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
+                    .filter(|u| reqwest::Proxy::all(u.as_str()).is_ok())
+                    .ok_or_else(|| {
+                        bad(
+                            "--upstream-proxy",
+                            "JOBHOOK_UPSTREAM_PROXY",
+                            "must be an http:// or https:// URL such as http://proxy.internal:3128",
+                        )
+                    })?,
+            ),
+        };
+
+        Ok(upstream_proxy)
+    }
+
+    /// The checks that compare settings with each other, or bound a list.
+    fn check_across(&self) -> Result<(), ConfigError> {
+        if self.poll_max_interval < self.poll_interval {
+            return Err(bad(
+                "--poll-max-interval",
+                "JOBHOOK_POLL_MAX_INTERVAL",
+                format!("must be at least --poll-interval ({})", humantime::format_duration(self.poll_interval)),
+            ));
+        }
+        if self.poll_max_interval > Duration::from_secs(3600) {
+            return Err(bad("--poll-max-interval", "JOBHOOK_POLL_MAX_INTERVAL", "must be at most 1h"));
+        }
+        if self.lease_ttl < Duration::from_millis(500) {
+            return Err(bad("--lease-ttl", "JOBHOOK_LEASE_TTL", "must be at least 500ms"));
+        }
+        if !(1..=self.delivery_concurrency).contains(&self.delivery_concurrency_per_host) {
+            return Err(bad(
+                "--delivery-concurrency-per-host",
+                "JOBHOOK_DELIVERY_CONCURRENCY_PER_HOST",
+                "must be between 1 and --delivery-concurrency",
+            ));
+        }
+        if !(1..=self.delivery_concurrency).contains(&self.delivery_concurrency_per_tenant) {
+            return Err(bad(
+                "--delivery-concurrency-per-tenant",
+                "JOBHOOK_DELIVERY_CONCURRENCY_PER_TENANT",
+                "must be between 1 and --delivery-concurrency",
+            ));
+        }
+        if self.retry_schedule.0.len() > 100 {
+            return Err(bad("--retry-schedule", "JOBHOOK_RETRY_SCHEDULE", "at most 100 retries"));
+        }
+        if self.retry_schedule.0.iter().any(|d| *d > Duration::from_secs(7 * 24 * 3600)) {
+            return Err(bad("--retry-schedule", "JOBHOOK_RETRY_SCHEDULE", "each delay must be at most 7 days"));
+        }
+        Ok(())
+    }
+
+    fn allow_cidrs(&self) -> Result<Vec<ipnet::IpNet>, ConfigError> {
+        let mut allow_cidrs = Vec::new();
+        for cidr in self.callback_allow_cidrs.iter().map(|c| c.trim()).filter(|c| !c.is_empty()) {
+            let net = cidr.parse::<ipnet::IpNet>().map_err(|_| {
+                bad(
+                    "--callback-allow-cidrs",
+                    "JOBHOOK_CALLBACK_ALLOW_CIDRS",
+                    format!("{cidr:?} is not a CIDR such as 10.20.0.0/16"),
+                )
+            })?;
+            allow_cidrs.push(net.trunc());
+        }
+        Ok(allow_cidrs)
     }
 }
 

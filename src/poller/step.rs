@@ -122,25 +122,7 @@ pub async fn step(ctx: &PollContext, state: &mut JobState) -> (PollOutcome, Next
     let now = now_ms();
     let pending_for = Duration::from_millis(u64::try_from(now - state.job.job_created_at).unwrap_or(0));
     match answer {
-        PollAnswer::Terminal(status, body) => {
-            match ctx.store.complete_job(job_id, status, &body, now, ctx.dispatcher.claim_for()).await {
-                Ok(tasks) => {
-                    let n = tasks.len();
-                    tracing::debug!(status = status.as_str(), deliveries = n, "job finished");
-                    ctx.dispatcher.deliver(tasks);
-                    (PollOutcome::Finished(status, n), Next::Done)
-                }
-                Err(e) => {
-                    let trouble = store_trouble(ctx, state, e);
-                    // The write may have committed with its answer lost (a connection dropped at COMMIT).
-                    // Asking the store who still waits would then find nobody and stop, leaving the
-                    // deliveries for the next restart or reload; polling and recording again is idempotent
-                    // and hands them out.
-                    state.recheck = false;
-                    trouble
-                }
-            }
-        }
+        PollAnswer::Terminal(status, body) => finished(ctx, state, status, &body, now).await,
         PollAnswer::Pending => {
             state.consecutive_errors = 0;
             if let Err(e) = observe(ctx, state, Some(JobStatus::Pending), None, now).await {
@@ -176,6 +158,35 @@ pub async fn step(ctx: &PollContext, state: &mut JobState) -> (PollOutcome, Next
             transient(ctx, state, "upstream answered 404 (a new job may not be visible yet)".into(), None, now).await
         }
         PollAnswer::Transient { error, retry_after, .. } => transient(ctx, state, error, retry_after, now).await,
+    }
+}
+
+/// The job ended: its result and one delivery per subscriber, in one transaction (DESIGN promise 2),
+/// handed to the dispatcher.
+async fn finished(
+    ctx: &PollContext,
+    state: &mut JobState,
+    status: JobStatus,
+    body: &bytes::Bytes,
+    now: Millis,
+) -> (PollOutcome, Next) {
+    let job_id = state.job.job_id;
+    match ctx.store.complete_job(job_id, status, body, now, ctx.dispatcher.claim_for()).await {
+        Ok(tasks) => {
+            let n = tasks.len();
+            tracing::debug!(status = status.as_str(), deliveries = n, "job finished");
+            ctx.dispatcher.deliver(tasks);
+            (PollOutcome::Finished(status, n), Next::Done)
+        }
+        Err(e) => {
+            let trouble = store_trouble(ctx, state, e);
+            // The write may have committed with its answer lost (a connection dropped at COMMIT).
+            // Asking the store who still waits would then find nobody and stop, leaving the
+            // deliveries for the next restart or reload; polling and recording again is idempotent
+            // and hands them out.
+            state.recheck = false;
+            trouble
+        }
     }
 }
 
