@@ -339,10 +339,8 @@ mod tests {
 
     #[test]
     fn gone_stops_at_once() {
-        assert_eq!(
-            decide(&outcome(Some(410), None), 1, &SCHEDULE, 0, 0.0),
-            AttemptResult::Failed(FailureReason::CallbackGone)
-        );
+        let gone = decide(&outcome(Some(410), None), 1, &SCHEDULE, 0, 0.0);
+        assert_eq!(gone, AttemptResult::Failed(FailureReason::CallbackGone));
     }
 
     #[test]
@@ -355,10 +353,8 @@ mod tests {
 
     #[test]
     fn the_last_failure_exhausts_the_delivery() {
-        assert_eq!(
-            decide(&outcome(Some(500), None), 3, &SCHEDULE, 0, 0.0),
-            AttemptResult::Failed(FailureReason::DeliveryExhausted)
-        );
+        let third = decide(&outcome(Some(500), None), 3, &SCHEDULE, 0, 0.0);
+        assert_eq!(third, AttemptResult::Failed(FailureReason::DeliveryExhausted));
     }
 
     #[test]
