@@ -115,6 +115,26 @@ async fn main() -> anyhow::Result<()> {
     let http = reqwest::Client::builder().pool_max_idle_per_host(args.concurrency).build()?;
 
     // 1. The machine's limit: the three exchanges of one job, made by the benchmark itself.
+    let limit = measure_limit(&args, &http, receiver_addr, upstream_addr).await;
+    // The limit run's polls are not jobhook's.
+    upstream.polls.store(0, Ordering::Relaxed);
+    // 2. jobhook on a fresh store.
+    let cluster = start_cluster(&args, &binary, upstream_addr).await?;
+    // 3. N jobs through jobhook.
+    let pushed = push_jobs(&args, &http, &receiver, &cluster.listens, receiver_addr).await;
+    let usage = stop_cluster(cluster, &http, &args).await;
+    // 4. Figures.
+    report(&args, &upstream, &receiver, limit, &pushed, &usage)
+}
+
+/// The rate at which the benchmark itself completes one job's three exchanges (registration-sized
+/// POST, poll-sized GET, callback-sized POST) against its own servers: this machine's limit.
+async fn measure_limit(
+    args: &Args,
+    http: &reqwest::Client,
+    receiver_addr: SocketAddr,
+    upstream_addr: SocketAddr,
+) -> f64 {
     let limit_jobs = args.jobs.min(20_000);
     let limit_ids: Arc<Vec<String>> = Arc::new((0..limit_jobs).map(|_| uuid::Uuid::new_v4().to_string()).collect());
     let registration =
@@ -123,30 +143,36 @@ async fn main() -> anyhow::Result<()> {
         r#"{{"job_id":"{}","status":"Succeed","image_urls":["https://images.example.com/x/0.png"]}}"#,
         uuid::Uuid::new_v4()
     );
-    let limit = {
-        let (http, ids) = (http.clone(), limit_ids.clone());
-        rate(limit_jobs, args.concurrency, move |i| {
-            let (http, id, registration, callback_body) =
-                (http.clone(), ids[i].clone(), registration.clone(), callback_body.clone());
-            async move {
-                let _ = http
-                    .post(format!("http://{receiver_addr}/limit/register"))
-                    .body(registration)
-                    .send()
-                    .await
-                    .map(|r| r.bytes());
-                if let Ok(r) = http.get(format!("http://{upstream_addr}/public/v1/job/{id}")).send().await {
-                    let _ = r.bytes().await;
-                }
-                let _ = http.post(format!("http://{receiver_addr}/limit/callback")).body(callback_body).send().await;
+    let (http, ids) = (http.clone(), limit_ids.clone());
+    rate(limit_jobs, args.concurrency, move |i| {
+        let (http, id, registration, callback_body) =
+            (http.clone(), ids[i].clone(), registration.clone(), callback_body.clone());
+        async move {
+            let _ = http
+                .post(format!("http://{receiver_addr}/limit/register"))
+                .body(registration)
+                .send()
+                .await
+                .map(|r| r.bytes());
+            if let Ok(r) = http.get(format!("http://{upstream_addr}/public/v1/job/{id}")).send().await {
+                let _ = r.bytes().await;
             }
-        })
-        .await
-    };
-    // The limit run's polls are not jobhook's.
-    upstream.polls.store(0, Ordering::Relaxed);
+            let _ = http.post(format!("http://{receiver_addr}/limit/callback")).body(callback_body).send().await;
+        }
+    })
+    .await
+}
 
-    // 2. jobhook on a fresh store.
+/// The `jobhook serve` processes under test, on one fresh store.
+struct Cluster {
+    instances: Vec<Jobhook>,
+    listens: Arc<Vec<SocketAddr>>,
+    dir: PathBuf,
+    schema: Option<String>,
+    cpu_before: f64,
+}
+
+async fn start_cluster(args: &Args, binary: &std::path::Path, upstream_addr: SocketAddr) -> anyhow::Result<Cluster> {
     let dir = std::env::temp_dir().join(format!("jobhook-bench-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir)?;
     anyhow::ensure!(
@@ -161,33 +187,47 @@ async fn main() -> anyhow::Result<()> {
             let probe = std::net::TcpListener::bind("127.0.0.1:0")?;
             probe.local_addr()?
         };
-        instances.push(start_jobhook(&binary, &db_url, listen, upstream_addr, &args.poll_interval).await?);
+        instances.push(start_jobhook(binary, &db_url, listen, upstream_addr, &args.poll_interval).await?);
         listens.push(listen);
     }
     if args.instances > 1 {
         // Let the instances see each other and share the partitions before the clock starts.
         tokio::time::sleep(Duration::from_secs(3)).await;
     }
-    let listens = Arc::new(listens);
     let cpu_before: f64 = instances.iter().map(|j| process_usage(j.pid).0).sum();
+    Ok(Cluster { instances, listens: Arc::new(listens), dir, schema, cpu_before })
+}
 
-    // 3. N jobs through jobhook.
+/// What pushing the jobs through showed.
+struct Pushed {
+    jobs: Arc<Vec<String>>,
+    /// Registration latencies (ms), sorted.
+    latencies: Vec<f64>,
+    failures: u64,
+    registration_secs: f64,
+    /// From the first registration to the last first callback.
+    elapsed: f64,
+    seen: HashMap<String, Seen>,
+}
+
+/// Registers the jobs round-robin over the instances while watching the callbacks arrive; returns once
+/// every job was called back, or after a minute without progress.
+async fn push_jobs(
+    args: &Args,
+    http: &reqwest::Client,
+    receiver: &Receiver,
+    listens: &Arc<Vec<SocketAddr>>,
+    receiver_addr: SocketAddr,
+) -> Pushed {
     let jobs: Arc<Vec<String>> = Arc::new((0..args.jobs).map(|_| uuid::Uuid::new_v4().to_string()).collect());
-    let bar = ProgressBar::new(args.jobs as u64);
-    bar.set_style(
-        ProgressStyle::with_template("{elapsed_precise} [{bar:40}] {pos}/{len} delivered {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
     let latencies = Arc::new(Mutex::new(Vec::with_capacity(args.jobs)));
     let failures = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
     let registering = {
         let (http, jobs, latencies, failures) = (http.clone(), jobs.clone(), latencies.clone(), failures.clone());
         let callback = format!("http://{receiver_addr}/hook");
-        let concurrency = args.concurrency;
-        let n = args.jobs;
         let listens = listens.clone();
-        tokio::spawn(rate(n, concurrency, move |i| {
+        tokio::spawn(rate(args.jobs, args.concurrency, move |i| {
             let (http, job, latencies, failures, callback) =
                 (http.clone(), jobs[i].clone(), latencies.clone(), failures.clone(), callback.clone());
             let listen = listens[i % listens.len()];
@@ -201,6 +241,35 @@ async fn main() -> anyhow::Result<()> {
             }
         }))
     };
+    let registered_in = watch_progress(args.jobs, receiver, start, &registering).await;
+    let registration_secs = registered_in.unwrap_or_else(|| start.elapsed()).as_secs_f64();
+    let seen = receiver.seen.lock().unwrap().clone();
+    let last_callback = seen.values().filter_map(|s| s.first_at).max().unwrap_or_else(Instant::now);
+    let mut latencies = latencies.lock().unwrap().clone();
+    latencies.sort_by(f64::total_cmp);
+    Pushed {
+        jobs,
+        latencies,
+        failures: failures.load(Ordering::Relaxed),
+        registration_secs,
+        elapsed: last_callback.duration_since(start).as_secs_f64(),
+        seen,
+    }
+}
+
+/// A progress bar of the callbacks until all `jobs` arrived (or none for a minute); returns how long
+/// the registrations took, if they finished.
+async fn watch_progress(
+    jobs: usize,
+    receiver: &Receiver,
+    start: Instant,
+    registering: &tokio::task::JoinHandle<f64>,
+) -> Option<Duration> {
+    let bar = ProgressBar::new(jobs as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:40}] {pos}/{len} delivered {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
     let mut last_progress = (0, Instant::now());
     let mut registered_in = None;
     loop {
@@ -211,7 +280,7 @@ async fn main() -> anyhow::Result<()> {
             registered_in = Some(start.elapsed());
             bar.set_message("(all registered)");
         }
-        if got >= args.jobs {
+        if got >= jobs {
             break;
         }
         if got != last_progress.0 {
@@ -221,146 +290,38 @@ async fn main() -> anyhow::Result<()> {
             break;
         }
     }
-    let registration_secs = registered_in.unwrap_or_else(|| start.elapsed()).as_secs_f64();
     bar.finish_and_clear();
-    let seen = receiver.seen.lock().unwrap().clone();
-    let last_callback = seen.values().filter_map(|s| s.first_at).max().unwrap_or_else(Instant::now);
-    let elapsed = last_callback.duration_since(start).as_secs_f64();
-    // jobhook's own view of where the time went, from its /metrics (the first instance).
-    let metrics = match http.get(format!("http://{}/metrics", listens[0])).send().await {
+    registered_in
+}
+
+/// What jobhook reported and used.
+struct Usage {
+    /// jobhook's own /metrics at the end (the first instance).
+    metrics: String,
+    cpu: f64,
+    peak_rss: u64,
+    transactions: Option<u64>,
+}
+
+/// Reads jobhook's figures, stops it gracefully (so it reports its store transactions) and removes its
+/// store.
+async fn stop_cluster(cluster: Cluster, http: &reqwest::Client, args: &Args) -> Usage {
+    let metrics = match http.get(format!("http://{}/metrics", cluster.listens[0])).send().await {
         Ok(r) => r.text().await.unwrap_or_default(),
         Err(_) => String::new(),
     };
-    let usage: Vec<(f64, u64)> = instances.iter().map(|j| process_usage(j.pid)).collect();
+    let usage: Vec<(f64, u64)> = cluster.instances.iter().map(|j| process_usage(j.pid)).collect();
     let cpu_after: f64 = usage.iter().map(|u| u.0).sum();
     let peak_rss = usage.iter().map(|u| u.1).max().unwrap_or(0);
-
-    // Stop jobhook gracefully, so it reports its store transactions.
     let mut transactions = Some(0u64);
-    for Jobhook { mut child, pid, transactions: reported } in instances {
+    for Jobhook { mut child, pid, transactions: reported } in cluster.instances {
         let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
         let _ = tokio::time::timeout(Duration::from_secs(15), child.wait()).await;
         tokio::time::sleep(Duration::from_millis(100)).await;
         let reported = *reported.lock().unwrap();
         transactions = transactions.zip(reported).map(|(a, b)| a + b);
     }
-    let _ = std::fs::remove_dir_all(&dir);
-    drop_store(args.database_url.as_deref(), schema).await;
-
-    // 4. Figures.
-    let delivered = jobs.iter().filter(|j| seen.contains_key(*j)).count();
-    let duplicates: u64 = seen.values().map(|s| u64::from(s.count.saturating_sub(1))).sum();
-    let split_ids = seen.values().filter(|s| s.webhook_ids.len() > 1).count();
-    let mut lags: Vec<f64> = {
-        let mut lags = Vec::with_capacity(seen.len());
-        for (job, s) in &seen {
-            let Ok(id) = uuid::Uuid::try_parse(job) else { continue };
-            let terminal = upstream.shard(&id).lock().unwrap().get(&id).and_then(|e| e.terminal_at);
-            if let (Some(terminal), Some(first)) = (terminal, s.first_at) {
-                lags.push(first.saturating_duration_since(terminal).as_secs_f64() * 1000.0);
-            }
-        }
-        lags
-    };
-    lags.sort_by(f64::total_cmp);
-    let mut latencies = latencies.lock().unwrap().clone();
-    latencies.sort_by(f64::total_cmp);
-    let jobs_per_s = delivered as f64 / elapsed;
-    let polls = upstream.polls.load(Ordering::Relaxed) as f64;
-    let cpu = cpu_after - cpu_before;
-    let store = if args.database_url.is_some() { "PostgreSQL" } else { "SQLite" };
-    let results = json!({
-        "jobs": args.jobs,
-        "store": store,
-        "instances": args.instances,
-        "concurrency": args.concurrency,
-        "pending_polls": args.pending_polls,
-        "poll_interval": args.poll_interval,
-        "limit_jobs_per_s": limit.round(),
-        "jobs_per_s": jobs_per_s.round(),
-        "ratio_to_limit": (jobs_per_s / limit * 100.0).round() / 100.0,
-        "registrations_per_s": (args.jobs as f64 / registration_secs).round(),
-        "registration_ms_p50": (percentile(&latencies, 0.50) * 10.0).round() / 10.0,
-        "registration_ms_p99": (percentile(&latencies, 0.99) * 10.0).round() / 10.0,
-        "delivery_lag_ms_p50": (percentile(&lags, 0.50) * 10.0).round() / 10.0,
-        "delivery_lag_ms_p99": (percentile(&lags, 0.99) * 10.0).round() / 10.0,
-        "polls_per_job": (polls / args.jobs as f64 * 100.0).round() / 100.0,
-        "cpu_seconds_per_1000_jobs": (cpu / args.jobs as f64 * 1000.0 * 1000.0).round() / 1000.0,
-        "peak_rss_mb": (peak_rss as f64 / 1048576.0 * 10.0).round() / 10.0,
-        "store_transactions_per_job": transactions.map(|t| (t as f64 / args.jobs as f64 * 1000.0).round() / 1000.0),
-        "delivered": delivered,
-        "lost": args.jobs - delivered,
-        "duplicates": duplicates,
-        "jobs_under_several_webhook_ids": split_ids,
-        "bad_signatures": receiver.bad_signatures.load(Ordering::Relaxed),
-        "failed_registrations": failures.load(Ordering::Relaxed),
-    });
-    jobhook::outln!(
-        "jobhook-bench: {} jobs, {} concurrent, {} Pending polls each, poll interval {}, {store}, {} instance(s), \
-         no upstream rate cap, 256 callbacks in flight per host",
-        args.jobs,
-        args.concurrency,
-        args.pending_polls,
-        args.poll_interval,
-        args.instances
-    );
-    jobhook::outln!();
-    jobhook::outln!("| figure | value |");
-    jobhook::outln!("| --- | --- |");
-    let row = |name: &str, value: String| jobhook::outln!("| {name} | {value} |");
-    row("machine limit (benchmark's own 3 exchanges per job)", format!("{limit:.0} jobs/s"));
-    row(
-        "end to end (first registration → last callback)",
-        format!("{jobs_per_s:.0} jobs/s ({:.2} × limit)", jobs_per_s / limit),
-    );
-    row("registrations", format!("{:.0}/s", args.jobs as f64 / registration_secs));
-    row(
-        "registration latency p50 / p99",
-        format!("{:.1} / {:.1} ms", percentile(&latencies, 0.5), percentile(&latencies, 0.99)),
-    );
-    row(
-        "delivery lag after the terminal poll p50 / p99",
-        format!("{:.1} / {:.1} ms", percentile(&lags, 0.5), percentile(&lags, 0.99)),
-    );
-    for (name, metric) in [
-        ("jobhook's store write (queue + commit) p50 / p99", "jobhook_store_write_duration_seconds"),
-        ("jobhook's delivery lag (due → first attempt done) p50 / p99", "jobhook_delivery_lag_seconds"),
-    ] {
-        let (p50, p99) = (histogram_quantile(&metrics, metric, 0.5), histogram_quantile(&metrics, metric, 0.99));
-        row(name, format!("≤ {} / ≤ {} ms (histogram buckets)", bucket_ms(p50), bucket_ms(p99)));
-    }
-    let sample =
-        |name: &str| metrics.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse::<f64>().ok());
-    if let (Some(busy), Some(writes)) =
-        (sample("jobhook_store_writer_busy_seconds_total"), sample("jobhook_store_write_duration_seconds_count"))
-    {
-        row(
-            "jobhook's store writer busy / time per write",
-            format!("{:.0}% of the run / {:.0} µs", busy / elapsed * 100.0, busy / writes.max(1.0) * 1e6),
-        );
-    }
-    row("polls per job", format!("{:.2} (ideal {})", polls / args.jobs as f64, args.pending_polls + 1));
-    row("jobhook CPU per 1,000 jobs (all instances)", format!("{:.3} s", cpu / args.jobs as f64 * 1000.0));
-    row("jobhook peak RSS (largest instance)", format!("{:.1} MB", peak_rss as f64 / 1048576.0));
-    row(
-        "store transactions per job",
-        transactions.map(|t| format!("{:.3}", t as f64 / args.jobs as f64)).unwrap_or_else(|| "unknown".into()),
-    );
-    row("delivered / lost / duplicates", format!("{delivered} / {} / {duplicates}", args.jobs - delivered));
-    row(
-        "bad signatures / failed registrations",
-        format!("{} / {}", receiver.bad_signatures.load(Ordering::Relaxed), failures.load(Ordering::Relaxed)),
-    );
-    if args.json {
-        jobhook::outln!();
-        jobhook::outln!("{}", serde_json::to_string_pretty(&results)?);
-    }
-    if delivered < args.jobs || receiver.bad_signatures.load(Ordering::Relaxed) > 0 {
-        anyhow::bail!(
-            "not a clean run: {} lost, {} bad signatures",
-            args.jobs - delivered,
-            receiver.bad_signatures.load(Ordering::Relaxed)
-        );
-    }
-    Ok(())
+    let _ = std::fs::remove_dir_all(&cluster.dir);
+    drop_store(args.database_url.as_deref(), cluster.schema).await;
+    Usage { metrics, cpu: cpu_after - cluster.cpu_before, peak_rss, transactions }
 }
