@@ -30,19 +30,7 @@ pub(crate) async fn pending_mode(args: &Args, binary: &std::path::Path, n: usize
     bar.set_message("waiting for every job to be polled");
     let registered = Instant::now();
     all_polled_since(&upstream, &jobs, registered, interval * 3).await;
-    if let Some((_, samples)) = &upstream.lateness {
-        samples.lock().unwrap().clear();
-    }
-    let window = Instant::now();
-    let polls_before = upstream.polls.load(Ordering::Relaxed);
-    tokio::time::sleep(interval + interval / 2).await;
-    let polls_per_s = (upstream.polls.load(Ordering::Relaxed) - polls_before) as f64 / window.elapsed().as_secs_f64();
-    let mut late: Vec<f64> = upstream
-        .lateness
-        .as_ref()
-        .map(|(_, s)| s.lock().unwrap().iter().map(|&v| f64::from(v)).collect())
-        .unwrap_or_default();
-    late.sort_by(f64::total_cmp);
+    let (polls_per_s, late) = steady_state(&upstream, interval).await;
     let held_rss = rss(jobhook.pid);
     // Restart: kill -9, start again, time until every job is polled again.
     bar.set_message("kill -9 and restart");
@@ -70,33 +58,57 @@ pub(crate) async fn pending_mode(args: &Args, binary: &std::path::Path, n: usize
         "restart_listening_s": (listening_after.as_secs_f64() * 100.0).round() / 100.0,
         "restart_every_job_polled_again_s": recovered.map(|t| (t.duration_since(restarted).as_secs_f64() * 100.0).round() / 100.0),
     });
-    jobhook::outln!("jobhook-bench --pending: {n} pending subscriptions, poll interval {}", args.pending_interval);
-    jobhook::outln!();
-    jobhook::outln!("| figure | value |");
-    jobhook::outln!("| --- | --- |");
-    jobhook::outln!("| registrations | {registrations:.0}/s |");
-    jobhook::outln!(
-        "| jobhook RSS holding them | {:.1} MB ({per_sub:.0} bytes per pending subscription) |",
-        held_rss as f64 / 1048576.0
-    );
-    jobhook::outln!("| polls | {polls_per_s:.0}/s |");
-    jobhook::outln!(
-        "| poll lateness (past interval + 10% jitter) p50 / p99 | {:.1} / {:.1} ms |",
-        percentile(&late, 0.5),
-        percentile(&late, 0.99)
-    );
-    jobhook::outln!("| kill -9, restart: listening again after | {:.2} s |", listening_after.as_secs_f64());
-    match recovered {
-        Some(t) => jobhook::outln!(
-            "| kill -9, restart: every job polled again after | {:.2} s (first polls spread over one interval) |",
-            t.duration_since(restarted).as_secs_f64()
-        ),
-        None => jobhook::outln!("| kill -9, restart: every job polled again after | not within the deadline |"),
-    }
+    print_table(args, n, &results);
     if args.json {
         jobhook::outln!();
         jobhook::outln!("{}", serde_json::to_string_pretty(&results)?);
     }
     anyhow::ensure!(recovered.is_some(), "some pending jobs were not polled again after the restart");
     Ok(())
+}
+
+/// Polls per second and each poll's lateness (ms, sorted) over one and a half intervals of steady state.
+async fn steady_state(upstream: &Upstream, interval: Duration) -> (f64, Vec<f64>) {
+    if let Some((_, samples)) = &upstream.lateness {
+        samples.lock().unwrap().clear();
+    }
+    let window = Instant::now();
+    let polls_before = upstream.polls.load(Ordering::Relaxed);
+    tokio::time::sleep(interval + interval / 2).await;
+    let polls_per_s = (upstream.polls.load(Ordering::Relaxed) - polls_before) as f64 / window.elapsed().as_secs_f64();
+    let mut late: Vec<f64> = upstream
+        .lateness
+        .as_ref()
+        .map(|(_, s)| s.lock().unwrap().iter().map(|&v| f64::from(v)).collect())
+        .unwrap_or_default();
+    late.sort_by(f64::total_cmp);
+    (polls_per_s, late)
+}
+
+/// The table, from the figures as the JSON has them (rounded alike).
+fn print_table(args: &Args, n: usize, results: &serde_json::Value) {
+    let figure = |name: &str| results[name].as_f64().unwrap_or(f64::NAN);
+    jobhook::outln!("jobhook-bench --pending: {n} pending subscriptions, poll interval {}", args.pending_interval);
+    jobhook::outln!();
+    jobhook::outln!("| figure | value |");
+    jobhook::outln!("| --- | --- |");
+    jobhook::outln!("| registrations | {:.0}/s |", figure("registrations_per_s"));
+    jobhook::outln!(
+        "| jobhook RSS holding them | {:.1} MB ({:.0} bytes per pending subscription) |",
+        figure("rss_mb"),
+        figure("rss_bytes_per_pending_subscription")
+    );
+    jobhook::outln!("| polls | {:.0}/s |", figure("polls_per_s"));
+    jobhook::outln!(
+        "| poll lateness (past interval + 10% jitter) p50 / p99 | {:.1} / {:.1} ms |",
+        figure("poll_lateness_ms_p50"),
+        figure("poll_lateness_ms_p99")
+    );
+    jobhook::outln!("| kill -9, restart: listening again after | {:.2} s |", figure("restart_listening_s"));
+    match results["restart_every_job_polled_again_s"].as_f64() {
+        Some(t) => jobhook::outln!(
+            "| kill -9, restart: every job polled again after | {t:.2} s (first polls spread over one interval) |"
+        ),
+        None => jobhook::outln!("| kill -9, restart: every job polled again after | not within the deadline |"),
+    }
 }
