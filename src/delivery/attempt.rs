@@ -338,9 +338,11 @@ mod tests {
     }
 
     #[test]
-    fn gone_stops_at_once() {
+    fn gone_stops_at_once_and_the_last_failure_exhausts_the_delivery() {
         let gone = decide(&outcome(Some(410), None), 1, &SCHEDULE, 0, 0.0);
         assert_eq!(gone, AttemptResult::Failed(FailureReason::CallbackGone));
+        let third = decide(&outcome(Some(500), None), 3, &SCHEDULE, 0, 0.0);
+        assert_eq!(third, AttemptResult::Failed(FailureReason::DeliveryExhausted));
     }
 
     #[test]
@@ -349,12 +351,6 @@ mod tests {
             assert_eq!(decide(&outcome(status, None), 1, &SCHEDULE, 1_000, 0.0), AttemptResult::RetryAt(6_000));
             assert_eq!(decide(&outcome(status, None), 2, &SCHEDULE, 1_000, 0.0), AttemptResult::RetryAt(301_000));
         }
-    }
-
-    #[test]
-    fn the_last_failure_exhausts_the_delivery() {
-        let third = decide(&outcome(Some(500), None), 3, &SCHEDULE, 0, 0.0);
-        assert_eq!(third, AttemptResult::Failed(FailureReason::DeliveryExhausted));
     }
 
     #[test]

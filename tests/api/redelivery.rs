@@ -5,8 +5,7 @@ use crate::support::helpers::*;
 #[tokio::test]
 async fn a_delivered_subscription_can_be_redelivered_under_the_same_webhook_id() {
     let app = spawn_app().await;
-    let sub = app.register(&new_job(), &app.receiver.url("/hook")).await;
-    let id = sub["id"].as_str().unwrap();
+    let id = &app.subscribe().await;
     app.wait_until(id, SubscriptionState::Delivered).await;
     assert_eq!(app.redeliver(id).await.status(), 202);
     let got = app.receiver.wait_for("/hook", 2).await;
@@ -23,8 +22,7 @@ async fn a_delivered_subscription_can_be_redelivered_under_the_same_webhook_id()
 async fn a_failed_delivery_can_be_redelivered_once_the_receiver_is_fixed() {
     let app = spawn_app().await;
     app.receiver.answer_with(&[410]);
-    let sub = app.register(&new_job(), &app.receiver.url("/hook")).await;
-    let id = sub["id"].as_str().unwrap();
+    let id = &app.subscribe().await;
     let failed = app.wait_until(id, SubscriptionState::Failed).await;
     assert_eq!(failed.failure_reason, Some(FailureReason::CallbackGone));
     assert_eq!(app.redeliver(id).await.status(), 202);
@@ -35,8 +33,7 @@ async fn a_failed_delivery_can_be_redelivered_once_the_receiver_is_fixed() {
 #[tokio::test]
 async fn only_ended_subscriptions_with_a_result_can_be_redelivered() {
     let app = spawn_app_with(Settings::never_ending()).await;
-    let sub = app.register(&new_job(), &app.receiver.url("/hook")).await;
-    let id = sub["id"].as_str().unwrap();
+    let id = &app.subscribe().await;
     let response = app.redeliver(id).await;
     assert_eq!(response.status(), 409);
     assert_eq!(response.headers()["content-type"], "application/problem+json");

@@ -256,6 +256,12 @@ impl TestApp {
         .await
     }
 
+    /// Registers a new job with the receiver's `/hook` as tenant A; returns the subscription's ID.
+    pub async fn subscribe(&self) -> String {
+        let sub = self.register(&new_job(), &self.receiver.url("/hook")).await;
+        sub["id"].as_str().unwrap().to_owned()
+    }
+
     /// `POST /v1/subscriptions/{id}/redeliver` as tenant A.
     pub async fn redeliver(&self, id: &str) -> reqwest::Response {
         self.http.post(self.url(&format!("/v1/subscriptions/{id}/redeliver"))).bearer_auth(KEY_A).send().await.unwrap()
