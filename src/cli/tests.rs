@@ -8,7 +8,7 @@ use super::{Cli, Command};
 use crate::config::file::{example, mask_password};
 
 fn merge(argv: Vec<OsString>) -> Result<(Vec<OsString>, crate::config::file::FromFile), String> {
-    crate::config::file::merge(&Cli::command(), argv)
+    crate::config::file::merge(&Cli::command(), argv).map_err(|e| e.to_string())
 }
 
 fn argv(args: &[&str]) -> Vec<OsString> {

@@ -18,12 +18,28 @@ pub struct FromFile {
     pub overridden: BTreeSet<String>,
 }
 
+/// Why a config file cannot be used. Each names the file; the start stops with it.
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    #[error("cannot read the config file {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("{path} is not valid TOML: {source}")]
+    Toml { path: String, source: toml::de::Error },
+    #[error(
+        "{path}: unknown setting `{key}`; the settings are the flags of `jobhook serve` without the dashes \
+         (see jobhook.example.toml or `jobhook config example`)"
+    )]
+    UnknownSetting { path: String, key: String },
+    #[error("{path}: `{key}` must be a string, a number, a boolean or a list of them")]
+    NotAValue { path: String, key: String },
+}
+
 /// The command line with the config file's settings placed before the user's flags; `cli` is the whole
 /// command (`jobhook`), whose flags say what the file may hold.
-pub fn merge(cli: &clap::Command, argv: Vec<OsString>) -> Result<(Vec<OsString>, FromFile), String> {
+pub fn merge(cli: &clap::Command, argv: Vec<OsString>) -> Result<(Vec<OsString>, FromFile), FileError> {
     let Some(path) = config_path(&argv) else { return Ok((argv, FromFile::default())) };
-    let text = std::fs::read_to_string(&path).map_err(|e| format!("cannot read the config file {path}: {e}"))?;
-    let table: toml::Table = text.parse().map_err(|e| format!("{path} is not valid TOML: {e}"))?;
+    let text = std::fs::read_to_string(&path).map_err(|source| FileError::Read { path: path.clone(), source })?;
+    let table: toml::Table = text.parse().map_err(|source| FileError::Toml { path: path.clone(), source })?;
     let (at, target) = subcommand(cli, &argv);
     // Only the commands that run jobhook itself take the file (the mock upstream has a `listen` of its
     // own); help and version print without it.
@@ -49,13 +65,10 @@ pub fn merge(cli: &clap::Command, argv: Vec<OsString>) -> Result<(Vec<OsString>,
     for (key, value) in &table {
         let id = key.replace('-', "_");
         let Some(arg) = settings.iter().find(|a| a.get_id() == id.as_str()) else {
-            return Err(format!(
-                "{path}: unknown setting `{key}`; the settings are the flags of `jobhook serve` without the \
-                 dashes (see jobhook.example.toml or `jobhook config example`)"
-            ));
+            return Err(FileError::UnknownSetting { path, key: key.clone() });
         };
-        let value = scalar_or_list(value)
-            .ok_or_else(|| format!("{path}: `{key}` must be a string, a number, a boolean or a list of them"))?;
+        let value =
+            scalar_or_list(value).ok_or_else(|| FileError::NotAValue { path: path.clone(), key: key.clone() })?;
         if arg.get_env().is_some_and(|env| std::env::var_os(env).is_some()) {
             from.overridden.insert(id);
             continue;

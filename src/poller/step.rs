@@ -271,7 +271,7 @@ async fn fail(
 /// The store refused a write: nothing was recorded, so the job is polled again after a back-off and the
 /// same outcome is recorded then.
 fn store_trouble(ctx: &PollContext, state: &mut JobState, e: crate::store::StoreError) -> (PollOutcome, Next) {
-    tracing::error!(error = %e, "could not record a poll outcome; will poll again");
+    tracing::error!(error = %crate::Chain(&e), "could not record a poll outcome; will poll again");
     state.consecutive_errors = state.consecutive_errors.saturating_add(1);
     state.recorded = None;
     state.recheck = true;
