@@ -34,7 +34,6 @@ pub mod recent;
 pub mod schedule;
 pub mod store;
 pub mod upstream;
-pub mod verify;
 
 /// Writes to standard output. A reader that has gone away (`jobhook config check | grep -q …`,
 /// `| head`) is not an error: the rest of the output is dropped and the command finishes normally,

@@ -219,7 +219,7 @@ async fn receive(
             *a
         })
     };
-    let captured = crate::verify::Captured {
+    let captured = super::verify::Captured {
         headers: headers
             .iter()
             .map(|(n, v)| (n.as_str().to_owned(), v.to_str().unwrap_or_default().to_owned()))
@@ -227,7 +227,7 @@ async fn receive(
         body: body.to_vec(),
     };
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
-    let (_, verified) = crate::verify::check(&demo.secret, &captured, now);
+    let (_, verified) = super::verify::check(&demo.secret, &captured, now);
     let webhook_id = headers.get("webhook-id").and_then(|v| v.to_str().ok()).unwrap_or("-");
     let status = serde_json::from_slice::<Value>(&body).ok().and_then(|v| v["status"].as_str().map(str::to_owned));
     let verdict = if verified { "signature verified" } else { "SIGNATURE REJECTED" };

@@ -5,6 +5,7 @@ pub mod demo;
 mod keys;
 #[cfg(test)]
 mod tests;
+pub mod verify;
 
 use std::ffi::OsString;
 use std::process::ExitCode;
@@ -15,7 +16,7 @@ use crate::app::Application;
 use crate::config::file::{self, FromFile};
 use crate::config::{ServeArgs, StoreArgs};
 use crate::mock_upstream::MockArgs;
-use crate::verify::VerifyArgs;
+use verify::VerifyArgs;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -121,7 +122,7 @@ pub enum LogFormat {
 /// setting came from.
 pub fn run(cli: Cli, matches: &clap::ArgMatches, from_file: &FromFile, user_argv: &[OsString]) -> ExitCode {
     match &cli.command {
-        Some(Command::Verify(args)) => return verify(args),
+        Some(Command::Verify(args)) => return check_capture(args),
         Some(Command::Config { command }) => return config(command, matches, from_file, user_argv),
         _ => {}
     }
@@ -153,11 +154,11 @@ pub fn run(cli: Cli, matches: &clap::ArgMatches, from_file: &FromFile, user_argv
     }
 }
 
-fn verify(args: &VerifyArgs) -> ExitCode {
-    match crate::verify::read(args) {
+fn check_capture(args: &VerifyArgs) -> ExitCode {
+    match verify::read(args) {
         Ok(captured) => {
             let now = time::OffsetDateTime::now_utc().unix_timestamp();
-            let (report, ok) = crate::verify::check(&args.secret, &captured, now);
+            let (report, ok) = verify::check(&args.secret, &captured, now);
             crate::out!("{report}");
             if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
         }
