@@ -14,7 +14,7 @@ use crate::cluster;
 use crate::config::Config;
 use crate::delivery::client;
 use crate::delivery::{self, DeliveryContext};
-use crate::health::Workers;
+use crate::health;
 use crate::keys::{ApiKey, SigningSecret};
 use crate::metrics::Metrics;
 use crate::partition;
@@ -27,20 +27,108 @@ pub struct Application {
     listener: TcpListener,
     addr: SocketAddr,
     router: axum::Router,
-    poller: (Arc<PollContext>, poller::PollerInbox, Vec<store::PollableJob>),
-    dispatcher: (Arc<DeliveryContext>, delivery::DispatcherInbox, Vec<store::DeliveryTask>),
-    /// Scale-out on PostgreSQL: the lease loop's settings and the workers' handles.
-    cluster: Option<(cluster::ClusterConfig, Arc<dyn Store>, poller::PollerHandle, delivery::DispatcherHandle)>,
-    ownership: Arc<partition::Ownership>,
+    workers: Workers,
     store: Arc<dyn Store>,
     shutdown: CancellationToken,
     grace: Duration,
-    workers: Arc<Workers>,
+    health: Arc<health::Workers>,
     /// On SQLite: held while this process serves the file (see `store::lock_sqlite_for_serving`).
     sqlite_lock: Option<std::fs::File>,
     limits: api::ServerLimits,
     /// The retention purge's settings, and the metrics it counts into.
     housekeeping: (crate::config::HousekeepingConfig, Arc<Metrics>),
+}
+
+/// The background work, built and not yet started.
+struct Workers {
+    poller: Poller,
+    dispatcher: Dispatcher,
+    /// Scale-out on PostgreSQL: the loop that leases partitions and hands their work to the workers.
+    lease_loop: Option<LeaseLoop>,
+}
+
+/// The poll worker with the jobs it resumes.
+struct Poller {
+    ctx: Arc<PollContext>,
+    inbox: poller::PollerInbox,
+    resume: Vec<store::PollableJob>,
+}
+
+/// The delivery worker with the deliveries it resumes.
+struct Dispatcher {
+    ctx: Arc<DeliveryContext>,
+    inbox: delivery::DispatcherInbox,
+    resume: Vec<store::DeliveryTask>,
+}
+
+struct LeaseLoop {
+    settings: cluster::ClusterConfig,
+    store: Arc<dyn Store>,
+    ownership: Arc<partition::Ownership>,
+    poller: poller::PollerHandle,
+    dispatcher: delivery::DispatcherHandle,
+}
+
+/// The handles the API sends work through, made with the workers.
+struct Handles {
+    poller: poller::PollerHandle,
+    dispatcher: delivery::DispatcherHandle,
+    secrets: Arc<delivery::SecretsCache>,
+}
+
+impl Workers {
+    /// Builds the workers. Alone (SQLite) we own every partition and resume all the work now; sharing
+    /// a PostgreSQL database we own none until the lease loop hands us our share, and load its work then.
+    async fn build(
+        config: &Config,
+        store: &Arc<dyn Store>,
+        lookup: client::Lookup,
+        metrics: &Arc<Metrics>,
+    ) -> anyhow::Result<(Workers, Handles)> {
+        let (dispatcher, dispatcher_inbox) = delivery::channel(&config.delivery);
+        let (poller, poller_inbox) = poller::channel();
+        let shared = store.shared();
+        let ownership = Arc::new(if shared { partition::Ownership::none() } else { partition::Ownership::all() });
+        let secrets = Arc::new(delivery::SecretsCache::new(store.clone()));
+        let delivery_ctx = DeliveryContext::new(
+            store.clone(),
+            secrets.clone(),
+            config.egress.clone(),
+            lookup,
+            config.delivery.clone(),
+            ownership.clone(),
+            metrics.clone(),
+        );
+        let poll_ctx = PollContext::new(
+            store.clone(),
+            UpstreamClient::new(&config.upstream),
+            config.poll.clone(),
+            dispatcher.clone(),
+            ownership.clone(),
+            metrics.clone(),
+        );
+        let (jobs, deliveries) = if shared {
+            (Vec::new(), Vec::new())
+        } else {
+            (
+                store.pollable_jobs().await.context("cannot read the jobs to resume")?,
+                store.pending_deliveries().await.context("cannot read the deliveries to resume")?,
+            )
+        };
+        let lease_loop = shared.then(|| LeaseLoop {
+            settings: cluster::ClusterConfig { instance_id: cluster::instance_id(), lease_ttl: config.lease_ttl },
+            store: store.clone(),
+            ownership,
+            poller: poller.clone(),
+            dispatcher: dispatcher.clone(),
+        });
+        let workers = Workers {
+            poller: Poller { ctx: Arc::new(poll_ctx), inbox: poller_inbox, resume: jobs },
+            dispatcher: Dispatcher { ctx: Arc::new(delivery_ctx), inbox: dispatcher_inbox, resume: deliveries },
+            lease_loop,
+        };
+        Ok((workers, Handles { poller, dispatcher, secrets }))
+    }
 }
 
 /// A key made on first start, to be shown once.
@@ -65,9 +153,9 @@ impl Application {
         let mut metrics = Metrics::new();
         metrics.attach_writer(writer_stats);
         let metrics = Arc::new(metrics);
-        let workers = Arc::new(Workers::default());
-        workers.expect("poller");
-        workers.expect("dispatcher");
+        let health = Arc::new(health::Workers::default());
+        health.expect("poller");
+        health.expect("dispatcher");
         // Bound before the first key is made: a start that cannot listen must not use up the one
         // showing of that key.
         let listener =
@@ -76,60 +164,23 @@ impl Application {
             print_first_key(&first);
         }
         let addr = listener.local_addr()?;
-
-        let egress = config.egress.clone();
-        let (dispatcher, dispatcher_inbox) = delivery::channel(&config.delivery);
-        let (poller, poller_inbox) = poller::channel();
-        // Alone (SQLite) we own every partition and resume all the work now; sharing a PostgreSQL database
-        // we own none until the lease loop hands us our share, and load its work then.
-        let shared = store.shared();
-        let ownership = Arc::new(if shared { partition::Ownership::none() } else { partition::Ownership::all() });
-        let secrets = Arc::new(delivery::SecretsCache::new(store.clone()));
-        let delivery_ctx = Arc::new(DeliveryContext::new(
-            store.clone(),
-            secrets.clone(),
-            egress.clone(),
-            lookup.clone(),
-            config.delivery.clone(),
-            ownership.clone(),
-            metrics.clone(),
-        ));
-        let poll_ctx = Arc::new(PollContext::new(
-            store.clone(),
-            UpstreamClient::new(&config.upstream),
-            config.poll.clone(),
-            dispatcher.clone(),
-            ownership.clone(),
-            metrics.clone(),
-        ));
-        let (pending_jobs, pending_deliveries) = if shared {
-            (Vec::new(), Vec::new())
-        } else {
-            (
-                store.pollable_jobs().await.context("cannot read the jobs to resume")?,
-                store.pending_deliveries().await.context("cannot read the deliveries to resume")?,
-            )
-        };
-        if shared {
-            workers.expect("lease loop");
+        let (workers, handles) = Workers::build(&config, &store, lookup.clone(), &metrics).await?;
+        if workers.lease_loop.is_some() {
+            health.expect("lease loop");
         }
-        let cluster = shared.then(|| {
-            let settings = cluster::ClusterConfig { instance_id: cluster::instance_id(), lease_ttl: config.lease_ttl };
-            (settings, store.clone(), poller.clone(), dispatcher.clone())
-        });
         let cursor_key = Arc::new(store.meta_secret("cursor_key").await.context("cannot read the cursor key")?);
         let state = AppState {
             store: store.clone(),
-            poller,
-            dispatcher,
-            egress,
+            poller: handles.poller,
+            dispatcher: handles.dispatcher,
+            egress: config.egress.clone(),
             lookup,
             cursor_key,
-            secrets,
+            secrets: handles.secrets,
             secret_rotation_grace: config.secret_rotation_grace,
             request_timeout: config.request_timeout,
             metrics: metrics.clone(),
-            workers: workers.clone(),
+            workers: health.clone(),
             known_keys: Default::default(),
         };
         // The console's session key lives in the store, so every instance sharing it accepts a session.
@@ -144,14 +195,11 @@ impl Application {
             listener,
             addr,
             router,
-            poller: (poll_ctx, poller_inbox, pending_jobs),
-            dispatcher: (delivery_ctx, dispatcher_inbox, pending_deliveries),
-            cluster,
-            ownership,
+            workers,
             store,
             shutdown: CancellationToken::new(),
             grace: config.shutdown_grace,
-            workers,
+            health,
             sqlite_lock,
             limits: api::ServerLimits {
                 request_timeout: config.request_timeout,
@@ -181,14 +229,11 @@ impl Application {
             listener,
             addr,
             router,
-            poller,
-            dispatcher,
-            cluster,
-            ownership,
+            workers,
             store,
             shutdown,
             grace,
-            workers,
+            health,
             sqlite_lock,
             limits,
             housekeeping,
@@ -204,20 +249,18 @@ impl Application {
                 }
             }
         });
+        let Workers { poller: p, dispatcher: d, lease_loop } = workers;
         // The lease loop stops on its own token, after the workers, so it releases the leases last.
         let cluster_stop = CancellationToken::new();
-        let mut cluster = cluster.map(|(settings, store, poller, dispatcher)| {
-            let lease_loop = cluster::run(store, ownership, poller, dispatcher, settings, cluster_stop.clone());
-            workers.spawn("lease loop", lease_loop)
+        let mut cluster = lease_loop.map(|l| {
+            let run = cluster::run(l.store, l.ownership, l.poller, l.dispatcher, l.settings, cluster_stop.clone());
+            health.spawn("lease loop", run)
         });
-        let (poll_ctx, poll_inbox, jobs) = poller;
-        let poller = workers.spawn("poller", poller::run(poll_ctx, poll_inbox, jobs, shutdown.clone(), grace));
-        let (delivery_ctx, delivery_inbox, deliveries) = dispatcher;
-        let dispatcher = workers
-            .spawn("dispatcher", delivery::run(delivery_ctx, delivery_inbox, deliveries, shutdown.clone(), grace));
+        let mut poller = health.spawn("poller", poller::run(p.ctx, p.inbox, p.resume, shutdown.clone(), grace));
+        let mut dispatcher =
+            health.spawn("dispatcher", delivery::run(d.ctx, d.inbox, d.resume, shutdown.clone(), grace));
         tracing::info!("listening on http://{addr}");
         let server = tokio::spawn(api::serve(listener, router, limits, shutdown.clone()));
-        let (mut poller, mut dispatcher) = (poller, dispatcher);
         // A worker ends only on shutdown; one that ends before is a bug, and a process that accepts
         // registrations nobody works on is worse than one that stops and is restarted.
         let crashed = tokio::select! {
@@ -304,20 +347,4 @@ fn print_first_key(first: &FirstKey) {
     crate::outln!("  Use the key as `Authorization: Bearer <key>`; verify deliveries with the secret.");
     crate::outln!("  More keys: jobhook keys create --name NAME  (with this service's --database-url)");
     crate::outln!("{line}");
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_worker_whose_task_ended_is_reported() {
-        let workers = Arc::new(Workers::default());
-        workers.expect("poller");
-        assert_eq!(workers.checks()["poller"], "not running");
-        let running = workers.start("poller");
-        assert_eq!(workers.checks()["poller"], "ok");
-        drop(running);
-        assert_eq!(workers.checks()["poller"], "not running");
-    }
 }

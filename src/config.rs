@@ -7,117 +7,11 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::Args;
 
 use crate::keys::{ApiKey, SigningSecret};
 
 pub mod file;
-
-#[derive(Debug, Parser)]
-#[command(
-    name = "jobhook",
-    version,
-    about = "Turns polling into push: polls async jobs, POSTs signed callbacks when they end."
-)]
-#[command(args_conflicts_with_subcommands = true, args_override_self = true)]
-pub struct Cli {
-    #[command(subcommand)]
-    pub command: Option<Command>,
-
-    /// A TOML file holding settings (keys: the flags of `serve` without the dashes); the environment and
-    /// flags override it.
-    #[arg(long, global = true, env = "JOBHOOK_CONFIG", value_name = "FILE")]
-    pub config: Option<String>,
-
-    /// Log lines as human-readable text or as JSON objects (one per line). Level: RUST_LOG.
-    #[arg(long, global = true, env = "JOBHOOK_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
-    pub log_format: String,
-
-    /// Settings of `serve`, which is what plain `jobhook` runs.
-    #[command(flatten)]
-    pub serve: ServeArgs,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum Command {
-    /// Run the API and the workers (the default).
-    Serve(Box<ServeArgs>),
-    /// Manage API keys stored in the database.
-    Keys {
-        #[command(subcommand)]
-        command: KeysCommand,
-    },
-    /// Apply the database migrations and exit (serve applies them too, at start).
-    Migrate(StoreArgs),
-    /// Run a simulated AetherForge job API, for the quick start, the tests and the benchmark.
-    MockUpstream(crate::mock_upstream::MockArgs),
-    /// See the whole loop in a few seconds: a simulated upstream, jobhook on a temporary store and a
-    /// receiver, all on 127.0.0.1; three jobs, each step printed as it happens.
-    Demo,
-    /// Check a captured delivery's signature against a secret, step by step (exit 0: verified, 1: not).
-    Verify(crate::verify::VerifyArgs),
-    /// Check a config file, or print a commented example of one.
-    Config {
-        #[command(subcommand)]
-        command: ConfigCommand,
-    },
-    /// Delete subscriptions that ended longer ago than --older-than, with their delivery attempts and
-    /// the jobs nobody refers to any more (what housekeeping does on its schedule), and say how many.
-    Purge(PurgeArgs),
-}
-
-#[derive(Debug, clap::Args)]
-pub struct PurgeArgs {
-    #[command(flatten)]
-    pub store: StoreArgs,
-    /// Subscriptions that ended (delivered, failed, expired, cancelled) longer ago than this are deleted.
-    #[arg(long, value_parser = parse_duration)]
-    pub older_than: Duration,
-    /// Only count what would be deleted.
-    #[arg(long)]
-    pub dry_run: bool,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum ConfigCommand {
-    /// Validate the settings (file, environment and flags together) and print the effective ones, with
-    /// secrets masked and where each came from.
-    Check(Box<ServeArgs>),
-    /// Print a config file with every setting at its default, commented.
-    Example,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum KeysCommand {
-    /// Create an API key (a new tenant with its own signing secret, or with --tenant another key of an
-    /// existing tenant); the key is shown once.
-    Create {
-        #[command(flatten)]
-        store: StoreArgs,
-        /// A name to recognise the key by.
-        #[arg(long, default_value = "default")]
-        name: String,
-        /// Add the key to this existing tenant (the TENANT column of `keys list`) instead of making a new
-        /// one: it sees the tenant's subscriptions and signs with its secret (to replace a lost key).
-        #[arg(long, value_name = "ID")]
-        tenant: Option<i64>,
-    },
-    /// List the keys and their tenants (never the keys themselves: they are stored only as hashes).
-    List {
-        #[command(flatten)]
-        store: StoreArgs,
-    },
-    /// Revoke a key by the ID `keys list` shows; it answers 401 from then on.
-    Revoke {
-        #[command(flatten)]
-        store: StoreArgs,
-        /// The key's ID.
-        id: i64,
-    },
-    /// Print a new random signing secret (`whsec_…`), for --signing-secret (JOBHOOK_SIGNING_SECRET);
-    /// touches no store.
-    Secret,
-}
 
 #[derive(Debug, Clone, Args)]
 pub struct StoreArgs {
@@ -129,22 +23,22 @@ pub struct StoreArgs {
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
     /// Address the API listens on.
-    #[arg(long, env = "JOBHOOK_LISTEN", default_value = "127.0.0.1:8080")]
-    pub listen: String,
+    #[arg(long, env = "JOBHOOK_LISTEN", default_value = "127.0.0.1:8080", value_parser = parse_listen)]
+    pub listen: SocketAddr,
 
     #[command(flatten)]
     pub store: StoreArgs,
 
     /// Base URL of the job API; jobhook appends /public/v1/job/{job_id}.
-    #[arg(long, env = "JOBHOOK_UPSTREAM_URL", default_value = "https://api.aetherforgeai.com")]
-    pub upstream_url: String,
+    #[arg(long, env = "JOBHOOK_UPSTREAM_URL", default_value = "https://api.aetherforgeai.com", value_parser = parse_http_url)]
+    pub upstream_url: url::Url,
 
     /// Bearer key jobhook sends when polling the job API.
     #[arg(long, env = "JOBHOOK_UPSTREAM_API_KEY", hide_env_values = true)]
     pub upstream_api_key: Option<String>,
 
     /// Time limit of one poll request.
-    #[arg(long, env = "JOBHOOK_UPSTREAM_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "JOBHOOK_UPSTREAM_TIMEOUT", default_value = "10s", value_parser = parse_positive_duration)]
     pub upstream_timeout: Duration,
 
     /// Send polls through this HTTP proxy (`http://host:port`, `http://user:password@host:port`). Proxies named by HTTP_PROXY, HTTPS_PROXY or ALL_PROXY are never used: polls carry the upstream key.
@@ -160,7 +54,7 @@ pub struct ServeArgs {
     pub signing_secret: Option<String>,
 
     /// First spacing between polls of a pending job.
-    #[arg(long, env = "JOBHOOK_POLL_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    #[arg(long, env = "JOBHOOK_POLL_INTERVAL", default_value = "1s", value_parser = parse_positive_duration)]
     pub poll_interval: Duration,
 
     /// Spacing grows toward this for jobs pending more than a minute.
@@ -168,7 +62,7 @@ pub struct ServeArgs {
     pub poll_max_interval: Duration,
 
     /// A subscription whose job is still Pending after this becomes `expired`.
-    #[arg(long, env = "JOBHOOK_MAX_WAIT", default_value = "24h", value_parser = parse_duration)]
+    #[arg(long, env = "JOBHOOK_MAX_WAIT", default_value = "24h", value_parser = parse_positive_duration)]
     pub max_wait: Duration,
 
     /// How long an upstream 404 is tolerated after registration (a new job may not be visible yet).
@@ -180,7 +74,7 @@ pub struct ServeArgs {
     pub retry_schedule: RetrySchedule,
 
     /// Time limit of one callback request.
-    #[arg(long, env = "JOBHOOK_DELIVERY_TIMEOUT", default_value = "15s", value_parser = parse_duration)]
+    #[arg(long, env = "JOBHOOK_DELIVERY_TIMEOUT", default_value = "15s", value_parser = parse_positive_duration)]
     pub delivery_timeout: Duration,
 
     /// Allow callbacks to loopback, private and other non-public addresses (tests, internal networks).
@@ -197,18 +91,22 @@ pub struct ServeArgs {
     pub callback_https_only: bool,
 
     /// The most callback requests in flight at once, over all receivers.
-    #[arg(long, env = "JOBHOOK_DELIVERY_CONCURRENCY", default_value_t = 512)]
-    pub delivery_concurrency: usize,
+    #[arg(long, env = "JOBHOOK_DELIVERY_CONCURRENCY", default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub delivery_concurrency: u32,
 
     /// The most callback requests in flight at once to one host, so a slow or dead receiver cannot take
     /// every slot. Raise it for one busy receiver that answers fast.
-    #[arg(long, env = "JOBHOOK_DELIVERY_CONCURRENCY_PER_HOST", default_value_t = 32)]
-    pub delivery_concurrency_per_host: usize,
+    #[arg(long, env = "JOBHOOK_DELIVERY_CONCURRENCY_PER_HOST", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
+    pub delivery_concurrency_per_host: u32,
 
     /// The most callback requests in flight at once for one tenant (API key holder), over all its hosts,
     /// so one tenant's slow receivers spread over many host names cannot take every slot.
-    #[arg(long, env = "JOBHOOK_DELIVERY_CONCURRENCY_PER_TENANT", default_value_t = 256)]
-    pub delivery_concurrency_per_tenant: usize,
+    #[arg(long, env = "JOBHOOK_DELIVERY_CONCURRENCY_PER_TENANT", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub delivery_concurrency_per_tenant: u32,
+
+    /// The most polls in flight at once, over all jobs (a due job waits for a free one).
+    #[arg(long, env = "JOBHOOK_POLL_CONCURRENCY", default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub poll_concurrency: u32,
 
     /// The most polls per second sent upstream, over all jobs (a token bucket); 0 = no cap.
     #[arg(long, env = "JOBHOOK_UPSTREAM_MAX_RPS", default_value_t = 100)]
@@ -224,7 +122,7 @@ pub struct ServeArgs {
     pub retention: Duration,
 
     /// When housekeeping (the retention purge) runs: a cron expression with seconds, in UTC.
-    #[arg(long, env = "JOBHOOK_HOUSEKEEPING_SCHEDULE", default_value = "0 */5 * * * *")]
+    #[arg(long, env = "JOBHOOK_HOUSEKEEPING_SCHEDULE", default_value = "0 */5 * * * *", value_parser = parse_cron)]
     pub housekeeping_schedule: String,
 
     /// PostgreSQL scale-out: an instance that dies has its work taken over within this.
@@ -237,13 +135,13 @@ pub struct ServeArgs {
 
     /// How long an API client may take to send a request's headers, and then its body: a connection
     /// whose headers are late is closed, a body that is late is answered 408.
-    #[arg(long, env = "JOBHOOK_REQUEST_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, env = "JOBHOOK_REQUEST_TIMEOUT", default_value = "30s", value_parser = parse_positive_duration)]
     pub request_timeout: Duration,
 
     /// The most API client connections open at once; past it, new connections wait in the listen
     /// queue until one closes. Bounds the memory that idle or slow clients can take.
-    #[arg(long, env = "JOBHOOK_MAX_CONNECTIONS", default_value_t = 10_000)]
-    pub max_connections: usize,
+    #[arg(long, env = "JOBHOOK_MAX_CONNECTIONS", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_connections: u32,
 
     /// Serve the web console at /console (sign in with an API key); false leaves the JSON API alone.
     #[arg(long, env = "JOBHOOK_CONSOLE", default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
@@ -256,6 +154,31 @@ pub struct RetrySchedule(pub Vec<Duration>);
 
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s.trim()).map_err(|e| format!("{e} (use a duration such as 200ms, 5s, 5m or 2h)"))
+}
+
+/// A cron expression with seconds, as housekeeping's scheduler takes it.
+fn parse_cron(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    tokio_cron_scheduler::Job::new_async(s, |_, _| Box::pin(async {}))
+        .map(|_| s.to_owned())
+        .map_err(|e| format!("not a cron expression with seconds such as \"0 */5 * * * *\" ({e})"))
+}
+
+fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d.is_zero() { Err("must be greater than zero".into()) } else { Ok(d) }
+}
+
+fn parse_listen(s: &str) -> Result<SocketAddr, String> {
+    s.trim().parse().map_err(|_| "not an address such as 127.0.0.1:8080".to_owned())
+}
+
+fn parse_http_url(s: &str) -> Result<url::Url, String> {
+    let url = url::Url::parse(s.trim()).map_err(|e| format!("not a URL ({e})"))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+        return Err("must be an http(s) URL with a host".into());
+    }
+    Ok(url)
 }
 
 fn parse_schedule(s: &str) -> Result<RetrySchedule, String> {
@@ -347,26 +270,92 @@ pub struct DeliveryConfig {
 }
 
 impl ServeArgs {
+    /// The settings the service trusts: each value was parsed by its flag's type; what is left here
+    /// are the checks across settings and the secrets (never quoted back in an error).
     pub fn into_config(self) -> Result<Config, ConfigError> {
-        let listen = self.listen.trim().parse::<SocketAddr>().map_err(|_| {
-            bad("--listen", "JOBHOOK_LISTEN", format!("{:?} is not an address such as 127.0.0.1:8080", self.listen))
-        })?;
-
         let database_url = self.store.database_url.trim().to_owned();
         crate::store::check_url(&database_url).map_err(|m| bad("--database-url", "JOBHOOK_DATABASE_URL", m))?;
 
-        let base_url = url::Url::parse(self.upstream_url.trim())
-            .map_err(|e| bad("--upstream-url", "JOBHOOK_UPSTREAM_URL", format!("not a URL ({e})")))?;
-        if !matches!(base_url.scheme(), "http" | "https") || base_url.host().is_none() {
-            return Err(bad("--upstream-url", "JOBHOOK_UPSTREAM_URL", "must be an http(s) URL with a host"));
+        let upstream_api_key = self.upstream_api_key()?;
+        let upstream_proxy = self.upstream_proxy()?;
+        let (api_keys, signing_secret) = self.own_keys()?;
+        self.check_across()?;
+        let allow_cidrs = self.allow_cidrs()?;
+
+        Ok(Config {
+            listen: self.listen,
+            database_url,
+            upstream: UpstreamConfig {
+                base_url: self.upstream_url,
+                api_key: upstream_api_key,
+                timeout: self.upstream_timeout,
+                proxy: upstream_proxy,
+            },
+            api_keys,
+            signing_secret,
+            poll: PollConfig {
+                interval: self.poll_interval,
+                max_interval: self.poll_max_interval,
+                max_wait: self.max_wait,
+                not_found_grace: self.not_found_grace,
+                max_in_flight: widen(self.poll_concurrency),
+                max_rps: std::num::NonZeroU32::new(self.upstream_max_rps),
+            },
+            delivery: DeliveryConfig {
+                retry_schedule: self.retry_schedule.0,
+                timeout: self.delivery_timeout,
+                max_in_flight: widen(self.delivery_concurrency),
+                max_in_flight_per_host: widen(self.delivery_concurrency_per_host),
+                max_in_flight_per_tenant: widen(self.delivery_concurrency_per_tenant),
+            },
+            egress: crate::delivery::client::EgressPolicy {
+                allow_private: self.allow_private_callbacks,
+                allow_cidrs: std::sync::Arc::new(allow_cidrs),
+                https_only: self.callback_https_only,
+            },
+            secret_rotation_grace: self.secret_rotation_grace,
+            lease_ttl: self.lease_ttl,
+            shutdown_grace: self.shutdown_grace,
+            request_timeout: self.request_timeout,
+            max_connections: widen(self.max_connections),
+            housekeeping: HousekeepingConfig {
+                retention: (!self.retention.is_zero()).then_some(self.retention),
+                schedule: self.housekeeping_schedule,
+            },
+            console: self.console,
+        })
+    }
+
+    /// The key we poll the upstream with: whatever the upstream issued.
+    fn upstream_api_key(&self) -> Result<Option<ApiKey>, ConfigError> {
+        match self.upstream_api_key.as_deref().map(str::trim) {
+            None | Some("") => Ok(None),
+            Some(key) => ApiKey::new_upstream(key)
+                .map(Some)
+                .map_err(|m| bad("--upstream-api-key", "JOBHOOK_UPSTREAM_API_KEY", m)),
         }
-        let upstream_api_key = match self.upstream_api_key.as_deref().map(str::trim) {
+    }
+
+    /// Our own API keys and the secret that signs for them.
+    fn own_keys(&self) -> Result<(Vec<ApiKey>, Option<SigningSecret>), ConfigError> {
+        let mut api_keys = Vec::new();
+        for key in self.api_keys.iter().map(|k| k.trim()).filter(|k| !k.is_empty()) {
+            let key = ApiKey::new_configured(key).map_err(|m| bad("--api-keys", "JOBHOOK_API_KEYS", m))?;
+            if !api_keys.contains(&key) {
+                api_keys.push(key);
+            }
+        }
+        let signing_secret = match self.signing_secret.as_deref().map(str::trim) {
             None | Some("") => None,
-            Some(key) => {
-                Some(ApiKey::new_upstream(key).map_err(|m| bad("--upstream-api-key", "JOBHOOK_UPSTREAM_API_KEY", m))?)
+            Some(s) => {
+                Some(s.parse::<SigningSecret>().map_err(|m| bad("--signing-secret", "JOBHOOK_SIGNING_SECRET", m))?)
             }
         };
-        nonzero(self.upstream_timeout, "--upstream-timeout", "JOBHOOK_UPSTREAM_TIMEOUT")?;
+
+        Ok((api_keys, signing_secret))
+    }
+
+    fn upstream_proxy(&self) -> Result<Option<url::Url>, ConfigError> {
         let upstream_proxy = match self.upstream_proxy.as_deref().map(str::trim) {
             None | Some("") => None,
             // The value is not quoted back: it may hold the proxy's password.
@@ -385,21 +374,11 @@ impl ServeArgs {
             ),
         };
 
-        let mut api_keys = Vec::new();
-        for key in self.api_keys.iter().map(|k| k.trim()).filter(|k| !k.is_empty()) {
-            let key = ApiKey::new_configured(key).map_err(|m| bad("--api-keys", "JOBHOOK_API_KEYS", m))?;
-            if !api_keys.contains(&key) {
-                api_keys.push(key);
-            }
-        }
-        let signing_secret = match self.signing_secret.as_deref().map(str::trim) {
-            None | Some("") => None,
-            Some(s) => {
-                Some(s.parse::<SigningSecret>().map_err(|m| bad("--signing-secret", "JOBHOOK_SIGNING_SECRET", m))?)
-            }
-        };
+        Ok(upstream_proxy)
+    }
 
-        nonzero(self.poll_interval, "--poll-interval", "JOBHOOK_POLL_INTERVAL")?;
+    /// The checks that compare settings with each other, or bound a list.
+    fn check_across(&self) -> Result<(), ConfigError> {
         if self.poll_max_interval < self.poll_interval {
             return Err(bad(
                 "--poll-max-interval",
@@ -410,29 +389,8 @@ impl ServeArgs {
         if self.poll_max_interval > Duration::from_secs(3600) {
             return Err(bad("--poll-max-interval", "JOBHOOK_POLL_MAX_INTERVAL", "must be at most 1h"));
         }
-        nonzero(self.max_wait, "--max-wait", "JOBHOOK_MAX_WAIT")?;
         if self.lease_ttl < Duration::from_millis(500) {
             return Err(bad("--lease-ttl", "JOBHOOK_LEASE_TTL", "must be at least 500ms"));
-        }
-        nonzero(self.delivery_timeout, "--delivery-timeout", "JOBHOOK_DELIVERY_TIMEOUT")?;
-        nonzero(self.request_timeout, "--request-timeout", "JOBHOOK_REQUEST_TIMEOUT")?;
-        if let Err(e) =
-            tokio_cron_scheduler::Job::new_async(self.housekeeping_schedule.trim(), |_, _| Box::pin(async {}))
-        {
-            return Err(bad(
-                "--housekeeping-schedule",
-                "JOBHOOK_HOUSEKEEPING_SCHEDULE",
-                format!(
-                    "{:?} is not a cron expression with seconds such as \"0 */5 * * * *\" ({e})",
-                    self.housekeeping_schedule
-                ),
-            ));
-        }
-        if !(1..=1_000_000).contains(&self.max_connections) {
-            return Err(bad("--max-connections", "JOBHOOK_MAX_CONNECTIONS", "must be between 1 and 1000000"));
-        }
-        if !(1..=100_000).contains(&self.delivery_concurrency) {
-            return Err(bad("--delivery-concurrency", "JOBHOOK_DELIVERY_CONCURRENCY", "must be between 1 and 100000"));
         }
         if !(1..=self.delivery_concurrency).contains(&self.delivery_concurrency_per_host) {
             return Err(bad(
@@ -454,7 +412,10 @@ impl ServeArgs {
         if self.retry_schedule.0.iter().any(|d| *d > Duration::from_secs(7 * 24 * 3600)) {
             return Err(bad("--retry-schedule", "JOBHOOK_RETRY_SCHEDULE", "each delay must be at most 7 days"));
         }
+        Ok(())
+    }
 
+    fn allow_cidrs(&self) -> Result<Vec<ipnet::IpNet>, ConfigError> {
         let mut allow_cidrs = Vec::new();
         for cidr in self.callback_allow_cidrs.iter().map(|c| c.trim()).filter(|c| !c.is_empty()) {
             let net = cidr.parse::<ipnet::IpNet>().map_err(|_| {
@@ -466,68 +427,31 @@ impl ServeArgs {
             })?;
             allow_cidrs.push(net.trunc());
         }
-
-        Ok(Config {
-            listen,
-            database_url,
-            upstream: UpstreamConfig {
-                base_url,
-                api_key: upstream_api_key,
-                timeout: self.upstream_timeout,
-                proxy: upstream_proxy,
-            },
-            api_keys,
-            signing_secret,
-            poll: PollConfig {
-                interval: self.poll_interval,
-                max_interval: self.poll_max_interval,
-                max_wait: self.max_wait,
-                not_found_grace: self.not_found_grace,
-                max_in_flight: 512,
-                max_rps: std::num::NonZeroU32::new(self.upstream_max_rps),
-            },
-            delivery: DeliveryConfig {
-                retry_schedule: self.retry_schedule.0,
-                timeout: self.delivery_timeout,
-                max_in_flight: self.delivery_concurrency,
-                max_in_flight_per_host: self.delivery_concurrency_per_host,
-                max_in_flight_per_tenant: self.delivery_concurrency_per_tenant,
-            },
-            egress: crate::delivery::client::EgressPolicy {
-                allow_private: self.allow_private_callbacks,
-                allow_cidrs: std::sync::Arc::new(allow_cidrs),
-                https_only: self.callback_https_only,
-            },
-            secret_rotation_grace: self.secret_rotation_grace,
-            lease_ttl: self.lease_ttl,
-            shutdown_grace: self.shutdown_grace,
-            request_timeout: self.request_timeout,
-            max_connections: self.max_connections,
-            housekeeping: HousekeepingConfig {
-                retention: (!self.retention.is_zero()).then_some(self.retention),
-                schedule: self.housekeeping_schedule.trim().to_owned(),
-            },
-            console: self.console,
-        })
+        Ok(allow_cidrs)
     }
 }
 
-fn nonzero(d: Duration, setting: &'static str, env: &'static str) -> Result<(), ConfigError> {
-    if d.is_zero() { Err(bad(setting, env, "must be greater than zero")) } else { Ok(()) }
+/// A count of slots (at most 100,000, checked by its parser) as the `usize` semaphores take.
+fn widen(n: u32) -> usize {
+    usize::try_from(n).unwrap_or(usize::MAX)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// `serve`'s settings alone, as the command line parses them.
+    #[derive(clap::Parser)]
+    struct Serve {
+        #[command(flatten)]
+        args: ServeArgs,
+    }
+
     fn parse(args: &[&str]) -> Result<Config, String> {
-        let mut argv = vec!["jobhook", "serve"];
+        let mut argv = vec!["serve"];
         argv.extend_from_slice(args);
-        let cli = Cli::try_parse_from(argv).map_err(|e| e.to_string())?;
-        match cli.command {
-            Some(Command::Serve(args)) => (*args).into_config().map_err(|e| e.to_string()),
-            _ => unreachable!(),
-        }
+        let serve = <Serve as clap::Parser>::try_parse_from(argv).map_err(|e| e.to_string())?;
+        serve.args.into_config().map_err(|e| e.to_string())
     }
 
     #[test]
@@ -556,6 +480,7 @@ mod tests {
         assert!(!cfg.egress.allow_private);
         assert!(!cfg.egress.https_only);
         assert_eq!(cfg.poll.max_rps, std::num::NonZeroU32::new(100));
+        assert_eq!(cfg.poll.max_in_flight, 512);
         assert_eq!(cfg.secret_rotation_grace, Duration::from_secs(24 * 3600));
     }
 

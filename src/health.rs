@@ -1,12 +1,13 @@
-//! Which workers run, for `GET /readyz`: a leaf that the API reads and the application writes.
+//! Which workers run, for `GET /readyz`: the app marks them, the API reads them.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 
 /// Which workers are running, for `GET /readyz`. A worker is marked running while its task lives (a
 /// guard inside the task clears the mark even if the task panics).
 #[derive(Default)]
 pub struct Workers {
-    running: std::sync::Mutex<std::collections::BTreeMap<&'static str, bool>>,
+    running: Mutex<BTreeMap<&'static str, bool>>,
 }
 
 /// Clears a worker's mark when its task ends.
@@ -51,8 +52,24 @@ impl Workers {
     }
 
     /// `ok` or what is wrong, by worker.
-    pub fn checks(&self) -> std::collections::BTreeMap<String, String> {
+    pub fn checks(&self) -> BTreeMap<String, String> {
         let running = self.running.lock().unwrap_or_else(|e| e.into_inner());
         running.iter().map(|(name, up)| (name.to_string(), if *up { "ok" } else { "not running" }.to_owned())).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_worker_whose_task_ended_is_reported() {
+        let workers = Arc::new(Workers::default());
+        workers.expect("poller");
+        assert_eq!(workers.checks()["poller"], "not running");
+        let running = workers.start("poller");
+        assert_eq!(workers.checks()["poller"], "ok");
+        drop(running);
+        assert_eq!(workers.checks()["poller"], "not running");
     }
 }

@@ -20,11 +20,11 @@
 
 pub mod api;
 pub mod app;
+pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod console;
 pub mod delivery;
-pub mod demo;
 pub mod domain;
 pub mod health;
 pub mod housekeeping;
@@ -34,9 +34,9 @@ pub mod mock_upstream;
 pub mod partition;
 pub mod poller;
 pub mod recent;
+pub mod schedule;
 pub mod store;
 pub mod upstream;
-pub mod verify;
 
 /// Writes to standard output. A reader that has gone away (`jobhook config check | grep -q …`,
 /// `| head`) is not an error: the rest of the output is dropped and the command finishes normally,
@@ -67,4 +67,25 @@ macro_rules! outln {
 /// Installs the TLS crypto provider (ring) once per process; safe to call again.
 pub fn install_crypto() {
     let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// An error and its causes on one line (`what: why: deeper why`), for logs: the outermost message alone
+/// often hides the reason. A cause whose text its wrapper already quotes is not repeated.
+pub struct Chain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut shown = self.0.to_string();
+        f.write_str(&shown)?;
+        let mut cause = self.0.source();
+        while let Some(e) = cause {
+            let text = e.to_string();
+            if !shown.ends_with(&text) {
+                write!(f, ": {text}")?;
+                shown = text;
+            }
+            cause = e.source();
+        }
+        Ok(())
+    }
 }

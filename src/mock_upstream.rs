@@ -241,7 +241,12 @@ async fn job_status(State(inner): State<Arc<Mutex<Inner>>>, Path(raw): Path<Stri
         (answer, InFlightGuard(inner.clone(), job_id), job_id)
     };
     let (answer, _guard, job_id) = answer;
-    let id = job_id.to_string();
+    respond(answer, &job_id.to_string()).await
+}
+
+/// The upstream's answer, as the script (or the mock's settings) chose it.
+async fn respond(answer: Answer, id: &str) -> Response {
+    let id = id.to_owned();
     match answer {
         Answer::Pending => status_body(&id, "Pending", &[]),
         Answer::Succeed => {

@@ -8,10 +8,6 @@
 use std::collections::BTreeSet;
 use std::ffi::OsString;
 
-use clap::CommandFactory;
-
-use super::Cli;
-
 /// What the file contributed, for `jobhook config check`.
 #[derive(Debug, Default)]
 pub struct FromFile {
@@ -22,12 +18,29 @@ pub struct FromFile {
     pub overridden: BTreeSet<String>,
 }
 
-/// The command line with the config file's settings placed before the user's flags.
-pub fn merge(argv: Vec<OsString>) -> Result<(Vec<OsString>, FromFile), String> {
+/// Why a config file cannot be used. Each names the file; the start stops with it.
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    #[error("cannot read the config file {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("{path} is not valid TOML: {source}")]
+    Toml { path: String, source: toml::de::Error },
+    #[error(
+        "{path}: unknown setting `{key}`; the settings are the flags of `jobhook serve` without the dashes \
+         (see jobhook.example.toml or `jobhook config example`)"
+    )]
+    UnknownSetting { path: String, key: String },
+    #[error("{path}: `{key}` must be a string, a number, a boolean or a list of them")]
+    NotAValue { path: String, key: String },
+}
+
+/// The command line with the config file's settings placed before the user's flags; `cli` is the whole
+/// command (`jobhook`), whose flags say what the file may hold.
+pub fn merge(cli: &clap::Command, argv: Vec<OsString>) -> Result<(Vec<OsString>, FromFile), FileError> {
     let Some(path) = config_path(&argv) else { return Ok((argv, FromFile::default())) };
-    let text = std::fs::read_to_string(&path).map_err(|e| format!("cannot read the config file {path}: {e}"))?;
-    let table: toml::Table = text.parse().map_err(|e| format!("{path} is not valid TOML: {e}"))?;
-    let (at, target) = subcommand(&argv);
+    let text = std::fs::read_to_string(&path).map_err(|source| FileError::Read { path: path.clone(), source })?;
+    let table: toml::Table = text.parse().map_err(|source| FileError::Toml { path: path.clone(), source })?;
+    let (at, target) = subcommand(cli, &argv);
     // Only the commands that run jobhook itself take the file (the mock upstream has a `listen` of its
     // own); help and version print without it.
     let asks_help =
@@ -46,19 +59,16 @@ pub fn merge(argv: Vec<OsString>) -> Result<(Vec<OsString>, FromFile), String> {
             a.strip_prefix("--").is_some_and(|rest| rest == long || rest.starts_with(&format!("{long}=")))
         })
     };
-    let settings = settings();
+    let settings = settings(cli);
     let mut flags = Vec::new();
     let mut from = FromFile { path: Some(path.clone()), ..Default::default() };
     for (key, value) in &table {
         let id = key.replace('-', "_");
         let Some(arg) = settings.iter().find(|a| a.get_id() == id.as_str()) else {
-            return Err(format!(
-                "{path}: unknown setting `{key}`; the settings are the flags of `jobhook serve` without the \
-                 dashes (see jobhook.example.toml or `jobhook config example`)"
-            ));
+            return Err(FileError::UnknownSetting { path, key: key.clone() });
         };
-        let value = scalar_or_list(value)
-            .ok_or_else(|| format!("{path}: `{key}` must be a string, a number, a boolean or a list of them"))?;
+        let value =
+            scalar_or_list(value).ok_or_else(|| FileError::NotAValue { path: path.clone(), key: key.clone() })?;
         if arg.get_env().is_some_and(|env| std::env::var_os(env).is_some()) {
             from.overridden.insert(id);
             continue;
@@ -79,8 +89,7 @@ pub fn merge(argv: Vec<OsString>) -> Result<(Vec<OsString>, FromFile), String> {
 }
 
 /// Every key the file may hold: `serve`'s flags and the global `log_format`.
-pub fn settings() -> Vec<clap::Arg> {
-    let cli = Cli::command();
+pub fn settings(cli: &clap::Command) -> Vec<clap::Arg> {
     let serve = cli.find_subcommand("serve").expect("serve exists").clone();
     let globals = cli.get_arguments().filter(|a| a.get_id() == "log_format").cloned().collect::<Vec<_>>();
     serve
@@ -109,17 +118,24 @@ fn config_path(argv: &[OsString]) -> Option<String> {
 }
 
 /// Where the file's flags go (right after the subcommand's name) and the subcommand that takes them.
-fn subcommand(argv: &[OsString]) -> (usize, clap::Command) {
-    let mut command = Cli::command();
+fn subcommand(cli: &clap::Command, argv: &[OsString]) -> (usize, clap::Command) {
+    let mut command = cli.clone();
     let mut at = 1;
     let mut i = 1;
     while i < argv.len() {
         let word = argv[i].to_string_lossy();
-        if word.starts_with('-') {
-            // A flag's value is not a subcommand's name.
-            if !word.contains('=') && i + 1 < argv.len() && !argv[i + 1].to_string_lossy().starts_with('-') {
+        if let Some(long) = word.strip_prefix("--") {
+            // A flag's value is not a subcommand's name: skip it when clap says the flag takes one.
+            let takes_value = cli.get_arguments().chain(command.get_arguments()).any(|a| {
+                a.get_long() == Some(long)
+                    && a.get_num_args().is_none_or(|n| n.takes_values())
+                    && a.get_action().takes_values()
+            });
+            if takes_value {
                 i += 1;
             }
+        } else if word.starts_with('-') {
+            // Short flags (-h, -V) take no value.
         } else if let Some(sub) = command.find_subcommand(word.as_ref()).cloned() {
             command = sub;
             at = i + 1;
@@ -148,7 +164,7 @@ fn scalar_or_list(value: &toml::Value) -> Option<String> {
 }
 
 /// `jobhook.example.toml`: every setting, commented out at its default, with its help.
-pub fn example() -> String {
+pub fn example(cli: &clap::Command) -> String {
     let mut out = String::from(
         "# jobhook's settings. Use it with `jobhook --config jobhook.toml` (or JOBHOOK_CONFIG=jobhook.toml).\n\
          # Every key is a flag of `jobhook serve` without the dashes. Precedence: this file < the\n\
@@ -156,7 +172,7 @@ pub fn example() -> String {
          # `jobhook config check --config jobhook.toml`. Lists take a TOML array or a comma-separated string.\n\
          # This file is generated by `jobhook config example`; every line below shows the default.\n",
     );
-    for arg in settings() {
+    for arg in settings(cli) {
         let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
         out.push('\n');
         for line in help.lines() {
@@ -179,13 +195,13 @@ pub fn example() -> String {
 }
 
 /// The effective settings, one `key = value  # source` line each, secrets masked.
-pub fn describe(matches: &clap::ArgMatches, from: &FromFile, user_argv: &[OsString]) -> String {
+pub fn describe(cli: &clap::Command, matches: &clap::ArgMatches, from: &FromFile, user_argv: &[OsString]) -> String {
     let mut out = String::new();
     if let Some(path) = &from.path {
         out.push_str(&format!("# config file: {path}\n"));
     }
     out.push_str("# effective settings (precedence: file < environment < flags)\n");
-    for arg in settings() {
+    for arg in settings(cli) {
         let id = arg.get_id().as_str();
         let values: Vec<String> =
             matches.get_raw(id).map(|vs| vs.map(|v| v.to_string_lossy().into_owned()).collect()).unwrap_or_default();
@@ -239,112 +255,4 @@ pub fn mask_password(url: &str) -> String {
         u.query_pairs_mut().clear().extend_pairs(pairs);
     }
     u.to_string()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn argv(args: &[&str]) -> Vec<OsString> {
-        args.iter().map(OsString::from).collect()
-    }
-
-    fn file(text: &str) -> (tempfile::NamedTempFile, String) {
-        let f = tempfile::NamedTempFile::new().unwrap();
-        std::fs::write(f.path(), text).unwrap();
-        let path = f.path().to_string_lossy().into_owned();
-        (f, path)
-    }
-
-    #[test]
-    fn file_settings_go_before_the_flags_so_flags_win() {
-        let (_f, path) = file(
-            "poll_interval = \"2s\"\nupstream-max-rps = 7\napi_keys = [\"aaaaaaaaaaaaaaaa\", \"bbbbbbbbbbbbbbbb\"]\n",
-        );
-        let (merged, from) = merge(argv(&["jobhook", "serve", "--config", &path, "--poll-interval", "3s"])).unwrap();
-        let merged: Vec<String> = merged.iter().map(|a| a.to_string_lossy().into_owned()).collect();
-        assert_eq!(merged[1], "serve");
-        assert!(merged.contains(&"--upstream-max-rps=7".to_owned()), "{merged:?}");
-        assert!(merged.contains(&"--api-keys=aaaaaaaaaaaaaaaa,bbbbbbbbbbbbbbbb".to_owned()), "{merged:?}");
-        assert_eq!(from.applied.len(), 2, "the typed --poll-interval is not also taken from the file");
-        let cli = <Cli as clap::Parser>::try_parse_from(&merged).unwrap();
-        let Some(super::super::Command::Serve(args)) = cli.command else { panic!("serve") };
-        assert_eq!(args.poll_interval, std::time::Duration::from_secs(3), "the flag wins over the file");
-        assert_eq!(args.upstream_max_rps, 7);
-        assert_eq!(args.api_keys.len(), 2);
-    }
-
-    #[test]
-    fn a_typed_list_flag_replaces_the_files_list() {
-        let (_f, path) = file("api_keys = [\"old-key-0123456789\"]\n");
-        let (merged, _) =
-            merge(argv(&["jobhook", "serve", "--config", &path, "--api-keys", "new-key-0123456789"])).unwrap();
-        let cli = <Cli as clap::Parser>::try_parse_from(&merged).unwrap();
-        let Some(super::super::Command::Serve(args)) = cli.command else { panic!("serve") };
-        assert_eq!(args.api_keys, vec!["new-key-0123456789".to_owned()]);
-    }
-
-    #[test]
-    fn the_mock_upstream_and_help_do_not_take_the_file() {
-        let (_f, path) = file("listen = \"0.0.0.0:9999\"\n");
-        let before = argv(&["jobhook", "--config", &path, "mock-upstream"]);
-        assert_eq!(merge(before.clone()).unwrap().0, before);
-        let help = argv(&["jobhook", "--config", &path, "help", "serve"]);
-        assert_eq!(merge(help.clone()).unwrap().0, help);
-        let (_g, second) = file("listen = \"127.0.0.1:7\"\n");
-        let (merged, from) = merge(argv(&["jobhook", "--config", &path, "--config", &second])).unwrap();
-        assert_eq!(from.path.as_deref(), Some(second.as_str()), "the last --config counts, as for clap");
-        assert_eq!(merged[1], "--listen=127.0.0.1:7");
-    }
-
-    #[test]
-    fn an_unknown_key_is_named() {
-        let (_f, path) = file("pol_interval = \"2s\"\n");
-        let err = merge(argv(&["jobhook", "--config", &path])).unwrap_err();
-        assert!(err.contains("`pol_interval`"), "{err}");
-        let (_g, path) = file("[poll]\ninterval = 1\n");
-        assert!(merge(argv(&["jobhook", "--config", &path])).unwrap_err().contains("`poll`"));
-        let (_h, path) = file("poll_interval = ");
-        assert!(merge(argv(&["jobhook", "--config", &path])).unwrap_err().contains("not valid TOML"));
-    }
-
-    #[test]
-    fn plain_jobhook_and_other_commands_get_what_they_take() {
-        let (_f, path) = file("database_url = \"sqlite://x.db\"\npoll_interval = \"2s\"\n");
-        let (merged, _) = merge(argv(&["jobhook", "--config", &path])).unwrap();
-        assert_eq!(merged[1], "--database-url=sqlite://x.db");
-        let (merged, _) = merge(argv(&["jobhook", "keys", "list", "--config", &path])).unwrap();
-        assert_eq!(merged.len(), 6, "only the store setting: {merged:?}");
-        assert_eq!(merged[3], "--database-url=sqlite://x.db");
-    }
-
-    #[test]
-    fn the_committed_example_is_the_generated_one() {
-        let committed = include_str!("../../jobhook.example.toml");
-        assert_eq!(committed, example(), "regenerate: cargo run -- config example > jobhook.example.toml");
-        // And every line of it, uncommented, is a valid setting at its default.
-        let uncommented: String = example()
-            .lines()
-            .filter_map(|l| {
-                let setting = l.strip_prefix("# ")?;
-                let (key, _) = setting.split_once(" = ")?;
-                key.chars().all(|c| c.is_ascii_lowercase() || c == '_').then_some(setting)
-            })
-            .map(|l| format!("{l}\n"))
-            .collect();
-        let (_f, path) = file(&uncommented);
-        let (merged, _) = merge(argv(&["jobhook", "serve", "--config", &path])).unwrap();
-        let cli = <Cli as clap::Parser>::try_parse_from(&merged).unwrap();
-        let Some(super::super::Command::Serve(args)) = cli.command else { panic!("serve") };
-        args.into_config().unwrap();
-    }
-
-    #[test]
-    fn passwords_are_masked() {
-        assert_eq!(mask_password("postgres://u:hunter2@db/x"), "postgres://u:********@db/x");
-        assert_eq!(mask_password("sqlite://jobhook.db"), "sqlite://jobhook.db");
-        assert_eq!(mask_password("postgres://u:a/b#c@db/x"), "postgres://********@db/x");
-        let masked = mask_password("postgres://u@db/x?password=hunter2&sslmode=require");
-        assert!(!masked.contains("hunter2") && masked.contains("sslmode=require"), "{masked}");
-    }
 }

@@ -76,6 +76,26 @@ pub enum Refusal {
     DnsUnavailable(String),
 }
 
+/// The egress policy refused a callback's address at delivery time: retrying cannot help. The vetting
+/// resolver returns it inside the client's connect error; [`find_refusal`] finds it again.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("egress policy: {0}")]
+pub struct EgressRefused(pub String);
+
+/// The egress refusal somewhere in a failed request's cause chain, if there is one.
+pub fn find_refusal<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a EgressRefused> {
+    let mut cause = Some(e);
+    while let Some(e) = cause {
+        // An `io::Error` hides the error it wraps from `source()` (it returns that error's own source).
+        let wrapped = e.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()).map(|inner| inner as _);
+        if let Some(refused) = e.downcast_ref::<EgressRefused>().or_else(|| wrapped.and_then(find_refusal)) {
+            return Some(refused);
+        }
+        cause = e.source();
+    }
+    None
+}
+
 /// How long registration waits for DNS before refusing a callback host.
 const REGISTRATION_DNS_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -126,8 +146,8 @@ impl EgressPolicy {
 
     /// The check made just before each attempt: the scheme, and hosts that are IP literals (the
     /// connector does not ask the resolver for those).
-    pub fn check_literal(&self, url: &url::Url) -> Result<(), String> {
-        self.check_scheme(url)?;
+    pub fn check_literal(&self, url: &url::Url) -> Result<(), EgressRefused> {
+        self.check_scheme(url).map_err(EgressRefused)?;
         if self.allow_private {
             return Ok(());
         }
@@ -137,6 +157,7 @@ impl EgressPolicy {
             Some(url::Host::Domain(name)) => check_name(name),
             None => Err("callback_url has no host".into()),
         }
+        .map_err(EgressRefused)
     }
 
     fn check_scheme(&self, url: &url::Url) -> Result<(), String> {
@@ -273,8 +294,7 @@ impl Resolve for VettingResolver {
         let (policy, lookup) = (self.policy.clone(), self.lookup.clone());
         let host = name.as_str().to_owned();
         Box::pin(async move {
-            let refuse =
-                |why: String| -> Box<dyn std::error::Error + Send + Sync> { format!("egress policy: {why}").into() };
+            let refuse = |why: String| -> Box<dyn std::error::Error + Send + Sync> { Box::new(EgressRefused(why)) };
             // With private callbacks allowed, `localhost` passes registration, so it must connect too.
             if !policy.allow_private {
                 check_name(&host).map_err(refuse)?;
@@ -447,6 +467,6 @@ mod tests {
         let private: Lookup = Arc::new(|_, _| Box::pin(async { Ok(vec!["169.254.169.254:0".parse().unwrap()]) }));
         let resolver = VettingResolver { policy: EgressPolicy::default(), lookup: private };
         let err = resolver.resolve(Name::from_str("rebound.example").unwrap()).await.err().unwrap();
-        assert!(err.to_string().contains("egress policy"), "{err}");
+        assert!(find_refusal(err.as_ref()).is_some(), "{err}");
     }
 }

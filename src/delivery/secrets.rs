@@ -4,38 +4,36 @@
 //! this process's API forgets the tenant's entry at once, so the very next delivery carries the new
 //! signature; another process sharing the database (a later scale-out) sees it within a second.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::keys::SigningSecret;
+use crate::recent::Expiring;
 use crate::store::{Store, now_ms};
 
 /// How long a tenant's secrets are reused before they are read again.
 const TTL: Duration = Duration::from_secs(1);
 
-/// A tenant's secrets and when they were read.
-type Entry = (Instant, Arc<Vec<SigningSecret>>);
+/// Each tenant's secrets, for [`TTL`] after they were read.
+type Entries = Expiring<i64, Arc<Vec<SigningSecret>>>;
 
 pub struct SecretsCache {
     store: Arc<dyn Store>,
-    entries: Mutex<HashMap<i64, Entry>>,
+    entries: Mutex<Entries>,
 }
 
 impl SecretsCache {
     pub fn new(store: Arc<dyn Store>) -> Self {
-        SecretsCache { store, entries: Mutex::new(HashMap::new()) }
+        SecretsCache { store, entries: Mutex::new(Expiring::new(TTL)) }
     }
 
     /// The secrets that sign the tenant's deliveries now, current first.
     pub async fn get(&self, tenant_id: i64) -> crate::store::Result<Arc<Vec<SigningSecret>>> {
-        if let Some((read_at, secrets)) = self.lock().get(&tenant_id)
-            && read_at.elapsed() < TTL
-        {
+        if let Some(secrets) = self.lock().get(&tenant_id) {
             return Ok(secrets.clone());
         }
         let secrets = Arc::new(self.store.signing_secrets(tenant_id, now_ms()).await?);
-        self.lock().insert(tenant_id, (Instant::now(), secrets.clone()));
+        self.lock().insert(tenant_id, secrets.clone());
         Ok(secrets)
     }
 
@@ -44,7 +42,7 @@ impl SecretsCache {
         self.lock().remove(&tenant_id);
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<i64, Entry>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Entries> {
         self.entries.lock().expect("the secrets cache is never poisoned: nothing panics while holding it")
     }
 }

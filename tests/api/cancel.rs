@@ -7,7 +7,7 @@ use futures_util::StreamExt;
 use reqwest::StatusCode;
 use serde_json::Value;
 
-use crate::helpers::*;
+use crate::support::helpers::*;
 
 /// The race from the issue: register, then DELETE at once, 500 times, 50 at a time, for jobs that end
 /// at their first poll, so many cancellations meet a delivery about to start or under way.

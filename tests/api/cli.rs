@@ -2,8 +2,8 @@
 
 use std::time::Duration;
 
-use crate::binary::{start, start_with};
-use crate::helpers::*;
+use crate::support::binary::{start, start_with};
+use crate::support::helpers::*;
 
 #[tokio::test]
 async fn a_bad_setting_stops_start_up_with_one_line_naming_it() {

@@ -4,8 +4,8 @@ use std::time::{Duration, Instant};
 
 use jobhook::mock_upstream::MockUpstream;
 
-use crate::binary::{Running, all_delivered, args_on, free_port, register_all, start};
-use crate::helpers::*;
+use crate::support::binary::{Running, all_delivered, args_on, free_port, register_all, start};
+use crate::support::helpers::*;
 
 fn skip_on_sqlite() -> bool {
     if !on_postgres() {

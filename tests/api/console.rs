@@ -4,7 +4,7 @@
 use reqwest::StatusCode;
 use reqwest::header::{self, HeaderMap};
 
-use crate::helpers::{KEY_A, KEY_B, Settings, TestApp, new_job, spawn_app, spawn_app_with};
+use crate::support::helpers::{KEY_A, KEY_B, Settings, TestApp, new_job, spawn_app, spawn_app_with};
 
 /// A client that follows no redirect, so each answer is seen as sent.
 fn browser() -> reqwest::Client {
@@ -135,7 +135,7 @@ async fn pages_need_a_session_and_a_forged_one_is_not_one() {
 
 #[tokio::test]
 async fn a_post_without_the_csrf_token_or_from_another_site_is_refused() {
-    let app = crate::helpers::spawn_app_with(Settings::never_ending()).await;
+    let app = crate::support::helpers::spawn_app_with(Settings::never_ending()).await;
     let sub = app.register(&new_job(), &app.receiver.url("/hook")).await;
     let id = sub["id"].as_str().unwrap();
     let session = sign_in(&app, KEY_A).await;

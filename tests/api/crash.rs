@@ -5,8 +5,8 @@ use std::time::{Duration, Instant};
 use jobhook::mock_upstream::MockUpstream;
 use serde_json::json;
 
-use crate::binary::{all_delivered, args_on, free_port, limit_file_size, register_all, start};
-use crate::helpers::*;
+use crate::support::binary::{all_delivered, args_on, free_port, limit_file_size, register_all, start};
+use crate::support::helpers::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_kill_9_and_restart_every_acknowledged_job_is_delivered_under_one_webhook_id() {

@@ -5,7 +5,7 @@ use std::time::Duration;
 use jobhook::mock_upstream::Answer;
 use serde_json::Value;
 
-use crate::helpers::*;
+use crate::support::helpers::*;
 
 #[tokio::test]
 async fn a_finished_job_is_delivered_signed_and_verifies_with_the_standard_webhooks_crate() {

@@ -9,8 +9,8 @@ use jobhook::delivery::client::Lookup;
 use jobhook::mock_upstream::{Answer, MockArgs, MockUpstream};
 use serde_json::Value;
 
-use crate::helpers::*;
-use crate::raw::{Misbehaviour, RawReceiver};
+use crate::support::helpers::*;
+use crate::support::raw::{Misbehaviour, RawReceiver};
 
 /// Registers a job scripted with `answers`, waits until its last_error mentions `expected`, then lets
 /// the upstream recover and checks the job is still delivered.

@@ -1,8 +1,8 @@
 //! One integration binary: the real application on real sockets, a real SQLite file per test.
+//! `support/` holds what the tests share; each other file is one capability.
 
-mod helpers;
+mod support;
 
-mod binary;
 mod cancel;
 mod cli;
 mod cluster;
@@ -14,7 +14,7 @@ mod openapi;
 mod operations;
 mod polling;
 mod proxies;
-mod raw;
+mod redelivery;
 mod registration;
 mod retention;
 mod secrets;

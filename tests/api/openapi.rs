@@ -1,6 +1,6 @@
 //! The committed openapi.yaml is the document the router generates.
 
-use crate::helpers::*;
+use crate::support::helpers::*;
 
 #[test]
 fn the_committed_openapi_document_matches_the_router() {

@@ -2,7 +2,7 @@
 
 use jobhook::mock_upstream::Answer;
 
-use crate::helpers::*;
+use crate::support::helpers::*;
 
 /// The value of one sample line (`name{labels} value`), or 0 when the line is absent.
 fn sample(text: &str, series: &str) -> f64 {

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use jobhook::mock_upstream::{Answer, MockArgs};
 
-use crate::helpers::*;
+use crate::support::helpers::*;
 
 #[tokio::test]
 async fn an_upstream_401_fails_the_subscription_as_upstream_unauthorized() {

@@ -9,9 +9,9 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-use crate::binary::start_with_env;
-use crate::helpers::*;
-use crate::raw::{Misbehaviour, RawReceiver};
+use crate::support::binary::start_with_env;
+use crate::support::helpers::*;
+use crate::support::raw::{Misbehaviour, RawReceiver};
 
 const UPSTREAM_KEY: &str = "the-upstream-key-0123456789";
 

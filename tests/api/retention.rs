@@ -9,7 +9,7 @@ use jobhook::keys::{ApiKey, SigningSecret};
 use jobhook::store::{AttemptRecord, AttemptResult, Purged, Registered, Store};
 use reqwest::StatusCode;
 
-use crate::helpers::*;
+use crate::support::helpers::*;
 
 /// A store of its own (SQLite file or PostgreSQL schema), with one tenant; and its URL.
 async fn store_with_key() -> (Arc<dyn Store>, ApiKey, String, tempfile::TempDir) {
@@ -128,7 +128,7 @@ async fn housekeeping_purges_on_its_schedule_while_work_goes_on() {
 /// a real count after kill -9 (twice, mid-flow), cancellations, and a purge run from the command line.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_state_gauges_equal_a_real_count_after_kill_9_and_a_purge() {
-    use crate::binary::{args_on, free_port, register_all, start};
+    use crate::support::binary::{args_on, free_port, register_all, start};
     const JOBS: usize = 400;
     let upstream = jobhook::mock_upstream::MockUpstream::start(&mock_args(2)).await.unwrap();
     let receiver = Receiver::start().await;

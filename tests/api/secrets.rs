@@ -1,10 +1,10 @@
-//! Keys, secrets and redelivery: rotation verified by the stock library, revocation through the CLI,
+//! Keys and secrets: rotation verified by the stock library, revocation through the CLI,
 //! tenants kept apart on every route, and no secret in logs or bodies.
 
 use serde_json::Value;
 
-use crate::binary::{args_on, free_port, start_with};
-use crate::helpers::*;
+use crate::support::binary::{args_on, free_port, start_with};
+use crate::support::helpers::*;
 
 #[tokio::test]
 async fn after_a_rotation_deliveries_verify_with_the_old_and_the_new_secret() {
@@ -81,51 +81,6 @@ async fn a_revoked_key_answers_401_at_once() {
     assert_eq!(app.register_as(&key, &new_job(), &callback).await.status(), 401);
     // The other keys still work.
     assert_eq!(app.get_as(KEY_A, "/v1/subscriptions").await.status(), 200);
-}
-
-#[tokio::test]
-async fn a_delivered_subscription_can_be_redelivered_under_the_same_webhook_id() {
-    let app = spawn_app().await;
-    let sub = app.register(&new_job(), &app.receiver.url("/hook")).await;
-    let id = sub["id"].as_str().unwrap();
-    app.wait_for_state(id, "delivered").await;
-    let response =
-        app.http.post(app.url(&format!("/v1/subscriptions/{id}/redeliver"))).bearer_auth(KEY_A).send().await.unwrap();
-    assert_eq!(response.status(), 202);
-    let got = app.receiver.wait_for("/hook", 2).await;
-    assert_eq!(got[0].header("webhook-id"), got[1].header("webhook-id"));
-    got[1].verify(SECRET).unwrap();
-    assert_eq!(got[0].body, got[1].body);
-    let done = app.wait_for_state(id, "delivered").await;
-    assert_eq!(done["attempts"], 1);
-    let log = app.deliveries(id).await;
-    let series: Vec<_> = log.iter().map(|a| (a["series"].as_u64().unwrap(), a["attempt"].as_u64().unwrap())).collect();
-    assert_eq!(series, vec![(1, 1), (2, 1)]);
-}
-
-#[tokio::test]
-async fn a_failed_delivery_can_be_redelivered_once_the_receiver_is_fixed() {
-    let app = spawn_app().await;
-    app.receiver.answer_with(&[410]);
-    let sub = app.register(&new_job(), &app.receiver.url("/hook")).await;
-    let id = sub["id"].as_str().unwrap();
-    app.wait_for_state(id, "failed").await;
-    let response =
-        app.http.post(app.url(&format!("/v1/subscriptions/{id}/redeliver"))).bearer_auth(KEY_A).send().await.unwrap();
-    assert_eq!(response.status(), 202);
-    let done = app.wait_for_state(id, "delivered").await;
-    assert!(done["failure_reason"].is_null());
-}
-
-#[tokio::test]
-async fn only_ended_subscriptions_with_a_result_can_be_redelivered() {
-    let app = spawn_app_with(Settings::never_ending()).await;
-    let sub = app.register(&new_job(), &app.receiver.url("/hook")).await;
-    let id = sub["id"].as_str().unwrap();
-    let response =
-        app.http.post(app.url(&format!("/v1/subscriptions/{id}/redeliver"))).bearer_auth(KEY_A).send().await.unwrap();
-    assert_eq!(response.status(), 409);
-    assert_eq!(response.headers()["content-type"], "application/problem+json");
 }
 
 #[tokio::test]

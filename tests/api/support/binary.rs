@@ -10,7 +10,7 @@ use serde_json::json;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-use crate::helpers::*;
+use crate::support::helpers::*;
 
 pub struct Running {
     pub child: Child,

@@ -11,8 +11,10 @@ use axum::body::Bytes;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use clap::Parser;
+pub use jobhook::api::subscriptions::{DeliveryAttemptView, SubscriptionView};
 use jobhook::app::Application;
-use jobhook::config::{Cli, Command};
+use jobhook::cli::{Cli, Command};
+pub use jobhook::domain::{FailureReason, SubscriptionState};
 use jobhook::mock_upstream::{MockArgs, MockUpstream, Outcome};
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -231,6 +233,38 @@ impl TestApp {
 
     pub async fn delete_as(&self, key: &str, id: &str) -> reqwest::Response {
         self.http.delete(self.url(&format!("/v1/subscriptions/{id}"))).bearer_auth(key).send().await.unwrap()
+    }
+
+    /// The subscription as the API's own view type.
+    pub async fn view(&self, id: &str) -> SubscriptionView {
+        let response = self.get_as(KEY_A, &format!("/v1/subscriptions/{id}")).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        response.json().await.unwrap()
+    }
+
+    /// The delivery attempts of a subscription, oldest first, as the API's own view type.
+    pub async fn attempts(&self, id: &str) -> Vec<DeliveryAttemptView> {
+        serde_json::from_value(Value::Array(self.deliveries(id).await)).unwrap()
+    }
+
+    /// Waits until the subscription reaches `state`, and returns it as the API's view.
+    pub async fn wait_until(&self, id: &str, state: SubscriptionState) -> SubscriptionView {
+        eventually(Duration::from_secs(15), &format!("subscription {id} to be {state:?}"), || async {
+            let sub = self.view(id).await;
+            (sub.state == state).then_some(sub)
+        })
+        .await
+    }
+
+    /// Registers a new job with the receiver's `/hook` as tenant A; returns the subscription's ID.
+    pub async fn subscribe(&self) -> String {
+        let sub = self.register(&new_job(), &self.receiver.url("/hook")).await;
+        sub["id"].as_str().unwrap().to_owned()
+    }
+
+    /// `POST /v1/subscriptions/{id}/redeliver` as tenant A.
+    pub async fn redeliver(&self, id: &str) -> reqwest::Response {
+        self.http.post(self.url(&format!("/v1/subscriptions/{id}/redeliver"))).bearer_auth(KEY_A).send().await.unwrap()
     }
 
     /// Waits until the subscription reaches `state`, and returns it.

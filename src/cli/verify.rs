@@ -42,15 +42,26 @@ impl Captured {
     }
 }
 
+/// Why a capture cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("cannot read {}: {source}", path.display())]
+    File { path: PathBuf, source: std::io::Error },
+    #[error("the headers file is not a JSON object ({0})")]
+    HeadersNotJson(serde_json::Error),
+    #[error("give --request FILE, or --headers FILE and --body FILE")]
+    NoCapture,
+}
+
 /// Reads the capture the arguments name.
-pub fn read(args: &VerifyArgs) -> Result<Captured, String> {
-    let load = |p: &PathBuf| std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()));
+pub fn read(args: &VerifyArgs) -> Result<Captured, ReadError> {
+    let load = |p: &PathBuf| std::fs::read(p).map_err(|source| ReadError::File { path: p.clone(), source });
     match (&args.request, &args.headers, &args.body) {
         (Some(request), _, _) => Ok(parse_request(&load(request)?)),
         (None, Some(headers), Some(body)) => {
             Ok(Captured { headers: parse_headers(&load(headers)?)?, body: load(body)? })
         }
-        _ => Err("give --request FILE, or --headers FILE and --body FILE".into()),
+        _ => Err(ReadError::NoCapture),
     }
 }
 
@@ -66,11 +77,11 @@ fn parse_request(raw: &[u8]) -> Captured {
     Captured { headers, body: body.to_vec() }
 }
 
-fn parse_headers(raw: &[u8]) -> Result<Vec<(String, String)>, String> {
+fn parse_headers(raw: &[u8]) -> Result<Vec<(String, String)>, ReadError> {
     let text = String::from_utf8_lossy(raw);
     if text.trim_start().starts_with('{') {
         let map: serde_json::Map<String, serde_json::Value> =
-            serde_json::from_str(&text).map_err(|e| format!("the headers file is not a JSON object ({e})"))?;
+            serde_json::from_str(&text).map_err(ReadError::HeadersNotJson)?;
         return Ok(map
             .into_iter()
             .map(|(k, v)| (k.to_ascii_lowercase(), v.as_str().map(str::to_owned).unwrap_or_else(|| v.to_string())))

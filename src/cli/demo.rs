@@ -11,8 +11,8 @@ use axum::http::{HeaderMap, StatusCode};
 use clap::{CommandFactory, FromArgMatches};
 use serde_json::{Value, json};
 
+use super::{Cli, Command};
 use crate::app::Application;
-use crate::config::{Cli, Command};
 use crate::domain::JobId;
 use crate::keys::{ApiKey, SigningSecret};
 use crate::mock_upstream::{Answer, MockArgs, MockUpstream, Outcome};
@@ -74,24 +74,7 @@ pub async fn run() -> anyhow::Result<()> {
     tokio::spawn(async move { axum::serve(receiver, routes).await });
 
     // The service, as `jobhook serve` would run it.
-    let db = dir.path().join("jobhook.db");
-    let argv = [
-        "jobhook".to_owned(),
-        "serve".into(),
-        "--listen=127.0.0.1:0".into(),
-        format!("--database-url=sqlite://{}", db.display()),
-        format!("--upstream-url={}", upstream.url()),
-        format!("--api-keys={}", key.expose()),
-        format!("--signing-secret={}", secret.expose()),
-        "--allow-private-callbacks=true".into(),
-        "--poll-interval=500ms".into(),
-        "--retry-schedule=1s,1s,1s".into(),
-    ];
-    // The demo's own settings only: JOBHOOK_* variables meant for a real service must not change it.
-    let command = Cli::command().mut_subcommand("serve", |serve| serve.mut_args(|a| a.env(None::<&'static str>)));
-    let cli = Cli::from_arg_matches(&command.try_get_matches_from(argv)?)?;
-    let Some(Command::Serve(args)) = cli.command else { unreachable!("serve") };
-    let app = Application::build(args.into_config()?).await?;
+    let app = service(&dir.path().join("jobhook.db"), &upstream.url(), &key, &secret).await?;
     let api = format!("http://{}", app.local_addr());
     let stop = app.shutdown_token();
     let service = tokio::spawn(app.run_until_stopped());
@@ -117,10 +100,58 @@ pub async fn run() -> anyhow::Result<()> {
     });
 
     let http = reqwest::Client::new();
+    let ids = register(&demo, &http, &api, &key, &format!("http://{receiver_addr}/hook")).await?;
+    let finals = wait_for_ends(&http, &api, &key, &ids).await?;
+    crate::outln!();
+    crate::outln!("done:");
+    for line in finals {
+        crate::outln!("  {line}");
+    }
+    crate::outln!();
+    crate::outln!("Next: `cargo run --release` (or `jobhook`) runs the service for real; the README's quick start");
+    crate::outln!("registers a job with curl and verifies the callback with the stock Python library.");
+    stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(5), service).await;
+    Ok(())
+}
+
+/// The real service on a temporary store, from the same command line `jobhook serve` takes.
+async fn service(
+    db: &std::path::Path,
+    upstream_url: &str,
+    key: &ApiKey,
+    secret: &SigningSecret,
+) -> anyhow::Result<Application> {
+    let argv = [
+        "jobhook".to_owned(),
+        "serve".into(),
+        "--listen=127.0.0.1:0".into(),
+        format!("--database-url=sqlite://{}", db.display()),
+        format!("--upstream-url={upstream_url}"),
+        format!("--api-keys={}", key.expose()),
+        format!("--signing-secret={}", secret.expose()),
+        "--allow-private-callbacks=true".into(),
+        "--poll-interval=500ms".into(),
+        "--retry-schedule=1s,1s,1s".into(),
+    ];
+    // The demo's own settings only: JOBHOOK_* variables meant for a real service must not change it.
+    let command = Cli::command().mut_subcommand("serve", |serve| serve.mut_args(|a| a.env(None::<&'static str>)));
+    let cli = Cli::from_arg_matches(&command.try_get_matches_from(argv)?)?;
+    let Some(Command::Serve(args)) = cli.command else { unreachable!("serve") };
+    Application::build(args.into_config()?).await
+}
+
+/// Registers the three jobs; returns each job's name and subscription ID.
+async fn register(
+    demo: &Demo,
+    http: &reqwest::Client,
+    api: &str,
+    key: &ApiKey,
+    hooks: &str,
+) -> anyhow::Result<Vec<(&'static str, String)>> {
     let mut ids = Vec::new();
-    for ((job_id, name), (_, what, _)) in names.iter().zip(JOBS) {
-        let request =
-            json!({ "job_id": job_id.to_string(), "callback_url": format!("http://{receiver_addr}/hook/{name}") });
+    for ((job_id, name), (_, what, _)) in demo.names.iter().zip(JOBS) {
+        let request = json!({ "job_id": job_id.to_string(), "callback_url": format!("{hooks}/{name}") });
         let response = http
             .post(format!("{api}/v1/subscriptions"))
             .bearer_auth(key.expose())
@@ -135,12 +166,22 @@ pub async fn run() -> anyhow::Result<()> {
             "register   job {name} ({what}) → {status}, subscription {}",
             body["id"].as_str().unwrap_or("?")
         ));
-        ids.push((name, body["id"].as_str().unwrap_or_default().to_owned()));
+        ids.push((*name, body["id"].as_str().unwrap_or_default().to_owned()));
     }
 
+    Ok(ids)
+}
+
+/// Waits (up to 30 s) for every subscription to end; returns a line about each.
+async fn wait_for_ends(
+    http: &reqwest::Client,
+    api: &str,
+    key: &ApiKey,
+    ids: &[(&'static str, String)],
+) -> anyhow::Result<Vec<String>> {
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut finals = Vec::new();
-    for (name, id) in &ids {
+    for (name, id) in ids {
         loop {
             let response = http.get(format!("{api}/v1/subscriptions/{id}")).bearer_auth(key.expose()).send().await?;
             let sub: Value = serde_json::from_slice(&response.bytes().await?)?;
@@ -158,17 +199,7 @@ pub async fn run() -> anyhow::Result<()> {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
-    crate::outln!();
-    crate::outln!("done:");
-    for line in finals {
-        crate::outln!("  {line}");
-    }
-    crate::outln!();
-    crate::outln!("Next: `cargo run --release` (or `jobhook`) runs the service for real; the README's quick start");
-    crate::outln!("registers a job with curl and verifies the callback with the stock Python library.");
-    stop.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(5), service).await;
-    Ok(())
+    Ok(finals)
 }
 
 async fn receive(
@@ -188,7 +219,7 @@ async fn receive(
             *a
         })
     };
-    let captured = crate::verify::Captured {
+    let captured = super::verify::Captured {
         headers: headers
             .iter()
             .map(|(n, v)| (n.as_str().to_owned(), v.to_str().unwrap_or_default().to_owned()))
@@ -196,7 +227,7 @@ async fn receive(
         body: body.to_vec(),
     };
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
-    let (_, verified) = crate::verify::check(&demo.secret, &captured, now);
+    let (_, verified) = super::verify::check(&demo.secret, &captured, now);
     let webhook_id = headers.get("webhook-id").and_then(|v| v.to_str().ok()).unwrap_or("-");
     let status = serde_json::from_slice::<Value>(&body).ok().and_then(|v| v["status"].as_str().map(str::to_owned));
     let verdict = if verified { "signature verified" } else { "SIGNATURE REJECTED" };

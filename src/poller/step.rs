@@ -1,0 +1,282 @@
+//! One poll of one job: ask the upstream, record what changed, say when to poll next.
+//!
+//! A Pending answer writes nothing (DESIGN promise 3); the store is written only at transitions: the
+//! first status seen, an error appearing or changing, the job's end, expiry, a definitive refusal.
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+
+use super::backoff::{error_delay, pending_delay, random_jitter};
+use crate::config::PollConfig;
+use crate::delivery::DispatcherHandle;
+use crate::domain::{FailureReason, JobStatus};
+use crate::metrics::Metrics;
+use crate::partition::Ownership;
+use crate::store::{Millis, PollableJob, Store, now_ms};
+use crate::upstream::{PollAnswer, UpstreamClient};
+
+fn ms(d: Duration) -> Millis {
+    Millis::try_from(d.as_millis()).unwrap_or(Millis::MAX)
+}
+
+/// What the poller remembers of a job between polls.
+#[derive(Debug, Clone)]
+pub struct JobState {
+    pub job: PollableJob,
+    pub consecutive_errors: u32,
+    /// What the store last heard from us about this job (`None`: not known since start-up).
+    recorded: Option<(Option<JobStatus>, Option<String>)>,
+    /// The subscriptions may have changed (a cancellation): ask the store before polling.
+    pub recheck: bool,
+}
+
+impl JobState {
+    pub fn new(job: PollableJob) -> Self {
+        JobState { job, consecutive_errors: 0, recorded: None, recheck: false }
+    }
+}
+
+/// What one step did, for logs and tests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PollOutcome {
+    Pending,
+    /// The job ended; this many deliveries were created.
+    Finished(JobStatus, usize),
+    /// The subscriptions of the job ended for this reason.
+    Failed(FailureReason),
+    /// Every polling subscription of the job expired.
+    Expired,
+    /// No subscription waits on the job any more.
+    Abandoned,
+    Error(String),
+    /// The store could not record the outcome; the job is polled again later.
+    StoreUnavailable,
+}
+
+/// What to do with the job after a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    PollIn(Duration),
+    Done,
+}
+
+/// Everything a poll step needs.
+pub struct PollContext {
+    pub store: Arc<dyn Store>,
+    pub upstream: UpstreamClient,
+    pub config: PollConfig,
+    pub dispatcher: DispatcherHandle,
+    /// The partitions this instance polls (all of them on SQLite).
+    pub ownership: Arc<Ownership>,
+    /// The cap on polls per second over all jobs (DESIGN promise 7).
+    limiter: Option<DefaultDirectRateLimiter>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl PollContext {
+    pub fn new(
+        store: Arc<dyn Store>,
+        upstream: UpstreamClient,
+        config: PollConfig,
+        dispatcher: DispatcherHandle,
+        ownership: Arc<Ownership>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        // A burst of a tenth of a second's worth: smooth enough for the upstream, loose enough that a
+        // poll is never late by more than one token's wait.
+        let limiter = config.max_rps.map(|rps| {
+            let burst = NonZeroU32::new(rps.get() / 10).unwrap_or(NonZeroU32::MIN);
+            RateLimiter::direct(Quota::per_second(rps).allow_burst(burst))
+        });
+        PollContext { store, upstream, config, dispatcher, ownership, limiter, metrics }
+    }
+}
+
+/// One poll of one job: ask the upstream, record what changed, say when to poll next.
+#[tracing::instrument(level = "debug", skip_all, fields(job_id = %state.job.job_id))]
+pub async fn step(ctx: &PollContext, state: &mut JobState) -> (PollOutcome, Next) {
+    let job_id = state.job.job_id;
+    if state.recheck {
+        match ctx.store.pollable_job(job_id).await {
+            Ok(Some(job)) => {
+                state.job = job;
+                state.recheck = false;
+            }
+            Ok(None) => return (PollOutcome::Abandoned, Next::Done),
+            Err(e) => return store_trouble(ctx, state, e),
+        }
+    }
+    if let Some(limiter) = &ctx.limiter {
+        limiter.until_ready().await;
+        // The wait can be long; the partition may have gone to another instance meanwhile.
+        if !ctx.ownership.owns(job_id.partition()) {
+            return (PollOutcome::Abandoned, Next::Done);
+        }
+    }
+    let asked = std::time::Instant::now();
+    let answer = ctx.upstream.poll(job_id).await;
+    ctx.metrics.poll(answer.outcome(), asked.elapsed());
+    let now = now_ms();
+    let pending_for = Duration::from_millis(u64::try_from(now - state.job.job_created_at).unwrap_or(0));
+    match answer {
+        PollAnswer::Terminal(status, body) => finished(ctx, state, status, &body, now).await,
+        PollAnswer::Pending => {
+            state.consecutive_errors = 0;
+            if let Err(e) = observe(ctx, state, Some(JobStatus::Pending), None, now).await {
+                return store_trouble(ctx, state, e);
+            }
+            expire_or(ctx, state, now, PollOutcome::Pending, pending_delay(pending_for, &ctx.config, random_jitter()))
+                .await
+        }
+        PollAnswer::Unauthorized(status) => {
+            // As it came: a 403 (a key without the right) is a different fix from a 401 (a wrong key).
+            let why = format!("upstream answered {status}: check JOBHOOK_UPSTREAM_API_KEY");
+            tracing::error!("{why}");
+            fail(ctx, state, FailureReason::UpstreamUnauthorized, &why, now).await
+        }
+        PollAnswer::Rejected => {
+            fail(
+                ctx,
+                state,
+                FailureReason::UpstreamRejectedJob,
+                "upstream answered 422: it does not accept this job ID",
+                now,
+            )
+            .await
+        }
+        PollAnswer::NotFound if pending_for >= ctx.config.not_found_grace => {
+            let why = format!(
+                "upstream answered 404 for longer than {}",
+                humantime::format_duration(ctx.config.not_found_grace)
+            );
+            fail(ctx, state, FailureReason::UpstreamJobNotFound, &why, now).await
+        }
+        PollAnswer::NotFound => {
+            transient(ctx, state, "upstream answered 404 (a new job may not be visible yet)".into(), None, now).await
+        }
+        PollAnswer::Transient { error, retry_after, .. } => transient(ctx, state, error, retry_after, now).await,
+    }
+}
+
+/// The job ended: its result and one delivery per subscriber, in one transaction (DESIGN promise 2),
+/// handed to the dispatcher.
+async fn finished(
+    ctx: &PollContext,
+    state: &mut JobState,
+    status: JobStatus,
+    body: &bytes::Bytes,
+    now: Millis,
+) -> (PollOutcome, Next) {
+    let job_id = state.job.job_id;
+    match ctx.store.complete_job(job_id, status, body, now, ctx.dispatcher.claim_for()).await {
+        Ok(tasks) => {
+            let n = tasks.len();
+            tracing::debug!(status = status.as_str(), deliveries = n, "job finished");
+            ctx.dispatcher.deliver(tasks);
+            (PollOutcome::Finished(status, n), Next::Done)
+        }
+        Err(e) => {
+            let trouble = store_trouble(ctx, state, e);
+            // The write may have committed with its answer lost (a connection dropped at COMMIT).
+            // Asking the store who still waits would then find nobody and stop, leaving the
+            // deliveries for the next restart or reload; polling and recording again is idempotent
+            // and hands them out.
+            state.recheck = false;
+            trouble
+        }
+    }
+}
+
+async fn transient(
+    ctx: &PollContext,
+    state: &mut JobState,
+    error: String,
+    retry_after: Option<Duration>,
+    now: Millis,
+) -> (PollOutcome, Next) {
+    state.consecutive_errors = state.consecutive_errors.saturating_add(1);
+    tracing::debug!(%error, errors = state.consecutive_errors, "poll failed");
+    if let Err(e) = observe(ctx, state, None, Some(error.clone()), now).await {
+        return store_trouble(ctx, state, e);
+    }
+    let delay = error_delay(state.consecutive_errors, retry_after, &ctx.config, random_jitter());
+    expire_or(ctx, state, now, PollOutcome::Error(error), delay).await
+}
+
+/// Writes what the upstream said, only when it differs from what the store already knows.
+async fn observe(
+    ctx: &PollContext,
+    state: &mut JobState,
+    status: Option<JobStatus>,
+    error: Option<String>,
+    now: Millis,
+) -> crate::store::Result<()> {
+    let status = status.or_else(|| state.recorded.as_ref().and_then(|(s, _)| *s));
+    let seen = (status, error);
+    if state.recorded.as_ref() == Some(&seen) {
+        return Ok(());
+    }
+    ctx.store.record_observation(state.job.job_id, seen.0, seen.1.as_deref(), now).await?;
+    state.recorded = Some(seen);
+    Ok(())
+}
+
+async fn expire_or(
+    ctx: &PollContext,
+    state: &mut JobState,
+    now: Millis,
+    outcome: PollOutcome,
+    delay: Duration,
+) -> (PollOutcome, Next) {
+    let max_wait = ms(ctx.config.max_wait);
+    if now < state.job.oldest_polling_at.saturating_add(max_wait) {
+        return (outcome, Next::PollIn(delay));
+    }
+    match ctx.store.expire(state.job.job_id, now - max_wait, now).await {
+        Ok((expired, Some(job))) => {
+            ctx.metrics.finished("expired", expired);
+            tracing::info!("some subscriptions expired; others still wait");
+            state.job = job;
+            (outcome, Next::PollIn(delay))
+        }
+        Ok((expired, None)) => {
+            ctx.metrics.finished("expired", expired);
+            tracing::info!("job still pending after max-wait: subscriptions expired");
+            (PollOutcome::Expired, Next::Done)
+        }
+        Err(e) => store_trouble(ctx, state, e),
+    }
+}
+
+async fn fail(
+    ctx: &PollContext,
+    state: &mut JobState,
+    reason: FailureReason,
+    why: &str,
+    now: Millis,
+) -> (PollOutcome, Next) {
+    match ctx.store.fail_job(state.job.job_id, reason, why, now).await {
+        Ok(n) => {
+            ctx.metrics.finished("failed", n);
+            tracing::warn!(reason = reason.as_str(), subscriptions = n, "{why}");
+            (PollOutcome::Failed(reason), Next::Done)
+        }
+        Err(e) => store_trouble(ctx, state, e),
+    }
+}
+
+/// The store refused a write: nothing was recorded, so the job is polled again after a back-off and the
+/// same outcome is recorded then.
+fn store_trouble(ctx: &PollContext, state: &mut JobState, e: crate::store::StoreError) -> (PollOutcome, Next) {
+    tracing::error!(error = %crate::Chain(&e), "could not record a poll outcome; will poll again");
+    state.consecutive_errors = state.consecutive_errors.saturating_add(1);
+    state.recorded = None;
+    state.recheck = true;
+    (
+        PollOutcome::StoreUnavailable,
+        Next::PollIn(error_delay(state.consecutive_errors, None, &ctx.config, random_jitter())),
+    )
+}

@@ -1,0 +1,6 @@
+//! What the tests share: the app on port 0 and a recording receiver ([`helpers`]), the real binary as a
+//! child process ([`binary`]), misbehaving receivers on raw TCP ([`raw`]).
+
+pub mod binary;
+pub mod helpers;
+pub mod raw;
