@@ -31,6 +31,7 @@ use jobhook::keys::SigningSecret;
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
+mod history;
 mod pending;
 mod proc;
 mod servers;
@@ -72,6 +73,10 @@ struct Args {
     /// How many `jobhook serve` processes share the store (PostgreSQL only); registrations go round-robin.
     #[arg(long, default_value_t = 1)]
     instances: usize,
+    /// Fill the store with N finished (delivered) subscriptions of the benchmark's key before the run, and
+    /// report the /metrics scrape time, list query times and the store's size.
+    #[arg(long, default_value_t = 0)]
+    history: usize,
 }
 
 /// The upper bound of the histogram bucket holding quantile `q` (Prometheus text, cumulative buckets).
@@ -331,6 +336,10 @@ async fn main() -> anyhow::Result<()> {
         "--instances above 1 needs --database-url postgres://… (SQLite is one process's store)"
     );
     let (db_url, schema) = fresh_store(&dir, args.database_url.as_deref()).await?;
+    if args.history > 0 {
+        let took = history::prefill(&db_url, KEY, SECRET, args.history).await?;
+        jobhook::outln!("history: {} finished subscriptions stored in {:.1} s", args.history, took.as_secs_f64());
+    }
     let mut instances = Vec::new();
     let mut listens = Vec::new();
     for _ in 0..args.instances {
@@ -412,6 +421,14 @@ async fn main() -> anyhow::Result<()> {
     let usage: Vec<(f64, u64)> = instances.iter().map(|j| process_usage(j.pid)).collect();
     let cpu_after: f64 = usage.iter().map(|u| u.0).sum();
     let pg_cpu = pg_before.as_ref().map(postgres_cpu_since);
+    // A store with a past: what scraping and listing cost now, and how big it is.
+    let scrape = history::timed(&http, &format!("http://{}/metrics", listens[0]), None, 20).await;
+    let list_url = |query: &str| format!("http://{}/v1/subscriptions?limit=50&{query}", listens[0]);
+    let mut lists = history::timed(&http, &list_url("state=failed"), Some(KEY), 50).await;
+    lists.extend(history::timed(&http, &list_url(&format!("job_id={}", jobs[0])), Some(KEY), 50).await);
+    lists.extend(history::timed(&http, &list_url("state=delivered"), Some(KEY), 50).await);
+    lists.sort_by(f64::total_cmp);
+    let store_bytes = history::store_bytes(&db_url).await;
     let peak_rss = usage.iter().map(|u| u.1).max().unwrap_or(0);
 
     // Stop jobhook gracefully, so it reports its store transactions.
@@ -474,6 +491,11 @@ async fn main() -> anyhow::Result<()> {
         "jobs_under_several_webhook_ids": split_ids,
         "bad_signatures": receiver.bad_signatures.load(Ordering::Relaxed),
         "failed_registrations": failures.load(Ordering::Relaxed),
+        "history": args.history,
+        "metrics_scrape_ms_p50": (percentile(&scrape, 0.5) * 10.0).round() / 10.0,
+        "metrics_scrape_ms_max": (scrape.last().copied().unwrap_or(0.0) * 10.0).round() / 10.0,
+        "list_ms_p99": (percentile(&lists, 0.99) * 10.0).round() / 10.0,
+        "store_mb": store_bytes.map(|b| (b as f64 / 1048576.0 * 10.0).round() / 10.0),
     });
     jobhook::outln!(
         "jobhook-bench: {} jobs, {} concurrent, {} Pending polls each, poll interval {}, {store}, {} instance(s), \
@@ -531,6 +553,18 @@ async fn main() -> anyhow::Result<()> {
     row(
         "store transactions per job",
         transactions.map(|t| format!("{:.3}", t as f64 / args.jobs as f64)).unwrap_or_else(|| "unknown".into()),
+    );
+    row(
+        &format!("GET /metrics with {} stored subscriptions: p50 / max of 20", args.history + delivered),
+        format!("{:.1} / {:.1} ms", percentile(&scrape, 0.5), scrape.last().copied().unwrap_or(0.0)),
+    );
+    row(
+        "GET /v1/subscriptions (?state=failed, ?job_id=, ?state=delivered; 50 each) p50 / p99",
+        format!("{:.1} / {:.1} ms", percentile(&lists, 0.5), percentile(&lists, 0.99)),
+    );
+    row(
+        "store size on disk after the run",
+        store_bytes.map(|b| format!("{:.1} MB", b as f64 / 1048576.0)).unwrap_or_else(|| "unknown".into()),
     );
     row("delivered / lost / duplicates", format!("{delivered} / {} / {duplicates}", args.jobs - delivered));
     row(

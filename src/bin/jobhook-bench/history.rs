@@ -1,0 +1,126 @@
+//! `--history N`: a store that already holds N finished subscriptions (each delivered, with its job and
+//! one attempt), all belonging to the benchmark's own key, so the measured run, its `/metrics` scrapes and
+//! its list queries meet a store with a long past. They ended just now: none is old enough to be purged
+//! during the run. Inserted by the database itself from a generated series, a million rows in seconds.
+
+use std::time::{Duration, Instant};
+
+use jobhook::keys::{ApiKey, SigningSecret};
+
+/// Fills the store at `db_url` (migrated here, as jobhook would) with `n` delivered subscriptions of the
+/// tenant of `key`.
+pub async fn prefill(db_url: &str, key: &str, secret: &str, n: usize) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    let store = jobhook::store::open(db_url).await?;
+    let key = ApiKey::new_configured(key).map_err(anyhow::Error::msg)?;
+    let secret: SigningSecret = secret.parse().map_err(anyhow::Error::msg)?;
+    let now = jobhook::store::now_ms();
+    store.sync_configured_keys(&[key.hash()], Some(&secret), now).await?;
+    let tenant = store.tenant_by_key(key.hash()).await?.ok_or_else(|| anyhow::anyhow!("the key has no tenant"))?.id;
+    drop(store);
+    let body = r#"{"job_id":"00000000-0000-4000-8000-000000000000","status":"Succeed","image_urls":["https://images.example.com/x/0.png"]}"#;
+    if db_url.starts_with("postgres") {
+        let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(db_url).await?;
+        sqlx::query(
+            "CREATE TEMP TABLE history AS SELECT gen_random_uuid()::text AS job_id, gen_random_uuid()::text AS id, \
+             CAST(floor(random() * 64) AS BIGINT) AS partition FROM generate_series(1, $1)",
+        )
+        .bind(n as i64)
+        .execute(&mut conn)
+        .await?;
+        sqlx::query(
+            "INSERT INTO jobs (job_id, partition, status, result, created_at, updated_at, finished_at) \
+             SELECT job_id, partition, 'Succeed', convert_to($1, 'UTF8'), $2, $2, $2 FROM history",
+        )
+        .bind(body)
+        .bind(now)
+        .execute(&mut conn)
+        .await?;
+        sqlx::query(
+            "INSERT INTO subscriptions (id, tenant_id, job_id, callback_url, state, webhook_id, attempts, created_at, \
+             updated_at, partition) SELECT id, $1, job_id, 'https://receiver.example/hook', 'delivered', \
+             'msg_' || replace(id, '-', ''), 1, $2, $2, partition FROM history",
+        )
+        .bind(tenant)
+        .bind(now)
+        .execute(&mut conn)
+        .await?;
+        sqlx::query(
+            "INSERT INTO delivery_attempts (subscription_id, series, attempt, webhook_id, started_at, status_code, duration_ms) \
+             SELECT id, 1, 1, 'msg_' || replace(id, '-', ''), $1, 204, 3 FROM history",
+        )
+        .bind(now)
+        .execute(&mut conn)
+        .await?;
+        sqlx::query("DROP TABLE history").execute(&mut conn).await?;
+        sqlx::query("ANALYZE").execute(&mut conn).await?;
+    } else {
+        let path = jobhook::store::sqlite_file(db_url).ok_or_else(|| anyhow::anyhow!("not a SQLite file URL"))?;
+        let conn = rusqlite::Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "OFF")?;
+        conn.execute_batch("BEGIN")?;
+        conn.execute(
+            "CREATE TEMP TABLE history AS WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?1) \
+             SELECT lower(hex(randomblob(16))) AS job, lower(hex(randomblob(16))) AS sub, abs(random()) % 64 AS partition FROM n",
+            [n as i64],
+        )?;
+        let uuid = |c: &str| {
+            format!(
+                "substr({c},1,8)||'-'||substr({c},9,4)||'-4'||substr({c},14,3)||'-8'||substr({c},18,3)||'-'||substr({c},21,12)"
+            )
+        };
+        let (job, sub) = (uuid("job"), uuid("sub"));
+        conn.execute(
+            &format!("INSERT INTO jobs (job_id, partition, status, result, created_at, updated_at, finished_at) SELECT {job}, partition, 'Succeed', CAST(?1 AS BLOB), ?2, ?2, ?2 FROM history"),
+            rusqlite::params![body, now],
+        )?;
+        conn.execute(
+            &format!("INSERT INTO subscriptions (id, tenant_id, job_id, callback_url, state, webhook_id, attempts, created_at, updated_at, partition) SELECT {sub}, ?1, {job}, 'https://receiver.example/hook', 'delivered', 'msg_' || sub, 1, ?2, ?2, partition FROM history"),
+            rusqlite::params![tenant, now],
+        )?;
+        conn.execute(
+            &format!("INSERT INTO delivery_attempts (subscription_id, series, attempt, webhook_id, started_at, status_code, duration_ms) SELECT {sub}, 1, 1, 'msg_' || sub, ?1, 204, 3 FROM history"),
+            rusqlite::params![now],
+        )?;
+        conn.execute_batch("DROP TABLE history; COMMIT; PRAGMA wal_checkpoint(TRUNCATE);")?;
+    }
+    Ok(started.elapsed())
+}
+
+/// The store's size on disk: the SQLite file with its WAL, or the PostgreSQL schema's tables and indexes.
+pub async fn store_bytes(db_url: &str) -> Option<u64> {
+    if db_url.starts_with("postgres") {
+        let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(db_url).await.ok()?;
+        let bytes: i64 = sqlx::query_scalar(
+            "SELECT CAST(COALESCE(SUM(pg_total_relation_size(c.oid)), 0) AS BIGINT) FROM pg_class c \
+             JOIN pg_namespace s ON s.oid = c.relnamespace WHERE s.nspname = current_schema() AND c.relkind = 'r'",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .ok()?;
+        u64::try_from(bytes).ok()
+    } else {
+        let path = jobhook::store::sqlite_file(db_url)?;
+        let size = |p: String| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+        Some(size(path.to_owned()) + size(format!("{path}-wal")))
+    }
+}
+
+/// Times `n` requests of `url` (sequential), in ms, sorted.
+pub async fn timed(http: &reqwest::Client, url: &str, key: Option<&str>, n: usize) -> Vec<f64> {
+    let mut times = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        let mut request = http.get(url);
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        if let Ok(response) = request.send().await {
+            let _ = response.bytes().await;
+        }
+        times.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    times.sort_by(f64::total_cmp);
+    times
+}
