@@ -24,14 +24,19 @@ use crate::store::{Millis, Purged, Store, StoreError, now_ms};
 /// a few ms; a run deletes tens of thousands a second).
 pub const PURGE_BATCH: u32 = 500;
 
-/// Deletes everything that ended before `ended_before`, batch by batch, then reclaims the space.
-/// `None` when another instance is purging now.
-pub async fn purge(store: &dyn Store, ended_before: Millis) -> Result<Option<Purged>, StoreError> {
+/// Deletes everything that ended before `ended_before`, batch by batch (each batch is told to
+/// `each_batch` as it commits), then reclaims the space. `None` when another instance is purging now.
+pub async fn purge(
+    store: &dyn Store,
+    ended_before: Millis,
+    mut each_batch: impl FnMut(&Purged),
+) -> Result<Option<Purged>, StoreError> {
     let mut total = Purged::default();
     loop {
         let Some(batch) = store.purge_ended(ended_before, PURGE_BATCH).await? else {
             return Ok(None);
         };
+        each_batch(&batch);
         total.add(&batch);
         if batch.subscriptions < u64::from(PURGE_BATCH) {
             break;
@@ -49,11 +54,14 @@ pub async fn purge(store: &dyn Store, ended_before: Millis) -> Result<Option<Pur
 async fn run_once(store: &dyn Store, retention: Duration, metrics: &Metrics) {
     let started = std::time::Instant::now();
     let ended_before = now_ms().saturating_sub(Millis::try_from(retention.as_millis()).unwrap_or(Millis::MAX));
-    match purge(store, ended_before).await {
+    // Counted batch by batch, so a long purge shows its progress.
+    let count = |batch: &Purged| {
+        metrics.purged_subscriptions.inc_by(batch.subscriptions);
+        metrics.purged_attempts.inc_by(batch.attempts);
+        metrics.purged_jobs.inc_by(batch.jobs);
+    };
+    match purge(store, ended_before, count).await {
         Ok(Some(purged)) => {
-            metrics.purged_subscriptions.inc_by(purged.subscriptions);
-            metrics.purged_attempts.inc_by(purged.attempts);
-            metrics.purged_jobs.inc_by(purged.jobs);
             tracing::info!(
                 subscriptions = purged.subscriptions,
                 attempts = purged.attempts,

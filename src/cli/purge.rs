@@ -31,7 +31,7 @@ pub async fn run(args: PurgeArgs) -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    match crate::housekeeping::purge(store.as_ref(), ended_before).await? {
+    match crate::housekeeping::purge(store.as_ref(), ended_before, |_| {}).await? {
         Some(done) => crate::outln!(
             "deleted {} subscription(s) that ended more than {older} ago, {} delivery attempt(s) and {} job(s)",
             done.subscriptions,

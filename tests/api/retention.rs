@@ -62,7 +62,7 @@ async fn a_subscription_ended_before_the_cutoff_is_purged_one_ended_at_it_or_aft
 
     let would = store.purgeable(10_000).await.unwrap();
     assert_eq!(would, Purged { subscriptions: 1, attempts: 1, jobs: 1 });
-    let purged = jobhook::housekeeping::purge(store.as_ref(), 10_000).await.unwrap().unwrap();
+    let purged = jobhook::housekeeping::purge(store.as_ref(), 10_000, |_| {}).await.unwrap().unwrap();
     assert_eq!(purged, would, "the dry run counts what the purge deletes");
     assert!(store.subscription(tenant, outside).await.unwrap().is_none(), "ended before the cutoff");
     assert!(store.attempts(tenant, outside).await.unwrap().is_none());
@@ -71,7 +71,7 @@ async fn a_subscription_ended_before_the_cutoff_is_purged_one_ended_at_it_or_aft
     }
     assert_eq!(store.attempts(tenant, inside).await.unwrap().unwrap().len(), 1);
     // Again: nothing more to do.
-    assert_eq!(jobhook::housekeeping::purge(store.as_ref(), 10_000).await.unwrap().unwrap(), Purged::default());
+    assert_eq!(jobhook::housekeeping::purge(store.as_ref(), 10_000, |_| {}).await.unwrap().unwrap(), Purged::default());
 }
 
 #[tokio::test]
@@ -84,7 +84,7 @@ async fn a_job_row_goes_only_with_its_last_subscription() {
     store.register(key.hash(), a, job, &"https://a.example/".parse().unwrap(), 100).await.unwrap();
     store.fail_job(job, FailureReason::UpstreamJobNotFound, "gone", 200).await.unwrap();
     store.register(key.hash(), b, job, &"https://b.example/".parse().unwrap(), 300).await.unwrap();
-    let purged = jobhook::housekeeping::purge(store.as_ref(), 10_000).await.unwrap().unwrap();
+    let purged = jobhook::housekeeping::purge(store.as_ref(), 10_000, |_| {}).await.unwrap().unwrap();
     assert_eq!(purged, Purged { subscriptions: 1, attempts: 0, jobs: 0 });
     assert!(store.subscription(tenant, b).await.unwrap().is_some());
     assert!(store.pollable_job(job).await.unwrap().is_some(), "the job of a live subscription stays");

@@ -77,6 +77,11 @@ struct Args {
     /// report the /metrics scrape time, list query times and the store's size.
     #[arg(long, default_value_t = 0)]
     history: usize,
+    /// How long ago the --history subscriptions ended (e.g. 2d). With jobhook's retention set shorter
+    /// (JOBHOOK_RETENTION and JOBHOOK_HOUSEKEEPING_SCHEDULE in the environment pass through to jobhook),
+    /// housekeeping purges them during the measured run.
+    #[arg(long, default_value = "0s", value_parser = jobhook::config::parse_duration)]
+    history_age: Duration,
 }
 
 /// The upper bound of the histogram bucket holding quantile `q` (Prometheus text, cumulative buckets).
@@ -337,7 +342,7 @@ async fn main() -> anyhow::Result<()> {
     );
     let (db_url, schema) = fresh_store(&dir, args.database_url.as_deref()).await?;
     if args.history > 0 {
-        let took = history::prefill(&db_url, KEY, SECRET, args.history).await?;
+        let took = history::prefill(&db_url, KEY, SECRET, args.history, args.history_age).await?;
         jobhook::outln!("history: {} finished subscriptions stored in {:.1} s", args.history, took.as_secs_f64());
     }
     let mut instances = Vec::new();
@@ -562,6 +567,9 @@ async fn main() -> anyhow::Result<()> {
         "GET /v1/subscriptions (?state=failed, ?job_id=, ?state=delivered; 50 each) p50 / p99",
         format!("{:.1} / {:.1} ms", percentile(&lists, 0.5), percentile(&lists, 0.99)),
     );
+    if let Some(purged) = sample("jobhook_purged_subscriptions_total") {
+        row("subscriptions purged by housekeeping during the run", format!("{purged:.0}"));
+    }
     row(
         "store size on disk after the run",
         store_bytes.map(|b| format!("{:.1} MB", b as f64 / 1048576.0)).unwrap_or_else(|| "unknown".into()),
