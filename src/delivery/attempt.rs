@@ -230,9 +230,18 @@ pub async fn attempt(ctx: &DeliveryContext, task: &mut DeliveryTask) -> Delivery
             outcome
         }
         Start::Unsent(error) => AttemptOutcome::unsent(error),
-        Start::Later(at) => return DeliveryOutcome::Later(at),
-        Start::Over => return DeliveryOutcome::Over,
+        Start::Later(at) => {
+            task.claimed_until = None;
+            return DeliveryOutcome::Later(at);
+        }
+        Start::Over => {
+            task.claimed_until = None;
+            return DeliveryOutcome::Over;
+        }
     };
+    // A claim serves one attempt: recording it releases the claim in the store, so the next attempt
+    // (a retry) must take one of its own, and until then this instance holds none (see `ours`).
+    task.claimed_until = None;
     let now = now_ms();
     if outcome.status_code.is_some() {
         ctx.metrics.delivery_seconds.observe(outcome.duration_ms as f64 / 1000.0);

@@ -101,6 +101,41 @@ async fn a_cancel_during_an_attempt_waits_for_its_outcome() {
     assert_eq!(failing.calls(), calls, "an attempt started after DELETE answered 204");
 }
 
+/// A retry holds a claim of its own: the claim taken with the job's result served the first attempt
+/// only. DELETE while the retry is on the wire waits for it, and the retry's 2xx makes it a 409.
+#[tokio::test]
+async fn a_cancel_during_a_retry_waits_for_its_outcome() {
+    let app = spawn_app_with(Settings::mock(mock_args(0)).arg("--retry-schedule", "100ms,1s")).await;
+    // The first attempt fails at once; the retry takes 800 ms to succeed.
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = calls.clone();
+    let receiver = axum::Router::new().fallback(move || {
+        let calls = counted.clone();
+        async move {
+            if calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+                return axum::http::StatusCode::INTERNAL_SERVER_ERROR;
+            }
+            tokio::time::sleep(Duration::from_millis(800)).await;
+            axum::http::StatusCode::OK
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, receiver).await });
+    let sub = app.register(&new_job(), &url).await;
+    let id = sub["id"].as_str().unwrap();
+    eventually(Duration::from_secs(10), "the retry to be on the wire", || async {
+        (calls.load(std::sync::atomic::Ordering::SeqCst) >= 2).then_some(())
+    })
+    .await;
+    let delete = app.delete_as(KEY_A, id).await;
+    assert_eq!(delete.status(), StatusCode::CONFLICT, "DELETE during a retry that then succeeded");
+    let sub = app.subscription(id).await;
+    let log = app.deliveries(id).await;
+    assert_eq!(sub["state"], "delivered", "{sub}");
+    assert_eq!(sub["attempts"].as_u64(), Some(log.len() as u64), "{sub} {log:?}");
+}
+
 /// A receiver that takes `delay` to answer `status`, counting its calls.
 struct SlowReceiver {
     url: String,
