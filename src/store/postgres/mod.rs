@@ -467,11 +467,7 @@ impl Store for PgStore {
     }
 
     async fn count_by_state(&self) -> Result<Vec<(String, i64)>> {
-        // Kept by triggers with every change (migration 0004), a row per state and shard.
-        sqlx::query_as("SELECT state, CAST(SUM(n) AS BIGINT) FROM subscription_counts GROUP BY state")
-            .fetch_all(&self.pool)
-            .await
-            .db()
+        self.state_counts().await
     }
 
     async fn purge_ended(&self, ended_before: Millis, limit: u32) -> Result<Option<Purged>> {

@@ -1,15 +1,16 @@
-//! The retention purge on PostgreSQL: one short transaction per batch, one instance at a time.
+//! The retention purge on PostgreSQL: one short transaction per batch, one instance at a time; and the
+//! state counts the triggers keep.
 //!
 //! A batch first takes a transaction-scoped advisory lock (another instance purging: skip), then the
-//! state counts of every shard in a fixed order (the counting triggers of the deletes need them, and
-//! taking them up front, before any row lock, means a writer lane that holds a count never waits for us
-//! while we wait for it), then the rows it deletes with `SKIP LOCKED`, so it never waits for a
-//! registration or a delivery.
+//! rows it deletes with `SKIP LOCKED`, so it never waits for a registration or a delivery. (The counting
+//! triggers append rows rather than update shared ones, so deleting takes no lock that a writer holds.)
 
 use super::*;
 
 /// The advisory lock key of the purge ("jobhook purge").
 const PURGE_LOCK: i64 = 0x6a6f_6268_6f6f_6b70;
+/// The advisory lock key of folding the counts ("jobhook count").
+const COUNT_LOCK: i64 = 0x6a6f_6268_636f_756e;
 
 impl PgStore {
     pub(super) async fn purge_batch(&self, ended_before: Millis, limit: u32) -> Result<Option<Purged>> {
@@ -22,10 +23,6 @@ impl PgStore {
         if !ours {
             return Ok(None);
         }
-        sqlx::query("SELECT 1 FROM subscription_counts ORDER BY state, shard FOR UPDATE")
-            .execute(&mut *tx)
-            .await
-            .db()?;
         let rows: Vec<(String, String)> = sqlx::query_as(
             "SELECT id, job_id FROM subscriptions WHERE state IN ('delivered', 'failed', 'expired', 'cancelled') \
              AND updated_at < $1 ORDER BY updated_at LIMIT $2 FOR UPDATE SKIP LOCKED",
@@ -63,6 +60,33 @@ impl PgStore {
         .rows_affected();
         tx.commit().await.db()?;
         Ok(Some(Purged { subscriptions, attempts, jobs }))
+    }
+
+    /// Subscriptions by state, from the rows the counting triggers append (migration 0004). The rows
+    /// appended since the last reading are first folded into one per state, by one instance at a time
+    /// (the others read as they are), so the reading stays a few rows however long the service runs.
+    pub(super) async fn state_counts(&self) -> Result<Vec<(String, i64)>> {
+        let mut tx = self.begin().await?;
+        let ours: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
+            .bind(COUNT_LOCK)
+            .fetch_one(&mut *tx)
+            .await
+            .db()?;
+        if ours {
+            sqlx::query(
+                "WITH folded AS (DELETE FROM subscription_counts RETURNING state, n) \
+                 INSERT INTO subscription_counts (state, n) SELECT state, SUM(n) FROM folded GROUP BY state",
+            )
+            .execute(&mut *tx)
+            .await
+            .db()?;
+        }
+        let counts = sqlx::query_as("SELECT state, CAST(SUM(n) AS BIGINT) FROM subscription_counts GROUP BY state")
+            .fetch_all(&mut *tx)
+            .await
+            .db()?;
+        tx.commit().await.db()?;
+        Ok(counts)
     }
 
     pub(super) async fn count_purgeable(&self, ended_before: Millis) -> Result<Purged> {

@@ -7,37 +7,41 @@ CREATE INDEX subscriptions_ended ON subscriptions (updated_at)
 -- GET /v1/subscriptions?state=… : newest first within a tenant and state, by index.
 CREATE INDEX subscriptions_by_tenant_state ON subscriptions (tenant_id, state, id);
 
--- How many subscriptions are in each state, kept by triggers in the same transaction as every insert,
--- state change and delete, so GET /metrics reads a few rows instead of counting the table. Each state has
--- a row per shard (partition % 8, as the writer lanes are chosen): concurrent transactions of different
--- lanes update different rows and never wait for each other's counts.
+-- How many subscriptions are in each state, kept in the same transaction as every insert, state change
+-- and delete, so GET /metrics reads a few rows instead of counting the table, and the counts survive
+-- crashes and purges. The changes are appended, one row per state and statement (statement-level
+-- triggers over the transition tables), never applied to shared counter rows: concurrent transactions
+-- never wait for one another's counts, so counting adds no lock and no deadlock to the writes. Reading
+-- the counts folds the appended rows into one per state (see PgStore::count_by_state).
 CREATE TABLE subscription_counts (
     state TEXT   NOT NULL,
-    shard INT    NOT NULL,
-    n     BIGINT NOT NULL,
-    PRIMARY KEY (state, shard)
+    n     BIGINT NOT NULL
 );
-INSERT INTO subscription_counts (state, shard, n)
-    SELECT s.state, sh.shard, 0
-    FROM (VALUES ('polling'), ('delivering'), ('delivered'), ('failed'), ('expired'), ('cancelled')) AS s (state),
-         generate_series(0, 7) AS sh (shard);
-UPDATE subscription_counts c SET n = x.n
-    FROM (SELECT state, CAST(partition % 8 AS INT) AS shard, COUNT(*) AS n FROM subscriptions GROUP BY 1, 2) x
-    WHERE c.state = x.state AND c.shard = x.shard;
+INSERT INTO subscription_counts (state, n) SELECT state, COUNT(*) FROM subscriptions GROUP BY state;
 
-CREATE FUNCTION jobhook_count_subscriptions() RETURNS trigger LANGUAGE plpgsql AS $$
+CREATE FUNCTION jobhook_count_inserted() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    IF TG_OP IN ('UPDATE', 'DELETE') THEN
-        UPDATE subscription_counts SET n = n - 1 WHERE state = OLD.state AND shard = OLD.partition % 8;
-    END IF;
-    IF TG_OP IN ('UPDATE', 'INSERT') THEN
-        UPDATE subscription_counts SET n = n + 1 WHERE state = NEW.state AND shard = NEW.partition % 8;
-    END IF;
+    INSERT INTO subscription_counts (state, n) SELECT state, COUNT(*) FROM new_rows GROUP BY state;
+    RETURN NULL;
+END $$;
+CREATE FUNCTION jobhook_count_deleted() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO subscription_counts (state, n) SELECT state, -COUNT(*) FROM old_rows GROUP BY state;
+    RETURN NULL;
+END $$;
+CREATE FUNCTION jobhook_count_updated() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO subscription_counts (state, n)
+    SELECT state, SUM(d) FROM (
+        SELECT o.state, -1 AS d FROM old_rows o JOIN new_rows w ON w.id = o.id WHERE o.state <> w.state
+        UNION ALL
+        SELECT w.state, 1 FROM old_rows o JOIN new_rows w ON w.id = o.id WHERE o.state <> w.state
+    ) changed GROUP BY state;
     RETURN NULL;
 END $$;
 CREATE TRIGGER subscriptions_counted_insert AFTER INSERT ON subscriptions
-    FOR EACH ROW EXECUTE FUNCTION jobhook_count_subscriptions();
-CREATE TRIGGER subscriptions_counted_update AFTER UPDATE OF state ON subscriptions
-    FOR EACH ROW WHEN (OLD.state IS DISTINCT FROM NEW.state) EXECUTE FUNCTION jobhook_count_subscriptions();
+    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION jobhook_count_inserted();
 CREATE TRIGGER subscriptions_counted_delete AFTER DELETE ON subscriptions
-    FOR EACH ROW EXECUTE FUNCTION jobhook_count_subscriptions();
+    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION jobhook_count_deleted();
+CREATE TRIGGER subscriptions_counted_update AFTER UPDATE ON subscriptions
+    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION jobhook_count_updated();
