@@ -164,7 +164,11 @@ impl Write {
 /// Why a claim was not taken: another holder (until when), or the delivery is over.
 pub(super) fn claim_refused(row: Option<(String, i64, Option<i64>)>, series: u32, now: Millis) -> Claim {
     match row {
-        Some((state, s, Some(until))) if state == "delivering" && s == i64::from(series) => Claim::Busy(until.max(now)),
+        Some((state, s, until)) if state == "delivering" && s == i64::from(series) => {
+            // No claim now: its holder released it between our UPDATE and this read (PostgreSQL reads
+            // each statement at its own snapshot). Still waiting: try again at once, not give it up.
+            Claim::Busy(until.unwrap_or(now).max(now))
+        }
         _ => Claim::Gone,
     }
 }

@@ -232,3 +232,66 @@ impl SlowReceiver {
         self.seen.lock().unwrap().clone()
     }
 }
+
+/// Freezes (SIGSTOP) the database backends on the other end of an instance's connections while work
+/// flows, so some write batches are mid-statement on them, as with a half-open connection or a hung
+/// server: the instance's writer lanes must not stay pinned. Every job is delivered, and within 30 s of
+/// the freeze (the write-batch deadline is 15 s), while the frozen backends stay frozen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frozen_database_connections_do_not_pin_the_work() {
+    if skip_on_sqlite() {
+        return;
+    }
+    const JOBS: usize = 600;
+    let upstream = MockUpstream::start(&mock_args(0)).await.unwrap();
+    let receiver = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let tag = format!("jh_frozen_{}", uuid::Uuid::new_v4().simple());
+    let db_url = format!("{}&application_name={tag}", fresh_db_url(dir.path()).await);
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut running = start(&args_on(&listen, &db_url, &upstream.url())).await;
+    let jobs: Vec<String> = (0..JOBS).map(|_| new_job()).collect();
+    let registering = register_all(jobs, vec![listen.clone()], receiver.url("/hook"));
+    eventually(Duration::from_secs(60), "some deliveries before the freeze", || async {
+        (receiver.requests_to("/hook").len() >= JOBS / 6).then_some(())
+    })
+    .await;
+    let mut admin = <sqlx::PgConnection as sqlx::Connection>::connect(&postgres_url()).await.unwrap();
+    let pids: Vec<(i32,)> = sqlx::query_as("SELECT pid FROM pg_stat_activity WHERE application_name = $1")
+        .bind(&tag)
+        .fetch_all(&mut admin)
+        .await
+        .unwrap();
+    assert!(!pids.is_empty(), "the instance's connections were found");
+    let frozen = Frozen(pids.iter().map(|(pid,)| pid.to_string()).collect());
+    frozen.signal("-STOP");
+    let since = Instant::now();
+    let acked = tokio::time::timeout(Duration::from_secs(60), registering)
+        .await
+        .expect("every registration is acknowledged within a minute of the freeze")
+        .unwrap();
+    assert_eq!(acked.len(), JOBS);
+    all_delivered(&receiver, &acked).await;
+    let took = since.elapsed();
+    eprintln!("frozen connections: {} backends stopped mid-run; every job delivered {took:?} after", frozen.0.len());
+    assert!(took < Duration::from_secs(30), "work resumed only after {took:?}");
+    drop(frozen);
+    let _ = running.child.start_kill();
+}
+
+/// Backends stopped with SIGSTOP, let go (SIGCONT) however the test ends.
+struct Frozen(Vec<String>);
+
+impl Frozen {
+    fn signal(&self, signal: &str) {
+        for pid in &self.0 {
+            let _ = std::process::Command::new("kill").args([signal, pid]).status();
+        }
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        self.signal("-CONT");
+    }
+}
