@@ -31,6 +31,9 @@ pub struct Application {
     store: Arc<dyn Store>,
     shutdown: CancellationToken,
     grace: Duration,
+    /// How long the dispatcher waits for attempts on the wire at shutdown: at least the delivery timeout,
+    /// so none is cut off mid-request (its claim is then released with the others when we leave).
+    delivery_grace: Duration,
     health: Arc<health::Workers>,
     /// On SQLite: held while this process serves the file (see `store::lock_sqlite_for_serving`).
     sqlite_lock: Option<std::fs::File>,
@@ -199,6 +202,7 @@ impl Application {
             store,
             shutdown: CancellationToken::new(),
             grace: config.shutdown_grace,
+            delivery_grace: config.shutdown_grace.max(config.delivery.timeout + Duration::from_secs(2)),
             health,
             sqlite_lock,
             limits: api::ServerLimits {
@@ -233,6 +237,7 @@ impl Application {
             store,
             shutdown,
             grace,
+            delivery_grace,
             health,
             sqlite_lock,
             limits,
@@ -258,7 +263,7 @@ impl Application {
         });
         let mut poller = health.spawn("poller", poller::run(p.ctx, p.inbox, p.resume, shutdown.clone(), grace));
         let mut dispatcher =
-            health.spawn("dispatcher", delivery::run(d.ctx, d.inbox, d.resume, shutdown.clone(), grace));
+            health.spawn("dispatcher", delivery::run(d.ctx, d.inbox, d.resume, shutdown.clone(), delivery_grace));
         tracing::info!("listening on http://{addr}");
         let server = tokio::spawn(api::serve(listener, router, limits, shutdown.clone()));
         // A worker ends only on shutdown; one that ends before is a bug, and a process that accepts
@@ -293,7 +298,7 @@ impl Application {
         tracing::info!(grace = %humantime::format_duration(grace), "shutting down");
         // The workers bound their own wait by the grace period; open HTTP requests get the same, all at once.
         let stopped =
-            tokio::time::timeout(grace + Duration::from_secs(1), async { tokio::join!(poller, dispatcher, server) })
+            tokio::time::timeout(delivery_grace + Duration::from_secs(1), async { tokio::join!(poller, dispatcher, server) })
                 .await;
         match stopped {
             Ok((_, _, Ok(()))) => {}
