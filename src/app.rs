@@ -297,9 +297,10 @@ impl Application {
         }
         tracing::info!(grace = %humantime::format_duration(grace), "shutting down");
         // The workers bound their own wait by the grace period; open HTTP requests get the same, all at once.
-        let stopped =
-            tokio::time::timeout(delivery_grace + Duration::from_secs(1), async { tokio::join!(poller, dispatcher, server) })
-                .await;
+        let stopped = tokio::time::timeout(delivery_grace + Duration::from_secs(1), async {
+            tokio::join!(poller, dispatcher, server)
+        })
+        .await;
         match stopped {
             Ok((_, _, Ok(()))) => {}
             Ok((_, _, Err(e))) => return Err(e).context("the HTTP server task failed"),
