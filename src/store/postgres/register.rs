@@ -30,6 +30,7 @@ struct JobRow {
 pub(super) async fn register_all(
     tx: &mut Transaction<'static, Postgres>,
     regs: &[Registration<'_>],
+    sent: &notice::Sent,
 ) -> Result<Vec<Registered>> {
     // The tenants of the keys, holding the key rows until commit: a revocation waits for the
     // registrations already past this check, so once `keys revoke` returns, none with the key commits.
@@ -211,6 +212,7 @@ pub(super) async fn register_all(
         }
     }
     if !new.notices.is_empty() {
+        sent.record(&new.notices);
         sqlx::query("SELECT pg_notify('jobhook', n) FROM UNNEST($1::text[]) AS n")
             .bind(&new.notices)
             .execute(&mut **tx)
