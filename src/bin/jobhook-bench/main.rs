@@ -116,7 +116,8 @@ async fn fresh_store(dir: &std::path::Path, url: Option<&str>) -> anyhow::Result
     let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(base).await?;
     sqlx::Executor::execute(&mut conn, sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}"))).await?;
     let separator = if base.contains('?') { '&' } else { '?' };
-    Ok((format!("{base}{separator}options=-c%20search_path%3D{schema}"), Some(schema)))
+    // The schema's name doubles as the connections' application_name, so the run's backends can be found.
+    Ok((format!("{base}{separator}options=-c%20search_path%3D{schema}&application_name={schema}"), Some(schema)))
 }
 
 async fn drop_store(url: Option<&str>, schema: Option<String>) {
@@ -361,7 +362,10 @@ async fn main() -> anyhow::Result<()> {
     }
     let listens = Arc::new(listens);
     let cpu_before: f64 = instances.iter().map(|j| process_usage(j.pid).0).sum();
-    let pg_before = args.database_url.as_ref().map(|_| postgres_cpu());
+    let pg_before = match (args.database_url.as_deref(), schema.as_deref()) {
+        (Some(base), Some(schema)) => Some(postgres_cpu(base, schema).await),
+        _ => None,
+    };
 
     // 3. N jobs through jobhook.
     let jobs: Arc<Vec<String>> = Arc::new((0..args.jobs).map(|_| uuid::Uuid::new_v4().to_string()).collect());
@@ -425,7 +429,10 @@ async fn main() -> anyhow::Result<()> {
     };
     let usage: Vec<(f64, u64)> = instances.iter().map(|j| process_usage(j.pid)).collect();
     let cpu_after: f64 = usage.iter().map(|u| u.0).sum();
-    let pg_cpu = pg_before.as_ref().map(postgres_cpu_since);
+    let pg_cpu = match (pg_before.as_ref(), args.database_url.as_deref(), schema.as_deref()) {
+        (Some(before), Some(base), Some(schema)) => Some(postgres_cpu_since(before, postgres_cpu(base, schema).await)),
+        _ => None,
+    };
     // A store with a past: what scraping and listing cost now, and how big it is.
     let scrape = history::timed(&http, &format!("http://{}/metrics", listens[0]), None, 20).await;
     let list_url = |query: &str| format!("http://{}/v1/subscriptions?limit=50&{query}", listens[0]);
@@ -550,7 +557,7 @@ async fn main() -> anyhow::Result<()> {
     row("jobhook CPU per 1,000 jobs (all instances)", format!("{:.3} s", cpu / args.jobs as f64 * 1000.0));
     if let Some(pg_cpu) = pg_cpu {
         row(
-            "PostgreSQL server CPU per 1,000 jobs (its processes on this machine)",
+            "PostgreSQL CPU per 1,000 jobs (the backends serving jobhook)",
             format!("{:.3} s", pg_cpu / args.jobs as f64 * 1000.0),
         );
     }

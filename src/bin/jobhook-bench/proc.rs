@@ -26,21 +26,28 @@ pub(super) fn process_usage(pid: u32) -> (f64, u64) {
     (cpu, status_bytes(pid, "VmHWM"))
 }
 
-/// CPU seconds (user + system) of every PostgreSQL server process on this machine, by PID: the backends
-/// serving jobhook's connections and the server's own helpers (WAL writer, checkpointer…). Read from
-/// /proc, which shows other users' processes' times; a process that ends during the run takes its time
-/// with it, so the figure is a floor (jobhook's pool keeps its connections for the whole run).
-pub(super) fn postgres_cpu() -> std::collections::HashMap<u32, f64> {
-    let Ok(entries) = std::fs::read_dir("/proc") else { return Default::default() };
-    entries
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "postgres"))
-        .map(|pid| (pid, process_usage(pid).0))
-        .collect()
+/// CPU seconds (user + system) of the PostgreSQL backends serving jobhook, by PID: those whose
+/// `application_name` is this run's (the benchmark sets it in jobhook's database URL), so other clients
+/// of a shared server are not counted. The server's shared helpers (WAL writer, checkpointer) are not
+/// counted either. Read from /proc, which shows other users' processes' times; a backend that ends
+/// during the run takes its time with it, so the figure is a floor (jobhook's pool keeps its
+/// connections for the whole run).
+pub(super) async fn postgres_cpu(base: &str, application: &str) -> std::collections::HashMap<u32, f64> {
+    let pids: Vec<i32> = match <sqlx::PgConnection as sqlx::Connection>::connect(base).await {
+        Ok(mut conn) => sqlx::query_scalar("SELECT pid FROM pg_stat_activity WHERE application_name = $1")
+            .bind(application)
+            .fetch_all(&mut conn)
+            .await
+            .unwrap_or_default(),
+        Err(_) => Vec::new(),
+    };
+    pids.into_iter().filter_map(|pid| u32::try_from(pid).ok()).map(|pid| (pid, process_usage(pid).0)).collect()
 }
 
-/// The PostgreSQL server's CPU seconds between two [`postgres_cpu`] readings.
-pub(super) fn postgres_cpu_since(before: &std::collections::HashMap<u32, f64>) -> f64 {
-    postgres_cpu().into_iter().map(|(pid, cpu)| cpu - before.get(&pid).copied().unwrap_or(0.0)).sum()
+/// The backends' CPU seconds between two [`postgres_cpu`] readings (a backend new since counts from 0).
+pub(super) fn postgres_cpu_since(
+    before: &std::collections::HashMap<u32, f64>,
+    after: std::collections::HashMap<u32, f64>,
+) -> f64 {
+    after.into_iter().map(|(pid, cpu)| cpu - before.get(&pid).copied().unwrap_or(0.0)).sum()
 }

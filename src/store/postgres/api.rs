@@ -49,7 +49,7 @@ impl PgStore {
             let state: SubscriptionState = state.parse().map_err(|e| corrupt("state", e))?;
             return Ok(Some(if state.is_final() { Cancel::Ended(state) } else { Cancel::AttemptInFlight }));
         }
-        notify(&mut tx, Notice::Cancel(id, job_id)).await?;
+        notify(&mut tx, &self.sent, Notice::Cancel(id, job_id)).await?;
         tx.commit().await.db()?;
         Ok(Some(Cancel::Cancelled { job_id, was }))
     }
@@ -106,7 +106,7 @@ impl PgStore {
         let Some(series) = series else {
             return Ok(Some(Redelivery::NotEnded(state)));
         };
-        notify(&mut tx, Notice::Deliver(id, row.partition)).await?;
+        notify(&mut tx, &self.sent, Notice::Deliver(id, row.partition)).await?;
         tx.commit().await.db()?;
         let mut task = DeliveryTask::try_from(row)?;
         task.series = u32::try_from(series).unwrap_or(u32::MAX);

@@ -74,6 +74,8 @@ pub struct PgStore {
     instance: Arc<str>,
     /// Where to listen for notices (see [`Store::notices`]).
     url: String,
+    /// The notices we sent, so our own listener skips them.
+    sent: Arc<notice::Sent>,
 }
 
 /// How many writer lanes: PostgreSQL commits several transactions at once, and each statement waits a
@@ -112,10 +114,11 @@ impl PgStore {
         // Bounded: when the database cannot keep up, callers wait here instead of piling up memory.
         // Each job's writes go to one lane (by partition), so concurrent batches never lock the same rows
         // in opposite orders (no deadlocks).
+        let sent = Arc::new(notice::Sent::default());
         let writes = (0..LANES)
             .map(|_| {
                 let (writes, queue) = mpsc::channel(8 * group::MAX_BATCH);
-                tokio::spawn(writer::run(pool.clone(), queue, stats.clone()));
+                tokio::spawn(writer::run(pool.clone(), queue, stats.clone(), sent.clone()));
                 writes
             })
             .collect();
@@ -126,6 +129,7 @@ impl PgStore {
             write_trouble: Default::default(),
             instance: uuid::Uuid::new_v4().to_string().into(),
             url: url.to_owned(),
+            sent,
         })
     }
 
@@ -191,8 +195,10 @@ impl<T> Classify<T> for std::result::Result<T, sqlx::Error> {
 }
 
 /// Tells the other instances about work they may own: delivered when `tx` commits, or never.
-pub(super) async fn notify(tx: &mut Transaction<'static, Postgres>, notice: Notice) -> Result<()> {
-    sqlx::query("SELECT pg_notify('jobhook', $1)").bind(notice.to_string()).execute(&mut **tx).await.db()?;
+async fn notify(tx: &mut Transaction<'static, Postgres>, sent: &notice::Sent, notice: Notice) -> Result<()> {
+    let payload = notice.to_string();
+    sent.record([&payload]);
+    sqlx::query("SELECT pg_notify('jobhook', $1)").bind(payload).execute(&mut **tx).await.db()?;
     Ok(())
 }
 
@@ -504,7 +510,7 @@ impl Store for PgStore {
     }
 
     fn notices(&self, shutdown: tokio_util::sync::CancellationToken) -> Option<mpsc::Receiver<Heard>> {
-        Some(notice::listen(self.url.clone(), shutdown))
+        Some(notice::listen(self.url.clone(), self.sent.clone(), shutdown))
     }
 
     async fn clock(&self) -> Result<Millis> {

@@ -3,9 +3,11 @@
 //! form is written and read here only: `poll <job_id>`, `deliver <subscription_id> <partition>`,
 //! `cancel <subscription_id> <job_id>`.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::str::FromStr;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -61,9 +63,46 @@ impl FromStr for Notice {
     }
 }
 
+/// The notices this process sent and has not yet heard back, so that its own listener skips them: the
+/// sender already did locally what a notice asks (the API schedules the poll, hands the delivery to the
+/// dispatcher, drops the cancelled work), and acting on it again would cost a read per registration.
+/// Another instance's identical notice arriving meanwhile is skipped too, which is as safe: we have done
+/// that very thing. A plain mutex: held only to count one payload in or out.
+#[derive(Default)]
+pub(super) struct Sent(Mutex<HashMap<String, (u32, Instant)>>);
+
+/// Sent notices never heard back (a listener reconnecting) are forgotten after this long.
+const SENT_FORGOTTEN_AFTER: Duration = Duration::from_secs(30);
+
+impl Sent {
+    /// Counts notices about to be sent (before their transaction commits, so that the echo finds them).
+    pub(super) fn record<'a>(&self, payloads: impl IntoIterator<Item = &'a String>) {
+        let now = Instant::now();
+        let mut sent = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        for payload in payloads {
+            let entry = sent.entry(payload.clone()).or_insert((0, now));
+            *entry = (entry.0 + 1, now);
+        }
+        if sent.len() > 100_000 {
+            sent.retain(|_, (_, at)| now.duration_since(*at) < SENT_FORGOTTEN_AFTER);
+        }
+    }
+
+    /// Whether this process sent `payload` (counting it heard).
+    fn heard(&self, payload: &str) -> bool {
+        let mut sent = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let Some((count, _)) = sent.get_mut(payload) else { return false };
+        *count -= 1;
+        if *count == 0 {
+            sent.remove(payload);
+        }
+        true
+    }
+}
+
 /// Listens on [`CHANNEL`] until `shutdown`, on a connection of its own; reconnects by itself, and says
 /// [`Heard::Listening`] each time it starts listening.
-pub(super) fn listen(url: String, shutdown: CancellationToken) -> mpsc::Receiver<Heard> {
+pub(super) fn listen(url: String, sent: Arc<Sent>, shutdown: CancellationToken) -> mpsc::Receiver<Heard> {
     let (heard, notices) = mpsc::channel(1024);
     tokio::spawn(async move {
         loop {
@@ -95,7 +134,8 @@ pub(super) fn listen(url: String, shutdown: CancellationToken) -> mpsc::Receiver
                 };
                 match next {
                     Ok(Some(notification)) => {
-                        if let Ok(notice) = notification.payload().parse()
+                        if !sent.heard(notification.payload())
+                            && let Ok(notice) = notification.payload().parse()
                             && heard.send(Heard::Notice(notice)).await.is_err()
                         {
                             return;

@@ -30,6 +30,7 @@ struct JobRow {
 pub(super) async fn register_all(
     tx: &mut Transaction<'static, Postgres>,
     regs: &[Registration<'_>],
+    sent: &notice::Sent,
 ) -> Result<Vec<Registered>> {
     // The tenants of the keys, holding the key rows until commit: a revocation waits for the
     // registrations already past this check, so once `keys revoke` returns, none with the key commits.
@@ -84,21 +85,14 @@ pub(super) async fn register_all(
     let jobs: HashMap<String, JobRow> = job_rows.into_iter().map(|row| (row.job_id.clone(), row)).collect();
 
     // Live subscriptions with the same tenant, job and callback: a registration of one is that one.
-    let keyed: Vec<(i64, String, String)> = regs
-        .iter()
-        .filter_map(|r| Some((tenant_of(r)?, r.job_id.to_string(), r.callback_url.as_str().to_owned())))
-        .collect();
-    let (k_tenants, (k_jobs, k_urls)): (Vec<i64>, (Vec<String>, Vec<String>)) =
-        keyed.into_iter().map(|(t, j, c)| (t, (j, c))).unzip();
+    // Looked up by job alone, through the (job_id, state) index: a join with the unnested keys was
+    // planned as a scan of the table. Rows of other tenants or callbacks are keyed apart and never match.
+    let job_ids: Vec<String> = regs.iter().filter(|r| tenant_of(r).is_some()).map(|r| r.job_id.to_string()).collect();
     let mut existing: HashMap<(i64, String, String), String> = sqlx::query_as(
-        "SELECT s.tenant_id, s.job_id, s.callback_url, s.id FROM subscriptions s \
-         JOIN UNNEST($1::int8[], $2::text[], $3::text[]) AS u (t, j, c) \
-         ON s.tenant_id = u.t AND s.job_id = u.j AND s.callback_url = u.c \
-         WHERE s.state IN ('polling', 'delivering', 'delivered')",
+        "SELECT tenant_id, job_id, callback_url, id FROM subscriptions \
+         WHERE job_id = ANY($1) AND state IN ('polling', 'delivering', 'delivered')",
     )
-    .bind(&k_tenants)
-    .bind(&k_jobs)
-    .bind(&k_urls)
+    .bind(&job_ids)
     .fetch_all(&mut **tx)
     .await
     .db()?
@@ -212,6 +206,7 @@ pub(super) async fn register_all(
         }
     }
     if !new.notices.is_empty() {
+        sent.record(&new.notices);
         sqlx::query("SELECT pg_notify('jobhook', n) FROM UNNEST($1::text[]) AS n")
             .bind(&new.notices)
             .execute(&mut **tx)

@@ -13,7 +13,12 @@ use crate::store::group::{Done, MAX_BATCH, claim_refused};
 /// Takes every write waiting, runs them in one transaction, commits once, and only then answers each (a
 /// 201 is still durable). Batches form by themselves: while one transaction commits, the next writes
 /// queue up.
-pub(super) async fn run(pool: PgPool, mut writes: mpsc::Receiver<Write>, stats: Arc<WriterStats>) {
+pub(super) async fn run(
+    pool: PgPool,
+    mut writes: mpsc::Receiver<Write>,
+    stats: Arc<WriterStats>,
+    sent: Arc<notice::Sent>,
+) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     loop {
         if writes.recv_many(&mut batch, MAX_BATCH).await == 0 {
@@ -25,7 +30,7 @@ pub(super) async fn run(pool: PgPool, mut writes: mpsc::Receiver<Write>, stats: 
         // half-open TCP connection, a frozen backend) would otherwise pin this lane until a restart.
         // sqlx has no client-side TCP keepalive, and the server's statement_timeout cannot fire on a
         // server that is not running. Dropping the batch rolls it back: nothing was committed.
-        let outcome = match tokio::time::timeout(BATCH_DEADLINE, run_batch(&pool, &batch)).await {
+        let outcome = match tokio::time::timeout(BATCH_DEADLINE, run_batch(&pool, &batch, &sent)).await {
             Ok(outcome) => outcome,
             Err(_) => {
                 tracing::error!(deadline = ?BATCH_DEADLINE, "a write batch got no answer from the database in time; its connection is dropped");
@@ -43,9 +48,9 @@ pub(super) async fn run(pool: PgPool, mut writes: mpsc::Receiver<Write>, stats: 
 /// transaction is rolled back and each write runs again in a transaction of its own, so one bad write
 /// cannot fail the others. Every write gets a result; when a commit fails, "unavailable" (nothing was
 /// written).
-async fn run_batch(pool: &PgPool, batch: &[Write]) -> Vec<Done> {
+async fn run_batch(pool: &PgPool, batch: &[Write], sent: &notice::Sent) -> Vec<Done> {
     if batch.len() > 1 {
-        match try_batch(pool, batch).await {
+        match try_batch(pool, batch, sent).await {
             Ok(results) => return results,
             // The database is away: every write would fail alike, so answer them all now.
             Err(StoreError::Unavailable(e)) => {
@@ -56,7 +61,7 @@ async fn run_batch(pool: &PgPool, batch: &[Write]) -> Vec<Done> {
     }
     let mut results = Vec::with_capacity(batch.len());
     for write in batch {
-        results.push(match try_batch(pool, std::slice::from_ref(write)).await {
+        results.push(match try_batch(pool, std::slice::from_ref(write), sent).await {
             Ok(mut one) => one.pop().unwrap_or_else(|| write.failed(StoreError::Corrupt("no result".into()))),
             Err(e) => write.failed(e),
         });
@@ -68,7 +73,7 @@ async fn run_batch(pool: &PgPool, batch: &[Write]) -> Vec<Done> {
 /// fixed order (registrations, observations, completions, claims, attempts); no two writes of a batch
 /// depend on each other's order but a registration and its job's end, which come out the same either
 /// way (the subscription is delivered).
-async fn try_batch(pool: &PgPool, batch: &[Write]) -> Result<Vec<Done>> {
+async fn try_batch(pool: &PgPool, batch: &[Write], sent: &notice::Sent) -> Result<Vec<Done>> {
     let mut tx = pool.begin().await.db()?;
     let mut results: Vec<Option<Done>> = batch.iter().map(|_| None).collect();
 
@@ -83,7 +88,7 @@ async fn try_batch(pool: &PgPool, batch: &[Write]) -> Result<Vec<Done>> {
         })
         .unzip();
     if !regs.is_empty() {
-        for (i, registered) in at.into_iter().zip(register_all(&mut tx, &regs).await?) {
+        for (i, registered) in at.into_iter().zip(register_all(&mut tx, &regs, sent).await?) {
             results[i] = Some(Done::Register(Ok(registered)));
         }
     }
