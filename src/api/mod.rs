@@ -4,6 +4,7 @@
 mod auth;
 pub mod error;
 pub mod subscriptions;
+pub mod test_sends;
 mod unparsable;
 
 use std::sync::Arc;
@@ -52,6 +53,8 @@ pub struct AppState {
     pub workers: Arc<crate::health::Workers>,
     /// API keys seen valid (a shortcut for registration; see [`auth::RegisteringKey`]).
     pub known_keys: Arc<auth::KnownKeys>,
+    /// The client and per-tenant rate limit of `POST /v1/test-deliveries`.
+    pub test_sends: Arc<test_sends::TestSends>,
 }
 
 #[derive(OpenApi)]
@@ -92,6 +95,7 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(subscriptions::get_one, subscriptions::cancel))
         .routes(routes!(subscriptions::deliveries))
         .routes(routes!(subscriptions::redeliver))
+        .routes(routes!(test_sends::create))
         .routes(routes!(signing_secret))
         .routes(routes!(rotate_signing_secret))
         .routes(routes!(healthz))
