@@ -127,6 +127,7 @@ fn envelope(data: serde_json::Value, job_id: &uuid::Uuid, now: time::OffsetDateT
 #[utoipa::path(
     post,
     path = "/v1/test-deliveries",
+    operation_id = "create_test_delivery",
     tag = "subscriptions",
     security(("bearer" = [])),
     request_body = CreateTestDelivery,
