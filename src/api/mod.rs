@@ -6,6 +6,7 @@ pub mod error;
 pub mod subscriptions;
 pub mod test_sends;
 mod unparsable;
+pub mod webhook_doc;
 
 use std::sync::Arc;
 
@@ -29,6 +30,7 @@ use crate::poller::PollerHandle;
 use crate::store::{Millis, Store, Tenant};
 pub use auth::UNKNOWN_KEY;
 pub use error::{ApiError, Problem};
+use webhook_doc::CallbackWebhook;
 
 /// Request bodies larger than this are refused with 413.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -65,7 +67,7 @@ pub struct AppState {
         license(name = "MIT", identifier = "MIT"),
     ),
     servers((url = "http://127.0.0.1:8080", description = "jobhook on its default --listen address")),
-    modifiers(&BearerAuth),
+    modifiers(&BearerAuth, &CallbackWebhook),
     tags((name = "subscriptions", description = "Jobs watched for a callback"), (name = "account", description = "Your signing secret"), (name = "operations", description = "Health"))
 )]
 struct ApiDoc;
