@@ -72,3 +72,18 @@ async fn a_test_send_with_fields_this_build_does_not_know_is_refused() {
     let response = test_send(&app, json!({"callback_url": app.receiver.url("/try"), "headers": {"x-a": "b"}})).await;
     assert_eq!(response.status(), 422);
 }
+
+#[tokio::test]
+async fn a_test_send_is_refused_at_connect_time_when_dns_changes_after_the_check() {
+    let settings = Settings { lookup: Some(crate::faults::rebinding_dns()), ..Settings::default() }
+        .arg("--allow-private-callbacks", "false");
+    let app = spawn_app_with(settings).await;
+    let url = format!("http://rebind.test:{}/try", app.receiver.addr.port());
+    let response = test_send(&app, json!({"callback_url": url})).await;
+    assert_eq!(response.status(), 200, "the check passed; the connection was refused");
+    let result: Value = response.json().await.unwrap();
+    assert_eq!(result["status_code"], Value::Null);
+    let error = result["error"].as_str().unwrap();
+    assert!(error.contains("egress policy"), "{error}");
+    assert!(app.receiver.requests().is_empty(), "the loopback receiver must never be reached");
+}
