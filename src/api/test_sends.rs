@@ -4,7 +4,8 @@
 //! egress policy as every callback (the registration check here, the vetting resolver at connect time)
 //! and the same client settings (no redirects, the delivery timeout). Each tenant may send
 //! [`SENDS_PER_MINUTE`] a minute (per instance): a test send is an outbound request on the caller's
-//! say-so, and must not become a way to flood a third party from our address.
+//! say-so, and must not become a way to flood a third party from our address. Every request takes a
+//! token, refused ones too, so probing the egress policy is rate-limited as well.
 
 use std::num::NonZeroU32;
 use std::time::Instant;
