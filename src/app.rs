@@ -177,6 +177,11 @@ impl Application {
             poller: handles.poller,
             dispatcher: handles.dispatcher,
             egress: config.egress.clone(),
+            test_sends: Arc::new(crate::api::test_sends::TestSends::new(client::callback_client(
+                &config.egress,
+                lookup.clone(),
+                config.delivery.timeout,
+            ))),
             lookup,
             cursor_key,
             secrets: handles.secrets,

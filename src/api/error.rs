@@ -41,6 +41,9 @@ pub enum ApiError {
     Internal,
     #[error("the request body did not arrive within {}", humantime::format_duration(*.0))]
     RequestTimeout(std::time::Duration),
+    /// Over a rate limit; the next request is allowed in `retry_after` seconds.
+    #[error("too many requests of this kind; try again in {retry_after} s")]
+    TooManyRequests { retry_after: u64 },
 }
 
 /// An RFC 9457 problem document.
@@ -81,6 +84,7 @@ impl ApiError {
             }
             Self::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal", "Internal error"),
             Self::RequestTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "request-timeout", "The request was too slow"),
+            Self::TooManyRequests { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate-limited", "Too many requests"),
         }
     }
 }
@@ -103,6 +107,9 @@ impl IntoResponse for ApiError {
             }
             Self::Unavailable | Self::DnsUnavailable(_) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            }
+            Self::TooManyRequests { retry_after } => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
             }
             _ => {}
         }

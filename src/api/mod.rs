@@ -4,7 +4,9 @@
 mod auth;
 pub mod error;
 pub mod subscriptions;
+pub mod test_sends;
 mod unparsable;
+pub mod webhook_doc;
 
 use std::sync::Arc;
 
@@ -28,6 +30,7 @@ use crate::poller::PollerHandle;
 use crate::store::{Millis, Store, Tenant};
 pub use auth::UNKNOWN_KEY;
 pub use error::{ApiError, Problem};
+use webhook_doc::CallbackWebhook;
 
 /// Request bodies larger than this are refused with 413.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -52,6 +55,8 @@ pub struct AppState {
     pub workers: Arc<crate::health::Workers>,
     /// API keys seen valid (a shortcut for registration; see [`auth::RegisteringKey`]).
     pub known_keys: Arc<auth::KnownKeys>,
+    /// The client and per-tenant rate limit of `POST /v1/test-deliveries`.
+    pub test_sends: Arc<test_sends::TestSends>,
 }
 
 #[derive(OpenApi)]
@@ -62,7 +67,7 @@ pub struct AppState {
         license(name = "MIT", identifier = "MIT"),
     ),
     servers((url = "http://127.0.0.1:8080", description = "jobhook on its default --listen address")),
-    modifiers(&BearerAuth),
+    modifiers(&BearerAuth, &CallbackWebhook),
     tags((name = "subscriptions", description = "Jobs watched for a callback"), (name = "account", description = "Your signing secret"), (name = "operations", description = "Health"))
 )]
 struct ApiDoc;
@@ -92,6 +97,7 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(subscriptions::get_one, subscriptions::cancel))
         .routes(routes!(subscriptions::deliveries))
         .routes(routes!(subscriptions::redeliver))
+        .routes(routes!(test_sends::create))
         .routes(routes!(signing_secret))
         .routes(routes!(rotate_signing_secret))
         .routes(routes!(healthz))

@@ -15,7 +15,7 @@ use utoipa::{IntoParams, ToSchema};
 use super::error::{ApiError, ApiJson, Problem};
 use super::{AppState, rfc3339};
 use crate::domain::{CallbackUrl, FailureReason, JobId, JobStatus, SubscriptionId, SubscriptionState, truncate};
-use crate::store::{AttemptRecord, Cancel, ListFilter, Redelivery, Registered, Subscription, Tenant, now_ms};
+use crate::store::{AttemptRecord, Cancel, ListFilter, Redelivery, Registered, RetryNow, Subscription, Tenant, now_ms};
 
 /// A registration: which upstream job to watch, and where to POST its result.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -348,10 +348,16 @@ fn decode_cursor(key: &[u8], raw: &str) -> Result<SubscriptionId, ApiError> {
     Ok(SubscriptionId(uuid::Uuid::from_slice(id).map_err(|_| bad())?))
 }
 
-/// Start a new delivery series for a delivered or failed subscription.
+/// Deliver again: a new series for a delivered or failed subscription, or the next retry now for a
+/// delivering one.
 ///
 /// For a receiver that lost its data, or was fixed after the retries ran out: the job's result is
 /// delivered again, from the first attempt of the retry schedule, under the same `webhook-id`.
+///
+/// For a subscription in `delivering` (waiting for its next retry, say after its receiver was fixed):
+/// the next attempt of the current series is made now, under the same `webhook-id`; the series and the
+/// attempt count go on (no new series). If an attempt is on the wire at that moment, the answer is still
+/// 202: that attempt's outcome stands, and if it fails the next retry follows its schedule as usual.
 #[utoipa::path(
     post,
     path = "/v1/subscriptions/{id}/redeliver",
@@ -359,10 +365,10 @@ fn decode_cursor(key: &[u8], raw: &str) -> Result<SubscriptionId, ApiError> {
     security(("bearer" = [])),
     params(("id" = String, Path, description = "The subscription ID")),
     responses(
-        (status = 202, description = "A new delivery series has started", body = SubscriptionView),
+        (status = 202, description = "A new delivery series has started, or (delivering) the next attempt is due now", body = SubscriptionView),
         (status = 401, description = "Missing or invalid API key", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such subscription for this API key", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "The subscription is not delivered or failed, or its job has no result to deliver", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The subscription is polling, cancelled or expired, or its job has no result to deliver, or a newer subscription of the same job and callback exists", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "The store cannot take writes now; nothing changed", body = Problem, content_type = "application/problem+json"),
     )
 )]
@@ -379,23 +385,51 @@ pub async fn redeliver(
                 tracing::info!(subscription_id = %sub_id, series = task.series, "redelivery started");
                 state.dispatcher.deliver(vec![task.clone()]);
             }
-            Ok(redelivery)
+            // Waiting for a retry: no new series, the next attempt of this one is made now.
+            if let Redelivery::NotEnded(SubscriptionState::Delivering) = &redelivery {
+                let retry = state.store.retry_now(tenant.id, sub_id, now_ms()).await?.ok_or_else(|| not_found(&id))?;
+                return Ok(match retry {
+                    RetryNow::Due(task) => {
+                        tracing::info!(subscription_id = %sub_id, series = task.series, "retry now");
+                        state.dispatcher.deliver(vec![task]);
+                        Accepted::RetryNow
+                    }
+                    RetryNow::NotDelivering(now) => Accepted::NotEnded(now),
+                });
+            }
+            Ok(match redelivery {
+                Redelivery::Started(_) => Accepted::Series,
+                Redelivery::Superseded => Accepted::Superseded,
+                Redelivery::NotEnded(state) => Accepted::NotEnded(state),
+            })
         }
     })
     .await?;
     match redelivery {
-        Redelivery::Started(_) => {
+        Accepted::Series | Accepted::RetryNow => {
             let sub = state.store.subscription(tenant.id, sub_id).await?.ok_or_else(|| not_found(&id))?;
             Ok((StatusCode::ACCEPTED, Json(sub.into())))
         }
-        Redelivery::Superseded => Err(ApiError::Conflict(
+        Accepted::Superseded => Err(ApiError::Conflict(
             "a newer subscription of the same job and callback exists; redeliver that one instead".into(),
         )),
-        Redelivery::NotEnded(current) => Err(ApiError::Conflict(format!(
-            "only a delivered or failed subscription whose job has a result can be redelivered; this one is {}",
+        Accepted::NotEnded(current) => Err(ApiError::Conflict(format!(
+            "only a delivering, delivered or failed subscription whose job has a result can be redelivered; this one is {}",
             current.as_str()
         ))),
     }
+}
+
+/// What a redeliver request did.
+enum Accepted {
+    /// A new delivery series started (the subscription had ended).
+    Series,
+    /// The subscription was waiting for a retry: its next attempt is due now.
+    RetryNow,
+    /// Nothing: a newer subscription of the same job and callback is the one to redeliver.
+    Superseded,
+    /// Nothing: the subscription is in this state (no result yet, or cancelled or expired).
+    NotEnded(SubscriptionState),
 }
 
 /// Cancel a subscription: polling and delivery stop and its state becomes `cancelled`; once this answers

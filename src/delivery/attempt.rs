@@ -38,7 +38,7 @@ pub enum SendError {
 impl SendError {
     /// Classifies a failed request: an egress refusal, found by walking the cause chain (the vetting
     /// resolver's refusal comes back inside a connect error), or a transport failure.
-    fn from_request(e: &reqwest::Error) -> Self {
+    pub(crate) fn from_request(e: &reqwest::Error) -> Self {
         match client::find_refusal(e) {
             Some(refused) => SendError::Refused(refused.clone()),
             None => SendError::Transport(describe_transport_error(e)),

@@ -24,7 +24,7 @@ struct InFlight {
 type Deliveries = Schedule<SubscriptionId, DeliveryTask, InFlight, DeliveryOutcome>;
 
 /// Queues a delivery unless it is already known (queued or being attempted): the store holds one
-/// delivery per subscription.
+/// delivery per subscription. A known delivery queued for later is moved earlier by one due sooner.
 fn enqueue(deliveries: &mut Deliveries, task: DeliveryTask) {
     let id = task.subscription_id;
     match deliveries.get_mut(&id) {
@@ -32,12 +32,17 @@ fn enqueue(deliveries: &mut Deliveries, task: DeliveryTask) {
             let due_in = delay_until(task.due_at);
             deliveries.insert(id, task, due_in);
         }
-        // A newer series replaces a queued older one; the same series is already queued.
+        // A newer series replaces a queued older one. The same series is already queued; it moves
+        // earlier if this one is due sooner (a "retry now" from the API), never later (a notice that
+        // arrives after the attempt was rescheduled must not undo it).
         Some(Entry::Queued(queued)) => {
             if task.series > queued.series {
                 let due_in = delay_until(task.due_at);
                 *queued = task;
                 deliveries.reschedule(&id, due_in);
+            } else if task.series == queued.series && task.due_at < queued.due_at {
+                queued.due_at = task.due_at;
+                deliveries.reschedule(&id, delay_until(task.due_at));
             }
         }
         // The same series again (say, from this instance's API and from a notice) is already being

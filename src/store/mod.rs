@@ -266,6 +266,15 @@ pub enum Redelivery {
     Superseded,
 }
 
+/// What asking to retry a waiting delivery now found.
+#[derive(Debug)]
+pub enum RetryNow {
+    /// Its next attempt is due now (same series, same `webhook-id`); hand the task to the dispatcher.
+    Due(DeliveryTask),
+    /// The subscription is not waiting for a retry: it is in this state.
+    NotDelivering(SubscriptionState),
+}
+
 /// An API key as `jobhook keys list` shows it (never the key itself).
 #[derive(Debug, Clone)]
 pub struct KeyInfo {
@@ -377,6 +386,11 @@ pub trait Store: Send + Sync + 'static {
     /// Starts a new delivery series for a delivered or failed subscription whose job has a result;
     /// `None` when the tenant has no such subscription.
     async fn redeliver(&self, tenant_id: i64, id: SubscriptionId, now: Millis) -> Result<Option<Redelivery>>;
+    /// Makes a delivering subscription's next attempt due `now`, in its current series (a receiver that
+    /// was fixed need not wait for its next retry). Only `next_attempt_at` changes: a claim held by an
+    /// attempt on the wire stays, and that attempt's outcome sets the next time as usual. On PostgreSQL
+    /// the owning instance is told with a notice. `None`: no such subscription for this tenant.
+    async fn retry_now(&self, tenant_id: i64, id: SubscriptionId, now: Millis) -> Result<Option<RetryNow>>;
 
     // --- the poller ---
 

@@ -295,3 +295,70 @@ impl Drop for Frozen {
         self.signal("-CONT");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_now_reaches_the_instance_that_owns_the_delivery() {
+    if skip_on_sqlite() {
+        return;
+    }
+    // Eight jobs: with two instances, the chance that none is owned by the one not asked is 1/256.
+    const JOBS: usize = 8;
+    let upstream = MockUpstream::start(&mock_args(0)).await.unwrap();
+    let receiver = Receiver::start().await;
+    receiver.answer_with(&[500; JOBS]);
+    let dir = tempfile::tempdir().unwrap();
+    let db_url = fresh_db_url(dir.path()).await;
+    let listens: Vec<String> = (0..2).map(|_| format!("127.0.0.1:{}", free_port())).collect();
+    let mut instances: Vec<Running> = Vec::new();
+    for listen in &listens {
+        let mut args = args_on(listen, &db_url, &upstream.url());
+        args.extend(["--lease-ttl".into(), "2s".into(), "--retry-schedule".into(), "1h".into()]);
+        instances.push(start(&args).await);
+    }
+    // The second instance holds partitions of its own before any job is registered (it joins with
+    // none, so its first change of leases is a gain).
+    eventually(Duration::from_secs(30), "the second instance to hold partitions", || async {
+        instances[1].logs().iter().any(|line| line.contains("leases changed")).then_some(())
+    })
+    .await;
+    let http = reqwest::Client::new();
+    let asked = format!("http://{}", listens[0]);
+    let mut ids = Vec::new();
+    for _ in 0..JOBS {
+        let body = serde_json::json!({"job_id": new_job(), "callback_url": receiver.url("/hook")});
+        let response =
+            http.post(format!("{asked}/v1/subscriptions")).bearer_auth(KEY_A).json(&body).send().await.unwrap();
+        assert_eq!(response.status(), 201);
+        let created: serde_json::Value = response.json().await.unwrap();
+        ids.push(created["id"].as_str().unwrap().to_owned());
+    }
+    receiver.wait_for("/hook", JOBS).await;
+    for id in &ids {
+        eventually(Duration::from_secs(15), "the failed attempt is recorded", || async {
+            let sub = json_as_a(http.get(format!("{asked}/v1/subscriptions/{id}"))).await;
+            (sub["attempts"] == 1).then_some(())
+        })
+        .await;
+    }
+    for id in &ids {
+        let response =
+            http.post(format!("{asked}/v1/subscriptions/{id}/redeliver")).bearer_auth(KEY_A).send().await.unwrap();
+        assert_eq!(response.status(), 202);
+    }
+    // Within seconds: without the notice, the owner would find them only when its leases next change
+    // (about 8 s here) or at the retry an hour away.
+    let got = eventually(Duration::from_secs(4), "every retry, now", || async {
+        let got = receiver.requests_to("/hook");
+        (got.len() >= 2 * JOBS).then_some(got)
+    })
+    .await;
+    let mut by_id: std::collections::HashMap<String, usize> = std::collections::HashMap::new();
+    for request in &got {
+        *by_id.entry(request.header("webhook-id").to_owned()).or_default() += 1;
+    }
+    assert_eq!(by_id.len(), JOBS);
+    assert!(by_id.values().all(|n| *n == 2), "each delivery twice under one webhook-id: {by_id:?}");
+    for running in &mut instances {
+        let _ = running.child.start_kill();
+    }
+}

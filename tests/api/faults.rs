@@ -237,7 +237,7 @@ async fn a_host_that_never_answers_does_not_slow_the_healthy_ones() {
 }
 
 /// A DNS whose answer for `rebind.test` is public the first time and loopback afterwards.
-fn rebinding_dns() -> Lookup {
+pub(crate) fn rebinding_dns() -> Lookup {
     let calls = Arc::new(AtomicUsize::new(0));
     Arc::new(move |host: String, port: u16| {
         let calls = calls.clone();

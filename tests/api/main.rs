@@ -18,3 +18,4 @@ mod redelivery;
 mod registration;
 mod retention;
 mod secrets;
+mod test_sends;

@@ -23,3 +23,16 @@ async fn the_document_is_served_at_openapi_yaml() {
     assert_eq!(response.status(), 200);
     assert!(response.text().await.unwrap().contains("/v1/subscriptions/{id}/deliveries"));
 }
+
+#[test]
+fn the_document_describes_the_callback_as_a_webhook() {
+    let doc: serde_json::Value = serde_json::to_value(jobhook::api::openapi()).unwrap();
+    let post = &doc["webhooks"]["jobFinished"]["post"];
+    let headers: Vec<_> = post["parameters"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
+    assert_eq!(headers, ["webhook-id", "webhook-timestamp", "webhook-signature"]);
+    let body = &post["requestBody"]["content"]["application/json"];
+    assert_eq!(body["schema"]["$ref"], "#/components/schemas/JobResult");
+    assert_eq!(body["examples"]["succeed"]["value"]["status"], "Succeed");
+    assert_eq!(body["examples"]["failed"]["value"]["status"], "Failed");
+    assert!(doc["components"]["schemas"]["JobResult"]["properties"]["image_urls"].is_object());
+}

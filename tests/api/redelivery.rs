@@ -1,5 +1,7 @@
 //! Redelivery: a new series under the same `webhook-id`, for subscriptions that ended with a result.
 
+use std::time::Duration;
+
 use crate::support::helpers::*;
 
 #[tokio::test]
@@ -37,4 +39,29 @@ async fn only_ended_subscriptions_with_a_result_can_be_redelivered() {
     let response = app.redeliver(id).await;
     assert_eq!(response.status(), 409);
     assert_eq!(response.headers()["content-type"], "application/problem+json");
+}
+
+#[tokio::test]
+async fn a_delivery_waiting_for_its_retry_is_attempted_now_when_redelivered() {
+    let app = spawn_app_with(Settings::default().arg("--retry-schedule", "1h")).await;
+    app.receiver.answer_with(&[500]);
+    let id = &app.subscribe().await;
+    app.receiver.wait_for("/hook", 1).await;
+    eventually(Duration::from_secs(10), "the failed attempt is recorded", || async {
+        (app.view(id).await.attempts == 1).then_some(())
+    })
+    .await;
+    let started = std::time::Instant::now();
+    let response = app.redeliver(id).await;
+    assert_eq!(response.status(), 202);
+    let view: SubscriptionView = response.json().await.unwrap();
+    assert_eq!(view.state, SubscriptionState::Delivering);
+    let got = app.receiver.wait_for("/hook", 2).await;
+    assert!(started.elapsed() < Duration::from_secs(10), "the retry came now, not in an hour");
+    assert_eq!(got[0].header("webhook-id"), got[1].header("webhook-id"));
+    got[1].verify(SECRET).unwrap();
+    let done = app.wait_until(id, SubscriptionState::Delivered).await;
+    assert_eq!(done.attempts, 2, "the series goes on: no new series");
+    let series: Vec<_> = app.attempts(id).await.iter().map(|a| (a.series, a.attempt)).collect();
+    assert_eq!(series, vec![(1, 1), (1, 2)]);
 }

@@ -9,6 +9,7 @@ mod leases;
 mod notice;
 mod purge;
 mod register;
+mod retry_now;
 mod writer;
 
 use std::sync::Arc;
@@ -340,6 +341,10 @@ impl Store for PgStore {
 
     async fn redeliver(&self, tenant_id: i64, id: SubscriptionId, now: Millis) -> Result<Option<Redelivery>> {
         self.redeliver_now(tenant_id, id, now).await
+    }
+
+    async fn retry_now(&self, tenant_id: i64, id: SubscriptionId, now: Millis) -> Result<Option<RetryNow>> {
+        self.retry_delivery_now(tenant_id, id, now).await
     }
 
     async fn register(

@@ -320,6 +320,10 @@ impl Store for SqliteStore {
         self.exec(move |tx| ops::redeliver(tx, tenant_id, id, now)).await
     }
 
+    async fn retry_now(&self, tenant_id: i64, id: SubscriptionId, now: Millis) -> Result<Option<RetryNow>> {
+        self.exec(move |tx| ops::retry_now(tx, tenant_id, id, now)).await
+    }
+
     async fn pollable_jobs(&self) -> Result<Vec<PollableJob>> {
         self.read(|c| ops::pollable(c, concat!(pollable_select!(), " GROUP BY j.job_id"), [])).await
     }

@@ -381,6 +381,34 @@ pub(super) fn redeliver(
     Ok(Some(Redelivery::Started(task)))
 }
 
+pub(super) fn retry_now(
+    tx: &Transaction<'_>,
+    tenant_id: i64,
+    id: SubscriptionId,
+    now: Millis,
+) -> Result<Option<RetryNow>> {
+    let sub_id = id.to_string();
+    let sql = concat!(delivery_select!(), " WHERE s.id = ?1 AND s.tenant_id = ?2");
+    let Some(row) = tx.query_row(sql, params![sub_id, tenant_id], delivery_row).optional().sq()? else {
+        return Ok(None);
+    };
+    // Guarded by the series read above: a redelivery that started a newer series meanwhile is left alone.
+    let changed = tx
+        .execute(
+            "UPDATE subscriptions SET next_attempt_at = ?1 WHERE id = ?2 AND state = 'delivering' AND series = ?3",
+            params![now, sub_id, row.series],
+        )
+        .sq()?;
+    if changed == 0 {
+        let state: String =
+            tx.query_row("SELECT state FROM subscriptions WHERE id = ?1", [&sub_id], |r| r.get(0)).sq()?;
+        return Ok(Some(RetryNow::NotDelivering(state.parse().map_err(|e| corrupt("state", e))?)));
+    }
+    let mut task = DeliveryTask::try_from(row)?;
+    task.due_at = now;
+    Ok(Some(RetryNow::Due(task)))
+}
+
 pub(super) fn fail_job(
     tx: &Transaction<'_>,
     job_id: JobId,

@@ -306,6 +306,8 @@ struct ReceiverState {
     requests: Vec<Received>,
     /// Statuses (with a Retry-After in seconds, if any) to answer with, in order, before answering 200.
     script: VecDeque<(u16, Option<u64>)>,
+    /// The body of every answer (empty unless a test sets one).
+    body: String,
 }
 
 /// A callback receiver on loopback that records every request and answers as scripted.
@@ -343,6 +345,11 @@ impl Receiver {
         self.state.lock().unwrap().script = [(status, Some(seconds))].into_iter().collect();
     }
 
+    /// Every answer from now on carries this body.
+    pub fn answer_body(&self, body: &str) {
+        self.state.lock().unwrap().body = body.to_owned();
+    }
+
     pub fn requests(&self) -> Vec<Received> {
         self.state.lock().unwrap().requests.clone()
     }
@@ -369,8 +376,9 @@ fn receive(state: Arc<Mutex<ReceiverState>>, path: String, headers: HeaderMap, b
     if status.is_redirection() {
         return (status, [(header::LOCATION, "/redirected")]).into_response();
     }
+    let body = state.body.clone();
     match retry_after {
-        Some(seconds) => (status, [(header::RETRY_AFTER, seconds.to_string())]).into_response(),
-        None => status.into_response(),
+        Some(seconds) => (status, [(header::RETRY_AFTER, seconds.to_string())], body).into_response(),
+        None => (status, body).into_response(),
     }
 }
