@@ -219,8 +219,7 @@ impl Work {
     }
 
     /// Hands the work stored in `partitions` to the workers. If the store cannot say, the partitions
-    /// are set aside until the next renewal, which counts them as gained and loads them again (rather
-    /// than leaving their work for the reconcile a minute later).
+    /// are set aside until the next renewal, which counts them as gained and loads them again.
     async fn load(self, partitions: u64) {
         let jobs = self.store.pollable_jobs_in(partitions).await;
         let deliveries = self.store.pending_deliveries_in(partitions).await;

@@ -93,6 +93,9 @@ pub enum Trouble {
     /// A write batch got no answer in time; its connection was dropped and nothing committed.
     #[error("a write batch got no answer from the database within {0:?}")]
     BatchDeadline(Duration),
+    /// A call on the database got no answer in time (its connection is closed, not reused).
+    #[error("no answer from the database within {0:?}")]
+    NoAnswer(Duration),
     /// Writes failed as unavailable lately and none has gone through since (see [`Store::ping`]).
     #[error("writes are failing")]
     WritesFailing,

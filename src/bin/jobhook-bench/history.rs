@@ -126,3 +126,14 @@ pub async fn timed(http: &reqwest::Client, url: &str, key: Option<&str>, n: usiz
     times.sort_by(f64::total_cmp);
     times
 }
+
+/// Seconds each of 150 list requests took (50 by state failed, 50 by a job, 50 by state delivered),
+/// sorted.
+pub async fn timed_lists(http: &reqwest::Client, listen: &str, key: &str, job: &str) -> Vec<f64> {
+    let list_url = |query: &str| format!("http://{listen}/v1/subscriptions?limit=50&{query}");
+    let mut lists = timed(http, &list_url("state=failed"), Some(key), 50).await;
+    lists.extend(timed(http, &list_url(&format!("job_id={job}")), Some(key), 50).await);
+    lists.extend(timed(http, &list_url("state=delivered"), Some(key), 50).await);
+    lists.sort_by(f64::total_cmp);
+    lists
+}

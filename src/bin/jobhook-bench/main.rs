@@ -435,11 +435,7 @@ async fn main() -> anyhow::Result<()> {
     };
     // A store with a past: what scraping and listing cost now, and how big it is.
     let scrape = history::timed(&http, &format!("http://{}/metrics", listens[0]), None, 20).await;
-    let list_url = |query: &str| format!("http://{}/v1/subscriptions?limit=50&{query}", listens[0]);
-    let mut lists = history::timed(&http, &list_url("state=failed"), Some(KEY), 50).await;
-    lists.extend(history::timed(&http, &list_url(&format!("job_id={}", jobs[0])), Some(KEY), 50).await);
-    lists.extend(history::timed(&http, &list_url("state=delivered"), Some(KEY), 50).await);
-    lists.sort_by(f64::total_cmp);
+    let lists = history::timed_lists(&http, &listens[0].to_string(), KEY, &jobs[0]).await;
     let store_bytes = history::store_bytes(&db_url).await;
     let peak_rss = usage.iter().map(|u| u.1).max().unwrap_or(0);
 

@@ -17,10 +17,7 @@ pub(super) struct Completion<'a> {
 
 /// Records every completion of the batch inside `tx`; the answers (the deliveries each created, claimed
 /// for this instance) come in the batch's order.
-pub(super) async fn complete_all(
-    tx: &mut Transaction<'static, Postgres>,
-    done: &[Completion<'_>],
-) -> Result<Vec<Vec<DeliveryTask>>> {
+pub(super) async fn complete_all(tx: &mut PgConnection, done: &[Completion<'_>]) -> Result<Vec<Vec<DeliveryTask>>> {
     // Each job once (the first of its completions in the batch; a repeat is handed the deliveries it
     // created, as a retry would be), locked in one order so batches cannot deadlock.
     let mut seen = HashSet::new();
@@ -33,7 +30,7 @@ pub(super) async fn complete_all(
     sorted.sort();
     sqlx::query("SELECT 1 FROM jobs WHERE job_id = ANY($1) ORDER BY job_id FOR UPDATE")
         .bind(&sorted)
-        .execute(&mut **tx)
+        .execute(&mut *tx)
         .await
         .db()?;
     let recorded: HashSet<String> = sqlx::query_scalar(
@@ -45,7 +42,7 @@ pub(super) async fn complete_all(
     .bind(&statuses)
     .bind(&bodies)
     .bind(&nows)
-    .fetch_all(&mut **tx)
+    .fetch_all(&mut *tx)
     .await
     .db()?
     .into_iter()
@@ -62,7 +59,7 @@ pub(super) async fn complete_all(
              AND state = 'polling' ORDER BY id FOR UPDATE",
         )
         .bind(&ids)
-        .fetch_all(&mut **tx)
+        .fetch_all(&mut *tx)
         .await
         .db()?
     };
@@ -93,7 +90,7 @@ pub(super) async fn complete_all(
         .bind(&moved.nows)
         .bind(&moved.claim_ms)
         .bind(&moved.claimed_by)
-        .fetch_all(&mut **tx)
+        .fetch_all(&mut *tx)
         .await
         .db()?
         .into_iter()
@@ -141,11 +138,11 @@ struct Moved {
 }
 
 /// The deliveries a completed job created, for a completion that is recorded a second time.
-async fn already_completed(tx: &mut Transaction<'static, Postgres>, job: &str) -> Result<Vec<DeliveryTask>> {
+async fn already_completed(tx: &mut PgConnection, job: &str) -> Result<Vec<DeliveryTask>> {
     let sql = concat!(
         delivery_select!(),
         " WHERE s.job_id = $1 AND s.state = 'delivering' AND s.series = 1 AND s.attempts = 0"
     );
-    let rows: Vec<DeliveryRow> = sqlx::query_as(sql).bind(job).fetch_all(&mut **tx).await.db()?;
+    let rows: Vec<DeliveryRow> = sqlx::query_as(sql).bind(job).fetch_all(&mut *tx).await.db()?;
     rows.into_iter().map(DeliveryTask::try_from).collect()
 }

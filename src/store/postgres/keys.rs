@@ -86,7 +86,7 @@ impl PgStore {
 }
 
 pub(super) async fn insert_tenant_with_key(
-    tx: &mut Transaction<'static, Postgres>,
+    tx: &mut PgConnection,
     name: &str,
     key: KeyHash,
     secret: &SigningSecret,
@@ -98,7 +98,7 @@ pub(super) async fn insert_tenant_with_key(
             .bind(name)
             .bind(secret.expose())
             .bind(now)
-            .fetch_one(&mut **tx)
+            .fetch_one(&mut *tx)
             .await
             .db()?;
     sqlx::query("INSERT INTO api_keys (tenant_id, name, key_hash, source, created_at) VALUES ($1, $2, $3, $4, $5)")
@@ -107,7 +107,7 @@ pub(super) async fn insert_tenant_with_key(
         .bind(key.0.as_slice())
         .bind(source)
         .bind(now)
-        .execute(&mut **tx)
+        .execute(&mut *tx)
         .await
         .db()?;
     Ok(tenant_id)

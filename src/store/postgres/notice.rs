@@ -100,6 +100,11 @@ impl Sent {
     }
 }
 
+/// After this long without a notice, the listener checks that its connection still answers, within
+/// [`LISTENER_CHECK_DEADLINE`].
+const LISTENER_CHECK_AFTER: Duration = Duration::from_secs(30);
+const LISTENER_CHECK_DEADLINE: Duration = Duration::from_secs(5);
+
 /// Listens on [`CHANNEL`] until `shutdown`, on a connection of its own; reconnects by itself, and says
 /// [`Heard::Listening`] each time it starts listening.
 pub(super) fn listen(url: String, sent: Arc<Sent>, shutdown: CancellationToken) -> mpsc::Receiver<Heard> {
@@ -130,7 +135,17 @@ pub(super) fn listen(url: String, sent: Arc<Sent>, shutdown: CancellationToken) 
             loop {
                 let next = tokio::select! {
                     _ = shutdown.cancelled() => return,
-                    next = listener.try_recv() => next,
+                    next = tokio::time::timeout(LISTENER_CHECK_AFTER, listener.try_recv()) => next,
+                };
+                // Quiet for a while: is the connection still there? A half-open one would be deaf for
+                // good, and the notices sent meanwhile lost; a new one reloads our partitions.
+                let Ok(next) = next else {
+                    let check = sqlx::Executor::execute(&mut listener, "SELECT 1");
+                    if let Ok(Ok(_)) = tokio::time::timeout(LISTENER_CHECK_DEADLINE, check).await {
+                        continue;
+                    }
+                    tracing::warn!("the notice listener's connection does not answer; reconnecting");
+                    break;
                 };
                 match next {
                     Ok(Some(notification)) => {

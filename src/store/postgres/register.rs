@@ -28,7 +28,7 @@ struct JobRow {
 /// Runs every registration of the batch inside `tx`; the answers come in the batch's order. An error
 /// is the whole batch's (the writer then runs each registration alone).
 pub(super) async fn register_all(
-    tx: &mut Transaction<'static, Postgres>,
+    tx: &mut PgConnection,
     regs: &[Registration<'_>],
     sent: &notice::Sent,
 ) -> Result<Vec<Registered>> {
@@ -42,7 +42,7 @@ pub(super) async fn register_all(
          ORDER BY key_hash FOR SHARE",
     )
     .bind(&hashes)
-    .fetch_all(&mut **tx)
+    .fetch_all(&mut *tx)
     .await
     .db()?
     .into_iter()
@@ -71,7 +71,7 @@ pub(super) async fn register_all(
     .bind(&ids)
     .bind(&partitions)
     .bind(&nows)
-    .execute(&mut **tx)
+    .execute(&mut *tx)
     .await
     .db()?;
     let job_rows: Vec<JobRow> = sqlx::query_as(
@@ -79,7 +79,7 @@ pub(super) async fn register_all(
          ORDER BY job_id FOR UPDATE",
     )
     .bind(&ids)
-    .fetch_all(&mut **tx)
+    .fetch_all(&mut *tx)
     .await
     .db()?;
     let jobs: HashMap<String, JobRow> = job_rows.into_iter().map(|row| (row.job_id.clone(), row)).collect();
@@ -93,7 +93,7 @@ pub(super) async fn register_all(
          WHERE job_id = ANY($1) AND state IN ('polling', 'delivering', 'delivered')",
     )
     .bind(&job_ids)
-    .fetch_all(&mut **tx)
+    .fetch_all(&mut *tx)
     .await
     .db()?
     .into_iter()
@@ -176,7 +176,7 @@ pub(super) async fn register_all(
              GROUP BY job_id",
         )
         .bind(&older)
-        .fetch_all(&mut **tx)
+        .fetch_all(&mut *tx)
         .await
         .db()?
         .into_iter()
@@ -198,7 +198,7 @@ pub(super) async fn register_all(
             " FROM subscriptions s JOIN jobs j ON j.job_id = s.job_id WHERE s.id = ANY($1)"
         ))
         .bind(&repeated)
-        .fetch_all(&mut **tx)
+        .fetch_all(&mut *tx)
         .await
         .db()?;
         for row in rows {
@@ -209,7 +209,7 @@ pub(super) async fn register_all(
         sent.record(&new.notices);
         sqlx::query("SELECT pg_notify('jobhook', n) FROM UNNEST($1::text[]) AS n")
             .bind(&new.notices)
-            .execute(&mut **tx)
+            .execute(&mut *tx)
             .await
             .db()?;
     }
@@ -271,7 +271,7 @@ impl NewRows {
         self.partitions.push(r.job_id.partition());
     }
 
-    async fn insert(&self, tx: &mut Transaction<'static, Postgres>) -> Result<()> {
+    async fn insert(&self, tx: &mut PgConnection) -> Result<()> {
         if self.ids.is_empty() {
             return Ok(());
         }
@@ -291,7 +291,7 @@ impl NewRows {
         .bind(&self.next_attempt_at)
         .bind(&self.created_at)
         .bind(&self.partitions)
-        .execute(&mut **tx)
+        .execute(&mut *tx)
         .await
         .db()?;
         Ok(())

@@ -13,13 +13,18 @@ use crate::store::group::{Done, MAX_BATCH, claim_refused};
 /// Takes every write waiting, runs them in one transaction, commits once, and only then answers each (a
 /// 201 is still durable). Batches form by themselves: while one transaction commits, the next writes
 /// queue up.
+///
+/// Each lane keeps one connection of its own, outside the pool, for as long as it works: no pool
+/// acquire per batch, and none of the pool's ping on release (a round trip per transaction). A
+/// connection that failed, or did not answer in time, is dropped and a new one opened for the next batch.
 pub(super) async fn run(
-    pool: PgPool,
+    url: String,
     mut writes: mpsc::Receiver<Write>,
     stats: Arc<WriterStats>,
     sent: Arc<notice::Sent>,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
+    let mut conn: Option<PgConnection> = None;
     loop {
         if writes.recv_many(&mut batch, MAX_BATCH).await == 0 {
             return;
@@ -29,10 +34,11 @@ pub(super) async fn run(
         // A deadline of our own: a connection whose server stopped answering without closing it (a
         // half-open TCP connection, a frozen backend) would otherwise pin this lane until a restart.
         // sqlx has no client-side TCP keepalive, and the server's statement_timeout cannot fire on a
-        // server that is not running. Dropping the batch rolls it back: nothing was committed.
-        let outcome = match tokio::time::timeout(BATCH_DEADLINE, run_batch(&pool, &batch, &sent)).await {
+        // server that is not running. Dropping the connection rolls the batch back: nothing was committed.
+        let outcome = match tokio::time::timeout(BATCH_DEADLINE, run_on(&url, &mut conn, &batch, &sent)).await {
             Ok(outcome) => outcome,
             Err(_) => {
+                conn = None;
                 tracing::error!(deadline = ?BATCH_DEADLINE, "a write batch got no answer from the database in time; its connection is dropped");
                 batch.iter().map(|w| w.failed(StoreError::trouble(Trouble::BatchDeadline(BATCH_DEADLINE)))).collect()
             }
@@ -44,37 +50,66 @@ pub(super) async fn run(
     }
 }
 
+/// Runs `batch` on the lane's connection, opening one if it has none; a connection that failed with
+/// "unavailable" is dropped (the next batch opens a new one).
+async fn run_on(url: &str, conn: &mut Option<PgConnection>, batch: &[Write], sent: &notice::Sent) -> Vec<Done> {
+    let c = match conn {
+        Some(c) => c,
+        None => match connect(url).await {
+            Ok(c) => conn.insert(c),
+            // Not connecting is "unavailable" for every write, whatever the reason.
+            Err(e) => return fail_all(batch, &e),
+        },
+    };
+    let (results, broken) = run_batch(c, batch, sent).await;
+    if broken {
+        *conn = None;
+    }
+    results
+}
+
 /// Runs `batch` in one transaction. Writes rarely fail, so the batch is tried whole; if it fails, the
 /// transaction is rolled back and each write runs again in a transaction of its own, so one bad write
-/// cannot fail the others. Every write gets a result; when a commit fails, "unavailable" (nothing was
-/// written).
-async fn run_batch(pool: &PgPool, batch: &[Write], sent: &notice::Sent) -> Vec<Done> {
+/// (or one job whose rows another holds locked) cannot fail the others. Every write gets a result; when
+/// the connection is lost, "unavailable" for all (nothing was written), and says so (the connection is
+/// then dropped).
+async fn run_batch(conn: &mut PgConnection, batch: &[Write], sent: &notice::Sent) -> (Vec<Done>, bool) {
     if batch.len() > 1 {
-        match try_batch(pool, batch, sent).await {
-            Ok(results) => return results,
-            // The database is away: every write would fail alike, so answer them all now.
-            Err(StoreError::Unavailable(e)) => {
-                return batch.iter().map(|w| w.failed(StoreError::Unavailable(e.clone()))).collect();
-            }
+        match try_batch(conn, batch, sent).await {
+            Ok(results) => return (results, false),
+            Err(e) if connection_lost(&e) => return (fail_all(batch, &e), true),
             Err(_) => {} // one write's own failure: each alone, below
         }
     }
     let mut results = Vec::with_capacity(batch.len());
     for write in batch {
-        results.push(match try_batch(pool, std::slice::from_ref(write), sent).await {
+        results.push(match try_batch(conn, std::slice::from_ref(write), sent).await {
             Ok(mut one) => one.pop().unwrap_or_else(|| write.failed(StoreError::Corrupt("no result".into()))),
+            Err(e) if connection_lost(&e) => {
+                results.extend(fail_all(&batch[results.len()..], &e));
+                return (results, true);
+            }
             Err(e) => write.failed(e),
         });
     }
-    results
+    (results, false)
+}
+
+/// Every write of `batch` failed as unavailable, for the cause of `e`.
+fn fail_all(batch: &[Write], e: &StoreError) -> Vec<Done> {
+    let cause: Cause = match e {
+        StoreError::Unavailable(cause) | StoreError::Other(cause) => cause.clone(),
+        e => Arc::from(Box::<dyn std::error::Error + Send + Sync>::from(e.to_string())),
+    };
+    batch.iter().map(|w| w.failed(StoreError::Unavailable(cause.clone()))).collect()
 }
 
 /// All of `batch` in one transaction, committed; or the first error, with nothing written. Kinds run in a
 /// fixed order (registrations, observations, completions, claims, attempts); no two writes of a batch
 /// depend on each other's order but a registration and its job's end, which come out the same either
 /// way (the subscription is delivered).
-async fn try_batch(pool: &PgPool, batch: &[Write], sent: &notice::Sent) -> Result<Vec<Done>> {
-    let mut tx = pool.begin().await.db()?;
+async fn try_batch(conn: &mut PgConnection, batch: &[Write], sent: &notice::Sent) -> Result<Vec<Done>> {
+    let mut tx = sqlx::Connection::begin(conn).await.db()?;
     let mut results: Vec<Option<Done>> = batch.iter().map(|_| None).collect();
 
     let (at, regs): (Vec<usize>, Vec<Registration<'_>>) = batch
@@ -144,7 +179,7 @@ async fn try_batch(pool: &PgPool, batch: &[Write], sent: &notice::Sent) -> Resul
 
 /// What the upstream last said, for each job (the latest of a job's observations in the batch wins, as
 /// it would one after the other).
-async fn observe_all(tx: &mut Transaction<'static, Postgres>, batch: &[Write], at: &[usize]) -> Result<()> {
+async fn observe_all(tx: &mut PgConnection, batch: &[Write], at: &[usize]) -> Result<()> {
     let mut seen = HashSet::new();
     let (mut jobs, mut statuses, mut errors, mut nows) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for i in at.iter().rev() {
@@ -166,14 +201,14 @@ async fn observe_all(tx: &mut Transaction<'static, Postgres>, batch: &[Write], a
     .bind(&statuses)
     .bind(&errors)
     .bind(&nows)
-    .execute(&mut **tx)
+    .execute(&mut *tx)
     .await
     .db()?;
     Ok(())
 }
 
 /// See [`Store::claim_delivery`]. Claims are kept on the database's clock.
-async fn claim_all(tx: &mut Transaction<'static, Postgres>, batch: &[Write], at: &[usize]) -> Result<Vec<Claim>> {
+async fn claim_all(tx: &mut PgConnection, batch: &[Write], at: &[usize]) -> Result<Vec<Claim>> {
     let (mut ids, mut series, mut ms, mut by) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for i in at {
         if let Write::Claim { id, series: s, claim, .. } = &batch[*i] {
@@ -196,7 +231,7 @@ async fn claim_all(tx: &mut Transaction<'static, Postgres>, batch: &[Write], at:
     .bind(&series)
     .bind(&ms)
     .bind(&by)
-    .fetch_all(&mut **tx)
+    .fetch_all(&mut *tx)
     .await
     .db()?
     .into_iter()
@@ -212,7 +247,7 @@ async fn claim_all(tx: &mut Transaction<'static, Postgres>, batch: &[Write], at:
         let row: Option<(String, i64, Option<i64>)> =
             sqlx::query_as("SELECT state, series, claimed_until FROM subscriptions WHERE id = $1")
                 .bind(&id)
-                .fetch_optional(&mut **tx)
+                .fetch_optional(&mut *tx)
                 .await
                 .db()?;
         claims.push(claim_refused(row, *series, *now));
@@ -222,7 +257,7 @@ async fn claim_all(tx: &mut Transaction<'static, Postgres>, batch: &[Write], at:
 
 /// Logs the attempts, moves their deliveries on and releases their claims; for each, whether its
 /// subscription was still delivering.
-async fn record_attempts(tx: &mut Transaction<'static, Postgres>, batch: &[Write], at: &[usize]) -> Result<Vec<bool>> {
+async fn record_attempts(tx: &mut PgConnection, batch: &[Write], at: &[usize]) -> Result<Vec<bool>> {
     let mut log = AttemptColumns::default();
     for i in at {
         if let Write::Attempt { record, result, now, .. } = &batch[*i] {
@@ -242,7 +277,7 @@ async fn record_attempts(tx: &mut Transaction<'static, Postgres>, batch: &[Write
     .bind(&log.status_codes)
     .bind(&log.errors)
     .bind(&log.durations)
-    .execute(&mut **tx)
+    .execute(&mut *tx)
     .await
     .db()?;
     let moved: HashSet<(String, i64)> = sqlx::query_as(
@@ -260,7 +295,7 @@ async fn record_attempts(tx: &mut Transaction<'static, Postgres>, batch: &[Write
     .bind(&log.next_at)
     .bind(&log.reasons)
     .bind(&log.nows)
-    .fetch_all(&mut **tx)
+    .fetch_all(&mut *tx)
     .await
     .db()?
     .into_iter()
