@@ -36,10 +36,13 @@ const BATCH_DEADLINE: Duration = Duration::from_secs(15);
 /// a longer wait is a stuck peer), a transaction left idle for 20 s is ended (ours never pause between
 /// statements; one that does is on a connection its client has given up on, and its locks hold others
 /// up), and the server probes an idle client with TCP keepalives, so a client that vanished releases
-/// its locks within about a minute even outside a transaction.
+/// its locks within about a minute even outside a transaction. Every statement is planned for its own
+/// arguments (`force_custom_plan`): a connection lives long, and a generic plan made while a table was
+/// nearly empty (a sequential scan) would otherwise stay with it however large the table grows.
 const PG_SESSION: &str = "SET statement_timeout = '30s'; SET lock_timeout = '10s'; \
      SET idle_in_transaction_session_timeout = '20s'; SET tcp_keepalives_idle = 30; \
-     SET tcp_keepalives_interval = 10; SET tcp_keepalives_count = 3";
+     SET tcp_keepalives_interval = 10; SET tcp_keepalives_count = 3; \
+     SET plan_cache_mode = force_custom_plan";
 
 /// The database's clock in Unix milliseconds (PostgreSQL), the one clock every instance's claims are
 /// read from (as for leases).
