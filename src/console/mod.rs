@@ -49,6 +49,7 @@ pub fn router(app: AppState, session_key: Vec<u8>) -> axum::Router<AppState> {
             "/console/subscriptions/{id}/redeliver",
             get(subscriptions::confirm_redeliver).post(subscriptions::redeliver),
         )
+        .route("/console/subscriptions/{id}/retry", get(subscriptions::confirm_retry).post(subscriptions::retry))
         .route("/console/register", get(subscriptions::register_page).post(subscriptions::register))
         .route("/console/secret", get(account::secret_page))
         .route("/console/secret/reveal", post(account::reveal_secret))

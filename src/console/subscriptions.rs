@@ -170,6 +170,7 @@ pub async fn detail(
     let notice = match done.as_str() {
         "cancelled" => html::notice("ok", "The subscription was cancelled."),
         "redelivered" => html::notice("ok", "A new delivery series has started."),
+        "retried" => html::notice("ok", "The next attempt is being made now."),
         "registered" => html::notice("ok", "The job was registered."),
         _ => String::new(),
     };
@@ -233,6 +234,13 @@ async fn detail_page(
         let _ = write!(
             main,
             "<a class=\"button primary\" href=\"/console/subscriptions/{}/redeliver\">Redeliver…</a>",
+            esc(&sub.id)
+        );
+    }
+    if sub.state == SubscriptionState::Delivering {
+        let _ = write!(
+            main,
+            "<a class=\"button primary\" href=\"/console/subscriptions/{}/retry\">Retry now…</a>",
             esc(&sub.id)
         );
     }
@@ -344,6 +352,37 @@ pub async fn confirm_redeliver(
         "Yes, redeliver",
     )
     .await
+}
+
+pub async fn confirm_retry(State(state): State<ConsoleState>, session: Session, Path(raw): Path<String>) -> Response {
+    confirm(
+        &state,
+        &session,
+        &raw,
+        "retry",
+        "Retry now?",
+        "The delivery is waiting for its next retry. Its next attempt is made now instead, in the same series \
+         and under the same webhook-id; if it fails, the retry schedule goes on from there.",
+        "Yes, retry now",
+    )
+    .await
+}
+
+/// Makes a waiting delivery's next attempt now, through the API's redeliver handler (which does exactly
+/// that for a delivering subscription, and starts a new series if it has ended meanwhile).
+pub async fn retry(
+    State(state): State<ConsoleState>,
+    session: Session,
+    Path(raw): Path<String>,
+    _form: CsrfForm,
+) -> Response {
+    let Some(id) = parse_id(&raw) else {
+        return html::not_found(Some(&session.nav("subscriptions")));
+    };
+    match api::redeliver(State(state.app.clone()), session.tenant.clone(), SubscriptionPath::new(id)).await {
+        Ok(_) => Redirect::to(&format!("/console/subscriptions/{id}?done=retried")).into_response(),
+        Err(e) => action_failed(&state, &session, id, e).await,
+    }
 }
 
 /// Cancels through the API's handler (which waits for an attempt on the wire, as the API does).

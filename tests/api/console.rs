@@ -1,10 +1,13 @@
 //! The web console's security properties, on the real router and a real socket. What a person sees is
 //! checked in a real browser by tests/console/browser-test.mjs.
 
+use std::time::Duration;
+
+use jobhook::domain::SubscriptionState;
 use reqwest::StatusCode;
 use reqwest::header::{self, HeaderMap};
 
-use crate::support::helpers::{KEY_A, KEY_B, Settings, TestApp, new_job, spawn_app, spawn_app_with};
+use crate::support::helpers::{KEY_A, KEY_B, Settings, TestApp, eventually, new_job, spawn_app, spawn_app_with};
 
 /// A client that follows no redirect, so each answer is seen as sent.
 fn browser() -> reqwest::Client {
@@ -256,4 +259,34 @@ async fn with_the_console_off_there_is_no_console() {
         assert_eq!(response.status(), StatusCode::NOT_FOUND, "{path}");
     }
     assert_eq!(app.get_as(KEY_A, "/v1/subscriptions").await.status(), StatusCode::OK, "the API still answers");
+}
+
+#[tokio::test]
+async fn a_delivery_waiting_for_its_retry_has_a_retry_now_button() {
+    let app = spawn_app_with(Settings::default().arg("--retry-schedule", "1h")).await;
+    app.receiver.answer_with(&[500]);
+    let id = app.subscribe().await;
+    app.receiver.wait_for("/hook", 1).await;
+    eventually(Duration::from_secs(10), "the failed attempt is recorded", || async {
+        (app.view(&id).await.attempts == 1).then_some(())
+    })
+    .await;
+    let a = sign_in(&app, KEY_A).await;
+    let page = browser().get(app.url(&format!("/console/subscriptions/{id}"))).header(header::COOKIE, &a.cookie);
+    let page = page.send().await.unwrap().text().await.unwrap();
+    assert!(page.contains(&format!("/console/subscriptions/{id}/retry")), "a Retry now button");
+    let confirm =
+        browser().get(app.url(&format!("/console/subscriptions/{id}/retry"))).header(header::COOKIE, &a.cookie);
+    let confirm = confirm.send().await.unwrap();
+    assert_eq!(confirm.status(), StatusCode::OK);
+    assert!(confirm.text().await.unwrap().contains("Retry now?"));
+    let started = std::time::Instant::now();
+    let done = post_as(&app, &a, &format!("/console/subscriptions/{id}/retry"), &[("csrf", &a.csrf)]).await;
+    assert_eq!(done.status(), StatusCode::SEE_OTHER);
+    assert!(done.headers()[header::LOCATION].to_str().unwrap().ends_with("?done=retried"));
+    let got = app.receiver.wait_for("/hook", 2).await;
+    assert!(started.elapsed() < Duration::from_secs(10), "the retry came now, not in an hour");
+    assert_eq!(got[0].header("webhook-id"), got[1].header("webhook-id"));
+    let view = app.wait_until(&id, SubscriptionState::Delivered).await;
+    assert_eq!(view.attempts, 2);
 }
