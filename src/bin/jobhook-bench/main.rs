@@ -35,9 +35,12 @@ mod history;
 mod pending;
 mod proc;
 mod servers;
+mod soak;
+mod text;
 
 use proc::*;
 use servers::*;
+use text::*;
 
 #[derive(Debug, Parser)]
 #[command(name = "jobhook-bench", about = "Measures jobhook against this machine's limit")]
@@ -82,30 +85,12 @@ struct Args {
     /// housekeeping purges them during the measured run.
     #[arg(long, default_value = "0s", value_parser = jobhook::config::parse_duration)]
     history_age: Duration,
-}
-
-/// The upper bound of the histogram bucket holding quantile `q` (Prometheus text, cumulative buckets).
-fn histogram_quantile(text: &str, metric: &str, q: f64) -> Option<f64> {
-    let prefix = format!("{metric}_bucket{{le=\"");
-    let buckets: Vec<(f64, f64)> = text
-        .lines()
-        .filter_map(|l| l.strip_prefix(&prefix))
-        .filter_map(|rest| {
-            let (le, count) = rest.split_once("\"} ")?;
-            let le = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
-            Some((le, count.trim().parse().ok()?))
-        })
-        .collect();
-    let total = buckets.last()?.1;
-    buckets.iter().find(|(_, c)| *c >= q * total).map(|(le, _)| *le)
-}
-
-fn bucket_ms(bound: Option<f64>) -> String {
-    match bound {
-        Some(b) if b.is_finite() => format!("{:.0}", b * 1000.0),
-        Some(_) => "∞".into(),
-        None => "?".into(),
-    }
+    /// Instead: steady traffic for this long (e.g. 15m) at --rate, sampling store size and RSS (see soak.rs).
+    #[arg(long, value_parser = jobhook::config::parse_duration)]
+    soak: Option<Duration>,
+    /// --soak's jobs per second.
+    #[arg(long, default_value_t = 500)]
+    rate: u64,
 }
 
 /// A fresh store: a SQLite file in `dir`, or a new schema in the PostgreSQL database at `url`.
@@ -277,6 +262,9 @@ async fn main() -> anyhow::Result<()> {
 
     if let Some(n) = args.pending {
         return pending::pending_mode(&args, &binary, n).await;
+    }
+    if let Some(duration) = args.soak {
+        return soak::soak_mode(&args, &binary, duration).await;
     }
     let upstream = Arc::new(Upstream {
         shards: (0..64).map(|_| Mutex::new(HashMap::new())).collect(),
