@@ -22,7 +22,7 @@ use crate::store::{Millis, Purged, Store, StoreError, now_ms};
 /// The most subscriptions one purge transaction deletes: small enough that a registration queued
 /// behind it waits a few milliseconds, large enough to keep up with any steady rate (each batch takes
 /// a few ms; a run deletes tens of thousands a second).
-pub const PURGE_BATCH: u32 = 500;
+pub const PURGE_BATCH: u32 = 200;
 
 /// Deletes everything that ended before `ended_before`, batch by batch (each batch is told to
 /// `each_batch` as it commits), then reclaims the space. `None` when another instance is purging now.
