@@ -370,19 +370,8 @@ pub async fn confirm_retry(State(state): State<ConsoleState>, session: Session, 
 
 /// Makes a waiting delivery's next attempt now, through the API's redeliver handler (which does exactly
 /// that for a delivering subscription, and starts a new series if it has ended meanwhile).
-pub async fn retry(
-    State(state): State<ConsoleState>,
-    session: Session,
-    Path(raw): Path<String>,
-    _form: CsrfForm,
-) -> Response {
-    let Some(id) = parse_id(&raw) else {
-        return html::not_found(Some(&session.nav("subscriptions")));
-    };
-    match api::redeliver(State(state.app.clone()), session.tenant.clone(), SubscriptionPath::new(id)).await {
-        Ok(_) => Redirect::to(&format!("/console/subscriptions/{id}?done=retried")).into_response(),
-        Err(e) => action_failed(&state, &session, id, e).await,
-    }
+pub async fn retry(state: State<ConsoleState>, session: Session, raw: Path<String>, _form: CsrfForm) -> Response {
+    redeliver_then(state, session, raw, "retried").await
 }
 
 /// Cancels through the API's handler (which waits for an attempt on the wire, as the API does).
@@ -402,17 +391,22 @@ pub async fn cancel(
 }
 
 /// Redelivers through the API's handler.
-pub async fn redeliver(
+pub async fn redeliver(state: State<ConsoleState>, session: Session, raw: Path<String>, _form: CsrfForm) -> Response {
+    redeliver_then(state, session, raw, "redelivered").await
+}
+
+/// The API's redeliver, then the subscription's page with the notice `done`.
+async fn redeliver_then(
     State(state): State<ConsoleState>,
     session: Session,
     Path(raw): Path<String>,
-    _form: CsrfForm,
+    done: &str,
 ) -> Response {
     let Some(id) = parse_id(&raw) else {
         return html::not_found(Some(&session.nav("subscriptions")));
     };
     match api::redeliver(State(state.app.clone()), session.tenant.clone(), SubscriptionPath::new(id)).await {
-        Ok(_) => Redirect::to(&format!("/console/subscriptions/{id}?done=redelivered")).into_response(),
+        Ok(_) => Redirect::to(&format!("/console/subscriptions/{id}?done={done}")).into_response(),
         Err(e) => action_failed(&state, &session, id, e).await,
     }
 }
