@@ -41,12 +41,7 @@ impl PgStore {
         if changed.rows_affected() == 0 {
             // Claimed, or (PostgreSQL: the read above takes no lock) ended since. A live subscription here
             // is held by an attempt (or its claim lapsed a moment ago): the caller asks again shortly.
-            let state: String = sqlx::query_scalar("SELECT state FROM subscriptions WHERE id = $1")
-                .bind(&sub_id)
-                .fetch_one(&mut *tx)
-                .await
-                .db()?;
-            let state: SubscriptionState = state.parse().map_err(|e| corrupt("state", e))?;
+            let state = state_in(&mut tx, &sub_id).await?;
             return Ok(Some(if state.is_final() { Cancel::Ended(state) } else { Cancel::AttemptInFlight }));
         }
         notify(&mut tx, &self.sent, Notice::Cancel(id, job_id)).await?;
@@ -62,16 +57,8 @@ impl PgStore {
     ) -> Result<Option<Redelivery>> {
         let sub_id = id.to_string();
         let mut tx = self.begin().await?;
-        let sql = concat!(delivery_select!(), " WHERE s.id = $1 AND s.tenant_id = $2");
-        let row: Option<DeliveryRow> =
-            sqlx::query_as(sql).bind(&sub_id).bind(tenant_id).fetch_optional(&mut *tx).await.db()?;
-        let Some(row) = row else { return Ok(None) };
-        let state: String = sqlx::query_scalar("SELECT state FROM subscriptions WHERE id = $1")
-            .bind(&sub_id)
-            .fetch_one(&mut *tx)
-            .await
-            .db()?;
-        let state: SubscriptionState = state.parse().map_err(|e| corrupt("state", e))?;
+        let Some(row) = delivery_in(&mut tx, &sub_id, tenant_id).await? else { return Ok(None) };
+        let state = state_in(&mut tx, &sub_id).await?;
         if !matches!(state, SubscriptionState::Delivered | SubscriptionState::Failed)
             || row.result.is_none()
             || row.webhook_id.is_none()

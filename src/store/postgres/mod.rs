@@ -275,6 +275,22 @@ async fn notify(tx: &mut PgConnection, sent: &notice::Sent, notice: Notice) -> R
     Ok(())
 }
 
+/// A tenant's subscription as a delivery (its job's result joined), read in `tx`.
+async fn delivery_in(tx: &mut PgConnection, sub_id: &str, tenant_id: i64) -> Result<Option<DeliveryRow>> {
+    let sql = concat!(delivery_select!(), " WHERE s.id = $1 AND s.tenant_id = $2");
+    sqlx::query_as(sql).bind(sub_id).bind(tenant_id).fetch_optional(&mut *tx).await.db()
+}
+
+/// A subscription's state, read in `tx` (the subscription exists).
+async fn state_in(tx: &mut PgConnection, sub_id: &str) -> Result<SubscriptionState> {
+    let state: String = sqlx::query_scalar("SELECT state FROM subscriptions WHERE id = $1")
+        .bind(sub_id)
+        .fetch_one(&mut *tx)
+        .await
+        .db()?;
+    state.parse().map_err(|e| corrupt("state", e))
+}
+
 pub(super) async fn pollable_in(tx: &mut PgConnection, job_id: &str) -> Result<Option<PollableJob>> {
     let sql = concat!(pollable_select!(), " WHERE j.job_id = $1 GROUP BY j.job_id");
     let row: Option<PollableRow> = sqlx::query_as(sql).bind(job_id).fetch_optional(&mut *tx).await.db()?;

@@ -14,10 +14,7 @@ impl PgStore {
     ) -> Result<Option<RetryNow>> {
         let sub_id = id.to_string();
         let mut tx = self.begin().await?;
-        let sql = concat!(delivery_select!(), " WHERE s.id = $1 AND s.tenant_id = $2");
-        let row: Option<DeliveryRow> =
-            sqlx::query_as(sql).bind(&sub_id).bind(tenant_id).fetch_optional(&mut *tx).await.db()?;
-        let Some(row) = row else { return Ok(None) };
+        let Some(row) = delivery_in(&mut tx, &sub_id, tenant_id).await? else { return Ok(None) };
         // Guarded by the series read above: a redelivery that started a newer series meanwhile is left
         // alone. Claims are not touched: an attempt on the wire keeps its claim.
         let changed = sqlx::query(
@@ -30,12 +27,7 @@ impl PgStore {
         .await
         .db()?;
         if changed.rows_affected() == 0 {
-            let state: String = sqlx::query_scalar("SELECT state FROM subscriptions WHERE id = $1")
-                .bind(&sub_id)
-                .fetch_one(&mut *tx)
-                .await
-                .db()?;
-            return Ok(Some(RetryNow::NotDelivering(state.parse().map_err(|e| corrupt("state", e))?)));
+            return Ok(Some(RetryNow::NotDelivering(state_in(&mut tx, &sub_id).await?)));
         }
         notify(&mut tx, &self.sent, Notice::Deliver(id, row.partition)).await?;
         tx.commit().await.db()?;
