@@ -266,20 +266,8 @@ async fn main() -> anyhow::Result<()> {
     if let Some(duration) = args.soak {
         return soak::soak_mode(&args, &binary, duration).await;
     }
-    let upstream = Arc::new(Upstream {
-        shards: (0..64).map(|_| Mutex::new(HashMap::new())).collect(),
-        pending_polls: args.pending_polls,
-        polls: AtomicU64::new(0),
-        lateness: None,
-    });
-    let upstream_addr =
-        serve(axum::Router::new().route("/public/v1/job/{id}", get(job_status)).with_state(upstream.clone())).await;
-    let receiver = Arc::new(Receiver {
-        secret: SECRET.parse().map_err(anyhow::Error::msg)?,
-        seen: Mutex::new(HashMap::new()),
-        bad_signatures: AtomicU64::new(0),
-        received: AtomicU64::new(0),
-    });
+    let (upstream, upstream_addr) = Upstream::start(args.pending_polls, None).await;
+    let receiver = Receiver::new()?;
     let receiver_addr = serve(
         axum::Router::new()
             .route("/hook", post(callback))

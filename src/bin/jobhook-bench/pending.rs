@@ -33,14 +33,7 @@ pub(super) async fn all_polled_since(
 /// `--pending N`: N subscriptions that never end, polled every `--pending-interval`.
 pub(super) async fn pending_mode(args: &Args, binary: &std::path::Path, n: usize) -> anyhow::Result<()> {
     let interval = humantime::parse_duration(&args.pending_interval)?;
-    let upstream = Arc::new(Upstream {
-        shards: (0..64).map(|_| Mutex::new(HashMap::new())).collect(),
-        pending_polls: u32::MAX,
-        polls: AtomicU64::new(0),
-        lateness: Some((interval, Mutex::new(Vec::new()))),
-    });
-    let upstream_addr =
-        serve(axum::Router::new().route("/public/v1/job/{id}", get(job_status)).with_state(upstream.clone())).await;
+    let (upstream, upstream_addr) = Upstream::start(u32::MAX, Some(interval)).await;
     let dir = std::env::temp_dir().join(format!("jobhook-bench-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir)?;
     let db = format!("sqlite://{}", dir.join("pending.db").display());

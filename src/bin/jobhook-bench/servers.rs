@@ -22,6 +22,18 @@ pub(super) struct Upstream {
 }
 
 impl Upstream {
+    /// An upstream whose jobs answer Pending `pending_polls` times, served on a loopback port.
+    pub(super) async fn start(pending_polls: u32, lateness: Option<Duration>) -> (Arc<Upstream>, SocketAddr) {
+        let upstream = Arc::new(Upstream {
+            shards: (0..64).map(|_| Mutex::new(HashMap::new())).collect(),
+            pending_polls,
+            polls: AtomicU64::new(0),
+            lateness: lateness.map(|interval| (interval, Mutex::new(Vec::new()))),
+        });
+        let router = axum::Router::new().route("/public/v1/job/{id}", get(job_status)).with_state(upstream.clone());
+        (upstream, serve(router).await)
+    }
+
     pub(super) fn shard(&self, id: &uuid::Uuid) -> &Shard {
         &self.shards[id.as_u128() as usize % self.shards.len()]
     }
@@ -68,6 +80,18 @@ pub(super) struct Receiver {
     pub(super) seen: Mutex<HashMap<String, Seen>>,
     pub(super) bad_signatures: AtomicU64,
     pub(super) received: AtomicU64,
+}
+
+impl Receiver {
+    /// A receiver checking signatures made with the benchmark's secret, nothing seen yet.
+    pub(super) fn new() -> anyhow::Result<Arc<Receiver>> {
+        Ok(Arc::new(Receiver {
+            secret: SECRET.parse().map_err(anyhow::Error::msg)?,
+            seen: Mutex::new(HashMap::new()),
+            bad_signatures: AtomicU64::new(0),
+            received: AtomicU64::new(0),
+        }))
+    }
 }
 
 pub(super) async fn callback(State(rx): State<Arc<Receiver>>, headers: HeaderMap, body: Bytes) -> StatusCode {

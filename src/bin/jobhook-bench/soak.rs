@@ -17,20 +17,8 @@ struct Sample {
 
 pub(super) async fn soak_mode(args: &Args, binary: &std::path::Path, duration: Duration) -> anyhow::Result<()> {
     anyhow::ensure!(args.rate > 0, "--soak needs --rate above 0 (jobs per second)");
-    let upstream = Arc::new(Upstream {
-        shards: (0..64).map(|_| Mutex::new(HashMap::new())).collect(),
-        pending_polls: args.pending_polls,
-        polls: AtomicU64::new(0),
-        lateness: None,
-    });
-    let upstream_addr =
-        serve(axum::Router::new().route("/public/v1/job/{id}", get(job_status)).with_state(upstream.clone())).await;
-    let receiver = Arc::new(Receiver {
-        secret: SECRET.parse().map_err(anyhow::Error::msg)?,
-        seen: Mutex::new(HashMap::new()),
-        bad_signatures: AtomicU64::new(0),
-        received: AtomicU64::new(0),
-    });
+    let (_, upstream_addr) = Upstream::start(args.pending_polls, None).await;
+    let receiver = Receiver::new()?;
     let receiver_addr = serve(axum::Router::new().route("/hook", post(callback)).with_state(receiver.clone())).await;
     let dir = std::env::temp_dir().join(format!("jobhook-bench-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir)?;
