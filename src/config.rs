@@ -216,7 +216,7 @@ pub struct Config {
     pub signing_secret: Option<SigningSecret>,
     pub poll: PollConfig,
     pub delivery: DeliveryConfig,
-    pub egress: crate::delivery::client::EgressPolicy,
+    pub egress: crate::egress::EgressPolicy,
     pub secret_rotation_grace: Duration,
     pub lease_ttl: Duration,
     pub shutdown_grace: Duration,
@@ -308,7 +308,7 @@ impl ServeArgs {
                 max_in_flight_per_host: widen(self.delivery_concurrency_per_host),
                 max_in_flight_per_tenant: widen(self.delivery_concurrency_per_tenant),
             },
-            egress: crate::delivery::client::EgressPolicy {
+            egress: crate::egress::EgressPolicy {
                 allow_private: self.allow_private_callbacks,
                 allow_cidrs: std::sync::Arc::new(allow_cidrs),
                 https_only: self.callback_https_only,

@@ -102,7 +102,7 @@ impl UpstreamClient {
         // Bearer key, which must not go to whatever proxy a variable happens to name. An operator who
         // needs one says so with --upstream-proxy.
         let mut builder = reqwest::Client::builder()
-            .user_agent(crate::delivery::client::USER_AGENT)
+            .user_agent(crate::egress::USER_AGENT)
             .redirect(reqwest::redirect::Policy::none())
             .no_proxy()
             .timeout(config.timeout)

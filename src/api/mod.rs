@@ -25,7 +25,7 @@ use utoipa_axum::routes;
 use tracing::Instrument;
 
 use crate::delivery::DispatcherHandle;
-use crate::delivery::client::{EgressPolicy, Lookup};
+use crate::egress::{EgressPolicy, Lookup};
 use crate::poller::PollerHandle;
 use crate::store::{Millis, Store, Tenant};
 pub use auth::UNKNOWN_KEY;

@@ -6,9 +6,9 @@
 
 use std::time::{Duration, Instant};
 
-use super::client::{self, EgressRefused};
 use super::{DeliveryContext, MAX_RESPONSE_BYTES, Slots, retry, signing};
 use crate::domain::{FailureReason, truncate};
+use crate::egress::{self, EgressRefused};
 use crate::keys::SigningSecret;
 use crate::store::{AttemptRecord, AttemptResult, Claim, DeliveryTask, Millis, now_ms};
 use crate::upstream::{describe_transport_error, parse_retry_after};
@@ -39,7 +39,7 @@ impl SendError {
     /// Classifies a failed request: an egress refusal, found by walking the cause chain (the vetting
     /// resolver's refusal comes back inside a connect error), or a transport failure.
     pub(crate) fn from_request(e: &reqwest::Error) -> Self {
-        match client::find_refusal(e) {
+        match egress::find_refusal(e) {
             Some(refused) => SendError::Refused(refused.clone()),
             None => SendError::Transport(describe_transport_error(e)),
         }

@@ -7,7 +7,6 @@
 //! so no receiver slows the others (DESIGN promise 6).
 
 pub mod attempt;
-pub mod client;
 pub mod dispatcher;
 pub mod retry;
 pub mod secrets;
@@ -21,9 +20,9 @@ use tokio::sync::{Semaphore, mpsc};
 
 use crate::config::DeliveryConfig;
 use crate::domain::SubscriptionId;
+use crate::egress::{self, EgressPolicy};
 use crate::store::{DeliveryTask, Store};
 pub use attempt::{AttemptOutcome, DeliveryOutcome, SendError, attempt, decide};
-use client::EgressPolicy;
 pub use dispatcher::run;
 pub use secrets::SecretsCache;
 
@@ -59,14 +58,14 @@ impl DeliveryContext {
         store: Arc<dyn Store>,
         secrets: Arc<SecretsCache>,
         policy: EgressPolicy,
-        lookup: client::Lookup,
+        lookup: egress::Lookup,
         config: DeliveryConfig,
         ownership: Arc<crate::partition::Ownership>,
         metrics: Arc<crate::metrics::Metrics>,
     ) -> Self {
         DeliveryContext {
             metrics,
-            http: client::callback_client(&policy, lookup, config.timeout),
+            http: egress::callback_client(&policy, lookup, config.timeout),
             overall: Arc::new(Semaphore::new(config.max_in_flight)),
             per_host: Mutex::new(HashMap::new()),
             per_tenant: Mutex::new(HashMap::new()),
