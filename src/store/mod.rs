@@ -435,7 +435,8 @@ pub trait Store: Send + Sync + 'static {
 
     /// Deletes, in one short transaction, up to `limit` subscriptions that ended (delivered, failed,
     /// expired, cancelled) before `ended_before`, oldest first, with their delivery attempts and the jobs
-    /// no subscription refers to any more. `None` when another instance is purging (PostgreSQL).
+    /// no subscription refers to any more; fewer when the transaction's time is up (SQLite), but at
+    /// least one while any is left. `None` when another instance is purging (PostgreSQL).
     async fn purge_ended(&self, ended_before: Millis, limit: u32) -> Result<Option<Purged>>;
     /// What [`Store::purge_ended`] would delete, all batches together (`jobhook purge --dry-run`).
     async fn purgeable(&self, ended_before: Millis) -> Result<Purged>;

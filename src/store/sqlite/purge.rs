@@ -17,6 +17,11 @@ macro_rules! ended {
 /// waits milliseconds (a step of 8 MB held the writer for hundreds of them).
 const VACUUM_STEP_PAGES: i64 = 256;
 
+/// How long one purge transaction may delete for. The writes that arrive meanwhile queue behind it, so
+/// this is what the purge adds to a registration's latency: measured on a store of 3,000,000 rows, 200
+/// rows at once held the writer ~90 ms and put registration p99 at 120-150 ms.
+const PURGE_STEP_BUDGET: std::time::Duration = std::time::Duration::from_millis(8);
+
 pub(super) fn purge_batch(tx: &Transaction<'_>, ended_before: Millis, limit: u32) -> Result<Purged> {
     let rows: Vec<(String, String)> = tx
         .prepare_cached(concat!(
@@ -37,13 +42,21 @@ pub(super) fn purge_batch(tx: &Transaction<'_>, ended_before: Millis, limit: u32
             "DELETE FROM jobs WHERE job_id = ?1 AND NOT EXISTS (SELECT 1 FROM subscriptions s WHERE s.job_id = ?1)",
         )
         .sq()?;
-    for (id, _) in &rows {
+    // Row by row until the budget is spent (at least one, so a run always gets through): a row of a
+    // large store costs a few random B-tree pages, so `limit` rows can take far longer than a
+    // registration should wait behind them.
+    let started = std::time::Instant::now();
+    let mut done = 0;
+    for (id, job_id) in &rows {
         purged.attempts += attempts.execute(params![id]).sq()? as u64;
         purged.subscriptions += subscription.execute(params![id]).sq()? as u64;
-    }
-    for (_, job_id) in &rows {
         purged.jobs += job.execute(params![job_id]).sq()? as u64;
+        done += 1;
+        if started.elapsed() >= PURGE_STEP_BUDGET {
+            break;
+        }
     }
+    tracing::trace!(rows = done, "purge step");
     Ok(purged)
 }
 
