@@ -8,6 +8,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
+use strum::VariantArray;
 use uuid::Uuid;
 
 /// An upstream job ID: a UUID, kept in its canonical lowercase hyphenated form so that the same job
@@ -149,6 +150,10 @@ impl fmt::Display for CallbackUrl {
 /// Where a subscription is in its life. The last four are final.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
+// serde spells the API's values and strum the stored ones (`as_str`, `FromStr`): a test below holds
+// the two to one spelling.
+#[derive(strum::IntoStaticStr, strum::EnumString, strum::VariantArray)]
+#[strum(serialize_all = "snake_case", parse_err_ty = String, parse_err_fn = unknown_state)]
 pub enum SubscriptionState {
     /// The job is being polled upstream.
     Polling,
@@ -165,18 +170,8 @@ pub enum SubscriptionState {
 }
 
 impl SubscriptionState {
-    pub const ALL: [SubscriptionState; 6] =
-        [Self::Polling, Self::Delivering, Self::Delivered, Self::Failed, Self::Expired, Self::Cancelled];
-
     pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Polling => "polling",
-            Self::Delivering => "delivering",
-            Self::Delivered => "delivered",
-            Self::Failed => "failed",
-            Self::Expired => "expired",
-            Self::Cancelled => "cancelled",
-        }
+        self.into()
     }
 
     pub fn is_final(self) -> bool {
@@ -184,19 +179,16 @@ impl SubscriptionState {
     }
 }
 
-impl FromStr for SubscriptionState {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::ALL.into_iter().find(|state| state.as_str() == s).ok_or_else(|| {
-            let names: Vec<_> = Self::ALL.iter().map(|s| s.as_str()).collect();
-            format!("state must be one of {}, got {:?}", names.join(", "), truncate(s, 32))
-        })
-    }
+fn unknown_state(s: &str) -> String {
+    let names: Vec<_> = SubscriptionState::VARIANTS.iter().map(|s| s.as_str()).collect();
+    format!("state must be one of {}, got {:?}", names.join(", "), truncate(s, 32))
 }
 
 /// A job status as the upstream spells it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+// strum spells the variants as they are, as serde does.
+#[derive(strum::IntoStaticStr, strum::EnumString, strum::VariantArray)]
+#[strum(parse_err_ty = String, parse_err_fn = unknown_status)]
 pub enum JobStatus {
     Pending,
     Succeed,
@@ -205,11 +197,7 @@ pub enum JobStatus {
 
 impl JobStatus {
     pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Pending => "Pending",
-            Self::Succeed => "Succeed",
-            Self::Failed => "Failed",
-        }
+        self.into()
     }
 
     pub fn is_terminal(self) -> bool {
@@ -217,22 +205,15 @@ impl JobStatus {
     }
 }
 
-impl FromStr for JobStatus {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "Pending" => Ok(Self::Pending),
-            "Succeed" => Ok(Self::Succeed),
-            "Failed" => Ok(Self::Failed),
-            other => Err(format!("unknown job status {:?}", truncate(other, 32))),
-        }
-    }
+fn unknown_status(s: &str) -> String {
+    format!("unknown job status {:?}", truncate(s, 32))
 }
 
 /// Why a subscription ended without a delivery: machine-readable, stable, documented in the README.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
+#[derive(strum::IntoStaticStr, strum::EnumString, strum::VariantArray)]
+#[strum(serialize_all = "snake_case", parse_err_ty = String, parse_err_fn = unknown_reason)]
 pub enum FailureReason {
     /// The upstream rejected our API key (401).
     UpstreamUnauthorized,
@@ -251,33 +232,12 @@ pub enum FailureReason {
 
 impl FailureReason {
     pub fn as_str(self) -> &'static str {
-        match self {
-            Self::UpstreamUnauthorized => "upstream_unauthorized",
-            Self::UpstreamJobNotFound => "upstream_job_not_found",
-            Self::UpstreamRejectedJob => "upstream_rejected_job",
-            Self::CallbackGone => "callback_gone",
-            Self::DeliveryExhausted => "delivery_exhausted",
-            Self::CallbackRefused => "callback_refused",
-        }
+        self.into()
     }
 }
 
-impl FromStr for FailureReason {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        [
-            Self::UpstreamUnauthorized,
-            Self::UpstreamJobNotFound,
-            Self::UpstreamRejectedJob,
-            Self::CallbackGone,
-            Self::DeliveryExhausted,
-            Self::CallbackRefused,
-        ]
-        .into_iter()
-        .find(|r| r.as_str() == s)
-        .ok_or_else(|| format!("unknown failure reason {s:?}"))
-    }
+fn unknown_reason(s: &str) -> String {
+    format!("unknown failure reason {s:?}")
 }
 
 /// Cuts untrusted text before quoting it back, on a character boundary.
@@ -332,12 +292,33 @@ mod tests {
         assert!(long.parse::<CallbackUrl>().unwrap_err().contains("limit"));
     }
 
-    #[test]
-    fn states_round_trip_through_their_names() {
-        for state in SubscriptionState::ALL {
-            assert_eq!(state.as_str().parse::<SubscriptionState>().unwrap(), state);
+    /// The API (serde) and the store (`as_str`, `FromStr`) spell every value alike.
+    fn round_trips<T>(name: &str)
+    where
+        T: VariantArray + Copy + PartialEq + fmt::Debug + Serialize + FromStr + Into<&'static str>,
+        T::Err: fmt::Debug,
+    {
+        for &value in T::VARIANTS {
+            let stored: &'static str = value.into();
+            assert_eq!(serde_json::to_value(value).unwrap(), stored, "{name}");
+            assert_eq!(stored.parse::<T>().unwrap(), value, "{name}");
         }
-        assert!("done".parse::<SubscriptionState>().unwrap_err().contains("polling"));
+    }
+
+    #[test]
+    fn states_statuses_and_reasons_round_trip_through_one_spelling() {
+        round_trips::<SubscriptionState>("state");
+        round_trips::<JobStatus>("job status");
+        round_trips::<FailureReason>("failure reason");
+        assert_eq!(SubscriptionState::Delivering.as_str(), "delivering");
+        assert_eq!(FailureReason::UpstreamJobNotFound.as_str(), "upstream_job_not_found");
+        assert_eq!(JobStatus::Succeed.as_str(), "Succeed");
+        assert_eq!(
+            "done".parse::<SubscriptionState>().unwrap_err(),
+            "state must be one of polling, delivering, delivered, failed, expired, cancelled, got \"done\""
+        );
+        assert_eq!("succeed".parse::<JobStatus>().unwrap_err(), "unknown job status \"succeed\"");
+        assert!("Callback_Gone".parse::<FailureReason>().is_err(), "no case folding");
     }
 
     #[test]

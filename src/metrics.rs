@@ -13,6 +13,9 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
+use strum::VariantArray;
+
+use crate::domain::SubscriptionState;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabel {
@@ -29,9 +32,6 @@ pub struct AttemptLabels {
     pub outcome: &'static str,
     pub attempt: &'static str,
 }
-
-/// Subscription states, as the store names them.
-pub const STATES: [&str; 6] = ["polling", "delivering", "delivered", "failed", "expired", "cancelled"];
 
 /// How often `GET /metrics` may count subscriptions in the store (a scan): at most once per this.
 const STATE_COUNT_TTL: Duration = Duration::from_secs(5);
@@ -177,7 +177,7 @@ impl Metrics {
     }
 
     pub fn set_subscription_counts(&self, counts: &[(String, i64)]) {
-        for state in STATES {
+        for state in SubscriptionState::VARIANTS.iter().map(|s| s.as_str()) {
             let n = counts.iter().find(|(s, _)| s == state).map_or(0, |(_, n)| *n);
             self.subscriptions.get_or_create(&StateLabel { state }).set(n);
         }

@@ -9,6 +9,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Redirect, Response};
 use serde::Deserialize;
+use strum::VariantArray;
 
 use super::account::sentence;
 use super::html::{self, csrf_field, esc, q};
@@ -24,15 +25,6 @@ const PAGE_SIZE: u32 = 25;
 const LIVE_REFRESH_MS: u32 = 1000;
 /// How often the list's first page refreshes otherwise, so new registrations appear.
 const FIRST_PAGE_REFRESH_MS: u32 = 5000;
-
-const STATES: [SubscriptionState; 6] = [
-    SubscriptionState::Polling,
-    SubscriptionState::Delivering,
-    SubscriptionState::Delivered,
-    SubscriptionState::Failed,
-    SubscriptionState::Expired,
-    SubscriptionState::Cancelled,
-];
 
 fn live(state: SubscriptionState) -> bool {
     matches!(state, SubscriptionState::Polling | SubscriptionState::Delivering)
@@ -67,7 +59,7 @@ pub async fn list(
 
     let mut main = String::from("<h1>Subscriptions</h1>");
     let options: String = std::iter::once(("", "any state"))
-        .chain(STATES.iter().map(|s| (s.as_str(), s.as_str())))
+        .chain(SubscriptionState::VARIANTS.iter().map(|s| (s.as_str(), s.as_str())))
         .map(|(value, label)| {
             let selected = if params.state.trim() == value { " selected" } else { "" };
             format!("<option value=\"{value}\"{selected}>{label}</option>")
