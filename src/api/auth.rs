@@ -1,11 +1,14 @@
 //! The Bearer-key extractor: a handler that takes a [`Tenant`] answers 401 to anyone without a key.
 
+use std::sync::Mutex;
+
 use axum::extract::FromRequestParts;
 use axum::http::header;
 use axum::http::request::Parts;
 
 use super::{ApiError, AppState};
 use crate::keys::KeyHash;
+use crate::recent::Expiring;
 use crate::store::Tenant;
 
 /// The presented Bearer key, hashed.
@@ -17,28 +20,27 @@ pub struct BearerKey(pub KeyHash);
 /// and makes us do nothing (no validation, no DNS lookup) before its 401.
 pub struct RegisteringKey(pub KeyHash);
 
-/// Key hashes seen valid, and when; bounded (forgotten all at once when full: they are only a shortcut).
-#[derive(Default)]
-pub struct KnownKeys(std::sync::Mutex<std::collections::HashMap<KeyHash, std::time::Instant>>);
-
-const KNOWN_KEYS_MAX: usize = 10_000;
+/// Key hashes seen valid in the last [`KNOWN_KEY_FOR`]. Only keys the store has just confirmed are
+/// inserted, and expired ones are pruned, so it holds at most the tenants active in two such spans.
+pub struct KnownKeys(Mutex<Expiring<KeyHash, ()>>);
 
 /// How long a key seen valid skips the first read. A key revoked meanwhile still cannot register (the
 /// write checks it); for at most this long it may get validation answers instead of a 401.
 const KNOWN_KEY_FOR: std::time::Duration = std::time::Duration::from_secs(10);
 
+impl Default for KnownKeys {
+    fn default() -> Self {
+        KnownKeys(Mutex::new(Expiring::new(KNOWN_KEY_FOR)))
+    }
+}
+
 impl KnownKeys {
     fn contains(&self, key: &KeyHash) -> bool {
-        let keys = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        keys.get(key).is_some_and(|seen| seen.elapsed() < KNOWN_KEY_FOR)
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).get(key).is_some()
     }
 
     fn insert(&self, key: KeyHash) {
-        let mut keys = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if keys.len() >= KNOWN_KEYS_MAX {
-            keys.clear();
-        }
-        keys.insert(key, std::time::Instant::now());
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).insert(key, ());
     }
 
     pub fn forget(&self, key: &KeyHash) {
