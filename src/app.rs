@@ -13,13 +13,14 @@ use crate::api::{self, AppState};
 use crate::cluster;
 use crate::config::Config;
 use crate::delivery::{self, DeliveryContext};
+use crate::domain::Timestamp;
 use crate::egress;
 use crate::health;
 use crate::keys::{ApiKey, SigningSecret};
 use crate::metrics::Metrics;
 use crate::partition;
 use crate::poller::{self, PollContext};
-use crate::store::{self, Store, now_ms};
+use crate::store::{self, Store};
 use crate::upstream::UpstreamClient;
 
 /// A built service, listening but not yet serving. Tests build it on port 0 and read [`Self::port`].
@@ -327,7 +328,7 @@ impl Application {
 pub async fn bootstrap_keys(store: &dyn Store, config: &Config) -> anyhow::Result<Option<FirstKey>> {
     let hashes: Vec<_> = config.api_keys.iter().map(ApiKey::hash).collect();
     let synced = store
-        .sync_configured_keys(&hashes, config.signing_secret.as_ref(), now_ms())
+        .sync_configured_keys(&hashes, config.signing_secret.as_ref(), Timestamp::now())
         .await
         .context("cannot store the configured API keys")?;
     for id in synced.revoked_by_command {
@@ -342,7 +343,10 @@ pub async fn bootstrap_keys(store: &dyn Store, config: &Config) -> anyhow::Resul
     }
     let key = ApiKey::generate();
     let secret = config.signing_secret.clone().unwrap_or_else(SigningSecret::generate);
-    store.create_key("first key", key.hash(), &secret, now_ms()).await.context("cannot store the first API key")?;
+    store
+        .create_key("first key", key.hash(), &secret, Timestamp::now())
+        .await
+        .context("cannot store the first API key")?;
     Ok(Some(FirstKey { key, secret }))
 }
 

@@ -36,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 use crate::delivery::DispatcherHandle;
 use crate::partition::{Ownership, PARTITIONS};
 use crate::poller::PollerHandle;
-use crate::store::{Heard, Millis, Notice, Store};
+use crate::store::{Heard, Notice, Store};
 
 /// Every this many ticks, the owned partitions' work is reloaded from the store, in case a notice was
 /// lost (about once a minute with the default TTL).
@@ -57,8 +57,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let tick = config.lease_ttl / 5;
-    let lease_ms = Millis::try_from((config.lease_ttl * 4 / 5).as_millis()).unwrap_or(Millis::MAX);
-    let ttl_ms = Millis::try_from(config.lease_ttl.as_millis()).unwrap_or(Millis::MAX);
+    let (lease, ttl) = (config.lease_ttl * 4 / 5, config.lease_ttl);
     let me = config.instance_id.as_str();
     let work = Work { store: store.clone(), ownership: ownership.clone(), poller, dispatcher };
     let listener = tokio::spawn(listen(store.notices(shutdown.clone()), work.clone(), shutdown.clone()));
@@ -80,7 +79,7 @@ pub async fn run(
         let started = Instant::now();
         let result = tokio::time::timeout(
             tick,
-            lease_tick(store.as_ref(), me, lease_ms, ttl_ms, &ownership, draining.load(Ordering::Acquire)),
+            lease_tick(store.as_ref(), me, lease, ttl, &ownership, draining.load(Ordering::Acquire)),
         )
         .await;
         match result {
@@ -134,20 +133,20 @@ pub async fn run(
 async fn lease_tick(
     store: &dyn Store,
     me: &str,
-    lease_ms: Millis,
-    ttl_ms: Millis,
+    lease: Duration,
+    ttl: Duration,
     ownership: &Ownership,
     draining: u64,
 ) -> crate::store::Result<(u64, u64)> {
     let now = store.clock().await?;
-    let live = store.heartbeat(me, now, now - ttl_ms).await?.max(1);
+    let live = store.heartbeat(me, now, now - ttl).await?.max(1);
     // The draining ones are renewed too, but are no longer ours to work on.
-    let mut held = store.renew_leases(me, now + lease_ms).await? & !draining;
+    let mut held = store.renew_leases(me, now + lease).await? & !draining;
     let mut excess = 0u64;
     let share = (i64::from(PARTITIONS) + live - 1) / live;
     let count = i64::from(held.count_ones());
     if count < share {
-        held |= store.claim_leases(me, share - count, now, now + lease_ms).await?;
+        held |= store.claim_leases(me, share - count, now, now + lease).await?;
     } else if count > share {
         // Give back the highest partitions we hold beyond our share.
         let mut extra = count - share;

@@ -5,7 +5,9 @@
 //! a person can act on, because it ends up, as is, in a problem+json `detail`.
 
 use std::fmt;
+use std::ops::{Add, Sub};
 use std::str::FromStr;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use strum::VariantArray;
@@ -240,6 +242,59 @@ fn unknown_reason(s: &str) -> String {
     format!("unknown failure reason {s:?}")
 }
 
+/// A point in time as the store keeps it: milliseconds since the Unix epoch, UTC. Adding or taking
+/// away a [`Duration`] saturates, so a deadline a configured span away never wraps round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Timestamp(i64);
+
+impl Timestamp {
+    pub fn now() -> Self {
+        Timestamp(time::OffsetDateTime::now_utc().unix_timestamp_nanos().div_euclid(1_000_000) as i64)
+    }
+
+    /// The time a store column or a signed token holds.
+    pub const fn from_millis(ms: i64) -> Self {
+        Timestamp(ms)
+    }
+
+    pub const fn as_millis(self) -> i64 {
+        self.0
+    }
+
+    /// How long after `earlier` this is; zero if it is not after (as `Instant::duration_since`).
+    pub fn duration_since(self, earlier: Timestamp) -> Duration {
+        Duration::from_millis(u64::try_from(self.0.saturating_sub(earlier.0)).unwrap_or(0))
+    }
+
+    /// RFC 3339 in UTC, as the API shows times: `2026-12-01T10:32:30.5Z` (no trailing zeros).
+    pub fn rfc3339(self) -> String {
+        let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(self.0) * 1_000_000)
+            .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+        t.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+    }
+}
+
+/// A span in whole milliseconds; spans past `i64::MAX` ms (292 million years) count as that.
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+impl Add<Duration> for Timestamp {
+    type Output = Timestamp;
+
+    fn add(self, d: Duration) -> Timestamp {
+        Timestamp(self.0.saturating_add(millis(d)))
+    }
+}
+
+impl Sub<Duration> for Timestamp {
+    type Output = Timestamp;
+
+    fn sub(self, d: Duration) -> Timestamp {
+        Timestamp(self.0.saturating_sub(millis(d)))
+    }
+}
+
 /// Cuts untrusted text before quoting it back, on a character boundary.
 pub fn truncate(s: &str, max: usize) -> String {
     if s.len() <= max {
@@ -319,6 +374,25 @@ mod tests {
         );
         assert_eq!("succeed".parse::<JobStatus>().unwrap_err(), "unknown job status \"succeed\"");
         assert!("Callback_Gone".parse::<FailureReason>().is_err(), "no case folding");
+    }
+
+    #[test]
+    fn a_timestamp_adds_and_takes_away_durations_saturating() {
+        let t = Timestamp::from_millis(1_000);
+        assert_eq!(t + Duration::from_millis(1_500), Timestamp::from_millis(2_500));
+        assert_eq!(t - Duration::from_secs(2), Timestamp::from_millis(-1_000));
+        assert_eq!(t + Duration::MAX, Timestamp::from_millis(i64::MAX));
+        assert_eq!(Timestamp::from_millis(-5) - Duration::MAX, Timestamp::from_millis(i64::MIN));
+        assert_eq!((t + Duration::from_millis(250)).duration_since(t), Duration::from_millis(250));
+        assert_eq!(t.duration_since(t + Duration::from_secs(1)), Duration::ZERO, "never negative");
+    }
+
+    #[test]
+    fn a_timestamp_shows_as_rfc3339_utc_to_the_millisecond() {
+        assert_eq!(Timestamp::from_millis(1_764_585_150_123).rfc3339(), "2025-12-01T10:32:30.123Z");
+        assert_eq!(Timestamp::from_millis(1_764_585_150_500).rfc3339(), "2025-12-01T10:32:30.5Z");
+        assert_eq!(Timestamp::from_millis(1_764_585_150_000).rfc3339(), "2025-12-01T10:32:30Z");
+        assert_eq!(Timestamp::from_millis(i64::MAX).rfc3339(), "1970-01-01T00:00:00Z", "out of range");
     }
 
     #[test]

@@ -16,8 +16,9 @@ use tokio_cron_scheduler::{Job, JobScheduler};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::HousekeepingConfig;
+use crate::domain::Timestamp;
 use crate::metrics::Metrics;
-use crate::store::{Millis, Purged, Store, StoreError, now_ms};
+use crate::store::{Purged, Store, StoreError};
 
 /// The most subscriptions one purge transaction deletes: small enough that a registration queued
 /// behind it waits a few milliseconds, large enough to keep up with any steady rate (each batch takes
@@ -28,7 +29,7 @@ pub const PURGE_BATCH: u32 = 200;
 /// `each_batch` as it commits), then reclaims the space. `None` when another instance is purging now.
 pub async fn purge(
     store: &dyn Store,
-    ended_before: Millis,
+    ended_before: Timestamp,
     mut each_batch: impl FnMut(&Purged),
 ) -> Result<Option<Purged>, StoreError> {
     let mut total = Purged::default();
@@ -54,7 +55,7 @@ pub async fn purge(
 /// One scheduled run: purge with the retention, count it, say what was done in one line.
 async fn run_once(store: &dyn Store, retention: Duration, metrics: &Metrics) {
     let started = std::time::Instant::now();
-    let ended_before = now_ms().saturating_sub(Millis::try_from(retention.as_millis()).unwrap_or(Millis::MAX));
+    let ended_before = Timestamp::now() - retention;
     // Counted batch by batch, so a long purge shows its progress.
     let count = |batch: &Purged| {
         metrics.purged_subscriptions.inc_by(batch.subscriptions);

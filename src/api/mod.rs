@@ -25,9 +25,10 @@ use utoipa_axum::routes;
 use tracing::Instrument;
 
 use crate::delivery::DispatcherHandle;
+use crate::domain::Timestamp;
 use crate::egress::{EgressPolicy, Lookup};
 use crate::poller::PollerHandle;
-use crate::store::{Millis, Store, Tenant};
+use crate::store::{Store, Tenant};
 pub use auth::UNKNOWN_KEY;
 pub use error::{ApiError, Problem};
 use webhook_doc::CallbackWebhook;
@@ -143,13 +144,6 @@ pub fn router_with(state: AppState, extra: axum::Router<AppState>) -> axum::Rout
         .with_state(state)
 }
 
-/// Formats store time (Unix milliseconds) as RFC 3339 UTC.
-pub fn rfc3339(ms: Millis) -> String {
-    let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-    t.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
-}
-
 /// The secret that signs your deliveries.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct SigningSecretView {
@@ -191,8 +185,7 @@ pub(crate) async fn rotate_signing_secret(
     tenant: Tenant,
 ) -> Result<Json<RotatedSecret>, ApiError> {
     let secret = crate::keys::SigningSecret::generate();
-    let grace_ms = Millis::try_from(state.secret_rotation_grace.as_millis()).unwrap_or(Millis::MAX);
-    let until = crate::store::now_ms().saturating_add(grace_ms);
+    let until = Timestamp::now() + state.secret_rotation_grace;
     to_the_end({
         let (state, secret) = (state.clone(), secret.clone());
         async move {
@@ -203,7 +196,7 @@ pub(crate) async fn rotate_signing_secret(
         }
     })
     .await?;
-    Ok(Json(RotatedSecret { secret: secret.expose(), previous_secret_valid_until: rfc3339(until) }))
+    Ok(Json(RotatedSecret { secret: secret.expose(), previous_secret_valid_until: until.rfc3339() }))
 }
 
 /// Your signing secret.

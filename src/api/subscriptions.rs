@@ -12,10 +12,12 @@ use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 use utoipa::{IntoParams, ToSchema};
 
+use super::AppState;
 use super::error::{ApiError, ApiJson, Problem};
-use super::{AppState, rfc3339};
-use crate::domain::{CallbackUrl, FailureReason, JobId, JobStatus, SubscriptionId, SubscriptionState, truncate};
-use crate::store::{AttemptRecord, Cancel, ListFilter, Redelivery, Registered, RetryNow, Subscription, Tenant, now_ms};
+use crate::domain::{
+    CallbackUrl, FailureReason, JobId, JobStatus, SubscriptionId, SubscriptionState, Timestamp, truncate,
+};
+use crate::store::{AttemptRecord, Cancel, ListFilter, Redelivery, Registered, RetryNow, Subscription, Tenant};
 
 /// A registration: which upstream job to watch, and where to POST its result.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -74,9 +76,9 @@ impl From<Subscription> for SubscriptionView {
             last_delivery_error: s.last_delivery_error,
             webhook_id: s.webhook_id,
             attempts: s.attempts,
-            next_attempt_at: s.next_attempt_at.map(rfc3339),
-            created_at: rfc3339(s.created_at),
-            updated_at: rfc3339(s.updated_at),
+            next_attempt_at: s.next_attempt_at.map(Timestamp::rfc3339),
+            created_at: s.created_at.rfc3339(),
+            updated_at: s.updated_at.rfc3339(),
         }
     }
 }
@@ -129,7 +131,7 @@ impl From<AttemptRecord> for DeliveryAttemptView {
             series: a.series,
             attempt: a.attempt,
             webhook_id: a.webhook_id,
-            started_at: rfc3339(a.started_at),
+            started_at: a.started_at.rfc3339(),
             status_code: a.status_code,
             error: a.error,
             duration_ms: a.duration_ms,
@@ -218,7 +220,7 @@ pub(crate) async fn register(
     job_id: JobId,
     callback_url: CallbackUrl,
 ) -> Result<(StatusCode, Subscription), ApiError> {
-    let registered = state.store.register(key, SubscriptionId::new(), job_id, &callback_url, now_ms()).await?;
+    let registered = state.store.register(key, SubscriptionId::new(), job_id, &callback_url, Timestamp::now()).await?;
     let (status, sub) = match registered {
         Registered::CreatedPolling(sub, job) => {
             state.poller.ensure(job);
@@ -380,14 +382,16 @@ pub async fn redeliver(
     let redelivery = super::to_the_end({
         let (state, id) = (state.clone(), id.clone());
         async move {
-            let redelivery = state.store.redeliver(tenant.id, sub_id, now_ms()).await?.ok_or_else(|| not_found(&id))?;
+            let redelivery =
+                state.store.redeliver(tenant.id, sub_id, Timestamp::now()).await?.ok_or_else(|| not_found(&id))?;
             if let Redelivery::Started(task) = &redelivery {
                 tracing::info!(subscription_id = %sub_id, series = task.series, "redelivery started");
                 state.dispatcher.deliver(vec![task.clone()]);
             }
             // Waiting for a retry: no new series, the next attempt of this one is made now.
             if let Redelivery::NotEnded(SubscriptionState::Delivering) = &redelivery {
-                let retry = state.store.retry_now(tenant.id, sub_id, now_ms()).await?.ok_or_else(|| not_found(&id))?;
+                let retry =
+                    state.store.retry_now(tenant.id, sub_id, Timestamp::now()).await?.ok_or_else(|| not_found(&id))?;
                 return Ok(match retry {
                     RetryNow::Due(task) => {
                         tracing::info!(subscription_id = %sub_id, series = task.series, "retry now");
@@ -460,7 +464,7 @@ pub async fn cancel(
         // An attempt holds its claim for at most this long; it releases it when its outcome is recorded.
         let deadline = tokio::time::Instant::now() + state.dispatcher.claim_for();
         loop {
-            match state.store.cancel(tenant.id, sub_id, now_ms()).await?.ok_or_else(|| not_found(&id))? {
+            match state.store.cancel(tenant.id, sub_id, Timestamp::now()).await?.ok_or_else(|| not_found(&id))? {
                 Cancel::Cancelled { job_id, was: _ } => {
                     // Both, whatever the state read: the job may have ended between that read and the cancel.
                     state.poller.recheck(job_id);

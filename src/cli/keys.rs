@@ -5,6 +5,7 @@ use std::sync::Arc;
 use anyhow::Context;
 
 use super::KeysCommand;
+use crate::domain::Timestamp;
 use crate::keys::{ApiKey, SigningSecret};
 use crate::store::Store;
 
@@ -18,7 +19,7 @@ pub async fn run(command: KeysCommand) -> anyhow::Result<()> {
         }
     };
     let store = open_existing_store(&store.database_url).await?;
-    let now = crate::store::now_ms();
+    let now = Timestamp::now();
     match command {
         KeysCommand::Create { name, tenant: None, .. } => {
             let key = ApiKey::generate();
@@ -44,8 +45,8 @@ pub async fn run(command: KeysCommand) -> anyhow::Result<()> {
         KeysCommand::List { .. } => {
             crate::outln!("{:>4}  {:>6}  {:<8}  {:<24}  {:<24}  name", "id", "tenant", "source", "created", "revoked");
             for key in store.list_keys().await? {
-                let revoked = key.revoked_at.map(crate::api::rfc3339).unwrap_or_else(|| "-".into());
-                let created = crate::api::rfc3339(key.created_at);
+                let revoked = key.revoked_at.map(Timestamp::rfc3339).unwrap_or_else(|| "-".into());
+                let created = key.created_at.rfc3339();
                 crate::outln!(
                     "{:>4}  {:>6}  {:<8}  {created:<24}  {revoked:<24}  {}",
                     key.id,

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use crate::config::{StoreArgs, parse_duration};
+use crate::domain::Timestamp;
 
 #[derive(Debug, clap::Args)]
 pub struct PurgeArgs {
@@ -19,8 +20,7 @@ pub struct PurgeArgs {
 pub async fn run(args: PurgeArgs) -> anyhow::Result<()> {
     let store = super::keys::open_existing_store(&args.store.database_url).await?;
     let older = humantime::format_duration(args.older_than);
-    let ended_before =
-        crate::store::now_ms().saturating_sub(i64::try_from(args.older_than.as_millis()).unwrap_or(i64::MAX));
+    let ended_before = Timestamp::now() - args.older_than;
     if args.dry_run {
         let would = store.purgeable(ended_before).await?;
         crate::outln!(

@@ -10,8 +10,8 @@ use serde::Deserialize;
 use super::html::{self, csrf_field, esc};
 use super::session::{self, LOGIN_COOKIE, SESSION_COOKIE, SESSION_FOR};
 use super::{ConsoleState, CsrfForm, Session};
+use crate::domain::Timestamp;
 use crate::keys::KeyHash;
-use crate::store::{Millis, now_ms};
 
 #[derive(Deserialize)]
 pub struct SignInQuery {
@@ -72,7 +72,7 @@ pub async fn sign_in(State(state): State<ConsoleState>, headers: HeaderMap, form
     let key = KeyHash::of(presented);
     match state.app.store.tenant_by_key(key).await {
         Ok(Some(tenant)) => {
-            let expires = now_ms().saturating_add(SESSION_FOR.as_millis() as Millis);
+            let expires = Timestamp::now() + SESSION_FOR;
             let token = state.keys.issue(key, expires);
             let tls = session::over_tls(&headers);
             tracing::info!(tenant_id = tenant.id, "console: signed in");

@@ -22,8 +22,9 @@ use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 
 use crate::api::AppState;
+use crate::domain::Timestamp;
 use crate::keys::KeyHash;
-use crate::store::{Tenant, now_ms};
+use crate::store::Tenant;
 
 /// What the console's handlers reach: the API's state and the session key.
 #[derive(Clone)]
@@ -93,7 +94,7 @@ impl FromRequestParts<ConsoleState> for Session {
     async fn from_request_parts(parts: &mut Parts, state: &ConsoleState) -> Result<Self, Self::Rejection> {
         let to_sign_in = || Redirect::to("/console/sign-in").into_response();
         let token = session::cookie(&parts.headers, session::SESSION_COOKIE).ok_or_else(to_sign_in)?;
-        let key = state.keys.verify(token, now_ms()).ok_or_else(to_sign_in)?;
+        let key = state.keys.verify(token, Timestamp::now()).ok_or_else(to_sign_in)?;
         // Looked up on every request: a revoked key's sessions end at once.
         let tenant = match state.app.store.tenant_by_key(key).await {
             Ok(Some(tenant)) => tenant,

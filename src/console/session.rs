@@ -18,8 +18,8 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
+use crate::domain::Timestamp;
 use crate::keys::KeyHash;
-use crate::store::Millis;
 
 /// The session cookie's name.
 pub const SESSION_COOKIE: &str = "jobhook_session";
@@ -49,10 +49,10 @@ impl Keys {
     }
 
     /// A session token for this key hash, valid until `expires`.
-    pub fn issue(&self, key: KeyHash, expires: Millis) -> String {
+    pub fn issue(&self, key: KeyHash, expires: Timestamp) -> String {
         let mut raw = Vec::with_capacity(TOKEN_LEN);
         raw.push(VERSION);
-        raw.extend_from_slice(&expires.to_be_bytes());
+        raw.extend_from_slice(&expires.as_millis().to_be_bytes());
         raw.extend_from_slice(&key.0);
         let tag = self.mac(b"jobhook console session v1:", &raw).finalize().into_bytes();
         raw.extend_from_slice(&tag);
@@ -60,7 +60,7 @@ impl Keys {
     }
 
     /// The key hash a token carries, if the token is ours and has not expired at `now`.
-    pub fn verify(&self, token: &str, now: Millis) -> Option<KeyHash> {
+    pub fn verify(&self, token: &str, now: Timestamp) -> Option<KeyHash> {
         let raw = URL_SAFE_NO_PAD.decode(token).ok()?;
         if raw.len() != TOKEN_LEN || raw[0] != VERSION {
             return None;
@@ -68,7 +68,7 @@ impl Keys {
         let (body, tag) = raw.split_at(TOKEN_LEN - 32);
         // Constant-time comparison of the tag.
         self.mac(b"jobhook console session v1:", body).verify_slice(tag).ok()?;
-        let expires = Millis::from_be_bytes(body[1..9].try_into().ok()?);
+        let expires = Timestamp::from_millis(i64::from_be_bytes(body[1..9].try_into().ok()?));
         if expires <= now {
             return None;
         }
@@ -130,20 +130,20 @@ mod tests {
     fn a_session_token_round_trips_until_it_expires() {
         let keys = Keys::new(b"server key".to_vec());
         let key = KeyHash::of("some api key");
-        let token = keys.issue(key, 1_000);
-        assert_eq!(keys.verify(&token, 999), Some(key));
-        assert_eq!(keys.verify(&token, 1_000), None, "expired");
+        let token = keys.issue(key, Timestamp::from_millis(1_000));
+        assert_eq!(keys.verify(&token, Timestamp::from_millis(999)), Some(key));
+        assert_eq!(keys.verify(&token, Timestamp::from_millis(1_000)), None, "expired");
     }
 
     #[test]
     fn a_forged_or_altered_token_is_refused() {
         let keys = Keys::new(b"server key".to_vec());
-        let token = keys.issue(KeyHash::of("k"), 10_000);
-        assert_eq!(Keys::new(b"another".to_vec()).verify(&token, 0), None);
+        let token = keys.issue(KeyHash::of("k"), Timestamp::from_millis(10_000));
+        assert_eq!(Keys::new(b"another".to_vec()).verify(&token, Timestamp::from_millis(0)), None);
         let mut raw = URL_SAFE_NO_PAD.decode(&token).unwrap();
         raw[3] ^= 1; // a later expiry
-        assert_eq!(keys.verify(&URL_SAFE_NO_PAD.encode(raw), 0), None);
-        assert_eq!(keys.verify("garbage", 0), None);
+        assert_eq!(keys.verify(&URL_SAFE_NO_PAD.encode(raw), Timestamp::from_millis(0)), None);
+        assert_eq!(keys.verify("garbage", Timestamp::from_millis(0)), None);
     }
 
     #[test]

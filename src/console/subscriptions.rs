@@ -272,7 +272,7 @@ fn timeline_item(out: &mut String, a: &AttemptRecord) {
         a.series,
         a.attempt,
         a.duration_ms,
-        html::time(&crate::api::rfc3339(a.started_at)),
+        html::time(&a.started_at.rfc3339()),
     );
     if let Some(error) = &a.error {
         let _ = write!(out, "<br><span class=\"bad\">Error: {}</span>", esc(error));

@@ -7,10 +7,10 @@
 use std::time::{Duration, Instant};
 
 use super::{DeliveryContext, MAX_RESPONSE_BYTES, Slots, retry, signing};
-use crate::domain::{FailureReason, truncate};
+use crate::domain::{FailureReason, Timestamp, truncate};
 use crate::egress::{self, EgressRefused};
 use crate::keys::SigningSecret;
-use crate::store::{AttemptRecord, AttemptResult, Claim, DeliveryTask, Millis, now_ms};
+use crate::store::{AttemptRecord, AttemptResult, Claim, DeliveryTask};
 use crate::upstream::{describe_transport_error, parse_retry_after};
 
 /// When the store cannot give the signing secrets, the attempt waits this long; when it cannot record
@@ -50,7 +50,7 @@ impl SendError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AttemptOutcome {
     /// When the request started (after waiting for a concurrency slot), and how long it took.
-    pub started_at: Millis,
+    pub started_at: Timestamp,
     pub duration_ms: u64,
     pub status_code: Option<u16>,
     pub error: Option<SendError>,
@@ -61,7 +61,7 @@ impl AttemptOutcome {
     /// An attempt that sent no request.
     fn unsent(error: SendError) -> Self {
         AttemptOutcome {
-            started_at: now_ms(),
+            started_at: Timestamp::now(),
             duration_ms: 0,
             status_code: None,
             error: Some(error),
@@ -78,9 +78,9 @@ pub enum DeliveryOutcome {
     /// It failed for good, for this reason.
     Failed(FailureReason),
     /// The attempt failed; the next one is due then.
-    RetryAt(Millis),
+    RetryAt(Timestamp),
     /// No attempt was made now (another instance holds the claim, the store could not answer): try then.
-    Later(Millis),
+    Later(Timestamp),
     /// Not ours to attempt any more: cancelled, delivered elsewhere, replaced by a newer series, or its
     /// partition went to another instance.
     Over,
@@ -88,7 +88,7 @@ pub enum DeliveryOutcome {
 
 impl DeliveryOutcome {
     /// When the delivery is due again, if ever (here).
-    pub fn next_due(self) -> Option<Millis> {
+    pub fn next_due(self) -> Option<Timestamp> {
         match self {
             DeliveryOutcome::RetryAt(at) | DeliveryOutcome::Later(at) => Some(at),
             DeliveryOutcome::Delivered | DeliveryOutcome::Failed(_) | DeliveryOutcome::Over => None,
@@ -101,7 +101,7 @@ pub fn decide(
     outcome: &AttemptOutcome,
     attempt: u32,
     schedule: &[Duration],
-    now: Millis,
+    now: Timestamp,
     jitter: f64,
 ) -> AttemptResult {
     if let Some(SendError::Refused(_)) = outcome.error {
@@ -117,9 +117,7 @@ pub fn decide(
         _ => None,
     };
     match retry::next_delay(schedule, attempt, retry_after, jitter) {
-        Some(delay) => {
-            AttemptResult::RetryAt(now.saturating_add(Millis::try_from(delay.as_millis()).unwrap_or(Millis::MAX)))
-        }
+        Some(delay) => AttemptResult::RetryAt(now + delay),
         None => AttemptResult::Failed(FailureReason::DeliveryExhausted),
     }
 }
@@ -131,7 +129,7 @@ enum Start {
     /// No request can be made (the callback URL does not parse, the egress policy refuses it).
     Unsent(SendError),
     /// Another instance holds the claim; try again then.
-    Later(Millis),
+    Later(Timestamp),
     /// The delivery is over (cancelled, delivered elsewhere, replaced by a newer series).
     Over,
 }
@@ -153,7 +151,7 @@ async fn start(ctx: &DeliveryContext, task: &mut DeliveryTask) -> Start {
             Ok(Claim::Gone) => return Start::Over,
             Err(e) => {
                 tracing::error!(error = %crate::Chain(&e), "could not claim a delivery; the attempt waits");
-                return Start::Later(now_ms().saturating_add(STORE_RETRY.as_millis() as Millis));
+                return Start::Later(Timestamp::now() + STORE_RETRY);
             }
         }
     }
@@ -166,7 +164,7 @@ async fn start(ctx: &DeliveryContext, task: &mut DeliveryTask) -> Start {
 /// One signed POST to the callback, with its slots and claim held. Never fails: every outcome is an
 /// answer.
 async fn send(ctx: &DeliveryContext, task: &DeliveryTask, url: url::Url, secrets: &[SigningSecret]) -> AttemptOutcome {
-    let started_at = now_ms();
+    let started_at = Timestamp::now();
     let clock = Instant::now();
     let timestamp = time::OffsetDateTime::now_utc().unix_timestamp();
     let signature = signing::signature_header(secrets, &task.webhook_id, timestamp, &task.body);
@@ -220,7 +218,7 @@ pub async fn attempt(ctx: &DeliveryContext, task: &mut DeliveryTask) -> Delivery
         Ok(secrets) => secrets,
         Err(e) => {
             tracing::error!(error = %crate::Chain(&e), "could not read the signing secrets; the attempt waits");
-            return DeliveryOutcome::Later(now_ms().saturating_add(STORE_RETRY.as_millis() as Millis));
+            return DeliveryOutcome::Later(Timestamp::now() + STORE_RETRY);
         }
     };
     let outcome = match start(ctx, task).await {
@@ -242,12 +240,12 @@ pub async fn attempt(ctx: &DeliveryContext, task: &mut DeliveryTask) -> Delivery
     // A claim serves one attempt: recording it releases the claim in the store, so the next attempt
     // (a retry) must take one of its own, and until then this instance holds none (see `ours`).
     task.claimed_until = None;
-    let now = now_ms();
+    let now = Timestamp::now();
     if outcome.status_code.is_some() {
         ctx.metrics.delivery_seconds.observe(outcome.duration_ms as f64 / 1000.0);
     }
     if task.attempts_made == 0 {
-        ctx.metrics.delivery_lag_seconds.observe(now.saturating_sub(task.due_at).max(0) as f64 / 1000.0);
+        ctx.metrics.delivery_lag_seconds.observe(now.duration_since(task.due_at).as_secs_f64());
     }
     let result = decide(&outcome, attempt, &ctx.config.retry_schedule, now, rand::random_range(-1.0..=1.0));
     log_result(&outcome, result, now);
@@ -279,13 +277,18 @@ pub async fn attempt(ctx: &DeliveryContext, task: &mut DeliveryTask) -> Delivery
     outcome
 }
 
-fn log_result(outcome: &AttemptOutcome, result: AttemptResult, now: Millis) {
+fn log_result(outcome: &AttemptOutcome, result: AttemptResult, now: Timestamp) {
     let status = outcome.status_code;
     let error = outcome.error.as_ref().map(tracing::field::display);
     match result {
         AttemptResult::Delivered => tracing::debug!(status, duration_ms = outcome.duration_ms, "delivered"),
         AttemptResult::RetryAt(at) => {
-            tracing::info!(status, error, retry_in_ms = at - now, "attempt failed; will retry")
+            tracing::info!(
+                status,
+                error,
+                retry_in_ms = at.duration_since(now).as_millis(),
+                "attempt failed; will retry"
+            )
         }
         AttemptResult::Failed(reason) => {
             tracing::warn!(status, error, reason = reason.as_str(), "delivery failed for good")
@@ -298,7 +301,7 @@ fn log_result(outcome: &AttemptOutcome, result: AttemptResult, now: Millis) {
 /// The receiver has answered: if the store cannot take the record now, keep the answer and retry the
 /// write, rather than send the request again (a receiver that said 2xx or 410 would hear it every few
 /// seconds for as long as the outage lasts).
-async fn record_outcome(ctx: &DeliveryContext, record: &AttemptRecord, result: AttemptResult, now: Millis) -> bool {
+async fn record_outcome(ctx: &DeliveryContext, record: &AttemptRecord, result: AttemptResult, now: Timestamp) -> bool {
     let mut wait = STORE_RETRY;
     loop {
         match ctx.store.record_attempt(record, result, now).await {
@@ -318,9 +321,13 @@ async fn record_outcome(ctx: &DeliveryContext, record: &AttemptRecord, result: A
 mod tests {
     use super::*;
 
+    fn at(ms: i64) -> Timestamp {
+        Timestamp::from_millis(ms)
+    }
+
     fn outcome(status: Option<u16>, retry_after: Option<u64>) -> AttemptOutcome {
         AttemptOutcome {
-            started_at: 0,
+            started_at: at(0),
             duration_ms: 0,
             status_code: status,
             error: None,
@@ -333,7 +340,7 @@ mod tests {
     #[test]
     fn any_2xx_is_delivered() {
         for code in [200, 201, 202, 204, 299] {
-            assert_eq!(decide(&outcome(Some(code), None), 1, &SCHEDULE, 0, 0.0), AttemptResult::Delivered);
+            assert_eq!(decide(&outcome(Some(code), None), 1, &SCHEDULE, at(0), 0.0), AttemptResult::Delivered);
         }
     }
 
@@ -343,29 +350,32 @@ mod tests {
             error: Some(SendError::Refused(EgressRefused("10.0.0.1, a private address".into()))),
             ..outcome(None, None)
         };
-        assert_eq!(decide(&refused, 1, &SCHEDULE, 0, 0.0), AttemptResult::Failed(FailureReason::CallbackRefused));
+        assert_eq!(decide(&refused, 1, &SCHEDULE, at(0), 0.0), AttemptResult::Failed(FailureReason::CallbackRefused));
     }
 
     #[test]
     fn gone_stops_at_once_and_the_last_failure_exhausts_the_delivery() {
-        let gone = decide(&outcome(Some(410), None), 1, &SCHEDULE, 0, 0.0);
+        let gone = decide(&outcome(Some(410), None), 1, &SCHEDULE, at(0), 0.0);
         assert_eq!(gone, AttemptResult::Failed(FailureReason::CallbackGone));
-        let third = decide(&outcome(Some(500), None), 3, &SCHEDULE, 0, 0.0);
+        let third = decide(&outcome(Some(500), None), 3, &SCHEDULE, at(0), 0.0);
         assert_eq!(third, AttemptResult::Failed(FailureReason::DeliveryExhausted));
     }
 
     #[test]
     fn errors_redirects_and_timeouts_retry_on_the_schedule() {
         for status in [Some(500), Some(302), Some(404), None] {
-            assert_eq!(decide(&outcome(status, None), 1, &SCHEDULE, 1_000, 0.0), AttemptResult::RetryAt(6_000));
-            assert_eq!(decide(&outcome(status, None), 2, &SCHEDULE, 1_000, 0.0), AttemptResult::RetryAt(301_000));
+            assert_eq!(decide(&outcome(status, None), 1, &SCHEDULE, at(1_000), 0.0), AttemptResult::RetryAt(at(6_000)));
+            assert_eq!(
+                decide(&outcome(status, None), 2, &SCHEDULE, at(1_000), 0.0),
+                AttemptResult::RetryAt(at(301_000))
+            );
         }
     }
 
     #[test]
     fn retry_after_counts_only_for_429_and_503() {
-        assert_eq!(decide(&outcome(Some(429), Some(60)), 1, &SCHEDULE, 0, 0.0), AttemptResult::RetryAt(60_000));
-        assert_eq!(decide(&outcome(Some(503), Some(60)), 1, &SCHEDULE, 0, 0.0), AttemptResult::RetryAt(60_000));
-        assert_eq!(decide(&outcome(Some(500), Some(60)), 1, &SCHEDULE, 0, 0.0), AttemptResult::RetryAt(5_000));
+        assert_eq!(decide(&outcome(Some(429), Some(60)), 1, &SCHEDULE, at(0), 0.0), AttemptResult::RetryAt(at(60_000)));
+        assert_eq!(decide(&outcome(Some(503), Some(60)), 1, &SCHEDULE, at(0), 0.0), AttemptResult::RetryAt(at(60_000)));
+        assert_eq!(decide(&outcome(Some(500), Some(60)), 1, &SCHEDULE, at(0), 0.0), AttemptResult::RetryAt(at(5_000)));
     }
 }

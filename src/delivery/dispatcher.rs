@@ -7,9 +7,9 @@ use tokio::task::JoinError;
 use tokio_util::sync::CancellationToken;
 
 use super::{DeliveryContext, DeliveryOutcome, DispatcherInbox, DispatcherMsg, attempt};
-use crate::domain::SubscriptionId;
+use crate::domain::{SubscriptionId, Timestamp};
 use crate::schedule::{Entry, Event, Schedule};
-use crate::store::{DeliveryTask, Millis, now_ms};
+use crate::store::DeliveryTask;
 
 /// What the dispatcher notes on a running attempt of `series`. `cancelled`: drop the delivery when it
 /// returns. `then`: a newer series (a redelivery) that arrived meanwhile, to queue when it returns.
@@ -62,8 +62,8 @@ fn ours(ctx: &DeliveryContext, task: &DeliveryTask) -> bool {
     ctx.ownership.owns(task.partition) || task.claimed_until.is_some_and(|until| until > Instant::now())
 }
 
-fn delay_until(due_at: Millis) -> Duration {
-    Duration::from_millis(u64::try_from(due_at - now_ms()).unwrap_or(0))
+fn delay_until(due_at: Timestamp) -> Duration {
+    due_at.duration_since(Timestamp::now())
 }
 
 /// The delivery loop: runs deliveries as they fall due until `shutdown`, then waits for in-flight

@@ -7,9 +7,10 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::domain::Timestamp;
 use crate::keys::SigningSecret;
 use crate::recent::Expiring;
-use crate::store::{Store, now_ms};
+use crate::store::Store;
 
 /// How long a tenant's secrets are reused before they are read again.
 const TTL: Duration = Duration::from_secs(1);
@@ -32,7 +33,7 @@ impl SecretsCache {
         if let Some(secrets) = self.lock().get(&tenant_id) {
             return Ok(secrets.clone());
         }
-        let secrets = Arc::new(self.store.signing_secrets(tenant_id, now_ms()).await?);
+        let secrets = Arc::new(self.store.signing_secrets(tenant_id, Timestamp::now()).await?);
         self.lock().insert(tenant_id, secrets.clone());
         Ok(secrets)
     }

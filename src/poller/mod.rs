@@ -18,10 +18,10 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::domain::JobId;
+use crate::domain::{JobId, Timestamp};
 use crate::recent::Recently;
 use crate::schedule::{Entry, Event, Schedule};
-use crate::store::{PollableJob, now_ms};
+use crate::store::PollableJob;
 pub use backoff::{MAX_UPSTREAM_RETRY_AFTER, POLL_JITTER, SLOWDOWN_AFTER, error_delay, pending_delay};
 pub use step::{JobState, Next, PollContext, PollOutcome, step};
 
@@ -177,7 +177,7 @@ fn on_done(
             // A panic in a step is a bug; the job must not be forgotten for it. Requeued with a
             // recheck: the next step asks the store who still waits.
             tracing::error!(%job_id, error = %e, "poll step failed unexpectedly; retrying later");
-            let now = now_ms();
+            let now = Timestamp::now();
             let mut state = JobState::new(PollableJob { job_id, job_created_at: now, oldest_polling_at: now });
             state.recheck = true;
             polls.insert(job_id, state, ctx.config.max_interval);
@@ -232,7 +232,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = crate::store::open(&format!("sqlite://{}", dir.path().join("jobhook.db").display())).await.unwrap();
         let key = ApiKey::generate();
-        store.create_key("test", key.hash(), &SigningSecret::generate(), now_ms()).await.unwrap();
+        store.create_key("test", key.hash(), &SigningSecret::generate(), Timestamp::now()).await.unwrap();
         let upstream = MockUpstream::start(&MockArgs {
             listen: "127.0.0.1:0".parse().unwrap(),
             api_key: None,
@@ -271,7 +271,7 @@ mod tests {
         let poller = tokio::spawn(run(ctx, inbox, Vec::new(), shutdown.clone(), Duration::from_secs(1)));
         let callback = "http://127.0.0.1:9/hook".parse().unwrap();
         let register = async |job_id: JobId| match store
-            .register(key.hash(), SubscriptionId::new(), job_id, &callback, now_ms())
+            .register(key.hash(), SubscriptionId::new(), job_id, &callback, Timestamp::now())
             .await
             .unwrap()
         {

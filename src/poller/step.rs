@@ -12,15 +12,11 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use super::backoff::{error_delay, pending_delay, random_jitter};
 use crate::config::PollConfig;
 use crate::delivery::DispatcherHandle;
-use crate::domain::{FailureReason, JobStatus};
+use crate::domain::{FailureReason, JobStatus, Timestamp};
 use crate::metrics::Metrics;
 use crate::partition::Ownership;
-use crate::store::{Millis, PollableJob, Store, now_ms};
+use crate::store::{PollableJob, Store};
 use crate::upstream::{PollAnswer, UpstreamClient};
-
-fn ms(d: Duration) -> Millis {
-    Millis::try_from(d.as_millis()).unwrap_or(Millis::MAX)
-}
 
 /// What the poller remembers of a job between polls.
 #[derive(Debug, Clone)]
@@ -119,8 +115,8 @@ pub async fn step(ctx: &PollContext, state: &mut JobState) -> (PollOutcome, Next
     let asked = std::time::Instant::now();
     let answer = ctx.upstream.poll(job_id).await;
     ctx.metrics.poll(answer.outcome(), asked.elapsed());
-    let now = now_ms();
-    let pending_for = Duration::from_millis(u64::try_from(now - state.job.job_created_at).unwrap_or(0));
+    let now = Timestamp::now();
+    let pending_for = now.duration_since(state.job.job_created_at);
     match answer {
         PollAnswer::Terminal(status, body) => finished(ctx, state, status, &body, now).await,
         PollAnswer::Pending => {
@@ -168,7 +164,7 @@ async fn finished(
     state: &mut JobState,
     status: JobStatus,
     body: &bytes::Bytes,
-    now: Millis,
+    now: Timestamp,
 ) -> (PollOutcome, Next) {
     let job_id = state.job.job_id;
     match ctx.store.complete_job(job_id, status, body, now, ctx.dispatcher.claim_for()).await {
@@ -195,7 +191,7 @@ async fn transient(
     state: &mut JobState,
     error: String,
     retry_after: Option<Duration>,
-    now: Millis,
+    now: Timestamp,
 ) -> (PollOutcome, Next) {
     state.consecutive_errors = state.consecutive_errors.saturating_add(1);
     tracing::debug!(%error, errors = state.consecutive_errors, "poll failed");
@@ -212,7 +208,7 @@ async fn observe(
     state: &mut JobState,
     status: Option<JobStatus>,
     error: Option<String>,
-    now: Millis,
+    now: Timestamp,
 ) -> crate::store::Result<()> {
     let status = status.or_else(|| state.recorded.as_ref().and_then(|(s, _)| *s));
     let seen = (status, error);
@@ -227,12 +223,12 @@ async fn observe(
 async fn expire_or(
     ctx: &PollContext,
     state: &mut JobState,
-    now: Millis,
+    now: Timestamp,
     outcome: PollOutcome,
     delay: Duration,
 ) -> (PollOutcome, Next) {
-    let max_wait = ms(ctx.config.max_wait);
-    if now < state.job.oldest_polling_at.saturating_add(max_wait) {
+    let max_wait = ctx.config.max_wait;
+    if now < state.job.oldest_polling_at + max_wait {
         return (outcome, Next::PollIn(delay));
     }
     match ctx.store.expire(state.job.job_id, now - max_wait, now).await {
@@ -256,7 +252,7 @@ async fn fail(
     state: &mut JobState,
     reason: FailureReason,
     why: &str,
-    now: Millis,
+    now: Timestamp,
 ) -> (PollOutcome, Next) {
     match ctx.store.fail_job(state.job.job_id, reason, why, now).await {
         Ok(n) => {

@@ -24,14 +24,14 @@ pub(super) enum Write {
         id: SubscriptionId,
         job_id: JobId,
         callback_url: CallbackUrl,
-        now: Millis,
+        now: Timestamp,
         reply: oneshot::Sender<Result<Registered>>,
     },
     Complete {
         job_id: JobId,
         status: JobStatus,
         body: Bytes,
-        now: Millis,
+        now: Timestamp,
         claim: ClaimFor,
         reply: oneshot::Sender<Result<Vec<DeliveryTask>>>,
     },
@@ -39,21 +39,21 @@ pub(super) enum Write {
         id: SubscriptionId,
         partition: i64,
         series: u32,
-        now: Millis,
+        now: Timestamp,
         claim: ClaimFor,
         reply: oneshot::Sender<Result<Claim>>,
     },
     Attempt {
         record: AttemptRecord,
         result: AttemptResult,
-        now: Millis,
+        now: Timestamp,
         reply: oneshot::Sender<Result<bool>>,
     },
     Observe {
         job_id: JobId,
         status: Option<JobStatus>,
         last_error: Option<String>,
-        now: Millis,
+        now: Timestamp,
         reply: oneshot::Sender<Result<()>>,
     },
 }
@@ -162,7 +162,7 @@ impl Write {
 }
 
 /// Why a claim was not taken: another holder (until when), or the delivery is over.
-pub(super) fn claim_refused(row: Option<(String, i64, Option<i64>)>, series: u32, now: Millis) -> Claim {
+pub(super) fn claim_refused(row: Option<(String, i64, Option<Timestamp>)>, series: u32, now: Timestamp) -> Claim {
     match row {
         Some((state, s, until)) if state == "delivering" && s == i64::from(series) => {
             // No claim now: its holder released it between our UPDATE and this read (PostgreSQL reads

@@ -22,19 +22,12 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use crate::domain::{CallbackUrl, FailureReason, JobId, JobStatus, SubscriptionId, SubscriptionState};
+use crate::domain::{CallbackUrl, FailureReason, JobId, JobStatus, SubscriptionId, SubscriptionState, Timestamp};
 use crate::keys::{KeyHash, SigningSecret};
 
 pub use postgres::Notice;
 pub use rows::list_query;
 pub use sqlite::{lock_sqlite_for_serving, sqlite_file};
-
-/// Unix time in milliseconds: how the store keeps time.
-pub type Millis = i64;
-
-pub fn now_ms() -> Millis {
-    time::OffsetDateTime::now_utc().unix_timestamp_nanos().div_euclid(1_000_000) as Millis
-}
 
 /// Whether a `--database-url` names a store we can open; the error is a sentence.
 pub fn check_url(url: &str) -> Result<(), String> {
@@ -136,9 +129,9 @@ pub struct Subscription {
     pub last_delivery_error: Option<String>,
     pub webhook_id: Option<String>,
     pub attempts: u32,
-    pub next_attempt_at: Option<Millis>,
-    pub created_at: Millis,
-    pub updated_at: Millis,
+    pub next_attempt_at: Option<Timestamp>,
+    pub created_at: Timestamp,
+    pub updated_at: Timestamp,
 }
 
 /// A job that has subscriptions waiting on it, as the poller needs to schedule it.
@@ -146,9 +139,9 @@ pub struct Subscription {
 pub struct PollableJob {
     pub job_id: JobId,
     /// When the job was first registered: the start of its 404 grace and of its interval growth.
-    pub job_created_at: Millis,
+    pub job_created_at: Timestamp,
     /// The creation time of its oldest polling subscription: the next one to expire.
-    pub oldest_polling_at: Millis,
+    pub oldest_polling_at: Timestamp,
 }
 
 /// One subscriber's delivery, with everything an attempt needs.
@@ -167,7 +160,7 @@ pub struct DeliveryTask {
     /// The delivery series (1, then one more per redelivery) and the attempts made in it.
     pub series: u32,
     pub attempts_made: u32,
-    pub due_at: Millis,
+    pub due_at: Timestamp,
     /// Until when (on this process's monotonic clock) this instance holds the delivery's claim, if it
     /// does: an attempt may start only under a claim that outlasts it (see [`Store::claim_delivery`]).
     pub claimed_until: Option<std::time::Instant>,
@@ -182,7 +175,7 @@ impl DeliveryTask {
         webhook_id: String,
         callback_url: String,
         body: Bytes,
-        now: Millis,
+        now: Timestamp,
     ) -> Self {
         DeliveryTask {
             subscription_id,
@@ -206,7 +199,7 @@ pub enum Claim {
     /// Ours until this moment (this process's monotonic clock, a little before the stored expiry).
     Held(std::time::Instant),
     /// Another instance holds it (an attempt may be under way there) until about this time.
-    Busy(Millis),
+    Busy(Timestamp),
     /// The delivery is no longer waiting: cancelled, delivered, failed, or a newer series replaced it.
     Gone,
 }
@@ -233,7 +226,7 @@ pub struct AttemptRecord {
     pub series: u32,
     pub attempt: u32,
     pub webhook_id: String,
-    pub started_at: Millis,
+    pub started_at: Timestamp,
     pub status_code: Option<u16>,
     pub error: Option<String>,
     pub duration_ms: u64,
@@ -243,7 +236,7 @@ pub struct AttemptRecord {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttemptResult {
     Delivered,
-    RetryAt(Millis),
+    RetryAt(Timestamp),
     Failed(FailureReason),
 }
 
@@ -285,8 +278,8 @@ pub struct KeyInfo {
     pub tenant_id: i64,
     pub name: String,
     pub source: String,
-    pub created_at: Millis,
-    pub revoked_at: Option<Millis>,
+    pub created_at: Timestamp,
+    pub revoked_at: Option<Timestamp>,
 }
 
 /// What a cancellation found.
@@ -346,24 +339,24 @@ pub trait Store: Send + Sync + 'static {
         &self,
         keys: &[KeyHash],
         secret: Option<&SigningSecret>,
-        now: Millis,
+        now: Timestamp,
     ) -> Result<ConfiguredKeys>;
     /// A new tenant with a stored key and a fresh secret.
-    async fn create_key(&self, name: &str, key: KeyHash, secret: &SigningSecret, now: Millis) -> Result<i64>;
+    async fn create_key(&self, name: &str, key: KeyHash, secret: &SigningSecret, now: Timestamp) -> Result<i64>;
     /// Another stored key for an existing tenant, which keeps its secret and subscriptions (a lost key
     /// is replaced this way); the new key's ID, or `None` when there is no such tenant.
-    async fn add_key(&self, tenant_id: i64, name: &str, key: KeyHash, now: Millis) -> Result<Option<i64>>;
+    async fn add_key(&self, tenant_id: i64, name: &str, key: KeyHash, now: Timestamp) -> Result<Option<i64>>;
     /// How many keys can be used to call the API.
     async fn usable_key_count(&self) -> Result<i64>;
     async fn tenant_by_key(&self, key: KeyHash) -> Result<Option<Tenant>>;
     async fn list_keys(&self) -> Result<Vec<KeyInfo>>;
     /// Revokes a key by its ID; false when there is no such usable key.
-    async fn revoke_key(&self, id: i64, now: Millis) -> Result<bool>;
+    async fn revoke_key(&self, id: i64, now: Timestamp) -> Result<bool>;
     /// The secrets that sign a tenant's deliveries now: the current one first, then the previous one
     /// while its rotation grace lasts.
-    async fn signing_secrets(&self, tenant_id: i64, now: Millis) -> Result<Vec<SigningSecret>>;
+    async fn signing_secrets(&self, tenant_id: i64, now: Timestamp) -> Result<Vec<SigningSecret>>;
     /// Makes `new` the tenant's secret; the current one keeps signing beside it until `previous_until`.
-    async fn rotate_secret(&self, tenant_id: i64, new: &SigningSecret, previous_until: Millis) -> Result<()>;
+    async fn rotate_secret(&self, tenant_id: i64, new: &SigningSecret, previous_until: Timestamp) -> Result<()>;
     /// A server-wide random value made on first use and kept (e.g. the cursor key).
     async fn meta_secret(&self, name: &str) -> Result<Vec<u8>>;
 
@@ -377,23 +370,23 @@ pub trait Store: Send + Sync + 'static {
         id: SubscriptionId,
         job_id: JobId,
         callback_url: &CallbackUrl,
-        now: Millis,
+        now: Timestamp,
     ) -> Result<Registered>;
     async fn subscription(&self, tenant_id: i64, id: SubscriptionId) -> Result<Option<Subscription>>;
     async fn list_subscriptions(&self, tenant_id: i64, filter: &ListFilter) -> Result<Vec<Subscription>>;
     /// Cancels a live subscription, unless a delivery attempt holds its claim (promise 11: a subscription
     /// that reads `cancelled` was never delivered). `None` when the tenant has no such subscription.
-    async fn cancel(&self, tenant_id: i64, id: SubscriptionId, now: Millis) -> Result<Option<Cancel>>;
+    async fn cancel(&self, tenant_id: i64, id: SubscriptionId, now: Timestamp) -> Result<Option<Cancel>>;
     /// The attempts of a subscription, oldest first; `None` when the tenant has no such subscription.
     async fn attempts(&self, tenant_id: i64, id: SubscriptionId) -> Result<Option<Vec<AttemptRecord>>>;
     /// Starts a new delivery series for a delivered or failed subscription whose job has a result;
     /// `None` when the tenant has no such subscription.
-    async fn redeliver(&self, tenant_id: i64, id: SubscriptionId, now: Millis) -> Result<Option<Redelivery>>;
+    async fn redeliver(&self, tenant_id: i64, id: SubscriptionId, now: Timestamp) -> Result<Option<Redelivery>>;
     /// Makes a delivering subscription's next attempt due `now`, in its current series (a receiver that
     /// was fixed need not wait for its next retry). Only `next_attempt_at` changes: a claim held by an
     /// attempt on the wire stays, and that attempt's outcome sets the next time as usual. On PostgreSQL
     /// the owning instance is told with a notice. `None`: no such subscription for this tenant.
-    async fn retry_now(&self, tenant_id: i64, id: SubscriptionId, now: Millis) -> Result<Option<RetryNow>>;
+    async fn retry_now(&self, tenant_id: i64, id: SubscriptionId, now: Timestamp) -> Result<Option<RetryNow>>;
 
     // --- the poller ---
 
@@ -408,7 +401,7 @@ pub trait Store: Send + Sync + 'static {
         job_id: JobId,
         status: Option<JobStatus>,
         last_error: Option<&str>,
-        now: Millis,
+        now: Timestamp,
     ) -> Result<()>;
     /// The job ended: one transaction stores its result and turns every polling subscription into a
     /// delivery due now, claimed by this instance for `claim_for` (its first attempt needs no write of
@@ -418,14 +411,14 @@ pub trait Store: Send + Sync + 'static {
         job_id: JobId,
         status: JobStatus,
         body: &Bytes,
-        now: Millis,
+        now: Timestamp,
         claim_for: Duration,
     ) -> Result<Vec<DeliveryTask>>;
     /// Every polling subscription of the job fails for this reason. Returns how many.
-    async fn fail_job(&self, job_id: JobId, reason: FailureReason, last_error: &str, now: Millis) -> Result<u64>;
+    async fn fail_job(&self, job_id: JobId, reason: FailureReason, last_error: &str, now: Timestamp) -> Result<u64>;
     /// Polling subscriptions created at or before `cutoff` expire. Returns how many, and the job if some
     /// still poll.
-    async fn expire(&self, job_id: JobId, cutoff: Millis, now: Millis) -> Result<(u64, Option<PollableJob>)>;
+    async fn expire(&self, job_id: JobId, cutoff: Timestamp, now: Timestamp) -> Result<(u64, Option<PollableJob>)>;
 
     /// How many subscriptions are in each state (for `GET /metrics`): read from counts kept in the
     /// same transactions as the changes, never by counting the table.
@@ -437,9 +430,9 @@ pub trait Store: Send + Sync + 'static {
     /// expired, cancelled) before `ended_before`, oldest first, with their delivery attempts and the jobs
     /// no subscription refers to any more; fewer when the transaction's time is up (SQLite), but at
     /// least one while any is left. `None` when another instance is purging (PostgreSQL).
-    async fn purge_ended(&self, ended_before: Millis, limit: u32) -> Result<Option<Purged>>;
+    async fn purge_ended(&self, ended_before: Timestamp, limit: u32) -> Result<Option<Purged>>;
     /// What [`Store::purge_ended`] would delete, all batches together (`jobhook purge --dry-run`).
-    async fn purgeable(&self, ended_before: Millis) -> Result<Purged>;
+    async fn purgeable(&self, ended_before: Timestamp) -> Result<Purged>;
     /// Hands pages freed by a purge back to the file system (SQLite's incremental vacuum; PostgreSQL's
     /// autovacuum does this by itself).
     async fn reclaim_space(&self) -> Result<()>;
@@ -465,13 +458,13 @@ pub trait Store: Send + Sync + 'static {
     fn shared(&self) -> bool;
     /// The database's clock, in milliseconds since the epoch: the one clock every instance's lease times
     /// are read from, so instances whose own clocks disagree still agree on who holds what.
-    async fn clock(&self) -> Result<Millis>;
+    async fn clock(&self) -> Result<Timestamp>;
     /// Announces this instance; returns how many instances have announced themselves after `live_after`.
-    async fn heartbeat(&self, instance: &str, now: Millis, live_after: Millis) -> Result<i64>;
+    async fn heartbeat(&self, instance: &str, now: Timestamp, live_after: Timestamp) -> Result<i64>;
     /// Extends every lease this instance holds to `until`; returns them (a partition mask).
-    async fn renew_leases(&self, instance: &str, until: Millis) -> Result<u64>;
+    async fn renew_leases(&self, instance: &str, until: Timestamp) -> Result<u64>;
     /// Takes up to `n` free or lapsed leases until `until`; returns them (a partition mask).
-    async fn claim_leases(&self, instance: &str, n: i64, now: Millis, until: Millis) -> Result<u64>;
+    async fn claim_leases(&self, instance: &str, n: i64, now: Timestamp, until: Timestamp) -> Result<u64>;
     /// Gives back the leases in `partitions` (a mask).
     async fn release_leases(&self, instance: &str, partitions: u64) -> Result<()>;
     /// Gives back every lease of this instance and the delivery claims its workers still hold (call it
@@ -495,5 +488,5 @@ pub trait Store: Send + Sync + 'static {
     /// Logs an attempt, moves the delivery on and releases its claim, in one transaction. Returns false
     /// when the subscription was no longer delivering (possible only once a claim lapsed); the attempt is
     /// logged anyway.
-    async fn record_attempt(&self, record: &AttemptRecord, result: AttemptResult, now: Millis) -> Result<bool>;
+    async fn record_attempt(&self, record: &AttemptRecord, result: AttemptResult, now: Timestamp) -> Result<bool>;
 }

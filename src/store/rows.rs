@@ -74,9 +74,9 @@ pub(super) struct SubscriptionRow {
     pub(super) failure_reason: Option<String>,
     pub(super) webhook_id: Option<String>,
     pub(super) attempts: i64,
-    pub(super) next_attempt_at: Option<i64>,
-    pub(super) created_at: i64,
-    pub(super) updated_at: i64,
+    pub(super) next_attempt_at: Option<Timestamp>,
+    pub(super) created_at: Timestamp,
+    pub(super) updated_at: Timestamp,
     pub(super) job_status: Option<String>,
     pub(super) last_error: Option<String>,
     pub(super) last_delivery_error: Option<String>,
@@ -111,8 +111,8 @@ impl TryFrom<SubscriptionRow> for Subscription {
 #[derive(sqlx::FromRow)]
 pub(super) struct PollableRow {
     pub(super) job_id: String,
-    pub(super) job_created_at: i64,
-    pub(super) oldest_polling_at: i64,
+    pub(super) job_created_at: Timestamp,
+    pub(super) oldest_polling_at: Timestamp,
 }
 
 impl TryFrom<PollableRow> for PollableJob {
@@ -147,7 +147,7 @@ pub(super) struct DeliveryRow {
     pub(super) result: Option<Vec<u8>>,
     pub(super) series: i64,
     pub(super) attempts: i64,
-    pub(super) next_attempt_at: Option<i64>,
+    pub(super) next_attempt_at: Option<Timestamp>,
 }
 
 impl TryFrom<DeliveryRow> for DeliveryTask {
@@ -164,7 +164,7 @@ impl TryFrom<DeliveryRow> for DeliveryTask {
             body: Bytes::from(r.result.ok_or_else(|| corrupt("delivery without a job result", &r.id))?),
             series: u32::try_from(r.series).unwrap_or(1),
             attempts_made: u32::try_from(r.attempts).unwrap_or(0),
-            due_at: r.next_attempt_at.unwrap_or(0),
+            due_at: r.next_attempt_at.unwrap_or(Timestamp::from_millis(0)),
             claimed_until: None,
         })
     }

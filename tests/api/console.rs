@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use jobhook::domain::SubscriptionState;
+use jobhook::domain::{SubscriptionState, Timestamp};
 use reqwest::StatusCode;
 use reqwest::header::{self, HeaderMap};
 
@@ -187,7 +187,7 @@ async fn a_revoked_key_ends_its_sessions_at_once() {
     let store = jobhook::store::open(&app.db_url).await.unwrap();
     let tenant = store.tenant_by_key(jobhook::keys::KeyHash::of(KEY_A)).await.unwrap().unwrap();
     let key = store.list_keys().await.unwrap().into_iter().find(|k| k.tenant_id == tenant.id).unwrap();
-    assert!(store.revoke_key(key.id, jobhook::store::now_ms()).await.unwrap());
+    assert!(store.revoke_key(key.id, Timestamp::now()).await.unwrap());
     let page =
         browser().get(app.url("/console/subscriptions")).header(header::COOKIE, &session.cookie).send().await.unwrap();
     assert_eq!(page.status(), StatusCode::SEE_OTHER, "back to sign-in");

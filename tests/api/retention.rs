@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use jobhook::domain::{CallbackUrl, FailureReason, JobId, JobStatus, SubscriptionId};
+use jobhook::domain::{CallbackUrl, FailureReason, JobId, JobStatus, SubscriptionId, Timestamp};
 use jobhook::keys::{ApiKey, SigningSecret};
 use jobhook::store::{AttemptRecord, AttemptResult, Purged, Registered, Store};
 use reqwest::StatusCode;
@@ -17,22 +17,36 @@ async fn store_with_key() -> (Arc<dyn Store>, ApiKey, String, tempfile::TempDir)
     let url = fresh_db_url(dir.path()).await;
     let store = jobhook::store::open(&url).await.unwrap();
     let key = ApiKey::generate();
-    store.create_key("test", key.hash(), &SigningSecret::generate(), 0).await.unwrap();
+    store.create_key("test", key.hash(), &SigningSecret::generate(), at(0)).await.unwrap();
     (store, key, url, dir)
+}
+
+fn at(ms: i64) -> Timestamp {
+    Timestamp::from_millis(ms)
 }
 
 /// Registers a job at `at` and, if `ended_at` is given, ends it then: the job succeeds, and its
 /// delivery is accepted at `ended_at`. Returns the subscription.
-async fn subscription(store: &dyn Store, key: &ApiKey, at: i64, ended_at: Option<i64>) -> SubscriptionId {
+async fn subscription(store: &dyn Store, key: &ApiKey, registered: i64, ended: Option<i64>) -> SubscriptionId {
+    let (registered, ended_at) = (at(registered), ended.map(at));
     let job: JobId = uuid::Uuid::new_v4().to_string().parse().unwrap();
     let url: CallbackUrl = "https://receiver.example/hook".parse().unwrap();
     let id = SubscriptionId::new();
-    let Registered::CreatedPolling(..) = store.register(key.hash(), id, job, &url, at).await.unwrap() else {
+    let Registered::CreatedPolling(..) = store.register(key.hash(), id, job, &url, registered).await.unwrap() else {
         panic!("a new job is polled");
     };
     if let Some(ended_at) = ended_at {
         let body = bytes::Bytes::from(format!(r#"{{"job_id":"{job}","status":"Succeed","image_urls":[]}}"#));
-        let tasks = store.complete_job(job, JobStatus::Succeed, &body, at + 1, Duration::from_secs(30)).await.unwrap();
+        let tasks = store
+            .complete_job(
+                job,
+                JobStatus::Succeed,
+                &body,
+                registered + Duration::from_millis(1),
+                Duration::from_secs(30),
+            )
+            .await
+            .unwrap();
         let task = &tasks[0];
         let record = AttemptRecord {
             subscription_id: id,
@@ -60,9 +74,9 @@ async fn a_subscription_ended_before_the_cutoff_is_purged_one_ended_at_it_or_aft
     // Live, and far older than the cutoff: never purged, whatever its age.
     let live = subscription(store.as_ref(), &key, 0, None).await;
 
-    let would = store.purgeable(10_000).await.unwrap();
+    let would = store.purgeable(at(10_000)).await.unwrap();
     assert_eq!(would, Purged { subscriptions: 1, attempts: 1, jobs: 1 });
-    let purged = jobhook::housekeeping::purge(store.as_ref(), 10_000, |_| {}).await.unwrap().unwrap();
+    let purged = jobhook::housekeeping::purge(store.as_ref(), at(10_000), |_| {}).await.unwrap().unwrap();
     assert_eq!(purged, would, "the dry run counts what the purge deletes");
     assert!(store.subscription(tenant, outside).await.unwrap().is_none(), "ended before the cutoff");
     assert!(store.attempts(tenant, outside).await.unwrap().is_none());
@@ -71,7 +85,10 @@ async fn a_subscription_ended_before_the_cutoff_is_purged_one_ended_at_it_or_aft
     }
     assert_eq!(store.attempts(tenant, inside).await.unwrap().unwrap().len(), 1);
     // Again: nothing more to do.
-    assert_eq!(jobhook::housekeeping::purge(store.as_ref(), 10_000, |_| {}).await.unwrap().unwrap(), Purged::default());
+    assert_eq!(
+        jobhook::housekeeping::purge(store.as_ref(), at(10_000), |_| {}).await.unwrap().unwrap(),
+        Purged::default()
+    );
 }
 
 #[tokio::test]
@@ -81,10 +98,10 @@ async fn a_job_row_goes_only_with_its_last_subscription() {
     // Two subscriptions of one job: one fails early, the other is still polling.
     let job: JobId = uuid::Uuid::new_v4().to_string().parse().unwrap();
     let (a, b) = (SubscriptionId::new(), SubscriptionId::new());
-    store.register(key.hash(), a, job, &"https://a.example/".parse().unwrap(), 100).await.unwrap();
-    store.fail_job(job, FailureReason::UpstreamJobNotFound, "gone", 200).await.unwrap();
-    store.register(key.hash(), b, job, &"https://b.example/".parse().unwrap(), 300).await.unwrap();
-    let purged = jobhook::housekeeping::purge(store.as_ref(), 10_000, |_| {}).await.unwrap().unwrap();
+    store.register(key.hash(), a, job, &"https://a.example/".parse().unwrap(), at(100)).await.unwrap();
+    store.fail_job(job, FailureReason::UpstreamJobNotFound, "gone", at(200)).await.unwrap();
+    store.register(key.hash(), b, job, &"https://b.example/".parse().unwrap(), at(300)).await.unwrap();
+    let purged = jobhook::housekeeping::purge(store.as_ref(), at(10_000), |_| {}).await.unwrap().unwrap();
     assert_eq!(purged, Purged { subscriptions: 1, attempts: 0, jobs: 0 });
     assert!(store.subscription(tenant, b).await.unwrap().is_some());
     assert!(store.pollable_job(job).await.unwrap().is_some(), "the job of a live subscription stays");

@@ -5,6 +5,7 @@
 
 use std::time::{Duration, Instant};
 
+use jobhook::domain::Timestamp;
 use jobhook::keys::{ApiKey, SigningSecret};
 
 /// Fills the store at `db_url` (migrated here, as jobhook would) with `n` delivered subscriptions of the
@@ -14,10 +15,10 @@ pub async fn prefill(db_url: &str, key: &str, secret: &str, n: usize, age: Durat
     let store = jobhook::store::open(db_url).await?;
     let key = ApiKey::new_configured(key).map_err(anyhow::Error::msg)?;
     let secret: SigningSecret = secret.parse().map_err(anyhow::Error::msg)?;
-    let now = jobhook::store::now_ms();
+    let now = Timestamp::now();
     store.sync_configured_keys(&[key.hash()], Some(&secret), now).await?;
     // When they ended.
-    let now = now - i64::try_from(age.as_millis()).unwrap_or(0);
+    let now = now - age;
     let tenant = store.tenant_by_key(key.hash()).await?.ok_or_else(|| anyhow::anyhow!("the key has no tenant"))?.id;
     drop(store);
     let body = r#"{"job_id":"00000000-0000-4000-8000-000000000000","status":"Succeed","image_urls":["https://images.example.com/x/0.png"]}"#;

@@ -3,10 +3,15 @@
 use super::*;
 
 /// An attempt as the log keeps it: series, attempt, webhook ID, start, status, error, duration.
-type AttemptRow = (i64, i64, String, i64, Option<i64>, Option<String>, i64);
+type AttemptRow = (i64, i64, String, Timestamp, Option<i64>, Option<String>, i64);
 
 impl PgStore {
-    pub(super) async fn cancel_now(&self, tenant_id: i64, id: SubscriptionId, now: Millis) -> Result<Option<Cancel>> {
+    pub(super) async fn cancel_now(
+        &self,
+        tenant_id: i64,
+        id: SubscriptionId,
+        now: Timestamp,
+    ) -> Result<Option<Cancel>> {
         let sub_id = id.to_string();
         let mut tx = self.begin().await?;
         let row: Option<(String, String)> =
@@ -53,7 +58,7 @@ impl PgStore {
         &self,
         tenant_id: i64,
         id: SubscriptionId,
-        now: Millis,
+        now: Timestamp,
     ) -> Result<Option<Redelivery>> {
         let sub_id = id.to_string();
         let mut tx = self.begin().await?;

@@ -4,14 +4,14 @@
 use std::collections::{HashMap, HashSet};
 
 use super::*;
-use crate::domain::new_webhook_id;
+use crate::domain::{Timestamp, new_webhook_id};
 
 /// One job's end, as the writer hands it over.
 pub(super) struct Completion<'a> {
     pub job_id: JobId,
     pub status: JobStatus,
     pub body: &'a Bytes,
-    pub now: Millis,
+    pub now: Timestamp,
     pub claim: &'a ClaimFor,
 }
 
@@ -25,7 +25,7 @@ pub(super) async fn complete_all(tx: &mut PgConnection, done: &[Completion<'_>])
     let mut ids: Vec<String> = firsts.iter().map(|c| c.job_id.to_string()).collect();
     let statuses: Vec<&str> = firsts.iter().map(|c| c.status.as_str()).collect();
     let bodies: Vec<&[u8]> = firsts.iter().map(|c| c.body.as_ref()).collect();
-    let nows: Vec<i64> = firsts.iter().map(|c| c.now).collect();
+    let nows: Vec<Timestamp> = firsts.iter().map(|c| c.now).collect();
     let mut sorted = ids.clone();
     sorted.sort();
     sqlx::query("SELECT 1 FROM jobs WHERE job_id = ANY($1) ORDER BY job_id FOR UPDATE")
@@ -130,7 +130,7 @@ pub(super) async fn complete_all(tx: &mut PgConnection, done: &[Completion<'_>])
 struct Moved {
     ids: Vec<String>,
     webhook_ids: Vec<String>,
-    nows: Vec<i64>,
+    nows: Vec<Timestamp>,
     claim_ms: Vec<i64>,
     claimed_by: Vec<String>,
     /// Job, tenant and callback of each, for its task.

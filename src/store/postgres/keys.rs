@@ -9,7 +9,7 @@ impl PgStore {
         &self,
         keys: &[KeyHash],
         secret: Option<&SigningSecret>,
-        now: Millis,
+        now: Timestamp,
     ) -> Result<ConfiguredKeys> {
         let mut tx = self.begin().await?;
         let mut sync = ConfiguredKeys::default();
@@ -91,7 +91,7 @@ pub(super) async fn insert_tenant_with_key(
     key: KeyHash,
     secret: &SigningSecret,
     source: &str,
-    now: Millis,
+    now: Timestamp,
 ) -> Result<i64> {
     let tenant_id: i64 =
         sqlx::query_scalar("INSERT INTO tenants (name, signing_secret, created_at) VALUES ($1, $2, $3) RETURNING id")

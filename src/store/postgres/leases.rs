@@ -4,7 +4,7 @@
 use super::*;
 
 impl PgStore {
-    pub(super) async fn heartbeat_now(&self, instance: &str, now: Millis, live_after: Millis) -> Result<i64> {
+    pub(super) async fn heartbeat_now(&self, instance: &str, now: Timestamp, live_after: Timestamp) -> Result<i64> {
         sqlx::query(
             "INSERT INTO instances (id, heartbeat_at) VALUES ($1, $2) \
              ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
@@ -16,7 +16,7 @@ impl PgStore {
         .db()?;
         // Instances silent for ten times the liveness window are gone for good.
         sqlx::query("DELETE FROM instances WHERE heartbeat_at < $1")
-            .bind(live_after - 10 * (now - live_after))
+            .bind(live_after - now.duration_since(live_after) * 10)
             .execute(&self.pool)
             .await
             .db()?;
@@ -27,7 +27,7 @@ impl PgStore {
             .db()
     }
 
-    pub(super) async fn renew_now(&self, instance: &str, until: Millis) -> Result<u64> {
+    pub(super) async fn renew_now(&self, instance: &str, until: Timestamp) -> Result<u64> {
         let held: Vec<i64> =
             sqlx::query_scalar("UPDATE leases SET expires_at = $1 WHERE owner = $2 RETURNING partition")
                 .bind(until)
@@ -38,7 +38,7 @@ impl PgStore {
         Ok(mask_of(&held))
     }
 
-    pub(super) async fn claim_now(&self, instance: &str, n: i64, now: Millis, until: Millis) -> Result<u64> {
+    pub(super) async fn claim_now(&self, instance: &str, n: i64, now: Timestamp, until: Timestamp) -> Result<u64> {
         // SKIP LOCKED: two instances claiming at once take different partitions, neither waits.
         let taken: Vec<i64> = sqlx::query_scalar(
             "UPDATE leases SET owner = $1, expires_at = $3 WHERE partition IN \

@@ -17,7 +17,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions};
+use sqlx::encode::IsNull;
+use sqlx::error::BoxDynError;
+use sqlx::postgres::{PgArgumentBuffer, PgConnection, PgHasArrayType, PgPool, PgPoolOptions, PgTypeInfo, PgValueRef};
 use sqlx::{Executor, Postgres, Transaction};
 use tokio::sync::{mpsc, oneshot};
 
@@ -26,6 +28,31 @@ use super::rows::*;
 use super::*;
 
 use keys::insert_tenant_with_key;
+
+// Times are BIGINT columns of Unix milliseconds.
+impl sqlx::Type<Postgres> for Timestamp {
+    fn type_info() -> PgTypeInfo {
+        <i64 as sqlx::Type<Postgres>>::type_info()
+    }
+}
+
+impl PgHasArrayType for Timestamp {
+    fn array_type_info() -> PgTypeInfo {
+        i64::array_type_info()
+    }
+}
+
+impl sqlx::Encode<'_, Postgres> for Timestamp {
+    fn encode_by_ref(&self, buf: &mut PgArgumentBuffer) -> std::result::Result<IsNull, BoxDynError> {
+        self.as_millis().encode_by_ref(buf)
+    }
+}
+
+impl sqlx::Decode<'_, Postgres> for Timestamp {
+    fn decode(value: PgValueRef<'_>) -> std::result::Result<Self, BoxDynError> {
+        i64::decode(value).map(Timestamp::from_millis)
+    }
+}
 pub use notice::Notice;
 
 /// How long a write batch may wait for PostgreSQL before it is abandoned (see [`writer`]).
@@ -167,7 +194,7 @@ impl PgStore {
         self.writes[lane].send(write).await.map_err(|_| gone())?;
         let done = answer.await.map_err(|_| gone())?;
         self.stats.write_seconds.observe(queued.elapsed().as_secs_f64());
-        let trouble = if matches!(done, Err(StoreError::Unavailable(_))) { now_ms() } else { 0 };
+        let trouble = if matches!(done, Err(StoreError::Unavailable(_))) { Timestamp::now().as_millis() } else { 0 };
         self.write_trouble.store(trouble, std::sync::atomic::Ordering::Relaxed);
         done
     }

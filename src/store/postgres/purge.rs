@@ -13,7 +13,7 @@ const PURGE_LOCK: i64 = 0x6a6f_6268_6f6f_6b70;
 const COUNT_LOCK: i64 = 0x6a6f_6268_636f_756e;
 
 impl PgStore {
-    pub(super) async fn purge_batch(&self, ended_before: Millis, limit: u32) -> Result<Option<Purged>> {
+    pub(super) async fn purge_batch(&self, ended_before: Timestamp, limit: u32) -> Result<Option<Purged>> {
         let mut tx = self.begin().await?;
         let ours: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
             .bind(PURGE_LOCK)
@@ -89,7 +89,7 @@ impl PgStore {
         Ok(counts)
     }
 
-    pub(super) async fn count_purgeable(&self, ended_before: Millis) -> Result<Purged> {
+    pub(super) async fn count_purgeable(&self, ended_before: Timestamp) -> Result<Purged> {
         let (subscriptions, attempts, jobs): (i64, i64, i64) = sqlx::query_as(
             "WITH ended AS (SELECT id, job_id FROM subscriptions WHERE state IN ('delivered', 'failed', 'expired', 'cancelled') \
                             AND updated_at < $1) \

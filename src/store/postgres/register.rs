@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use super::*;
-use crate::domain::new_webhook_id;
+use crate::domain::{Timestamp, new_webhook_id};
 
 /// One registration of a batch, as the writer hands it over.
 pub(super) struct Registration<'a> {
@@ -12,14 +12,14 @@ pub(super) struct Registration<'a> {
     pub id: SubscriptionId,
     pub job_id: JobId,
     pub callback_url: &'a CallbackUrl,
-    pub now: Millis,
+    pub now: Timestamp,
 }
 
 /// What a registration's job looked like, read under its row lock.
 #[derive(sqlx::FromRow)]
 struct JobRow {
     job_id: String,
-    created_at: i64,
+    created_at: Timestamp,
     status: Option<String>,
     last_error: Option<String>,
     result: Option<Vec<u8>>,
@@ -54,14 +54,14 @@ pub(super) async fn register_all(
 
     // The jobs: created if new, then locked in one order (by ID), so batches of different instances
     // cannot deadlock, and a job's end or another registration of it waits for this transaction.
-    let mut jobs: Vec<(String, i64, i64)> = regs
+    let mut jobs: Vec<(String, i64, Timestamp)> = regs
         .iter()
         .filter(|r| tenant_of(r).is_some())
         .map(|r| (r.job_id.to_string(), r.job_id.partition(), r.now))
         .collect();
     jobs.sort();
     jobs.dedup_by(|a, b| a.0 == b.0);
-    let (ids, (partitions, nows)): (Vec<String>, (Vec<i64>, Vec<i64>)) =
+    let (ids, (partitions, nows)): (Vec<String>, (Vec<i64>, Vec<Timestamp>)) =
         jobs.into_iter().map(|(j, p, n)| (j, (p, n))).unzip();
     sqlx::query(
         "INSERT INTO jobs (job_id, partition, created_at, updated_at) \
@@ -168,7 +168,7 @@ pub(super) async fn register_all(
             _ => None,
         })
         .collect();
-    let oldest: HashMap<String, Option<i64>> = if older.is_empty() {
+    let oldest: HashMap<String, Option<Timestamp>> = if older.is_empty() {
         HashMap::new()
     } else {
         sqlx::query_as(
@@ -240,7 +240,7 @@ enum Answer {
     /// An earlier subscription (by ID), read at the end.
     Existing(String),
     /// A new polling subscription, and its job's creation time.
-    Polling(Subscription, i64),
+    Polling(Subscription, Timestamp),
 }
 
 /// The new subscriptions of a batch, as columns, inserted in one statement.
@@ -252,8 +252,8 @@ struct NewRows {
     urls: Vec<String>,
     states: Vec<&'static str>,
     webhook_ids: Vec<Option<String>>,
-    next_attempt_at: Vec<Option<i64>>,
-    created_at: Vec<i64>,
+    next_attempt_at: Vec<Option<Timestamp>>,
+    created_at: Vec<Timestamp>,
     partitions: Vec<i64>,
     notices: Vec<String>,
 }

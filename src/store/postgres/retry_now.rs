@@ -10,7 +10,7 @@ impl PgStore {
         &self,
         tenant_id: i64,
         id: SubscriptionId,
-        now: Millis,
+        now: Timestamp,
     ) -> Result<Option<RetryNow>> {
         let sub_id = id.to_string();
         let mut tx = self.begin().await?;

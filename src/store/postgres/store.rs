@@ -9,12 +9,12 @@ impl Store for PgStore {
         &self,
         keys: &[KeyHash],
         secret: Option<&SigningSecret>,
-        now: Millis,
+        now: Timestamp,
     ) -> Result<ConfiguredKeys> {
         deadline(async move { self.keys_sync(keys, secret, now).await }).await
     }
 
-    async fn create_key(&self, name: &str, key: KeyHash, secret: &SigningSecret, now: Millis) -> Result<i64> {
+    async fn create_key(&self, name: &str, key: KeyHash, secret: &SigningSecret, now: Timestamp) -> Result<i64> {
         deadline(async move {
             let mut tx = self.begin().await?;
             let id = insert_tenant_with_key(&mut tx, name, key, secret, "stored", now).await?;
@@ -24,7 +24,7 @@ impl Store for PgStore {
         .await
     }
 
-    async fn add_key(&self, tenant_id: i64, name: &str, key: KeyHash, now: Millis) -> Result<Option<i64>> {
+    async fn add_key(&self, tenant_id: i64, name: &str, key: KeyHash, now: Timestamp) -> Result<Option<i64>> {
         deadline(async move {
             let mut tx = self.begin().await?;
             let tenant: Option<i64> = sqlx::query_scalar("SELECT id FROM tenants WHERE id = $1")
@@ -79,7 +79,7 @@ impl Store for PgStore {
 
     async fn list_keys(&self) -> Result<Vec<KeyInfo>> {
         deadline(async move {
-            let rows: Vec<(i64, i64, String, String, i64, Option<i64>)> =
+            let rows: Vec<(i64, i64, String, String, Timestamp, Option<Timestamp>)> =
                 sqlx::query_as("SELECT id, tenant_id, name, source, created_at, revoked_at FROM api_keys ORDER BY id")
                     .fetch_all(&self.pool)
                     .await
@@ -99,7 +99,7 @@ impl Store for PgStore {
         .await
     }
 
-    async fn revoke_key(&self, id: i64, now: Millis) -> Result<bool> {
+    async fn revoke_key(&self, id: i64, now: Timestamp) -> Result<bool> {
         deadline(async move {
             let done = sqlx::query(
                 "UPDATE api_keys SET revoked_at = $1, revoked_by = 'command' WHERE id = $2 AND revoked_at IS NULL",
@@ -114,9 +114,9 @@ impl Store for PgStore {
         .await
     }
 
-    async fn signing_secrets(&self, tenant_id: i64, now: Millis) -> Result<Vec<SigningSecret>> {
+    async fn signing_secrets(&self, tenant_id: i64, now: Timestamp) -> Result<Vec<SigningSecret>> {
         deadline(async move {
-            let row: Option<(String, Option<String>, Option<i64>)> =
+            let row: Option<(String, Option<String>, Option<Timestamp>)> =
                 sqlx::query_as("SELECT signing_secret, previous_secret, previous_until FROM tenants WHERE id = $1")
                     .bind(tenant_id)
                     .fetch_optional(&self.pool)
@@ -136,7 +136,7 @@ impl Store for PgStore {
         .await
     }
 
-    async fn rotate_secret(&self, tenant_id: i64, new: &SigningSecret, previous_until: Millis) -> Result<()> {
+    async fn rotate_secret(&self, tenant_id: i64, new: &SigningSecret, previous_until: Timestamp) -> Result<()> {
         deadline(async move {
             sqlx::query("UPDATE tenants SET previous_secret = signing_secret, previous_until = $1, signing_secret = $2 WHERE id = $3",)
             .bind(previous_until)
@@ -163,11 +163,11 @@ impl Store for PgStore {
         .await
     }
 
-    async fn redeliver(&self, tenant_id: i64, id: SubscriptionId, now: Millis) -> Result<Option<Redelivery>> {
+    async fn redeliver(&self, tenant_id: i64, id: SubscriptionId, now: Timestamp) -> Result<Option<Redelivery>> {
         deadline(async move { self.redeliver_now(tenant_id, id, now).await }).await
     }
 
-    async fn retry_now(&self, tenant_id: i64, id: SubscriptionId, now: Millis) -> Result<Option<RetryNow>> {
+    async fn retry_now(&self, tenant_id: i64, id: SubscriptionId, now: Timestamp) -> Result<Option<RetryNow>> {
         deadline(async move { self.retry_delivery_now(tenant_id, id, now).await }).await
     }
 
@@ -177,7 +177,7 @@ impl Store for PgStore {
         id: SubscriptionId,
         job_id: JobId,
         callback_url: &CallbackUrl,
-        now: Millis,
+        now: Timestamp,
     ) -> Result<Registered> {
         deadline(async move {
             let (reply, answer) = oneshot::channel();
@@ -215,7 +215,7 @@ impl Store for PgStore {
         .await
     }
 
-    async fn cancel(&self, tenant_id: i64, id: SubscriptionId, now: Millis) -> Result<Option<Cancel>> {
+    async fn cancel(&self, tenant_id: i64, id: SubscriptionId, now: Timestamp) -> Result<Option<Cancel>> {
         deadline(async move { self.cancel_now(tenant_id, id, now).await }).await
     }
 
@@ -247,7 +247,7 @@ impl Store for PgStore {
         job_id: JobId,
         status: Option<JobStatus>,
         last_error: Option<&str>,
-        now: Millis,
+        now: Timestamp,
     ) -> Result<()> {
         deadline(async move {
             let (reply, answer) = oneshot::channel();
@@ -262,7 +262,7 @@ impl Store for PgStore {
         job_id: JobId,
         status: JobStatus,
         body: &Bytes,
-        now: Millis,
+        now: Timestamp,
         claim_for: Duration,
     ) -> Result<Vec<DeliveryTask>> {
         deadline(async move {
@@ -281,7 +281,7 @@ impl Store for PgStore {
                 id: task.subscription_id,
                 partition: task.partition,
                 series: task.series,
-                now: now_ms(),
+                now: Timestamp::now(),
                 claim,
                 reply,
             };
@@ -290,7 +290,7 @@ impl Store for PgStore {
         .await
     }
 
-    async fn fail_job(&self, job_id: JobId, reason: FailureReason, last_error: &str, now: Millis) -> Result<u64> {
+    async fn fail_job(&self, job_id: JobId, reason: FailureReason, last_error: &str, now: Timestamp) -> Result<u64> {
         deadline(async move {
             let job = job_id.to_string();
             let mut tx = self.begin().await?;
@@ -314,7 +314,7 @@ impl Store for PgStore {
         .await
     }
 
-    async fn expire(&self, job_id: JobId, cutoff: Millis, now: Millis) -> Result<(u64, Option<PollableJob>)> {
+    async fn expire(&self, job_id: JobId, cutoff: Timestamp, now: Timestamp) -> Result<(u64, Option<PollableJob>)> {
         deadline(async move {
             let job = job_id.to_string();
             let mut tx = self.begin().await?;
@@ -336,11 +336,11 @@ impl Store for PgStore {
         deadline(async move { self.state_counts().await }).await
     }
 
-    async fn purge_ended(&self, ended_before: Millis, limit: u32) -> Result<Option<Purged>> {
+    async fn purge_ended(&self, ended_before: Timestamp, limit: u32) -> Result<Option<Purged>> {
         self.purge_batch(ended_before, limit).await
     }
 
-    async fn purgeable(&self, ended_before: Millis) -> Result<Purged> {
+    async fn purgeable(&self, ended_before: Timestamp) -> Result<Purged> {
         self.count_purgeable(ended_before).await
     }
 
@@ -356,7 +356,7 @@ impl Store for PgStore {
             // its own, so an idle instance whose disk recovered becomes ready without writing anything; if
             // the disk is still full, the next write marks it again.
             let failed_at = self.write_trouble.load(std::sync::atomic::Ordering::Relaxed);
-            if failed_at > 0 && now_ms() - failed_at < WRITE_TROUBLE_FOR.as_millis() as Millis {
+            if failed_at > 0 && Timestamp::now().duration_since(Timestamp::from_millis(failed_at)) < WRITE_TROUBLE_FOR {
                 return Err(StoreError::trouble(Trouble::WritesFailing));
             }
             Ok(())
@@ -376,20 +376,20 @@ impl Store for PgStore {
         Some(notice::listen(self.url.clone(), self.sent.clone(), shutdown))
     }
 
-    async fn clock(&self) -> Result<Millis> {
+    async fn clock(&self) -> Result<Timestamp> {
         deadline(async move { sqlx::query_scalar(concat!("SELECT ", pg_now_ms!())).fetch_one(&self.pool).await.db() })
             .await
     }
 
-    async fn heartbeat(&self, instance: &str, now: Millis, live_after: Millis) -> Result<i64> {
+    async fn heartbeat(&self, instance: &str, now: Timestamp, live_after: Timestamp) -> Result<i64> {
         deadline(async move { self.heartbeat_now(instance, now, live_after).await }).await
     }
 
-    async fn renew_leases(&self, instance: &str, until: Millis) -> Result<u64> {
+    async fn renew_leases(&self, instance: &str, until: Timestamp) -> Result<u64> {
         deadline(async move { self.renew_now(instance, until).await }).await
     }
 
-    async fn claim_leases(&self, instance: &str, n: i64, now: Millis, until: Millis) -> Result<u64> {
+    async fn claim_leases(&self, instance: &str, n: i64, now: Timestamp, until: Timestamp) -> Result<u64> {
         deadline(async move { self.claim_now(instance, n, now, until).await }).await
     }
 
@@ -444,7 +444,7 @@ impl Store for PgStore {
         .await
     }
 
-    async fn record_attempt(&self, record: &AttemptRecord, result: AttemptResult, now: Millis) -> Result<bool> {
+    async fn record_attempt(&self, record: &AttemptRecord, result: AttemptResult, now: Timestamp) -> Result<bool> {
         deadline(async move {
             let (reply, answer) = oneshot::channel();
             self.write(Write::Attempt { record: record.clone(), result, now, reply }, answer).await

@@ -244,7 +244,7 @@ async fn claim_all(tx: &mut PgConnection, batch: &[Write], at: &[usize]) -> Resu
             claims.push(Claim::Held(claim.held_until));
             continue;
         }
-        let row: Option<(String, i64, Option<i64>)> =
+        let row: Option<(String, i64, Option<Timestamp>)> =
             sqlx::query_as("SELECT state, series, claimed_until FROM subscriptions WHERE id = $1")
                 .bind(&id)
                 .fetch_optional(&mut *tx)
@@ -310,18 +310,18 @@ struct AttemptColumns<'a> {
     series: Vec<i64>,
     attempts: Vec<i64>,
     webhook_ids: Vec<&'a str>,
-    started_at: Vec<i64>,
+    started_at: Vec<Timestamp>,
     status_codes: Vec<Option<i64>>,
     errors: Vec<Option<&'a str>>,
     durations: Vec<i64>,
     states: Vec<&'static str>,
-    next_at: Vec<Option<i64>>,
+    next_at: Vec<Option<Timestamp>>,
     reasons: Vec<Option<&'static str>>,
-    nows: Vec<i64>,
+    nows: Vec<Timestamp>,
 }
 
 impl<'a> AttemptColumns<'a> {
-    fn push(&mut self, record: &'a AttemptRecord, result: AttemptResult, now: Millis) {
+    fn push(&mut self, record: &'a AttemptRecord, result: AttemptResult, now: Timestamp) {
         let (state, next_at, reason) = match result {
             AttemptResult::Delivered => ("delivered", None, None),
             AttemptResult::RetryAt(at) => ("delivering", Some(at), None),

@@ -20,6 +20,19 @@ use super::rows::*;
 use super::*;
 use writer::Job;
 
+// Times are INTEGER columns of Unix milliseconds.
+impl rusqlite::ToSql for Timestamp {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        Ok(self.as_millis().into())
+    }
+}
+
+impl rusqlite::types::FromSql for Timestamp {
+    fn column_result(value: rusqlite::types::ValueRef<'_>) -> rusqlite::types::FromSqlResult<Self> {
+        i64::column_result(value).map(Timestamp::from_millis)
+    }
+}
+
 /// The file a `sqlite:` URL names (without its `?options`); `None` for other stores and for an
 /// in-memory SQLite database, which names no file.
 pub fn sqlite_file(url: &str) -> Option<&str> {
@@ -143,7 +156,7 @@ impl SqliteStore {
         self.writes.send(Job::Group(write)).await.map_err(|_| gone())?;
         let done = answer.await.map_err(|_| gone())?;
         self.stats.write_seconds.observe(queued.elapsed().as_secs_f64());
-        let trouble = if matches!(done, Err(StoreError::Unavailable(_))) { now_ms() } else { 0 };
+        let trouble = if matches!(done, Err(StoreError::Unavailable(_))) { Timestamp::now().as_millis() } else { 0 };
         self.write_trouble.store(trouble, std::sync::atomic::Ordering::Relaxed);
         done
     }
@@ -226,18 +239,18 @@ impl Store for SqliteStore {
         &self,
         keys: &[KeyHash],
         secret: Option<&SigningSecret>,
-        now: Millis,
+        now: Timestamp,
     ) -> Result<ConfiguredKeys> {
         let (keys, secret) = (keys.to_vec(), secret.cloned());
         self.exec(move |tx| ops::sync_configured_keys(tx, &keys, secret.as_ref(), now)).await
     }
 
-    async fn create_key(&self, name: &str, key: KeyHash, secret: &SigningSecret, now: Millis) -> Result<i64> {
+    async fn create_key(&self, name: &str, key: KeyHash, secret: &SigningSecret, now: Timestamp) -> Result<i64> {
         let (name, secret) = (name.to_owned(), secret.clone());
         self.exec(move |tx| ops::insert_tenant_with_key(tx, &name, key, &secret, "stored", now)).await
     }
 
-    async fn add_key(&self, tenant_id: i64, name: &str, key: KeyHash, now: Millis) -> Result<Option<i64>> {
+    async fn add_key(&self, tenant_id: i64, name: &str, key: KeyHash, now: Timestamp) -> Result<Option<i64>> {
         let name = name.to_owned();
         self.exec(move |tx| ops::add_key(tx, tenant_id, &name, key, now)).await
     }
@@ -255,7 +268,7 @@ impl Store for SqliteStore {
         self.read(ops::list_keys).await
     }
 
-    async fn revoke_key(&self, id: i64, now: Millis) -> Result<bool> {
+    async fn revoke_key(&self, id: i64, now: Timestamp) -> Result<bool> {
         self.exec(move |tx| {
             let sql =
                 "UPDATE api_keys SET revoked_at = ?1, revoked_by = 'command' WHERE id = ?2 AND revoked_at IS NULL";
@@ -264,11 +277,11 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn signing_secrets(&self, tenant_id: i64, now: Millis) -> Result<Vec<SigningSecret>> {
+    async fn signing_secrets(&self, tenant_id: i64, now: Timestamp) -> Result<Vec<SigningSecret>> {
         self.read(move |c| ops::signing_secrets(c, tenant_id, now)).await
     }
 
-    async fn rotate_secret(&self, tenant_id: i64, new: &SigningSecret, previous_until: Millis) -> Result<()> {
+    async fn rotate_secret(&self, tenant_id: i64, new: &SigningSecret, previous_until: Timestamp) -> Result<()> {
         let new = new.expose().to_owned();
         self.exec(move |tx| {
             let sql = "UPDATE tenants SET previous_secret = signing_secret, previous_until = ?1, signing_secret = ?2 \
@@ -298,7 +311,7 @@ impl Store for SqliteStore {
         id: SubscriptionId,
         job_id: JobId,
         callback_url: &CallbackUrl,
-        now: Millis,
+        now: Timestamp,
     ) -> Result<Registered> {
         let (reply, answer) = oneshot::channel();
         self.write(Write::Register { key, id, job_id, callback_url: callback_url.clone(), now, reply }, answer).await
@@ -313,7 +326,7 @@ impl Store for SqliteStore {
         self.read(move |c| ops::list_subscriptions(c, tenant_id, &filter)).await
     }
 
-    async fn cancel(&self, tenant_id: i64, id: SubscriptionId, now: Millis) -> Result<Option<Cancel>> {
+    async fn cancel(&self, tenant_id: i64, id: SubscriptionId, now: Timestamp) -> Result<Option<Cancel>> {
         self.exec(move |tx| ops::cancel(tx, tenant_id, id, now)).await
     }
 
@@ -321,11 +334,11 @@ impl Store for SqliteStore {
         self.read(move |c| ops::attempts(c, tenant_id, id)).await
     }
 
-    async fn redeliver(&self, tenant_id: i64, id: SubscriptionId, now: Millis) -> Result<Option<Redelivery>> {
+    async fn redeliver(&self, tenant_id: i64, id: SubscriptionId, now: Timestamp) -> Result<Option<Redelivery>> {
         self.exec(move |tx| ops::redeliver(tx, tenant_id, id, now)).await
     }
 
-    async fn retry_now(&self, tenant_id: i64, id: SubscriptionId, now: Millis) -> Result<Option<RetryNow>> {
+    async fn retry_now(&self, tenant_id: i64, id: SubscriptionId, now: Timestamp) -> Result<Option<RetryNow>> {
         self.exec(move |tx| ops::retry_now(tx, tenant_id, id, now)).await
     }
 
@@ -343,7 +356,7 @@ impl Store for SqliteStore {
         job_id: JobId,
         status: Option<JobStatus>,
         last_error: Option<&str>,
-        now: Millis,
+        now: Timestamp,
     ) -> Result<()> {
         let (reply, answer) = oneshot::channel();
         let last_error = last_error.map(str::to_owned);
@@ -355,7 +368,7 @@ impl Store for SqliteStore {
         job_id: JobId,
         status: JobStatus,
         body: &Bytes,
-        now: Millis,
+        now: Timestamp,
         claim_for: Duration,
     ) -> Result<Vec<DeliveryTask>> {
         let (reply, answer) = oneshot::channel();
@@ -363,12 +376,12 @@ impl Store for SqliteStore {
         self.write(Write::Complete { job_id, status, body: body.clone(), now, claim, reply }, answer).await
     }
 
-    async fn fail_job(&self, job_id: JobId, reason: FailureReason, last_error: &str, now: Millis) -> Result<u64> {
+    async fn fail_job(&self, job_id: JobId, reason: FailureReason, last_error: &str, now: Timestamp) -> Result<u64> {
         let last_error = last_error.to_owned();
         self.exec(move |tx| ops::fail_job(tx, job_id, reason, &last_error, now)).await
     }
 
-    async fn expire(&self, job_id: JobId, cutoff: Millis, now: Millis) -> Result<(u64, Option<PollableJob>)> {
+    async fn expire(&self, job_id: JobId, cutoff: Timestamp, now: Timestamp) -> Result<(u64, Option<PollableJob>)> {
         self.exec(move |tx| ops::expire(tx, job_id, cutoff, now)).await
     }
 
@@ -382,13 +395,13 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn purge_ended(&self, ended_before: Millis, limit: u32) -> Result<Option<Purged>> {
+    async fn purge_ended(&self, ended_before: Timestamp, limit: u32) -> Result<Option<Purged>> {
         // One process serves a SQLite file, so nobody else purges it (`jobhook purge` run beside it takes
         // turns for the write lock).
         self.exec(move |tx| purge::purge_batch(tx, ended_before, limit)).await.map(Some)
     }
 
-    async fn purgeable(&self, ended_before: Millis) -> Result<Purged> {
+    async fn purgeable(&self, ended_before: Timestamp) -> Result<Purged> {
         self.read(move |c| purge::purgeable(c, ended_before)).await
     }
 
@@ -408,7 +421,7 @@ impl Store for SqliteStore {
         // its own, so an idle instance whose disk recovered becomes ready without writing anything; if
         // the disk is still full, the next write marks it again.
         let failed_at = self.write_trouble.load(std::sync::atomic::Ordering::Relaxed);
-        if failed_at > 0 && now_ms() - failed_at < WRITE_TROUBLE_FOR.as_millis() as Millis {
+        if failed_at > 0 && Timestamp::now().duration_since(Timestamp::from_millis(failed_at)) < WRITE_TROUBLE_FOR {
             return Err(StoreError::trouble(Trouble::WritesFailing));
         }
         Ok(())
@@ -426,17 +439,17 @@ impl Store for SqliteStore {
         None
     }
 
-    async fn clock(&self) -> Result<Millis> {
+    async fn clock(&self) -> Result<Timestamp> {
         // One process, one clock.
-        Ok(now_ms())
+        Ok(Timestamp::now())
     }
 
-    async fn heartbeat(&self, instance: &str, now: Millis, live_after: Millis) -> Result<i64> {
+    async fn heartbeat(&self, instance: &str, now: Timestamp, live_after: Timestamp) -> Result<i64> {
         let instance = instance.to_owned();
         self.exec(move |tx| ops::heartbeat(tx, &instance, now, live_after)).await
     }
 
-    async fn renew_leases(&self, instance: &str, until: Millis) -> Result<u64> {
+    async fn renew_leases(&self, instance: &str, until: Timestamp) -> Result<u64> {
         let instance = instance.to_owned();
         self.exec(move |tx| {
             let sql = "UPDATE leases SET expires_at = ?1 WHERE owner = ?2 RETURNING partition";
@@ -445,7 +458,7 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn claim_leases(&self, instance: &str, n: i64, now: Millis, until: Millis) -> Result<u64> {
+    async fn claim_leases(&self, instance: &str, n: i64, now: Timestamp, until: Timestamp) -> Result<u64> {
         let instance = instance.to_owned();
         self.exec(move |tx| {
             let sql = "UPDATE leases SET owner = ?1, expires_at = ?3 WHERE partition IN \
@@ -494,10 +507,10 @@ impl Store for SqliteStore {
         let (reply, answer) = oneshot::channel();
         let claim = ClaimFor::new(&self.instance, claim_for);
         let (id, partition, series) = (task.subscription_id, task.partition, task.series);
-        self.write(Write::Claim { id, partition, series, now: now_ms(), claim, reply }, answer).await
+        self.write(Write::Claim { id, partition, series, now: Timestamp::now(), claim, reply }, answer).await
     }
 
-    async fn record_attempt(&self, record: &AttemptRecord, result: AttemptResult, now: Millis) -> Result<bool> {
+    async fn record_attempt(&self, record: &AttemptRecord, result: AttemptResult, now: Timestamp) -> Result<bool> {
         let (reply, answer) = oneshot::channel();
         self.write(Write::Attempt { record: record.clone(), result, now, reply }, answer).await
     }

@@ -64,7 +64,7 @@ pub(super) fn sync_configured_keys(
     tx: &Transaction<'_>,
     keys: &[KeyHash],
     secret: Option<&SigningSecret>,
-    now: Millis,
+    now: Timestamp,
 ) -> Result<ConfiguredKeys> {
     let mut sync = ConfiguredKeys::default();
     // Configured keys that left the configuration stop working; those listed again work again, unless
@@ -88,7 +88,7 @@ pub(super) fn sync_configured_keys(
             tx.execute(
                 "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?1), revoked_by = COALESCE(revoked_by, 'config') \
                  WHERE id = ?2",
-                [now, id],
+                params![now, id],
             )
             .sq()?;
         }
@@ -141,7 +141,7 @@ pub(super) fn insert_tenant_with_key(
     key: KeyHash,
     secret: &SigningSecret,
     source: &str,
-    now: Millis,
+    now: Timestamp,
 ) -> Result<i64> {
     let tenant_id: i64 = tx
         .query_row(
@@ -163,7 +163,7 @@ pub(super) fn add_key(
     tenant_id: i64,
     name: &str,
     key: KeyHash,
-    now: Millis,
+    now: Timestamp,
 ) -> Result<Option<i64>> {
     let tenant: Option<i64> =
         tx.query_row("SELECT id FROM tenants WHERE id = ?1", [tenant_id], |r| r.get(0)).optional().sq()?;
@@ -213,8 +213,8 @@ pub(super) fn list_keys(c: &Connection) -> Result<Vec<KeyInfo>> {
     rows.collect::<rusqlite::Result<_>>().sq()
 }
 
-pub(super) fn signing_secrets(c: &Connection, tenant_id: i64, now: Millis) -> Result<Vec<SigningSecret>> {
-    let row: Option<(String, Option<String>, Option<i64>)> = c
+pub(super) fn signing_secrets(c: &Connection, tenant_id: i64, now: Timestamp) -> Result<Vec<SigningSecret>> {
+    let row: Option<(String, Option<String>, Option<Timestamp>)> = c
         .prepare_cached("SELECT signing_secret, previous_secret, previous_until FROM tenants WHERE id = ?1")
         .sq()?
         .query_row([tenant_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
@@ -259,7 +259,12 @@ pub(super) fn list_subscriptions(c: &Connection, tenant_id: i64, filter: &ListFi
     rows.into_iter().map(Subscription::try_from).collect()
 }
 
-pub(super) fn cancel(tx: &Transaction<'_>, tenant_id: i64, id: SubscriptionId, now: Millis) -> Result<Option<Cancel>> {
+pub(super) fn cancel(
+    tx: &Transaction<'_>,
+    tenant_id: i64,
+    id: SubscriptionId,
+    now: Timestamp,
+) -> Result<Option<Cancel>> {
     let sub_id = id.to_string();
     let row: Option<(String, String)> = tx
         .query_row(
@@ -333,7 +338,7 @@ pub(super) fn redeliver(
     tx: &Transaction<'_>,
     tenant_id: i64,
     id: SubscriptionId,
-    now: Millis,
+    now: Timestamp,
 ) -> Result<Option<Redelivery>> {
     let sub_id = id.to_string();
     let sql = concat!(delivery_select!(), " WHERE s.id = ?1 AND s.tenant_id = ?2");
@@ -385,7 +390,7 @@ pub(super) fn retry_now(
     tx: &Transaction<'_>,
     tenant_id: i64,
     id: SubscriptionId,
-    now: Millis,
+    now: Timestamp,
 ) -> Result<Option<RetryNow>> {
     let sub_id = id.to_string();
     let sql = concat!(delivery_select!(), " WHERE s.id = ?1 AND s.tenant_id = ?2");
@@ -414,7 +419,7 @@ pub(super) fn fail_job(
     job_id: JobId,
     reason: FailureReason,
     last_error: &str,
-    now: Millis,
+    now: Timestamp,
 ) -> Result<u64> {
     let job = job_id.to_string();
     tx.execute("UPDATE jobs SET last_error = ?1, updated_at = ?2 WHERE job_id = ?3", params![last_error, now, job])
@@ -432,8 +437,8 @@ pub(super) fn fail_job(
 pub(super) fn expire(
     tx: &Transaction<'_>,
     job_id: JobId,
-    cutoff: Millis,
-    now: Millis,
+    cutoff: Timestamp,
+    now: Timestamp,
 ) -> Result<(u64, Option<PollableJob>)> {
     let job = job_id.to_string();
     let expired = tx
@@ -447,7 +452,7 @@ pub(super) fn expire(
     Ok((expired as u64, left))
 }
 
-pub(super) fn heartbeat(tx: &Transaction<'_>, instance: &str, now: Millis, live_after: Millis) -> Result<i64> {
+pub(super) fn heartbeat(tx: &Transaction<'_>, instance: &str, now: Timestamp, live_after: Timestamp) -> Result<i64> {
     tx.execute(
         "INSERT INTO instances (id, heartbeat_at) VALUES (?1, ?2) \
          ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at",
@@ -455,7 +460,8 @@ pub(super) fn heartbeat(tx: &Transaction<'_>, instance: &str, now: Millis, live_
     )
     .sq()?;
     // Instances silent for ten times the liveness window are gone for good.
-    tx.execute("DELETE FROM instances WHERE heartbeat_at < ?1", [live_after - 10 * (now - live_after)]).sq()?;
+    tx.execute("DELETE FROM instances WHERE heartbeat_at < ?1", [live_after - now.duration_since(live_after) * 10])
+        .sq()?;
     tx.query_row("SELECT COUNT(*) FROM instances WHERE heartbeat_at > ?1", [live_after], |r| r.get(0)).sq()
 }
 

@@ -22,7 +22,7 @@ const VACUUM_STEP_PAGES: i64 = 256;
 /// rows at once held the writer ~90 ms and put registration p99 at 120-150 ms.
 const PURGE_STEP_BUDGET: std::time::Duration = std::time::Duration::from_millis(8);
 
-pub(super) fn purge_batch(tx: &Transaction<'_>, ended_before: Millis, limit: u32) -> Result<Purged> {
+pub(super) fn purge_batch(tx: &Transaction<'_>, ended_before: Timestamp, limit: u32) -> Result<Purged> {
     let rows: Vec<(String, String)> = tx
         .prepare_cached(concat!(
             "SELECT id, job_id FROM subscriptions WHERE ",
@@ -60,7 +60,7 @@ pub(super) fn purge_batch(tx: &Transaction<'_>, ended_before: Millis, limit: u32
     Ok(purged)
 }
 
-pub(super) fn purgeable(c: &Connection, ended_before: Millis) -> Result<Purged> {
+pub(super) fn purgeable(c: &Connection, ended_before: Timestamp) -> Result<Purged> {
     let sql = concat!(
         "SELECT (SELECT COUNT(*) FROM subscriptions WHERE ",
         ended!(),

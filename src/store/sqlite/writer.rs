@@ -11,7 +11,7 @@ use super::ops::{delivery_row, subscription_row};
 use tokio::sync::mpsc;
 
 use super::*;
-use crate::domain::new_webhook_id;
+use crate::domain::{Timestamp, new_webhook_id};
 use crate::store::group::{Done, claim_refused};
 
 /// What the writer thread runs: a group-committed write, or a write of another kind in a transaction of
@@ -110,7 +110,7 @@ fn register(
     id: SubscriptionId,
     job_id: JobId,
     callback_url: &CallbackUrl,
-    now: Millis,
+    now: Timestamp,
 ) -> Result<Registered> {
     // The key is checked in the registering transaction: a revoked key is refused at once, and the API
     // needs no read of its own first (see api::auth::RegisteringKey).
@@ -128,11 +128,11 @@ fn register(
     .sq()?
     .execute(params![job, job_id.partition(), now])
     .sq()?;
-    let (job_created_at, job_status, last_error, result): (i64, Option<String>, Option<String>, Option<Vec<u8>>) = tx
-        .prepare_cached("SELECT created_at, status, last_error, result FROM jobs WHERE job_id = ?")
-        .sq()?
-        .query_row(params![job], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
-        .sq()?;
+    let (job_created_at, job_status, last_error, result): (Timestamp, Option<String>, Option<String>, Option<Vec<u8>>) =
+        tx.prepare_cached("SELECT created_at, status, last_error, result FROM jobs WHERE job_id = ?")
+            .sq()?
+            .query_row(params![job], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            .sq()?;
     let existing: Option<String> = tx
         .prepare_cached(
             "SELECT id FROM subscriptions WHERE tenant_id = ? AND job_id = ? AND callback_url = ? \
@@ -176,7 +176,7 @@ fn register(
             } else {
                 tx.prepare_cached("SELECT MIN(created_at) FROM subscriptions WHERE job_id = ? AND state = 'polling'")
                     .sq()?
-                    .query_row(params![job], |r| r.get::<_, Option<i64>>(0))
+                    .query_row(params![job], |r| r.get::<_, Option<Timestamp>>(0))
                     .sq()?
                     .unwrap_or(now)
             };
@@ -225,7 +225,7 @@ fn complete_job(
     job_id: JobId,
     status: JobStatus,
     body: &Bytes,
-    now: Millis,
+    now: Timestamp,
     claim: &ClaimFor,
 ) -> Result<Vec<DeliveryTask>> {
     let job = job_id.to_string();
@@ -280,7 +280,7 @@ fn claim_delivery(
     tx: &rusqlite::Transaction<'_>,
     id: SubscriptionId,
     series: u32,
-    now: Millis,
+    now: Timestamp,
     claim: &ClaimFor,
 ) -> Result<Claim> {
     let id = id.to_string();
@@ -309,7 +309,7 @@ fn record_attempt(
     tx: &rusqlite::Transaction<'_>,
     record: &AttemptRecord,
     result: AttemptResult,
-    now: Millis,
+    now: Timestamp,
 ) -> Result<bool> {
     let id = record.subscription_id.to_string();
     tx.prepare_cached(
@@ -349,7 +349,7 @@ fn observe(
     job_id: JobId,
     status: Option<JobStatus>,
     last_error: Option<&str>,
-    now: Millis,
+    now: Timestamp,
 ) -> Result<()> {
     tx.prepare_cached(
         "UPDATE jobs SET status = COALESCE(?, status), last_error = ?, updated_at = ? WHERE job_id = ? AND result IS NULL",
