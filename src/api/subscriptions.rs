@@ -123,6 +123,13 @@ pub struct DeliveryAttemptView {
     /// What went wrong, when the request failed before or instead of an answer.
     pub error: Option<String>,
     pub duration_ms: u64,
+    /// The `Content-Type` of the receiver's answer; null when it sent none or did not answer.
+    #[schema(example = "application/json")]
+    pub response_content_type: Option<String>,
+    /// The first 2 KiB of the receiver's answer (invalid UTF-8 replaced); null when it did not answer.
+    /// Nothing more of the answer is kept.
+    #[schema(example = "{\"error\":\"database is down\"}", max_length = 2048)]
+    pub response_body: Option<String>,
 }
 
 impl From<AttemptRecord> for DeliveryAttemptView {
@@ -135,6 +142,8 @@ impl From<AttemptRecord> for DeliveryAttemptView {
             status_code: a.status_code,
             error: a.error,
             duration_ms: a.duration_ms,
+            response_content_type: a.response_content_type,
+            response_body: a.response_body,
         }
     }
 }

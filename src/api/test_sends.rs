@@ -28,9 +28,6 @@ use crate::store::Tenant;
 /// 6 s).
 pub const SENDS_PER_MINUTE: u32 = 10;
 
-/// How much of the receiver's answer the result shows.
-pub const RESPONSE_SNIPPET_BYTES: usize = 2048;
-
 /// What test sends need beside the shared state: the callback client and each tenant's bucket.
 pub struct TestSends {
     http: reqwest::Client,
@@ -89,8 +86,11 @@ pub struct TestDeliveryResult {
     pub body: serde_json::Value,
     /// The receiver's status code; null when there was no answer (see `error`).
     pub status_code: Option<u16>,
-    /// From the start of the request to the end of the answer's first 2 KiB, or to the failure.
+    /// From the start of the request to the end of the answer (at most 16 KiB of it are read), or to
+    /// the failure.
     pub duration_ms: u64,
+    /// The `Content-Type` of the receiver's answer; null when it sent none or did not answer.
+    pub response_content_type: Option<String>,
     /// The first 2 KiB of the receiver's answer (invalid UTF-8 replaced); null when there was no answer.
     pub response_body: Option<String>,
     /// Why there was no answer (a timeout, a refused connection, the egress policy at connect time).
@@ -173,24 +173,28 @@ pub async fn create(
         .header("webhook-signature", signature)
         .body(bytes);
     let clock = Instant::now();
-    let (status_code, response_body, error) = match request.send().await {
+    let (status_code, captured, error) = match request.send().await {
         Ok(mut response) => {
             let status = response.status().as_u16();
-            let mut snippet = Vec::new();
-            while snippet.len() < RESPONSE_SNIPPET_BYTES {
-                match response.chunk().await {
-                    Ok(Some(chunk)) => snippet.extend_from_slice(&chunk),
-                    _ => break,
-                }
-            }
-            snippet.truncate(RESPONSE_SNIPPET_BYTES);
-            (Some(status), Some(String::from_utf8_lossy(&snippet).into_owned()), None)
+            (Some(status), Some(crate::delivery::response::capture(&mut response).await), None)
         }
         Err(e) => (None, None, Some(SendError::from_request(&e).to_string())),
     };
+    let (response_content_type, response_body) = match captured {
+        Some(c) => (c.content_type, Some(c.body)),
+        None => (None, None),
+    };
     let duration_ms = u64::try_from(clock.elapsed().as_millis()).unwrap_or(u64::MAX);
     tracing::info!(tenant_id = tenant.id, status_code, duration_ms, "test delivery sent");
-    Ok(Json(TestDeliveryResult { webhook_id, body, status_code, duration_ms, response_body, error }))
+    Ok(Json(TestDeliveryResult {
+        webhook_id,
+        body,
+        status_code,
+        duration_ms,
+        response_content_type,
+        response_body,
+        error,
+    }))
 }
 
 #[cfg(test)]

@@ -277,7 +277,10 @@ fn timeline_item(out: &mut String, a: &AttemptRecord) {
     if let Some(error) = &a.error {
         let _ = write!(out, "<br><span class=\"bad\">Error: {}</span>", esc(error));
     }
-    // The receiver's response snippet is not recorded yet; it goes here once the attempt record has it.
+    if let Some(body) = a.response_body.as_deref().filter(|b| !b.is_empty()) {
+        let kind = a.response_content_type.as_deref().map(|t| format!(" ({})", esc(t))).unwrap_or_default();
+        let _ = write!(out, "<br>Answer{kind}:<pre class=\"answer\">{}</pre>", esc(body));
+    }
     out.push_str("</li>");
 }
 

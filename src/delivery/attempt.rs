@@ -6,7 +6,8 @@
 
 use std::time::{Duration, Instant};
 
-use super::{DeliveryContext, MAX_RESPONSE_BYTES, Slots, retry, signing};
+use super::response::{Captured, capture};
+use super::{DeliveryContext, Slots, retry, signing};
 use crate::domain::{FailureReason, Timestamp, truncate};
 use crate::egress::{self, EgressRefused};
 use crate::keys::SigningSecret;
@@ -55,6 +56,8 @@ pub struct AttemptOutcome {
     pub status_code: Option<u16>,
     pub error: Option<SendError>,
     pub retry_after: Option<Duration>,
+    /// What the receiver answered (its content type and the start of its body), if it answered.
+    pub response: Option<Captured>,
 }
 
 impl AttemptOutcome {
@@ -66,6 +69,7 @@ impl AttemptOutcome {
             status_code: None,
             error: Some(error),
             retry_after: None,
+            response: None,
         }
     }
 }
@@ -185,24 +189,20 @@ async fn send(ctx: &DeliveryContext, task: &DeliveryTask, url: url::Url, secrets
                 status_code: None,
                 error: Some(SendError::from_request(&e)),
                 retry_after: None,
+                response: None,
             };
         }
     };
     let status = response.status().as_u16();
     let retry_after = response.headers().get("retry-after").and_then(|v| v.to_str().ok()).and_then(parse_retry_after);
-    let mut read = 0;
-    while read < MAX_RESPONSE_BYTES {
-        match response.chunk().await {
-            Ok(Some(chunk)) => read += chunk.len(),
-            _ => break,
-        }
-    }
+    let captured = capture(&mut response).await;
     AttemptOutcome {
         started_at,
         duration_ms: elapsed_ms(clock),
         status_code: Some(status),
         error: (300..=399).contains(&status).then_some(SendError::Redirected),
         retry_after,
+        response: Some(captured),
     }
 }
 
@@ -259,6 +259,8 @@ pub async fn attempt(ctx: &DeliveryContext, task: &mut DeliveryTask) -> Delivery
         status_code: outcome.status_code,
         error: outcome.error.as_ref().map(|e| truncate(&e.to_string(), 500)),
         duration_ms: outcome.duration_ms,
+        response_content_type: outcome.response.as_ref().and_then(|r| r.content_type.clone()),
+        response_body: outcome.response.as_ref().map(|r| r.body.clone()),
     };
     if !record_outcome(ctx, &record, result, now).await {
         // Cancelled (or redelivered) meanwhile, or its partition went elsewhere: this series is over.
@@ -332,6 +334,7 @@ mod tests {
             status_code: status,
             error: None,
             retry_after: retry_after.map(Duration::from_secs),
+            response: None,
         }
     }
 

@@ -230,6 +230,10 @@ pub struct AttemptRecord {
     pub status_code: Option<u16>,
     pub error: Option<String>,
     pub duration_ms: u64,
+    /// The answer's `Content-Type`, if it answered with one.
+    pub response_content_type: Option<String>,
+    /// The first 2 KiB of the answer's body (lossy UTF-8), if it answered.
+    pub response_body: Option<String>,
 }
 
 /// Where a delivery goes after an attempt.

@@ -290,3 +290,23 @@ async fn a_delivery_waiting_for_its_retry_has_a_retry_now_button() {
     let view = app.wait_until(&id, SubscriptionState::Delivered).await;
     assert_eq!(view.attempts, 2);
 }
+
+#[tokio::test]
+async fn the_timeline_shows_what_the_receiver_answered_escaped() {
+    let app = spawn_app().await;
+    app.receiver.answer_body_as("text/html", "<b>database is down</b>");
+    app.receiver.answer_with(&[500]);
+    let id = app.subscribe().await;
+    app.wait_until(&id, SubscriptionState::Delivered).await;
+    let session = sign_in(&app, KEY_A).await;
+    let page = browser()
+        .get(app.url(&format!("/console/subscriptions/{id}")))
+        .header(header::COOKIE, &session.cookie)
+        .send()
+        .await
+        .unwrap();
+    let html = page.text().await.unwrap();
+    assert!(html.contains("Answer (text/html)"), "{html}");
+    assert!(html.contains("&lt;b&gt;database is down&lt;/b&gt;"), "the answer is shown as text, not markup");
+    assert!(!html.contains("<b>database is down</b>"));
+}

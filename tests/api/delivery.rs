@@ -139,6 +139,7 @@ async fn an_unreachable_receiver_is_retried_and_recorded() {
     let first = &log[0];
     assert!(first["status_code"].is_null());
     assert!(first["error"].as_str().unwrap().contains("connect"), "{first}");
+    assert!(log.iter().all(|a| a["response_body"].is_null() && a["response_content_type"].is_null()), "{log:?}");
 }
 
 #[tokio::test]

@@ -16,6 +16,7 @@ mod polling;
 mod proxies;
 mod redelivery;
 mod registration;
+mod responses;
 mod retention;
 mod secrets;
 mod test_sends;

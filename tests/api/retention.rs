@@ -58,6 +58,8 @@ async fn subscription(store: &dyn Store, key: &ApiKey, registered: i64, ended: O
             status_code: Some(204),
             error: None,
             duration_ms: 1,
+            response_content_type: None,
+            response_body: Some(String::new()),
         };
         assert!(store.record_attempt(&record, AttemptResult::Delivered, ended_at).await.unwrap());
     }

@@ -2,8 +2,9 @@
 
 use super::*;
 
-/// An attempt as the log keeps it: series, attempt, webhook ID, start, status, error, duration.
-type AttemptRow = (i64, i64, String, Timestamp, Option<i64>, Option<String>, i64);
+/// An attempt as the log keeps it: series, attempt, webhook ID, start, status, error, duration, and
+/// the answer's content type and first 2 KiB.
+type AttemptRow = (i64, i64, String, Timestamp, Option<i64>, Option<String>, i64, Option<String>, Option<String>);
 
 impl PgStore {
     pub(super) async fn cancel_now(
@@ -119,7 +120,8 @@ impl PgStore {
             return Ok(None);
         }
         let rows: Vec<AttemptRow> = sqlx::query_as(
-            "SELECT series, attempt, webhook_id, started_at, status_code, error, duration_ms FROM delivery_attempts \
+            "SELECT series, attempt, webhook_id, started_at, status_code, error, duration_ms, response_content_type, \
+             response_body FROM delivery_attempts \
              WHERE subscription_id = $1 ORDER BY id",
         )
         .bind(id.to_string())
@@ -128,17 +130,23 @@ impl PgStore {
         .db()?;
         Ok(Some(
             rows.into_iter()
-                .map(|(series, attempt, webhook_id, started_at, status_code, error, duration_ms)| AttemptRecord {
-                    subscription_id: id,
-                    partition: 0,
-                    series: u32::try_from(series).unwrap_or(1),
-                    attempt: u32::try_from(attempt).unwrap_or(0),
-                    webhook_id,
-                    started_at,
-                    status_code: status_code.and_then(|c| u16::try_from(c).ok()),
-                    error,
-                    duration_ms: u64::try_from(duration_ms).unwrap_or(0),
-                })
+                .map(
+                    |(series, attempt, webhook_id, started_at, status_code, error, duration_ms, content_type, body)| {
+                        AttemptRecord {
+                            subscription_id: id,
+                            partition: 0,
+                            series: u32::try_from(series).unwrap_or(1),
+                            attempt: u32::try_from(attempt).unwrap_or(0),
+                            webhook_id,
+                            started_at,
+                            status_code: status_code.and_then(|c| u16::try_from(c).ok()),
+                            error,
+                            duration_ms: u64::try_from(duration_ms).unwrap_or(0),
+                            response_content_type: content_type,
+                            response_body: body,
+                        }
+                    },
+                )
                 .collect(),
         ))
     }

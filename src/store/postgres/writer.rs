@@ -266,8 +266,8 @@ async fn record_attempts(tx: &mut PgConnection, batch: &[Write], at: &[usize]) -
     }
     sqlx::query(
         "INSERT INTO delivery_attempts (subscription_id, series, attempt, webhook_id, started_at, status_code, \
-         error, duration_ms) SELECT * FROM UNNEST($1::text[], $2::int8[], $3::int8[], $4::text[], $5::int8[], \
-         $6::int8[], $7::text[], $8::int8[])",
+         error, duration_ms, response_content_type, response_body) SELECT * FROM UNNEST($1::text[], $2::int8[], \
+         $3::int8[], $4::text[], $5::int8[], $6::int8[], $7::text[], $8::int8[], $9::text[], $10::text[])",
     )
     .bind(&log.ids)
     .bind(&log.series)
@@ -277,6 +277,8 @@ async fn record_attempts(tx: &mut PgConnection, batch: &[Write], at: &[usize]) -
     .bind(&log.status_codes)
     .bind(&log.errors)
     .bind(&log.durations)
+    .bind(&log.content_types)
+    .bind(&log.bodies)
     .execute(&mut *tx)
     .await
     .db()?;
@@ -314,6 +316,8 @@ struct AttemptColumns<'a> {
     status_codes: Vec<Option<i64>>,
     errors: Vec<Option<&'a str>>,
     durations: Vec<i64>,
+    content_types: Vec<Option<&'a str>>,
+    bodies: Vec<Option<&'a str>>,
     states: Vec<&'static str>,
     next_at: Vec<Option<Timestamp>>,
     reasons: Vec<Option<&'static str>>,
@@ -335,6 +339,8 @@ impl<'a> AttemptColumns<'a> {
         self.status_codes.push(record.status_code.map(i64::from));
         self.errors.push(record.error.as_deref());
         self.durations.push(i64::try_from(record.duration_ms).unwrap_or(i64::MAX));
+        self.content_types.push(record.response_content_type.as_deref());
+        self.bodies.push(record.response_body.as_deref());
         self.states.push(state);
         self.next_at.push(next_at);
         self.reasons.push(reason);

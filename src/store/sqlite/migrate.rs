@@ -8,13 +8,14 @@ use sha2::{Digest, Sha384};
 use super::*;
 
 /// The migrations, in order: (version, description, SQL).
-const MIGRATIONS: [(i64, &str, &str); 6] = [
+const MIGRATIONS: [(i64, &str, &str); 7] = [
     (1, "init", include_str!("../migrations/sqlite/0001_init.sql")),
     (2, "lighter job index", include_str!("../migrations/sqlite/0002_lighter_job_index.sql")),
     (3, "key revoked by", include_str!("../migrations/sqlite/0003_key_revoked_by.sql")),
     (4, "delivery claims", include_str!("../migrations/sqlite/0004_delivery_claims.sql")),
     (5, "retention", include_str!("../migrations/sqlite/0005_retention.sql")),
     (6, "live dedupe", include_str!("../migrations/sqlite/0006_live_dedupe.sql")),
+    (7, "response capture", include_str!("../migrations/sqlite/0007_response_capture.sql")),
 ];
 
 /// The migration a database says it has applied, changed since.

@@ -312,7 +312,8 @@ pub(super) fn attempts(c: &Connection, tenant_id: i64, id: SubscriptionId) -> Re
     }
     let mut statement = c
         .prepare_cached(
-            "SELECT series, attempt, webhook_id, started_at, status_code, error, duration_ms FROM delivery_attempts \
+            "SELECT series, attempt, webhook_id, started_at, status_code, error, duration_ms, response_content_type, \
+             response_body FROM delivery_attempts \
              WHERE subscription_id = ?1 ORDER BY id",
         )
         .sq()?;
@@ -328,6 +329,8 @@ pub(super) fn attempts(c: &Connection, tenant_id: i64, id: SubscriptionId) -> Re
                 status_code: r.get::<_, Option<i64>>(4)?.and_then(|c| u16::try_from(c).ok()),
                 error: r.get(5)?,
                 duration_ms: u64::try_from(r.get::<_, i64>(6)?).unwrap_or(0),
+                response_content_type: r.get(7)?,
+                response_body: r.get(8)?,
             })
         })
         .sq()?;

@@ -314,7 +314,7 @@ fn record_attempt(
     let id = record.subscription_id.to_string();
     tx.prepare_cached(
         "INSERT INTO delivery_attempts (subscription_id, series, attempt, webhook_id, started_at, status_code, error, \
-         duration_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+         duration_ms, response_content_type, response_body) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
     )
     .sq()?
     .execute(params![
@@ -325,7 +325,9 @@ fn record_attempt(
         record.started_at,
         record.status_code.map(i64::from),
         record.error,
-        i64::try_from(record.duration_ms).unwrap_or(i64::MAX)
+        i64::try_from(record.duration_ms).unwrap_or(i64::MAX),
+        record.response_content_type,
+        record.response_body
     ])
     .sq()?;
     let (state, next_at, reason) = match result {

@@ -306,8 +306,10 @@ struct ReceiverState {
     requests: Vec<Received>,
     /// Statuses (with a Retry-After in seconds, if any) to answer with, in order, before answering 200.
     script: VecDeque<(u16, Option<u64>)>,
-    /// The body of every answer (empty unless a test sets one).
+    /// The body of every answer (empty unless a test sets one), and its content type (axum's default
+    /// for a string unless a test sets one).
     body: String,
+    content_type: Option<String>,
 }
 
 /// A callback receiver on loopback that records every request and answers as scripted.
@@ -350,6 +352,13 @@ impl Receiver {
         self.state.lock().unwrap().body = body.to_owned();
     }
 
+    /// Every answer from now on carries this body with this `Content-Type`.
+    pub fn answer_body_as(&self, content_type: &str, body: &str) {
+        let mut state = self.state.lock().unwrap();
+        state.body = body.to_owned();
+        state.content_type = Some(content_type.to_owned());
+    }
+
     pub fn requests(&self) -> Vec<Received> {
         self.state.lock().unwrap().requests.clone()
     }
@@ -377,8 +386,12 @@ fn receive(state: Arc<Mutex<ReceiverState>>, path: String, headers: HeaderMap, b
         return (status, [(header::LOCATION, "/redirected")]).into_response();
     }
     let body = state.body.clone();
-    match retry_after {
+    let mut response = match retry_after {
         Some(seconds) => (status, [(header::RETRY_AFTER, seconds.to_string())], body).into_response(),
         None => (status, body).into_response(),
+    };
+    if let Some(content_type) = &state.content_type {
+        response.headers_mut().insert(header::CONTENT_TYPE, content_type.parse().unwrap());
     }
+    response
 }
