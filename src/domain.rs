@@ -13,6 +13,9 @@ use serde::{Deserialize, Serialize};
 use strum::VariantArray;
 use uuid::Uuid;
 
+mod headers;
+pub use headers::CallbackHeaders;
+
 /// An upstream job ID: a UUID, kept in its canonical lowercase hyphenated form so that the same job
 /// spelled in upper case is still one poll stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -15,7 +15,8 @@ use utoipa::{IntoParams, ToSchema};
 use super::AppState;
 use super::error::{ApiError, ApiJson, Problem};
 use crate::domain::{
-    CallbackUrl, FailureReason, JobId, JobStatus, SubscriptionId, SubscriptionState, Timestamp, truncate,
+    CallbackHeaders, CallbackUrl, FailureReason, JobId, JobStatus, SubscriptionId, SubscriptionState, Timestamp,
+    truncate,
 };
 use crate::store::{AttemptRecord, Cancel, ListFilter, Redelivery, Registered, RetryNow, Subscription, Tenant};
 
@@ -29,6 +30,15 @@ pub struct CreateSubscription {
     /// An absolute http(s) URL, at most 2,048 bytes; by default it must resolve to a public address.
     #[schema(example = "https://example.com/webhooks/jobs", max_length = 2048)]
     pub callback_url: String,
+    /// Custom headers sent with every delivery attempt (and every redelivery), such as an
+    /// `Authorization` for a receiver behind a gateway: at most 10; names are HTTP tokens, compared
+    /// without case; values at most 1 KiB of visible ASCII. `Host`, `Content-Length`, `Content-Type`,
+    /// `Transfer-Encoding`, `Connection` and names starting with `webhook-` or `jobhook-` are refused.
+    /// The values are kept as secrets: the API shows the names only (`header_names`).
+    #[schema(value_type = Option<std::collections::HashMap<String, String>>,
+        example = json!({"Authorization": "Bearer 5f2b…", "X-Tenant": "7"}))]
+    #[serde(default)]
+    pub headers: Option<serde_json::Value>,
 }
 
 /// A subscription: one job, one callback.
@@ -61,6 +71,10 @@ pub struct SubscriptionView {
     pub created_at: String,
     #[schema(format = DateTime)]
     pub updated_at: String,
+    /// The names of the custom headers sent with each delivery (lower case, sorted); the values are
+    /// never shown.
+    #[schema(example = json!(["authorization", "x-tenant"]))]
+    pub header_names: Vec<String>,
 }
 
 impl From<Subscription> for SubscriptionView {
@@ -79,6 +93,7 @@ impl From<Subscription> for SubscriptionView {
             next_attempt_at: s.next_attempt_at.map(Timestamp::rfc3339),
             created_at: s.created_at.rfc3339(),
             updated_at: s.updated_at.rfc3339(),
+            header_names: s.header_names,
         }
     }
 }
@@ -186,8 +201,9 @@ impl<S: Send + Sync> FromRequestParts<S> for SubscriptionPath {
 /// Register a job and a callback.
 ///
 /// jobhook polls the job until it is Succeed or Failed, then POSTs the final job-status body to the
-/// callback, signed (Standard Webhooks). The same job and callback again from the same tenant answers
-/// 200 with the existing subscription.
+/// callback, signed (Standard Webhooks), with the custom `headers` given here. The same job, callback
+/// and headers again from the same tenant answers 200 with the existing subscription; the same job and
+/// callback with other headers, 409.
 #[utoipa::path(
     post,
     path = "/v1/subscriptions",
@@ -197,12 +213,13 @@ impl<S: Send + Sync> FromRequestParts<S> for SubscriptionPath {
     responses(
         (status = 201, description = "Registered and durably stored", body = SubscriptionView,
             headers(("location" = String, description = "The subscription's URL"))),
-        (status = 200, description = "Already registered: the existing subscription", body = SubscriptionView),
+        (status = 200, description = "Already registered with the same headers: the existing subscription", body = SubscriptionView),
         (status = 400, description = "The body is not JSON, or the request has more than one Authorization header", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "Missing or invalid API key", body = Problem, content_type = "application/problem+json"),
         (status = 408, description = "The body did not arrive within --request-timeout", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "The body is larger than 64 KiB", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "A field is missing, unknown or invalid; or the callback URL is refused by the egress policy", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The same job and callback are already registered (polling, delivering or delivered) with other custom headers; the detail names that subscription", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "A field is missing, unknown or invalid (the detail names the field, or the header: never a header value); or the callback URL is refused by the egress policy", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "The store cannot take writes now, or DNS cannot look up the callback host now (`urn:jobhook:problem:dns-unavailable`); nothing was saved, retry after `Retry-After` seconds", body = Problem, content_type = "application/problem+json",
             headers(("retry-after" = String, description = "Seconds to wait before trying again"))),
     )
@@ -214,8 +231,9 @@ pub async fn create(
 ) -> Result<Response, ApiError> {
     let job_id: JobId = body.job_id.parse().map_err(ApiError::Invalid)?;
     let callback_url: CallbackUrl = body.callback_url.parse().map_err(ApiError::Invalid)?;
+    let headers = CallbackHeaders::from_request(body.headers.as_ref()).map_err(ApiError::Invalid)?;
     state.egress.check_registration(&callback_url, &state.lookup).await?;
-    let (status, sub) = super::to_the_end(register(state, key, job_id, callback_url)).await?;
+    let (status, sub) = super::to_the_end(register(state, key, job_id, callback_url, headers)).await?;
     // Per-job events are debug: at thousands of jobs a second, info would be mostly log.
     tracing::debug!(subscription_id = %sub.id, job_id = %sub.job_id, created = status == StatusCode::CREATED, "registered");
     let location = format!("/v1/subscriptions/{}", sub.id);
@@ -228,8 +246,10 @@ pub(crate) async fn register(
     key: crate::keys::KeyHash,
     job_id: JobId,
     callback_url: CallbackUrl,
+    headers: CallbackHeaders,
 ) -> Result<(StatusCode, Subscription), ApiError> {
-    let registered = state.store.register(key, SubscriptionId::new(), job_id, &callback_url, Timestamp::now()).await?;
+    let registered =
+        state.store.register(key, SubscriptionId::new(), job_id, &callback_url, &headers, Timestamp::now()).await?;
     let (status, sub) = match registered {
         Registered::CreatedPolling(sub, job) => {
             state.poller.ensure(job);
@@ -249,6 +269,7 @@ pub(crate) async fn register(
             }
             (StatusCode::OK, sub)
         }
+        Registered::HeadersDiffer { id, state } => return Err(headers_differ(id, state)),
         Registered::UnknownKey => {
             state.known_keys.forget(&key);
             return Err(super::auth::UNKNOWN_KEY);
@@ -258,6 +279,24 @@ pub(crate) async fn register(
         state.metrics.registered.inc();
     }
     Ok((status, sub))
+}
+
+/// The 409 of a registration whose job and callback are registered with other custom headers. It names
+/// the subscription, never a header value.
+fn headers_differ(id: SubscriptionId, state: SubscriptionState) -> ApiError {
+    let way_out = match state {
+        SubscriptionState::Delivered => {
+            "it has been delivered, and stays the one subscription of this job and callback; \
+             use another callback_url for other headers"
+        }
+        _ => "register with the same headers to get it, or cancel it first (DELETE /v1/subscriptions/{id})",
+    };
+    ApiError::Conflict(format!(
+        "subscription {id} ({}) already delivers this job to this callback_url with other custom headers \
+         (names or values differ): {}",
+        state.as_str(),
+        way_out.replace("{id}", &id.to_string())
+    ))
 }
 
 /// Read one subscription.

@@ -21,7 +21,7 @@ use utoipa::ToSchema;
 use super::error::ApiJson;
 use super::{ApiError, AppState, Problem};
 use crate::delivery::{SendError, signing};
-use crate::domain::CallbackUrl;
+use crate::domain::{CallbackHeaders, CallbackUrl};
 use crate::store::Tenant;
 
 /// How many test sends a tenant may make a minute (a token bucket: a burst of this many, then one every
@@ -74,6 +74,12 @@ pub struct CreateTestDelivery {
     /// `raw` (the default) or `envelope`.
     #[serde(default)]
     pub payload: Payload,
+    /// Custom headers to send, checked as a subscription's `headers` are (at most 10; the same names
+    /// refused). Their values are not shown in the answer or logged.
+    #[schema(value_type = Option<std::collections::HashMap<String, String>>,
+        example = json!({"Authorization": "Bearer 5f2b…"}))]
+    #[serde(default)]
+    pub headers: Option<serde_json::Value>,
 }
 
 /// What the receiver did with the test send.
@@ -150,6 +156,7 @@ pub async fn create(
 ) -> Result<Json<TestDeliveryResult>, ApiError> {
     state.test_sends.take(tenant.id).map_err(|retry_after| ApiError::TooManyRequests { retry_after })?;
     let callback_url: CallbackUrl = request.callback_url.parse().map_err(ApiError::Invalid)?;
+    let headers = CallbackHeaders::from_request(request.headers.as_ref()).map_err(ApiError::Invalid)?;
     state.egress.check_registration(&callback_url, &state.lookup).await?;
     let secrets = state.secrets.get(tenant.id).await?;
     let job_id = uuid::Uuid::new_v4();
@@ -163,10 +170,10 @@ pub async fn create(
     let timestamp = now.unix_timestamp();
     let signature = signing::signature_header(secrets.iter(), &webhook_id, timestamp, &bytes);
     let url = url::Url::parse(callback_url.as_str()).map_err(|e| ApiError::Invalid(e.to_string()))?;
-    let request = state
-        .test_sends
-        .http
-        .post(url)
+    // As a delivery does: the custom headers first; none can replace ours.
+    let request =
+        headers.iter().fold(state.test_sends.http.post(url), |request, (name, value)| request.header(name, value));
+    let request = request
         .header("content-type", "application/json")
         .header("webhook-id", &webhook_id)
         .header("webhook-timestamp", timestamp.to_string())

@@ -77,7 +77,7 @@ impl Modify for CallbackWebhook {
             .tag("subscriptions")
             .summary(Some("The delivery your callback receives when a job ends"))
             .description(Some(
-                "jobhook POSTs the upstream's final job status to the subscription's `callback_url`, signed with Standard Webhooks. Verify the signature with your signing secret (`GET /v1/signing-secret`) before trusting the body; drop duplicates by `webhook-id` (it is the same on every retry and redelivery). Answer 2xx fast: any other answer, a redirect or a timeout is retried on the schedule; 410 stops for good. The status, `Content-Type` and first 2 KiB of your answer are kept in the delivery log (`GET /v1/subscriptions/{id}/deliveries`).",
+                "jobhook POSTs the upstream's final job status to the subscription's `callback_url`, signed with Standard Webhooks. Verify the signature with your signing secret (`GET /v1/signing-secret`) before trusting the body; drop duplicates by `webhook-id` (it is the same on every retry and redelivery). Answer 2xx fast: any other answer, a redirect or a timeout is retried on the schedule; 410 stops for good. The status, `Content-Type` and first 2 KiB of your answer are kept in the delivery log (`GET /v1/subscriptions/{id}/deliveries`). The subscription's custom `headers`, if it has any, come with every attempt too (their names are whatever you registered, so they are not listed here).",
             ))
             .parameter(header("webhook-id", "The message ID (`msg_…`): one per subscription, the same on every retry and redelivery"))
             .parameter(header("webhook-timestamp", "Unix seconds of this attempt; reject timestamps older than 5 minutes"))

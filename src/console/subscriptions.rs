@@ -207,6 +207,11 @@ async fn detail_page(
     if let Some(reason) = sub.failure_reason {
         let _ = write!(main, "<dt>Failure reason</dt><dd class=\"bad\">{}</dd>", esc(reason.as_str()));
     }
+    if !sub.header_names.is_empty() {
+        // Names only: the values are secrets, and the API does not return them either.
+        let names = sub.header_names.iter().map(|n| esc(n)).collect::<Vec<_>>().join(", ");
+        let _ = write!(main, "<dt>Custom headers</dt><dd class=\"mono\">{names}</dd>");
+    }
     if let Some(webhook_id) = &sub.webhook_id {
         let _ = write!(main, "<dt>webhook-id</dt><dd class=\"mono\">{}</dd>", esc(webhook_id));
     }
@@ -483,7 +488,9 @@ pub async fn register(State(state): State<ConsoleState>, session: Session, form:
         return register_form(&session, StatusCode::UNPROCESSABLE_ENTITY, raw_job, raw_url, &errors);
     };
     let registered = match state.app.egress.check_registration(&url, &state.app.lookup).await {
-        Ok(()) => crate::api::to_the_end(api::register(state.app.clone(), session.key, job_id, url)).await,
+        Ok(()) => {
+            crate::api::to_the_end(api::register(state.app.clone(), session.key, job_id, url, Default::default())).await
+        }
         Err(refusal) => Err(refusal.into()),
     };
     match registered {

@@ -172,9 +172,10 @@ async fn send(ctx: &DeliveryContext, task: &DeliveryTask, url: url::Url, secrets
     let clock = Instant::now();
     let timestamp = time::OffsetDateTime::now_utc().unix_timestamp();
     let signature = signing::signature_header(secrets, &task.webhook_id, timestamp, &task.body);
-    let request = ctx
-        .http
-        .post(url)
+    // The subscription's own headers first: none of them can be one of ours (they are refused at
+    // registration), so ours below are never replaced.
+    let request = task.headers.iter().fold(ctx.http.post(url), |request, (name, value)| request.header(name, value));
+    let request = request
         .header("content-type", "application/json")
         .header("webhook-id", &task.webhook_id)
         .header("webhook-timestamp", timestamp.to_string())

@@ -271,7 +271,7 @@ mod tests {
         let poller = tokio::spawn(run(ctx, inbox, Vec::new(), shutdown.clone(), Duration::from_secs(1)));
         let callback = "http://127.0.0.1:9/hook".parse().unwrap();
         let register = async |job_id: JobId| match store
-            .register(key.hash(), SubscriptionId::new(), job_id, &callback, Timestamp::now())
+            .register(key.hash(), SubscriptionId::new(), job_id, &callback, &Default::default(), Timestamp::now())
             .await
             .unwrap()
         {

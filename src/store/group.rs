@@ -24,6 +24,7 @@ pub(super) enum Write {
         id: SubscriptionId,
         job_id: JobId,
         callback_url: CallbackUrl,
+        headers: CallbackHeaders,
         now: Timestamp,
         reply: oneshot::Sender<Result<Registered>>,
     },
@@ -90,6 +91,20 @@ impl ClaimFor {
 }
 
 impl Write {
+    /// A registration, and the receiver of its answer.
+    pub(super) fn register(
+        key: KeyHash,
+        id: SubscriptionId,
+        job_id: JobId,
+        callback_url: &CallbackUrl,
+        headers: &CallbackHeaders,
+        now: Timestamp,
+    ) -> (Self, oneshot::Receiver<Result<Registered>>) {
+        let (reply, answer) = oneshot::channel();
+        let headers = headers.clone();
+        (Write::Register { key, id, job_id, callback_url: callback_url.clone(), headers, now, reply }, answer)
+    }
+
     pub(super) fn lock_order(&self) -> (u8, uuid::Uuid) {
         match self {
             Write::Register { job_id, .. } | Write::Complete { job_id, .. } | Write::Observe { job_id, .. } => {

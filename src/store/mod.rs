@@ -22,7 +22,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use crate::domain::{CallbackUrl, FailureReason, JobId, JobStatus, SubscriptionId, SubscriptionState, Timestamp};
+use crate::domain::{
+    CallbackHeaders, CallbackUrl, FailureReason, JobId, JobStatus, SubscriptionId, SubscriptionState, Timestamp,
+};
 use crate::keys::{KeyHash, SigningSecret};
 
 pub use postgres::Notice;
@@ -132,6 +134,8 @@ pub struct Subscription {
     pub next_attempt_at: Option<Timestamp>,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
+    /// The names of its custom headers (lower case, sorted); their values are never read back for views.
+    pub header_names: Vec<String>,
 }
 
 /// A job that has subscriptions waiting on it, as the poller needs to schedule it.
@@ -156,6 +160,8 @@ pub struct DeliveryTask {
     pub partition: i64,
     pub webhook_id: String,
     pub callback_url: String,
+    /// The subscription's custom headers, sent with every attempt (their `Debug` shows names only).
+    pub headers: CallbackHeaders,
     pub body: Bytes,
     /// The delivery series (1, then one more per redelivery) and the attempts made in it.
     pub series: u32,
@@ -184,12 +190,21 @@ impl DeliveryTask {
             partition: job_id.partition(),
             webhook_id,
             callback_url,
+            headers: CallbackHeaders::default(),
             body,
             series: 1,
             attempts_made: 0,
             due_at: now,
             claimed_until: None,
         }
+    }
+}
+
+impl DeliveryTask {
+    /// The same task carrying the subscription's custom headers.
+    pub fn with_headers(mut self, headers: CallbackHeaders) -> Self {
+        self.headers = headers;
+        self
     }
 }
 
@@ -211,8 +226,11 @@ pub enum Registered {
     CreatedPolling(Subscription, PollableJob),
     /// A new subscription to a job whose result we already hold: deliver it now.
     CreatedDelivering(Subscription, DeliveryTask),
-    /// The same tenant, job and callback were already registered: this is that subscription.
+    /// The same tenant, job, callback and headers were already registered: this is that subscription.
     Existing(Subscription),
+    /// The same tenant, job and callback are registered (this subscription, in this state) with other
+    /// custom headers: nothing was written.
+    HeadersDiffer { id: SubscriptionId, state: SubscriptionState },
     /// No usable API key has this hash (unknown or revoked): nothing was written.
     UnknownKey,
 }
@@ -367,13 +385,15 @@ pub trait Store: Send + Sync + 'static {
     // --- the API ---
 
     /// Registers as the tenant holding `key` (checked in the same transaction, so a revoked key is refused
-    /// at once); [`Registered::UnknownKey`] when no usable key has that hash.
+    /// at once); [`Registered::UnknownKey`] when no usable key has that hash. `headers` are stored with
+    /// the subscription and are part of its identity (see [`Registered::HeadersDiffer`]).
     async fn register(
         &self,
         key: KeyHash,
         id: SubscriptionId,
         job_id: JobId,
         callback_url: &CallbackUrl,
+        headers: &CallbackHeaders,
         now: Timestamp,
     ) -> Result<Registered>;
     async fn subscription(&self, tenant_id: i64, id: SubscriptionId) -> Result<Option<Subscription>>;

@@ -15,7 +15,8 @@ macro_rules! subscription_columns {
      s.next_attempt_at, s.created_at, s.updated_at, j.status AS job_status, j.last_error, \
      (SELECT CASE WHEN a.status_code BETWEEN 200 AND 299 THEN NULL \
              ELSE COALESCE(a.error, 'the receiver answered ' || a.status_code) END \
-      FROM delivery_attempts a WHERE a.subscription_id = s.id ORDER BY a.id DESC LIMIT 1) AS last_delivery_error"
+      FROM delivery_attempts a WHERE a.subscription_id = s.id ORDER BY a.id DESC LIMIT 1) AS last_delivery_error, \
+     s.callback_headers"
     };
 }
 pub(super) use subscription_columns;
@@ -80,6 +81,8 @@ pub(super) struct SubscriptionRow {
     pub(super) job_status: Option<String>,
     pub(super) last_error: Option<String>,
     pub(super) last_delivery_error: Option<String>,
+    /// Read only for the names (see [`CallbackHeaders::stored_names`]).
+    pub(super) callback_headers: Option<String>,
 }
 
 impl TryFrom<SubscriptionRow> for Subscription {
@@ -104,6 +107,8 @@ impl TryFrom<SubscriptionRow> for Subscription {
             next_attempt_at: r.next_attempt_at,
             created_at: r.created_at,
             updated_at: r.updated_at,
+            header_names: CallbackHeaders::stored_names(r.callback_headers.as_deref())
+                .map_err(|e| corrupt("callback headers", e))?,
         })
     }
 }
@@ -148,6 +153,7 @@ pub(super) struct DeliveryRow {
     pub(super) series: i64,
     pub(super) attempts: i64,
     pub(super) next_attempt_at: Option<Timestamp>,
+    pub(super) callback_headers: Option<String>,
 }
 
 impl TryFrom<DeliveryRow> for DeliveryTask {
@@ -161,6 +167,8 @@ impl TryFrom<DeliveryRow> for DeliveryTask {
             partition: r.partition,
             webhook_id: r.webhook_id.ok_or_else(|| corrupt("delivery without webhook id", &r.id))?,
             callback_url: r.callback_url,
+            headers: CallbackHeaders::from_stored(r.callback_headers.as_deref())
+                .map_err(|e| corrupt("callback headers", e))?,
             body: Bytes::from(r.result.ok_or_else(|| corrupt("delivery without a job result", &r.id))?),
             series: u32::try_from(r.series).unwrap_or(1),
             attempts_made: u32::try_from(r.attempts).unwrap_or(0),
@@ -173,7 +181,8 @@ impl TryFrom<DeliveryRow> for DeliveryTask {
 /// A [`DeliveryTask`]: add a `WHERE`.
 macro_rules! delivery_select {
     () => {
-        "SELECT s.id, s.job_id, s.tenant_id, s.partition, s.webhook_id, s.callback_url, j.result, s.series, s.attempts, s.next_attempt_at \
+        "SELECT s.id, s.job_id, s.tenant_id, s.partition, s.webhook_id, s.callback_url, j.result, s.series, s.attempts, s.next_attempt_at, \
+     s.callback_headers \
      FROM subscriptions s JOIN jobs j ON j.job_id = s.job_id"
     };
 }

@@ -10,6 +10,7 @@ mod console;
 mod crash;
 mod delivery;
 mod faults;
+mod headers;
 mod openapi;
 mod operations;
 mod polling;

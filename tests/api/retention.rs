@@ -32,7 +32,9 @@ async fn subscription(store: &dyn Store, key: &ApiKey, registered: i64, ended: O
     let job: JobId = uuid::Uuid::new_v4().to_string().parse().unwrap();
     let url: CallbackUrl = "https://receiver.example/hook".parse().unwrap();
     let id = SubscriptionId::new();
-    let Registered::CreatedPolling(..) = store.register(key.hash(), id, job, &url, registered).await.unwrap() else {
+    let Registered::CreatedPolling(..) =
+        store.register(key.hash(), id, job, &url, &Default::default(), registered).await.unwrap()
+    else {
         panic!("a new job is polled");
     };
     if let Some(ended_at) = ended_at {
@@ -100,9 +102,15 @@ async fn a_job_row_goes_only_with_its_last_subscription() {
     // Two subscriptions of one job: one fails early, the other is still polling.
     let job: JobId = uuid::Uuid::new_v4().to_string().parse().unwrap();
     let (a, b) = (SubscriptionId::new(), SubscriptionId::new());
-    store.register(key.hash(), a, job, &"https://a.example/".parse().unwrap(), at(100)).await.unwrap();
+    store
+        .register(key.hash(), a, job, &"https://a.example/".parse().unwrap(), &Default::default(), at(100))
+        .await
+        .unwrap();
     store.fail_job(job, FailureReason::UpstreamJobNotFound, "gone", at(200)).await.unwrap();
-    store.register(key.hash(), b, job, &"https://b.example/".parse().unwrap(), at(300)).await.unwrap();
+    store
+        .register(key.hash(), b, job, &"https://b.example/".parse().unwrap(), &Default::default(), at(300))
+        .await
+        .unwrap();
     let purged = jobhook::housekeeping::purge(store.as_ref(), at(10_000), |_| {}).await.unwrap().unwrap();
     assert_eq!(purged, Purged { subscriptions: 1, attempts: 0, jobs: 0 });
     assert!(store.subscription(tenant, b).await.unwrap().is_some());

@@ -69,7 +69,7 @@ async fn the_eleventh_test_send_in_a_minute_is_refused_with_retry_after() {
 #[tokio::test]
 async fn a_test_send_with_fields_this_build_does_not_know_is_refused() {
     let app = spawn_app().await;
-    let response = test_send(&app, json!({"callback_url": app.receiver.url("/try"), "headers": {"x-a": "b"}})).await;
+    let response = test_send(&app, json!({"callback_url": app.receiver.url("/try"), "metadata": {"x-a": "b"}})).await;
     assert_eq!(response.status(), 422);
 }
 

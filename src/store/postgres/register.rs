@@ -12,6 +12,7 @@ pub(super) struct Registration<'a> {
     pub id: SubscriptionId,
     pub job_id: JobId,
     pub callback_url: &'a CallbackUrl,
+    pub headers: &'a CallbackHeaders,
     pub now: Timestamp,
 }
 
@@ -88,8 +89,8 @@ pub(super) async fn register_all(
     // Looked up by job alone, through the (job_id, state) index: a join with the unnested keys was
     // planned as a scan of the table. Rows of other tenants or callbacks are keyed apart and never match.
     let job_ids: Vec<String> = regs.iter().filter(|r| tenant_of(r).is_some()).map(|r| r.job_id.to_string()).collect();
-    let mut existing: HashMap<(i64, String, String), String> = sqlx::query_as(
-        "SELECT tenant_id, job_id, callback_url, id FROM subscriptions \
+    let mut existing: HashMap<(i64, String, String), Live> = sqlx::query_as(
+        "SELECT tenant_id, job_id, callback_url, id, state, callback_headers_hash FROM subscriptions \
          WHERE job_id = ANY($1) AND state IN ('polling', 'delivering', 'delivered')",
     )
     .bind(&job_ids)
@@ -97,7 +98,9 @@ pub(super) async fn register_all(
     .await
     .db()?
     .into_iter()
-    .map(|(t, j, c, id): (i64, String, String, String)| ((t, j, c), id))
+    .map(|(t, j, c, id, state, digest): (i64, String, String, String, String, Option<String>)| {
+        ((t, j, c), Live { id, state, digest })
+    })
     .collect();
 
     // Decide each in the batch's order; a repeat within the batch is the earlier one's subscription.
@@ -110,11 +113,10 @@ pub(super) async fn register_all(
         };
         let job = r.job_id.to_string();
         let key = (tenant_id, job.clone(), r.callback_url.as_str().to_owned());
-        if let Some(id) = existing.get(&key) {
-            answers.push(Answer::Existing(id.clone()));
+        if let Some(live) = existing.get(&key) {
+            answers.push(live.answer(r.headers)?);
             continue;
         }
-        existing.insert(key, r.id.to_string());
         let row = jobs.get(&job).ok_or_else(|| corrupt("job not written", &job))?;
         let job_status = row.status.as_deref().map(str::parse).transpose().map_err(|e| corrupt("job status", e))?;
         let mut sub = Subscription {
@@ -131,7 +133,10 @@ pub(super) async fn register_all(
             next_attempt_at: None,
             created_at: r.now,
             updated_at: r.now,
+            header_names: r.headers.names(),
         };
+        let state = if row.result.is_some() { "delivering" } else { "polling" };
+        existing.insert(key, Live { id: r.id.to_string(), state: state.into(), digest: r.headers.digest() });
         match &row.result {
             None => {
                 new.push(r, tenant_id, "polling", None);
@@ -153,7 +158,8 @@ pub(super) async fn register_all(
                     r.callback_url.as_str().to_owned(),
                     body.clone().into(),
                     r.now,
-                );
+                )
+                .with_headers(r.headers.clone());
                 answers.push(Answer::Done(Registered::CreatedDelivering(sub, task)));
             }
         }
@@ -234,6 +240,27 @@ pub(super) async fn register_all(
         .collect()
 }
 
+/// A live (or delivered) subscription a registration of the same tenant, job and callback meets.
+struct Live {
+    id: String,
+    state: String,
+    /// Of its custom headers ([`CallbackHeaders::digest`]).
+    digest: Option<String>,
+}
+
+impl Live {
+    /// The same headers: this registration is that subscription. Other headers: refused.
+    fn answer(&self, headers: &CallbackHeaders) -> Result<Answer> {
+        if self.digest == headers.digest() {
+            return Ok(Answer::Existing(self.id.clone()));
+        }
+        Ok(Answer::Done(Registered::HeadersDiffer {
+            id: self.id.parse().map_err(|e| corrupt("subscription id", e))?,
+            state: self.state.parse().map_err(|e| corrupt("state", e))?,
+        }))
+    }
+}
+
 /// A registration's answer, until the batch's reads are done.
 enum Answer {
     Done(Registered),
@@ -255,6 +282,8 @@ struct NewRows {
     next_attempt_at: Vec<Option<Timestamp>>,
     created_at: Vec<Timestamp>,
     partitions: Vec<i64>,
+    headers: Vec<Option<String>>,
+    digests: Vec<Option<String>>,
     notices: Vec<String>,
 }
 
@@ -269,6 +298,8 @@ impl NewRows {
         self.webhook_ids.push(webhook_id);
         self.created_at.push(r.now);
         self.partitions.push(r.job_id.partition());
+        self.headers.push(r.headers.to_stored());
+        self.digests.push(r.headers.digest());
     }
 
     async fn insert(&self, tx: &mut PgConnection) -> Result<()> {
@@ -277,10 +308,10 @@ impl NewRows {
         }
         sqlx::query(
             "INSERT INTO subscriptions (id, tenant_id, job_id, callback_url, state, webhook_id, next_attempt_at, \
-             created_at, updated_at, partition) \
-             SELECT i, t, j, c, s, w, n, a, a, p \
+             created_at, updated_at, partition, callback_headers, callback_headers_hash) \
+             SELECT i, t, j, c, s, w, n, a, a, p, h, d \
              FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::text[], $5::text[], $6::text[], $7::int8[], \
-             $8::int8[], $9::int8[]) AS u (i, t, j, c, s, w, n, a, p)",
+             $8::int8[], $9::int8[], $10::text[], $11::text[]) AS u (i, t, j, c, s, w, n, a, p, h, d)",
         )
         .bind(&self.ids)
         .bind(&self.tenants)
@@ -291,6 +322,8 @@ impl NewRows {
         .bind(&self.next_attempt_at)
         .bind(&self.created_at)
         .bind(&self.partitions)
+        .bind(&self.headers)
+        .bind(&self.digests)
         .execute(&mut *tx)
         .await
         .db()?;

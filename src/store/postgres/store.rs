@@ -177,12 +177,12 @@ impl Store for PgStore {
         id: SubscriptionId,
         job_id: JobId,
         callback_url: &CallbackUrl,
+        headers: &CallbackHeaders,
         now: Timestamp,
     ) -> Result<Registered> {
         deadline(async move {
-            let (reply, answer) = oneshot::channel();
-            self.write(Write::Register { key, id, job_id, callback_url: callback_url.clone(), now, reply }, answer)
-                .await
+            let (write, answer) = Write::register(key, id, job_id, callback_url, headers, now);
+            self.write(write, answer).await
         })
         .await
     }

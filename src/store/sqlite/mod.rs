@@ -311,10 +311,11 @@ impl Store for SqliteStore {
         id: SubscriptionId,
         job_id: JobId,
         callback_url: &CallbackUrl,
+        headers: &CallbackHeaders,
         now: Timestamp,
     ) -> Result<Registered> {
-        let (reply, answer) = oneshot::channel();
-        self.write(Write::Register { key, id, job_id, callback_url: callback_url.clone(), now, reply }, answer).await
+        let (write, answer) = Write::register(key, id, job_id, callback_url, headers, now);
+        self.write(write, answer).await
     }
 
     async fn subscription(&self, tenant_id: i64, id: SubscriptionId) -> Result<Option<Subscription>> {

@@ -22,6 +22,7 @@ pub(super) fn subscription_row(r: &Row<'_>) -> rusqlite::Result<SubscriptionRow>
         job_status: r.get(10)?,
         last_error: r.get(11)?,
         last_delivery_error: r.get(12)?,
+        callback_headers: r.get(13)?,
     })
 }
 
@@ -37,6 +38,7 @@ pub(super) fn delivery_row(r: &Row<'_>) -> rusqlite::Result<DeliveryRow> {
         series: r.get(7)?,
         attempts: r.get(8)?,
         next_attempt_at: r.get(9)?,
+        callback_headers: r.get(10)?,
     })
 }
 

@@ -90,8 +90,8 @@ fn try_batch(conn: &mut Connection, batch: &[Write]) -> Result<Vec<Done>> {
 
 fn run(tx: &rusqlite::Transaction<'_>, write: &Write) -> Done {
     match write {
-        Write::Register { key, id, job_id, callback_url, now, .. } => {
-            Done::Register(register(tx, key, *id, *job_id, callback_url, *now))
+        Write::Register { key, id, job_id, callback_url, headers, now, .. } => {
+            Done::Register(register(tx, key, *id, *job_id, callback_url, headers, *now))
         }
         Write::Complete { job_id, status, body, now, claim, .. } => {
             Done::Complete(complete_job(tx, *job_id, *status, body, *now, claim))
@@ -110,6 +110,7 @@ fn register(
     id: SubscriptionId,
     job_id: JobId,
     callback_url: &CallbackUrl,
+    headers: &CallbackHeaders,
     now: Timestamp,
 ) -> Result<Registered> {
     // The key is checked in the registering transaction: a revoked key is refused at once, and the API
@@ -133,77 +134,94 @@ fn register(
             .sq()?
             .query_row(params![job], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
             .sq()?;
-    let existing: Option<String> = tx
-        .prepare_cached(
-            "SELECT id FROM subscriptions WHERE tenant_id = ? AND job_id = ? AND callback_url = ? \
-             AND state IN ('polling', 'delivering', 'delivered')",
-        )
-        .sq()?
-        .query_row(params![tenant_id, job, callback_url.as_str()], |r| r.get(0))
-        .optional()
-        .sq()?;
-    if let Some(existing) = existing {
-        return Ok(Registered::Existing(subscription(tx, &existing)?));
+    if let Some(found) = existing(tx, tenant_id, &job, callback_url, headers)? {
+        return Ok(found);
     }
-    let sub_id = id.to_string();
     let job_status = job_status.as_deref().map(str::parse).transpose().map_err(|e| corrupt("job status", e))?;
-    let sub = |state, webhook_id, next_attempt_at| Subscription {
+    let (state, webhook_id) = match result {
+        None => (SubscriptionState::Polling, None),
+        Some(_) => (SubscriptionState::Delivering, Some(new_webhook_id())),
+    };
+    let next_attempt_at = webhook_id.as_ref().map(|_| now);
+    tx.prepare_cached(
+        "INSERT INTO subscriptions (id, tenant_id, job_id, callback_url, state, webhook_id, next_attempt_at, \
+         created_at, updated_at, partition, callback_headers, callback_headers_hash) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9, ?10, ?11)",
+    )
+    .sq()?
+    .execute(params![
+        id.to_string(),
+        tenant_id,
+        job,
+        callback_url.as_str(),
+        state.as_str(),
+        webhook_id,
+        next_attempt_at,
+        now,
+        job_id.partition(),
+        headers.to_stored(),
+        headers.digest()
+    ])
+    .sq()?;
+    let sub = Subscription {
         id,
         job_id,
         callback_url: callback_url.as_str().to_owned(),
         state,
         job_status,
         failure_reason: None,
-        last_error: last_error.clone(),
+        last_error,
         last_delivery_error: None,
-        webhook_id,
+        webhook_id: webhook_id.clone(),
         attempts: 0,
         next_attempt_at,
         created_at: now,
         updated_at: now,
+        header_names: headers.names(),
     };
-    match result {
-        None => {
-            tx.prepare_cached(
-                "INSERT INTO subscriptions (id, tenant_id, job_id, callback_url, state, created_at, updated_at, partition) \
-                 VALUES (?1, ?2, ?3, ?4, 'polling', ?5, ?5, ?6)",
-            )
-            .sq()?
-            .execute(params![sub_id, tenant_id, job, callback_url.as_str(), now, job_id.partition()])
-            .sq()?;
-            let oldest_polling_at = if job_created_at == now {
-                now
-            } else {
-                tx.prepare_cached("SELECT MIN(created_at) FROM subscriptions WHERE job_id = ? AND state = 'polling'")
-                    .sq()?
-                    .query_row(params![job], |r| r.get::<_, Option<Timestamp>>(0))
-                    .sq()?
-                    .unwrap_or(now)
-            };
-            let pollable = PollableJob { job_id, job_created_at, oldest_polling_at };
-            Ok(Registered::CreatedPolling(sub(SubscriptionState::Polling, None, None), pollable))
-        }
-        Some(body) => {
-            let webhook_id = new_webhook_id();
-            tx.prepare_cached(
-                "INSERT INTO subscriptions (id, tenant_id, job_id, callback_url, state, webhook_id, next_attempt_at, \
-                 created_at, updated_at, partition) VALUES (?1, ?2, ?3, ?4, 'delivering', ?5, ?6, ?6, ?6, ?7)",
-            )
-            .sq()?
-            .execute(params![sub_id, tenant_id, job, callback_url.as_str(), webhook_id, now, job_id.partition()])
-            .sq()?;
-            let task = DeliveryTask::first(
-                id,
-                job_id,
-                tenant_id,
-                webhook_id.clone(),
-                callback_url.as_str().to_owned(),
-                body.into(),
-                now,
-            );
-            Ok(Registered::CreatedDelivering(sub(SubscriptionState::Delivering, Some(webhook_id), Some(now)), task))
-        }
+    let (Some(body), Some(webhook_id)) = (result, webhook_id) else {
+        let oldest_polling_at = if job_created_at == now {
+            now
+        } else {
+            tx.prepare_cached("SELECT MIN(created_at) FROM subscriptions WHERE job_id = ? AND state = 'polling'")
+                .sq()?
+                .query_row(params![job], |r| r.get::<_, Option<Timestamp>>(0))
+                .sq()?
+                .unwrap_or(now)
+        };
+        return Ok(Registered::CreatedPolling(sub, PollableJob { job_id, job_created_at, oldest_polling_at }));
+    };
+    let task = DeliveryTask::first(id, job_id, tenant_id, webhook_id, sub.callback_url.clone(), body.into(), now)
+        .with_headers(headers.clone());
+    Ok(Registered::CreatedDelivering(sub, task))
+}
+
+/// The live (or delivered) subscription of the same tenant, job and callback, if there is one: this
+/// registration is that one when the headers are the same, and refused when they differ.
+fn existing(
+    tx: &rusqlite::Transaction<'_>,
+    tenant_id: i64,
+    job: &str,
+    callback_url: &CallbackUrl,
+    headers: &CallbackHeaders,
+) -> Result<Option<Registered>> {
+    let found: Option<(String, String, Option<String>)> = tx
+        .prepare_cached(
+            "SELECT id, state, callback_headers_hash FROM subscriptions WHERE tenant_id = ? AND job_id = ? \
+             AND callback_url = ? AND state IN ('polling', 'delivering', 'delivered')",
+        )
+        .sq()?
+        .query_row(params![tenant_id, job, callback_url.as_str()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .optional()
+        .sq()?;
+    let Some((id, state, digest)) = found else { return Ok(None) };
+    if digest != headers.digest() {
+        return Ok(Some(Registered::HeadersDiffer {
+            id: id.parse().map_err(|e| corrupt("subscription id", e))?,
+            state: state.parse().map_err(|e| corrupt("state", e))?,
+        }));
     }
+    Ok(Some(Registered::Existing(subscription(tx, &id)?)))
 }
 
 /// A subscription as the API shows it, read inside the writer's transaction.
@@ -248,15 +266,18 @@ fn complete_job(
         let rows = statement.query_map(params![job], delivery_row).sq()?.collect::<rusqlite::Result<Vec<_>>>().sq()?;
         return rows.into_iter().map(DeliveryTask::try_from).collect();
     }
-    let subscribers: Vec<(String, i64, String)> = tx
-        .prepare_cached("SELECT id, tenant_id, callback_url FROM subscriptions WHERE job_id = ? AND state = 'polling'")
+    let subscribers: Vec<(String, i64, String, Option<String>)> = tx
+        .prepare_cached(
+            "SELECT id, tenant_id, callback_url, callback_headers FROM subscriptions WHERE job_id = ? AND state = 'polling'",
+        )
         .sq()?
-        .query_map(params![job], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .query_map(params![job], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
         .sq()?
         .collect::<rusqlite::Result<_>>()
         .sq()?;
     let mut tasks = Vec::with_capacity(subscribers.len());
-    for (id, tenant_id, callback_url) in subscribers {
+    for (id, tenant_id, callback_url, headers) in subscribers {
+        let headers = CallbackHeaders::from_stored(headers.as_deref()).map_err(|e| corrupt("callback headers", e))?;
         let webhook_id = new_webhook_id();
         // The rows were read in this IMMEDIATE transaction, which holds SQLite's write lock: nothing can
         // have moved them since, so the update needs no `AND state = 'polling'` (unlike PostgreSQL's).
@@ -269,7 +290,8 @@ fn complete_job(
         .execute(params![webhook_id, now, id, claim.ms, &*claim.by])
         .sq()?;
         let id = id.parse().map_err(|e| corrupt("subscription id", e))?;
-        let mut task = DeliveryTask::first(id, job_id, tenant_id, webhook_id, callback_url, body.clone(), now);
+        let mut task = DeliveryTask::first(id, job_id, tenant_id, webhook_id, callback_url, body.clone(), now)
+            .with_headers(headers);
         task.claimed_until = Some(claim.held_until);
         tasks.push(task);
     }
