@@ -201,20 +201,7 @@ async fn detail_page(
         esc(&sub.callback_url),
         sub.job_status.map(|s| esc(s.as_str())).unwrap_or_else(|| "not seen yet".into()),
     );
-    if let Some(error) = &sub.last_error {
-        let _ = write!(main, "<dt>Last polling error</dt><dd class=\"bad\">{}</dd>", esc(error));
-    }
-    if let Some(reason) = sub.failure_reason {
-        let _ = write!(main, "<dt>Failure reason</dt><dd class=\"bad\">{}</dd>", esc(reason.as_str()));
-    }
-    if !sub.header_names.is_empty() {
-        // Names only: the values are secrets, and the API does not return them either.
-        let names = sub.header_names.iter().map(|n| esc(n)).collect::<Vec<_>>().join(", ");
-        let _ = write!(main, "<dt>Custom headers</dt><dd class=\"mono\">{names}</dd>");
-    }
-    if let Some(webhook_id) = &sub.webhook_id {
-        let _ = write!(main, "<dt>webhook-id</dt><dd class=\"mono\">{}</dd>", esc(webhook_id));
-    }
+    outcome_fields(&mut main, &sub);
     let _ = write!(main, "<dt>Attempts (this series)</dt><dd>{}</dd>", sub.attempts);
     if let Some(next) = &sub.next_attempt_at {
         let _ = write!(main, "<dt>Next attempt</dt><dd>{}</dd>", html::time(next));
@@ -262,6 +249,25 @@ async fn detail_page(
     }
     main.push_str("</div>");
     html::page(status, "Subscription", Some(&nav), &main)
+}
+
+/// The fields a subscription has only at some point of its life: errors, its headers' names, its
+/// `webhook-id`.
+fn outcome_fields(main: &mut String, sub: &SubscriptionView) {
+    if let Some(error) = &sub.last_error {
+        let _ = write!(main, "<dt>Last polling error</dt><dd class=\"bad\">{}</dd>", esc(error));
+    }
+    if let Some(reason) = sub.failure_reason {
+        let _ = write!(main, "<dt>Failure reason</dt><dd class=\"bad\">{}</dd>", esc(reason.as_str()));
+    }
+    if !sub.header_names.is_empty() {
+        // Names only: the values are secrets, and the API does not return them either.
+        let names = sub.header_names.iter().map(|n| esc(n)).collect::<Vec<_>>().join(", ");
+        let _ = write!(main, "<dt>Custom headers</dt><dd class=\"mono\">{names}</dd>");
+    }
+    if let Some(webhook_id) = &sub.webhook_id {
+        let _ = write!(main, "<dt>webhook-id</dt><dd class=\"mono\">{}</dd>", esc(webhook_id));
+    }
 }
 
 fn timeline_item(out: &mut String, a: &AttemptRecord) {

@@ -115,13 +115,7 @@ fn register(
 ) -> Result<Registered> {
     // The key is checked in the registering transaction: a revoked key is refused at once, and the API
     // needs no read of its own first (see api::auth::RegisteringKey).
-    let tenant_id: Option<i64> = tx
-        .prepare_cached("SELECT tenant_id FROM api_keys WHERE key_hash = ? AND revoked_at IS NULL")
-        .sq()?
-        .query_row(params![key.0.as_slice()], |r| r.get(0))
-        .optional()
-        .sq()?;
-    let Some(tenant_id) = tenant_id else { return Ok(Registered::UnknownKey) };
+    let Some(tenant_id) = tenant_of(tx, key)? else { return Ok(Registered::UnknownKey) };
     let job = job_id.to_string();
     tx.prepare_cached(
         "INSERT INTO jobs (job_id, partition, created_at, updated_at) VALUES (?1, ?2, ?3, ?3) ON CONFLICT (job_id) DO NOTHING",
@@ -180,20 +174,30 @@ fn register(
         header_names: headers.names(),
     };
     let (Some(body), Some(webhook_id)) = (result, webhook_id) else {
-        let oldest_polling_at = if job_created_at == now {
-            now
-        } else {
-            tx.prepare_cached("SELECT MIN(created_at) FROM subscriptions WHERE job_id = ? AND state = 'polling'")
-                .sq()?
-                .query_row(params![job], |r| r.get::<_, Option<Timestamp>>(0))
-                .sq()?
-                .unwrap_or(now)
-        };
+        // A job created by this registration has no older subscription to expire first.
+        let oldest_polling_at = if job_created_at == now { now } else { oldest_polling(tx, &job)?.unwrap_or(now) };
         return Ok(Registered::CreatedPolling(sub, PollableJob { job_id, job_created_at, oldest_polling_at }));
     };
     let task = DeliveryTask::first(id, job_id, tenant_id, webhook_id, sub.callback_url.clone(), body.into(), now)
         .with_headers(headers.clone());
     Ok(Registered::CreatedDelivering(sub, task))
+}
+
+/// The tenant of a usable key.
+fn tenant_of(tx: &rusqlite::Transaction<'_>, key: &KeyHash) -> Result<Option<i64>> {
+    tx.prepare_cached("SELECT tenant_id FROM api_keys WHERE key_hash = ? AND revoked_at IS NULL")
+        .sq()?
+        .query_row(params![key.0.as_slice()], |r| r.get(0))
+        .optional()
+        .sq()
+}
+
+/// When the job's oldest polling subscription was registered.
+fn oldest_polling(tx: &rusqlite::Transaction<'_>, job: &str) -> Result<Option<Timestamp>> {
+    tx.prepare_cached("SELECT MIN(created_at) FROM subscriptions WHERE job_id = ? AND state = 'polling'")
+        .sq()?
+        .query_row(params![job], |r| r.get(0))
+        .sq()
 }
 
 /// The live (or delivered) subscription of the same tenant, job and callback, if there is one: this
