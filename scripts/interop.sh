@@ -43,18 +43,23 @@ wait_for "$work/py.log" "listening" 20
 wait_for "$work/js.log" "listening" 20
 wait_for "$work/rs.log" "listening" 20
 
+register() { # job receiver-port [more JSON members]: registers, answer in $work/reg.json, exits unless 201
+  local code
+  code=$(curl -s -o "$work/reg.json" -w '%{http_code}' -X POST "http://127.0.0.1:$api/v1/subscriptions" \
+    -H "Authorization: Bearer $key" -H 'content-type: application/json' \
+    -d "{\"job_id\": \"$1\", \"callback_url\": \"http://127.0.0.1:$2/hook\"${3:-}}")
+  [ "$code" = 201 ] || { echo "FAILED: registration answered $code: $(cat "$work/reg.json")"; exit 1; }
+}
+
 job=$(python3 -c 'import uuid; print(uuid.uuid4())')
 subs=()
 for target in "$py" "$js" "$rs"; do
-  code=$(curl -s -o "$work/reg.json" -w '%{http_code}' -X POST "http://127.0.0.1:$api/v1/subscriptions" \
-    -H "Authorization: Bearer $key" -H 'content-type: application/json' \
-    -d "{\"job_id\": \"$job\", \"callback_url\": \"http://127.0.0.1:$target/hook\"}")
-  [ "$code" = 201 ] || { echo "FAILED: registration answered $code: $(cat "$work/reg.json")"; exit 1; }
+  register "$job" "$target"
   subs+=("$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["id"])' "$work/reg.json")")
 done
-wait_for "$work/py.log" "verified msg_.*: job $job is Succeed" 20
-wait_for "$work/js.log" "verified msg_.*: job $job is Succeed" 20
-wait_for "$work/rs.log" "verified msg_.*: job $job is \"Succeed\"" 20
+wait_for "$work/py.log" "verified msg_.* (job.succeeded): job $job is Succeed" 20
+wait_for "$work/js.log" "verified msg_.* (job.succeeded): job $job is Succeed" 20
+wait_for "$work/rs.log" "verified msg_.* (job.succeeded): job $job is \"Succeed\"" 20
 
 # A redelivery comes under the same webhook-id: each example drops it as a duplicate (and still says 2xx).
 for sub in "${subs[@]}"; do
@@ -70,16 +75,18 @@ py2=$(port)
 JOBHOOK_SIGNING_SECRET="$new_secret" "$venv/bin/python" examples/receivers/python/receiver.py "$py2" >"$work/py2.log" 2>&1 & pids+=($!)
 wait_for "$work/py2.log" "listening" 20
 job2=$(python3 -c 'import uuid; print(uuid.uuid4())')
-for target in "$py" "$js" "$rs" "$py2"; do
-  code=$(curl -s -o "$work/reg.json" -w '%{http_code}' -X POST "http://127.0.0.1:$api/v1/subscriptions" \
-    -H "Authorization: Bearer $key" -H 'content-type: application/json' \
-    -d "{\"job_id\": \"$job2\", \"callback_url\": \"http://127.0.0.1:$target/hook\"}")
-  [ "$code" = 201 ] || { echo "FAILED: registration answered $code: $(cat "$work/reg.json")"; exit 1; }
-done
-wait_for "$work/py.log" "verified msg_.*: job $job2 is Succeed" 20
-wait_for "$work/js.log" "verified msg_.*: job $job2 is Succeed" 20
-wait_for "$work/rs.log" "verified msg_.*: job $job2 is \"Succeed\"" 20
-wait_for "$work/py2.log" "verified msg_.*: job $job2 is Succeed" 20
+for target in "$py" "$js" "$rs" "$py2"; do register "$job2" "$target"; done
+wait_for "$work/py.log" "verified msg_.* (job.succeeded): job $job2 is Succeed" 20
+wait_for "$work/js.log" "verified msg_.* (job.succeeded): job $job2 is Succeed" 20
+wait_for "$work/rs.log" "verified msg_.* (job.succeeded): job $job2 is \"Succeed\"" 20
+wait_for "$work/py2.log" "verified msg_.* (job.succeeded): job $job2 is Succeed" 20
+
+# The envelope form: each example verifies it and finds the job status in `data`.
+job3=$(python3 -c 'import uuid; print(uuid.uuid4())')
+for target in "$py" "$js" "$rs"; do register "$job3" "$target" ', "payload": "envelope", "metadata": {"order": 7}'; done
+wait_for "$work/py.log" "verified msg_.* (job.succeeded): job $job3 is Succeed" 20
+wait_for "$work/js.log" "verified msg_.* (job.succeeded): job $job3 is Succeed" 20
+wait_for "$work/rs.log" "verified msg_.* (job.succeeded): job $job3 is \"Succeed\"" 20
 if grep -q REJECTED "$work/py.log" "$work/js.log" "$work/rs.log" "$work/py2.log"; then echo "FAILED: a receiver rejected a signature"; exit 1; fi
-echo "Python, Node and Rust standardwebhooks verified real deliveries, dropped a redelivery as a duplicate, and verified again after a secret rotation."
+echo "Python, Node and Rust standardwebhooks verified real deliveries, dropped a redelivery as a duplicate, verified again after a secret rotation, and read the envelope form."
 echo "interop: 10 passed, 0 failed"

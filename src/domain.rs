@@ -14,7 +14,9 @@ use strum::VariantArray;
 use uuid::Uuid;
 
 mod headers;
+mod payload;
 pub use headers::CallbackHeaders;
+pub use payload::{MAX_METADATA_BYTES, Payload, metadata_from_request};
 
 /// An upstream job ID: a UUID, kept in its canonical lowercase hyphenated form so that the same job
 /// spelled in upper case is still one poll stream.

@@ -9,16 +9,19 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
+use serde_json::json;
 use sha2::Sha256;
 use utoipa::{IntoParams, ToSchema};
 
 use super::AppState;
 use super::error::{ApiError, ApiJson, Problem};
 use crate::domain::{
-    CallbackHeaders, CallbackUrl, FailureReason, JobId, JobStatus, SubscriptionId, SubscriptionState, Timestamp,
-    truncate,
+    CallbackHeaders, CallbackUrl, FailureReason, JobId, JobStatus, Payload, SubscriptionId, SubscriptionState,
+    Timestamp, metadata_from_request, truncate,
 };
-use crate::store::{AttemptRecord, Cancel, ListFilter, Redelivery, Registered, RetryNow, Subscription, Tenant};
+use crate::store::{
+    AttemptRecord, Cancel, DeliveryForm, ListFilter, Redelivery, Registered, RetryNow, Subscription, Tenant,
+};
 
 /// A registration: which upstream job to watch, and where to POST its result.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -39,6 +42,15 @@ pub struct CreateSubscription {
         example = json!({"Authorization": "Bearer 5f2b…", "X-Tenant": "7"}))]
     #[serde(default)]
     pub headers: Option<serde_json::Value>,
+    /// `raw` (the default): the upstream's final body, byte for byte; or `envelope`: that body as `data`
+    /// in the Standard Webhooks payload structure `{"type", "timestamp", "data", "subscription"}`.
+    #[serde(default)]
+    pub payload: Payload,
+    /// Any JSON object of yours (at most 4 KiB serialised): stored, returned, and carried in the
+    /// envelope's `subscription.metadata`.
+    #[schema(value_type = Option<Object>, example = json!({"order_id": "A-1042"}))]
+    #[serde(default)]
+    pub metadata: Option<serde_json::Value>,
 }
 
 /// A subscription: one job, one callback.
@@ -75,6 +87,11 @@ pub struct SubscriptionView {
     /// never shown.
     #[schema(example = json!(["authorization", "x-tenant"]))]
     pub header_names: Vec<String>,
+    /// The body's form: `raw` or `envelope`.
+    pub payload: Payload,
+    /// The metadata given at registration (`{}` when none).
+    #[schema(value_type = Object)]
+    pub metadata: serde_json::Value,
 }
 
 impl From<Subscription> for SubscriptionView {
@@ -94,6 +111,8 @@ impl From<Subscription> for SubscriptionView {
             created_at: s.created_at.rfc3339(),
             updated_at: s.updated_at.rfc3339(),
             header_names: s.header_names,
+            payload: s.payload,
+            metadata: s.metadata.as_deref().and_then(|m| serde_json::from_str(m).ok()).unwrap_or_else(|| json!({})),
         }
     }
 }
@@ -231,9 +250,13 @@ pub async fn create(
 ) -> Result<Response, ApiError> {
     let job_id: JobId = body.job_id.parse().map_err(ApiError::Invalid)?;
     let callback_url: CallbackUrl = body.callback_url.parse().map_err(ApiError::Invalid)?;
-    let headers = CallbackHeaders::from_request(body.headers.as_ref()).map_err(ApiError::Invalid)?;
+    let form = DeliveryForm {
+        headers: CallbackHeaders::from_request(body.headers.as_ref()).map_err(ApiError::Invalid)?,
+        payload: body.payload,
+        metadata: metadata_from_request(body.metadata.as_ref()).map_err(ApiError::Invalid)?,
+    };
     state.egress.check_registration(&callback_url, &state.lookup).await?;
-    let (status, sub) = super::to_the_end(register(state, key, job_id, callback_url, headers)).await?;
+    let (status, sub) = super::to_the_end(register(state, key, job_id, callback_url, form)).await?;
     // Per-job events are debug: at thousands of jobs a second, info would be mostly log.
     tracing::debug!(subscription_id = %sub.id, job_id = %sub.job_id, created = status == StatusCode::CREATED, "registered");
     let location = format!("/v1/subscriptions/{}", sub.id);
@@ -246,10 +269,10 @@ pub(crate) async fn register(
     key: crate::keys::KeyHash,
     job_id: JobId,
     callback_url: CallbackUrl,
-    headers: CallbackHeaders,
+    form: DeliveryForm,
 ) -> Result<(StatusCode, Subscription), ApiError> {
     let registered =
-        state.store.register(key, SubscriptionId::new(), job_id, &callback_url, &headers, Timestamp::now()).await?;
+        state.store.register(key, SubscriptionId::new(), job_id, &callback_url, &form, Timestamp::now()).await?;
     let (status, sub) = match registered {
         Registered::CreatedPolling(sub, job) => {
             state.poller.ensure(job);

@@ -20,8 +20,9 @@ use utoipa::ToSchema;
 
 use super::error::ApiJson;
 use super::{ApiError, AppState, Problem};
+use crate::delivery::envelope::{envelope, event_type};
 use crate::delivery::{SendError, signing};
-use crate::domain::{CallbackHeaders, CallbackUrl};
+use crate::domain::{CallbackHeaders, CallbackUrl, Payload};
 use crate::store::Tenant;
 
 /// How many test sends a tenant may make a minute (a token bucket: a burst of this many, then one every
@@ -50,18 +51,6 @@ impl TestSends {
             wait.as_secs() + u64::from(wait.subsec_nanos() > 0)
         })
     }
-}
-
-/// Which body the example delivery carries.
-#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, ToSchema, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum Payload {
-    /// The upstream's final job status, as every delivery carries it today.
-    #[default]
-    Raw,
-    /// The same body inside the Standard Webhooks payload structure:
-    /// `{"type", "timestamp", "data", "subscription"}`.
-    Envelope,
 }
 
 /// A test send: where to, and which body.
@@ -112,17 +101,6 @@ fn example_body(job_id: &uuid::Uuid) -> serde_json::Value {
     })
 }
 
-/// The Standard Webhooks payload structure around `data`.
-fn envelope(data: serde_json::Value, job_id: &uuid::Uuid, now: time::OffsetDateTime) -> serde_json::Value {
-    let timestamp = now.format(&time::format_description::well_known::Rfc3339).unwrap_or_default();
-    serde_json::json!({
-        "type": "job.succeeded",
-        "timestamp": timestamp,
-        "data": data,
-        "subscription": {"id": null, "job_id": job_id.to_string(), "metadata": {}},
-    })
-}
-
 /// Send a signed example delivery now.
 ///
 /// Signs an example `Succeed` body with your current signing secrets (two signatures during a
@@ -163,7 +141,10 @@ pub async fn create(
     let now = time::OffsetDateTime::now_utc();
     let body = match request.payload {
         Payload::Raw => example_body(&job_id),
-        Payload::Envelope => envelope(example_body(&job_id), &job_id, now),
+        Payload::Envelope => {
+            let at = crate::domain::Timestamp::now();
+            envelope(example_body(&job_id), None, &job_id.to_string(), serde_json::json!({}), at)
+        }
     };
     let bytes = serde_json::to_vec(&body).map_err(|_| ApiError::Internal)?;
     let webhook_id = crate::domain::new_webhook_id();
@@ -178,6 +159,7 @@ pub async fn create(
         .header("webhook-id", &webhook_id)
         .header("webhook-timestamp", timestamp.to_string())
         .header("webhook-signature", signature)
+        .header("jobhook-event-type", event_type(&bytes))
         .body(bytes);
     let clock = Instant::now();
     let (status_code, captured, error) = match request.send().await {
@@ -207,17 +189,6 @@ pub async fn create(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_envelope_follows_the_standard_webhooks_payload_structure() {
-        let job = uuid::Uuid::nil();
-        let now = time::OffsetDateTime::UNIX_EPOCH;
-        let wrapped = envelope(example_body(&job), &job, now);
-        assert_eq!(wrapped["type"], "job.succeeded");
-        assert_eq!(wrapped["timestamp"], "1970-01-01T00:00:00Z");
-        assert_eq!(wrapped["data"]["status"], "Succeed");
-        assert_eq!(wrapped["subscription"], serde_json::json!({"id": null, "job_id": job.to_string(), "metadata": {}}));
-    }
 
     #[test]
     fn the_eleventh_send_in_a_minute_waits() {

@@ -35,6 +35,50 @@ pub enum FinalStatus {
     Failed,
 }
 
+/// The body of a delivery in the `envelope` form: the Standard Webhooks payload structure.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Envelope {
+    /// What happened.
+    #[serde(rename = "type")]
+    pub kind: EventType,
+    /// When the job ended (RFC 3339): the same on every attempt and redelivery.
+    #[schema(format = DateTime, example = "2026-12-01T10:31:07.412Z")]
+    pub timestamp: String,
+    /// The upstream's final answer for the job.
+    pub data: JobResult,
+    pub subscription: EnvelopeSubscription,
+}
+
+/// The subscription a delivery is for.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct EnvelopeSubscription {
+    /// The subscription's ID (null in a test send).
+    #[schema(format = Uuid)]
+    pub id: Option<String>,
+    #[schema(format = Uuid)]
+    pub job_id: String,
+    /// The metadata given at registration (`{}` when none).
+    #[schema(value_type = Object)]
+    pub metadata: serde_json::Value,
+}
+
+/// The event a delivery reports (also in its `jobhook-event-type` header).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub enum EventType {
+    #[serde(rename = "job.succeeded")]
+    JobSucceeded,
+    #[serde(rename = "job.failed")]
+    JobFailed,
+}
+
+/// A delivery's body: `raw` (the upstream's answer) or `envelope`, as the subscription chose.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum DeliveryBody {
+    Raw(JobResult),
+    Envelope(Envelope),
+}
+
 pub struct CallbackWebhook;
 
 impl Modify for CallbackWebhook {
@@ -42,6 +86,10 @@ impl Modify for CallbackWebhook {
         let components = openapi.components.get_or_insert_with(Default::default);
         components.schemas.insert("JobResult".into(), JobResult::schema());
         components.schemas.insert("FinalStatus".into(), FinalStatus::schema());
+        components.schemas.insert("Envelope".into(), Envelope::schema());
+        components.schemas.insert("EnvelopeSubscription".into(), EnvelopeSubscription::schema());
+        components.schemas.insert("EventType".into(), EventType::schema());
+        components.schemas.insert("DeliveryBody".into(), DeliveryBody::schema());
         let header = |name: &str, description: &str| {
             ParameterBuilder::new()
                 .name(name)
@@ -54,7 +102,7 @@ impl Modify for CallbackWebhook {
         let example =
             |summary: &str, value: serde_json::Value| ExampleBuilder::new().summary(summary).value(Some(value)).build();
         let content = ContentBuilder::new()
-            .schema(Some(Ref::from_schema_name("JobResult")))
+            .schema(Some(Ref::from_schema_name("DeliveryBody")))
             .examples_from_iter([
                 (
                     "succeed",
@@ -68,6 +116,24 @@ impl Modify for CallbackWebhook {
                     example(
                         "The job failed",
                         serde_json::json!({"job_id": "7d0e5a11-2c4b-4f3e-8a9d-1b2c3d4e5f60", "status": "Failed", "image_urls": []}),
+                    ),
+                ),
+                (
+                    "envelope_succeed",
+                    example(
+                        "The job succeeded (payload: envelope)",
+                        serde_json::json!({"type": "job.succeeded", "timestamp": "2026-12-01T10:31:07.412Z",
+                            "data": {"job_id": "3f1c2b9e-8a4d-4c6e-9b1a-2d5e7f9a0c11", "status": "Succeed", "image_urls": ["https://images.example.com/3f1c2b9e-8a4d-4c6e-9b1a-2d5e7f9a0c11/0.png"]},
+                            "subscription": {"id": "01a2245a-7016-736a-a92e-356c5743d668", "job_id": "3f1c2b9e-8a4d-4c6e-9b1a-2d5e7f9a0c11", "metadata": {"order_id": "A-1042"}}}),
+                    ),
+                ),
+                (
+                    "envelope_failed",
+                    example(
+                        "The job failed (payload: envelope)",
+                        serde_json::json!({"type": "job.failed", "timestamp": "2026-12-01T10:32:44.009Z",
+                            "data": {"job_id": "7d0e5a11-2c4b-4f3e-8a9d-1b2c3d4e5f60", "status": "Failed", "image_urls": []},
+                            "subscription": {"id": "01a2245b-11c2-7a4e-8f00-5b6c7d8e9f01", "job_id": "7d0e5a11-2c4b-4f3e-8a9d-1b2c3d4e5f60", "metadata": {}}}),
                     ),
                 ),
             ])
@@ -85,9 +151,11 @@ impl Modify for CallbackWebhook {
                 "webhook-signature",
                 "`v1,<base64 HMAC-SHA256 of \"{webhook-id}.{webhook-timestamp}.{body}\">`, keyed with the decoded `whsec_` secret; several, space-separated, during a secret rotation",
             ))
+            .parameter(header("jobhook-event-type", "`job.succeeded` or `job.failed`, in both payload forms, so a raw receiver can route too"))
+            .parameter(header("jobhook-subscription-id", "The subscription's ID"))
             .request_body(Some(
                 RequestBodyBuilder::new()
-                    .description(Some("The upstream's final answer for the job, byte for byte"))
+                    .description(Some("`raw` (the default): the upstream's final answer for the job, byte for byte; `envelope`: that answer as `data` in the Standard Webhooks payload structure, with the subscription and its metadata"))
                     .required(Some(Required::True))
                     .content("application/json", content)
                     .build(),

@@ -171,16 +171,20 @@ async fn send(ctx: &DeliveryContext, task: &DeliveryTask, url: url::Url, secrets
     let started_at = Timestamp::now();
     let clock = Instant::now();
     let timestamp = time::OffsetDateTime::now_utc().unix_timestamp();
-    let signature = signing::signature_header(secrets, &task.webhook_id, timestamp, &task.body);
+    let body = super::envelope::body_of(task);
+    let signature = signing::signature_header(secrets, &task.webhook_id, timestamp, &body);
     // The subscription's own headers first: none of them can be one of ours (they are refused at
     // registration), so ours below are never replaced.
-    let request = task.headers.iter().fold(ctx.http.post(url), |request, (name, value)| request.header(name, value));
+    let request =
+        task.form.headers.iter().fold(ctx.http.post(url), |request, (name, value)| request.header(name, value));
     let request = request
         .header("content-type", "application/json")
         .header("webhook-id", &task.webhook_id)
         .header("webhook-timestamp", timestamp.to_string())
         .header("webhook-signature", signature)
-        .body(task.body.clone());
+        .header("jobhook-event-type", super::envelope::event_type(&task.body))
+        .header("jobhook-subscription-id", task.subscription_id.to_string())
+        .body(body);
     let mut response = match request.send().await {
         Ok(response) => response,
         Err(e) => {

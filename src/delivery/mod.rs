@@ -8,6 +8,7 @@
 
 pub mod attempt;
 pub mod dispatcher;
+pub mod envelope;
 pub mod response;
 pub mod retry;
 pub mod secrets;

@@ -24,7 +24,7 @@ pub(super) enum Write {
         id: SubscriptionId,
         job_id: JobId,
         callback_url: CallbackUrl,
-        headers: CallbackHeaders,
+        form: Arc<DeliveryForm>,
         now: Timestamp,
         reply: oneshot::Sender<Result<Registered>>,
     },
@@ -97,12 +97,12 @@ impl Write {
         id: SubscriptionId,
         job_id: JobId,
         callback_url: &CallbackUrl,
-        headers: &CallbackHeaders,
+        form: &DeliveryForm,
         now: Timestamp,
     ) -> (Self, oneshot::Receiver<Result<Registered>>) {
         let (reply, answer) = oneshot::channel();
-        let headers = headers.clone();
-        (Write::Register { key, id, job_id, callback_url: callback_url.clone(), headers, now, reply }, answer)
+        let form = Arc::new(form.clone());
+        (Write::Register { key, id, job_id, callback_url: callback_url.clone(), form, now, reply }, answer)
     }
 
     pub(super) fn lock_order(&self) -> (u8, uuid::Uuid) {

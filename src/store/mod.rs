@@ -23,7 +23,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use crate::domain::{
-    CallbackHeaders, CallbackUrl, FailureReason, JobId, JobStatus, SubscriptionId, SubscriptionState, Timestamp,
+    CallbackHeaders, CallbackUrl, FailureReason, JobId, JobStatus, Payload, SubscriptionId, SubscriptionState,
+    Timestamp,
 };
 use crate::keys::{KeyHash, SigningSecret};
 
@@ -136,6 +137,9 @@ pub struct Subscription {
     pub updated_at: Timestamp,
     /// The names of its custom headers (lower case, sorted); their values are never read back for views.
     pub header_names: Vec<String>,
+    pub payload: Payload,
+    /// A JSON object, serialised.
+    pub metadata: Option<String>,
 }
 
 /// A job that has subscriptions waiting on it, as the poller needs to schedule it.
@@ -160,9 +164,13 @@ pub struct DeliveryTask {
     pub partition: i64,
     pub webhook_id: String,
     pub callback_url: String,
-    /// The subscription's custom headers, sent with every attempt (their `Debug` shows names only).
-    pub headers: CallbackHeaders,
+    /// The subscription's custom headers, body form and metadata (shared: a task is cloned on its way
+    /// to the dispatcher, and this is the bulk of it).
+    pub form: Arc<DeliveryForm>,
+    /// The job's result, as the upstream answered.
     pub body: Bytes,
+    /// When the job ended (an envelope's `timestamp`).
+    pub finished_at: Timestamp,
     /// The delivery series (1, then one more per redelivery) and the attempts made in it.
     pub series: u32,
     pub attempts_made: u32,
@@ -190,8 +198,9 @@ impl DeliveryTask {
             partition: job_id.partition(),
             webhook_id,
             callback_url,
-            headers: CallbackHeaders::default(),
+            form: Arc::default(),
             body,
+            finished_at: now,
             series: 1,
             attempts_made: 0,
             due_at: now,
@@ -201,10 +210,31 @@ impl DeliveryTask {
 }
 
 impl DeliveryTask {
-    /// The same task carrying the subscription's custom headers.
-    pub fn with_headers(mut self, headers: CallbackHeaders) -> Self {
-        self.headers = headers;
+    /// The same task in the subscription's form (headers, payload, metadata).
+    pub fn with_form(mut self, form: DeliveryForm) -> Self {
+        self.form = Arc::new(form);
         self
+    }
+}
+
+/// How a subscription wants its deliveries: its custom headers (their `Debug` shows names only), the
+/// body's form, and the caller's metadata.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeliveryForm {
+    pub headers: CallbackHeaders,
+    pub payload: Payload,
+    /// A JSON object, serialised (see [`crate::domain::metadata_from_request`]).
+    pub metadata: Option<String>,
+}
+
+impl DeliveryForm {
+    /// From the stored columns.
+    pub(crate) fn from_stored(headers: Option<&str>, payload: Option<&str>, metadata: Option<String>) -> Result<Self> {
+        Ok(DeliveryForm {
+            headers: CallbackHeaders::from_stored(headers).map_err(|e| rows::corrupt("callback headers", e))?,
+            payload: Payload::from_stored(payload).map_err(|e| rows::corrupt("payload", e))?,
+            metadata,
+        })
     }
 }
 
@@ -385,15 +415,15 @@ pub trait Store: Send + Sync + 'static {
     // --- the API ---
 
     /// Registers as the tenant holding `key` (checked in the same transaction, so a revoked key is refused
-    /// at once); [`Registered::UnknownKey`] when no usable key has that hash. `headers` are stored with
-    /// the subscription and are part of its identity (see [`Registered::HeadersDiffer`]).
+    /// at once); [`Registered::UnknownKey`] when no usable key has that hash. `form` is stored with the
+    /// subscription; its headers are part of its identity (see [`Registered::HeadersDiffer`]).
     async fn register(
         &self,
         key: KeyHash,
         id: SubscriptionId,
         job_id: JobId,
         callback_url: &CallbackUrl,
-        headers: &CallbackHeaders,
+        form: &DeliveryForm,
         now: Timestamp,
     ) -> Result<Registered>;
     async fn subscription(&self, tenant_id: i64, id: SubscriptionId) -> Result<Option<Subscription>>;

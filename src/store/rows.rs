@@ -16,7 +16,7 @@ macro_rules! subscription_columns {
      (SELECT CASE WHEN a.status_code BETWEEN 200 AND 299 THEN NULL \
              ELSE COALESCE(a.error, 'the receiver answered ' || a.status_code) END \
       FROM delivery_attempts a WHERE a.subscription_id = s.id ORDER BY a.id DESC LIMIT 1) AS last_delivery_error, \
-     s.callback_headers"
+     s.callback_headers, s.payload, s.metadata"
     };
 }
 pub(super) use subscription_columns;
@@ -83,6 +83,8 @@ pub(super) struct SubscriptionRow {
     pub(super) last_delivery_error: Option<String>,
     /// Read only for the names (see [`CallbackHeaders::stored_names`]).
     pub(super) callback_headers: Option<String>,
+    pub(super) payload: Option<String>,
+    pub(super) metadata: Option<String>,
 }
 
 impl TryFrom<SubscriptionRow> for Subscription {
@@ -109,6 +111,8 @@ impl TryFrom<SubscriptionRow> for Subscription {
             updated_at: r.updated_at,
             header_names: CallbackHeaders::stored_names(r.callback_headers.as_deref())
                 .map_err(|e| corrupt("callback headers", e))?,
+            payload: Payload::from_stored(r.payload.as_deref()).map_err(|e| corrupt("payload", e))?,
+            metadata: r.metadata,
         })
     }
 }
@@ -154,6 +158,9 @@ pub(super) struct DeliveryRow {
     pub(super) attempts: i64,
     pub(super) next_attempt_at: Option<Timestamp>,
     pub(super) callback_headers: Option<String>,
+    pub(super) payload: Option<String>,
+    pub(super) metadata: Option<String>,
+    pub(super) finished_at: Option<Timestamp>,
 }
 
 impl TryFrom<DeliveryRow> for DeliveryTask {
@@ -167,8 +174,8 @@ impl TryFrom<DeliveryRow> for DeliveryTask {
             partition: r.partition,
             webhook_id: r.webhook_id.ok_or_else(|| corrupt("delivery without webhook id", &r.id))?,
             callback_url: r.callback_url,
-            headers: CallbackHeaders::from_stored(r.callback_headers.as_deref())
-                .map_err(|e| corrupt("callback headers", e))?,
+            form: Arc::new(DeliveryForm::from_stored(r.callback_headers.as_deref(), r.payload.as_deref(), r.metadata)?),
+            finished_at: r.finished_at.unwrap_or(Timestamp::from_millis(0)),
             body: Bytes::from(r.result.ok_or_else(|| corrupt("delivery without a job result", &r.id))?),
             series: u32::try_from(r.series).unwrap_or(1),
             attempts_made: u32::try_from(r.attempts).unwrap_or(0),
@@ -182,7 +189,7 @@ impl TryFrom<DeliveryRow> for DeliveryTask {
 macro_rules! delivery_select {
     () => {
         "SELECT s.id, s.job_id, s.tenant_id, s.partition, s.webhook_id, s.callback_url, j.result, s.series, s.attempts, s.next_attempt_at, \
-     s.callback_headers \
+     s.callback_headers, s.payload, s.metadata, j.finished_at \
      FROM subscriptions s JOIN jobs j ON j.job_id = s.job_id"
     };
 }

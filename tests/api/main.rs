@@ -9,6 +9,7 @@ mod cluster;
 mod console;
 mod crash;
 mod delivery;
+mod envelope;
 mod faults;
 mod headers;
 mod openapi;

@@ -29,10 +29,17 @@ fn the_document_describes_the_callback_as_a_webhook() {
     let doc: serde_json::Value = serde_json::to_value(jobhook::api::openapi()).unwrap();
     let post = &doc["webhooks"]["jobFinished"]["post"];
     let headers: Vec<_> = post["parameters"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
-    assert_eq!(headers, ["webhook-id", "webhook-timestamp", "webhook-signature"]);
+    assert_eq!(
+        headers,
+        ["webhook-id", "webhook-timestamp", "webhook-signature", "jobhook-event-type", "jobhook-subscription-id"]
+    );
     let body = &post["requestBody"]["content"]["application/json"];
-    assert_eq!(body["schema"]["$ref"], "#/components/schemas/JobResult");
+    assert_eq!(body["schema"]["$ref"], "#/components/schemas/DeliveryBody");
     assert_eq!(body["examples"]["succeed"]["value"]["status"], "Succeed");
     assert_eq!(body["examples"]["failed"]["value"]["status"], "Failed");
+    assert_eq!(body["examples"]["envelope_succeed"]["value"]["type"], "job.succeeded");
+    assert_eq!(body["examples"]["envelope_failed"]["value"]["data"]["status"], "Failed");
+    let forms = &doc["components"]["schemas"]["DeliveryBody"]["oneOf"];
+    assert_eq!(forms[1]["$ref"], "#/components/schemas/Envelope");
     assert!(doc["components"]["schemas"]["JobResult"]["properties"]["image_urls"].is_object());
 }

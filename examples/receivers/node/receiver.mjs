@@ -30,7 +30,9 @@ http
         console.log(`duplicate ${id}, already handled`);
       } else {
         seen.add(id);
-        console.log(`verified ${id}: job ${job.job_id} is ${job.status}`);
+        // A subscription registered with "payload": "envelope" gets the job status as `data`.
+        const status = job.type ? job.data : job;
+        console.log(`verified ${id} (${req.headers["jobhook-event-type"]}): job ${status.job_id} is ${status.status}`);
       }
       res.writeHead(204).end();
     });

@@ -35,7 +35,10 @@ class Handler(BaseHTTPRequestHandler):
             print(f"duplicate {webhook_id}, already handled", flush=True)
         else:
             seen.add(webhook_id)
-            print(f"verified {webhook_id}: job {job['job_id']} is {job['status']}", flush=True)
+            # A subscription registered with "payload": "envelope" gets the job status as `data`.
+            status = job["data"] if "type" in job else job
+            event = headers.get("jobhook-event-type")
+            print(f"verified {webhook_id} ({event}): job {status['job_id']} is {status['status']}", flush=True)
             print(json.dumps(job, indent=2), flush=True)
         self.send_response(204)
         self.end_headers()

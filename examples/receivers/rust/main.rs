@@ -39,7 +39,14 @@ async fn hook(State(receiver): State<Arc<Receiver>>, headers: HeaderMap, body: B
         println!("duplicate {webhook_id}, already handled");
     } else {
         // Hand the work to a queue or a task and answer at once: jobhook waits for the answer.
-        println!("verified {webhook_id}: job {} is {}", job["job_id"].as_str().unwrap_or("?"), job["status"]);
+        // A subscription registered with "payload": "envelope" gets the job status as `data`.
+        let status = if job.get("type").is_some() { &job["data"] } else { &job };
+        let event = headers.get("jobhook-event-type").and_then(|v| v.to_str().ok()).unwrap_or("?");
+        println!(
+            "verified {webhook_id} ({event}): job {} is {}",
+            status["job_id"].as_str().unwrap_or("?"),
+            status["status"]
+        );
         println!("{job:#}");
     }
     StatusCode::NO_CONTENT

@@ -51,12 +51,12 @@ pub(super) async fn complete_all(tx: &mut PgConnection, done: &[Completion<'_>])
 
     // Every polling subscription of those jobs becomes a delivery due now, claimed for this instance's
     // first attempt in the same write (see `Store::claim_delivery`).
-    let subscribers: Vec<(String, String, i64, String, Option<String>)> = if ids.is_empty() {
+    let subscribers: Vec<Subscriber> = if ids.is_empty() {
         Vec::new()
     } else {
         sqlx::query_as(
-            "SELECT id, job_id, tenant_id, callback_url, callback_headers FROM subscriptions WHERE job_id = ANY($1) \
-             AND state = 'polling' ORDER BY id FOR UPDATE",
+            "SELECT id, job_id, tenant_id, callback_url, callback_headers, payload, metadata \
+             FROM subscriptions WHERE job_id = ANY($1) AND state = 'polling' ORDER BY id FOR UPDATE",
         )
         .bind(&ids)
         .fetch_all(&mut *tx)
@@ -65,14 +65,15 @@ pub(super) async fn complete_all(tx: &mut PgConnection, done: &[Completion<'_>])
     };
     let by_job: HashMap<String, &Completion<'_>> = firsts.iter().map(|c| (c.job_id.to_string(), *c)).collect();
     let mut moved = Moved::default();
-    for (id, job, tenant_id, callback_url, headers) in subscribers {
-        let c = by_job.get(&job).ok_or_else(|| corrupt("subscriber of another job", &job))?;
-        moved.ids.push(id);
+    for s in subscribers {
+        let c = by_job.get(&s.job_id).ok_or_else(|| corrupt("subscriber of another job", &s.job_id))?;
+        let form = DeliveryForm::from_stored(s.callback_headers.as_deref(), s.payload.as_deref(), s.metadata)?;
+        moved.ids.push(s.id);
         moved.webhook_ids.push(new_webhook_id());
         moved.nows.push(c.now);
         moved.claim_ms.push(c.claim.ms);
         moved.claimed_by.push(c.claim.by.to_string());
-        moved.rest.push((job, tenant_id, callback_url, headers));
+        moved.rest.push((s.job_id, s.tenant_id, s.callback_url, form));
     }
     let moved_ids: HashSet<String> = if moved.ids.is_empty() {
         HashSet::new()
@@ -98,16 +99,15 @@ pub(super) async fn complete_all(tx: &mut PgConnection, done: &[Completion<'_>])
     };
     let mut tasks: HashMap<JobId, Vec<DeliveryTask>> = HashMap::new();
     let rows = moved.ids.into_iter().zip(moved.webhook_ids).zip(moved.rest);
-    for ((id, webhook_id), (job, tenant_id, callback_url, headers)) in rows {
+    for ((id, webhook_id), (job, tenant_id, callback_url, form)) in rows {
         // Not moved: cancelled since (not ours to deliver).
         if !moved_ids.contains(&id) {
             continue;
         }
         let c = by_job[&job];
         let id = id.parse().map_err(|e| corrupt("subscription id", e))?;
-        let headers = CallbackHeaders::from_stored(headers.as_deref()).map_err(|e| corrupt("callback headers", e))?;
         let mut task = DeliveryTask::first(id, c.job_id, tenant_id, webhook_id, callback_url, c.body.clone(), c.now)
-            .with_headers(headers);
+            .with_form(form);
         task.claimed_until = Some(c.claim.held_until);
         tasks.entry(c.job_id).or_default().push(task);
     }
@@ -135,8 +135,20 @@ struct Moved {
     nows: Vec<Timestamp>,
     claim_ms: Vec<i64>,
     claimed_by: Vec<String>,
-    /// Job, tenant, callback and stored custom headers of each, for its task.
-    rest: Vec<(String, i64, String, Option<String>)>,
+    /// Job, tenant, callback and form of each, for its task.
+    rest: Vec<(String, i64, String, DeliveryForm)>,
+}
+
+/// A polling subscription of a job that ends.
+#[derive(sqlx::FromRow)]
+struct Subscriber {
+    id: String,
+    job_id: String,
+    tenant_id: i64,
+    callback_url: String,
+    callback_headers: Option<String>,
+    payload: Option<String>,
+    metadata: Option<String>,
 }
 
 /// The deliveries a completed job created, for a completion that is recorded a second time.

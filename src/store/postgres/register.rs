@@ -12,7 +12,7 @@ pub(super) struct Registration<'a> {
     pub id: SubscriptionId,
     pub job_id: JobId,
     pub callback_url: &'a CallbackUrl,
-    pub headers: &'a CallbackHeaders,
+    pub form: &'a DeliveryForm,
     pub now: Timestamp,
 }
 
@@ -24,6 +24,7 @@ struct JobRow {
     status: Option<String>,
     last_error: Option<String>,
     result: Option<Vec<u8>>,
+    finished_at: Option<Timestamp>,
 }
 
 /// Runs every registration of the batch inside `tx`; the answers come in the batch's order. An error
@@ -76,7 +77,7 @@ pub(super) async fn register_all(
     .await
     .db()?;
     let job_rows: Vec<JobRow> = sqlx::query_as(
-        "SELECT job_id, created_at, status, last_error, result FROM jobs WHERE job_id = ANY($1) \
+        "SELECT job_id, created_at, status, last_error, result, finished_at FROM jobs WHERE job_id = ANY($1) \
          ORDER BY job_id FOR UPDATE",
     )
     .bind(&ids)
@@ -114,7 +115,7 @@ pub(super) async fn register_all(
         let job = r.job_id.to_string();
         let key = (tenant_id, job.clone(), r.callback_url.as_str().to_owned());
         if let Some(live) = existing.get(&key) {
-            answers.push(live.answer(r.headers)?);
+            answers.push(live.answer(&r.form.headers)?);
             continue;
         }
         let row = jobs.get(&job).ok_or_else(|| corrupt("job not written", &job))?;
@@ -133,10 +134,12 @@ pub(super) async fn register_all(
             next_attempt_at: None,
             created_at: r.now,
             updated_at: r.now,
-            header_names: r.headers.names(),
+            header_names: r.form.headers.names(),
+            payload: r.form.payload,
+            metadata: r.form.metadata.clone(),
         };
         let state = if row.result.is_some() { "delivering" } else { "polling" };
-        existing.insert(key, Live { id: r.id.to_string(), state: state.into(), digest: r.headers.digest() });
+        existing.insert(key, Live { id: r.id.to_string(), state: state.into(), digest: r.form.headers.digest() });
         match &row.result {
             None => {
                 new.push(r, tenant_id, "polling", None);
@@ -159,7 +162,8 @@ pub(super) async fn register_all(
                     body.clone().into(),
                     r.now,
                 )
-                .with_headers(r.headers.clone());
+                .with_form(r.form.clone());
+                let task = DeliveryTask { finished_at: row.finished_at.unwrap_or(r.now), ..task };
                 answers.push(Answer::Done(Registered::CreatedDelivering(sub, task)));
             }
         }
@@ -284,6 +288,8 @@ struct NewRows {
     partitions: Vec<i64>,
     headers: Vec<Option<String>>,
     digests: Vec<Option<String>>,
+    payloads: Vec<&'static str>,
+    metadata: Vec<Option<String>>,
     notices: Vec<String>,
 }
 
@@ -298,8 +304,10 @@ impl NewRows {
         self.webhook_ids.push(webhook_id);
         self.created_at.push(r.now);
         self.partitions.push(r.job_id.partition());
-        self.headers.push(r.headers.to_stored());
-        self.digests.push(r.headers.digest());
+        self.headers.push(r.form.headers.to_stored());
+        self.digests.push(r.form.headers.digest());
+        self.payloads.push(r.form.payload.as_str());
+        self.metadata.push(r.form.metadata.clone());
     }
 
     async fn insert(&self, tx: &mut PgConnection) -> Result<()> {
@@ -308,10 +316,11 @@ impl NewRows {
         }
         sqlx::query(
             "INSERT INTO subscriptions (id, tenant_id, job_id, callback_url, state, webhook_id, next_attempt_at, \
-             created_at, updated_at, partition, callback_headers, callback_headers_hash) \
-             SELECT i, t, j, c, s, w, n, a, a, p, h, d \
+             created_at, updated_at, partition, callback_headers, callback_headers_hash, payload, metadata) \
+             SELECT i, t, j, c, s, w, n, a, a, p, h, d, f, m \
              FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::text[], $5::text[], $6::text[], $7::int8[], \
-             $8::int8[], $9::int8[], $10::text[], $11::text[]) AS u (i, t, j, c, s, w, n, a, p, h, d)",
+             $8::int8[], $9::int8[], $10::text[], $11::text[], $12::text[], $13::text[]) \
+             AS u (i, t, j, c, s, w, n, a, p, h, d, f, m)",
         )
         .bind(&self.ids)
         .bind(&self.tenants)
@@ -324,6 +333,8 @@ impl NewRows {
         .bind(&self.partitions)
         .bind(&self.headers)
         .bind(&self.digests)
+        .bind(&self.payloads)
+        .bind(&self.metadata)
         .execute(&mut *tx)
         .await
         .db()?;

@@ -177,11 +177,11 @@ impl Store for PgStore {
         id: SubscriptionId,
         job_id: JobId,
         callback_url: &CallbackUrl,
-        headers: &CallbackHeaders,
+        form: &DeliveryForm,
         now: Timestamp,
     ) -> Result<Registered> {
         deadline(async move {
-            let (write, answer) = Write::register(key, id, job_id, callback_url, headers, now);
+            let (write, answer) = Write::register(key, id, job_id, callback_url, form, now);
             self.write(write, answer).await
         })
         .await

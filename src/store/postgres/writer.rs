@@ -116,8 +116,8 @@ async fn try_batch(conn: &mut PgConnection, batch: &[Write], sent: &notice::Sent
         .iter()
         .enumerate()
         .filter_map(|(i, w)| match w {
-            Write::Register { key, id, job_id, callback_url, headers, now, .. } => {
-                Some((i, Registration { key, id: *id, job_id: *job_id, callback_url, headers, now: *now }))
+            Write::Register { key, id, job_id, callback_url, form, now, .. } => {
+                Some((i, Registration { key, id: *id, job_id: *job_id, callback_url, form: form.as_ref(), now: *now }))
             }
             _ => None,
         })

@@ -311,10 +311,10 @@ impl Store for SqliteStore {
         id: SubscriptionId,
         job_id: JobId,
         callback_url: &CallbackUrl,
-        headers: &CallbackHeaders,
+        form: &DeliveryForm,
         now: Timestamp,
     ) -> Result<Registered> {
-        let (write, answer) = Write::register(key, id, job_id, callback_url, headers, now);
+        let (write, answer) = Write::register(key, id, job_id, callback_url, form, now);
         self.write(write, answer).await
     }
 

@@ -23,6 +23,8 @@ pub(super) fn subscription_row(r: &Row<'_>) -> rusqlite::Result<SubscriptionRow>
         last_error: r.get(11)?,
         last_delivery_error: r.get(12)?,
         callback_headers: r.get(13)?,
+        payload: r.get(14)?,
+        metadata: r.get(15)?,
     })
 }
 
@@ -39,6 +41,9 @@ pub(super) fn delivery_row(r: &Row<'_>) -> rusqlite::Result<DeliveryRow> {
         attempts: r.get(8)?,
         next_attempt_at: r.get(9)?,
         callback_headers: r.get(10)?,
+        payload: r.get(11)?,
+        metadata: r.get(12)?,
+        finished_at: r.get(13)?,
     })
 }
 

@@ -90,8 +90,8 @@ fn try_batch(conn: &mut Connection, batch: &[Write]) -> Result<Vec<Done>> {
 
 fn run(tx: &rusqlite::Transaction<'_>, write: &Write) -> Done {
     match write {
-        Write::Register { key, id, job_id, callback_url, headers, now, .. } => {
-            Done::Register(register(tx, key, *id, *job_id, callback_url, headers, *now))
+        Write::Register { key, id, job_id, callback_url, form, now, .. } => {
+            Done::Register(register(tx, key, *id, *job_id, callback_url, form, *now))
         }
         Write::Complete { job_id, status, body, now, claim, .. } => {
             Done::Complete(complete_job(tx, *job_id, *status, body, *now, claim))
@@ -110,9 +110,10 @@ fn register(
     id: SubscriptionId,
     job_id: JobId,
     callback_url: &CallbackUrl,
-    headers: &CallbackHeaders,
+    form: &DeliveryForm,
     now: Timestamp,
 ) -> Result<Registered> {
+    let headers = &form.headers;
     // The key is checked in the registering transaction: a revoked key is refused at once, and the API
     // needs no read of its own first (see api::auth::RegisteringKey).
     let Some(tenant_id) = tenant_of(tx, key)? else { return Ok(Registered::UnknownKey) };
@@ -123,11 +124,11 @@ fn register(
     .sq()?
     .execute(params![job, job_id.partition(), now])
     .sq()?;
-    let (job_created_at, job_status, last_error, result): (Timestamp, Option<String>, Option<String>, Option<Vec<u8>>) =
-        tx.prepare_cached("SELECT created_at, status, last_error, result FROM jobs WHERE job_id = ?")
-            .sq()?
-            .query_row(params![job], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
-            .sq()?;
+    let (job_created_at, job_status, last_error, result, finished_at): JobRow = tx
+        .prepare_cached("SELECT created_at, status, last_error, result, finished_at FROM jobs WHERE job_id = ?")
+        .sq()?
+        .query_row(params![job], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))
+        .sq()?;
     if let Some(found) = existing(tx, tenant_id, &job, callback_url, headers)? {
         return Ok(found);
     }
@@ -139,8 +140,8 @@ fn register(
     let next_attempt_at = webhook_id.as_ref().map(|_| now);
     tx.prepare_cached(
         "INSERT INTO subscriptions (id, tenant_id, job_id, callback_url, state, webhook_id, next_attempt_at, \
-         created_at, updated_at, partition, callback_headers, callback_headers_hash) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9, ?10, ?11)",
+         created_at, updated_at, partition, callback_headers, callback_headers_hash, payload, metadata) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9, ?10, ?11, ?12, ?13)",
     )
     .sq()?
     .execute(params![
@@ -154,7 +155,9 @@ fn register(
         now,
         job_id.partition(),
         headers.to_stored(),
-        headers.digest()
+        headers.digest(),
+        form.payload.as_str(),
+        form.metadata
     ])
     .sq()?;
     let sub = Subscription {
@@ -172,16 +175,25 @@ fn register(
         created_at: now,
         updated_at: now,
         header_names: headers.names(),
+        payload: form.payload,
+        metadata: form.metadata.clone(),
     };
     let (Some(body), Some(webhook_id)) = (result, webhook_id) else {
         // A job created by this registration has no older subscription to expire first.
         let oldest_polling_at = if job_created_at == now { now } else { oldest_polling(tx, &job)?.unwrap_or(now) };
         return Ok(Registered::CreatedPolling(sub, PollableJob { job_id, job_created_at, oldest_polling_at }));
     };
-    let task = DeliveryTask::first(id, job_id, tenant_id, webhook_id, sub.callback_url.clone(), body.into(), now)
-        .with_headers(headers.clone());
+    let mut task = DeliveryTask::first(id, job_id, tenant_id, webhook_id, sub.callback_url.clone(), body.into(), now)
+        .with_form(form.clone());
+    task.finished_at = finished_at.unwrap_or(now);
     Ok(Registered::CreatedDelivering(sub, task))
 }
+
+/// A subscriber of a job that ends: ID, tenant, callback, stored headers, payload form and metadata.
+type Subscriber = (String, i64, String, Option<String>, Option<String>, Option<String>);
+
+/// A job as a registration reads it: created, status, last error, result, finished.
+type JobRow = (Timestamp, Option<String>, Option<String>, Option<Vec<u8>>, Option<Timestamp>);
 
 /// The tenant of a usable key.
 fn tenant_of(tx: &rusqlite::Transaction<'_>, key: &KeyHash) -> Result<Option<i64>> {
@@ -270,18 +282,19 @@ fn complete_job(
         let rows = statement.query_map(params![job], delivery_row).sq()?.collect::<rusqlite::Result<Vec<_>>>().sq()?;
         return rows.into_iter().map(DeliveryTask::try_from).collect();
     }
-    let subscribers: Vec<(String, i64, String, Option<String>)> = tx
+    let subscribers: Vec<Subscriber> = tx
         .prepare_cached(
-            "SELECT id, tenant_id, callback_url, callback_headers FROM subscriptions WHERE job_id = ? AND state = 'polling'",
+            "SELECT id, tenant_id, callback_url, callback_headers, payload, metadata FROM subscriptions \
+             WHERE job_id = ? AND state = 'polling'",
         )
         .sq()?
-        .query_map(params![job], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+        .query_map(params![job], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)))
         .sq()?
         .collect::<rusqlite::Result<_>>()
         .sq()?;
     let mut tasks = Vec::with_capacity(subscribers.len());
-    for (id, tenant_id, callback_url, headers) in subscribers {
-        let headers = CallbackHeaders::from_stored(headers.as_deref()).map_err(|e| corrupt("callback headers", e))?;
+    for (id, tenant_id, callback_url, headers, payload, metadata) in subscribers {
+        let form = DeliveryForm::from_stored(headers.as_deref(), payload.as_deref(), metadata)?;
         let webhook_id = new_webhook_id();
         // The rows were read in this IMMEDIATE transaction, which holds SQLite's write lock: nothing can
         // have moved them since, so the update needs no `AND state = 'polling'` (unlike PostgreSQL's).
@@ -294,8 +307,8 @@ fn complete_job(
         .execute(params![webhook_id, now, id, claim.ms, &*claim.by])
         .sq()?;
         let id = id.parse().map_err(|e| corrupt("subscription id", e))?;
-        let mut task = DeliveryTask::first(id, job_id, tenant_id, webhook_id, callback_url, body.clone(), now)
-            .with_headers(headers);
+        let mut task =
+            DeliveryTask::first(id, job_id, tenant_id, webhook_id, callback_url, body.clone(), now).with_form(form);
         task.claimed_until = Some(claim.held_until);
         tasks.push(task);
     }
