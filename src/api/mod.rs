@@ -2,6 +2,7 @@
 //! handlers (so the two cannot drift; a test compares it with the committed `openapi.yaml`).
 
 mod auth;
+mod cursor;
 pub mod error;
 pub mod subscriptions;
 pub mod test_sends;

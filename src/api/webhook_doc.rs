@@ -99,45 +99,7 @@ impl Modify for CallbackWebhook {
                 .schema(Some(String::schema()))
                 .build()
         };
-        let example =
-            |summary: &str, value: serde_json::Value| ExampleBuilder::new().summary(summary).value(Some(value)).build();
-        let content = ContentBuilder::new()
-            .schema(Some(Ref::from_schema_name("DeliveryBody")))
-            .examples_from_iter([
-                (
-                    "succeed",
-                    example(
-                        "The job succeeded",
-                        serde_json::json!({"job_id": "3f1c2b9e-8a4d-4c6e-9b1a-2d5e7f9a0c11", "status": "Succeed", "image_urls": ["https://images.example.com/3f1c2b9e-8a4d-4c6e-9b1a-2d5e7f9a0c11/0.png"]}),
-                    ),
-                ),
-                (
-                    "failed",
-                    example(
-                        "The job failed",
-                        serde_json::json!({"job_id": "7d0e5a11-2c4b-4f3e-8a9d-1b2c3d4e5f60", "status": "Failed", "image_urls": []}),
-                    ),
-                ),
-                (
-                    "envelope_succeed",
-                    example(
-                        "The job succeeded (payload: envelope)",
-                        serde_json::json!({"type": "job.succeeded", "timestamp": "2026-12-01T10:31:07.412Z",
-                            "data": {"job_id": "3f1c2b9e-8a4d-4c6e-9b1a-2d5e7f9a0c11", "status": "Succeed", "image_urls": ["https://images.example.com/3f1c2b9e-8a4d-4c6e-9b1a-2d5e7f9a0c11/0.png"]},
-                            "subscription": {"id": "01a2245a-7016-736a-a92e-356c5743d668", "job_id": "3f1c2b9e-8a4d-4c6e-9b1a-2d5e7f9a0c11", "metadata": {"order_id": "A-1042"}}}),
-                    ),
-                ),
-                (
-                    "envelope_failed",
-                    example(
-                        "The job failed (payload: envelope)",
-                        serde_json::json!({"type": "job.failed", "timestamp": "2026-12-01T10:32:44.009Z",
-                            "data": {"job_id": "7d0e5a11-2c4b-4f3e-8a9d-1b2c3d4e5f60", "status": "Failed", "image_urls": []},
-                            "subscription": {"id": "01a2245b-11c2-7a4e-8f00-5b6c7d8e9f01", "job_id": "7d0e5a11-2c4b-4f3e-8a9d-1b2c3d4e5f60", "metadata": {}}}),
-                    ),
-                ),
-            ])
-            .build();
+        let content = body_content();
         let operation = OperationBuilder::new()
             .operation_id(Some("jobFinished"))
             .tag("subscriptions")
@@ -174,4 +136,47 @@ impl Modify for CallbackWebhook {
         paths.paths.insert(WEBHOOK.into(), PathItem::new(HttpMethod::Post, operation));
         openapi.webhooks = Some(paths);
     }
+}
+
+/// The body of the delivery: its schema and an example of each form and outcome.
+fn body_content() -> utoipa::openapi::content::Content {
+    let example =
+        |summary: &str, value: serde_json::Value| ExampleBuilder::new().summary(summary).value(Some(value)).build();
+    ContentBuilder::new()
+        .schema(Some(Ref::from_schema_name("DeliveryBody")))
+        .examples_from_iter([
+            (
+                "succeed",
+                example(
+                    "The job succeeded",
+                    serde_json::json!({"job_id": "3f1c2b9e-8a4d-4c6e-9b1a-2d5e7f9a0c11", "status": "Succeed", "image_urls": ["https://images.example.com/3f1c2b9e-8a4d-4c6e-9b1a-2d5e7f9a0c11/0.png"]}),
+                ),
+            ),
+            (
+                "failed",
+                example(
+                    "The job failed",
+                    serde_json::json!({"job_id": "7d0e5a11-2c4b-4f3e-8a9d-1b2c3d4e5f60", "status": "Failed", "image_urls": []}),
+                ),
+            ),
+            (
+                "envelope_succeed",
+                example(
+                    "The job succeeded (payload: envelope)",
+                    serde_json::json!({"type": "job.succeeded", "timestamp": "2026-12-01T10:31:07.412Z",
+                        "data": {"job_id": "3f1c2b9e-8a4d-4c6e-9b1a-2d5e7f9a0c11", "status": "Succeed", "image_urls": ["https://images.example.com/3f1c2b9e-8a4d-4c6e-9b1a-2d5e7f9a0c11/0.png"]},
+                        "subscription": {"id": "01a2245a-7016-736a-a92e-356c5743d668", "job_id": "3f1c2b9e-8a4d-4c6e-9b1a-2d5e7f9a0c11", "metadata": {"order_id": "A-1042"}}}),
+                ),
+            ),
+            (
+                "envelope_failed",
+                example(
+                    "The job failed (payload: envelope)",
+                    serde_json::json!({"type": "job.failed", "timestamp": "2026-12-01T10:32:44.009Z",
+                        "data": {"job_id": "7d0e5a11-2c4b-4f3e-8a9d-1b2c3d4e5f60", "status": "Failed", "image_urls": []},
+                        "subscription": {"id": "01a2245b-11c2-7a4e-8f00-5b6c7d8e9f01", "job_id": "7d0e5a11-2c4b-4f3e-8a9d-1b2c3d4e5f60", "metadata": {}}}),
+                ),
+            ),
+        ])
+        .build()
 }

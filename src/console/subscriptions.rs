@@ -202,10 +202,6 @@ async fn detail_page(
         sub.job_status.map(|s| esc(s.as_str())).unwrap_or_else(|| "not seen yet".into()),
     );
     outcome_fields(&mut main, &sub);
-    let _ = write!(main, "<dt>Attempts (this series)</dt><dd>{}</dd>", sub.attempts);
-    if let Some(next) = &sub.next_attempt_at {
-        let _ = write!(main, "<dt>Next attempt</dt><dd>{}</dd>", html::time(next));
-    }
     let _ = write!(
         main,
         "<dt>Created</dt><dd>{}</dd><dt>Updated</dt><dd>{}</dd></dl>",
@@ -251,8 +247,8 @@ async fn detail_page(
     html::page(status, "Subscription", Some(&nav), &main)
 }
 
-/// The fields a subscription has only at some point of its life: errors, its headers' names, its
-/// `webhook-id`.
+/// The fields that change over a subscription's life: errors, its headers' names, its `webhook-id`,
+/// its attempts.
 fn outcome_fields(main: &mut String, sub: &SubscriptionView) {
     if let Some(error) = &sub.last_error {
         let _ = write!(main, "<dt>Last polling error</dt><dd class=\"bad\">{}</dd>", esc(error));
@@ -267,6 +263,10 @@ fn outcome_fields(main: &mut String, sub: &SubscriptionView) {
     }
     if let Some(webhook_id) = &sub.webhook_id {
         let _ = write!(main, "<dt>webhook-id</dt><dd class=\"mono\">{}</dd>", esc(webhook_id));
+    }
+    let _ = write!(main, "<dt>Attempts (this series)</dt><dd>{}</dd>", sub.attempts);
+    if let Some(next) = &sub.next_attempt_at {
+        let _ = write!(main, "<dt>Next attempt</dt><dd>{}</dd>", html::time(next));
     }
 }
 

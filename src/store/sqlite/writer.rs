@@ -118,17 +118,7 @@ fn register(
     // needs no read of its own first (see api::auth::RegisteringKey).
     let Some(tenant_id) = tenant_of(tx, key)? else { return Ok(Registered::UnknownKey) };
     let job = job_id.to_string();
-    tx.prepare_cached(
-        "INSERT INTO jobs (job_id, partition, created_at, updated_at) VALUES (?1, ?2, ?3, ?3) ON CONFLICT (job_id) DO NOTHING",
-    )
-    .sq()?
-    .execute(params![job, job_id.partition(), now])
-    .sq()?;
-    let (job_created_at, job_status, last_error, result, finished_at): JobRow = tx
-        .prepare_cached("SELECT created_at, status, last_error, result, finished_at FROM jobs WHERE job_id = ?")
-        .sq()?
-        .query_row(params![job], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))
-        .sq()?;
+    let (job_created_at, job_status, last_error, result, finished_at) = job_row(tx, job_id, now)?;
     if let Some(found) = existing(tx, tenant_id, &job, callback_url, headers)? {
         return Ok(found);
     }
@@ -194,6 +184,21 @@ type Subscriber = (String, i64, String, Option<String>, Option<String>, Option<S
 
 /// A job as a registration reads it: created, status, last error, result, finished.
 type JobRow = (Timestamp, Option<String>, Option<String>, Option<Vec<u8>>, Option<Timestamp>);
+
+/// The job a registration is for, created if new.
+fn job_row(tx: &rusqlite::Transaction<'_>, job_id: JobId, now: Timestamp) -> Result<JobRow> {
+    let job = job_id.to_string();
+    tx.prepare_cached(
+        "INSERT INTO jobs (job_id, partition, created_at, updated_at) VALUES (?1, ?2, ?3, ?3) ON CONFLICT (job_id) DO NOTHING",
+    )
+    .sq()?
+    .execute(params![job, job_id.partition(), now])
+    .sq()?;
+    tx.prepare_cached("SELECT created_at, status, last_error, result, finished_at FROM jobs WHERE job_id = ?")
+        .sq()?
+        .query_row(params![job], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))
+        .sq()
+}
 
 /// The tenant of a usable key.
 fn tenant_of(tx: &rusqlite::Transaction<'_>, key: &KeyHash) -> Result<Option<i64>> {
