@@ -12,9 +12,9 @@ use tokio_util::sync::CancellationToken;
 use crate::api::{self, AppState};
 use crate::cluster;
 use crate::config::Config;
+use crate::delivery::client;
 use crate::delivery::{self, DeliveryContext};
 use crate::domain::Timestamp;
-use crate::egress;
 use crate::health;
 use crate::keys::{ApiKey, SigningSecret};
 use crate::metrics::Metrics;
@@ -86,7 +86,7 @@ impl Workers {
     async fn build(
         config: &Config,
         store: &Arc<dyn Store>,
-        lookup: egress::Lookup,
+        lookup: client::Lookup,
         metrics: &Arc<Metrics>,
     ) -> anyhow::Result<(Workers, Handles)> {
         let (dispatcher, dispatcher_inbox) = delivery::channel(&config.delivery);
@@ -143,11 +143,11 @@ pub struct FirstKey {
 
 impl Application {
     pub async fn build(config: Config) -> anyhow::Result<Self> {
-        Self::build_with(config, egress::system_lookup()).await
+        Self::build_with(config, client::system_lookup()).await
     }
 
     /// Builds with another way to resolve callback hosts (tests play DNS with it).
-    pub async fn build_with(config: Config, lookup: egress::Lookup) -> anyhow::Result<Self> {
+    pub async fn build_with(config: Config, lookup: client::Lookup) -> anyhow::Result<Self> {
         let sqlite_lock = store::lock_sqlite_for_serving(&config.database_url).map_err(anyhow::Error::msg)?;
         // The writer's counters belong to the metrics; the store is handed them as it opens.
         let writer_stats = Arc::new(crate::metrics::WriterStats::default());
@@ -178,7 +178,7 @@ impl Application {
             poller: handles.poller,
             dispatcher: handles.dispatcher,
             egress: config.egress.clone(),
-            test_sends: Arc::new(crate::api::test_sends::TestSends::new(egress::callback_client(
+            test_sends: Arc::new(crate::api::test_sends::TestSends::new(client::callback_client(
                 &config.egress,
                 lookup.clone(),
                 config.delivery.timeout,

@@ -216,7 +216,7 @@ pub struct Config {
     pub signing_secret: Option<SigningSecret>,
     pub poll: PollConfig,
     pub delivery: DeliveryConfig,
-    pub egress: crate::egress::EgressPolicy,
+    pub egress: EgressPolicy,
     pub secret_rotation_grace: Duration,
     pub lease_ttl: Duration,
     pub shutdown_grace: Duration,
@@ -308,7 +308,7 @@ impl ServeArgs {
                 max_in_flight_per_host: widen(self.delivery_concurrency_per_host),
                 max_in_flight_per_tenant: widen(self.delivery_concurrency_per_tenant),
             },
-            egress: crate::egress::EgressPolicy {
+            egress: EgressPolicy {
                 allow_private: self.allow_private_callbacks,
                 allow_cidrs: std::sync::Arc::new(allow_cidrs),
                 https_only: self.callback_https_only,
@@ -434,6 +434,17 @@ impl ServeArgs {
 /// A count of slots (at most 100,000, checked by its parser) as the `usize` semaphores take.
 fn widen(n: u32) -> usize {
     usize::try_from(n).unwrap_or(usize::MAX)
+}
+
+/// What may be called back (the policy's checks are in `delivery::client`).
+#[derive(Debug, Clone, Default)]
+pub struct EgressPolicy {
+    /// Allow every address (tests, internal networks).
+    pub allow_private: bool,
+    /// Networks allowed even though they are not public (internal receivers).
+    pub allow_cidrs: std::sync::Arc<Vec<ipnet::IpNet>>,
+    /// Refuse plain-http callbacks.
+    pub https_only: bool,
 }
 
 #[cfg(test)]

@@ -97,7 +97,7 @@ pub fn new_webhook_id() -> String {
 pub const MAX_CALLBACK_URL_LEN: usize = 2048;
 
 /// A callback URL that is syntactically fit to POST to: absolute http(s), a host, no credentials, no
-/// fragment. Whether its host is *allowed* is the egress policy's call (`egress`).
+/// fragment. Whether its host is *allowed* is the egress policy's call (`delivery::client`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct CallbackUrl(url::Url);
 

@@ -26,7 +26,6 @@ pub mod config;
 pub mod console;
 pub mod delivery;
 pub mod domain;
-pub mod egress;
 pub mod health;
 pub mod housekeeping;
 pub mod keys;

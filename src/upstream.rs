@@ -13,6 +13,9 @@ use serde::Deserialize;
 use crate::config::UpstreamConfig;
 use crate::domain::{JobId, JobStatus, truncate};
 
+/// The `user-agent` of every poll and every callback.
+pub const USER_AGENT: &str = concat!("jobhook/", env!("CARGO_PKG_VERSION"));
+
 /// The largest job-status body we read. Real ones are a few hundred bytes; this leaves room for many
 /// image URLs while keeping a broken upstream from filling our memory.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
@@ -102,7 +105,7 @@ impl UpstreamClient {
         // Bearer key, which must not go to whatever proxy a variable happens to name. An operator who
         // needs one says so with --upstream-proxy.
         let mut builder = reqwest::Client::builder()
-            .user_agent(crate::egress::USER_AGENT)
+            .user_agent(USER_AGENT)
             .redirect(reqwest::redirect::Policy::none())
             .no_proxy()
             .timeout(config.timeout)

@@ -132,9 +132,9 @@ impl From<StoreError> for ApiError {
     }
 }
 
-impl From<crate::egress::Refusal> for ApiError {
-    fn from(refusal: crate::egress::Refusal) -> Self {
-        use crate::egress::Refusal;
+impl From<crate::delivery::client::Refusal> for ApiError {
+    fn from(refusal: crate::delivery::client::Refusal) -> Self {
+        use crate::delivery::client::Refusal;
         match refusal {
             Refusal::NotAllowed(why) => ApiError::Invalid(why),
             Refusal::DnsUnavailable(why) => ApiError::DnsUnavailable(why),

@@ -25,9 +25,10 @@ use utoipa_axum::routes;
 
 use tracing::Instrument;
 
+use crate::config::EgressPolicy;
 use crate::delivery::DispatcherHandle;
+use crate::delivery::client::Lookup;
 use crate::domain::Timestamp;
-use crate::egress::{EgressPolicy, Lookup};
 use crate::poller::PollerHandle;
 use crate::store::{Store, Tenant};
 pub use auth::UNKNOWN_KEY;

@@ -38,7 +38,7 @@ pub struct TestSends {
 }
 
 impl TestSends {
-    /// `http` is a client built like the dispatcher's ([`crate::egress::callback_client`]).
+    /// `http` is a client built like the dispatcher's ([`crate::delivery::client::callback_client`]).
     pub fn new(http: reqwest::Client) -> Self {
         let quota = Quota::per_minute(NonZeroU32::new(SENDS_PER_MINUTE).expect("the quota is not zero"));
         TestSends { http, limiter: RateLimiter::hashmap(quota) }

@@ -6,10 +6,10 @@
 
 use std::time::{Duration, Instant};
 
+use super::client::{self, EgressRefused};
 use super::response::{Captured, capture};
 use super::{DeliveryContext, Slots, retry, signing};
 use crate::domain::{FailureReason, Timestamp, truncate};
-use crate::egress::{self, EgressRefused};
 use crate::keys::SigningSecret;
 use crate::store::{AttemptRecord, AttemptResult, Claim, DeliveryTask};
 use crate::upstream::{describe_transport_error, parse_retry_after};
@@ -40,7 +40,7 @@ impl SendError {
     /// Classifies a failed request: an egress refusal, found by walking the cause chain (the vetting
     /// resolver's refusal comes back inside a connect error), or a transport failure.
     pub(crate) fn from_request(e: &reqwest::Error) -> Self {
-        match egress::find_refusal(e) {
+        match client::find_refusal(e) {
             Some(refused) => SendError::Refused(refused.clone()),
             None => SendError::Transport(describe_transport_error(e)),
         }

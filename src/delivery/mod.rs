@@ -7,6 +7,7 @@
 //! so no receiver slows the others (DESIGN promise 6).
 
 pub mod attempt;
+pub mod client;
 pub mod dispatcher;
 pub mod envelope;
 pub mod response;
@@ -21,8 +22,8 @@ use std::time::Duration;
 use tokio::sync::{Semaphore, mpsc};
 
 use crate::config::DeliveryConfig;
+use crate::config::EgressPolicy;
 use crate::domain::SubscriptionId;
-use crate::egress::{self, EgressPolicy};
 use crate::store::{DeliveryTask, Store};
 pub use attempt::{AttemptOutcome, DeliveryOutcome, SendError, attempt, decide};
 pub use dispatcher::run;
@@ -60,14 +61,14 @@ impl DeliveryContext {
         store: Arc<dyn Store>,
         secrets: Arc<SecretsCache>,
         policy: EgressPolicy,
-        lookup: egress::Lookup,
+        lookup: client::Lookup,
         config: DeliveryConfig,
         ownership: Arc<crate::partition::Ownership>,
         metrics: Arc<crate::metrics::Metrics>,
     ) -> Self {
         DeliveryContext {
             metrics,
-            http: egress::callback_client(&policy, lookup, config.timeout),
+            http: client::callback_client(&policy, lookup, config.timeout),
             overall: Arc::new(Semaphore::new(config.max_in_flight)),
             per_host: Mutex::new(HashMap::new()),
             per_tenant: Mutex::new(HashMap::new()),

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use jobhook::egress::Lookup;
+use jobhook::delivery::client::Lookup;
 use jobhook::mock_upstream::{Answer, MockArgs, MockUpstream};
 use serde_json::Value;
 

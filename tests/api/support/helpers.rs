@@ -88,7 +88,7 @@ pub struct Settings {
     pub args: Vec<String>,
     pub mock: MockArgs,
     /// How the app resolves callback hosts (default: the system resolver).
-    pub lookup: Option<jobhook::egress::Lookup>,
+    pub lookup: Option<jobhook::delivery::client::Lookup>,
 }
 
 impl Default for Settings {
@@ -183,7 +183,7 @@ pub async fn spawn_app_with(settings: Settings) -> TestApp {
     let cli = Cli::try_parse_from(argv).expect("test arguments parse");
     let Some(Command::Serve(args)) = cli.command else { unreachable!() };
     let config = args.into_config().expect("test settings are valid");
-    let lookup = settings.lookup.unwrap_or_else(jobhook::egress::system_lookup);
+    let lookup = settings.lookup.unwrap_or_else(jobhook::delivery::client::system_lookup);
     let app = Application::build_with(config, lookup).await.expect("the application builds");
     let addr = app.local_addr();
     let shutdown = app.shutdown_token();

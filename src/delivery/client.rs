@@ -19,18 +19,9 @@ use std::time::Duration;
 use futures_util::future::BoxFuture;
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 
+pub use crate::config::EgressPolicy;
 use crate::domain::CallbackUrl;
-
-/// What may be called back.
-#[derive(Debug, Clone, Default)]
-pub struct EgressPolicy {
-    /// Allow every address (tests, internal networks).
-    pub allow_private: bool,
-    /// Networks allowed even though they are not public (internal receivers).
-    pub allow_cidrs: Arc<Vec<ipnet::IpNet>>,
-    /// Refuse plain-http callbacks.
-    pub https_only: bool,
-}
+use crate::upstream::USER_AGENT;
 
 /// How names become addresses: the system resolver in production; tests may put a DNS of their own in
 /// its place (to play DNS rebinding, say). An error of kind [`std::io::ErrorKind::NotFound`] says the
@@ -311,9 +302,6 @@ impl Resolve for VettingResolver {
         })
     }
 }
-
-/// The `user-agent` of every callback and poll.
-pub const USER_AGENT: &str = concat!("jobhook/", env!("CARGO_PKG_VERSION"));
 
 /// The client for callbacks: the policy's resolver, no redirects, no proxy, one timeout per request.
 pub fn callback_client(policy: &EgressPolicy, lookup: Lookup, timeout: Duration) -> reqwest::Client {
