@@ -203,3 +203,43 @@ pub(super) fn mask_of(partitions: &[i64]) -> u64 {
 pub(super) fn parse_secret(stored: &str) -> Result<SigningSecret> {
     stored.parse::<SigningSecret>().map_err(|e| corrupt("signing secret", e))
 }
+
+/// A tenant's signing secrets from its row `(signing_secret, previous_secret, previous_until)`: the
+/// current one, then the previous one while its rotation's overlap lasts.
+pub(super) fn signing_secrets_of(
+    tenant_id: i64,
+    row: Option<(String, Option<String>, Option<Timestamp>)>,
+    now: Timestamp,
+) -> Result<Vec<SigningSecret>> {
+    let Some((current, previous, until)) = row else {
+        return Err(corrupt("delivery of an unknown tenant", tenant_id));
+    };
+    let mut secrets = vec![parse_secret(&current)?];
+    if let (Some(previous), Some(until)) = (previous, until)
+        && now < until
+    {
+        secrets.push(parse_secret(&previous)?);
+    }
+    Ok(secrets)
+}
+
+/// What [`Store::sync_configured_keys`] does with a key of the configuration's source already stored.
+pub(super) enum ConfiguredKey {
+    /// Still configured but revoked with `jobhook keys revoke`: that stays.
+    RevokedByCommand,
+    /// Listed (again): it works.
+    Restore,
+    /// No longer in the configuration: it stops working.
+    Revoke,
+}
+
+impl ConfiguredKey {
+    pub(super) fn of(keys: &[KeyHash], hash: &[u8], revoked_by: Option<&str>) -> Self {
+        let still = keys.iter().any(|k| k.0.as_slice() == hash);
+        match (still, revoked_by) {
+            (true, Some("command")) => Self::RevokedByCommand,
+            (true, _) => Self::Restore,
+            (false, _) => Self::Revoke,
+        }
+    }
+}

@@ -21,19 +21,20 @@ impl PgStore {
                 .await
                 .db()?;
         for (id, hash, revoked_by) in configured {
-            let still = keys.iter().any(|k| k.0.as_slice() == hash.as_slice());
-            if still && revoked_by.as_deref() == Some("command") {
-                sync.revoked_by_command.push(id);
-                continue;
-            }
-            let sql = if still {
-                "UPDATE api_keys SET revoked_at = NULL, revoked_by = NULL WHERE id = $1"
-            } else {
-                "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, $2), revoked_by = COALESCE(revoked_by, 'config') WHERE id = $1"
+            let query = match ConfiguredKey::of(keys, &hash, revoked_by.as_deref()) {
+                ConfiguredKey::RevokedByCommand => {
+                    sync.revoked_by_command.push(id);
+                    continue;
+                }
+                ConfiguredKey::Restore => {
+                    sqlx::query("UPDATE api_keys SET revoked_at = NULL, revoked_by = NULL WHERE id = $1").bind(id)
+                }
+                ConfiguredKey::Revoke => sqlx::query(
+                    "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, $2), revoked_by = COALESCE(revoked_by, 'config') WHERE id = $1",
+                )
+                .bind(id)
+                .bind(now),
             };
-            let query = sqlx::query(sql);
-            let query = query.bind(id);
-            let query = if still { query } else { query.bind(now) };
             query.execute(&mut *tx).await.db()?;
         }
         // The configured secret is applied when it changes, not at every start: a rotation through the

@@ -122,16 +122,7 @@ impl Store for PgStore {
                     .fetch_optional(&self.pool)
                     .await
                     .db()?;
-            let Some((current, previous, until)) = row else {
-                return Err(corrupt("delivery of an unknown tenant", tenant_id));
-            };
-            let mut secrets = vec![parse_secret(&current)?];
-            if let (Some(previous), Some(until)) = (previous, until)
-                && now < until
-            {
-                secrets.push(parse_secret(&previous)?);
-            }
-            Ok(secrets)
+            signing_secrets_of(tenant_id, row, now)
         })
         .await
     }

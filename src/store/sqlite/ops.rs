@@ -84,20 +84,19 @@ pub(super) fn sync_configured_keys(
         .collect::<rusqlite::Result<_>>()
         .sq()?;
     for (id, hash, revoked_by) in configured {
-        let still = keys.iter().any(|k| k.0.as_slice() == hash.as_slice());
-        if still && revoked_by.as_deref() == Some("command") {
-            sync.revoked_by_command.push(id);
-            continue;
-        }
-        if still {
-            tx.execute("UPDATE api_keys SET revoked_at = NULL, revoked_by = NULL WHERE id = ?1", [id]).sq()?;
-        } else {
-            tx.execute(
-                "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?1), revoked_by = COALESCE(revoked_by, 'config') \
-                 WHERE id = ?2",
-                params![now, id],
-            )
-            .sq()?;
+        match ConfiguredKey::of(keys, &hash, revoked_by.as_deref()) {
+            ConfiguredKey::RevokedByCommand => sync.revoked_by_command.push(id),
+            ConfiguredKey::Restore => {
+                tx.execute("UPDATE api_keys SET revoked_at = NULL, revoked_by = NULL WHERE id = ?1", [id]).sq()?;
+            }
+            ConfiguredKey::Revoke => {
+                tx.execute(
+                    "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?1), revoked_by = COALESCE(revoked_by, 'config') \
+                     WHERE id = ?2",
+                    params![now, id],
+                )
+                .sq()?;
+            }
         }
     }
     // The configured secret is applied when it changes, not at every start: a rotation through the API
@@ -227,16 +226,7 @@ pub(super) fn signing_secrets(c: &Connection, tenant_id: i64, now: Timestamp) ->
         .query_row([tenant_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
         .optional()
         .sq()?;
-    let Some((current, previous, until)) = row else {
-        return Err(corrupt("delivery of an unknown tenant", tenant_id));
-    };
-    let mut secrets = vec![parse_secret(&current)?];
-    if let (Some(previous), Some(until)) = (previous, until)
-        && now < until
-    {
-        secrets.push(parse_secret(&previous)?);
-    }
-    Ok(secrets)
+    signing_secrets_of(tenant_id, row, now)
 }
 
 pub(super) fn subscription(c: &Connection, tenant_id: i64, id: SubscriptionId) -> Result<Option<Subscription>> {
