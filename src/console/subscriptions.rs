@@ -14,10 +14,10 @@ use strum::VariantArray;
 use super::account::sentence;
 use super::html::{self, csrf_field, esc, q};
 use super::{ConsoleState, CsrfForm, Session};
-use crate::api::ApiError;
 use crate::api::subscriptions::{self as api, ListQuery, SubscriptionPath, SubscriptionView};
+use crate::api::{ApiError, AppState};
 use crate::domain::{CallbackUrl, JobId, SubscriptionId, SubscriptionState};
-use crate::store::AttemptRecord;
+use crate::store::{AttemptRecord, Tenant};
 
 /// Rows per page.
 const PAGE_SIZE: u32 = 25;
@@ -377,41 +377,34 @@ pub async fn confirm_retry(State(state): State<ConsoleState>, session: Session, 
 /// Makes a waiting delivery's next attempt now, through the API's redeliver handler (which does exactly
 /// that for a delivering subscription, and starts a new series if it has ended meanwhile).
 pub async fn retry(state: State<ConsoleState>, session: Session, raw: Path<String>, _form: CsrfForm) -> Response {
-    redeliver_then(state, session, raw, "retried").await
+    act(state, session, raw, "retried", api::redeliver).await
 }
 
 /// Cancels through the API's handler (which waits for an attempt on the wire, as the API does).
-pub async fn cancel(
-    State(state): State<ConsoleState>,
-    session: Session,
-    Path(raw): Path<String>,
-    _form: CsrfForm,
-) -> Response {
-    let Some(id) = parse_id(&raw) else {
-        return html::not_found(Some(&session.nav("subscriptions")));
-    };
-    match api::cancel(State(state.app.clone()), session.tenant.clone(), SubscriptionPath::new(id)).await {
-        Ok(_) => Redirect::to(&format!("/console/subscriptions/{id}?done=cancelled")).into_response(),
-        Err(e) => action_failed(&state, &session, id, e).await,
-    }
+pub async fn cancel(state: State<ConsoleState>, session: Session, raw: Path<String>, _form: CsrfForm) -> Response {
+    act(state, session, raw, "cancelled", api::cancel).await
 }
 
 /// Redelivers through the API's handler.
 pub async fn redeliver(state: State<ConsoleState>, session: Session, raw: Path<String>, _form: CsrfForm) -> Response {
-    redeliver_then(state, session, raw, "redelivered").await
+    act(state, session, raw, "redelivered", api::redeliver).await
 }
 
-/// The API's redeliver, then the subscription's page with the notice `done`.
-async fn redeliver_then(
+/// The API's `handler` for the subscription, then its page with the notice `done`.
+async fn act<T, F>(
     State(state): State<ConsoleState>,
     session: Session,
     Path(raw): Path<String>,
     done: &str,
-) -> Response {
+    handler: impl FnOnce(State<AppState>, Tenant, SubscriptionPath) -> F,
+) -> Response
+where
+    F: Future<Output = Result<T, ApiError>>,
+{
     let Some(id) = parse_id(&raw) else {
         return html::not_found(Some(&session.nav("subscriptions")));
     };
-    match api::redeliver(State(state.app.clone()), session.tenant.clone(), SubscriptionPath::new(id)).await {
+    match handler(State(state.app.clone()), session.tenant.clone(), SubscriptionPath::new(id)).await {
         Ok(_) => Redirect::to(&format!("/console/subscriptions/{id}?done={done}")).into_response(),
         Err(e) => action_failed(&state, &session, id, e).await,
     }

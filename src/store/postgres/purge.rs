@@ -15,11 +15,7 @@ const COUNT_LOCK: i64 = 0x6a6f_6268_636f_756e;
 impl PgStore {
     pub(super) async fn purge_batch(&self, ended_before: Timestamp, limit: u32) -> Result<Option<Purged>> {
         let mut tx = self.begin().await?;
-        let ours: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
-            .bind(PURGE_LOCK)
-            .fetch_one(&mut *tx)
-            .await
-            .db()?;
+        let ours = try_xact_lock(&mut tx, PURGE_LOCK).await?;
         if !ours {
             return Ok(None);
         }
@@ -67,11 +63,7 @@ impl PgStore {
     /// (the others read as they are), so the reading stays a few rows however long the service runs.
     pub(super) async fn state_counts(&self) -> Result<Vec<(String, i64)>> {
         let mut tx = self.begin().await?;
-        let ours: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
-            .bind(COUNT_LOCK)
-            .fetch_one(&mut *tx)
-            .await
-            .db()?;
+        let ours = try_xact_lock(&mut tx, COUNT_LOCK).await?;
         if ours {
             sqlx::query(
                 "WITH folded AS (DELETE FROM subscription_counts RETURNING state, n) \
@@ -105,4 +97,9 @@ impl PgStore {
         let n = |v: i64| u64::try_from(v).unwrap_or(0);
         Ok(Purged { subscriptions: n(subscriptions), attempts: n(attempts), jobs: n(jobs) })
     }
+}
+
+/// Takes the transaction-scoped advisory lock `key` if no other transaction holds it.
+async fn try_xact_lock(tx: &mut PgConnection, key: i64) -> Result<bool> {
+    sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)").bind(key).fetch_one(tx).await.db()
 }

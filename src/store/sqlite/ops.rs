@@ -289,9 +289,7 @@ pub(super) fn cancel(
         .sq()?;
     if changed == 0 {
         // Held by an attempt (or its claim lapsed a moment ago): the caller asks again shortly.
-        let state: String =
-            tx.query_row("SELECT state FROM subscriptions WHERE id = ?1", [&sub_id], |r| r.get(0)).sq()?;
-        let state: SubscriptionState = state.parse().map_err(|e| corrupt("state", e))?;
+        let state = state_of(tx, &sub_id)?;
         return Ok(Some(if state.is_final() { Cancel::Ended(state) } else { Cancel::AttemptInFlight }));
     }
     Ok(Some(Cancel::Cancelled { job_id, was }))
@@ -341,11 +339,8 @@ pub(super) fn redeliver(
     now: Timestamp,
 ) -> Result<Option<Redelivery>> {
     let sub_id = id.to_string();
-    let sql = concat!(delivery_select!(), " WHERE s.id = ?1 AND s.tenant_id = ?2");
-    let row = tx.query_row(sql, params![sub_id, tenant_id], delivery_row).optional().sq()?;
-    let Some(row) = row else { return Ok(None) };
-    let state: String = tx.query_row("SELECT state FROM subscriptions WHERE id = ?1", [&sub_id], |r| r.get(0)).sq()?;
-    let state: SubscriptionState = state.parse().map_err(|e| corrupt("state", e))?;
+    let Some(row) = delivery_of(tx, &sub_id, tenant_id)? else { return Ok(None) };
+    let state = state_of(tx, &sub_id)?;
     if !matches!(state, SubscriptionState::Delivered | SubscriptionState::Failed)
         || row.result.is_none()
         || row.webhook_id.is_none()
@@ -393,10 +388,7 @@ pub(super) fn retry_now(
     now: Timestamp,
 ) -> Result<Option<RetryNow>> {
     let sub_id = id.to_string();
-    let sql = concat!(delivery_select!(), " WHERE s.id = ?1 AND s.tenant_id = ?2");
-    let Some(row) = tx.query_row(sql, params![sub_id, tenant_id], delivery_row).optional().sq()? else {
-        return Ok(None);
-    };
+    let Some(row) = delivery_of(tx, &sub_id, tenant_id)? else { return Ok(None) };
     // Guarded by the series read above: a redelivery that started a newer series meanwhile is left alone.
     let changed = tx
         .execute(
@@ -405,13 +397,23 @@ pub(super) fn retry_now(
         )
         .sq()?;
     if changed == 0 {
-        let state: String =
-            tx.query_row("SELECT state FROM subscriptions WHERE id = ?1", [&sub_id], |r| r.get(0)).sq()?;
-        return Ok(Some(RetryNow::NotDelivering(state.parse().map_err(|e| corrupt("state", e))?)));
+        return Ok(Some(RetryNow::NotDelivering(state_of(tx, &sub_id)?)));
     }
     let mut task = DeliveryTask::try_from(row)?;
     task.due_at = now;
     Ok(Some(RetryNow::Due(task)))
+}
+
+/// The delivery of the tenant's subscription `sub_id`, whatever its state.
+fn delivery_of(tx: &Transaction<'_>, sub_id: &str, tenant_id: i64) -> Result<Option<DeliveryRow>> {
+    let sql = concat!(delivery_select!(), " WHERE s.id = ?1 AND s.tenant_id = ?2");
+    tx.query_row(sql, params![sub_id, tenant_id], delivery_row).optional().sq()
+}
+
+/// The state of a subscription known to exist.
+fn state_of(tx: &Transaction<'_>, sub_id: &str) -> Result<SubscriptionState> {
+    let state: String = tx.query_row("SELECT state FROM subscriptions WHERE id = ?1", [sub_id], |r| r.get(0)).sq()?;
+    state.parse().map_err(|e| corrupt("state", e))
 }
 
 pub(super) fn fail_job(
