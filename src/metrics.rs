@@ -36,23 +36,63 @@ pub struct AttemptLabels {
 /// How often `GET /metrics` may count subscriptions in the store (a scan): at most once per this.
 const STATE_COUNT_TTL: Duration = Duration::from_secs(5);
 
-pub struct Metrics {
-    registry: Registry,
-    pub registered: Counter,
-    pub finished: Family<StateLabel, Counter>,
-    pub subscriptions: Family<StateLabel, Gauge>,
-    pub jobs_polling: Gauge,
-    pub polls: Family<OutcomeLabel, Counter>,
-    pub upstream_seconds: Histogram,
-    pub attempts: Family<AttemptLabels, Counter>,
-    pub delivery_seconds: Histogram,
-    pub delivery_lag_seconds: Histogram,
-    pub deliveries_waiting: Gauge,
-    pub purged_subscriptions: Counter,
-    pub purged_attempts: Counter,
-    pub purged_jobs: Counter,
-    /// When the subscription gauges were last counted.
-    counted_at: Mutex<Option<Instant>>,
+/// Declares [`Metrics`] from one list: each metric's field, type and constructor with its exposed name,
+/// unit and help, so the struct, its constructor and the registry cannot drift apart.
+macro_rules! metrics {
+    ($($field:ident: $ty:ty = $new:expr, $name:literal $(in $unit:ident)?, $help:literal;)*) => {
+        pub struct Metrics {
+            registry: Registry,
+            $(pub $field: $ty,)*
+            /// When the subscription gauges were last counted.
+            counted_at: Mutex<Option<Instant>>,
+        }
+
+        impl Metrics {
+            pub fn new() -> Self {
+                let mut registry = Registry::default();
+                $(
+                    let $field: $ty = $new;
+                    metrics!(@register registry, $name, $help, $field.clone() $(, $unit)?);
+                )*
+                Metrics { registry, $($field,)* counted_at: Mutex::new(None) }
+            }
+        }
+    };
+    (@register $r:ident, $name:literal, $help:literal, $metric:expr) => {
+        $r.register($name, $help, $metric)
+    };
+    (@register $r:ident, $name:literal, $help:literal, $metric:expr, $unit:ident) => {
+        $r.register_with_unit($name, $help, Unit::$unit, $metric)
+    };
+}
+
+metrics! {
+    registered: Counter = Counter::default(), "jobhook_subscriptions_registered",
+        "Subscriptions created (201)";
+    finished: Family<StateLabel, Counter> = Family::default(), "jobhook_subscriptions_finished",
+        "Subscriptions that reached a final state, by state (counted by the instance that ended them)";
+    subscriptions: Family<StateLabel, Gauge> = Family::default(), "jobhook_subscriptions",
+        "Subscriptions in the store by state (the whole store, counted at most every 5 s)";
+    jobs_polling: Gauge = Gauge::default(), "jobhook_jobs_polling",
+        "Upstream jobs in this instance's poll schedule";
+    polls: Family<OutcomeLabel, Counter> = Family::default(), "jobhook_polls",
+        "Upstream status requests by outcome: pending, terminal, 4xx, 5xx, timeout, rate_limited, unreachable, bad_answer";
+    upstream_seconds: Histogram = latency(), "jobhook_upstream_request_duration" in Seconds,
+        "Time of one upstream status request";
+    attempts: Family<AttemptLabels, Counter> = Family::default(), "jobhook_delivery_attempts",
+        "Delivery attempts by outcome (delivered, retry, failed) and attempt number (1 … 5, 6+)";
+    delivery_seconds: Histogram = latency(), "jobhook_delivery_request_duration" in Seconds,
+        "Time of one callback POST, from connecting to the end of the answer";
+    delivery_lag_seconds: Histogram = latency(), "jobhook_delivery_lag" in Seconds,
+        "From the moment a delivery became due (the job's terminal answer, a registration of a finished job, a redeliver request) to the end of its first attempt";
+    deliveries_waiting: Gauge = Gauge::default(), "jobhook_deliveries_waiting",
+        "Deliveries this instance holds for a first attempt or a retry (the retry backlog)";
+    purged_subscriptions: Counter = Counter::default(), "jobhook_purged_subscriptions",
+        "Ended subscriptions deleted by housekeeping after the retention (this instance's runs)";
+    purged_attempts: Counter = Counter::default(), "jobhook_purged_attempts",
+        "Delivery attempts deleted with their subscriptions by housekeeping";
+    purged_jobs: Counter = Counter::default(), "jobhook_purged_jobs",
+        "Job rows deleted by housekeeping once no subscription referred to them";
 }
 
 /// Buckets from 1 ms to about 65 s, doubling.
@@ -67,88 +107,6 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    pub fn new() -> Self {
-        let mut r = Registry::default();
-        let m = Metrics {
-            registered: Counter::default(),
-            finished: Family::default(),
-            subscriptions: Family::default(),
-            jobs_polling: Gauge::default(),
-            polls: Family::default(),
-            upstream_seconds: latency(),
-            attempts: Family::default(),
-            delivery_seconds: latency(),
-            delivery_lag_seconds: latency(),
-            deliveries_waiting: Gauge::default(),
-            purged_subscriptions: Counter::default(),
-            purged_attempts: Counter::default(),
-            purged_jobs: Counter::default(),
-            counted_at: Mutex::new(None),
-            registry: Registry::default(),
-        };
-        r.register("jobhook_subscriptions_registered", "Subscriptions created (201)", m.registered.clone());
-        r.register(
-            "jobhook_subscriptions_finished",
-            "Subscriptions that reached a final state, by state (counted by the instance that ended them)",
-            m.finished.clone(),
-        );
-        r.register(
-            "jobhook_subscriptions",
-            "Subscriptions in the store by state (the whole store, counted at most every 5 s)",
-            m.subscriptions.clone(),
-        );
-        r.register("jobhook_jobs_polling", "Upstream jobs in this instance's poll schedule", m.jobs_polling.clone());
-        r.register(
-            "jobhook_polls",
-            "Upstream status requests by outcome: pending, terminal, 4xx, 5xx, timeout, rate_limited, unreachable, bad_answer",
-            m.polls.clone(),
-        );
-        r.register_with_unit(
-            "jobhook_upstream_request_duration",
-            "Time of one upstream status request",
-            Unit::Seconds,
-            m.upstream_seconds.clone(),
-        );
-        r.register(
-            "jobhook_delivery_attempts",
-            "Delivery attempts by outcome (delivered, retry, failed) and attempt number (1 … 5, 6+)",
-            m.attempts.clone(),
-        );
-        r.register_with_unit(
-            "jobhook_delivery_request_duration",
-            "Time of one callback POST, from connecting to the end of the answer",
-            Unit::Seconds,
-            m.delivery_seconds.clone(),
-        );
-        r.register_with_unit(
-            "jobhook_delivery_lag",
-            "From the moment a delivery became due (the job's terminal answer, a registration of a finished job, a redeliver request) to the end of its first attempt",
-            Unit::Seconds,
-            m.delivery_lag_seconds.clone(),
-        );
-        r.register(
-            "jobhook_deliveries_waiting",
-            "Deliveries this instance holds for a first attempt or a retry (the retry backlog)",
-            m.deliveries_waiting.clone(),
-        );
-        r.register(
-            "jobhook_purged_subscriptions",
-            "Ended subscriptions deleted by housekeeping after the retention (this instance's runs)",
-            m.purged_subscriptions.clone(),
-        );
-        r.register(
-            "jobhook_purged_attempts",
-            "Delivery attempts deleted with their subscriptions by housekeeping",
-            m.purged_attempts.clone(),
-        );
-        r.register(
-            "jobhook_purged_jobs",
-            "Job rows deleted by housekeeping once no subscription referred to them",
-            m.purged_jobs.clone(),
-        );
-        Metrics { registry: r, ..m }
-    }
-
     pub fn poll(&self, outcome: &'static str, took: Duration) {
         self.polls.get_or_create(&OutcomeLabel { outcome }).inc();
         self.upstream_seconds.observe(took.as_secs_f64());
