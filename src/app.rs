@@ -249,17 +249,7 @@ impl Application {
             limits,
             housekeeping,
         } = self;
-        let (housekeeping_config, metrics) = housekeeping;
-        // Housekeeping is not one of the workers the service needs: if it cannot run, the service goes
-        // on and says so.
-        let housekeeping = tokio::spawn({
-            let (store, shutdown) = (store.clone(), shutdown.clone());
-            async move {
-                if let Err(e) = crate::housekeeping::run(store, housekeeping_config, metrics, shutdown).await {
-                    tracing::error!(error = %e, "housekeeping could not run; nothing is purged");
-                }
-            }
-        });
+        let housekeeping = spawn_housekeeping(housekeeping, store.clone(), shutdown.clone());
         let Workers { poller: p, dispatcher: d, lease_loop } = workers;
         // The lease loop stops on its own token, after the workers, so it releases the leases last.
         let cluster_stop = CancellationToken::new();
@@ -322,6 +312,20 @@ impl Application {
         drop(sqlite_lock);
         Ok(())
     }
+}
+
+/// Housekeeping is not one of the workers the service needs: if it cannot run, the service goes on and
+/// says so.
+fn spawn_housekeeping(
+    (config, metrics): (crate::config::HousekeepingConfig, Arc<Metrics>),
+    store: Arc<dyn Store>,
+    shutdown: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        if let Err(e) = crate::housekeeping::run(store, config, metrics, shutdown).await {
+            tracing::error!(error = %e, "housekeeping could not run; nothing is purged");
+        }
+    })
 }
 
 /// Syncs the keys from the configuration; with none configured and none stored, makes the first one.
