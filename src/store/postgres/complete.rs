@@ -22,32 +22,8 @@ pub(super) async fn complete_all(tx: &mut PgConnection, done: &[Completion<'_>])
     // created, as a retry would be), locked in one order so batches cannot deadlock.
     let mut seen = HashSet::new();
     let firsts: Vec<&Completion<'_>> = done.iter().filter(|c| seen.insert(c.job_id)).collect();
-    let mut ids: Vec<String> = firsts.iter().map(|c| c.job_id.to_string()).collect();
-    let statuses: Vec<&str> = firsts.iter().map(|c| c.status.as_str()).collect();
-    let bodies: Vec<&[u8]> = firsts.iter().map(|c| c.body.as_ref()).collect();
-    let nows: Vec<Timestamp> = firsts.iter().map(|c| c.now).collect();
-    let mut sorted = ids.clone();
-    sorted.sort();
-    sqlx::query("SELECT 1 FROM jobs WHERE job_id = ANY($1) ORDER BY job_id FOR UPDATE")
-        .bind(&sorted)
-        .execute(&mut *tx)
-        .await
-        .db()?;
-    let recorded: HashSet<String> = sqlx::query_scalar(
-        "UPDATE jobs SET status = u.s, result = u.r, last_error = NULL, finished_at = u.n, updated_at = u.n \
-         FROM UNNEST($1::text[], $2::text[], $3::bytea[], $4::int8[]) AS u (j, s, r, n) \
-         WHERE jobs.job_id = u.j AND jobs.result IS NULL RETURNING jobs.job_id",
-    )
-    .bind(&ids)
-    .bind(&statuses)
-    .bind(&bodies)
-    .bind(&nows)
-    .fetch_all(&mut *tx)
-    .await
-    .db()?
-    .into_iter()
-    .collect();
-    ids.retain(|id| recorded.contains(id));
+    let recorded = record_results(tx, &firsts).await?;
+    let ids: Vec<String> = firsts.iter().map(|c| c.job_id.to_string()).filter(|id| recorded.contains(id)).collect();
 
     // Every polling subscription of those jobs becomes a delivery due now, claimed for this instance's
     // first attempt in the same write (see `Store::claim_delivery`).
@@ -75,28 +51,7 @@ pub(super) async fn complete_all(tx: &mut PgConnection, done: &[Completion<'_>])
         moved.claimed_by.push(c.claim.by.to_string());
         moved.rest.push((s.job_id, s.tenant_id, s.callback_url, form));
     }
-    let moved_ids: HashSet<String> = if moved.ids.is_empty() {
-        HashSet::new()
-    } else {
-        sqlx::query_scalar(concat!(
-            "UPDATE subscriptions SET state = 'delivering', webhook_id = u.w, attempts = 0, next_attempt_at = u.n, \
-             updated_at = u.n, claimed_until = ",
-            pg_now_ms!(),
-            " + u.m, claimed_by = u.b \
-             FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::int8[], $5::text[]) AS u (i, w, n, m, b) \
-             WHERE subscriptions.id = u.i AND subscriptions.state = 'polling' RETURNING subscriptions.id"
-        ))
-        .bind(&moved.ids)
-        .bind(&moved.webhook_ids)
-        .bind(&moved.nows)
-        .bind(&moved.claim_ms)
-        .bind(&moved.claimed_by)
-        .fetch_all(&mut *tx)
-        .await
-        .db()?
-        .into_iter()
-        .collect()
-    };
+    let moved_ids = moved.write(tx).await?;
     let mut tasks: HashMap<JobId, Vec<DeliveryTask>> = HashMap::new();
     let rows = moved.ids.into_iter().zip(moved.webhook_ids).zip(moved.rest);
     for ((id, webhook_id), (job, tenant_id, callback_url, form)) in rows {
@@ -125,6 +80,36 @@ pub(super) async fn complete_all(tx: &mut PgConnection, done: &[Completion<'_>])
         }
     }
     Ok(answers)
+}
+
+/// Locks the jobs in one order (by ID), so batches cannot deadlock, then records each result unless one
+/// is recorded already; the jobs it recorded.
+async fn record_results(tx: &mut PgConnection, firsts: &[&Completion<'_>]) -> Result<HashSet<String>> {
+    let ids: Vec<String> = firsts.iter().map(|c| c.job_id.to_string()).collect();
+    let statuses: Vec<&str> = firsts.iter().map(|c| c.status.as_str()).collect();
+    let bodies: Vec<&[u8]> = firsts.iter().map(|c| c.body.as_ref()).collect();
+    let nows: Vec<Timestamp> = firsts.iter().map(|c| c.now).collect();
+    let mut sorted = ids.clone();
+    sorted.sort();
+    sqlx::query("SELECT 1 FROM jobs WHERE job_id = ANY($1) ORDER BY job_id FOR UPDATE")
+        .bind(&sorted)
+        .execute(&mut *tx)
+        .await
+        .db()?;
+    Ok(sqlx::query_scalar(
+        "UPDATE jobs SET status = u.s, result = u.r, last_error = NULL, finished_at = u.n, updated_at = u.n \
+         FROM UNNEST($1::text[], $2::text[], $3::bytea[], $4::int8[]) AS u (j, s, r, n) \
+         WHERE jobs.job_id = u.j AND jobs.result IS NULL RETURNING jobs.job_id",
+    )
+    .bind(&ids)
+    .bind(&statuses)
+    .bind(&bodies)
+    .bind(&nows)
+    .fetch_all(&mut *tx)
+    .await
+    .db()?
+    .into_iter()
+    .collect())
 }
 
 /// The subscriptions a batch moves to delivering, as columns.
@@ -159,4 +144,31 @@ async fn already_completed(tx: &mut PgConnection, job: &str) -> Result<Vec<Deliv
     );
     let rows: Vec<DeliveryRow> = sqlx::query_as(sql).bind(job).fetch_all(&mut *tx).await.db()?;
     rows.into_iter().map(DeliveryTask::try_from).collect()
+}
+
+impl Moved {
+    /// Moves the subscriptions still polling; the IDs it moved.
+    async fn write(&self, tx: &mut PgConnection) -> Result<HashSet<String>> {
+        if self.ids.is_empty() {
+            return Ok(HashSet::new());
+        }
+        Ok(sqlx::query_scalar(concat!(
+            "UPDATE subscriptions SET state = 'delivering', webhook_id = u.w, attempts = 0, next_attempt_at = u.n, \
+             updated_at = u.n, claimed_until = ",
+            pg_now_ms!(),
+            " + u.m, claimed_by = u.b \
+             FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::int8[], $5::text[]) AS u (i, w, n, m, b) \
+             WHERE subscriptions.id = u.i AND subscriptions.state = 'polling' RETURNING subscriptions.id"
+        ))
+        .bind(&self.ids)
+        .bind(&self.webhook_ids)
+        .bind(&self.nows)
+        .bind(&self.claim_ms)
+        .bind(&self.claimed_by)
+        .fetch_all(&mut *tx)
+        .await
+        .db()?
+        .into_iter()
+        .collect())
+    }
 }
