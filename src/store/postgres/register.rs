@@ -36,19 +36,7 @@ pub(super) async fn register_all(
 ) -> Result<Vec<Registered>> {
     // The tenants of the keys, holding the key rows until commit: a revocation waits for the
     // registrations already past this check, so once `keys revoke` returns, none with the key commits.
-    let mut hashes: Vec<Vec<u8>> = regs.iter().map(|r| r.key.0.to_vec()).collect();
-    hashes.sort();
-    hashes.dedup();
-    let tenants: HashMap<Vec<u8>, i64> = sqlx::query_as(
-        "SELECT key_hash, tenant_id FROM api_keys WHERE key_hash = ANY($1) AND revoked_at IS NULL \
-         ORDER BY key_hash FOR SHARE",
-    )
-    .bind(&hashes)
-    .fetch_all(&mut *tx)
-    .await
-    .db()?
-    .into_iter()
-    .collect();
+    let tenants = tenants_of(tx, regs).await?;
     let tenant_of = |r: &Registration<'_>| tenants.get(r.key.0.as_slice()).copied();
     if regs.iter().all(|r| tenant_of(r).is_none()) {
         return Ok(regs.iter().map(|_| Registered::UnknownKey).collect());
@@ -56,53 +44,13 @@ pub(super) async fn register_all(
 
     // The jobs: created if new, then locked in one order (by ID), so batches of different instances
     // cannot deadlock, and a job's end or another registration of it waits for this transaction.
-    let mut jobs: Vec<(String, i64, Timestamp)> = regs
-        .iter()
-        .filter(|r| tenant_of(r).is_some())
-        .map(|r| (r.job_id.to_string(), r.job_id.partition(), r.now))
-        .collect();
-    jobs.sort();
-    jobs.dedup_by(|a, b| a.0 == b.0);
-    let (ids, (partitions, nows)): (Vec<String>, (Vec<i64>, Vec<Timestamp>)) =
-        jobs.into_iter().map(|(j, p, n)| (j, (p, n))).unzip();
-    sqlx::query(
-        "INSERT INTO jobs (job_id, partition, created_at, updated_at) \
-         SELECT j, p, n, n FROM UNNEST($1::text[], $2::int8[], $3::int8[]) AS u (j, p, n) \
-         ON CONFLICT (job_id) DO NOTHING",
-    )
-    .bind(&ids)
-    .bind(&partitions)
-    .bind(&nows)
-    .execute(&mut *tx)
-    .await
-    .db()?;
-    let job_rows: Vec<JobRow> = sqlx::query_as(
-        "SELECT job_id, created_at, status, last_error, result, finished_at FROM jobs WHERE job_id = ANY($1) \
-         ORDER BY job_id FOR UPDATE",
-    )
-    .bind(&ids)
-    .fetch_all(&mut *tx)
-    .await
-    .db()?;
-    let jobs: HashMap<String, JobRow> = job_rows.into_iter().map(|row| (row.job_id.clone(), row)).collect();
+    let jobs = lock_jobs(tx, regs.iter().filter(|r| tenant_of(r).is_some())).await?;
 
     // Live subscriptions with the same tenant, job and callback: a registration of one is that one.
     // Looked up by job alone, through the (job_id, state) index: a join with the unnested keys was
     // planned as a scan of the table. Rows of other tenants or callbacks are keyed apart and never match.
     let job_ids: Vec<String> = regs.iter().filter(|r| tenant_of(r).is_some()).map(|r| r.job_id.to_string()).collect();
-    let mut existing: HashMap<(i64, String, String), Live> = sqlx::query_as(
-        "SELECT tenant_id, job_id, callback_url, id, state, callback_headers_hash FROM subscriptions \
-         WHERE job_id = ANY($1) AND state IN ('polling', 'delivering', 'delivered')",
-    )
-    .bind(&job_ids)
-    .fetch_all(&mut *tx)
-    .await
-    .db()?
-    .into_iter()
-    .map(|(t, j, c, id, state, digest): (i64, String, String, String, String, Option<String>)| {
-        ((t, j, c), Live { id, state, digest })
-    })
-    .collect();
+    let mut existing = live_subscriptions(tx, &job_ids).await?;
 
     // Decide each in the batch's order; a repeat within the batch is the earlier one's subscription.
     let mut answers: Vec<Answer> = Vec::with_capacity(regs.len());
@@ -119,25 +67,7 @@ pub(super) async fn register_all(
             continue;
         }
         let row = jobs.get(&job).ok_or_else(|| corrupt("job not written", &job))?;
-        let job_status = row.status.as_deref().map(str::parse).transpose().map_err(|e| corrupt("job status", e))?;
-        let mut sub = Subscription {
-            id: r.id,
-            job_id: r.job_id,
-            callback_url: r.callback_url.as_str().to_owned(),
-            state: SubscriptionState::Polling,
-            job_status,
-            failure_reason: None,
-            last_error: row.last_error.clone(),
-            last_delivery_error: None,
-            webhook_id: None,
-            attempts: 0,
-            next_attempt_at: None,
-            created_at: r.now,
-            updated_at: r.now,
-            header_names: r.form.headers.names(),
-            payload: r.form.payload,
-            metadata: r.form.metadata.clone(),
-        };
+        let mut sub = new_subscription(r, row)?;
         let state = if row.result.is_some() { "delivering" } else { "polling" };
         existing.insert(key, Live { id: r.id.to_string(), state: state.into(), digest: r.form.headers.digest() });
         match &row.result {
@@ -170,78 +100,10 @@ pub(super) async fn register_all(
     }
     new.insert(tx).await?;
 
-    // The oldest polling subscription of the jobs that had others before this batch.
-    let older: Vec<String> = answers
-        .iter()
-        .filter_map(|a| match a {
-            Answer::Polling(sub, created) if *created != sub.created_at => Some(sub.job_id.to_string()),
-            _ => None,
-        })
-        .collect();
-    let oldest: HashMap<String, Option<Timestamp>> = if older.is_empty() {
-        HashMap::new()
-    } else {
-        sqlx::query_as(
-            "SELECT job_id, MIN(created_at) FROM subscriptions WHERE job_id = ANY($1) AND state = 'polling' \
-             GROUP BY job_id",
-        )
-        .bind(&older)
-        .fetch_all(&mut *tx)
-        .await
-        .db()?
-        .into_iter()
-        .collect()
-    };
-    // The subscriptions registered before, as the API shows them.
-    let repeated: Vec<String> = answers
-        .iter()
-        .filter_map(|a| match a {
-            Answer::Existing(id) => Some(id.clone()),
-            _ => None,
-        })
-        .collect();
-    let mut shown: HashMap<String, Subscription> = HashMap::new();
-    if !repeated.is_empty() {
-        let rows: Vec<SubscriptionRow> = sqlx::query_as(concat!(
-            "SELECT ",
-            subscription_columns!(),
-            " FROM subscriptions s JOIN jobs j ON j.job_id = s.job_id WHERE s.id = ANY($1)"
-        ))
-        .bind(&repeated)
-        .fetch_all(&mut *tx)
-        .await
-        .db()?;
-        for row in rows {
-            shown.insert(row.id.clone(), row.try_into()?);
-        }
-    }
-    if !new.notices.is_empty() {
-        sent.record(&new.notices);
-        sqlx::query("SELECT pg_notify('jobhook', n) FROM UNNEST($1::text[]) AS n")
-            .bind(&new.notices)
-            .execute(&mut *tx)
-            .await
-            .db()?;
-    }
-    answers
-        .into_iter()
-        .map(|a| match a {
-            Answer::Done(registered) => Ok(registered),
-            Answer::Existing(id) => {
-                shown.get(&id).cloned().map(Registered::Existing).ok_or_else(|| corrupt("subscription not found", id))
-            }
-            Answer::Polling(sub, job_created_at) => {
-                // A job created by this registration has no older subscription to expire first.
-                let oldest_polling_at = if job_created_at == sub.created_at {
-                    sub.created_at
-                } else {
-                    oldest.get(&sub.job_id.to_string()).copied().flatten().unwrap_or(sub.created_at)
-                };
-                let pollable = PollableJob { job_id: sub.job_id, job_created_at, oldest_polling_at };
-                Ok(Registered::CreatedPolling(sub, pollable))
-            }
-        })
-        .collect()
+    let oldest = oldest_polling(tx, &answers).await?;
+    let shown = shown(tx, &answers).await?;
+    notify(tx, sent, &new.notices).await?;
+    answers.into_iter().map(|a| a.finish(&oldest, &shown)).collect()
 }
 
 /// A live (or delivered) subscription a registration of the same tenant, job and callback meets.
@@ -339,5 +201,186 @@ impl NewRows {
         .await
         .db()?;
         Ok(())
+    }
+}
+
+/// The tenants of the batch's keys by key hash, holding the key rows until commit.
+async fn tenants_of(tx: &mut PgConnection, regs: &[Registration<'_>]) -> Result<HashMap<Vec<u8>, i64>> {
+    let mut hashes: Vec<Vec<u8>> = regs.iter().map(|r| r.key.0.to_vec()).collect();
+    hashes.sort();
+    hashes.dedup();
+    Ok(sqlx::query_as(
+        "SELECT key_hash, tenant_id FROM api_keys WHERE key_hash = ANY($1) AND revoked_at IS NULL \
+         ORDER BY key_hash FOR SHARE",
+    )
+    .bind(&hashes)
+    .fetch_all(&mut *tx)
+    .await
+    .db()?
+    .into_iter()
+    .collect())
+}
+
+/// Creates the jobs that are new, then locks them all in one order (by ID).
+async fn lock_jobs<'a>(
+    tx: &mut PgConnection,
+    regs: impl Iterator<Item = &'a Registration<'a>>,
+) -> Result<HashMap<String, JobRow>> {
+    let mut jobs: Vec<(String, i64, Timestamp)> =
+        regs.map(|r| (r.job_id.to_string(), r.job_id.partition(), r.now)).collect();
+    jobs.sort();
+    jobs.dedup_by(|a, b| a.0 == b.0);
+    let (ids, (partitions, nows)): (Vec<String>, (Vec<i64>, Vec<Timestamp>)) =
+        jobs.into_iter().map(|(j, p, n)| (j, (p, n))).unzip();
+    sqlx::query(
+        "INSERT INTO jobs (job_id, partition, created_at, updated_at) \
+         SELECT j, p, n, n FROM UNNEST($1::text[], $2::int8[], $3::int8[]) AS u (j, p, n) \
+         ON CONFLICT (job_id) DO NOTHING",
+    )
+    .bind(&ids)
+    .bind(&partitions)
+    .bind(&nows)
+    .execute(&mut *tx)
+    .await
+    .db()?;
+    let job_rows: Vec<JobRow> = sqlx::query_as(
+        "SELECT job_id, created_at, status, last_error, result, finished_at FROM jobs WHERE job_id = ANY($1) \
+         ORDER BY job_id FOR UPDATE",
+    )
+    .bind(&ids)
+    .fetch_all(&mut *tx)
+    .await
+    .db()?;
+    Ok(job_rows.into_iter().map(|row| (row.job_id.clone(), row)).collect())
+}
+
+/// The live subscriptions of the jobs, by (tenant, job, callback).
+async fn live_subscriptions(tx: &mut PgConnection, job_ids: &[String]) -> Result<HashMap<(i64, String, String), Live>> {
+    Ok(sqlx::query_as(
+        "SELECT tenant_id, job_id, callback_url, id, state, callback_headers_hash FROM subscriptions \
+         WHERE job_id = ANY($1) AND state IN ('polling', 'delivering', 'delivered')",
+    )
+    .bind(job_ids)
+    .fetch_all(&mut *tx)
+    .await
+    .db()?
+    .into_iter()
+    .map(|(t, j, c, id, state, digest): (i64, String, String, String, String, Option<String>)| {
+        ((t, j, c), Live { id, state, digest })
+    })
+    .collect())
+}
+
+/// The oldest polling subscription of the jobs that had others before this batch.
+async fn oldest_polling(tx: &mut PgConnection, answers: &[Answer]) -> Result<HashMap<String, Option<Timestamp>>> {
+    let older: Vec<String> = answers
+        .iter()
+        .filter_map(|a| match a {
+            Answer::Polling(sub, created) if *created != sub.created_at => Some(sub.job_id.to_string()),
+            _ => None,
+        })
+        .collect();
+    if older.is_empty() {
+        return Ok(HashMap::new());
+    }
+    Ok(sqlx::query_as(
+        "SELECT job_id, MIN(created_at) FROM subscriptions WHERE job_id = ANY($1) AND state = 'polling' \
+         GROUP BY job_id",
+    )
+    .bind(&older)
+    .fetch_all(&mut *tx)
+    .await
+    .db()?
+    .into_iter()
+    .collect())
+}
+
+/// The subscriptions registered before, as the API shows them.
+async fn shown(tx: &mut PgConnection, answers: &[Answer]) -> Result<HashMap<String, Subscription>> {
+    let repeated: Vec<String> = answers
+        .iter()
+        .filter_map(|a| match a {
+            Answer::Existing(id) => Some(id.clone()),
+            _ => None,
+        })
+        .collect();
+    let mut shown: HashMap<String, Subscription> = HashMap::new();
+    if !repeated.is_empty() {
+        let rows: Vec<SubscriptionRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            subscription_columns!(),
+            " FROM subscriptions s JOIN jobs j ON j.job_id = s.job_id WHERE s.id = ANY($1)"
+        ))
+        .bind(&repeated)
+        .fetch_all(&mut *tx)
+        .await
+        .db()?;
+        for row in rows {
+            shown.insert(row.id.clone(), row.try_into()?);
+        }
+    }
+    Ok(shown)
+}
+
+/// A new subscription as the registration writes it: polling, with its job's status and error so far.
+fn new_subscription(r: &Registration<'_>, row: &JobRow) -> Result<Subscription> {
+    let job_status = row.status.as_deref().map(str::parse).transpose().map_err(|e| corrupt("job status", e))?;
+    Ok(Subscription {
+        id: r.id,
+        job_id: r.job_id,
+        callback_url: r.callback_url.as_str().to_owned(),
+        state: SubscriptionState::Polling,
+        job_status,
+        failure_reason: None,
+        last_error: row.last_error.clone(),
+        last_delivery_error: None,
+        webhook_id: None,
+        attempts: 0,
+        next_attempt_at: None,
+        created_at: r.now,
+        updated_at: r.now,
+        header_names: r.form.headers.names(),
+        payload: r.form.payload,
+        metadata: r.form.metadata.clone(),
+    })
+}
+
+/// Tells the other instances about the new work (and remembers what this one sent).
+async fn notify(tx: &mut PgConnection, sent: &notice::Sent, notices: &[String]) -> Result<()> {
+    if notices.is_empty() {
+        return Ok(());
+    }
+    sent.record(notices);
+    sqlx::query("SELECT pg_notify('jobhook', n) FROM UNNEST($1::text[]) AS n")
+        .bind(notices)
+        .execute(&mut *tx)
+        .await
+        .db()?;
+    Ok(())
+}
+
+impl Answer {
+    /// The registration's answer, once the batch's reads are done.
+    fn finish(
+        self,
+        oldest: &HashMap<String, Option<Timestamp>>,
+        shown: &HashMap<String, Subscription>,
+    ) -> Result<Registered> {
+        match self {
+            Answer::Done(registered) => Ok(registered),
+            Answer::Existing(id) => {
+                shown.get(&id).cloned().map(Registered::Existing).ok_or_else(|| corrupt("subscription not found", id))
+            }
+            Answer::Polling(sub, job_created_at) => {
+                // A job created by this registration has no older subscription to expire first.
+                let oldest_polling_at = if job_created_at == sub.created_at {
+                    sub.created_at
+                } else {
+                    oldest.get(&sub.job_id.to_string()).copied().flatten().unwrap_or(sub.created_at)
+                };
+                let pollable = PollableJob { job_id: sub.job_id, job_created_at, oldest_polling_at };
+                Ok(Registered::CreatedPolling(sub, pollable))
+            }
+        }
     }
 }
