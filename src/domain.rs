@@ -271,6 +271,15 @@ impl Timestamp {
         Duration::from_millis(u64::try_from(self.0.saturating_sub(earlier.0)).unwrap_or(0))
     }
 
+    /// A time the API was given in RFC 3339 (any offset), to the millisecond; `what` names the field in
+    /// the error.
+    pub fn parse_rfc3339(s: &str, what: &str) -> Result<Self, String> {
+        let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).map_err(|_| {
+            format!("{what} must be a time in RFC 3339, such as 2026-12-01T10:32:30Z; got {:?}", truncate(s, 40))
+        })?;
+        Ok(Timestamp((t.unix_timestamp_nanos().div_euclid(1_000_000)) as i64))
+    }
+
     /// RFC 3339 in UTC, as the API shows times: `2026-12-01T10:32:30.5Z` (no trailing zeros).
     pub fn rfc3339(self) -> String {
         let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(self.0) * 1_000_000)
@@ -390,6 +399,14 @@ mod tests {
         assert_eq!(Timestamp::from_millis(-5) - Duration::MAX, Timestamp::from_millis(i64::MIN));
         assert_eq!((t + Duration::from_millis(250)).duration_since(t), Duration::from_millis(250));
         assert_eq!(t.duration_since(t + Duration::from_secs(1)), Duration::ZERO, "never negative");
+    }
+
+    #[test]
+    fn a_timestamp_is_read_from_rfc3339_with_any_offset() {
+        let t = Timestamp::parse_rfc3339("2025-12-01T11:32:30.123+01:00", "since").unwrap();
+        assert_eq!(t, Timestamp::from_millis(1_764_585_150_123));
+        let e = Timestamp::parse_rfc3339("yesterday", "since").unwrap_err();
+        assert!(e.starts_with("since must be a time in RFC 3339"), "{e}");
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! handlers (so the two cannot drift; a test compares it with the committed `openapi.yaml`).
 
 mod auth;
+pub mod bulk;
 mod cursor;
 pub mod error;
 pub mod subscriptions;
@@ -100,6 +101,7 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(subscriptions::get_one, subscriptions::cancel))
         .routes(routes!(subscriptions::deliveries))
         .routes(routes!(subscriptions::redeliver))
+        .routes(routes!(bulk::redeliver_matching))
         .routes(routes!(test_sends::create))
         .routes(routes!(signing_secret))
         .routes(routes!(rotate_signing_secret))

@@ -11,6 +11,7 @@
 //! database: native sqlx `PgPool`, group commit with multi-row statements, notices). Both pass the same
 //! integration suite (scripts/test.sh runs it on each). Nothing in this file knows either backend.
 
+mod bulk;
 mod group;
 mod postgres;
 mod rows;
@@ -28,6 +29,7 @@ use crate::domain::{
 };
 use crate::keys::{KeyHash, SigningSecret};
 
+pub use bulk::{BulkFilter, BulkRedelivered, REDELIVER_BATCH, redeliver_matching};
 pub use postgres::Notice;
 pub use rows::list_query;
 pub use sqlite::{lock_sqlite_for_serving, sqlite_file};
@@ -441,6 +443,16 @@ pub trait Store: Send + Sync + 'static {
     /// attempt on the wire stays, and that attempt's outcome sets the next time as usual. On PostgreSQL
     /// the owning instance is told with a notice. `None`: no such subscription for this tenant.
     async fn retry_now(&self, tenant_id: i64, id: SubscriptionId, now: Timestamp) -> Result<Option<RetryNow>>;
+    /// The tenant's subscriptions that a bulk redelivery with `filter` would take, at most one more
+    /// than its limit (see [`redeliver_matching`]).
+    async fn matching_ended(&self, tenant_id: i64, filter: &BulkFilter) -> Result<Vec<SubscriptionId>>;
+    /// [`Store::redeliver`] for each of `ids` (the tenant's), in one transaction; what each found, in order.
+    async fn redeliver_batch(
+        &self,
+        tenant_id: i64,
+        ids: Vec<SubscriptionId>,
+        now: Timestamp,
+    ) -> Result<Vec<Redelivery>>;
 
     // --- the poller ---
 

@@ -3,6 +3,7 @@
 
 mod support;
 
+mod bulk_redelivery;
 mod cancel;
 mod cli;
 mod cluster;

@@ -61,10 +61,40 @@ impl PgStore {
         id: SubscriptionId,
         now: Timestamp,
     ) -> Result<Option<Redelivery>> {
-        let sub_id = id.to_string();
         let mut tx = self.begin().await?;
-        let Some(row) = delivery_in(&mut tx, &sub_id, tenant_id).await? else { return Ok(None) };
-        let state = state_in(&mut tx, &sub_id).await?;
+        let found = self.redeliver_in(&mut tx, tenant_id, id, now).await?;
+        tx.commit().await.db()?;
+        Ok(found)
+    }
+
+    /// [`Store::redeliver_batch`]: the batch in one transaction.
+    pub(super) async fn redeliver_each(
+        &self,
+        tenant_id: i64,
+        ids: Vec<SubscriptionId>,
+        now: Timestamp,
+    ) -> Result<Vec<Redelivery>> {
+        let mut tx = self.begin().await?;
+        let mut found = Vec::with_capacity(ids.len());
+        for id in ids {
+            // A subscription gone meanwhile (purged) is left out.
+            found.extend(self.redeliver_in(&mut tx, tenant_id, id, now).await?);
+        }
+        tx.commit().await.db()?;
+        Ok(found)
+    }
+
+    /// One redelivery in `tx`, with its notice to the instance that owns it (sent when `tx` commits).
+    async fn redeliver_in(
+        &self,
+        tx: &mut PgConnection,
+        tenant_id: i64,
+        id: SubscriptionId,
+        now: Timestamp,
+    ) -> Result<Option<Redelivery>> {
+        let sub_id = id.to_string();
+        let Some(row) = delivery_in(tx, &sub_id, tenant_id).await? else { return Ok(None) };
+        let state = state_in(tx, &sub_id).await?;
         if !matches!(state, SubscriptionState::Delivered | SubscriptionState::Failed)
             || row.result.is_none()
             || row.webhook_id.is_none()
@@ -99,8 +129,7 @@ impl PgStore {
         let Some(series) = series else {
             return Ok(Some(Redelivery::NotEnded(state)));
         };
-        notify(&mut tx, &self.sent, Notice::Deliver(id, row.partition)).await?;
-        tx.commit().await.db()?;
+        notify(tx, &self.sent, Notice::Deliver(id, row.partition)).await?;
         let mut task = DeliveryTask::try_from(row)?;
         task.series = u32::try_from(series).unwrap_or(u32::MAX);
         task.attempts_made = 0;

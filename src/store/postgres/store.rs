@@ -162,6 +162,32 @@ impl Store for PgStore {
         deadline(async move { self.retry_delivery_now(tenant_id, id, now).await }).await
     }
 
+    async fn matching_ended(&self, tenant_id: i64, filter: &BulkFilter) -> Result<Vec<SubscriptionId>> {
+        deadline(async move {
+            let sql = super::super::bulk::matching_query(filter);
+            let mut query = sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(sql))
+                .bind(tenant_id)
+                .bind(filter.state.as_str())
+                .bind(filter.since)
+                .bind(filter.until);
+            for pattern in super::super::bulk::host_binds(filter) {
+                query = query.bind(pattern);
+            }
+            let ids = query.bind(i64::from(filter.limit) + 1).fetch_all(&self.pool).await.db()?;
+            super::super::bulk::parse_ids(ids)
+        })
+        .await
+    }
+
+    async fn redeliver_batch(
+        &self,
+        tenant_id: i64,
+        ids: Vec<SubscriptionId>,
+        now: Timestamp,
+    ) -> Result<Vec<Redelivery>> {
+        deadline(async move { self.redeliver_each(tenant_id, ids, now).await }).await
+    }
+
     async fn register(
         &self,
         key: KeyHash,

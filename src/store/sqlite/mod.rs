@@ -343,6 +343,25 @@ impl Store for SqliteStore {
         self.exec(move |tx| ops::retry_now(tx, tenant_id, id, now)).await
     }
 
+    async fn matching_ended(&self, tenant_id: i64, filter: &BulkFilter) -> Result<Vec<SubscriptionId>> {
+        let filter = filter.clone();
+        self.read(move |c| ops::matching_ended(c, tenant_id, &filter)).await
+    }
+
+    async fn redeliver_batch(
+        &self,
+        tenant_id: i64,
+        ids: Vec<SubscriptionId>,
+        now: Timestamp,
+    ) -> Result<Vec<Redelivery>> {
+        // One transaction for the batch; a subscription gone meanwhile (purged) is left out.
+        self.exec(move |tx| {
+            let found = ids.into_iter().map(|id| ops::redeliver(tx, tenant_id, id, now));
+            found.filter_map(Result::transpose).collect()
+        })
+        .await
+    }
+
     async fn pollable_jobs(&self) -> Result<Vec<PollableJob>> {
         self.read(|c| ops::pollable(c, concat!(pollable_select!(), " GROUP BY j.job_id"), [])).await
     }

@@ -494,3 +494,22 @@ pub(super) fn leave(tx: &Transaction<'_>, instance: &str, me: &str) -> Result<()
     tx.execute("DELETE FROM instances WHERE id = ?1", [instance]).sq()?;
     Ok(())
 }
+
+pub(super) fn matching_ended(c: &Connection, tenant_id: i64, filter: &BulkFilter) -> Result<Vec<SubscriptionId>> {
+    use rusqlite::types::Value;
+    let mut binds = vec![
+        Value::Integer(tenant_id),
+        Value::Text(filter.state.as_str().into()),
+        Value::Integer(filter.since.as_millis()),
+        Value::Integer(filter.until.as_millis()),
+    ];
+    binds.extend(crate::store::bulk::host_binds(filter).into_iter().map(Value::Text));
+    binds.push(Value::Integer(i64::from(filter.limit) + 1));
+    let mut statement = c.prepare_cached(&crate::store::bulk::matching_query(filter)).sq()?;
+    let ids = statement
+        .query_map(rusqlite::params_from_iter(binds), |r| r.get::<_, String>(0))
+        .sq()?
+        .collect::<rusqlite::Result<Vec<_>>>()
+        .sq()?;
+    crate::store::bulk::parse_ids(ids)
+}
