@@ -99,6 +99,20 @@ pub struct ServeArgs {
     #[arg(long, env = "JOBHOOK_DELIVERY_CONCURRENCY_PER_HOST", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
     pub delivery_concurrency_per_host: u32,
 
+    /// Open a callback host's breaker after this many consecutive failed attempts to it (spanning at
+    /// least --breaker-min-span): its deliveries then pause, without using up their retries, while one
+    /// probe per --breaker-probe-interval tests the host. 0 = no breaker.
+    #[arg(long, env = "JOBHOOK_BREAKER_AFTER", default_value_t = 30)]
+    pub breaker_after: u32,
+
+    /// The failures that open a breaker must span at least this long (so a short outage only retries).
+    #[arg(long, env = "JOBHOOK_BREAKER_MIN_SPAN", default_value = "10m", value_parser = parse_duration)]
+    pub breaker_min_span: Duration,
+
+    /// While a host's breaker is open, one delivery is attempted to it this often; its first 2xx closes it.
+    #[arg(long, env = "JOBHOOK_BREAKER_PROBE_INTERVAL", default_value = "5m", value_parser = parse_positive_duration)]
+    pub breaker_probe_interval: Duration,
+
     /// The most callback requests in flight at once for one tenant (API key holder), over all its hosts,
     /// so one tenant's slow receivers spread over many host names cannot take every slot.
     #[arg(long, env = "JOBHOOK_DELIVERY_CONCURRENCY_PER_TENANT", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
@@ -267,6 +281,17 @@ pub struct DeliveryConfig {
     pub max_in_flight_per_host: usize,
     /// How many callback requests may be in flight at once for one tenant, over all its hosts.
     pub max_in_flight_per_tenant: usize,
+    pub breaker: BreakerConfig,
+}
+
+/// When a callback host's breaker opens, and how often an open one is probed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BreakerConfig {
+    /// Consecutive failed attempts that open it; 0: never.
+    pub after: u32,
+    /// The least time those failures must span.
+    pub min_span: Duration,
+    pub probe_interval: Duration,
 }
 
 impl ServeArgs {
@@ -307,6 +332,11 @@ impl ServeArgs {
                 max_in_flight: widen(self.delivery_concurrency),
                 max_in_flight_per_host: widen(self.delivery_concurrency_per_host),
                 max_in_flight_per_tenant: widen(self.delivery_concurrency_per_tenant),
+                breaker: BreakerConfig {
+                    after: self.breaker_after,
+                    min_span: self.breaker_min_span,
+                    probe_interval: self.breaker_probe_interval,
+                },
             },
             egress: EgressPolicy {
                 allow_private: self.allow_private_callbacks,

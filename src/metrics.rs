@@ -87,6 +87,10 @@ metrics! {
         "From the moment a delivery became due (the job's terminal answer, a registration of a finished job, a redeliver request) to the end of its first attempt";
     deliveries_waiting: Gauge = Gauge::default(), "jobhook_deliveries_waiting",
         "Deliveries this instance holds for a first attempt or a retry (the retry backlog)";
+    deliveries_paused: Gauge = Gauge::default(), "jobhook_deliveries_paused",
+        "Deliveries this instance holds paused because their callback host's breaker is open";
+    breakers_open: Gauge = Gauge::default(), "jobhook_callback_breakers_open",
+        "Callback hosts whose breaker is open on this instance (deliveries paused, one probe per interval)";
     purged_subscriptions: Counter = Counter::default(), "jobhook_purged_subscriptions",
         "Ended subscriptions deleted by housekeeping after the retention (this instance's runs)";
     purged_attempts: Counter = Counter::default(), "jobhook_purged_attempts",

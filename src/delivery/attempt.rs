@@ -6,6 +6,7 @@
 
 use std::time::{Duration, Instant};
 
+use super::breaker::{Breaker, Gate};
 use super::client::{self, EgressRefused};
 use super::response::{Captured, capture};
 use super::{DeliveryContext, Slots, retry, signing};
@@ -85,6 +86,8 @@ pub enum DeliveryOutcome {
     RetryAt(Timestamp),
     /// No attempt was made now (another instance holds the claim, the store could not answer): try then.
     Later(Timestamp),
+    /// No attempt was made: the callback host's breaker is open. Ask again then (or when it closes).
+    Paused(Timestamp),
     /// Not ours to attempt any more: cancelled, delivered elsewhere, replaced by a newer series, or its
     /// partition went to another instance.
     Over,
@@ -94,7 +97,7 @@ impl DeliveryOutcome {
     /// When the delivery is due again, if ever (here).
     pub fn next_due(self) -> Option<Timestamp> {
         match self {
-            DeliveryOutcome::RetryAt(at) | DeliveryOutcome::Later(at) => Some(at),
+            DeliveryOutcome::RetryAt(at) | DeliveryOutcome::Later(at) | DeliveryOutcome::Paused(at) => Some(at),
             DeliveryOutcome::Delivered | DeliveryOutcome::Failed(_) | DeliveryOutcome::Over => None,
         }
     }
@@ -215,33 +218,73 @@ fn elapsed_ms(since: Instant) -> u64 {
     u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
-/// One delivery attempt: send, decide, record.
-#[tracing::instrument(level = "debug", skip_all, fields(subscription_id = %task.subscription_id, job_id = %task.job_id, attempt = task.attempts_made + 1))]
-pub async fn attempt(ctx: &DeliveryContext, task: &mut DeliveryTask) -> DeliveryOutcome {
-    let attempt = task.attempts_made + 1;
+/// Signs and sends one attempt, or says why none was made (`Err`: what follows instead).
+async fn request(ctx: &DeliveryContext, task: &mut DeliveryTask) -> Result<AttemptOutcome, DeliveryOutcome> {
     let secrets = match ctx.secrets.get(task.tenant_id).await {
         Ok(secrets) => secrets,
         Err(e) => {
             tracing::error!(error = %crate::Chain(&e), "could not read the signing secrets; the attempt waits");
-            return DeliveryOutcome::Later(Timestamp::now() + STORE_RETRY);
+            return Err(DeliveryOutcome::Later(Timestamp::now() + STORE_RETRY));
         }
     };
-    let outcome = match start(ctx, task).await {
+    match start(ctx, task).await {
         Start::Go(url, slots) => {
             let outcome = send(ctx, task, url, &secrets).await;
             drop(slots);
-            outcome
+            Ok(outcome)
         }
-        Start::Unsent(error) => AttemptOutcome::unsent(error),
+        Start::Unsent(error) => Ok(AttemptOutcome::unsent(error)),
         Start::Later(at) => {
             task.claimed_until = None;
-            return DeliveryOutcome::Later(at);
+            Err(DeliveryOutcome::Later(at))
         }
         Start::Over => {
             task.claimed_until = None;
-            return DeliveryOutcome::Over;
+            Err(DeliveryOutcome::Over)
+        }
+    }
+}
+
+/// Tells the breaker what an attempt to `host` saw. An attempt that sent no request says nothing about
+/// the host.
+fn observe(ctx: &DeliveryContext, host: &str, probe: bool, outcome: &AttemptOutcome) {
+    let result = match (&outcome.error, outcome.status_code) {
+        (Some(SendError::Refused(_) | SendError::BadUrl(_)), _) => {
+            if probe {
+                ctx.breaker.release(host);
+            }
+            return;
+        }
+        (None, Some(200..=299)) => Ok(()),
+        (Some(e), _) => Err(truncate(&e.to_string(), 500)),
+        (None, Some(code)) => Err(format!("HTTP {code}")),
+        (None, None) => Err("no answer".to_owned()),
+    };
+    ctx.breaker.record(host, probe, result);
+}
+
+/// One delivery attempt: ask the host's breaker, send, decide, record.
+#[tracing::instrument(level = "debug", skip_all, fields(subscription_id = %task.subscription_id, job_id = %task.job_id, attempt = task.attempts_made + 1))]
+pub async fn attempt(ctx: &DeliveryContext, task: &mut DeliveryTask) -> DeliveryOutcome {
+    let attempt = task.attempts_made + 1;
+    let host = Breaker::host_of(&task.callback_url);
+    let probe = match host.as_deref().map(|h| ctx.breaker.gate(h, task.tenant_id)) {
+        Some(Gate::Paused(wait)) => return DeliveryOutcome::Paused(Timestamp::now() + wait),
+        Some(Gate::Probe) => true,
+        Some(Gate::Go) | None => false,
+    };
+    let outcome = match request(ctx, task).await {
+        Ok(outcome) => outcome,
+        Err(none) => {
+            if let Some(host) = host.as_deref().filter(|_| probe) {
+                ctx.breaker.release(host);
+            }
+            return none;
         }
     };
+    if let Some(host) = &host {
+        observe(ctx, host, probe, &outcome);
+    }
     // A claim serves one attempt: recording it releases the claim in the store, so the next attempt
     // (a retry) must take one of its own, and until then this instance holds none (see `ours`).
     task.claimed_until = None;
@@ -252,7 +295,15 @@ pub async fn attempt(ctx: &DeliveryContext, task: &mut DeliveryTask) -> Delivery
     if task.attempts_made == 0 {
         ctx.metrics.delivery_lag_seconds.observe(now.duration_since(task.due_at).as_secs_f64());
     }
-    let result = decide(&outcome, attempt, &ctx.config.retry_schedule, now, rand::random_range(-1.0..=1.0));
+    let result = match decide(&outcome, attempt, &ctx.config.retry_schedule, now, rand::random_range(-1.0..=1.0)) {
+        // While its host is down a delivery's retries do not run out: it waits, paused, for the host.
+        AttemptResult::Failed(FailureReason::DeliveryExhausted)
+            if host.as_deref().is_some_and(|h| ctx.breaker.is_open(h)) =>
+        {
+            AttemptResult::RetryAt(now + ctx.breaker.probe_interval())
+        }
+        result => result,
+    };
     log_result(&outcome, result, now);
     let record = AttemptRecord {
         subscription_id: task.subscription_id,

@@ -1,12 +1,14 @@
 //! The delivery loop: the shared schedule, keyed by subscription, around [`attempt`].
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tokio::sync::broadcast;
 use tokio::task::JoinError;
 use tokio_util::sync::CancellationToken;
 
-use super::{DeliveryContext, DeliveryOutcome, DispatcherInbox, DispatcherMsg, attempt};
+use super::{Breaker, DeliveryContext, DeliveryOutcome, DispatcherInbox, DispatcherMsg, attempt};
 use crate::domain::{SubscriptionId, Timestamp};
 use crate::schedule::{Entry, Event, Schedule};
 use crate::store::DeliveryTask;
@@ -22,6 +24,22 @@ struct InFlight {
 /// The dispatcher's schedule: one delivery per subscription, queued or being attempted. No cap on
 /// running attempts here: each attempt waits for its own tenant, host and overall slots.
 type Deliveries = Schedule<SubscriptionId, DeliveryTask, InFlight, DeliveryOutcome>;
+
+/// The queued deliveries that wait for their host's breaker to close, by subscription: their host.
+type Paused = HashMap<SubscriptionId, String>;
+
+/// Makes the paused deliveries to `host` (to every host whose breaker is closed, when `None`) due now.
+/// They then wait for their host's slots, so a host that comes back is not flooded.
+fn resume(ctx: &DeliveryContext, deliveries: &mut Deliveries, paused: &mut Paused, host: Option<&str>) {
+    paused.retain(|id, paused_host| {
+        let closed = host.map_or_else(|| !ctx.breaker.is_open(paused_host), |h| h == paused_host.as_str());
+        if closed && let Some(Entry::Queued(task)) = deliveries.get_mut(id) {
+            task.due_at = Timestamp::now();
+            deliveries.reschedule(id, Duration::ZERO);
+        }
+        !closed
+    });
+}
 
 /// Queues a delivery unless it is already known (queued or being attempted): the store holds one
 /// delivery per subscription. A known delivery queued for later is moved earlier by one due sooner.
@@ -76,6 +94,8 @@ pub async fn run(
     grace: Duration,
 ) {
     let mut rx = inbox.0;
+    let mut closed = ctx.breaker.subscribe();
+    let mut paused = Paused::new();
     let mut deliveries = Deliveries::new(usize::MAX);
     let initial_count = initial.len();
     for task in initial {
@@ -85,11 +105,20 @@ pub async fn run(
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            Some(msg) = rx.recv() => on_message(&ctx, &mut deliveries, msg),
+            Some(msg) = rx.recv() => on_message(&ctx, &mut deliveries, &mut paused, msg),
+            host = closed.recv() => match host {
+                Ok(host) => resume(&ctx, &mut deliveries, &mut paused, Some(&host)),
+                // Missed some: resume every paused delivery whose host is closed. (Never closed: the
+                // breaker, which holds the sender, lives in `ctx`.)
+                Err(broadcast::error::RecvError::Lagged(_) | broadcast::error::RecvError::Closed) => {
+                    resume(&ctx, &mut deliveries, &mut paused, None)
+                }
+            },
             event = deliveries.next() => match event {
                 // Its partition went to another instance: the delivery is theirs now.
                 Event::Due(_, task) if !ours(&ctx, &task) => {}
                 Event::Due(id, mut task) => {
+                    paused.remove(&id);
                     let ctx = ctx.clone();
                     let noted = InFlight { series: task.series, cancelled: false, then: None };
                     deliveries.start(id, noted, async move {
@@ -97,16 +126,17 @@ pub async fn run(
                         (task, outcome)
                     });
                 }
-                Event::Done(id, noted, result) => on_done(&ctx, &mut deliveries, id, noted, result),
+                Event::Done(id, noted, result) => on_done(&ctx, &mut deliveries, &mut paused, (id, noted), result),
             },
         }
         ctx.metrics.deliveries_waiting.set(i64::try_from(deliveries.len()).unwrap_or(i64::MAX));
+        ctx.metrics.deliveries_paused.set(i64::try_from(paused.len()).unwrap_or(i64::MAX));
     }
     let waited = deliveries.drain(grace).await;
     tracing::info!(in_flight = waited, "dispatcher stopped");
 }
 
-fn on_message(ctx: &DeliveryContext, deliveries: &mut Deliveries, msg: DispatcherMsg) {
+fn on_message(ctx: &DeliveryContext, deliveries: &mut Deliveries, paused: &mut Paused, msg: DispatcherMsg) {
     match msg {
         // Another instance delivers the partitions we do not hold. A delivery whose subscription was
         // cancelled meanwhile is dropped when its claim is refused (a cancellation never commits while
@@ -117,6 +147,7 @@ fn on_message(ctx: &DeliveryContext, deliveries: &mut Deliveries, msg: Dispatche
             }
         }
         DispatcherMsg::Cancel(id) => {
+            paused.remove(&id);
             if let Some(Entry::Running(InFlight { cancelled, then, .. })) = deliveries.get_mut(&id) {
                 *cancelled = true;
                 *then = None;
@@ -130,8 +161,8 @@ fn on_message(ctx: &DeliveryContext, deliveries: &mut Deliveries, msg: Dispatche
 fn on_done(
     ctx: &DeliveryContext,
     deliveries: &mut Deliveries,
-    id: SubscriptionId,
-    noted: InFlight,
+    paused: &mut Paused,
+    (id, noted): (SubscriptionId, InFlight),
     result: Result<(DeliveryTask, DeliveryOutcome), JoinError>,
 ) {
     if let Some(newer) = noted.then {
@@ -144,6 +175,14 @@ fn on_done(
                 && ctx.ownership.owns(task.partition)
             {
                 task.due_at = due_at;
+                if let (DeliveryOutcome::Paused(_), Some(host)) = (outcome, Breaker::host_of(&task.callback_url)) {
+                    // The breaker may have closed while this attempt asked it: then it is due now.
+                    if ctx.breaker.is_open(&host) {
+                        paused.insert(id, host);
+                    } else {
+                        task.due_at = Timestamp::now();
+                    }
+                }
                 enqueue(deliveries, task);
             }
         }

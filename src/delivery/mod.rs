@@ -7,6 +7,7 @@
 //! so no receiver slows the others (DESIGN promise 6).
 
 pub mod attempt;
+pub mod breaker;
 pub mod client;
 pub mod dispatcher;
 pub mod envelope;
@@ -26,6 +27,7 @@ use crate::config::EgressPolicy;
 use crate::domain::SubscriptionId;
 use crate::store::{DeliveryTask, Store};
 pub use attempt::{AttemptOutcome, DeliveryOutcome, SendError, attempt, decide};
+pub use breaker::Breaker;
 pub use dispatcher::run;
 pub use secrets::SecretsCache;
 
@@ -54,6 +56,8 @@ pub struct DeliveryContext {
     /// The partitions this instance delivers (all of them on SQLite).
     pub ownership: Arc<crate::partition::Ownership>,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// The breaker per callback host, shared with the API that lists and resumes them.
+    pub breaker: Arc<Breaker>,
 }
 
 impl DeliveryContext {
@@ -67,6 +71,7 @@ impl DeliveryContext {
         metrics: Arc<crate::metrics::Metrics>,
     ) -> Self {
         DeliveryContext {
+            breaker: Arc::new(Breaker::new(config.breaker, metrics.breakers_open.clone())),
             metrics,
             http: client::callback_client(&policy, lookup, config.timeout),
             overall: Arc::new(Semaphore::new(config.max_in_flight)),

@@ -255,6 +255,11 @@ mod tests {
             max_in_flight: 8,
             max_in_flight_per_host: 8,
             max_in_flight_per_tenant: 8,
+            breaker: crate::config::BreakerConfig {
+                after: 0,
+                min_span: Duration::ZERO,
+                probe_interval: Duration::from_secs(1),
+            },
         };
         let (dispatcher, _deliveries) = crate::delivery::channel(&delivery);
         let metrics = Arc::new(Metrics::new());
