@@ -78,6 +78,7 @@ struct Handles {
     poller: poller::PollerHandle,
     dispatcher: delivery::DispatcherHandle,
     secrets: Arc<delivery::SecretsCache>,
+    breaker: Arc<delivery::Breaker>,
 }
 
 impl Workers {
@@ -126,12 +127,13 @@ impl Workers {
             poller: poller.clone(),
             dispatcher: dispatcher.clone(),
         });
+        let breaker = delivery_ctx.breaker.clone();
         let workers = Workers {
             poller: Poller { ctx: Arc::new(poll_ctx), inbox: poller_inbox, resume: jobs },
             dispatcher: Dispatcher { ctx: Arc::new(delivery_ctx), inbox: dispatcher_inbox, resume: deliveries },
             lease_loop,
         };
-        Ok((workers, Handles { poller, dispatcher, secrets }))
+        Ok((workers, Handles { poller, dispatcher, secrets, breaker }))
     }
 }
 
@@ -191,6 +193,7 @@ impl Application {
             metrics: metrics.clone(),
             workers: health.clone(),
             known_keys: Default::default(),
+            breaker: handles.breaker,
         };
         // The console's session key lives in the store, so every instance sharing it accepts a session.
         let console = if config.console {

@@ -3,6 +3,7 @@
 
 mod auth;
 pub mod bulk;
+pub mod callback_hosts;
 mod cursor;
 pub mod error;
 pub mod subscriptions;
@@ -61,6 +62,8 @@ pub struct AppState {
     pub known_keys: Arc<auth::KnownKeys>,
     /// The client and per-tenant rate limit of `POST /v1/test-deliveries`.
     pub test_sends: Arc<test_sends::TestSends>,
+    /// The breakers per callback host, shared with the dispatcher.
+    pub breaker: Arc<crate::delivery::Breaker>,
 }
 
 #[derive(OpenApi)]
@@ -72,7 +75,7 @@ pub struct AppState {
     ),
     servers((url = "http://127.0.0.1:8080", description = "jobhook on its default --listen address")),
     modifiers(&BearerAuth, &CallbackWebhook),
-    tags((name = "subscriptions", description = "Jobs watched for a callback"), (name = "account", description = "Your signing secret"), (name = "operations", description = "Health"))
+    tags((name = "subscriptions", description = "Jobs watched for a callback"), (name = "callback hosts", description = "Where your deliveries go, and each host's breaker"), (name = "account", description = "Your signing secret"), (name = "operations", description = "Health"))
 )]
 struct ApiDoc;
 
@@ -103,6 +106,8 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(subscriptions::redeliver))
         .routes(routes!(bulk::redeliver_matching))
         .routes(routes!(test_sends::create))
+        .routes(routes!(callback_hosts::list_callback_hosts))
+        .routes(routes!(callback_hosts::resume_callback_host))
         .routes(routes!(signing_secret))
         .routes(routes!(rotate_signing_secret))
         .routes(routes!(healthz))

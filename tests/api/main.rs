@@ -3,6 +3,7 @@
 
 mod support;
 
+mod breaker;
 mod bulk_redelivery;
 mod cancel;
 mod cli;

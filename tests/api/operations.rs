@@ -4,13 +4,6 @@ use jobhook::mock_upstream::Answer;
 
 use crate::support::helpers::*;
 
-/// The value of one sample line (`name{labels} value`), or 0 when the line is absent.
-fn sample(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|line| line.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
-        .map_or(0.0, |v| v.trim().parse().unwrap())
-}
-
 #[tokio::test]
 async fn metrics_count_a_real_flow() {
     let app = spawn_app().await;

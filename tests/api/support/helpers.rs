@@ -63,6 +63,13 @@ where
     }
 }
 
+/// The value of one sample line (`name{labels} value`) of a /metrics text, or 0 when the line is absent.
+pub fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+        .map_or(0.0, |v| v.trim().parse().unwrap())
+}
+
 /// Sends `request` with tenant A's key and reads its JSON answer (for services reached by URL, such as
 /// the real binary).
 pub async fn json_as_a(request: reqwest::RequestBuilder) -> Value {
