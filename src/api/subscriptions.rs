@@ -17,7 +17,8 @@ use crate::domain::{
     Timestamp, metadata_from_request, truncate,
 };
 use crate::store::{
-    AttemptRecord, Cancel, DeliveryForm, ListFilter, Redelivery, Registered, RetryNow, Subscription, Tenant,
+    AttemptRecord, Cancel, DeliveryForm, ListFilter, Redelivery, Registered, Registration, RetryNow, Subscription,
+    Tenant,
 };
 
 /// A registration: which upstream job to watch, and where to POST its result.
@@ -268,8 +269,9 @@ pub(crate) async fn register(
     callback_url: CallbackUrl,
     form: DeliveryForm,
 ) -> Result<(StatusCode, Subscription), ApiError> {
-    let registered =
-        state.store.register(key, SubscriptionId::new(), job_id, &callback_url, &form, Timestamp::now()).await?;
+    let registration =
+        Registration { key, id: SubscriptionId::new(), job_id, callback_url, form, now: Timestamp::now() };
+    let registered = state.store.register(registration).await?;
     let (status, sub) = match registered {
         Registered::CreatedPolling(sub, job) => {
             state.poller.ensure(job);

@@ -218,7 +218,7 @@ mod tests {
         use crate::domain::SubscriptionId;
         use crate::keys::{ApiKey, SigningSecret};
         use crate::mock_upstream::{Answer, MockArgs, MockUpstream, Outcome};
-        use crate::store::Registered;
+        use crate::store::{Registered, Registration};
         use std::time::Instant;
 
         async fn until(what: &str, check: impl Fn() -> bool) {
@@ -274,9 +274,16 @@ mod tests {
         let (handle, inbox) = channel();
         let shutdown = CancellationToken::new();
         let poller = tokio::spawn(run(ctx, inbox, Vec::new(), shutdown.clone(), Duration::from_secs(1)));
-        let callback = "http://127.0.0.1:9/hook".parse().unwrap();
+        let callback: crate::domain::CallbackUrl = "http://127.0.0.1:9/hook".parse().unwrap();
         let register = async |job_id: JobId| match store
-            .register(key.hash(), SubscriptionId::new(), job_id, &callback, &Default::default(), Timestamp::now())
+            .register(Registration {
+                key: key.hash(),
+                id: SubscriptionId::new(),
+                job_id,
+                callback_url: callback.clone(),
+                form: Default::default(),
+                now: Timestamp::now(),
+            })
             .await
             .unwrap()
         {

@@ -20,12 +20,7 @@ pub(super) const CLAIM_SAFETY: Duration = Duration::from_secs(1);
 /// A write that is group-committed: many of them share one transaction, so they share one fsync.
 pub(super) enum Write {
     Register {
-        key: KeyHash,
-        id: SubscriptionId,
-        job_id: JobId,
-        callback_url: CallbackUrl,
-        form: Arc<DeliveryForm>,
-        now: Timestamp,
+        registration: Box<Registration>,
         reply: oneshot::Sender<Result<Registered>>,
     },
     Complete {
@@ -92,24 +87,15 @@ impl ClaimFor {
 
 impl Write {
     /// A registration, and the receiver of its answer.
-    pub(super) fn register(
-        key: KeyHash,
-        id: SubscriptionId,
-        job_id: JobId,
-        callback_url: &CallbackUrl,
-        form: &DeliveryForm,
-        now: Timestamp,
-    ) -> (Self, oneshot::Receiver<Result<Registered>>) {
+    pub(super) fn register(registration: Registration) -> (Self, oneshot::Receiver<Result<Registered>>) {
         let (reply, answer) = oneshot::channel();
-        let form = Arc::new(form.clone());
-        (Write::Register { key, id, job_id, callback_url: callback_url.clone(), form, now, reply }, answer)
+        (Write::Register { registration: Box::new(registration), reply }, answer)
     }
 
     pub(super) fn lock_order(&self) -> (u8, uuid::Uuid) {
         match self {
-            Write::Register { job_id, .. } | Write::Complete { job_id, .. } | Write::Observe { job_id, .. } => {
-                (0, job_id.as_uuid())
-            }
+            Write::Register { registration, .. } => (0, registration.job_id.as_uuid()),
+            Write::Complete { job_id, .. } | Write::Observe { job_id, .. } => (0, job_id.as_uuid()),
             Write::Attempt { record, .. } => (1, record.subscription_id.0),
             Write::Claim { id, .. } => (1, id.0),
         }
@@ -118,9 +104,8 @@ impl Write {
     /// The partition of the job the write is about.
     pub(super) fn partition(&self) -> i64 {
         match self {
-            Write::Register { job_id, .. } | Write::Complete { job_id, .. } | Write::Observe { job_id, .. } => {
-                job_id.partition()
-            }
+            Write::Register { registration, .. } => registration.job_id.partition(),
+            Write::Complete { job_id, .. } | Write::Observe { job_id, .. } => job_id.partition(),
             Write::Attempt { record, .. } => record.partition,
             Write::Claim { partition, .. } => *partition,
         }

@@ -219,6 +219,19 @@ impl DeliveryTask {
     }
 }
 
+/// A registration as the store takes it: the caller's key (its tenant is looked up in the registering
+/// transaction), the new subscription's ID (kept only if no live subscription is the same one), and what
+/// it subscribes to.
+#[derive(Debug, Clone)]
+pub struct Registration {
+    pub key: KeyHash,
+    pub id: SubscriptionId,
+    pub job_id: JobId,
+    pub callback_url: CallbackUrl,
+    pub form: DeliveryForm,
+    pub now: Timestamp,
+}
+
 /// How a subscription wants its deliveries: its custom headers (their `Debug` shows names only), the
 /// body's form, and the caller's metadata.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -419,15 +432,7 @@ pub trait Store: Send + Sync + 'static {
     /// Registers as the tenant holding `key` (checked in the same transaction, so a revoked key is refused
     /// at once); [`Registered::UnknownKey`] when no usable key has that hash. `form` is stored with the
     /// subscription; its headers are part of its identity (see [`Registered::HeadersDiffer`]).
-    async fn register(
-        &self,
-        key: KeyHash,
-        id: SubscriptionId,
-        job_id: JobId,
-        callback_url: &CallbackUrl,
-        form: &DeliveryForm,
-        now: Timestamp,
-    ) -> Result<Registered>;
+    async fn register(&self, registration: Registration) -> Result<Registered>;
     async fn subscription(&self, tenant_id: i64, id: SubscriptionId) -> Result<Option<Subscription>>;
     async fn list_subscriptions(&self, tenant_id: i64, filter: &ListFilter) -> Result<Vec<Subscription>>;
     /// Cancels a live subscription, unless a delivery attempt holds its claim (promise 11: a subscription

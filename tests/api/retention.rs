@@ -4,9 +4,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use jobhook::domain::{CallbackUrl, FailureReason, JobId, JobStatus, SubscriptionId, Timestamp};
+use jobhook::domain::{FailureReason, JobId, JobStatus, SubscriptionId, Timestamp};
 use jobhook::keys::{ApiKey, SigningSecret};
-use jobhook::store::{AttemptRecord, AttemptResult, Purged, Registered, Store};
+use jobhook::store::{AttemptRecord, AttemptResult, Purged, Registered, Registration, Store};
 use reqwest::StatusCode;
 
 use crate::support::helpers::*;
@@ -25,15 +25,20 @@ fn at(ms: i64) -> Timestamp {
     Timestamp::from_millis(ms)
 }
 
+/// A registration of `job` to `url` by the holder of `key`, at `now`.
+fn registration(key: &ApiKey, id: SubscriptionId, job: JobId, url: &str, now: Timestamp) -> Registration {
+    let callback_url = url.parse().unwrap();
+    Registration { key: key.hash(), id, job_id: job, callback_url, form: Default::default(), now }
+}
+
 /// Registers a job at `at` and, if `ended_at` is given, ends it then: the job succeeds, and its
 /// delivery is accepted at `ended_at`. Returns the subscription.
 async fn subscription(store: &dyn Store, key: &ApiKey, registered: i64, ended: Option<i64>) -> SubscriptionId {
     let (registered, ended_at) = (at(registered), ended.map(at));
     let job: JobId = uuid::Uuid::new_v4().to_string().parse().unwrap();
-    let url: CallbackUrl = "https://receiver.example/hook".parse().unwrap();
     let id = SubscriptionId::new();
     let Registered::CreatedPolling(..) =
-        store.register(key.hash(), id, job, &url, &Default::default(), registered).await.unwrap()
+        store.register(registration(key, id, job, "https://receiver.example/hook", registered)).await.unwrap()
     else {
         panic!("a new job is polled");
     };
@@ -102,15 +107,9 @@ async fn a_job_row_goes_only_with_its_last_subscription() {
     // Two subscriptions of one job: one fails early, the other is still polling.
     let job: JobId = uuid::Uuid::new_v4().to_string().parse().unwrap();
     let (a, b) = (SubscriptionId::new(), SubscriptionId::new());
-    store
-        .register(key.hash(), a, job, &"https://a.example/".parse().unwrap(), &Default::default(), at(100))
-        .await
-        .unwrap();
+    store.register(registration(&key, a, job, "https://a.example/", at(100))).await.unwrap();
     store.fail_job(job, FailureReason::UpstreamJobNotFound, "gone", at(200)).await.unwrap();
-    store
-        .register(key.hash(), b, job, &"https://b.example/".parse().unwrap(), &Default::default(), at(300))
-        .await
-        .unwrap();
+    store.register(registration(&key, b, job, "https://b.example/", at(300))).await.unwrap();
     let purged = jobhook::housekeeping::purge(store.as_ref(), at(10_000), |_| {}).await.unwrap().unwrap();
     assert_eq!(purged, Purged { subscriptions: 1, attempts: 0, jobs: 0 });
     assert!(store.subscription(tenant, b).await.unwrap().is_some());

@@ -6,16 +6,6 @@ use std::collections::HashMap;
 use super::*;
 use crate::domain::{Timestamp, new_webhook_id};
 
-/// One registration of a batch, as the writer hands it over.
-pub(super) struct Registration<'a> {
-    pub key: &'a KeyHash,
-    pub id: SubscriptionId,
-    pub job_id: JobId,
-    pub callback_url: &'a CallbackUrl,
-    pub form: &'a DeliveryForm,
-    pub now: Timestamp,
-}
-
 /// What a registration's job looked like, read under its row lock.
 #[derive(sqlx::FromRow)]
 struct JobRow {
@@ -31,13 +21,13 @@ struct JobRow {
 /// is the whole batch's (the writer then runs each registration alone).
 pub(super) async fn register_all(
     tx: &mut PgConnection,
-    regs: &[Registration<'_>],
+    regs: &[&Registration],
     sent: &notice::Sent,
 ) -> Result<Vec<Registered>> {
     // The tenants of the keys, holding the key rows until commit: a revocation waits for the
     // registrations already past this check, so once `keys revoke` returns, none with the key commits.
     let tenants = tenants_of(tx, regs).await?;
-    let tenant_of = |r: &Registration<'_>| tenants.get(r.key.0.as_slice()).copied();
+    let tenant_of = |r: &&Registration| tenants.get(r.key.0.as_slice()).copied();
     if regs.iter().all(|r| tenant_of(r).is_none()) {
         return Ok(regs.iter().map(|_| Registered::UnknownKey).collect());
     }
@@ -156,7 +146,7 @@ struct NewRows {
 }
 
 impl NewRows {
-    fn push(&mut self, r: &Registration<'_>, tenant_id: i64, state: &'static str, webhook_id: Option<String>) {
+    fn push(&mut self, r: &Registration, tenant_id: i64, state: &'static str, webhook_id: Option<String>) {
         self.ids.push(r.id.to_string());
         self.tenants.push(tenant_id);
         self.jobs.push(r.job_id.to_string());
@@ -205,7 +195,7 @@ impl NewRows {
 }
 
 /// The tenants of the batch's keys by key hash, holding the key rows until commit.
-async fn tenants_of(tx: &mut PgConnection, regs: &[Registration<'_>]) -> Result<HashMap<Vec<u8>, i64>> {
+async fn tenants_of(tx: &mut PgConnection, regs: &[&Registration]) -> Result<HashMap<Vec<u8>, i64>> {
     let mut hashes: Vec<Vec<u8>> = regs.iter().map(|r| r.key.0.to_vec()).collect();
     hashes.sort();
     hashes.dedup();
@@ -224,7 +214,7 @@ async fn tenants_of(tx: &mut PgConnection, regs: &[Registration<'_>]) -> Result<
 /// Creates the jobs that are new, then locks them all in one order (by ID).
 async fn lock_jobs<'a>(
     tx: &mut PgConnection,
-    regs: impl Iterator<Item = &'a Registration<'a>>,
+    regs: impl Iterator<Item = &'a &'a Registration>,
 ) -> Result<HashMap<String, JobRow>> {
     let mut jobs: Vec<(String, i64, Timestamp)> =
         regs.map(|r| (r.job_id.to_string(), r.job_id.partition(), r.now)).collect();
@@ -323,7 +313,7 @@ async fn shown(tx: &mut PgConnection, answers: &[Answer]) -> Result<HashMap<Stri
 }
 
 /// A new subscription as the registration writes it: polling, with its job's status and error so far.
-fn new_subscription(r: &Registration<'_>, row: &JobRow) -> Result<Subscription> {
+fn new_subscription(r: &Registration, row: &JobRow) -> Result<Subscription> {
     let job_status = row.status.as_deref().map(str::parse).transpose().map_err(|e| corrupt("job status", e))?;
     Ok(Subscription {
         id: r.id,

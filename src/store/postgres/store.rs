@@ -188,17 +188,9 @@ impl Store for PgStore {
         deadline(async move { self.redeliver_each(tenant_id, ids, now).await }).await
     }
 
-    async fn register(
-        &self,
-        key: KeyHash,
-        id: SubscriptionId,
-        job_id: JobId,
-        callback_url: &CallbackUrl,
-        form: &DeliveryForm,
-        now: Timestamp,
-    ) -> Result<Registered> {
+    async fn register(&self, registration: Registration) -> Result<Registered> {
         deadline(async move {
-            let (write, answer) = Write::register(key, id, job_id, callback_url, form, now);
+            let (write, answer) = Write::register(registration);
             self.write(write, answer).await
         })
         .await

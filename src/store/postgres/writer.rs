@@ -6,7 +6,7 @@
 use std::collections::HashSet;
 
 use super::complete::{Completion, complete_all};
-use super::register::{Registration, register_all};
+use super::register::register_all;
 use super::*;
 use crate::store::group::{Done, MAX_BATCH, claim_refused};
 
@@ -112,13 +112,11 @@ async fn try_batch(conn: &mut PgConnection, batch: &[Write], sent: &notice::Sent
     let mut tx = sqlx::Connection::begin(conn).await.db()?;
     let mut results: Vec<Option<Done>> = batch.iter().map(|_| None).collect();
 
-    let (at, regs): (Vec<usize>, Vec<Registration<'_>>) = batch
+    let (at, regs): (Vec<usize>, Vec<&Registration>) = batch
         .iter()
         .enumerate()
         .filter_map(|(i, w)| match w {
-            Write::Register { key, id, job_id, callback_url, form, now, .. } => {
-                Some((i, Registration { key, id: *id, job_id: *job_id, callback_url, form: form.as_ref(), now: *now }))
-            }
+            Write::Register { registration, .. } => Some((i, registration.as_ref())),
             _ => None,
         })
         .unzip();

@@ -90,9 +90,7 @@ fn try_batch(conn: &mut Connection, batch: &[Write]) -> Result<Vec<Done>> {
 
 fn run(tx: &rusqlite::Transaction<'_>, write: &Write) -> Done {
     match write {
-        Write::Register { key, id, job_id, callback_url, form, now, .. } => {
-            Done::Register(register(tx, key, *id, *job_id, callback_url, form, *now))
-        }
+        Write::Register { registration, .. } => Done::Register(register(tx, registration)),
         Write::Complete { job_id, status, body, now, claim, .. } => {
             Done::Complete(complete_job(tx, *job_id, *status, body, *now, claim))
         }
@@ -104,15 +102,9 @@ fn run(tx: &rusqlite::Transaction<'_>, write: &Write) -> Done {
     }
 }
 
-fn register(
-    tx: &rusqlite::Transaction<'_>,
-    key: &KeyHash,
-    id: SubscriptionId,
-    job_id: JobId,
-    callback_url: &CallbackUrl,
-    form: &DeliveryForm,
-    now: Timestamp,
-) -> Result<Registered> {
+fn register(tx: &rusqlite::Transaction<'_>, registration: &Registration) -> Result<Registered> {
+    let Registration { key, id, job_id, callback_url, form, now } = registration;
+    let (id, job_id, now) = (*id, *job_id, *now);
     let headers = &form.headers;
     // The key is checked in the registering transaction: a revoked key is refused at once, and the API
     // needs no read of its own first (see api::auth::RegisteringKey).
