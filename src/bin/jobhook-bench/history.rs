@@ -8,6 +8,33 @@ use std::time::{Duration, Instant};
 use jobhook::domain::Timestamp;
 use jobhook::keys::{ApiKey, SigningSecret};
 
+/// `--history N`: fills the store at `db_url`, or copies `--history-cache` in when it exists (and
+/// keeps a copy there after filling when it does not).
+pub async fn prepare(db_url: &str, args: &crate::Args) -> anyhow::Result<()> {
+    if args.history == 0 {
+        return Ok(());
+    }
+    let file = jobhook::store::sqlite_file(db_url).map(std::path::PathBuf::from);
+    let cache = args.history_cache.as_deref();
+    anyhow::ensure!(cache.is_none() || file.is_some(), "--history-cache is for SQLite stores only");
+    if let (Some(cache), Some(file)) = (cache, &file)
+        && cache.exists()
+    {
+        let started = Instant::now();
+        std::fs::copy(cache, file)?;
+        let took = started.elapsed().as_secs_f64();
+        jobhook::outln!("history: copied {} (made with --history {}) in {took:.1} s", cache.display(), args.history);
+        return Ok(());
+    }
+    let took = prefill(db_url, crate::KEY, crate::SECRET, args.history, args.history_age).await?;
+    jobhook::outln!("history: {} finished subscriptions stored in {:.1} s", args.history, took.as_secs_f64());
+    if let (Some(cache), Some(file)) = (cache, &file) {
+        // The fill ends with a truncating checkpoint: the file alone is the whole store.
+        std::fs::copy(file, cache)?;
+    }
+    Ok(())
+}
+
 /// Fills the store at `db_url` (migrated here, as jobhook would) with `n` delivered subscriptions of the
 /// tenant of `key`, ended `age` ago.
 pub async fn prefill(db_url: &str, key: &str, secret: &str, n: usize, age: Duration) -> anyhow::Result<Duration> {

@@ -23,10 +23,7 @@ pub(super) async fn soak_mode(args: &Args, binary: &std::path::Path, duration: D
     let dir = std::env::temp_dir().join(format!("jobhook-bench-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir)?;
     let (db_url, schema) = fresh_store(&dir, args.database_url.as_deref()).await?;
-    if args.history > 0 {
-        let took = history::prefill(&db_url, KEY, SECRET, args.history, args.history_age).await?;
-        jobhook::outln!("history: {} finished subscriptions stored in {:.1} s", args.history, took.as_secs_f64());
-    }
+    history::prepare(&db_url, args).await?;
     let listen = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
     let mut jobhook = start_jobhook(binary, &db_url, listen, upstream_addr, &args.poll_interval).await?;
     let http = reqwest::Client::builder().pool_max_idle_per_host(args.concurrency).build()?;
