@@ -305,16 +305,8 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn register(
-        &self,
-        key: KeyHash,
-        id: SubscriptionId,
-        job_id: JobId,
-        callback_url: &CallbackUrl,
-        form: &DeliveryForm,
-        now: Timestamp,
-    ) -> Result<Registered> {
-        let (write, answer) = Write::register(key, id, job_id, callback_url, form, now);
+    async fn register(&self, registration: Registration) -> Result<Registered> {
+        let (write, answer) = Write::register(registration);
         self.write(write, answer).await
     }
 
