@@ -60,6 +60,28 @@ pub struct Problem {
     pub detail: String,
 }
 
+/// The problem answers that many operations document alike, each written once here and named in their
+/// `responses(…)` (the handlers still answer through [`ApiError`]).
+#[derive(utoipa::IntoResponses)]
+#[response(status = 401, description = "Missing or invalid API key", content_type = "application/problem+json")]
+pub struct Unauthorized(pub Problem);
+
+#[derive(utoipa::IntoResponses)]
+#[response(
+    status = 400,
+    description = "The body is not JSON, or the request has more than one Authorization header",
+    content_type = "application/problem+json"
+)]
+pub struct NotJson(pub Problem);
+
+#[derive(utoipa::IntoResponses)]
+#[response(
+    status = 503,
+    description = "The store cannot take writes now; nothing changed",
+    content_type = "application/problem+json"
+)]
+pub struct StoreUnavailable(pub Problem);
+
 impl ApiError {
     /// The HTTP status this error answers with.
     pub fn status(&self) -> StatusCode {
