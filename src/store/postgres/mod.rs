@@ -299,6 +299,29 @@ async fn deadline<T>(call: impl std::future::Future<Output = Result<T>>) -> Resu
         .unwrap_or(Err(StoreError::trouble(Trouble::NoAnswer(CALL_DEADLINE))))
 }
 
+/// A read whose rows sqlx maps to `R`, a row type of `rows.rs`.
+type ReadAs<R> = sqlx::query::QueryAs<'static, Postgres, R, sqlx::postgres::PgArguments>;
+
+impl PgStore {
+    /// Every row of a read on the pool, each turned into the store's type, within the call deadline.
+    async fn read_all<R, T>(&self, query: ReadAs<R>) -> Result<Vec<T>>
+    where
+        R: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
+        T: TryFrom<R, Error = StoreError>,
+    {
+        deadline(async move { query.fetch_all(&self.pool).await.db()?.into_iter().map(T::try_from).collect() }).await
+    }
+
+    /// The row of a read on the pool, if there is one, turned into the store's type, within the call deadline.
+    async fn read_one<R, T>(&self, query: ReadAs<R>) -> Result<Option<T>>
+    where
+        R: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
+        T: TryFrom<R, Error = StoreError>,
+    {
+        deadline(async move { query.fetch_optional(&self.pool).await.db()?.map(T::try_from).transpose() }).await
+    }
+}
+
 /// Tells the other instances about work they may own: delivered when `tx` commits, or never.
 async fn notify(tx: &mut PgConnection, sent: &notice::Sent, notice: Notice) -> Result<()> {
     let payload = notice.to_string();
