@@ -60,27 +60,23 @@ pub struct Problem {
     pub detail: String,
 }
 
-/// The problem answers that many operations document alike, each written once here and named in their
-/// `responses(…)` (the handlers still answer through [`ApiError`]).
-#[derive(utoipa::IntoResponses)]
-#[response(status = 401, description = "Missing or invalid API key", content_type = "application/problem+json")]
-pub struct Unauthorized(pub Problem);
+/// Declares problem answers that several operations document alike, each written once and named in
+/// their `responses(…)` (the handlers still answer through [`ApiError`]).
+macro_rules! problem_responses {
+    ($($(#[$doc:meta])* $name:ident = $status:tt, $description:tt;)*) => {$(
+        $(#[$doc])*
+        #[derive(utoipa::IntoResponses)]
+        #[response(status = $status, description = $description, content_type = "application/problem+json")]
+        pub struct $name(pub $crate::api::error::Problem);
+    )*};
+}
+pub(crate) use problem_responses;
 
-#[derive(utoipa::IntoResponses)]
-#[response(
-    status = 400,
-    description = "The body is not JSON, or the request has more than one Authorization header",
-    content_type = "application/problem+json"
-)]
-pub struct NotJson(pub Problem);
-
-#[derive(utoipa::IntoResponses)]
-#[response(
-    status = 503,
-    description = "The store cannot take writes now; nothing changed",
-    content_type = "application/problem+json"
-)]
-pub struct StoreUnavailable(pub Problem);
+problem_responses! {
+    Unauthorized = 401, "Missing or invalid API key";
+    NotJson = 400, "The body is not JSON, or the request has more than one Authorization header";
+    StoreUnavailable = 503, "The store cannot take writes now; nothing changed";
+}
 
 impl ApiError {
     /// The HTTP status this error answers with.

@@ -193,14 +193,10 @@ fn not_found(raw: &str) -> ApiError {
     ApiError::NotFound(format!("there is no subscription {:?}", truncate(raw, 64)))
 }
 
-/// The 404 of the routes on one subscription.
-#[derive(utoipa::IntoResponses)]
-#[response(
-    status = 404,
-    description = "No such subscription for this API key",
-    content_type = "application/problem+json"
-)]
-pub struct NoSuchSubscription(pub Problem);
+super::error::problem_responses! {
+    /// The 404 of the routes on one subscription.
+    NoSuchSubscription = 404, "No such subscription for this API key";
+}
 
 /// The `{id}` of a subscription route: parsed, or a 404 problem (also for a path that is not UTF-8).
 pub struct SubscriptionPath(SubscriptionId, String);
