@@ -231,35 +231,15 @@ impl Store for PgStore {
         self.read_one(sqlx::query_as::<_, PollableRow>(sql).bind(job_id.to_string())).await
     }
 
-    async fn record_observation(
-        &self,
-        job_id: JobId,
-        status: Option<JobStatus>,
-        last_error: Option<&str>,
-        now: Timestamp,
-    ) -> Result<()> {
-        deadline(async move {
-            let (reply, answer) = oneshot::channel();
-            let last_error = last_error.map(str::to_owned);
-            self.write(Write::Observe { job_id, status, last_error, now, reply }, answer).await
-        })
-        .await
+    async fn record_observation(&self, observation: Observation) -> Result<()> {
+        let (reply, answer) = oneshot::channel();
+        deadline(self.write(Write::Observe { observation, reply }, answer)).await
     }
 
-    async fn complete_job(
-        &self,
-        job_id: JobId,
-        status: JobStatus,
-        body: &Bytes,
-        now: Timestamp,
-        claim_for: Duration,
-    ) -> Result<Vec<DeliveryTask>> {
-        deadline(async move {
-            let (reply, answer) = oneshot::channel();
-            let claim = ClaimFor::new(&self.instance, claim_for);
-            self.write(Write::Complete { job_id, status, body: body.clone(), now, claim, reply }, answer).await
-        })
-        .await
+    async fn complete_job(&self, end: JobEnd, claim_for: Duration) -> Result<Vec<DeliveryTask>> {
+        let (reply, answer) = oneshot::channel();
+        let claim = ClaimFor::new(&self.instance, claim_for);
+        deadline(self.write(Write::Complete { end, claim, reply }, answer)).await
     }
 
     async fn claim_delivery(&self, task: &DeliveryTask, claim_for: Duration) -> Result<Claim> {

@@ -139,8 +139,8 @@ async fn try_batch(conn: &mut PgConnection, batch: &[Write], sent: &notice::Sent
         .iter()
         .enumerate()
         .filter_map(|(i, w)| match w {
-            Write::Complete { job_id, status, body, now, claim, .. } => {
-                Some((i, Completion { job_id: *job_id, status: *status, body, now: *now, claim }))
+            Write::Complete { end, claim, .. } => {
+                Some((i, Completion { job_id: end.job_id, status: end.status, body: &end.body, now: end.now, claim }))
             }
             _ => None,
         })
@@ -181,13 +181,13 @@ async fn observe_all(tx: &mut PgConnection, batch: &[Write], at: &[usize]) -> Re
     let mut seen = HashSet::new();
     let (mut jobs, mut statuses, mut errors, mut nows) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for i in at.iter().rev() {
-        if let Write::Observe { job_id, status, last_error, now, .. } = &batch[*i]
-            && seen.insert(*job_id)
+        if let Write::Observe { observation: o, .. } = &batch[*i]
+            && seen.insert(o.job_id)
         {
-            jobs.push(job_id.to_string());
-            statuses.push(status.map(|s| s.as_str()));
-            errors.push(last_error.as_deref());
-            nows.push(*now);
+            jobs.push(o.job_id.to_string());
+            statuses.push(o.status.map(|s| s.as_str()));
+            errors.push(o.last_error.as_deref());
+            nows.push(o.now);
         }
     }
     sqlx::query(
