@@ -198,25 +198,31 @@ super::error::problem_responses! {
     NoSuchSubscription = 404, "No such subscription for this API key";
 }
 
-/// The `{id}` of a subscription route: parsed, or a 404 problem (also for a path that is not UTF-8).
-pub struct SubscriptionPath(SubscriptionId, String);
+/// The caller and the `{id}` of a route on one subscription: the API key is checked first (401), then
+/// the ID is parsed (404, also for a path that is not UTF-8). The ID is kept as written for the 404.
+pub struct TenantSubscription {
+    tenant: Tenant,
+    id: SubscriptionId,
+    raw: String,
+}
 
-impl SubscriptionPath {
-    /// An ID already parsed elsewhere (the web console calls these handlers directly).
-    pub(crate) fn new(id: SubscriptionId) -> Self {
-        SubscriptionPath(id, id.to_string())
+impl TenantSubscription {
+    /// A tenant and an ID already known (the web console calls these handlers directly).
+    pub(crate) fn new(tenant: Tenant, id: SubscriptionId) -> Self {
+        TenantSubscription { tenant, id, raw: id.to_string() }
     }
 }
 
-impl<S: Send + Sync> FromRequestParts<S> for SubscriptionPath {
+impl FromRequestParts<AppState> for TenantSubscription {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        let tenant = Tenant::from_request_parts(parts, state).await?;
         let Ok(Path(raw)) = Path::<String>::from_request_parts(parts, state).await else {
             return Err(ApiError::NotFound("there is no such subscription".into()));
         };
         let id = raw.parse().map_err(|_| not_found(&raw))?;
-        Ok(SubscriptionPath(id, raw))
+        Ok(TenantSubscription { tenant, id, raw })
     }
 }
 
@@ -327,18 +333,13 @@ fn headers_differ(id: SubscriptionId, state: SubscriptionState) -> ApiError {
 #[utoipa::path(
     get, path = "/v1/subscriptions/{id}", tag = "subscriptions", security(("bearer" = [])),
     params(("id" = String, Path, description = "The subscription ID")),
-    responses(
-        (status = 200, description = "The subscription", body = SubscriptionView),
-        Unauthorized,
-        NoSuchSubscription,
-    )
+    responses((status = 200, description = "The subscription", body = SubscriptionView), Unauthorized, NoSuchSubscription)
 )]
 pub async fn get_one(
     State(state): State<AppState>,
-    tenant: Tenant,
-    SubscriptionPath(sub_id, id): SubscriptionPath,
+    one: TenantSubscription,
 ) -> Result<Json<SubscriptionView>, ApiError> {
-    let sub = state.store.subscription(tenant.id, sub_id).await?.ok_or_else(|| not_found(&id))?;
+    let sub = state.store.subscription(one.tenant.id, one.id).await?.ok_or_else(|| not_found(&one.raw))?;
     Ok(Json(sub.into()))
 }
 
@@ -408,9 +409,9 @@ pub async fn list(
 )]
 pub async fn redeliver(
     State(state): State<AppState>,
-    tenant: Tenant,
-    SubscriptionPath(sub_id, id): SubscriptionPath,
+    one: TenantSubscription,
 ) -> Result<(StatusCode, Json<SubscriptionView>), ApiError> {
+    let TenantSubscription { tenant, id: sub_id, raw: id } = one;
     let redelivery = super::to_the_end({
         let (state, id) = (state.clone(), id.clone());
         async move {
@@ -484,11 +485,8 @@ enum Accepted {
         StoreUnavailable,
     )
 )]
-pub async fn cancel(
-    State(state): State<AppState>,
-    tenant: Tenant,
-    SubscriptionPath(sub_id, id): SubscriptionPath,
-) -> Result<StatusCode, ApiError> {
+pub async fn cancel(State(state): State<AppState>, one: TenantSubscription) -> Result<StatusCode, ApiError> {
+    let TenantSubscription { tenant, id: sub_id, raw: id } = one;
     super::to_the_end(async move {
         // An attempt holds its claim for at most this long; it releases it when its outcome is recorded.
         let deadline = tokio::time::Instant::now() + state.dispatcher.claim_for();
@@ -529,17 +527,12 @@ const CANCEL_RECHECK: std::time::Duration = std::time::Duration::from_millis(20)
 #[utoipa::path(
     get, path = "/v1/subscriptions/{id}/deliveries", tag = "subscriptions", security(("bearer" = [])),
     params(("id" = String, Path, description = "The subscription ID")),
-    responses(
-        (status = 200, description = "Every attempt so far", body = DeliveryAttempts),
-        Unauthorized,
-        NoSuchSubscription,
-    )
+    responses((status = 200, description = "Every attempt so far", body = DeliveryAttempts), Unauthorized, NoSuchSubscription)
 )]
 pub async fn deliveries(
     State(state): State<AppState>,
-    tenant: Tenant,
-    SubscriptionPath(sub_id, id): SubscriptionPath,
+    one: TenantSubscription,
 ) -> Result<Json<DeliveryAttempts>, ApiError> {
-    let attempts = state.store.attempts(tenant.id, sub_id).await?.ok_or_else(|| not_found(&id))?;
+    let attempts = state.store.attempts(one.tenant.id, one.id).await?.ok_or_else(|| not_found(&one.raw))?;
     Ok(Json(DeliveryAttempts { items: attempts.into_iter().map(Into::into).collect() }))
 }
