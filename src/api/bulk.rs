@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::AppState;
-use super::error::{ApiError, ApiJson, Problem};
+use super::error::{ApiError, ApiJson, Problem, Unauthorized};
 use crate::domain::{SubscriptionState, Timestamp, truncate};
 use crate::store::{BulkFilter, Tenant};
 
@@ -107,15 +107,12 @@ fn callback_host(host: &str) -> Result<String, ApiError> {
 /// request again. The new series start now and are paced by the per-host and per-tenant concurrency
 /// caps, so a receiver never gets more attempts at once than those allow.
 #[utoipa::path(
-    post,
-    path = "/v1/subscriptions/redeliver",
-    tag = "subscriptions",
-    security(("bearer" = [])),
+    post, path = "/v1/subscriptions/redeliver", tag = "subscriptions", security(("bearer" = [])),
     request_body = BulkRedeliver,
     responses(
         (status = 202, description = "The matching subscriptions started new delivery series", body = BulkRedelivered),
         (status = 400, description = "The body is not JSON", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "Missing or invalid API key", body = Problem, content_type = "application/problem+json"),
+        Unauthorized,
         (status = 422, description = "A field is not valid (state, since, until, callback_host, limit); the detail names it", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "The store cannot take writes now; batches already taken stay taken, send the request again", body = Problem, content_type = "application/problem+json"),
     )

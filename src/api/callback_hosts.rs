@@ -9,6 +9,7 @@ use axum::http::request::Parts;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use super::error::Unauthorized;
 use super::{ApiError, AppState, Problem};
 use crate::delivery::breaker::HostState;
 use crate::domain::truncate;
@@ -65,13 +66,10 @@ pub struct CallbackHostList {
 /// `JOBHOOK_BREAKER_PROBE_INTERVAL` closes it on its first 2xx. Lists the hosts this instance has
 /// attempted deliveries to for your API key since it started, by name.
 #[utoipa::path(
-    get,
-    path = "/v1/callback-hosts",
-    tag = "callback hosts",
-    security(("bearer" = [])),
+    get, path = "/v1/callback-hosts", tag = "callback hosts", security(("bearer" = [])),
     responses(
         (status = 200, description = "Your callback hosts", body = CallbackHostList),
-        (status = 401, description = "Missing or invalid API key", body = Problem, content_type = "application/problem+json"),
+        Unauthorized,
     )
 )]
 pub async fn list_callback_hosts(State(state): State<AppState>, tenant: Tenant) -> Json<CallbackHostList> {
@@ -97,14 +95,11 @@ impl<S: Send + Sync> FromRequestParts<S> for HostPath {
 /// Its paused deliveries are due at once (paced by the per-host concurrency cap). Closing a closed
 /// breaker changes nothing. Only a host your deliveries go to can be resumed.
 #[utoipa::path(
-    post,
-    path = "/v1/callback-hosts/{host}/resume",
-    tag = "callback hosts",
-    security(("bearer" = [])),
+    post, path = "/v1/callback-hosts/{host}/resume", tag = "callback hosts", security(("bearer" = [])),
     params(("host" = String, Path, description = "The host, as listed (with its port when the callback URL names one)")),
     responses(
         (status = 200, description = "The breaker is closed", body = CallbackHostView),
-        (status = 401, description = "Missing or invalid API key", body = Problem, content_type = "application/problem+json"),
+        Unauthorized,
         (status = 404, description = "None of your deliveries goes to this host (on this instance)", body = Problem, content_type = "application/problem+json"),
     )
 )]

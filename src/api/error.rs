@@ -60,6 +60,24 @@ pub struct Problem {
     pub detail: String,
 }
 
+/// Declares problem answers that several operations document alike, each written once and named in
+/// their `responses(…)` (the handlers still answer through [`ApiError`]).
+macro_rules! problem_responses {
+    ($($(#[$doc:meta])* $name:ident = $status:tt, $description:tt;)*) => {$(
+        $(#[$doc])*
+        #[derive(utoipa::IntoResponses)]
+        #[response(status = $status, description = $description, content_type = "application/problem+json")]
+        pub struct $name(pub $crate::api::error::Problem);
+    )*};
+}
+pub(crate) use problem_responses;
+
+problem_responses! {
+    Unauthorized = 401, "Missing or invalid API key";
+    NotJson = 400, "The body is not JSON, or the request has more than one Authorization header";
+    StoreUnavailable = 503, "The store cannot take writes now; nothing changed";
+}
+
 impl ApiError {
     /// The HTTP status this error answers with.
     pub fn status(&self) -> StatusCode {

@@ -35,6 +35,7 @@ use crate::poller::PollerHandle;
 use crate::store::{Store, Tenant};
 pub use auth::UNKNOWN_KEY;
 pub use error::{ApiError, Problem};
+use error::{StoreUnavailable, Unauthorized};
 use webhook_doc::CallbackWebhook;
 
 /// Request bodies larger than this are refused with 413.
@@ -179,14 +180,11 @@ pub struct RotatedSecret {
 /// `webhook-signature`: the stock libraries accept either secret. Update your receiver within it. Only
 /// the secret just replaced keeps signing: rotating again within the grace ends the older one's grace.
 #[utoipa::path(
-    post,
-    path = "/v1/signing-secret/rotate",
-    tag = "account",
-    security(("bearer" = [])),
+    post, path = "/v1/signing-secret/rotate", tag = "account", security(("bearer" = [])),
     responses(
         (status = 200, description = "The new secret", body = RotatedSecret),
-        (status = 401, description = "Missing or invalid API key", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "The store cannot take writes now; nothing changed", body = Problem, content_type = "application/problem+json"),
+        Unauthorized,
+        StoreUnavailable,
     )
 )]
 pub(crate) async fn rotate_signing_secret(
@@ -210,13 +208,10 @@ pub(crate) async fn rotate_signing_secret(
 
 /// Your signing secret.
 #[utoipa::path(
-    get,
-    path = "/v1/signing-secret",
-    tag = "account",
-    security(("bearer" = [])),
+    get, path = "/v1/signing-secret", tag = "account", security(("bearer" = [])),
     responses(
         (status = 200, description = "The secret that signs this API key's deliveries", body = SigningSecretView),
-        (status = 401, description = "Missing or invalid API key", body = Problem, content_type = "application/problem+json"),
+        Unauthorized,
     )
 )]
 async fn signing_secret(tenant: Tenant) -> Json<SigningSecretView> {
@@ -231,10 +226,7 @@ pub struct Health {
 
 /// Whether the process is up.
 #[utoipa::path(
-    get,
-    path = "/healthz",
-    tag = "operations",
-    security(()),
+    get, path = "/healthz", tag = "operations", security(()),
     responses((status = 200, description = "The process is up", body = Health))
 )]
 async fn healthz(State(_): State<AppState>) -> impl IntoResponse {
@@ -260,10 +252,7 @@ const READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 ///
 /// For a load balancer or an orchestrator's readiness probe.
 #[utoipa::path(
-    get,
-    path = "/readyz",
-    tag = "operations",
-    security(()),
+    get, path = "/readyz", tag = "operations", security(()),
     responses(
         (status = 200, description = "Ready", body = Readiness),
         (status = 503, description = "Not ready; `checks` says what is wrong", body = Readiness),
@@ -295,10 +284,7 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
 ///
 /// Names and what they count are listed in the README ("Metrics"). No labels carry URLs or IDs.
 #[utoipa::path(
-    get,
-    path = "/metrics",
-    tag = "operations",
-    security(()),
+    get, path = "/metrics", tag = "operations", security(()),
     responses((status = 200, description = "The metrics", body = String, content_type = "application/openmetrics-text"))
 )]
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {

@@ -11,7 +11,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::AppState;
 use super::cursor::{decode_cursor, encode_cursor};
-use super::error::{ApiError, ApiJson, Problem};
+use super::error::{ApiError, ApiJson, NotJson, Problem, StoreUnavailable, Unauthorized};
 use crate::domain::{
     CallbackHeaders, CallbackUrl, FailureReason, JobId, JobStatus, Payload, SubscriptionId, SubscriptionState,
     Timestamp, metadata_from_request, truncate,
@@ -193,25 +193,36 @@ fn not_found(raw: &str) -> ApiError {
     ApiError::NotFound(format!("there is no subscription {:?}", truncate(raw, 64)))
 }
 
-/// The `{id}` of a subscription route: parsed, or a 404 problem (also for a path that is not UTF-8).
-pub struct SubscriptionPath(SubscriptionId, String);
+super::error::problem_responses! {
+    /// The 404 of the routes on one subscription.
+    NoSuchSubscription = 404, "No such subscription for this API key";
+}
 
-impl SubscriptionPath {
-    /// An ID already parsed elsewhere (the web console calls these handlers directly).
-    pub(crate) fn new(id: SubscriptionId) -> Self {
-        SubscriptionPath(id, id.to_string())
+/// The caller and the `{id}` of a route on one subscription: the API key is checked first (401), then
+/// the ID is parsed (404, also for a path that is not UTF-8). The ID is kept as written for the 404.
+pub struct TenantSubscription {
+    tenant: Tenant,
+    id: SubscriptionId,
+    raw: String,
+}
+
+impl TenantSubscription {
+    /// A tenant and an ID already known (the web console calls these handlers directly).
+    pub(crate) fn new(tenant: Tenant, id: SubscriptionId) -> Self {
+        TenantSubscription { tenant, id, raw: id.to_string() }
     }
 }
 
-impl<S: Send + Sync> FromRequestParts<S> for SubscriptionPath {
+impl FromRequestParts<AppState> for TenantSubscription {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        let tenant = Tenant::from_request_parts(parts, state).await?;
         let Ok(Path(raw)) = Path::<String>::from_request_parts(parts, state).await else {
             return Err(ApiError::NotFound("there is no such subscription".into()));
         };
         let id = raw.parse().map_err(|_| not_found(&raw))?;
-        Ok(SubscriptionPath(id, raw))
+        Ok(TenantSubscription { tenant, id, raw })
     }
 }
 
@@ -222,17 +233,14 @@ impl<S: Send + Sync> FromRequestParts<S> for SubscriptionPath {
 /// and headers again from the same tenant answers 200 with the existing subscription; the same job and
 /// callback with other headers, 409.
 #[utoipa::path(
-    post,
-    path = "/v1/subscriptions",
-    tag = "subscriptions",
-    security(("bearer" = [])),
+    post, path = "/v1/subscriptions", tag = "subscriptions", security(("bearer" = [])),
     request_body = CreateSubscription,
     responses(
         (status = 201, description = "Registered and durably stored", body = SubscriptionView,
             headers(("location" = String, description = "The subscription's URL"))),
         (status = 200, description = "Already registered with the same headers: the existing subscription", body = SubscriptionView),
-        (status = 400, description = "The body is not JSON, or the request has more than one Authorization header", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "Missing or invalid API key", body = Problem, content_type = "application/problem+json"),
+        NotJson,
+        Unauthorized,
         (status = 408, description = "The body did not arrive within --request-timeout", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "The body is larger than 64 KiB", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "The same job and callback are already registered (polling, delivering or delivered) with other custom headers; the detail names that subscription", body = Problem, content_type = "application/problem+json"),
@@ -323,37 +331,26 @@ fn headers_differ(id: SubscriptionId, state: SubscriptionState) -> ApiError {
 
 /// Read one subscription.
 #[utoipa::path(
-    get,
-    path = "/v1/subscriptions/{id}",
-    tag = "subscriptions",
-    security(("bearer" = [])),
+    get, path = "/v1/subscriptions/{id}", tag = "subscriptions", security(("bearer" = [])),
     params(("id" = String, Path, description = "The subscription ID")),
-    responses(
-        (status = 200, description = "The subscription", body = SubscriptionView),
-        (status = 401, description = "Missing or invalid API key", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such subscription for this API key", body = Problem, content_type = "application/problem+json"),
-    )
+    responses((status = 200, description = "The subscription", body = SubscriptionView), Unauthorized, NoSuchSubscription)
 )]
 pub async fn get_one(
     State(state): State<AppState>,
-    tenant: Tenant,
-    SubscriptionPath(sub_id, id): SubscriptionPath,
+    one: TenantSubscription,
 ) -> Result<Json<SubscriptionView>, ApiError> {
-    let sub = state.store.subscription(tenant.id, sub_id).await?.ok_or_else(|| not_found(&id))?;
+    let sub = state.store.subscription(one.tenant.id, one.id).await?.ok_or_else(|| not_found(&one.raw))?;
     Ok(Json(sub.into()))
 }
 
 /// List subscriptions, newest first.
 #[utoipa::path(
-    get,
-    path = "/v1/subscriptions",
-    tag = "subscriptions",
-    security(("bearer" = [])),
+    get, path = "/v1/subscriptions", tag = "subscriptions", security(("bearer" = [])),
     params(ListQuery),
     responses(
         (status = 200, description = "A page of subscriptions", body = SubscriptionPage),
         (status = 400, description = "A query parameter is not valid", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "Missing or invalid API key", body = Problem, content_type = "application/problem+json"),
+        Unauthorized,
     )
 )]
 pub async fn list(
@@ -400,24 +397,21 @@ pub async fn list(
 /// attempt count go on (no new series). If an attempt is on the wire at that moment, the answer is still
 /// 202: that attempt's outcome stands, and if it fails the next retry follows its schedule as usual.
 #[utoipa::path(
-    post,
-    path = "/v1/subscriptions/{id}/redeliver",
-    tag = "subscriptions",
-    security(("bearer" = [])),
+    post, path = "/v1/subscriptions/{id}/redeliver", tag = "subscriptions", security(("bearer" = [])),
     params(("id" = String, Path, description = "The subscription ID")),
     responses(
         (status = 202, description = "A new delivery series has started, or (delivering) the next attempt is due now", body = SubscriptionView),
-        (status = 401, description = "Missing or invalid API key", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such subscription for this API key", body = Problem, content_type = "application/problem+json"),
+        Unauthorized,
+        NoSuchSubscription,
         (status = 409, description = "The subscription is polling, cancelled or expired, or its job has no result to deliver, or a newer subscription of the same job and callback exists", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "The store cannot take writes now; nothing changed", body = Problem, content_type = "application/problem+json"),
+        StoreUnavailable,
     )
 )]
 pub async fn redeliver(
     State(state): State<AppState>,
-    tenant: Tenant,
-    SubscriptionPath(sub_id, id): SubscriptionPath,
+    one: TenantSubscription,
 ) -> Result<(StatusCode, Json<SubscriptionView>), ApiError> {
+    let TenantSubscription { tenant, id: sub_id, raw: id } = one;
     let redelivery = super::to_the_end({
         let (state, id) = (state.clone(), id.clone());
         async move {
@@ -481,24 +475,18 @@ enum Accepted {
 /// attempt delivered (or one that had already ended) cannot be cancelled and answers 409 naming its
 /// state. Cancelling a cancelled subscription again is fine (204).
 #[utoipa::path(
-    delete,
-    path = "/v1/subscriptions/{id}",
-    tag = "subscriptions",
-    security(("bearer" = [])),
+    delete, path = "/v1/subscriptions/{id}", tag = "subscriptions", security(("bearer" = [])),
     params(("id" = String, Path, description = "The subscription ID")),
     responses(
         (status = 204, description = "Cancelled (now or before); no delivery attempt starts for it"),
-        (status = 401, description = "Missing or invalid API key", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such subscription for this API key", body = Problem, content_type = "application/problem+json"),
+        Unauthorized,
+        NoSuchSubscription,
         (status = 409, description = "It already ended as delivered, failed or expired (the detail names the state), or a delivery attempt was still on the wire when the wait ran out", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "The store cannot take writes now; nothing changed", body = Problem, content_type = "application/problem+json"),
+        StoreUnavailable,
     )
 )]
-pub async fn cancel(
-    State(state): State<AppState>,
-    tenant: Tenant,
-    SubscriptionPath(sub_id, id): SubscriptionPath,
-) -> Result<StatusCode, ApiError> {
+pub async fn cancel(State(state): State<AppState>, one: TenantSubscription) -> Result<StatusCode, ApiError> {
+    let TenantSubscription { tenant, id: sub_id, raw: id } = one;
     super::to_the_end(async move {
         // An attempt holds its claim for at most this long; it releases it when its outcome is recorded.
         let deadline = tokio::time::Instant::now() + state.dispatcher.claim_for();
@@ -537,22 +525,14 @@ const CANCEL_RECHECK: std::time::Duration = std::time::Duration::from_millis(20)
 
 /// The delivery attempts of a subscription, oldest first.
 #[utoipa::path(
-    get,
-    path = "/v1/subscriptions/{id}/deliveries",
-    tag = "subscriptions",
-    security(("bearer" = [])),
+    get, path = "/v1/subscriptions/{id}/deliveries", tag = "subscriptions", security(("bearer" = [])),
     params(("id" = String, Path, description = "The subscription ID")),
-    responses(
-        (status = 200, description = "Every attempt so far", body = DeliveryAttempts),
-        (status = 401, description = "Missing or invalid API key", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "No such subscription for this API key", body = Problem, content_type = "application/problem+json"),
-    )
+    responses((status = 200, description = "Every attempt so far", body = DeliveryAttempts), Unauthorized, NoSuchSubscription)
 )]
 pub async fn deliveries(
     State(state): State<AppState>,
-    tenant: Tenant,
-    SubscriptionPath(sub_id, id): SubscriptionPath,
+    one: TenantSubscription,
 ) -> Result<Json<DeliveryAttempts>, ApiError> {
-    let attempts = state.store.attempts(tenant.id, sub_id).await?.ok_or_else(|| not_found(&id))?;
+    let attempts = state.store.attempts(one.tenant.id, one.id).await?.ok_or_else(|| not_found(&one.raw))?;
     Ok(Json(DeliveryAttempts { items: attempts.into_iter().map(Into::into).collect() }))
 }

@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::error::ApiJson;
+use super::error::{NotJson, Unauthorized};
 use super::{ApiError, AppState, Problem};
 use crate::delivery::envelope::{envelope, event_type};
 use crate::delivery::{SendError, signing};
@@ -110,16 +111,12 @@ fn example_body(job_id: &uuid::Uuid) -> serde_json::Value {
 /// wraps the body in the Standard Webhooks payload structure. At most 10 sends a minute per API key's
 /// tenant (per instance): beyond it, 429 with `Retry-After`.
 #[utoipa::path(
-    post,
-    path = "/v1/test-deliveries",
-    operation_id = "create_test_delivery",
-    tag = "subscriptions",
-    security(("bearer" = [])),
+    post, path = "/v1/test-deliveries", operation_id = "create_test_delivery", tag = "subscriptions", security(("bearer" = [])),
     request_body = CreateTestDelivery,
     responses(
         (status = 200, description = "Sent (or tried to send): what the receiver answered, or why there was no answer", body = TestDeliveryResult),
-        (status = 400, description = "The body is not JSON, or the request has more than one Authorization header", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "Missing or invalid API key", body = Problem, content_type = "application/problem+json"),
+        NotJson,
+        Unauthorized,
         (status = 422, description = "A field is missing, unknown or invalid; or the callback URL is refused by the egress policy", body = Problem, content_type = "application/problem+json"),
         (status = 429, description = "More than 10 test sends in a minute; retry after `Retry-After` seconds", body = Problem, content_type = "application/problem+json",
             headers(("retry-after" = String, description = "Seconds until the next test send is allowed"))),

@@ -14,10 +14,10 @@ use strum::VariantArray;
 use super::account::sentence;
 use super::html::{self, csrf_field, esc, q};
 use super::{ConsoleState, CsrfForm, Session};
-use crate::api::subscriptions::{self as api, ListQuery, SubscriptionPath, SubscriptionView};
+use crate::api::subscriptions::{self as api, ListQuery, SubscriptionView, TenantSubscription};
 use crate::api::{ApiError, AppState};
 use crate::domain::{CallbackUrl, JobId, SubscriptionId, SubscriptionState};
-use crate::store::{AttemptRecord, Tenant};
+use crate::store::AttemptRecord;
 
 /// Rows per page.
 const PAGE_SIZE: u32 = 25;
@@ -396,7 +396,7 @@ async fn act<T, F>(
     session: Session,
     Path(raw): Path<String>,
     done: &str,
-    handler: impl FnOnce(State<AppState>, Tenant, SubscriptionPath) -> F,
+    handler: impl FnOnce(State<AppState>, TenantSubscription) -> F,
 ) -> Response
 where
     F: Future<Output = Result<T, ApiError>>,
@@ -404,7 +404,7 @@ where
     let Some(id) = parse_id(&raw) else {
         return html::not_found(Some(&session.nav("subscriptions")));
     };
-    match handler(State(state.app.clone()), session.tenant.clone(), SubscriptionPath::new(id)).await {
+    match handler(State(state.app.clone()), TenantSubscription::new(session.tenant.clone(), id)).await {
         Ok(_) => Redirect::to(&format!("/console/subscriptions/{id}?done={done}")).into_response(),
         Err(e) => action_failed(&state, &session, id, e).await,
     }

@@ -15,7 +15,7 @@ use crate::delivery::DispatcherHandle;
 use crate::domain::{FailureReason, JobStatus, Timestamp};
 use crate::metrics::Metrics;
 use crate::partition::Ownership;
-use crate::store::{PollableJob, Store};
+use crate::store::{JobEnd, Observation, PollableJob, Store};
 use crate::upstream::{PollAnswer, UpstreamClient};
 
 /// What the poller remembers of a job between polls.
@@ -167,7 +167,8 @@ async fn finished(
     now: Timestamp,
 ) -> (PollOutcome, Next) {
     let job_id = state.job.job_id;
-    match ctx.store.complete_job(job_id, status, body, now, ctx.dispatcher.claim_for()).await {
+    let end = JobEnd { job_id, status, body: body.clone(), now };
+    match ctx.store.complete_job(end, ctx.dispatcher.claim_for()).await {
         Ok(tasks) => {
             let n = tasks.len();
             tracing::debug!(status = status.as_str(), deliveries = n, "job finished");
@@ -215,7 +216,8 @@ async fn observe(
     if state.recorded.as_ref() == Some(&seen) {
         return Ok(());
     }
-    ctx.store.record_observation(state.job.job_id, seen.0, seen.1.as_deref(), now).await?;
+    let observation = Observation { job_id: state.job.job_id, status: seen.0, last_error: seen.1.clone(), now };
+    ctx.store.record_observation(observation).await?;
     state.recorded = Some(seen);
     Ok(())
 }

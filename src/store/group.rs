@@ -5,7 +5,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use tokio::sync::oneshot;
 
 use super::*;
@@ -24,10 +23,7 @@ pub(super) enum Write {
         reply: oneshot::Sender<Result<Registered>>,
     },
     Complete {
-        job_id: JobId,
-        status: JobStatus,
-        body: Bytes,
-        now: Timestamp,
+        end: JobEnd,
         claim: ClaimFor,
         reply: oneshot::Sender<Result<Vec<DeliveryTask>>>,
     },
@@ -46,10 +42,7 @@ pub(super) enum Write {
         reply: oneshot::Sender<Result<bool>>,
     },
     Observe {
-        job_id: JobId,
-        status: Option<JobStatus>,
-        last_error: Option<String>,
-        now: Timestamp,
+        observation: Observation,
         reply: oneshot::Sender<Result<()>>,
     },
 }
@@ -95,7 +88,8 @@ impl Write {
     pub(super) fn lock_order(&self) -> (u8, uuid::Uuid) {
         match self {
             Write::Register { registration, .. } => (0, registration.job_id.as_uuid()),
-            Write::Complete { job_id, .. } | Write::Observe { job_id, .. } => (0, job_id.as_uuid()),
+            Write::Complete { end, .. } => (0, end.job_id.as_uuid()),
+            Write::Observe { observation, .. } => (0, observation.job_id.as_uuid()),
             Write::Attempt { record, .. } => (1, record.subscription_id.0),
             Write::Claim { id, .. } => (1, id.0),
         }
@@ -105,7 +99,8 @@ impl Write {
     pub(super) fn partition(&self) -> i64 {
         match self {
             Write::Register { registration, .. } => registration.job_id.partition(),
-            Write::Complete { job_id, .. } | Write::Observe { job_id, .. } => job_id.partition(),
+            Write::Complete { end, .. } => end.job_id.partition(),
+            Write::Observe { observation, .. } => observation.job_id.partition(),
             Write::Attempt { record, .. } => record.partition,
             Write::Claim { partition, .. } => *partition,
         }

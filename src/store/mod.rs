@@ -219,6 +219,25 @@ impl DeliveryTask {
     }
 }
 
+/// A job's terminal answer as [`Store::complete_job`] stores it.
+#[derive(Debug, Clone)]
+pub struct JobEnd {
+    pub job_id: JobId,
+    pub status: JobStatus,
+    /// The upstream's final response body, byte for byte: what the deliveries carry.
+    pub body: Bytes,
+    pub now: Timestamp,
+}
+
+/// What the upstream last said of a job that has not ended, as [`Store::record_observation`] stores it.
+#[derive(Debug, Clone)]
+pub struct Observation {
+    pub job_id: JobId,
+    pub status: Option<JobStatus>,
+    pub last_error: Option<String>,
+    pub now: Timestamp,
+}
+
 /// A registration as the store takes it: the caller's key (its tenant is looked up in the registering
 /// transaction), the new subscription's ID (kept only if no live subscription is the same one), and what
 /// it subscribes to.
@@ -467,24 +486,11 @@ pub trait Store: Send + Sync + 'static {
     async fn pollable_job(&self, job_id: JobId) -> Result<Option<PollableJob>>;
     /// Records what the upstream last said, at a transition (first status, an error appearing, changing
     /// or clearing). Never called for a repeated Pending.
-    async fn record_observation(
-        &self,
-        job_id: JobId,
-        status: Option<JobStatus>,
-        last_error: Option<&str>,
-        now: Timestamp,
-    ) -> Result<()>;
+    async fn record_observation(&self, observation: Observation) -> Result<()>;
     /// The job ended: one transaction stores its result and turns every polling subscription into a
     /// delivery due now, claimed by this instance for `claim_for` (its first attempt needs no write of
     /// its own). Returns those deliveries.
-    async fn complete_job(
-        &self,
-        job_id: JobId,
-        status: JobStatus,
-        body: &Bytes,
-        now: Timestamp,
-        claim_for: Duration,
-    ) -> Result<Vec<DeliveryTask>>;
+    async fn complete_job(&self, end: JobEnd, claim_for: Duration) -> Result<Vec<DeliveryTask>>;
     /// Every polling subscription of the job fails for this reason. Returns how many.
     async fn fail_job(&self, job_id: JobId, reason: FailureReason, last_error: &str, now: Timestamp) -> Result<u64>;
     /// Polling subscriptions created at or before `cutoff` expire. Returns how many, and the job if some

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use jobhook::domain::{FailureReason, JobId, JobStatus, SubscriptionId, Timestamp};
 use jobhook::keys::{ApiKey, SigningSecret};
-use jobhook::store::{AttemptRecord, AttemptResult, Purged, Registered, Registration, Store};
+use jobhook::store::{AttemptRecord, AttemptResult, JobEnd, Purged, Registered, Registration, Store};
 use reqwest::StatusCode;
 
 use crate::support::helpers::*;
@@ -46,10 +46,7 @@ async fn subscription(store: &dyn Store, key: &ApiKey, registered: i64, ended: O
         let body = bytes::Bytes::from(format!(r#"{{"job_id":"{job}","status":"Succeed","image_urls":[]}}"#));
         let tasks = store
             .complete_job(
-                job,
-                JobStatus::Succeed,
-                &body,
-                registered + Duration::from_millis(1),
+                JobEnd { job_id: job, status: JobStatus::Succeed, body, now: registered + Duration::from_millis(1) },
                 Duration::from_secs(30),
             )
             .await

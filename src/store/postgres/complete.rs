@@ -96,20 +96,19 @@ async fn record_results(tx: &mut PgConnection, firsts: &[&Completion<'_>]) -> Re
         .execute(&mut *tx)
         .await
         .db()?;
-    Ok(sqlx::query_scalar(
-        "UPDATE jobs SET status = u.s, result = u.r, last_error = NULL, finished_at = u.n, updated_at = u.n \
-         FROM UNNEST($1::text[], $2::text[], $3::bytea[], $4::int8[]) AS u (j, s, r, n) \
-         WHERE jobs.job_id = u.j AND jobs.result IS NULL RETURNING jobs.job_id",
+    collect_column(
+        &mut *tx,
+        sqlx::query_scalar(
+            "UPDATE jobs SET status = u.s, result = u.r, last_error = NULL, finished_at = u.n, updated_at = u.n \
+             FROM UNNEST($1::text[], $2::text[], $3::bytea[], $4::int8[]) AS u (j, s, r, n) \
+             WHERE jobs.job_id = u.j AND jobs.result IS NULL RETURNING jobs.job_id",
+        )
+        .bind(&ids)
+        .bind(&statuses)
+        .bind(&bodies)
+        .bind(&nows),
     )
-    .bind(&ids)
-    .bind(&statuses)
-    .bind(&bodies)
-    .bind(&nows)
-    .fetch_all(&mut *tx)
     .await
-    .db()?
-    .into_iter()
-    .collect())
 }
 
 /// The subscriptions a batch moves to delivering, as columns.
@@ -152,23 +151,22 @@ impl Moved {
         if self.ids.is_empty() {
             return Ok(HashSet::new());
         }
-        Ok(sqlx::query_scalar(concat!(
-            "UPDATE subscriptions SET state = 'delivering', webhook_id = u.w, attempts = 0, next_attempt_at = u.n, \
-             updated_at = u.n, claimed_until = ",
-            pg_now_ms!(),
-            " + u.m, claimed_by = u.b \
-             FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::int8[], $5::text[]) AS u (i, w, n, m, b) \
-             WHERE subscriptions.id = u.i AND subscriptions.state = 'polling' RETURNING subscriptions.id"
-        ))
-        .bind(&self.ids)
-        .bind(&self.webhook_ids)
-        .bind(&self.nows)
-        .bind(&self.claim_ms)
-        .bind(&self.claimed_by)
-        .fetch_all(&mut *tx)
+        collect_column(
+            &mut *tx,
+            sqlx::query_scalar(concat!(
+                "UPDATE subscriptions SET state = 'delivering', webhook_id = u.w, attempts = 0, next_attempt_at = u.n, \
+                 updated_at = u.n, claimed_until = ",
+                pg_now_ms!(),
+                " + u.m, claimed_by = u.b \
+                 FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::int8[], $5::text[]) AS u (i, w, n, m, b) \
+                 WHERE subscriptions.id = u.i AND subscriptions.state = 'polling' RETURNING subscriptions.id"
+            ))
+            .bind(&self.ids)
+            .bind(&self.webhook_ids)
+            .bind(&self.nows)
+            .bind(&self.claim_ms)
+            .bind(&self.claimed_by),
+        )
         .await
-        .db()?
-        .into_iter()
-        .collect())
     }
 }

@@ -4,6 +4,14 @@
 use super::*;
 
 impl PgStore {
+    /// Runs a lease UPDATE that returns the partitions it touched; they come back as a mask.
+    async fn leased(
+        &self,
+        update: sqlx::query::QueryScalar<'_, Postgres, i64, sqlx::postgres::PgArguments>,
+    ) -> Result<u64> {
+        Ok(mask_of(&update.fetch_all(&self.pool).await.db()?))
+    }
+
     pub(super) async fn heartbeat_now(&self, instance: &str, now: Timestamp, live_after: Timestamp) -> Result<i64> {
         sqlx::query(
             "INSERT INTO instances (id, heartbeat_at) VALUES ($1, $2) \
@@ -28,32 +36,19 @@ impl PgStore {
     }
 
     pub(super) async fn renew_now(&self, instance: &str, until: Timestamp) -> Result<u64> {
-        let held: Vec<i64> =
-            sqlx::query_scalar("UPDATE leases SET expires_at = $1 WHERE owner = $2 RETURNING partition")
-                .bind(until)
-                .bind(instance)
-                .fetch_all(&self.pool)
-                .await
-                .db()?;
-        Ok(mask_of(&held))
+        let renew = sqlx::query_scalar("UPDATE leases SET expires_at = $1 WHERE owner = $2 RETURNING partition");
+        self.leased(renew.bind(until).bind(instance)).await
     }
 
     pub(super) async fn claim_now(&self, instance: &str, n: i64, now: Timestamp, until: Timestamp) -> Result<u64> {
         // SKIP LOCKED: two instances claiming at once take different partitions, neither waits.
-        let taken: Vec<i64> = sqlx::query_scalar(
+        let claim = sqlx::query_scalar(
             "UPDATE leases SET owner = $1, expires_at = $3 WHERE partition IN \
              (SELECT partition FROM leases WHERE owner IS NULL OR expires_at < $2 ORDER BY random() LIMIT $4 \
               FOR UPDATE SKIP LOCKED) \
              RETURNING partition",
-        )
-        .bind(instance)
-        .bind(now)
-        .bind(until)
-        .bind(n)
-        .fetch_all(&self.pool)
-        .await
-        .db()?;
-        Ok(mask_of(&taken))
+        );
+        self.leased(claim.bind(instance).bind(now).bind(until).bind(n)).await
     }
 
     pub(super) async fn release_now(&self, instance: &str, partitions: u64) -> Result<()> {

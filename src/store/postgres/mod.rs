@@ -19,7 +19,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use sqlx::encode::IsNull;
 use sqlx::error::BoxDynError;
-use sqlx::postgres::{PgArgumentBuffer, PgConnection, PgHasArrayType, PgPool, PgPoolOptions, PgTypeInfo, PgValueRef};
+use sqlx::postgres::{
+    PgArgumentBuffer, PgArguments, PgConnection, PgHasArrayType, PgPool, PgPoolOptions, PgTypeInfo, PgValueRef,
+};
 use sqlx::{Executor, Postgres, Transaction};
 use tokio::sync::{mpsc, oneshot};
 
@@ -297,6 +299,54 @@ async fn deadline<T>(call: impl std::future::Future<Output = Result<T>>) -> Resu
     tokio::time::timeout(CALL_DEADLINE, call)
         .await
         .unwrap_or(Err(StoreError::trouble(Trouble::NoAnswer(CALL_DEADLINE))))
+}
+
+/// A read whose rows sqlx maps to `R`, a row type of `rows.rs`.
+type ReadAs<R> = sqlx::query::QueryAs<'static, Postgres, R, PgArguments>;
+
+impl PgStore {
+    /// Every row of a read on the pool, each turned into the store's type, within the call deadline.
+    async fn read_all<R, T>(&self, query: ReadAs<R>) -> Result<Vec<T>>
+    where
+        R: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
+        T: TryFrom<R, Error = StoreError>,
+    {
+        deadline(async move { query.fetch_all(&self.pool).await.db()?.into_iter().map(T::try_from).collect() }).await
+    }
+
+    /// The row of a read on the pool, if there is one, turned into the store's type, within the call deadline.
+    async fn read_one<R, T>(&self, query: ReadAs<R>) -> Result<Option<T>>
+    where
+        R: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
+        T: TryFrom<R, Error = StoreError>,
+    {
+        deadline(async move { query.fetch_optional(&self.pool).await.db()?.map(T::try_from).transpose() }).await
+    }
+}
+
+/// The rows a statement returns in `tx`, collected (into a set or a map, say).
+async fn collect_rows<R, C>(
+    tx: &mut PgConnection,
+    query: sqlx::query::QueryAs<'_, Postgres, R, PgArguments>,
+) -> Result<C>
+where
+    R: for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> + Send + Unpin,
+    C: FromIterator<R>,
+{
+    Ok(query.fetch_all(tx).await.db()?.into_iter().collect())
+}
+
+/// The one column a statement returns in `tx`, collected.
+async fn collect_column<T, C>(
+    tx: &mut PgConnection,
+    query: sqlx::query::QueryScalar<'_, Postgres, T, PgArguments>,
+) -> Result<C>
+where
+    (T,): for<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow>,
+    T: Send + Unpin,
+    C: FromIterator<T>,
+{
+    Ok(query.fetch_all(tx).await.db()?.into_iter().collect())
 }
 
 /// Tells the other instances about work they may own: delivered when `tx` commits, or never.

@@ -12,6 +12,11 @@ const PURGE_LOCK: i64 = 0x6a6f_6268_6f6f_6b70;
 /// The advisory lock key of folding the counts ("jobhook count").
 const COUNT_LOCK: i64 = 0x6a6f_6268_636f_756e;
 
+/// Runs a DELETE whose `$1` is an array of keys; returns how many rows it deleted.
+async fn delete_any(tx: &mut PgConnection, sql: &'static str, keys: &[String]) -> Result<u64> {
+    Ok(sqlx::query(sql).bind(keys).execute(tx).await.db()?.rows_affected())
+}
+
 impl PgStore {
     pub(super) async fn purge_batch(&self, ended_before: Timestamp, limit: u32) -> Result<Option<Purged>> {
         let mut tx = self.begin().await?;
@@ -32,28 +37,17 @@ impl PgStore {
             return Ok(Some(Purged::default()));
         }
         let (ids, jobs): (Vec<String>, Vec<String>) = rows.into_iter().unzip();
-        let attempts = sqlx::query("DELETE FROM delivery_attempts WHERE subscription_id = ANY($1)")
-            .bind(&ids)
-            .execute(&mut *tx)
-            .await
-            .db()?
-            .rows_affected();
-        let subscriptions = sqlx::query("DELETE FROM subscriptions WHERE id = ANY($1)")
-            .bind(&ids)
-            .execute(&mut *tx)
-            .await
-            .db()?
-            .rows_affected();
+        let attempts =
+            delete_any(&mut tx, "DELETE FROM delivery_attempts WHERE subscription_id = ANY($1)", &ids).await?;
+        let subscriptions = delete_any(&mut tx, "DELETE FROM subscriptions WHERE id = ANY($1)", &ids).await?;
         // A job another transaction holds (a registration of it right now) is left for a later run.
-        let jobs = sqlx::query(
+        let jobs = delete_any(
+            &mut tx,
             "DELETE FROM jobs WHERE job_id IN (SELECT job_id FROM jobs j WHERE j.job_id = ANY($1) \
              AND NOT EXISTS (SELECT 1 FROM subscriptions s WHERE s.job_id = j.job_id) FOR UPDATE SKIP LOCKED)",
+            &jobs,
         )
-        .bind(&jobs)
-        .execute(&mut *tx)
-        .await
-        .db()?
-        .rows_affected();
+        .await?;
         tx.commit().await.db()?;
         Ok(Some(Purged { subscriptions, attempts, jobs }))
     }

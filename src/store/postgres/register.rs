@@ -199,16 +199,15 @@ async fn tenants_of(tx: &mut PgConnection, regs: &[&Registration]) -> Result<Has
     let mut hashes: Vec<Vec<u8>> = regs.iter().map(|r| r.key.0.to_vec()).collect();
     hashes.sort();
     hashes.dedup();
-    Ok(sqlx::query_as(
-        "SELECT key_hash, tenant_id FROM api_keys WHERE key_hash = ANY($1) AND revoked_at IS NULL \
-         ORDER BY key_hash FOR SHARE",
+    collect_rows(
+        &mut *tx,
+        sqlx::query_as(
+            "SELECT key_hash, tenant_id FROM api_keys WHERE key_hash = ANY($1) AND revoked_at IS NULL \
+             ORDER BY key_hash FOR SHARE",
+        )
+        .bind(&hashes),
     )
-    .bind(&hashes)
-    .fetch_all(&mut *tx)
     .await
-    .db()?
-    .into_iter()
-    .collect())
 }
 
 /// Creates the jobs that are new, then locks them all in one order (by ID).
@@ -273,16 +272,15 @@ async fn oldest_polling(tx: &mut PgConnection, answers: &[Answer]) -> Result<Has
     if older.is_empty() {
         return Ok(HashMap::new());
     }
-    Ok(sqlx::query_as(
-        "SELECT job_id, MIN(created_at) FROM subscriptions WHERE job_id = ANY($1) AND state = 'polling' \
-         GROUP BY job_id",
+    collect_rows(
+        &mut *tx,
+        sqlx::query_as(
+            "SELECT job_id, MIN(created_at) FROM subscriptions WHERE job_id = ANY($1) AND state = 'polling' \
+             GROUP BY job_id",
+        )
+        .bind(&older),
     )
-    .bind(&older)
-    .fetch_all(&mut *tx)
     .await
-    .db()?
-    .into_iter()
-    .collect())
 }
 
 /// The subscriptions registered before, as the API shows them.

@@ -197,31 +197,21 @@ impl Store for PgStore {
     }
 
     async fn subscription(&self, tenant_id: i64, id: SubscriptionId) -> Result<Option<Subscription>> {
-        deadline(async move {
-            let sql = concat!(
-                "SELECT ",
-                subscription_columns!(),
-                " FROM subscriptions s JOIN jobs j ON j.job_id = s.job_id WHERE s.id = $1 AND s.tenant_id = $2"
-            );
-            let row: Option<SubscriptionRow> =
-                sqlx::query_as(sql).bind(id.to_string()).bind(tenant_id).fetch_optional(&self.pool).await.db()?;
-            row.map(Subscription::try_from).transpose()
-        })
-        .await
+        let sql = concat!(
+            "SELECT ",
+            subscription_columns!(),
+            " FROM subscriptions s JOIN jobs j ON j.job_id = s.job_id WHERE s.id = $1 AND s.tenant_id = $2"
+        );
+        self.read_one(sqlx::query_as::<_, SubscriptionRow>(sql).bind(id.to_string()).bind(tenant_id)).await
     }
 
     async fn list_subscriptions(&self, tenant_id: i64, filter: &ListFilter) -> Result<Vec<Subscription>> {
-        deadline(async move {
-            let sql = list_query(filter);
-            let (values, limit) = list_binds(filter);
-            let mut query = sqlx::query_as::<_, SubscriptionRow>(sqlx::AssertSqlSafe(sql)).bind(tenant_id);
-            for value in values {
-                query = query.bind(value);
-            }
-            let rows = query.bind(limit).fetch_all(&self.pool).await.db()?;
-            rows.into_iter().map(Subscription::try_from).collect()
-        })
-        .await
+        let (values, limit) = list_binds(filter);
+        let mut query = sqlx::query_as::<_, SubscriptionRow>(sqlx::AssertSqlSafe(list_query(filter))).bind(tenant_id);
+        for value in values {
+            query = query.bind(value);
+        }
+        self.read_all(query.bind(limit)).await
     }
 
     async fn cancel(&self, tenant_id: i64, id: SubscriptionId, now: Timestamp) -> Result<Option<Cancel>> {
@@ -233,53 +223,23 @@ impl Store for PgStore {
     }
 
     async fn pollable_jobs(&self) -> Result<Vec<PollableJob>> {
-        deadline(async move {
-            let sql = concat!(pollable_select!(), " GROUP BY j.job_id");
-            let rows: Vec<PollableRow> = sqlx::query_as(sql).fetch_all(&self.pool).await.db()?;
-            rows.into_iter().map(PollableJob::try_from).collect()
-        })
-        .await
+        self.read_all(sqlx::query_as::<_, PollableRow>(concat!(pollable_select!(), " GROUP BY j.job_id"))).await
     }
 
     async fn pollable_job(&self, job_id: JobId) -> Result<Option<PollableJob>> {
-        deadline(async move {
-            let sql = concat!(pollable_select!(), " WHERE j.job_id = $1 GROUP BY j.job_id");
-            let row: Option<PollableRow> =
-                sqlx::query_as(sql).bind(job_id.to_string()).fetch_optional(&self.pool).await.db()?;
-            row.map(PollableJob::try_from).transpose()
-        })
-        .await
+        let sql = concat!(pollable_select!(), " WHERE j.job_id = $1 GROUP BY j.job_id");
+        self.read_one(sqlx::query_as::<_, PollableRow>(sql).bind(job_id.to_string())).await
     }
 
-    async fn record_observation(
-        &self,
-        job_id: JobId,
-        status: Option<JobStatus>,
-        last_error: Option<&str>,
-        now: Timestamp,
-    ) -> Result<()> {
-        deadline(async move {
-            let (reply, answer) = oneshot::channel();
-            let last_error = last_error.map(str::to_owned);
-            self.write(Write::Observe { job_id, status, last_error, now, reply }, answer).await
-        })
-        .await
+    async fn record_observation(&self, observation: Observation) -> Result<()> {
+        let (reply, answer) = oneshot::channel();
+        deadline(self.write(Write::Observe { observation, reply }, answer)).await
     }
 
-    async fn complete_job(
-        &self,
-        job_id: JobId,
-        status: JobStatus,
-        body: &Bytes,
-        now: Timestamp,
-        claim_for: Duration,
-    ) -> Result<Vec<DeliveryTask>> {
-        deadline(async move {
-            let (reply, answer) = oneshot::channel();
-            let claim = ClaimFor::new(&self.instance, claim_for);
-            self.write(Write::Complete { job_id, status, body: body.clone(), now, claim, reply }, answer).await
-        })
-        .await
+    async fn complete_job(&self, end: JobEnd, claim_for: Duration) -> Result<Vec<DeliveryTask>> {
+        let (reply, answer) = oneshot::channel();
+        let claim = ClaimFor::new(&self.instance, claim_for);
+        deadline(self.write(Write::Complete { end, claim, reply }, answer)).await
     }
 
     async fn claim_delivery(&self, task: &DeliveryTask, claim_for: Duration) -> Result<Claim> {
@@ -411,46 +371,27 @@ impl Store for PgStore {
     }
 
     async fn pollable_jobs_in(&self, partitions: u64) -> Result<Vec<PollableJob>> {
-        deadline(async move {
-            let sql =
-                concat!(pollable_select!(), " WHERE (($1 >> CAST(j.partition AS INTEGER)) & 1) = 1 GROUP BY j.job_id");
-            let rows: Vec<PollableRow> =
-                sqlx::query_as(sql).bind(partitions as i64).fetch_all(&self.pool).await.db()?;
-            rows.into_iter().map(PollableJob::try_from).collect()
-        })
-        .await
+        let sql =
+            concat!(pollable_select!(), " WHERE (($1 >> CAST(j.partition AS INTEGER)) & 1) = 1 GROUP BY j.job_id");
+        self.read_all(sqlx::query_as::<_, PollableRow>(sql).bind(partitions as i64)).await
     }
 
     async fn pending_deliveries_in(&self, partitions: u64) -> Result<Vec<DeliveryTask>> {
-        deadline(async move {
-            let sql = concat!(
-                delivery_select!(),
-                " WHERE s.state = 'delivering' AND (($1 >> CAST(s.partition AS INTEGER)) & 1) = 1"
-            );
-            let rows: Vec<DeliveryRow> =
-                sqlx::query_as(sql).bind(partitions as i64).fetch_all(&self.pool).await.db()?;
-            rows.into_iter().map(DeliveryTask::try_from).collect()
-        })
-        .await
+        let sql = concat!(
+            delivery_select!(),
+            " WHERE s.state = 'delivering' AND (($1 >> CAST(s.partition AS INTEGER)) & 1) = 1"
+        );
+        self.read_all(sqlx::query_as::<_, DeliveryRow>(sql).bind(partitions as i64)).await
     }
 
     async fn delivery_task(&self, id: SubscriptionId) -> Result<Option<DeliveryTask>> {
-        deadline(async move {
-            let sql = concat!(delivery_select!(), " WHERE s.state = 'delivering' AND s.id = $1");
-            let row: Option<DeliveryRow> =
-                sqlx::query_as(sql).bind(id.to_string()).fetch_optional(&self.pool).await.db()?;
-            row.map(DeliveryTask::try_from).transpose()
-        })
-        .await
+        let sql = concat!(delivery_select!(), " WHERE s.state = 'delivering' AND s.id = $1");
+        self.read_one(sqlx::query_as::<_, DeliveryRow>(sql).bind(id.to_string())).await
     }
 
     async fn pending_deliveries(&self) -> Result<Vec<DeliveryTask>> {
-        deadline(async move {
-            let sql = concat!(delivery_select!(), " WHERE s.state = 'delivering'");
-            let rows: Vec<DeliveryRow> = sqlx::query_as(sql).fetch_all(&self.pool).await.db()?;
-            rows.into_iter().map(DeliveryTask::try_from).collect()
-        })
-        .await
+        self.read_all(sqlx::query_as::<_, DeliveryRow>(concat!(delivery_select!(), " WHERE s.state = 'delivering'")))
+            .await
     }
 
     async fn record_attempt(&self, record: &AttemptRecord, result: AttemptResult, now: Timestamp) -> Result<bool> {

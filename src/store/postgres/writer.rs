@@ -139,8 +139,8 @@ async fn try_batch(conn: &mut PgConnection, batch: &[Write], sent: &notice::Sent
         .iter()
         .enumerate()
         .filter_map(|(i, w)| match w {
-            Write::Complete { job_id, status, body, now, claim, .. } => {
-                Some((i, Completion { job_id: *job_id, status: *status, body, now: *now, claim }))
+            Write::Complete { end, claim, .. } => {
+                Some((i, Completion { job_id: end.job_id, status: end.status, body: &end.body, now: end.now, claim }))
             }
             _ => None,
         })
@@ -181,13 +181,13 @@ async fn observe_all(tx: &mut PgConnection, batch: &[Write], at: &[usize]) -> Re
     let mut seen = HashSet::new();
     let (mut jobs, mut statuses, mut errors, mut nows) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for i in at.iter().rev() {
-        if let Write::Observe { job_id, status, last_error, now, .. } = &batch[*i]
-            && seen.insert(*job_id)
+        if let Write::Observe { observation: o, .. } = &batch[*i]
+            && seen.insert(o.job_id)
         {
-            jobs.push(job_id.to_string());
-            statuses.push(status.map(|s| s.as_str()));
-            errors.push(last_error.as_deref());
-            nows.push(*now);
+            jobs.push(o.job_id.to_string());
+            statuses.push(o.status.map(|s| s.as_str()));
+            errors.push(o.last_error.as_deref());
+            nows.push(o.now);
         }
     }
     sqlx::query(
@@ -216,24 +216,23 @@ async fn claim_all(tx: &mut PgConnection, batch: &[Write], at: &[usize]) -> Resu
             by.push(claim.by.to_string());
         }
     }
-    let taken: HashSet<String> = sqlx::query_scalar(concat!(
-        "UPDATE subscriptions SET claimed_until = ",
-        pg_now_ms!(),
-        " + u.m, claimed_by = u.b FROM UNNEST($1::text[], $2::int8[], $3::int8[], $4::text[]) AS u (i, s, m, b) \
-         WHERE subscriptions.id = u.i AND subscriptions.state = 'delivering' AND subscriptions.series = u.s \
-         AND (subscriptions.claimed_until IS NULL OR subscriptions.claimed_until <= ",
-        pg_now_ms!(),
-        " OR subscriptions.claimed_by = u.b) RETURNING subscriptions.id"
-    ))
-    .bind(&ids)
-    .bind(&series)
-    .bind(&ms)
-    .bind(&by)
-    .fetch_all(&mut *tx)
-    .await
-    .db()?
-    .into_iter()
-    .collect();
+    let taken: HashSet<String> = collect_column(
+        &mut *tx,
+        sqlx::query_scalar(concat!(
+            "UPDATE subscriptions SET claimed_until = ",
+            pg_now_ms!(),
+            " + u.m, claimed_by = u.b FROM UNNEST($1::text[], $2::int8[], $3::int8[], $4::text[]) AS u (i, s, m, b) \
+             WHERE subscriptions.id = u.i AND subscriptions.state = 'delivering' AND subscriptions.series = u.s \
+             AND (subscriptions.claimed_until IS NULL OR subscriptions.claimed_until <= ",
+            pg_now_ms!(),
+            " OR subscriptions.claimed_by = u.b) RETURNING subscriptions.id"
+        ))
+        .bind(&ids)
+        .bind(&series)
+        .bind(&ms)
+        .bind(&by),
+    )
+    .await?;
     let mut claims = Vec::with_capacity(at.len());
     for i in at {
         let Write::Claim { id, series, now, claim, .. } = &batch[*i] else { continue };
@@ -280,26 +279,25 @@ async fn record_attempts(tx: &mut PgConnection, batch: &[Write], at: &[usize]) -
     .execute(&mut *tx)
     .await
     .db()?;
-    let moved: HashSet<(String, i64)> = sqlx::query_as(
-        "UPDATE subscriptions SET state = u.st, attempts = u.a, next_attempt_at = u.na, failure_reason = u.r, \
-         updated_at = u.n, claimed_until = NULL, claimed_by = NULL \
-         FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::int8[], $5::int8[], $6::text[], $7::int8[]) \
-         AS u (i, s, st, a, na, r, n) \
-         WHERE subscriptions.id = u.i AND subscriptions.state = 'delivering' AND subscriptions.series = u.s \
-         RETURNING subscriptions.id, subscriptions.series",
+    let moved: HashSet<(String, i64)> = collect_rows(
+        &mut *tx,
+        sqlx::query_as(
+            "UPDATE subscriptions SET state = u.st, attempts = u.a, next_attempt_at = u.na, failure_reason = u.r, \
+             updated_at = u.n, claimed_until = NULL, claimed_by = NULL \
+             FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::int8[], $5::int8[], $6::text[], $7::int8[]) \
+             AS u (i, s, st, a, na, r, n) \
+             WHERE subscriptions.id = u.i AND subscriptions.state = 'delivering' AND subscriptions.series = u.s \
+             RETURNING subscriptions.id, subscriptions.series",
+        )
+        .bind(&log.ids)
+        .bind(&log.series)
+        .bind(&log.states)
+        .bind(&log.attempts)
+        .bind(&log.next_at)
+        .bind(&log.reasons)
+        .bind(&log.nows),
     )
-    .bind(&log.ids)
-    .bind(&log.series)
-    .bind(&log.states)
-    .bind(&log.attempts)
-    .bind(&log.next_at)
-    .bind(&log.reasons)
-    .bind(&log.nows)
-    .fetch_all(&mut *tx)
-    .await
-    .db()?
-    .into_iter()
-    .collect();
+    .await?;
     Ok(log.ids.into_iter().zip(log.series).map(|key| moved.contains(&key)).collect())
 }
 

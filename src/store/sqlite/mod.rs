@@ -363,29 +363,14 @@ impl Store for SqliteStore {
         Ok(self.read(move |c| ops::pollable(c, sql, [job_id.to_string()])).await?.pop())
     }
 
-    async fn record_observation(
-        &self,
-        job_id: JobId,
-        status: Option<JobStatus>,
-        last_error: Option<&str>,
-        now: Timestamp,
-    ) -> Result<()> {
+    async fn record_observation(&self, observation: Observation) -> Result<()> {
         let (reply, answer) = oneshot::channel();
-        let last_error = last_error.map(str::to_owned);
-        self.write(Write::Observe { job_id, status, last_error, now, reply }, answer).await
+        self.write(Write::Observe { observation, reply }, answer).await
     }
 
-    async fn complete_job(
-        &self,
-        job_id: JobId,
-        status: JobStatus,
-        body: &Bytes,
-        now: Timestamp,
-        claim_for: Duration,
-    ) -> Result<Vec<DeliveryTask>> {
+    async fn complete_job(&self, end: JobEnd, claim_for: Duration) -> Result<Vec<DeliveryTask>> {
         let (reply, answer) = oneshot::channel();
-        let claim = ClaimFor::new(&self.instance, claim_for);
-        self.write(Write::Complete { job_id, status, body: body.clone(), now, claim, reply }, answer).await
+        self.write(Write::Complete { end, claim: ClaimFor::new(&self.instance, claim_for), reply }, answer).await
     }
 
     async fn fail_job(&self, job_id: JobId, reason: FailureReason, last_error: &str, now: Timestamp) -> Result<u64> {

@@ -91,13 +91,11 @@ fn try_batch(conn: &mut Connection, batch: &[Write]) -> Result<Vec<Done>> {
 fn run(tx: &rusqlite::Transaction<'_>, write: &Write) -> Done {
     match write {
         Write::Register { registration, .. } => Done::Register(register(tx, registration)),
-        Write::Complete { job_id, status, body, now, claim, .. } => {
-            Done::Complete(complete_job(tx, *job_id, *status, body, *now, claim))
-        }
+        Write::Complete { end, claim, .. } => Done::Complete(complete_job(tx, end, claim)),
         Write::Claim { id, series, now, claim, .. } => Done::Claim(claim_delivery(tx, *id, *series, *now, claim)),
         Write::Attempt { record, result, now, .. } => Done::Attempt(record_attempt(tx, record, *result, *now)),
-        Write::Observe { job_id, status, last_error, now, .. } => {
-            Done::Observe(observe(tx, *job_id, *status, last_error.as_deref(), *now))
+        Write::Observe { observation: o, .. } => {
+            Done::Observe(observe(tx, o.job_id, o.status, o.last_error.as_deref(), o.now))
         }
     }
 }
@@ -251,14 +249,8 @@ fn subscription(tx: &rusqlite::Transaction<'_>, id: &str) -> Result<Subscription
     row.try_into()
 }
 
-fn complete_job(
-    tx: &rusqlite::Transaction<'_>,
-    job_id: JobId,
-    status: JobStatus,
-    body: &Bytes,
-    now: Timestamp,
-    claim: &ClaimFor,
-) -> Result<Vec<DeliveryTask>> {
+fn complete_job(tx: &rusqlite::Transaction<'_>, end: &JobEnd, claim: &ClaimFor) -> Result<Vec<DeliveryTask>> {
+    let &JobEnd { job_id, status, ref body, now } = end;
     let job = job_id.to_string();
     let first = tx
         .prepare_cached(
