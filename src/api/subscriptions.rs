@@ -96,7 +96,7 @@ impl From<Subscription> for SubscriptionView {
     fn from(s: Subscription) -> Self {
         SubscriptionView {
             id: s.id.to_string(),
-            job_id: s.job_id.to_string(),
+            job_id: s.job_id.id().to_owned(),
             callback_url: s.callback_url,
             state: s.state,
             job_status: s.job_status,
@@ -293,7 +293,7 @@ pub(crate) async fn register(
             // Harmless when the job is already scheduled (the poller ignores a known job), and a repair
             // if it was not.
             if sub.state == SubscriptionState::Polling
-                && let Some(job) = state.store.pollable_job(sub.job_id).await?
+                && let Some(job) = state.store.pollable_job(sub.job_id.clone()).await?
             {
                 state.poller.ensure(job);
             }
@@ -494,7 +494,7 @@ pub async fn cancel(State(state): State<AppState>, one: TenantSubscription) -> R
             match state.store.cancel(tenant.id, sub_id, Timestamp::now()).await?.ok_or_else(|| not_found(&id))? {
                 Cancel::Cancelled { job_id, was: _ } => {
                     // Both, whatever the state read: the job may have ended between that read and the cancel.
-                    state.poller.recheck(job_id);
+                    state.poller.recheck(job_id.clone());
                     state.dispatcher.cancel(sub_id);
                     state.metrics.finished("cancelled", 1);
                     tracing::info!(subscription_id = %sub_id, %job_id, "cancelled");

@@ -16,7 +16,6 @@ use clap::{Parser, Subcommand, ValueEnum};
 use crate::app::Application;
 use crate::config::file::{self, FromFile};
 use crate::config::{ServeArgs, StoreArgs};
-use crate::mock_upstream::MockArgs;
 use verify::VerifyArgs;
 
 #[derive(Debug, Parser)]
@@ -56,7 +55,7 @@ pub enum Command {
     /// Apply the database migrations and exit (serve applies them too, at start).
     Migrate(StoreArgs),
     /// Run a simulated AetherForge job API, for the quick start, the tests and the benchmark.
-    MockUpstream(MockArgs),
+    MockUpstream(crate::mock_upstream::MockCommand),
     /// See the whole loop in a few seconds: a simulated upstream, jobhook on a temporary store and a
     /// receiver, all on 127.0.0.1; three jobs, each step printed as it happens.
     Demo,

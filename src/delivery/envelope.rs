@@ -42,7 +42,7 @@ pub fn body_of(task: &DeliveryTask) -> Bytes {
     let metadata =
         task.form.metadata.as_deref().and_then(|m| serde_json::from_str(m).ok()).unwrap_or_else(|| json!({}));
     let wrapped =
-        envelope(data, Some(task.subscription_id.to_string()), &task.job_id.to_string(), metadata, task.finished_at);
+        envelope(data, Some(task.subscription_id.to_string()), task.job_id.id(), metadata, task.finished_at);
     Bytes::from(serde_json::to_vec(&wrapped).expect("a JSON value serialises"))
 }
 

@@ -94,9 +94,9 @@ impl PollContext {
 /// One poll of one job: ask the upstream, record what changed, say when to poll next.
 #[tracing::instrument(level = "debug", skip_all, fields(job_id = %state.job.job_id))]
 pub async fn step(ctx: &PollContext, state: &mut JobState) -> (PollOutcome, Next) {
-    let job_id = state.job.job_id;
+    let job_id = state.job.job_id.clone();
     if state.recheck {
-        match ctx.store.pollable_job(job_id).await {
+        match ctx.store.pollable_job(job_id.clone()).await {
             Ok(Some(job)) => {
                 state.job = job;
                 state.recheck = false;
@@ -166,7 +166,7 @@ async fn finished(
     body: &bytes::Bytes,
     now: Timestamp,
 ) -> (PollOutcome, Next) {
-    let job_id = state.job.job_id;
+    let job_id = state.job.job_id.clone();
     let end = JobEnd { job_id, status, body: body.clone(), now };
     match ctx.store.complete_job(end, ctx.dispatcher.claim_for()).await {
         Ok(tasks) => {
@@ -216,7 +216,7 @@ async fn observe(
     if state.recorded.as_ref() == Some(&seen) {
         return Ok(());
     }
-    let observation = Observation { job_id: state.job.job_id, status: seen.0, last_error: seen.1.clone(), now };
+    let observation = Observation { job_id: state.job.job_id.clone(), status: seen.0, last_error: seen.1.clone(), now };
     ctx.store.record_observation(observation).await?;
     state.recorded = Some(seen);
     Ok(())
@@ -233,7 +233,7 @@ async fn expire_or(
     if now < state.job.oldest_polling_at + max_wait {
         return (outcome, Next::PollIn(delay));
     }
-    match ctx.store.expire(state.job.job_id, now - max_wait, now).await {
+    match ctx.store.expire(state.job.job_id.clone(), now - max_wait, now).await {
         Ok((expired, Some(job))) => {
             ctx.metrics.finished("expired", expired);
             tracing::info!("some subscriptions expired; others still wait");
@@ -256,7 +256,7 @@ async fn fail(
     why: &str,
     now: Timestamp,
 ) -> (PollOutcome, Next) {
-    match ctx.store.fail_job(state.job.job_id, reason, why, now).await {
+    match ctx.store.fail_job(state.job.job_id.clone(), reason, why, now).await {
         Ok(n) => {
             ctx.metrics.finished("failed", n);
             tracing::warn!(reason = reason.as_str(), subscriptions = n, "{why}");
