@@ -104,9 +104,14 @@ impl Workers {
             ownership.clone(),
             metrics.clone(),
         );
+        let http = crate::upstream::http_client(&config.upstream);
         let poll_ctx = PollContext::new(
             store.clone(),
-            UpstreamClient::new(&config.upstream),
+            config
+                .upstreams
+                .iter()
+                .map(|profile| UpstreamClient::new(http.clone(), profile.clone()))
+                .collect(),
             config.poll.clone(),
             dispatcher.clone(),
             ownership.clone(),
@@ -193,6 +198,7 @@ impl Application {
             metrics: metrics.clone(),
             workers: health.clone(),
             known_keys: Default::default(),
+            job_ids: Arc::new(crate::config::upstreams::JobIds::new(&config.upstreams)),
             breaker: handles.breaker,
         };
         // The console's session key lives in the store, so every instance sharing it accepts a session.

@@ -250,6 +250,7 @@ mod tests {
             proxy: None,
         };
         let poll = PollConfig { interval: Duration::from_millis(50), ..cfg() };
+        let profile = crate::config::upstreams::UpstreamProfile::aetherforge_with(&config.base_url, None, &poll);
         let delivery = crate::config::DeliveryConfig {
             retry_schedule: vec![Duration::from_secs(1)],
             timeout: Duration::from_secs(5),
@@ -266,7 +267,7 @@ mod tests {
         let metrics = Arc::new(Metrics::new());
         let ctx = Arc::new(PollContext::new(
             store.clone(),
-            UpstreamClient::new(&config),
+            vec![UpstreamClient::new(crate::upstream::http_client(&config), profile)],
             poll,
             dispatcher,
             Arc::new(Ownership::all()),
