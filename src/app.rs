@@ -95,7 +95,7 @@ impl Workers {
         let shared = store.shared();
         let ownership = Arc::new(if shared { partition::Ownership::none() } else { partition::Ownership::all() });
         let secrets = Arc::new(delivery::SecretsCache::new(store.clone()));
-        let delivery_ctx = DeliveryContext::new(
+        let mut delivery_ctx = DeliveryContext::new(
             store.clone(),
             secrets.clone(),
             config.egress.clone(),
@@ -104,6 +104,7 @@ impl Workers {
             ownership.clone(),
             metrics.clone(),
         );
+        delivery_ctx.events = crate::config::upstreams::EventTypes::new(&config.upstreams);
         let http = crate::upstream::http_client(&config.upstream);
         let poll_ctx = PollContext::new(
             store.clone(),

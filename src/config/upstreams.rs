@@ -154,6 +154,43 @@ impl UpstreamProfile {
     }
 }
 
+/// How a delivery names its event: `job.succeeded` when the final body's status maps to succeeded under
+/// the job's profile, `job.failed` otherwise (only final bodies are delivered).
+#[derive(Debug, Clone, Default)]
+pub struct EventTypes {
+    by_profile: std::collections::HashMap<String, (String, Vec<String>)>,
+}
+
+impl EventTypes {
+    pub fn new(profiles: &[UpstreamProfile]) -> Self {
+        let by_profile = profiles
+            .iter()
+            .map(|p| {
+                let succeeded =
+                    p.statuses.iter().filter(|(_, s)| *s == JobStatus::Succeed).map(|(v, _)| v.clone()).collect();
+                (p.name.clone(), (p.status_pointer.clone(), succeeded))
+            })
+            .collect();
+        EventTypes { by_profile }
+    }
+
+    pub fn of(&self, job: &JobId, body: &[u8]) -> &'static str {
+        let Ok(body) = serde_json::from_slice::<serde_json::Value>(body) else { return "job.failed" };
+        // A job of a profile no longer configured (or none given): AetherForge's reading, as always.
+        let (pointer, succeeded) = match self.by_profile.get(job.upstream()) {
+            Some((pointer, succeeded)) => (pointer.as_str(), succeeded.as_slice()),
+            None => ("/status", &[][..]),
+        };
+        let status = body.pointer(pointer).and_then(|s| s.as_str());
+        let success = match status {
+            Some(s) if succeeded.is_empty() => s == "Succeed",
+            Some(s) => succeeded.iter().any(|v| v == s),
+            None => false,
+        };
+        if success { "job.succeeded" } else { "job.failed" }
+    }
+}
+
 /// How a registration names its job: the profiles' ID formats and the default profile.
 #[derive(Debug, Clone)]
 pub struct JobIds {
