@@ -108,11 +108,7 @@ impl Workers {
         let http = crate::upstream::http_client(&config.upstream);
         let poll_ctx = PollContext::new(
             store.clone(),
-            config
-                .upstreams
-                .iter()
-                .map(|profile| UpstreamClient::new(http.clone(), profile.clone()))
-                .collect(),
+            config.upstreams.iter().map(|profile| UpstreamClient::new(http.clone(), profile.clone())).collect(),
             config.poll.clone(),
             dispatcher.clone(),
             ownership.clone(),

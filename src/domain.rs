@@ -37,11 +37,7 @@ pub const PARTITIONS: u32 = 64;
 impl JobId {
     /// The job `id` of the profile `upstream`; `id` must already have passed that profile's format.
     pub fn new(upstream: &str, id: &str) -> Self {
-        if upstream == DEFAULT_UPSTREAM {
-            JobId(Arc::from(id))
-        } else {
-            JobId(Arc::from(format!("{upstream}:{id}")))
-        }
+        if upstream == DEFAULT_UPSTREAM { JobId(Arc::from(id)) } else { JobId(Arc::from(format!("{upstream}:{id}"))) }
     }
 
     /// A key read back from the store (or a notice), which wrote only keys it had made.
@@ -75,7 +71,8 @@ impl JobId {
         if let Ok(uuid) = Uuid::try_parse(&self.0) {
             return uuid_partition(uuid);
         }
-        let hash = self.0.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+        let hash =
+            self.0.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
         let mixed = hash.wrapping_mul(0x9E37_79B9_7F4A_7C15);
         i64::from((mixed >> 58) as u32 % PARTITIONS)
     }

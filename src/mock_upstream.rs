@@ -80,54 +80,56 @@ impl MockProfile {
     }
 
     /// The job the path names, or the answer to an ID this API would not know.
-    fn job(self, raw: &str) -> Result<JobId, Response> {
+    fn job(self, raw: &str) -> Result<JobId, (StatusCode, &'static str)> {
         match self {
             MockProfile::Aetherforge => {
-                raw.parse::<JobId>().map_err(|_| problem(StatusCode::UNPROCESSABLE_ENTITY, "job_id is not a UUID"))
+                raw.parse::<JobId>().map_err(|_| (StatusCode::UNPROCESSABLE_ENTITY, "job_id is not a UUID"))
             }
             MockProfile::Replicate if !raw.is_empty() && raw.bytes().all(|b| b.is_ascii_alphanumeric()) => {
                 Ok(JobId::new(self.name(), raw))
             }
             MockProfile::OpenaiBatch if raw.starts_with("batch_") => Ok(JobId::new(self.name(), raw)),
-            _ => Err(problem(StatusCode::NOT_FOUND, "no such job")),
+            _ => Err((StatusCode::NOT_FOUND, "no such job")),
+        }
+    }
+
+    /// The status words of this API: first pending, later pending, succeeded, failed.
+    fn words(self) -> [&'static str; 4] {
+        match self {
+            MockProfile::Aetherforge => ["Pending", "Pending", "Succeed", "Failed"],
+            MockProfile::Replicate => ["starting", "processing", "succeeded", "failed"],
+            MockProfile::OpenaiBatch => ["validating", "in_progress", "completed", "failed"],
         }
     }
 
     /// A status body: `n` is which poll of the job this is (Replicate starts, then processes).
     fn body(self, id: &str, answer: Stage, n: u32) -> serde_json::Value {
+        let [first, later, succeeded, failed] = self.words();
+        let status = match answer {
+            Stage::Pending if n <= 1 => first,
+            Stage::Pending => later,
+            Stage::Succeeded => succeeded,
+            Stage::Failed => failed,
+            Stage::Unknown if self == MockProfile::Aetherforge => "Exploded",
+            Stage::Unknown => "exploded",
+        };
+        let done = answer == Stage::Succeeded;
         match self {
             MockProfile::Aetherforge => {
-                let (status, urls): (_, Vec<String>) = match answer {
-                    Stage::Pending => ("Pending", vec![]),
-                    Stage::Succeeded => {
-                        ("Succeed", (0..2).map(|i| format!("https://images.example.com/{id}/{i}.png")).collect())
-                    }
-                    Stage::Failed => ("Failed", vec![]),
-                    Stage::Unknown => ("Exploded", vec![]),
+                let urls: Vec<String> = if done {
+                    (0..2).map(|i| format!("https://images.example.com/{id}/{i}.png")).collect()
+                } else {
+                    vec![]
                 };
                 json!({ "job_id": id, "status": status, "image_urls": urls })
             }
             MockProfile::Replicate => {
-                let status = match answer {
-                    Stage::Pending if n <= 1 => "starting",
-                    Stage::Pending => "processing",
-                    Stage::Succeeded => "succeeded",
-                    Stage::Failed => "failed",
-                    Stage::Unknown => "exploded",
-                };
-                let output = (answer == Stage::Succeeded).then(|| vec![format!("https://replicate.delivery/{id}/out.png")]);
+                let output = done.then(|| vec![format!("https://replicate.delivery/{id}/out.png")]);
                 let error = (answer == Stage::Failed).then_some("CUDA out of memory");
                 json!({ "id": id, "model": "stability-ai/sdxl", "status": status, "output": output, "error": error })
             }
             MockProfile::OpenaiBatch => {
-                let status = match answer {
-                    Stage::Pending if n <= 1 => "validating",
-                    Stage::Pending => "in_progress",
-                    Stage::Succeeded => "completed",
-                    Stage::Failed => "failed",
-                    Stage::Unknown => "exploded",
-                };
-                let output = (answer == Stage::Succeeded).then(|| format!("file-{id}"));
+                let output = done.then(|| format!("file-{id}"));
                 json!({ "id": id, "object": "batch", "endpoint": "/v1/chat/completions", "status": status, "output_file_id": output })
             }
         }
@@ -341,7 +343,7 @@ async fn job_status(State(inner): State<Arc<Mutex<Inner>>>, Path(raw): Path<Stri
         let profile = guard.profile;
         let job_id = match profile.job(&raw) {
             Ok(job_id) => job_id,
-            Err(refused) => return refused,
+            Err((status, detail)) => return problem(status, detail),
         };
         let id = job_id.id().to_owned();
         guard.times.push(std::time::Instant::now());

@@ -198,8 +198,30 @@ pub fn example(cli: &clap::Command) -> String {
         };
         out.push_str(&format!("# {id} = {value}\n"));
     }
+    out.push_str(UPSTREAM_EXAMPLE);
     out
 }
+
+/// The end of `jobhook.example.toml`: one other job API, commented out (docs/upstreams.md has them all).
+const UPSTREAM_EXAMPLE: &str = r#"
+# Other job APIs: one [[upstream]] table each (AetherForge is built in as "aetherforge", configured by
+# the upstream_* settings above). Registrations name a profile with "upstream". Every key, and ready
+# profiles for Replicate, OpenAI batches and a second AetherForge endpoint: docs/upstreams.md.
+# [[upstream]]
+#   name = "replicate"
+#   base_url = "https://api.replicate.com"
+#   status_path = "/v1/predictions/{job_id}"
+#   job_id = "[a-z0-9]{10,64}"                # "uuid" or a regular expression
+#   status = "/status"                        # JSON pointer to the status
+#   id = "/id"                                # optional: JSON pointer to the job's ID
+#   pending = ["starting", "processing"]
+#   succeeded = ["succeeded"]
+#   failed = ["failed", "canceled"]
+#   max_rps = 10                              # this upstream's own cap (default: upstream_max_rps)
+# [upstream.auth]
+#   prefix = "Bearer "
+#   value_env = "REPLICATE_API_TOKEN"         # or value_file = "/run/secrets/replicate"; never the value
+"#;
 
 /// The effective settings, one `key = value  # source` line each, secrets masked.
 pub fn describe(cli: &clap::Command, matches: &clap::ArgMatches, from: &FromFile, user_argv: &[OsString]) -> String {

@@ -305,7 +305,8 @@ pub fn from_file(
             Some(name) => format!("#{} (name = {name:?})", i + 1),
             None => format!("#{}", i + 1),
         };
-        let spec: Spec = value.clone().try_into().map_err(|e: toml::de::Error| fail(label.clone(), e.message().to_owned()))?;
+        let spec: Spec =
+            value.clone().try_into().map_err(|e: toml::de::Error| fail(label.clone(), e.message().to_owned()))?;
         let profile = validate(spec, config, env).map_err(|m| fail(label.clone(), m))?;
         if profiles.iter().any(|p| p.name == profile.name) {
             return Err(fail(label, format!("a profile named {:?} is already configured", profile.name)));
@@ -371,8 +372,11 @@ fn pointer(key: &str, p: &str) -> Result<(), String> {
 
 /// The status values and what each means: every list non-empty, no value in two lists.
 fn mapping(spec: &Spec) -> Result<Vec<(String, JobStatus)>, String> {
-    let lists =
-        [("pending", &spec.pending, JobStatus::Pending), ("succeeded", &spec.succeeded, JobStatus::Succeed), ("failed", &spec.failed, JobStatus::Failed)];
+    let lists = [
+        ("pending", &spec.pending, JobStatus::Pending),
+        ("succeeded", &spec.succeeded, JobStatus::Succeed),
+        ("failed", &spec.failed, JobStatus::Failed),
+    ];
     let mut statuses: Vec<(String, JobStatus, &str)> = Vec::new();
     for (key, values, status) in lists {
         if values.is_empty() {
@@ -441,8 +445,9 @@ fn auth(spec: AuthSpec, env: &dyn Fn(&str) -> Option<String>) -> Result<Auth, St
         (Some(var), None) => env(var)
             .filter(|v| !v.trim().is_empty())
             .ok_or_else(|| format!("auth.value_env: the environment variable {var} is not set"))?,
-        (None, Some(file)) => std::fs::read_to_string(file)
-            .map_err(|e| format!("auth.value_file: cannot read {file} ({})", e.kind()))?,
+        (None, Some(file)) => {
+            std::fs::read_to_string(file).map_err(|e| format!("auth.value_file: cannot read {file} ({})", e.kind()))?
+        }
         _ => return Err("auth needs exactly one of value_env and value_file".into()),
     };
     let value = ApiKey::new_upstream(secret.trim()).map_err(|m| format!("auth value: {m}"))?;
@@ -459,14 +464,98 @@ pub mod tests {
 
     /// The built-in profile, at an address nothing listens on.
     pub fn aetherforge() -> UpstreamProfile {
-        let poll = PollConfig {
-            interval: Duration::from_secs(1),
-            max_interval: Duration::from_secs(10),
-            max_wait: Duration::from_secs(86_400),
-            not_found_grace: Duration::from_secs(60),
-            max_in_flight: 8,
-            max_rps: None,
-        };
+        let poll = config().poll;
         UpstreamProfile::aetherforge_with(&"http://127.0.0.1:9".parse().unwrap(), None, &poll)
+    }
+
+    const GOOD: &str = r#"
+[[upstream]]
+name = "replicate"
+base_url = "https://api.replicate.com"
+status_path = "/v1/predictions/{job_id}"
+job_id = "[a-z0-9]{10,64}"
+status = "/status"
+id = "/id"
+pending = ["starting", "processing"]
+succeeded = ["succeeded"]
+failed = ["failed", "canceled"]
+max_rps = 3
+
+[upstream.auth]
+prefix = "Bearer "
+value_env = "REPLICATE_API_TOKEN"
+"#;
+
+    fn config() -> Config {
+        #[derive(clap::Parser)]
+        struct Serve {
+            #[command(flatten)]
+            args: crate::config::ServeArgs,
+        }
+        <Serve as clap::Parser>::try_parse_from(["serve"]).unwrap().args.into_config().unwrap()
+    }
+
+    /// The profiles of `toml`, with `REPLICATE_API_TOKEN` set to a secret.
+    fn load(toml: &str) -> Result<Vec<UpstreamProfile>, String> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jobhook.toml");
+        std::fs::write(&path, toml).unwrap();
+        let env = |var: &str| (var == "REPLICATE_API_TOKEN").then(|| "r8_s3cr3t".to_owned());
+        from_file(path.to_str().unwrap(), &config(), &env).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_ready_profile_loads_with_its_own_cap_and_the_global_pacing() {
+        let profiles = load(GOOD).unwrap();
+        let p = &profiles[0];
+        assert_eq!(p.name, "replicate");
+        assert_eq!(p.poll.max_rps, NonZeroU32::new(3));
+        assert_eq!(p.poll.interval, config().poll.interval);
+        assert_eq!(p.status_of("processing"), Some(JobStatus::Pending));
+        assert_eq!(p.status_of("canceled"), Some(JobStatus::Failed));
+        assert_eq!(p.status_of("Succeeded"), None, "no case folding, no guess");
+        assert_eq!(p.auth.as_ref().unwrap().value.expose(), "Bearer r8_s3cr3t");
+        assert!(!format!("{p:?}").contains("s3cr3t"), "the secret never prints");
+        let ids = JobIds::new(&[aetherforge(), p.clone()]);
+        assert_eq!(
+            ids.parse(Some("replicate"), "gm3qorzdhgbfurvjtvhg6dckhu").unwrap().key(),
+            "replicate:gm3qorzdhgbfurvjtvhg6dckhu"
+        );
+        assert!(ids.parse(Some("replicate"), "UPPER-case").unwrap_err().contains("must match"));
+        assert_eq!(ids.parse(None, "gm3qorzdhgbfurvjtvhg6dckhu").unwrap().upstream(), "replicate", "the only table");
+        assert_eq!(
+            ids.parse(Some("midjourney"), "x").unwrap_err(),
+            "upstream must be one of aetherforge, replicate, got \"midjourney\""
+        );
+    }
+
+    #[test]
+    fn bad_tables_are_refused_naming_the_file_and_the_table_never_the_secret() {
+        let cases = [
+            (GOOD.replace("status = \"/status\"", "status = \"status\""), "status must be a JSON pointer"),
+            (
+                GOOD.replace("failed = [\"failed\", \"canceled\"]", "failed = [\"failed\", \"processing\"]"),
+                "\"processing\" is in both pending and failed",
+            ),
+            (
+                GOOD.replace("REPLICATE_API_TOKEN", "UNSET_TOKEN_VAR"),
+                "the environment variable UNSET_TOKEN_VAR is not set",
+            ),
+            (
+                GOOD.replace("value_env = \"REPLICATE_API_TOKEN\"", "value = \"r8_written_in_the_file\""),
+                "must not be written in the config file",
+            ),
+            (GOOD.replace("name = \"replicate\"", "name = \"aetherforge\""), "built-in profile"),
+            (GOOD.replace("{job_id}", "{id}"), "status_path"),
+            (GOOD.replace("job_id = \"[a-z0-9]{10,64}\"", "job_id = \"[a-z\""), "regular expression"),
+            (format!("{GOOD}{GOOD}"), "already configured"),
+            (GOOD.replace("max_rps = 3", "max_rpm = 3"), "unknown field"),
+        ];
+        for (toml, expected) in cases {
+            let err = load(&toml).unwrap_err();
+            assert!(err.contains(expected), "{expected}: {err}");
+            assert!(err.contains("jobhook.toml: [[upstream]] table #"), "{err}");
+            assert!(!err.contains("s3cr3t") && !err.contains("r8_written"), "{err}");
+        }
     }
 }

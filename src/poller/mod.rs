@@ -179,7 +179,8 @@ fn on_done(
             // recheck: the next step asks the store who still waits.
             tracing::error!(%job_id, error = %e, "poll step failed unexpectedly; retrying later");
             let now = Timestamp::now();
-            let mut state = JobState::new(PollableJob { job_id: job_id.clone(), job_created_at: now, oldest_polling_at: now });
+            let mut state =
+                JobState::new(PollableJob { job_id: job_id.clone(), job_created_at: now, oldest_polling_at: now });
             state.recheck = true;
             polls.insert(job_id, state, ctx.config.max_interval);
             return;

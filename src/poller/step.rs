@@ -173,10 +173,8 @@ pub async fn step(ctx: &PollContext, state: &mut JobState) -> (PollOutcome, Next
             .await
         }
         PollAnswer::NotFound if pending_for >= pacing.not_found_grace => {
-            let why = format!(
-                "upstream answered 404 for longer than {}",
-                humantime::format_duration(pacing.not_found_grace)
-            );
+            let why =
+                format!("upstream answered 404 for longer than {}", humantime::format_duration(pacing.not_found_grace));
             fail(ctx, state, FailureReason::UpstreamJobNotFound, &why, now).await
         }
         PollAnswer::NotFound => {

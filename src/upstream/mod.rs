@@ -97,20 +97,20 @@ pub struct UpstreamClient {
 
 /// The HTTP client every profile polls with: no proxy from the environment, no redirects.
 pub fn http_client(config: &UpstreamConfig) -> reqwest::Client {
-        crate::install_crypto();
-        // No proxy from the environment (HTTP_PROXY, HTTPS_PROXY, ALL_PROXY): every poll carries our
-        // Bearer key, which must not go to whatever proxy a variable happens to name. An operator who
-        // needs one says so with --upstream-proxy.
-        let mut builder = reqwest::Client::builder()
-            .user_agent(USER_AGENT)
-            .redirect(reqwest::redirect::Policy::none())
-            .no_proxy()
-            .timeout(config.timeout)
-            .connect_timeout(config.timeout.min(Duration::from_secs(10)))
-            .pool_idle_timeout(Duration::from_secs(60));
-        if let Some(proxy) = &config.proxy {
-            builder = builder.proxy(reqwest::Proxy::all(proxy.as_str()).expect("the proxy URL is checked at start-up"));
-        }
+    crate::install_crypto();
+    // No proxy from the environment (HTTP_PROXY, HTTPS_PROXY, ALL_PROXY): every poll carries our
+    // Bearer key, which must not go to whatever proxy a variable happens to name. An operator who
+    // needs one says so with --upstream-proxy.
+    let mut builder = reqwest::Client::builder()
+        .user_agent(USER_AGENT)
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .timeout(config.timeout)
+        .connect_timeout(config.timeout.min(Duration::from_secs(10)))
+        .pool_idle_timeout(Duration::from_secs(60));
+    if let Some(proxy) = &config.proxy {
+        builder = builder.proxy(reqwest::Proxy::all(proxy.as_str()).expect("the proxy URL is checked at start-up"));
+    }
     builder.build().expect("the upstream client's settings are valid")
 }
 

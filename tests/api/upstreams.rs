@@ -129,7 +129,8 @@ async fn a_failed_job_is_delivered_as_job_failed_byte_for_byte() {
 async fn an_unmapped_status_value_is_a_bad_answer_named_in_last_error_and_polled_again() {
     let p = spawn_with_profiles(mock_args(0), [None, None]).await;
     let job = replicate_id();
-    p.replicate.script(JobId::new("replicate", &job), vec![Answer::UnknownStatus, Answer::UnknownStatus, Answer::Succeed]);
+    p.replicate
+        .script(JobId::new("replicate", &job), vec![Answer::UnknownStatus, Answer::UnknownStatus, Answer::Succeed]);
     let sub: Value = register(&p.app, "replicate", &job, "/r").await.json().await.unwrap();
     let id = sub["id"].as_str().unwrap();
     eventually(Duration::from_secs(10), "last_error to name the value", || async {

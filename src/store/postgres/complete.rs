@@ -61,8 +61,9 @@ pub(super) async fn complete_all(tx: &mut PgConnection, done: &[Completion<'_>])
         }
         let c = by_job[&job];
         let id = id.parse().map_err(|e| corrupt("subscription id", e))?;
-        let mut task = DeliveryTask::first(id, c.job_id.clone(), tenant_id, webhook_id, callback_url, c.body.clone(), c.now)
-            .with_form(form);
+        let mut task =
+            DeliveryTask::first(id, c.job_id.clone(), tenant_id, webhook_id, callback_url, c.body.clone(), c.now)
+                .with_form(form);
         task.claimed_until = Some(c.claim.held_until);
         tasks.entry(c.job_id.clone()).or_default().push(task);
     }

@@ -139,9 +139,10 @@ async fn try_batch(conn: &mut PgConnection, batch: &[Write], sent: &notice::Sent
         .iter()
         .enumerate()
         .filter_map(|(i, w)| match w {
-            Write::Complete { end, claim, .. } => {
-                Some((i, Completion { job_id: end.job_id.clone(), status: end.status, body: &end.body, now: end.now, claim }))
-            }
+            Write::Complete { end, claim, .. } => Some((
+                i,
+                Completion { job_id: end.job_id.clone(), status: end.status, body: &end.body, now: end.now, claim },
+            )),
             _ => None,
         })
         .unzip();

@@ -161,10 +161,14 @@ fn register(tx: &rusqlite::Transaction<'_>, registration: &Registration) -> Resu
     let (Some(body), Some(webhook_id)) = (result, webhook_id) else {
         // A job created by this registration has no older subscription to expire first.
         let oldest_polling_at = if job_created_at == now { now } else { oldest_polling(tx, &job)?.unwrap_or(now) };
-        return Ok(Registered::CreatedPolling(sub, PollableJob { job_id: job_id.clone(), job_created_at, oldest_polling_at }));
+        return Ok(Registered::CreatedPolling(
+            sub,
+            PollableJob { job_id: job_id.clone(), job_created_at, oldest_polling_at },
+        ));
     };
-    let mut task = DeliveryTask::first(id, job_id.clone(), tenant_id, webhook_id, sub.callback_url.clone(), body.into(), now)
-        .with_form(form.clone());
+    let mut task =
+        DeliveryTask::first(id, job_id.clone(), tenant_id, webhook_id, sub.callback_url.clone(), body.into(), now)
+            .with_form(form.clone());
     task.finished_at = finished_at.unwrap_or(now);
     Ok(Registered::CreatedDelivering(sub, task))
 }
@@ -296,8 +300,8 @@ fn complete_job(tx: &rusqlite::Transaction<'_>, end: &JobEnd, claim: &ClaimFor) 
         .execute(params![webhook_id, now, id, claim.ms, &*claim.by])
         .sq()?;
         let id = id.parse().map_err(|e| corrupt("subscription id", e))?;
-        let mut task =
-            DeliveryTask::first(id, job_id.clone(), tenant_id, webhook_id, callback_url, body.clone(), now).with_form(form);
+        let mut task = DeliveryTask::first(id, job_id.clone(), tenant_id, webhook_id, callback_url, body.clone(), now)
+            .with_form(form);
         task.claimed_until = Some(claim.held_until);
         tasks.push(task);
     }
