@@ -41,21 +41,25 @@ pub struct ListParams {
 }
 
 /// Newest first, filtered by state and job ID, paged with the API's cursors.
+/// The API's list query for the console's filters (a job of the default profile, a state, a page).
+fn api_query(params: &ListParams) -> ListQuery {
+    let nonempty = |s: &str| Some(s.trim().to_owned()).filter(|s| !s.is_empty());
+    ListQuery {
+        job_id: nonempty(&params.job_id),
+        upstream: None,
+        state: nonempty(&params.state),
+        limit: Some(PAGE_SIZE.to_string()),
+        cursor: nonempty(&params.cursor),
+    }
+}
+
 pub async fn list(
     State(state): State<ConsoleState>,
     session: Session,
     params: Result<Query<ListParams>, QueryRejection>,
 ) -> Response {
     let params = params.map(|Query(p)| p).unwrap_or_default();
-    let nonempty = |s: &str| Some(s.trim().to_owned()).filter(|s| !s.is_empty());
-    let query = ListQuery {
-        job_id: nonempty(&params.job_id),
-        upstream: None,
-        state: nonempty(&params.state),
-        limit: Some(PAGE_SIZE.to_string()),
-        cursor: nonempty(&params.cursor),
-    };
-    let page = api::list(State(state.app.clone()), session.tenant.clone(), Ok(Query(query))).await;
+    let page = api::list(State(state.app.clone()), session.tenant.clone(), Ok(Query(api_query(&params)))).await;
     let nav = session.nav("subscriptions");
 
     let mut main = String::from("<h1>Subscriptions</h1>");

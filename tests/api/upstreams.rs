@@ -178,3 +178,40 @@ async fn two_profiles_in_one_deployment_keep_their_rate_caps_apart() {
     assert!((1..=9).contains(&slow), "replicate was polled {slow} times");
     assert!(fast >= 30, "openai-batch was polled only {fast} times: its cap was spent by another");
 }
+
+#[tokio::test]
+async fn config_check_lists_the_profiles_and_names_the_table_of_an_unset_secret_never_its_value() {
+    let dir = tempfile::tempdir().unwrap();
+    let blocks: Vec<&str> = DOC.split("```toml\n").skip(1).map(|b| b.split("```").next().unwrap()).collect();
+    let path = dir.path().join("jobhook.toml");
+    std::fs::write(&path, blocks.join("\n")).unwrap();
+    let check = |env: &[(&str, &str)]| {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_jobhook"));
+        command.args(["config", "check", "--config", path.to_str().unwrap()]).env_remove("OPENAI_API_KEY");
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        command.output()
+    };
+    let secrets = [
+        ("REPLICATE_API_TOKEN", "r8_hunter2"),
+        ("OPENAI_API_KEY", "sk-hunter2"),
+        ("AETHERFORGE_EU_API_KEY", "af-hunter2"),
+    ];
+    let output = check(&secrets).await.unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        stdout.contains("# upstream \"replicate\": GET https://api.replicate.com/v1/predictions/{job_id}"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("# upstream \"openai-batch\""), "{stdout}");
+    assert!(!stdout.contains("hunter2"), "no secret is shown: {stdout}");
+
+    let output = check(&secrets[..1]).await.unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains(path.to_str().unwrap()), "the file is named: {stderr}");
+    assert!(stderr.contains("#2 (name = \"openai-batch\")"), "the table is named: {stderr}");
+    assert!(stderr.contains("OPENAI_API_KEY is not set") && !stderr.contains("hunter2"), "{stderr}");
+}
