@@ -95,7 +95,7 @@ impl Workers {
         let shared = store.shared();
         let ownership = Arc::new(if shared { partition::Ownership::none() } else { partition::Ownership::all() });
         let secrets = Arc::new(delivery::SecretsCache::new(store.clone()));
-        let delivery_ctx = DeliveryContext::new(
+        let mut delivery_ctx = DeliveryContext::new(
             store.clone(),
             secrets.clone(),
             config.egress.clone(),
@@ -104,9 +104,11 @@ impl Workers {
             ownership.clone(),
             metrics.clone(),
         );
+        delivery_ctx.events = crate::config::upstreams::EventTypes::new(&config.upstreams);
+        let http = crate::upstream::http_client(&config.upstream);
         let poll_ctx = PollContext::new(
             store.clone(),
-            UpstreamClient::new(&config.upstream),
+            config.upstreams.iter().map(|profile| UpstreamClient::new(http.clone(), profile.clone())).collect(),
             config.poll.clone(),
             dispatcher.clone(),
             ownership.clone(),
@@ -193,6 +195,7 @@ impl Application {
             metrics: metrics.clone(),
             workers: health.clone(),
             known_keys: Default::default(),
+            job_ids: Arc::new(crate::config::upstreams::JobIds::new(&config.upstreams)),
             breaker: handles.breaker,
         };
         // The console's session key lives in the store, so every instance sharing it accepts a session.

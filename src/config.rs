@@ -12,6 +12,7 @@ use clap::Args;
 use crate::keys::{ApiKey, SigningSecret};
 
 pub mod file;
+pub mod upstreams;
 
 #[derive(Debug, Clone, Args)]
 pub struct StoreArgs {
@@ -239,6 +240,19 @@ pub struct Config {
     pub housekeeping: HousekeepingConfig,
     /// Whether the web console is served at `/console`.
     pub console: bool,
+    /// The job APIs polled: the built-in `aetherforge` first, then the config file's `[[upstream]]`
+    /// tables ([`Config::add_profiles`]).
+    pub upstreams: Vec<upstreams::UpstreamProfile>,
+}
+
+impl Config {
+    /// Adds the `[[upstream]]` tables of the config file at `path`.
+    pub fn add_profiles(&mut self, path: &str) -> Result<(), upstreams::ProfileError> {
+        let env = |var: &str| std::env::var(var).ok();
+        let profiles = upstreams::from_file(path, self, &env)?;
+        self.upstreams.extend(profiles);
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -307,7 +321,7 @@ impl ServeArgs {
         self.check_across()?;
         let allow_cidrs = self.allow_cidrs()?;
 
-        Ok(Config {
+        let mut config = Config {
             listen: self.listen,
             database_url,
             upstream: UpstreamConfig {
@@ -353,7 +367,10 @@ impl ServeArgs {
                 schedule: self.housekeeping_schedule,
             },
             console: self.console,
-        })
+            upstreams: Vec::new(),
+        };
+        config.upstreams.push(upstreams::UpstreamProfile::aetherforge(&config));
+        Ok(config)
     }
 
     /// The key we poll the upstream with: whatever the upstream issued.

@@ -7,6 +7,7 @@
 use std::fmt;
 use std::ops::{Add, Sub};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -18,41 +19,86 @@ mod payload;
 pub use headers::CallbackHeaders;
 pub use payload::{MAX_METADATA_BYTES, Payload, metadata_from_request};
 
-/// An upstream job ID: a UUID, kept in its canonical lowercase hyphenated form so that the same job
-/// spelled in upper case is still one poll stream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct JobId(Uuid);
+/// The name of the built-in upstream profile: every job registered without `"upstream"` is its, and so
+/// is every row stored before profiles existed.
+pub const DEFAULT_UPSTREAM: &str = "aetherforge";
+
+/// A job, as (upstream profile, the upstream's own job ID), kept as one store key: the bare canonical
+/// UUID for the built-in AetherForge profile (so rows stored before profiles existed are already its,
+/// with no table rewrite) and `<upstream>:<id>` for any other. Profile names hold no `:`, so the key is
+/// unambiguous. Cheap to clone (one `Arc`); the same job spelled in upper case is still one poll stream
+/// because the profile canonicalises the ID before it gets here.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct JobId(Arc<str>);
 
 /// How many partitions the jobs are split into; instances sharing a PostgreSQL database lease them.
 pub const PARTITIONS: u32 = 64;
 
 impl JobId {
-    pub fn as_uuid(&self) -> Uuid {
-        self.0
+    /// The job `id` of the profile `upstream`; `id` must already have passed that profile's format.
+    pub fn new(upstream: &str, id: &str) -> Self {
+        if upstream == DEFAULT_UPSTREAM { JobId(Arc::from(id)) } else { JobId(Arc::from(format!("{upstream}:{id}"))) }
     }
 
-    /// The job's partition, 0..[`PARTITIONS`]: a hash of all its bits, so UUIDs whose leading bits are a
-    /// timestamp (v7) spread as evenly as random ones.
+    /// A key read back from the store (or a notice), which wrote only keys it had made.
+    pub fn from_key(key: &str) -> Result<Self, String> {
+        match key.split_once(':') {
+            Some((upstream, id)) if !upstream.is_empty() && !id.is_empty() => Ok(JobId(Arc::from(key))),
+            Some(_) => Err(format!("not a job key: {:?}", truncate(key, 64))),
+            None => key.parse(),
+        }
+    }
+
+    /// The store key (see the type's comment).
+    pub fn key(&self) -> &str {
+        &self.0
+    }
+
+    /// The profile this job belongs to.
+    pub fn upstream(&self) -> &str {
+        self.0.split_once(':').map_or(DEFAULT_UPSTREAM, |(upstream, _)| upstream)
+    }
+
+    /// The upstream's own ID, as the API shows it and the status path carries it.
+    pub fn id(&self) -> &str {
+        self.0.split_once(':').map_or(&self.0, |(_, id)| id)
+    }
+
+    /// The job's partition, 0..[`PARTITIONS`]. An AetherForge job hashes all bits of its UUID (as it
+    /// always has, so stored rows keep their partition), so v7 UUIDs spread as evenly as random ones;
+    /// another profile's job hashes its whole key (FNV-1a, fixed: the partition is stored).
     pub fn partition(&self) -> i64 {
-        let (hi, lo) = self.0.as_u64_pair();
-        let mixed = (hi ^ lo.rotate_left(32)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        if let Ok(uuid) = Uuid::try_parse(&self.0) {
+            return uuid_partition(uuid);
+        }
+        let hash =
+            self.0.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+        let mixed = hash.wrapping_mul(0x9E37_79B9_7F4A_7C15);
         i64::from((mixed >> 58) as u32 % PARTITIONS)
     }
 }
 
+fn uuid_partition(uuid: Uuid) -> i64 {
+    let (hi, lo) = uuid.as_u64_pair();
+    let mixed = (hi ^ lo.rotate_left(32)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    i64::from((mixed >> 58) as u32 % PARTITIONS)
+}
+
+/// An AetherForge job ID (a UUID, kept in its canonical lowercase hyphenated form).
 impl FromStr for JobId {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Uuid::try_parse(s.trim()).map(JobId).map_err(|_| {
+        Uuid::try_parse(s.trim()).map(|u| JobId(Arc::from(u.as_hyphenated().to_string()))).map_err(|_| {
             format!("job_id must be a UUID such as 3f1c2b9e-8a4d-4c6e-9b1a-2d5e7f9a0c11, got {:?}", truncate(s, 64))
         })
     }
 }
 
+/// The store key: what logs and notices carry.
 impl fmt::Display for JobId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.as_hyphenated().fmt(f)
+        self.0.fmt(f)
     }
 }
 
@@ -338,8 +384,8 @@ mod tests {
         let mut v7 = [0u32; PARTITIONS as usize];
         let mut v4 = [0u32; PARTITIONS as usize];
         for _ in 0..6400 {
-            v7[JobId(Uuid::now_v7()).partition() as usize] += 1;
-            v4[JobId(Uuid::new_v4()).partition() as usize] += 1;
+            v7[uuid_partition(Uuid::now_v7()) as usize] += 1;
+            v4[uuid_partition(Uuid::new_v4()) as usize] += 1;
         }
         // 100 expected in each; a fair spread keeps every partition well inside 40..160.
         assert!(v7.iter().chain(v4.iter()).all(|&n| (40..160).contains(&n)), "{v7:?} {v4:?}");

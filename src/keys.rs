@@ -45,6 +45,11 @@ impl ApiKey {
         Ok(ApiKey(key.to_owned()))
     }
 
+    /// A whole header value for the upstream (`Bearer …`), already checked to be a valid one.
+    pub fn new_upstream_header(value: &str) -> Self {
+        ApiKey(value.to_owned())
+    }
+
     pub fn hash(&self) -> KeyHash {
         KeyHash::of(&self.0)
     }

@@ -1,4 +1,6 @@
-//! A simulated AetherForge job API: `GET /public/v1/job/{job_id}`.
+//! A simulated job API in one of three shapes ([`MockProfile`]): AetherForge's
+//! `GET /public/v1/job/{job_id}` (the default), Replicate's `GET /v1/predictions/{id}` and OpenAI's
+//! `GET /v1/batches/{id}`.
 //!
 //! Any well-formed job ID is Pending for a few polls, then ends (Succeed with image URLs by default).
 //! Options make jobs fail, stay pending, or answer errors; tests can also script single jobs and read
@@ -35,6 +37,112 @@ pub struct MockArgs {
     /// The share of polls (0.0–1.0) answered with a 503 error instead.
     #[arg(long, default_value_t = 0.0)]
     pub error_rate: f64,
+}
+
+/// `jobhook mock-upstream`: the simulation's settings and the shape it answers in.
+#[derive(Debug, Clone, Args)]
+pub struct MockCommand {
+    #[command(flatten)]
+    pub args: MockArgs,
+    /// Which job API to simulate (docs/upstreams.md has a jobhook profile for each).
+    #[arg(long, value_enum, default_value_t = MockProfile::Aetherforge)]
+    pub profile: MockProfile,
+}
+
+/// The shapes of job API the mock speaks: path, ID format and status body.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
+pub enum MockProfile {
+    /// `GET /public/v1/job/{uuid}` → `{"job_id","status":"Pending|Succeed|Failed","image_urls"}`.
+    #[default]
+    Aetherforge,
+    /// `GET /v1/predictions/{id}` → `{"id","status":"starting|processing|succeeded|failed|canceled","output"}`.
+    Replicate,
+    /// `GET /v1/batches/{batch_…}` → `{"id","object":"batch","status":"validating|in_progress|…|completed|failed"}`.
+    OpenaiBatch,
+}
+
+impl MockProfile {
+    /// The profile name docs/upstreams.md gives this shape.
+    pub fn name(self) -> &'static str {
+        match self {
+            MockProfile::Aetherforge => "aetherforge",
+            MockProfile::Replicate => "replicate",
+            MockProfile::OpenaiBatch => "openai-batch",
+        }
+    }
+
+    fn route(self) -> &'static str {
+        match self {
+            MockProfile::Aetherforge => "/public/v1/job/{job_id}",
+            MockProfile::Replicate => "/v1/predictions/{job_id}",
+            MockProfile::OpenaiBatch => "/v1/batches/{job_id}",
+        }
+    }
+
+    /// The job the path names, or the answer to an ID this API would not know.
+    fn job(self, raw: &str) -> Result<JobId, (StatusCode, &'static str)> {
+        match self {
+            MockProfile::Aetherforge => {
+                raw.parse::<JobId>().map_err(|_| (StatusCode::UNPROCESSABLE_ENTITY, "job_id is not a UUID"))
+            }
+            MockProfile::Replicate if !raw.is_empty() && raw.bytes().all(|b| b.is_ascii_alphanumeric()) => {
+                Ok(JobId::new(self.name(), raw))
+            }
+            MockProfile::OpenaiBatch if raw.starts_with("batch_") => Ok(JobId::new(self.name(), raw)),
+            _ => Err((StatusCode::NOT_FOUND, "no such job")),
+        }
+    }
+
+    /// The status words of this API: first pending, later pending, succeeded, failed.
+    fn words(self) -> [&'static str; 4] {
+        match self {
+            MockProfile::Aetherforge => ["Pending", "Pending", "Succeed", "Failed"],
+            MockProfile::Replicate => ["starting", "processing", "succeeded", "failed"],
+            MockProfile::OpenaiBatch => ["validating", "in_progress", "completed", "failed"],
+        }
+    }
+
+    /// A status body: `n` is which poll of the job this is (Replicate starts, then processes).
+    fn body(self, id: &str, answer: Stage, n: u32) -> serde_json::Value {
+        let [first, later, succeeded, failed] = self.words();
+        let status = match answer {
+            Stage::Pending if n <= 1 => first,
+            Stage::Pending => later,
+            Stage::Succeeded => succeeded,
+            Stage::Failed => failed,
+            Stage::Unknown if self == MockProfile::Aetherforge => "Exploded",
+            Stage::Unknown => "exploded",
+        };
+        let done = answer == Stage::Succeeded;
+        match self {
+            MockProfile::Aetherforge => {
+                let urls: Vec<String> = if done {
+                    (0..2).map(|i| format!("https://images.example.com/{id}/{i}.png")).collect()
+                } else {
+                    vec![]
+                };
+                json!({ "job_id": id, "status": status, "image_urls": urls })
+            }
+            MockProfile::Replicate => {
+                let output = done.then(|| vec![format!("https://replicate.delivery/{id}/out.png")]);
+                let error = (answer == Stage::Failed).then_some("CUDA out of memory");
+                json!({ "id": id, "model": "stability-ai/sdxl", "status": status, "output": output, "error": error })
+            }
+            MockProfile::OpenaiBatch => {
+                let output = done.then(|| format!("file-{id}"));
+                json!({ "id": id, "object": "batch", "endpoint": "/v1/chat/completions", "status": status, "output_file_id": output })
+            }
+        }
+    }
+}
+
+/// Where a simulated job is, whatever the profile calls it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    Pending,
+    Succeeded,
+    Failed,
+    Unknown,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -84,8 +192,10 @@ struct Inner {
     pending_polls: u32,
     outcome: Outcome,
     error_rate: f64,
-    scripts: HashMap<JobId, Vec<Answer>>,
-    polls: HashMap<JobId, JobPolls>,
+    profile: MockProfile,
+    /// Both by the upstream's own ID ([`JobId::id`]).
+    scripts: HashMap<String, Vec<Answer>>,
+    polls: HashMap<String, JobPolls>,
     /// When each poll arrived, in order (for rate checks).
     times: Vec<std::time::Instant>,
     /// Who wants to hear of each poll (the demo prints them).
@@ -110,18 +220,28 @@ pub struct MockUpstream {
 impl MockUpstream {
     /// Serves on `listener` until the runtime ends.
     pub fn serve(listener: tokio::net::TcpListener, args: &MockArgs) -> std::io::Result<Self> {
+        Self::serve_profile(listener, args, MockProfile::Aetherforge)
+    }
+
+    /// Serves the job API of `profile` on `listener` until the runtime ends.
+    pub fn serve_profile(
+        listener: tokio::net::TcpListener,
+        args: &MockArgs,
+        profile: MockProfile,
+    ) -> std::io::Result<Self> {
         let addr = listener.local_addr()?;
         let inner = Arc::new(Mutex::new(Inner {
             api_key: args.api_key.clone(),
             pending_polls: args.pending_polls,
             outcome: args.outcome,
             error_rate: args.error_rate.clamp(0.0, 1.0),
+            profile,
             scripts: HashMap::new(),
             polls: HashMap::new(),
             times: Vec::new(),
             watcher: None,
         }));
-        let app = axum::Router::new().route("/public/v1/job/{job_id}", get(job_status)).with_state(inner.clone());
+        let app = axum::Router::new().route(profile.route(), get(job_status)).with_state(inner.clone());
         tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
@@ -130,6 +250,10 @@ impl MockUpstream {
 
     pub async fn start(args: &MockArgs) -> std::io::Result<Self> {
         Self::serve(tokio::net::TcpListener::bind(args.listen).await?, args)
+    }
+
+    pub async fn start_profile(args: &MockArgs, profile: MockProfile) -> std::io::Result<Self> {
+        Self::serve_profile(tokio::net::TcpListener::bind(args.listen).await?, args, profile)
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -149,11 +273,11 @@ impl MockUpstream {
 
     /// Answers for one job, in order; the last one repeats.
     pub fn script(&self, job_id: JobId, answers: Vec<Answer>) {
-        self.lock().scripts.insert(job_id, answers);
+        self.lock().scripts.insert(job_id.id().to_owned(), answers);
     }
 
     pub fn polls(&self, job_id: JobId) -> JobPolls {
-        self.lock().polls.get(&job_id).copied().unwrap_or_default()
+        self.lock().polls.get(job_id.id()).copied().unwrap_or_default()
     }
 
     pub fn total_polls(&self) -> u64 {
@@ -175,9 +299,10 @@ impl MockUpstream {
     }
 }
 
-pub async fn run(args: MockArgs) -> anyhow::Result<()> {
-    let mock = MockUpstream::start(&args).await?;
-    crate::outln!("mock upstream listening on http://{}", mock.addr());
+pub async fn run(command: MockCommand) -> anyhow::Result<()> {
+    let MockCommand { args, profile } = command;
+    let mock = MockUpstream::start_profile(&args, profile).await?;
+    crate::outln!("mock upstream ({}) listening on http://{}", profile.name(), mock.addr());
     crate::outln!("  jobs are Pending for {} polls, then {:?}", args.pending_polls, args.outcome);
     tokio::signal::ctrl_c().await?;
     Ok(())
@@ -187,12 +312,11 @@ fn problem(status: StatusCode, detail: &str) -> Response {
     (status, [(header::CONTENT_TYPE, "application/json")], json!({ "detail": detail }).to_string()).into_response()
 }
 
-fn status_body(job_id: &str, status: &str, image_urls: &[String]) -> Response {
-    let body = json!({ "job_id": job_id, "status": status, "image_urls": image_urls });
+fn json_body(body: &serde_json::Value) -> Response {
     ([(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
 }
 
-struct InFlightGuard(Arc<Mutex<Inner>>, JobId);
+struct InFlightGuard(Arc<Mutex<Inner>>, String);
 
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
@@ -216,16 +340,19 @@ async fn job_status(State(inner): State<Arc<Mutex<Inner>>>, Path(raw): Path<Stri
                 return problem(StatusCode::UNAUTHORIZED, "invalid API key");
             }
         }
-        let Ok(job_id) = raw.parse::<JobId>() else {
-            return problem(StatusCode::UNPROCESSABLE_ENTITY, "job_id is not a UUID");
+        let profile = guard.profile;
+        let job_id = match profile.job(&raw) {
+            Ok(job_id) => job_id,
+            Err((status, detail)) => return problem(status, detail),
         };
+        let id = job_id.id().to_owned();
         guard.times.push(std::time::Instant::now());
-        let polls = guard.polls.entry(job_id).or_default();
+        let polls = guard.polls.entry(id.clone()).or_default();
         polls.count += 1;
         polls.in_flight += 1;
         polls.max_in_flight = polls.max_in_flight.max(polls.in_flight);
         let n = polls.count;
-        let answer = match guard.scripts.get(&job_id) {
+        let answer = match guard.scripts.get(&id) {
             Some(script) if !script.is_empty() => script[(n as usize - 1).min(script.len() - 1)].clone(),
             _ if guard.error_rate > 0.0 && rand::random_range(0.0..1.0) < guard.error_rate => Answer::Status(503),
             _ if n <= guard.pending_polls => Answer::Pending,
@@ -238,22 +365,20 @@ async fn job_status(State(inner): State<Arc<Mutex<Inner>>>, Path(raw): Path<Stri
         if let Some(watcher) = &guard.watcher {
             let _ = watcher.send(Polled { job_id, count: n, answer: answer.clone() });
         }
-        (answer, InFlightGuard(inner.clone(), job_id), job_id)
+        (answer, InFlightGuard(inner.clone(), id.clone()), id, n, profile)
     };
-    let (answer, _guard, job_id) = answer;
-    respond(answer, &job_id.to_string()).await
+    let (answer, _guard, id, n, profile) = answer;
+    respond(answer, &id, n, profile).await
 }
 
 /// The upstream's answer, as the script (or the mock's settings) chose it.
-async fn respond(answer: Answer, id: &str) -> Response {
+async fn respond(answer: Answer, id: &str, n: u32, profile: MockProfile) -> Response {
     let id = id.to_owned();
+    let status_body = |stage| json_body(&profile.body(&id, stage, n));
     match answer {
-        Answer::Pending => status_body(&id, "Pending", &[]),
-        Answer::Succeed => {
-            let urls: Vec<String> = (0..2).map(|i| format!("https://images.example.com/{id}/{i}.png")).collect();
-            status_body(&id, "Succeed", &urls)
-        }
-        Answer::Failed => status_body(&id, "Failed", &[]),
+        Answer::Pending => status_body(Stage::Pending),
+        Answer::Succeed => status_body(Stage::Succeeded),
+        Answer::Failed => status_body(Stage::Failed),
         Answer::Status(code) => {
             problem(StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), "simulated error")
         }
@@ -282,8 +407,8 @@ async fn respond(answer: Answer, id: &str) -> Response {
             )
                 .into_response()
         }
-        Answer::OtherJob => status_body(&uuid::Uuid::new_v4().to_string(), "Succeed", &[]),
-        Answer::UnknownStatus => status_body(&id, "Exploded", &[]),
+        Answer::OtherJob => json_body(&profile.body(&uuid::Uuid::new_v4().to_string(), Stage::Succeeded, n)),
+        Answer::UnknownStatus => status_body(Stage::Unknown),
         Answer::Nested(depth) => {
             let body = format!(
                 r#"{{"job_id":"{id}","status":"Succeed","image_urls":[],"extra":{}{}}}"#,
@@ -294,7 +419,7 @@ async fn respond(answer: Answer, id: &str) -> Response {
         }
         Answer::Hang(d) => {
             tokio::time::sleep(d).await;
-            status_body(&id, "Pending", &[])
+            status_body(Stage::Pending)
         }
     }
 }

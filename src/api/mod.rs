@@ -65,6 +65,8 @@ pub struct AppState {
     pub test_sends: Arc<test_sends::TestSends>,
     /// The breakers per callback host, shared with the dispatcher.
     pub breaker: Arc<crate::delivery::Breaker>,
+    /// The upstream profiles' job ID formats, to read a registration's `upstream` and `job_id`.
+    pub job_ids: Arc<crate::config::upstreams::JobIds>,
 }
 
 #[derive(OpenApi)]

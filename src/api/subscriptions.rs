@@ -25,9 +25,15 @@ use crate::store::{
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateSubscription {
-    /// The upstream job ID (a UUID).
-    #[schema(format = Uuid, example = "3f1c2b9e-8a4d-4c6e-9b1a-2d5e7f9a0c11")]
+    /// The upstream job ID: a UUID for the built-in `aetherforge` profile, else in the format the
+    /// profile's `job_id` sets.
+    #[schema(example = "3f1c2b9e-8a4d-4c6e-9b1a-2d5e7f9a0c11")]
     pub job_id: String,
+    /// The upstream profile that runs the job (the `name` of an `[[upstream]]` table); default
+    /// `aetherforge`, or the only `[[upstream]]` profile when the config file has exactly one.
+    #[schema(example = "aetherforge")]
+    #[serde(default)]
+    pub upstream: Option<String>,
     /// An absolute http(s) URL, at most 2,048 bytes; by default it must resolve to a public address.
     #[schema(example = "https://example.com/webhooks/jobs", max_length = 2048)]
     pub callback_url: String,
@@ -56,8 +62,11 @@ pub struct CreateSubscription {
 pub struct SubscriptionView {
     #[schema(format = Uuid)]
     pub id: String,
-    #[schema(format = Uuid)]
+    /// The upstream's own job ID.
     pub job_id: String,
+    /// The upstream profile the job belongs to.
+    #[schema(example = "aetherforge")]
+    pub upstream: String,
     pub callback_url: String,
     pub state: SubscriptionState,
     /// The last status seen upstream; null before the first answer.
@@ -96,7 +105,8 @@ impl From<Subscription> for SubscriptionView {
     fn from(s: Subscription) -> Self {
         SubscriptionView {
             id: s.id.to_string(),
-            job_id: s.job_id.to_string(),
+            job_id: s.job_id.id().to_owned(),
+            upstream: s.job_id.upstream().to_owned(),
             callback_url: s.callback_url,
             state: s.state,
             job_status: s.job_status,
@@ -127,9 +137,12 @@ pub struct SubscriptionPage {
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub struct ListQuery {
-    /// Only subscriptions to this job.
-    #[param(value_type = Option<String>, format = Uuid)]
+    /// Only subscriptions to this job (of `upstream`, or of the default profile).
+    #[param(value_type = Option<String>)]
     pub job_id: Option<String>,
+    /// The profile `job_id` belongs to (default: the profile registrations default to).
+    #[param(value_type = Option<String>)]
+    pub upstream: Option<String>,
     /// Only subscriptions in this state.
     #[param(value_type = Option<SubscriptionState>)]
     pub state: Option<String>,
@@ -254,7 +267,7 @@ pub async fn create(
     super::auth::RegisteringKey(key): super::auth::RegisteringKey,
     ApiJson(body): ApiJson<CreateSubscription>,
 ) -> Result<Response, ApiError> {
-    let job_id: JobId = body.job_id.parse().map_err(ApiError::Invalid)?;
+    let job_id = state.job_ids.parse(body.upstream.as_deref(), &body.job_id).map_err(ApiError::Invalid)?;
     let callback_url: CallbackUrl = body.callback_url.parse().map_err(ApiError::Invalid)?;
     let form = DeliveryForm {
         headers: CallbackHeaders::from_request(body.headers.as_ref()).map_err(ApiError::Invalid)?,
@@ -293,7 +306,7 @@ pub(crate) async fn register(
             // Harmless when the job is already scheduled (the poller ignores a known job), and a repair
             // if it was not.
             if sub.state == SubscriptionState::Polling
-                && let Some(job) = state.store.pollable_job(sub.job_id).await?
+                && let Some(job) = state.store.pollable_job(sub.job_id.clone()).await?
             {
                 state.poller.ensure(job);
             }
@@ -359,7 +372,11 @@ pub async fn list(
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<SubscriptionPage>, ApiError> {
     let Query(query) = query?;
-    let job_id = query.job_id.as_deref().map(|j| j.parse::<JobId>().map_err(ApiError::BadRequest)).transpose()?;
+    let job_id = match (query.job_id.as_deref(), query.upstream.as_deref()) {
+        (Some(j), upstream) => Some(state.job_ids.parse(upstream, j).map_err(ApiError::BadRequest)?),
+        (None, Some(_)) => return Err(ApiError::BadRequest("upstream filters only together with job_id".into())),
+        (None, None) => None,
+    };
     let state_filter =
         query.state.as_deref().map(|s| s.parse::<SubscriptionState>().map_err(ApiError::BadRequest)).transpose()?;
     let limit = match query.limit.as_deref() {
@@ -494,7 +511,7 @@ pub async fn cancel(State(state): State<AppState>, one: TenantSubscription) -> R
             match state.store.cancel(tenant.id, sub_id, Timestamp::now()).await?.ok_or_else(|| not_found(&id))? {
                 Cancel::Cancelled { job_id, was: _ } => {
                     // Both, whatever the state read: the job may have ended between that read and the cancel.
-                    state.poller.recheck(job_id);
+                    state.poller.recheck(job_id.clone());
                     state.dispatcher.cancel(sub_id);
                     state.metrics.finished("cancelled", 1);
                     tracing::info!(subscription_id = %sub_id, %job_id, "cancelled");

@@ -59,7 +59,7 @@ pub async fn run() -> anyhow::Result<()> {
     let secret = SigningSecret::generate();
     let names: Vec<(JobId, &'static str)> =
         JOBS.iter().map(|(name, ..)| (uuid::Uuid::new_v4().to_string().parse().expect("a UUID"), *name)).collect();
-    upstream.script(names[1].0, vec![Answer::Pending, Answer::Failed]);
+    upstream.script(names[1].0.clone(), vec![Answer::Pending, Answer::Failed]);
     let demo = Arc::new(Demo {
         start,
         secret: secret.expose(),

@@ -16,7 +16,6 @@ use clap::{Parser, Subcommand, ValueEnum};
 use crate::app::Application;
 use crate::config::file::{self, FromFile};
 use crate::config::{ServeArgs, StoreArgs};
-use crate::mock_upstream::MockArgs;
 use verify::VerifyArgs;
 
 #[derive(Debug, Parser)]
@@ -56,7 +55,7 @@ pub enum Command {
     /// Apply the database migrations and exit (serve applies them too, at start).
     Migrate(StoreArgs),
     /// Run a simulated AetherForge job API, for the quick start, the tests and the benchmark.
-    MockUpstream(MockArgs),
+    MockUpstream(crate::mock_upstream::MockCommand),
     /// See the whole loop in a few seconds: a simulated upstream, jobhook on a temporary store and a
     /// receiver, all on 127.0.0.1; three jobs, each step printed as it happens.
     Demo,
@@ -140,8 +139,8 @@ pub fn run(cli: Cli, matches: &clap::ArgMatches, from_file: &FromFile, user_argv
     };
     let result = runtime.block_on(async move {
         match cli.command {
-            None => serve(cli.serve).await,
-            Some(Command::Serve(args)) => serve(*args).await,
+            None => serve(cli.serve, cli.config.as_deref()).await,
+            Some(Command::Serve(args)) => serve(*args, cli.config.as_deref()).await,
             Some(Command::Keys { command }) => keys::run(command).await,
             Some(Command::MockUpstream(args)) => crate::mock_upstream::run(args).await,
             Some(Command::Migrate(store)) => migrate(&store.database_url).await,
@@ -193,8 +192,15 @@ fn config(
                     file::describe(&<Cli as clap::CommandFactory>::command(), check, from_file, user_argv)
                 );
             }
-            match args.clone().into_config() {
-                Ok(_) => {
+            let checked = args.clone().into_config().map_err(anyhow::Error::from).and_then(|mut config| {
+                if let Some(path) = &from_file.path {
+                    config.add_profiles(path)?;
+                }
+                Ok(config)
+            });
+            match checked {
+                Ok(config) => {
+                    crate::out!("{}", file::describe_profiles(&config.upstreams));
                     crate::outln!("# ok: the settings are valid");
                     ExitCode::SUCCESS
                 }
@@ -223,8 +229,11 @@ fn explain(error: &anyhow::Error) -> String {
     text
 }
 
-async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let config = args.into_config()?;
+async fn serve(args: ServeArgs, config_file: Option<&str>) -> anyhow::Result<()> {
+    let mut config = args.into_config()?;
+    if let Some(path) = config_file {
+        config.add_profiles(path)?;
+    }
     // A file-size limit (RLIMIT_FSIZE) reached by the store must fail the write — which the store reports
     // as "unavailable" and the API as 503 — not kill the process with SIGXFSZ. A handler, once set, stays.
     #[cfg(unix)]

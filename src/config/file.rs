@@ -16,6 +16,8 @@ pub struct FromFile {
     pub applied: BTreeSet<String>,
     /// The settings the file set but the environment overrode.
     pub overridden: BTreeSet<String>,
+    /// Whether the file has `[[upstream]]` tables.
+    pub profiles: bool,
 }
 
 /// Why a config file cannot be used. Each names the file; the start stops with it.
@@ -63,6 +65,11 @@ pub fn merge(cli: &clap::Command, argv: Vec<OsString>) -> Result<(Vec<OsString>,
     let mut flags = Vec::new();
     let mut from = FromFile { path: Some(path.clone()), ..Default::default() };
     for (key, value) in &table {
+        // `[[upstream]]` tables are profiles, not flags: read by `config::upstreams`.
+        if key == "upstream" {
+            from.profiles = true;
+            continue;
+        }
         let id = key.replace('-', "_");
         let Some(arg) = settings.iter().find(|a| a.get_id() == id.as_str()) else {
             return Err(FileError::UnknownSetting { path, key: key.clone() });
@@ -191,8 +198,30 @@ pub fn example(cli: &clap::Command) -> String {
         };
         out.push_str(&format!("# {id} = {value}\n"));
     }
+    out.push_str(UPSTREAM_EXAMPLE);
     out
 }
+
+/// The end of `jobhook.example.toml`: one other job API, commented out (docs/upstreams.md has them all).
+const UPSTREAM_EXAMPLE: &str = r#"
+# Other job APIs: one [[upstream]] table each (AetherForge is built in as "aetherforge", configured by
+# the upstream_* settings above). Registrations name a profile with "upstream". Every key, and ready
+# profiles for Replicate, OpenAI batches and a second AetherForge endpoint: docs/upstreams.md.
+# [[upstream]]
+#   name = "replicate"
+#   base_url = "https://api.replicate.com"
+#   status_path = "/v1/predictions/{job_id}"
+#   job_id = "[a-z0-9]{10,64}"                # "uuid" or a regular expression
+#   status = "/status"                        # JSON pointer to the status
+#   id = "/id"                                # optional: JSON pointer to the job's ID
+#   pending = ["starting", "processing"]
+#   succeeded = ["succeeded"]
+#   failed = ["failed", "canceled"]
+#   max_rps = 10                              # this upstream's own cap (default: upstream_max_rps)
+# [upstream.auth]
+#   prefix = "Bearer "
+#   value_env = "REPLICATE_API_TOKEN"         # or value_file = "/run/secrets/replicate"; never the value
+"#;
 
 /// The effective settings, one `key = value  # source` line each, secrets masked.
 pub fn describe(cli: &clap::Command, matches: &clap::ArgMatches, from: &FromFile, user_argv: &[OsString]) -> String {
@@ -255,4 +284,35 @@ pub fn mask_password(url: &str) -> String {
         u.query_pairs_mut().clear().extend_pairs(pairs);
     }
     u.to_string()
+}
+
+/// `config check`'s lines about the `[[upstream]]` profiles (none when only the built-in one is
+/// configured, so that output stays as it was). Auth values are never shown, only where they come from.
+pub fn describe_profiles(profiles: &[super::upstreams::UpstreamProfile]) -> String {
+    use super::upstreams::JobIdFormat;
+    if profiles.len() <= 1 {
+        return String::new();
+    }
+    let mut out = format!(
+        "# upstream profiles (registrations without \"upstream\" go to {:?})\n",
+        super::upstreams::default_upstream(profiles)
+    );
+    for p in profiles {
+        let format = match &p.job_id {
+            JobIdFormat::Uuid => "uuid".to_owned(),
+            JobIdFormat::Pattern(re) => format!("/{}/", re.as_str()),
+        };
+        let auth = p.auth.as_ref().map_or("none".to_owned(), |a| format!("{} (value set)", a.header));
+        let rps = p.poll.max_rps.map_or("no cap".to_owned(), |n| format!("{n}/s"));
+        out.push_str(&format!(
+            "# upstream {:?}: GET {}{} · job_id {format} · status at {} · auth {auth} · poll every {}..{} · {rps}\n",
+            p.name,
+            mask_password(p.base_url.as_str()).trim_end_matches('/'),
+            p.status_path,
+            p.status_pointer,
+            humantime::format_duration(p.poll.interval),
+            humantime::format_duration(p.poll.max_interval),
+        ));
+    }
+    out
 }

@@ -16,7 +16,7 @@ use super::html::{self, csrf_field, esc, q};
 use super::{ConsoleState, CsrfForm, Session};
 use crate::api::subscriptions::{self as api, ListQuery, SubscriptionView, TenantSubscription};
 use crate::api::{ApiError, AppState};
-use crate::domain::{CallbackUrl, JobId, SubscriptionId, SubscriptionState};
+use crate::domain::{CallbackUrl, SubscriptionId, SubscriptionState};
 use crate::store::AttemptRecord;
 
 /// Rows per page.
@@ -41,20 +41,25 @@ pub struct ListParams {
 }
 
 /// Newest first, filtered by state and job ID, paged with the API's cursors.
+/// The API's list query for the console's filters (a job of the default profile, a state, a page).
+fn api_query(params: &ListParams) -> ListQuery {
+    let nonempty = |s: &str| Some(s.trim().to_owned()).filter(|s| !s.is_empty());
+    ListQuery {
+        job_id: nonempty(&params.job_id),
+        upstream: None,
+        state: nonempty(&params.state),
+        limit: Some(PAGE_SIZE.to_string()),
+        cursor: nonempty(&params.cursor),
+    }
+}
+
 pub async fn list(
     State(state): State<ConsoleState>,
     session: Session,
     params: Result<Query<ListParams>, QueryRejection>,
 ) -> Response {
     let params = params.map(|Query(p)| p).unwrap_or_default();
-    let nonempty = |s: &str| Some(s.trim().to_owned()).filter(|s| !s.is_empty());
-    let query = ListQuery {
-        job_id: nonempty(&params.job_id),
-        state: nonempty(&params.state),
-        limit: Some(PAGE_SIZE.to_string()),
-        cursor: nonempty(&params.cursor),
-    };
-    let page = api::list(State(state.app.clone()), session.tenant.clone(), Ok(Query(query))).await;
+    let page = api::list(State(state.app.clone()), session.tenant.clone(), Ok(Query(api_query(&params)))).await;
     let nav = session.nav("subscriptions");
 
     let mut main = String::from("<h1>Subscriptions</h1>");
@@ -481,7 +486,7 @@ pub async fn register_page(session: Session) -> Response {
 pub async fn register(State(state): State<ConsoleState>, session: Session, form: CsrfForm) -> Response {
     let (raw_job, raw_url) = (form.get("job_id").trim(), form.get("callback_url").trim());
     let mut errors = FieldErrors::default();
-    let job_id = raw_job.parse::<JobId>().map_err(|e| errors.job_id = Some(sentence(&e))).ok();
+    let job_id = state.app.job_ids.parse(None, raw_job).map_err(|e| errors.job_id = Some(sentence(&e))).ok();
     let url = raw_url.parse::<CallbackUrl>().map_err(|e| errors.callback_url = Some(sentence(&e))).ok();
     let (Some(job_id), Some(url)) = (job_id, url) else {
         return register_form(&session, StatusCode::UNPROCESSABLE_ENTITY, raw_job, raw_url, &errors);

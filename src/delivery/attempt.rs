@@ -174,7 +174,8 @@ async fn send(ctx: &DeliveryContext, task: &DeliveryTask, url: url::Url, secrets
     let started_at = Timestamp::now();
     let clock = Instant::now();
     let timestamp = time::OffsetDateTime::now_utc().unix_timestamp();
-    let body = super::envelope::body_of(task);
+    let event = ctx.events.of(&task.job_id, &task.body);
+    let body = super::envelope::body_of(task, event);
     let signature = signing::signature_header(secrets, &task.webhook_id, timestamp, &body);
     // The subscription's own headers first: none of them can be one of ours (they are refused at
     // registration), so ours below are never replaced.
@@ -185,7 +186,7 @@ async fn send(ctx: &DeliveryContext, task: &DeliveryTask, url: url::Url, secrets
         .header("webhook-id", &task.webhook_id)
         .header("webhook-timestamp", timestamp.to_string())
         .header("webhook-signature", signature)
-        .header("jobhook-event-type", super::envelope::event_type(&task.body))
+        .header("jobhook-event-type", event)
         .header("jobhook-subscription-id", task.subscription_id.to_string())
         .body(body);
     let mut response = match request.send().await {

@@ -20,18 +20,31 @@ fn event_of(body: &Value) -> &'static str {
     if body.get("status").and_then(Value::as_str) == Some("Succeed") { "job.succeeded" } else { "job.failed" }
 }
 
-/// The Standard Webhooks payload structure around `data`.
+/// The Standard Webhooks payload structure around `data` (an AetherForge body: its type read from it).
 pub fn envelope(data: Value, subscription_id: Option<String>, job_id: &str, metadata: Value, at: Timestamp) -> Value {
+    let event = event_of(&data);
+    typed_envelope(event, data, subscription_id, job_id, metadata, at)
+}
+
+/// The Standard Webhooks payload structure around `data`, of type `event`.
+fn typed_envelope(
+    event: &str,
+    data: Value,
+    subscription_id: Option<String>,
+    job_id: &str,
+    metadata: Value,
+    at: Timestamp,
+) -> Value {
     json!({
-        "type": event_of(&data),
+        "type": event,
         "timestamp": at.rfc3339(),
         "data": data,
         "subscription": {"id": subscription_id, "job_id": job_id, "metadata": metadata},
     })
 }
 
-/// What a delivery of `task` sends.
-pub fn body_of(task: &DeliveryTask) -> Bytes {
+/// What a delivery of `task` sends; `event` is its type (see [`crate::config::upstreams::EventTypes`]).
+pub fn body_of(task: &DeliveryTask, event: &str) -> Bytes {
     if task.form.payload == Payload::Raw {
         return task.body.clone();
     }
@@ -41,8 +54,8 @@ pub fn body_of(task: &DeliveryTask) -> Bytes {
         .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&task.body).into_owned()));
     let metadata =
         task.form.metadata.as_deref().and_then(|m| serde_json::from_str(m).ok()).unwrap_or_else(|| json!({}));
-    let wrapped =
-        envelope(data, Some(task.subscription_id.to_string()), &task.job_id.to_string(), metadata, task.finished_at);
+    let subscription_id = Some(task.subscription_id.to_string());
+    let wrapped = typed_envelope(event, data, subscription_id, task.job_id.id(), metadata, task.finished_at);
     Bytes::from(serde_json::to_vec(&wrapped).expect("a JSON value serialises"))
 }
 

@@ -58,6 +58,8 @@ pub struct DeliveryContext {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// The breaker per callback host, shared with the API that lists and resumes them.
     pub breaker: Arc<Breaker>,
+    /// How each upstream profile's final body names its event (`job.succeeded` / `job.failed`).
+    pub events: crate::config::upstreams::EventTypes,
 }
 
 impl DeliveryContext {
@@ -72,6 +74,7 @@ impl DeliveryContext {
     ) -> Self {
         DeliveryContext {
             breaker: Arc::new(Breaker::new(config.breaker, metrics.breakers_open.clone())),
+            events: Default::default(),
             metrics,
             http: client::callback_client(&policy, lookup, config.timeout),
             overall: Arc::new(Semaphore::new(config.max_in_flight)),

@@ -82,8 +82,9 @@ type Polls = Schedule<JobId, JobState, bool, Next>;
 
 /// A job to schedule from a message: checked against the store first if it ended moments ago.
 fn scheduled(job: PollableJob, ended: &mut Recently<JobId>) -> JobState {
+    let recheck = ended.take(&job.job_id);
     let mut state = JobState::new(job);
-    state.recheck = ended.take(&job.job_id);
+    state.recheck = recheck;
     state
 }
 
@@ -106,7 +107,7 @@ pub async fn run(
     let mut polls = Polls::new(ctx.config.max_in_flight);
     let mut ended = Recently::new();
     for job in initial {
-        polls.insert(job.job_id, JobState::new(job), spread(&ctx));
+        polls.insert(job.job_id.clone(), JobState::new(job), spread(&ctx));
     }
     tracing::info!(jobs = polls.len(), "poller started");
     loop {
@@ -142,7 +143,7 @@ fn on_message(ctx: &PollContext, polls: &mut Polls, ended: &mut Recently<JobId>,
     };
     match polls.get_mut(&job.job_id) {
         None => {
-            polls.insert(job.job_id, scheduled(job, ended), due_in);
+            polls.insert(job.job_id.clone(), scheduled(job, ended), due_in);
         }
         Some(Entry::Queued(_)) => {}
         // The running poll may decide nobody waits any more (or the load may have seen a subscription
@@ -178,7 +179,8 @@ fn on_done(
             // recheck: the next step asks the store who still waits.
             tracing::error!(%job_id, error = %e, "poll step failed unexpectedly; retrying later");
             let now = Timestamp::now();
-            let mut state = JobState::new(PollableJob { job_id, job_created_at: now, oldest_polling_at: now });
+            let mut state =
+                JobState::new(PollableJob { job_id: job_id.clone(), job_created_at: now, oldest_polling_at: now });
             state.recheck = true;
             polls.insert(job_id, state, ctx.config.max_interval);
             return;
@@ -249,6 +251,7 @@ mod tests {
             proxy: None,
         };
         let poll = PollConfig { interval: Duration::from_millis(50), ..cfg() };
+        let profile = crate::config::upstreams::UpstreamProfile::aetherforge_with(&config.base_url, None, &poll);
         let delivery = crate::config::DeliveryConfig {
             retry_schedule: vec![Duration::from_secs(1)],
             timeout: Duration::from_secs(5),
@@ -265,7 +268,7 @@ mod tests {
         let metrics = Arc::new(Metrics::new());
         let ctx = Arc::new(PollContext::new(
             store.clone(),
-            UpstreamClient::new(&config),
+            vec![UpstreamClient::new(crate::upstream::http_client(&config), profile)],
             poll,
             dispatcher,
             Arc::new(Ownership::all()),
@@ -290,29 +293,29 @@ mod tests {
             Registered::CreatedPolling(_, job) => job,
             _ => panic!("a job without a result is polled"),
         };
-        let polls = |job: PollableJob| upstream.polls(job.job_id).count;
+        let polls = |job: &PollableJob| upstream.polls(job.job_id.clone()).count;
         let idle = || metrics.jobs_polling.get() == 0;
 
         let job = register(uuid::Uuid::new_v4().to_string().parse().unwrap()).await;
-        handle.ensure(job);
-        until("the job's Pending and final polls", || polls(job) == 2 && idle()).await;
+        handle.ensure(job.clone());
+        until("the job's Pending and final polls", || polls(&job) == 2 && idle()).await;
         // The late message. Another job run through the loop afterwards shows it has been handled
         // (messages are taken in order, and a scheduled job would be polled at once).
-        handle.ensure(job);
-        handle.adopt(job);
+        handle.ensure(job.clone());
+        handle.adopt(job.clone());
         let other = register(uuid::Uuid::new_v4().to_string().parse().unwrap()).await;
-        handle.ensure(other);
-        until("the other job to finish", || polls(other) == 2 && idle()).await;
-        assert_eq!(polls(job), 2, "a finished job was polled again");
+        handle.ensure(other.clone());
+        until("the other job to finish", || polls(&other) == 2 && idle()).await;
+        assert_eq!(polls(&job), 2, "a finished job was polled again");
 
         // A job that failed upstream (422) ends its subscription without a result; a new subscription
         // to it waits, and its message, though it comes moments after the end, is polled.
         let rejected: JobId = uuid::Uuid::new_v4().to_string().parse().unwrap();
-        upstream.script(rejected, vec![Answer::Status(422), Answer::Succeed]);
-        handle.ensure(register(rejected).await);
-        until("the 422", || upstream.polls(rejected).count == 1 && idle()).await;
-        handle.ensure(register(rejected).await);
-        until("the new subscription's poll", || upstream.polls(rejected).count == 2 && idle()).await;
+        upstream.script(rejected.clone(), vec![Answer::Status(422), Answer::Succeed]);
+        handle.ensure(register(rejected.clone()).await);
+        until("the 422", || upstream.polls(rejected.clone()).count == 1 && idle()).await;
+        handle.ensure(register(rejected.clone()).await);
+        until("the new subscription's poll", || upstream.polls(rejected.clone()).count == 2 && idle()).await;
         assert!(store.pollable_job(rejected).await.unwrap().is_none(), "the job finished");
         shutdown.cancel();
         poller.await.unwrap();

@@ -3,6 +3,7 @@
 //! A Pending answer writes nothing (DESIGN promise 3); the store is written only at transitions: the
 //! first status seen, an error appearing or changing, the job's end, expiry, a definitive refusal.
 
+use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,7 +13,7 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use super::backoff::{error_delay, pending_delay, random_jitter};
 use crate::config::PollConfig;
 use crate::delivery::DispatcherHandle;
-use crate::domain::{FailureReason, JobStatus, Timestamp};
+use crate::domain::{FailureReason, JobId, JobStatus, Timestamp};
 use crate::metrics::Metrics;
 use crate::partition::Ownership;
 use crate::store::{JobEnd, Observation, PollableJob, Store};
@@ -62,41 +63,60 @@ pub enum Next {
 /// Everything a poll step needs.
 pub struct PollContext {
     pub store: Arc<dyn Store>,
-    pub upstream: UpstreamClient,
+    /// The job APIs by profile name, each with its own client, pacing and rate cap.
+    upstreams: HashMap<String, Upstream>,
+    /// The global settings: `max_wait`, `max_in_flight`, and the pacing of a job whose profile is gone.
     pub config: PollConfig,
     pub dispatcher: DispatcherHandle,
     /// The partitions this instance polls (all of them on SQLite).
     pub ownership: Arc<Ownership>,
-    /// The cap on polls per second over all jobs (DESIGN promise 7).
-    limiter: Option<DefaultDirectRateLimiter>,
     pub metrics: Arc<Metrics>,
+}
+
+/// One profile as the poller uses it.
+struct Upstream {
+    client: UpstreamClient,
+    /// The cap on this upstream's polls per second over all its jobs (DESIGN promise 7): one bucket per
+    /// profile, so a busy upstream cannot spend another's allowance.
+    limiter: Option<DefaultDirectRateLimiter>,
 }
 
 impl PollContext {
     pub fn new(
         store: Arc<dyn Store>,
-        upstream: UpstreamClient,
+        upstreams: Vec<UpstreamClient>,
         config: PollConfig,
         dispatcher: DispatcherHandle,
         ownership: Arc<Ownership>,
         metrics: Arc<Metrics>,
     ) -> Self {
-        // A burst of a tenth of a second's worth: smooth enough for the upstream, loose enough that a
-        // poll is never late by more than one token's wait.
-        let limiter = config.max_rps.map(|rps| {
-            let burst = NonZeroU32::new(rps.get() / 10).unwrap_or(NonZeroU32::MIN);
-            RateLimiter::direct(Quota::per_second(rps).allow_burst(burst))
-        });
-        PollContext { store, upstream, config, dispatcher, ownership, limiter, metrics }
+        let upstreams = upstreams
+            .into_iter()
+            .map(|client| {
+                // A burst of a tenth of a second's worth: smooth enough for the upstream, loose enough
+                // that a poll is never late by more than one token's wait.
+                let limiter = client.profile().poll.max_rps.map(|rps| {
+                    let burst = NonZeroU32::new(rps.get() / 10).unwrap_or(NonZeroU32::MIN);
+                    RateLimiter::direct(Quota::per_second(rps).allow_burst(burst))
+                });
+                (client.profile().name.clone(), Upstream { client, limiter })
+            })
+            .collect();
+        PollContext { store, upstreams, config, dispatcher, ownership, metrics }
+    }
+
+    /// The pacing of `job`'s profile (the global one if that profile is no longer configured).
+    fn pacing(&self, job: &JobId) -> &PollConfig {
+        self.upstreams.get(job.upstream()).map_or(&self.config, |u| &u.client.profile().poll)
     }
 }
 
 /// One poll of one job: ask the upstream, record what changed, say when to poll next.
 #[tracing::instrument(level = "debug", skip_all, fields(job_id = %state.job.job_id))]
 pub async fn step(ctx: &PollContext, state: &mut JobState) -> (PollOutcome, Next) {
-    let job_id = state.job.job_id;
+    let job_id = state.job.job_id.clone();
     if state.recheck {
-        match ctx.store.pollable_job(job_id).await {
+        match ctx.store.pollable_job(job_id.clone()).await {
             Ok(Some(job)) => {
                 state.job = job;
                 state.recheck = false;
@@ -105,7 +125,12 @@ pub async fn step(ctx: &PollContext, state: &mut JobState) -> (PollOutcome, Next
             Err(e) => return store_trouble(ctx, state, e),
         }
     }
-    if let Some(limiter) = &ctx.limiter {
+    let Some(upstream) = ctx.upstreams.get(job_id.upstream()) else {
+        // Stored jobs of a profile taken out of the config wait (visibly) until it is back or they expire.
+        let error = format!("no upstream profile named {:?} is configured", job_id.upstream());
+        return transient(ctx, state, error, None, Timestamp::now()).await;
+    };
+    if let Some(limiter) = &upstream.limiter {
         limiter.until_ready().await;
         // The wait can be long; the partition may have gone to another instance meanwhile.
         if !ctx.ownership.owns(job_id.partition()) {
@@ -113,7 +138,8 @@ pub async fn step(ctx: &PollContext, state: &mut JobState) -> (PollOutcome, Next
         }
     }
     let asked = std::time::Instant::now();
-    let answer = ctx.upstream.poll(job_id).await;
+    let answer = upstream.client.poll(&job_id).await;
+    let pacing = ctx.pacing(&job_id);
     ctx.metrics.poll(answer.outcome(), asked.elapsed());
     let now = Timestamp::now();
     let pending_for = now.duration_since(state.job.job_created_at);
@@ -124,12 +150,15 @@ pub async fn step(ctx: &PollContext, state: &mut JobState) -> (PollOutcome, Next
             if let Err(e) = observe(ctx, state, Some(JobStatus::Pending), None, now).await {
                 return store_trouble(ctx, state, e);
             }
-            expire_or(ctx, state, now, PollOutcome::Pending, pending_delay(pending_for, &ctx.config, random_jitter()))
-                .await
+            expire_or(ctx, state, now, PollOutcome::Pending, pending_delay(pending_for, pacing, random_jitter())).await
         }
         PollAnswer::Unauthorized(status) => {
             // As it came: a 403 (a key without the right) is a different fix from a 401 (a wrong key).
-            let why = format!("upstream answered {status}: check JOBHOOK_UPSTREAM_API_KEY");
+            let why = if job_id.upstream() == crate::domain::DEFAULT_UPSTREAM {
+                format!("upstream answered {status}: check JOBHOOK_UPSTREAM_API_KEY")
+            } else {
+                format!("upstream answered {status}: check the auth value of upstream {:?}", job_id.upstream())
+            };
             tracing::error!("{why}");
             fail(ctx, state, FailureReason::UpstreamUnauthorized, &why, now).await
         }
@@ -143,11 +172,9 @@ pub async fn step(ctx: &PollContext, state: &mut JobState) -> (PollOutcome, Next
             )
             .await
         }
-        PollAnswer::NotFound if pending_for >= ctx.config.not_found_grace => {
-            let why = format!(
-                "upstream answered 404 for longer than {}",
-                humantime::format_duration(ctx.config.not_found_grace)
-            );
+        PollAnswer::NotFound if pending_for >= pacing.not_found_grace => {
+            let why =
+                format!("upstream answered 404 for longer than {}", humantime::format_duration(pacing.not_found_grace));
             fail(ctx, state, FailureReason::UpstreamJobNotFound, &why, now).await
         }
         PollAnswer::NotFound => {
@@ -166,7 +193,7 @@ async fn finished(
     body: &bytes::Bytes,
     now: Timestamp,
 ) -> (PollOutcome, Next) {
-    let job_id = state.job.job_id;
+    let job_id = state.job.job_id.clone();
     let end = JobEnd { job_id, status, body: body.clone(), now };
     match ctx.store.complete_job(end, ctx.dispatcher.claim_for()).await {
         Ok(tasks) => {
@@ -199,7 +226,7 @@ async fn transient(
     if let Err(e) = observe(ctx, state, None, Some(error.clone()), now).await {
         return store_trouble(ctx, state, e);
     }
-    let delay = error_delay(state.consecutive_errors, retry_after, &ctx.config, random_jitter());
+    let delay = error_delay(state.consecutive_errors, retry_after, ctx.pacing(&state.job.job_id), random_jitter());
     expire_or(ctx, state, now, PollOutcome::Error(error), delay).await
 }
 
@@ -216,7 +243,7 @@ async fn observe(
     if state.recorded.as_ref() == Some(&seen) {
         return Ok(());
     }
-    let observation = Observation { job_id: state.job.job_id, status: seen.0, last_error: seen.1.clone(), now };
+    let observation = Observation { job_id: state.job.job_id.clone(), status: seen.0, last_error: seen.1.clone(), now };
     ctx.store.record_observation(observation).await?;
     state.recorded = Some(seen);
     Ok(())
@@ -233,7 +260,7 @@ async fn expire_or(
     if now < state.job.oldest_polling_at + max_wait {
         return (outcome, Next::PollIn(delay));
     }
-    match ctx.store.expire(state.job.job_id, now - max_wait, now).await {
+    match ctx.store.expire(state.job.job_id.clone(), now - max_wait, now).await {
         Ok((expired, Some(job))) => {
             ctx.metrics.finished("expired", expired);
             tracing::info!("some subscriptions expired; others still wait");
@@ -256,7 +283,7 @@ async fn fail(
     why: &str,
     now: Timestamp,
 ) -> (PollOutcome, Next) {
-    match ctx.store.fail_job(state.job.job_id, reason, why, now).await {
+    match ctx.store.fail_job(state.job.job_id.clone(), reason, why, now).await {
         Ok(n) => {
             ctx.metrics.finished("failed", n);
             tracing::warn!(reason = reason.as_str(), subscriptions = n, "{why}");
@@ -275,6 +302,6 @@ fn store_trouble(ctx: &PollContext, state: &mut JobState, e: crate::store::Store
     state.recheck = true;
     (
         PollOutcome::StoreUnavailable,
-        Next::PollIn(error_delay(state.consecutive_errors, None, &ctx.config, random_jitter())),
+        Next::PollIn(error_delay(state.consecutive_errors, None, ctx.pacing(&state.job.job_id), random_jitter())),
     )
 }

@@ -85,13 +85,15 @@ impl Write {
         (Write::Register { registration: Box::new(registration), reply }, answer)
     }
 
-    pub(super) fn lock_order(&self) -> (u8, uuid::Uuid) {
+    /// Jobs by key, then subscriptions by ID. A canonical UUID's text sorts as the UUID does, so the
+    /// AetherForge jobs keep the order they always locked in.
+    pub(super) fn lock_order(&self) -> (u8, std::borrow::Cow<'_, str>) {
         match self {
-            Write::Register { registration, .. } => (0, registration.job_id.as_uuid()),
-            Write::Complete { end, .. } => (0, end.job_id.as_uuid()),
-            Write::Observe { observation, .. } => (0, observation.job_id.as_uuid()),
-            Write::Attempt { record, .. } => (1, record.subscription_id.0),
-            Write::Claim { id, .. } => (1, id.0),
+            Write::Register { registration, .. } => (0, registration.job_id.key().into()),
+            Write::Complete { end, .. } => (0, end.job_id.key().into()),
+            Write::Observe { observation, .. } => (0, observation.job_id.key().into()),
+            Write::Attempt { record, .. } => (1, record.subscription_id.to_string().into()),
+            Write::Claim { id, .. } => (1, id.to_string().into()),
         }
     }
 

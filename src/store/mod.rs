@@ -145,7 +145,7 @@ pub struct Subscription {
 }
 
 /// A job that has subscriptions waiting on it, as the poller needs to schedule it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PollableJob {
     pub job_id: JobId,
     /// When the job was first registered: the start of its 404 grace and of its interval growth.
@@ -195,9 +195,9 @@ impl DeliveryTask {
     ) -> Self {
         DeliveryTask {
             subscription_id,
+            partition: job_id.partition(),
             job_id,
             tenant_id,
-            partition: job_id.partition(),
             webhook_id,
             callback_url,
             form: Arc::default(),
@@ -369,7 +369,7 @@ pub struct KeyInfo {
 }
 
 /// What a cancellation found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Cancel {
     /// Cancelled now; this was the state before (the workers let go of the subscription).
     Cancelled { job_id: JobId, was: SubscriptionState },

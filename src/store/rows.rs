@@ -59,7 +59,7 @@ pub fn list_query(filter: &ListFilter) -> String {
 /// The values of [`list_query`]'s placeholders after the tenant, in order, and the limit.
 pub(super) fn list_binds(filter: &ListFilter) -> (Vec<String>, i64) {
     let values = [
-        filter.job_id.map(|j| j.to_string()),
+        filter.job_id.as_ref().map(|j| j.to_string()),
         filter.state.map(|s| s.as_str().to_owned()),
         filter.before.map(|b| b.to_string()),
     ];
@@ -93,7 +93,7 @@ impl TryFrom<SubscriptionRow> for Subscription {
     fn try_from(r: SubscriptionRow) -> Result<Self> {
         Ok(Subscription {
             id: r.id.parse().map_err(|e| corrupt("subscription id", e))?,
-            job_id: r.job_id.parse().map_err(|e| corrupt("job id", e))?,
+            job_id: JobId::from_key(&r.job_id).map_err(|e| corrupt("job id", e))?,
             callback_url: r.callback_url,
             state: r.state.parse().map_err(|e| corrupt("state", e))?,
             job_status: r.job_status.map(|s| s.parse()).transpose().map_err(|e| corrupt("job status", e))?,
@@ -129,7 +129,7 @@ impl TryFrom<PollableRow> for PollableJob {
 
     fn try_from(r: PollableRow) -> Result<Self> {
         Ok(PollableJob {
-            job_id: r.job_id.parse().map_err(|e| corrupt("job id", e))?,
+            job_id: JobId::from_key(&r.job_id).map_err(|e| corrupt("job id", e))?,
             job_created_at: r.job_created_at,
             oldest_polling_at: r.oldest_polling_at,
         })
@@ -169,7 +169,7 @@ impl TryFrom<DeliveryRow> for DeliveryTask {
     fn try_from(r: DeliveryRow) -> Result<Self> {
         Ok(DeliveryTask {
             subscription_id: r.id.parse().map_err(|e| corrupt("subscription id", e))?,
-            job_id: r.job_id.parse().map_err(|e| corrupt("job id", e))?,
+            job_id: JobId::from_key(&r.job_id).map_err(|e| corrupt("job id", e))?,
             tenant_id: r.tenant_id,
             partition: r.partition,
             webhook_id: r.webhook_id.ok_or_else(|| corrupt("delivery without webhook id", &r.id))?,

@@ -100,9 +100,9 @@ async fn sigterm_stops_the_service_gracefully_and_it_resumes_on_the_next_start()
         .await
         .unwrap();
     assert_eq!(response.status(), 201);
-    let job_id = job.parse().unwrap();
+    let job_id: jobhook::domain::JobId = job.parse().unwrap();
     eventually(Duration::from_secs(5), "the job to be polled", || async {
-        (upstream.polls(job_id).count >= 1).then_some(())
+        (upstream.polls(job_id.clone()).count >= 1).then_some(())
     })
     .await;
 
@@ -116,7 +116,7 @@ async fn sigterm_stops_the_service_gracefully_and_it_resumes_on_the_next_start()
     assert!(status.success(), "exit status {status:?}");
 
     // The job ends while we are down; the next start resumes polling and delivers.
-    upstream.script(job_id, vec![jobhook::mock_upstream::Answer::Succeed]);
+    upstream.script(job_id.clone(), vec![jobhook::mock_upstream::Answer::Succeed]);
     let mut running = start(&args).await;
     let got = receiver.wait_for("/hook", 1).await;
     got[0].verify(SECRET).unwrap();

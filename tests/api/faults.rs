@@ -16,8 +16,8 @@ use crate::support::raw::{Misbehaviour, RawReceiver};
 /// the upstream recover and checks the job is still delivered.
 async fn survives(app: &TestApp, answers: Vec<Answer>, expected: &str) {
     let job = new_job();
-    let job_id = job.parse().unwrap();
-    app.upstream.script(job_id, answers);
+    let job_id: jobhook::domain::JobId = job.parse().unwrap();
+    app.upstream.script(job_id.clone(), answers);
     let sub = app.register(&job, &app.receiver.url(&format!("/{job}"))).await;
     let id = sub["id"].as_str().unwrap();
     eventually(Duration::from_secs(10), &format!("last_error to mention {expected:?}"), || async {
@@ -26,10 +26,10 @@ async fn survives(app: &TestApp, answers: Vec<Answer>, expected: &str) {
         sub["last_error"].as_str().is_some_and(|e| e.contains(expected)).then_some(())
     })
     .await;
-    app.upstream.script(job_id, vec![Answer::Succeed]);
+    app.upstream.script(job_id.clone(), vec![Answer::Succeed]);
     let done = app.wait_for_state(id, "delivered").await;
     assert!(done["last_error"].is_null());
-    assert_eq!(app.upstream.polls(job_id).max_in_flight, 1);
+    assert_eq!(app.upstream.polls(job_id.clone()).max_in_flight, 1);
 }
 
 #[tokio::test]
@@ -49,20 +49,20 @@ async fn broken_upstream_answers_are_retried_and_shown_as_last_error() {
 async fn a_terminal_body_nested_deeper_than_64_levels_is_polled_again_never_delivered() {
     let app = spawn_app().await;
     let job = new_job();
-    let job_id = job.parse().unwrap();
-    app.upstream.script(job_id, vec![Answer::Nested(10_000)]);
+    let job_id: jobhook::domain::JobId = job.parse().unwrap();
+    app.upstream.script(job_id.clone(), vec![Answer::Nested(10_000)]);
     let sub = app.register(&job, &app.receiver.url("/hook")).await;
     let id = sub["id"].as_str().unwrap();
     eventually(Duration::from_secs(10), "last_error to say the body is too deep", || async {
         let sub = app.subscription(id).await;
         assert_eq!(sub["state"], "polling", "{sub}");
         let deep = sub["last_error"].as_str().is_some_and(|e| e.contains("nested deeper than 64"));
-        (deep && app.upstream.polls(job_id).count >= 3).then_some(())
+        (deep && app.upstream.polls(job_id.clone()).count >= 3).then_some(())
     })
     .await;
     assert!(app.receiver.requests().is_empty(), "the deep body was delivered");
     // 63 arrays inside the object: 64 levels, which passes.
-    app.upstream.script(job_id, vec![Answer::Nested(63)]);
+    app.upstream.script(job_id.clone(), vec![Answer::Nested(63)]);
     app.wait_for_state(id, "delivered").await;
     let delivered = app.receiver.wait_for("/hook", 1).await;
     assert!(delivered[0].json()["extra"].is_array());
@@ -72,12 +72,12 @@ async fn a_terminal_body_nested_deeper_than_64_levels_is_polled_again_never_deli
 async fn a_burst_of_errors_backs_off_instead_of_hammering_the_upstream() {
     let app = spawn_app().await;
     let job = new_job();
-    let job_id = job.parse().unwrap();
-    app.upstream.script(job_id, vec![Answer::Status(500)]);
+    let job_id: jobhook::domain::JobId = job.parse().unwrap();
+    app.upstream.script(job_id.clone(), vec![Answer::Status(500)]);
     let started = Instant::now();
     app.register(&job, &app.receiver.url("/hook")).await;
     eventually(Duration::from_secs(10), "six polls", || async {
-        (app.upstream.polls(job_id).count >= 6).then_some(())
+        (app.upstream.polls(job_id.clone()).count >= 6).then_some(())
     })
     .await;
     // Back-off doubles from 30 ms: 30+60+120+240+480 ms lie between the first and the sixth poll.

@@ -24,3 +24,4 @@ mod responses;
 mod retention;
 mod secrets;
 mod test_sends;
+mod upstreams;

@@ -276,15 +276,15 @@ async fn cancelling_stops_polling_and_the_state_becomes_cancelled() {
     let job = new_job();
     let sub = app.register(&job, &app.receiver.url("/hook")).await;
     let id = sub["id"].as_str().unwrap();
-    let job_id = job.parse().unwrap();
+    let job_id: jobhook::domain::JobId = job.parse().unwrap();
     eventually(std::time::Duration::from_secs(5), "a few polls", || async {
-        (app.upstream.polls(job_id).count >= 3).then_some(())
+        (app.upstream.polls(job_id.clone()).count >= 3).then_some(())
     })
     .await;
     let delete = app.delete_as(KEY_A, id).await;
     assert_eq!(delete.status(), StatusCode::NO_CONTENT);
     assert_eq!(app.subscription(id).await["state"], "cancelled");
-    let polls_at_cancel = app.upstream.polls(job_id).count;
+    let polls_at_cancel = app.upstream.polls(job_id.clone()).count;
     // Let many poll intervals pass while another job goes all the way through.
     let other = app.register(&new_job(), &app.receiver.url("/other")).await;
     app.upstream.script(
@@ -295,7 +295,7 @@ async fn cancelling_stops_polling_and_the_state_becomes_cancelled() {
             .collect(),
     );
     app.wait_for_state(other["id"].as_str().unwrap(), "delivered").await;
-    assert!(app.upstream.polls(job_id).count <= polls_at_cancel + 1, "polling went on after cancel");
+    assert!(app.upstream.polls(job_id.clone()).count <= polls_at_cancel + 1, "polling went on after cancel");
     // Cancelling again is fine.
     let again = app.delete_as(KEY_A, id).await;
     assert_eq!(again.status(), StatusCode::NO_CONTENT);

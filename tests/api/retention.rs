@@ -38,7 +38,7 @@ async fn subscription(store: &dyn Store, key: &ApiKey, registered: i64, ended: O
     let job: JobId = uuid::Uuid::new_v4().to_string().parse().unwrap();
     let id = SubscriptionId::new();
     let Registered::CreatedPolling(..) =
-        store.register(registration(key, id, job, "https://receiver.example/hook", registered)).await.unwrap()
+        store.register(registration(key, id, job.clone(), "https://receiver.example/hook", registered)).await.unwrap()
     else {
         panic!("a new job is polled");
     };
@@ -104,9 +104,9 @@ async fn a_job_row_goes_only_with_its_last_subscription() {
     // Two subscriptions of one job: one fails early, the other is still polling.
     let job: JobId = uuid::Uuid::new_v4().to_string().parse().unwrap();
     let (a, b) = (SubscriptionId::new(), SubscriptionId::new());
-    store.register(registration(&key, a, job, "https://a.example/", at(100))).await.unwrap();
-    store.fail_job(job, FailureReason::UpstreamJobNotFound, "gone", at(200)).await.unwrap();
-    store.register(registration(&key, b, job, "https://b.example/", at(300))).await.unwrap();
+    store.register(registration(&key, a, job.clone(), "https://a.example/", at(100))).await.unwrap();
+    store.fail_job(job.clone(), FailureReason::UpstreamJobNotFound, "gone", at(200)).await.unwrap();
+    store.register(registration(&key, b, job.clone(), "https://b.example/", at(300))).await.unwrap();
     let purged = jobhook::housekeeping::purge(store.as_ref(), at(10_000), |_| {}).await.unwrap().unwrap();
     assert_eq!(purged, Purged { subscriptions: 1, attempts: 0, jobs: 0 });
     assert!(store.subscription(tenant, b).await.unwrap().is_some());
@@ -270,14 +270,14 @@ async fn every_list_query_is_served_by_an_index() {
     for job_id in [None, Some(job)] {
         for state in [None, Some(SubscriptionState::Failed)] {
             for before in [None, Some(SubscriptionId::new())] {
-                shapes.push(ListFilter { job_id, state, before, limit: 50 });
+                shapes.push(ListFilter { job_id: job_id.clone(), state, before, limit: 50 });
             }
         }
     }
     for filter in &shapes {
         let sql = jobhook::store::list_query(filter);
         let values: Vec<String> = [
-            filter.job_id.map(|j| j.to_string()),
+            filter.job_id.as_ref().map(|j| j.to_string()),
             filter.state.map(|s| s.as_str().to_owned()),
             filter.before.map(|b| b.to_string()),
         ]

@@ -25,7 +25,7 @@ impl PgStore {
         let Some((job_id, state)) = row else {
             return Ok(None);
         };
-        let job_id: JobId = job_id.parse().map_err(|e| corrupt("job id", e))?;
+        let job_id = JobId::from_key(&job_id).map_err(|e| corrupt("job id", e))?;
         let was: SubscriptionState = state.parse().map_err(|e| corrupt("state", e))?;
         if was.is_final() {
             return Ok(Some(Cancel::Ended(was)));
@@ -50,7 +50,7 @@ impl PgStore {
             let state = state_in(&mut tx, &sub_id).await?;
             return Ok(Some(if state.is_final() { Cancel::Ended(state) } else { Cancel::AttemptInFlight }));
         }
-        notify(&mut tx, &self.sent, Notice::Cancel(id, job_id)).await?;
+        notify(&mut tx, &self.sent, Notice::Cancel(id, job_id.clone())).await?;
         tx.commit().await.db()?;
         Ok(Some(Cancel::Cancelled { job_id, was }))
     }

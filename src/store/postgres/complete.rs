@@ -21,7 +21,7 @@ pub(super) async fn complete_all(tx: &mut PgConnection, done: &[Completion<'_>])
     // Each job once (the first of its completions in the batch; a repeat is handed the deliveries it
     // created, as a retry would be), locked in one order so batches cannot deadlock.
     let mut seen = HashSet::new();
-    let firsts: Vec<&Completion<'_>> = done.iter().filter(|c| seen.insert(c.job_id)).collect();
+    let firsts: Vec<&Completion<'_>> = done.iter().filter(|c| seen.insert(c.job_id.clone())).collect();
     let recorded = record_results(tx, &firsts).await?;
     let ids: Vec<String> = firsts.iter().map(|c| c.job_id.to_string()).filter(|id| recorded.contains(id)).collect();
 
@@ -61,10 +61,11 @@ pub(super) async fn complete_all(tx: &mut PgConnection, done: &[Completion<'_>])
         }
         let c = by_job[&job];
         let id = id.parse().map_err(|e| corrupt("subscription id", e))?;
-        let mut task = DeliveryTask::first(id, c.job_id, tenant_id, webhook_id, callback_url, c.body.clone(), c.now)
-            .with_form(form);
+        let mut task =
+            DeliveryTask::first(id, c.job_id.clone(), tenant_id, webhook_id, callback_url, c.body.clone(), c.now)
+                .with_form(form);
         task.claimed_until = Some(c.claim.held_until);
-        tasks.entry(c.job_id).or_default().push(task);
+        tasks.entry(c.job_id.clone()).or_default().push(task);
     }
 
     // In the batch's order; a job recorded before (a retry after a commit whose answer was lost, or a
@@ -73,7 +74,7 @@ pub(super) async fn complete_all(tx: &mut PgConnection, done: &[Completion<'_>])
     let mut answers = Vec::with_capacity(done.len());
     for c in done {
         let job = c.job_id.to_string();
-        if recorded.contains(&job) && answered.insert(c.job_id) {
+        if recorded.contains(&job) && answered.insert(c.job_id.clone()) {
             answers.push(tasks.remove(&c.job_id).unwrap_or_default());
         } else {
             answers.push(already_completed(tx, &job).await?);

@@ -19,7 +19,7 @@ use crate::store::Heard;
 pub const CHANNEL: &str = "jobhook";
 
 /// Work another instance may own.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Notice {
     /// A job got its first polling subscription.
     Poll(JobId),
@@ -50,12 +50,12 @@ impl FromStr for Notice {
     fn from_str(payload: &str) -> Result<Self, NotANotice> {
         let mut words = payload.split(' ');
         let notice = match (words.next(), words.next(), words.next(), words.next()) {
-            (Some("poll"), Some(job), None, None) => job.parse().ok().map(Notice::Poll),
+            (Some("poll"), Some(job), None, None) => JobId::from_key(job).ok().map(Notice::Poll),
             (Some("deliver"), Some(sub), Some(partition), None) => {
                 sub.parse().ok().zip(partition.parse().ok()).map(|(s, p)| Notice::Deliver(s, p))
             }
             (Some("cancel"), Some(sub), Some(job), None) => {
-                sub.parse().ok().zip(job.parse().ok()).map(|(s, j)| Notice::Cancel(s, j))
+                sub.parse().ok().zip(JobId::from_key(job).ok()).map(|(s, j)| Notice::Cancel(s, j))
             }
             _ => None,
         };
@@ -178,7 +178,7 @@ mod tests {
     fn notices_round_trip() {
         let job: JobId = "3f1c2b9e-8a4d-4c6e-9b1a-2d5e7f9a0c11".parse().unwrap();
         let sub = SubscriptionId::new();
-        for notice in [Notice::Poll(job), Notice::Deliver(sub, 7), Notice::Cancel(sub, job)] {
+        for notice in [Notice::Poll(job.clone()), Notice::Deliver(sub, 7), Notice::Cancel(sub, job)] {
             assert_eq!(notice.to_string().parse::<Notice>().ok(), Some(notice));
         }
         assert_eq!(format!("deliver {sub} 7").parse::<Notice>().ok(), Some(Notice::Deliver(sub, 7)));

@@ -63,7 +63,7 @@ pub(super) async fn register_all(
         match &row.result {
             None => {
                 new.push(r, tenant_id, "polling", None);
-                new.notices.push(Notice::Poll(r.job_id).to_string());
+                new.notices.push(Notice::Poll(r.job_id.clone()).to_string());
                 answers.push(Answer::Polling(sub, row.created_at));
             }
             Some(body) => {
@@ -75,7 +75,7 @@ pub(super) async fn register_all(
                 new.notices.push(Notice::Deliver(r.id, r.job_id.partition()).to_string());
                 let task = DeliveryTask::first(
                     r.id,
-                    r.job_id,
+                    r.job_id.clone(),
                     tenant_id,
                     webhook_id,
                     r.callback_url.as_str().to_owned(),
@@ -315,7 +315,7 @@ fn new_subscription(r: &Registration, row: &JobRow) -> Result<Subscription> {
     let job_status = row.status.as_deref().map(str::parse).transpose().map_err(|e| corrupt("job status", e))?;
     Ok(Subscription {
         id: r.id,
-        job_id: r.job_id,
+        job_id: r.job_id.clone(),
         callback_url: r.callback_url.as_str().to_owned(),
         state: SubscriptionState::Polling,
         job_status,
@@ -366,7 +366,7 @@ impl Answer {
                 } else {
                     oldest.get(&sub.job_id.to_string()).copied().flatten().unwrap_or(sub.created_at)
                 };
-                let pollable = PollableJob { job_id: sub.job_id, job_created_at, oldest_polling_at };
+                let pollable = PollableJob { job_id: sub.job_id.clone(), job_created_at, oldest_polling_at };
                 Ok(Registered::CreatedPolling(sub, pollable))
             }
         }

@@ -139,9 +139,10 @@ async fn try_batch(conn: &mut PgConnection, batch: &[Write], sent: &notice::Sent
         .iter()
         .enumerate()
         .filter_map(|(i, w)| match w {
-            Write::Complete { end, claim, .. } => {
-                Some((i, Completion { job_id: end.job_id, status: end.status, body: &end.body, now: end.now, claim }))
-            }
+            Write::Complete { end, claim, .. } => Some((
+                i,
+                Completion { job_id: end.job_id.clone(), status: end.status, body: &end.body, now: end.now, claim },
+            )),
             _ => None,
         })
         .unzip();
@@ -182,7 +183,7 @@ async fn observe_all(tx: &mut PgConnection, batch: &[Write], at: &[usize]) -> Re
     let (mut jobs, mut statuses, mut errors, mut nows) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for i in at.iter().rev() {
         if let Write::Observe { observation: o, .. } = &batch[*i]
-            && seen.insert(o.job_id)
+            && seen.insert(o.job_id.clone())
         {
             jobs.push(o.job_id.to_string());
             statuses.push(o.status.map(|s| s.as_str()));

@@ -272,7 +272,7 @@ pub(super) fn cancel(
         .optional()
         .sq()?;
     let Some((job_id, state)) = row else { return Ok(None) };
-    let job_id: JobId = job_id.parse().map_err(|e| corrupt("job id", e))?;
+    let job_id = JobId::from_key(&job_id).map_err(|e| corrupt("job id", e))?;
     let was: SubscriptionState = state.parse().map_err(|e| corrupt("state", e))?;
     if was.is_final() {
         return Ok(Some(Cancel::Ended(was)));

@@ -54,7 +54,7 @@ pub(super) fn spawn(
                 }
             }
             if !batch.is_empty() {
-                batch.sort_by_key(Write::lock_order);
+                batch.sort_by(|a, b| a.lock_order().cmp(&b.lock_order()));
                 stats.transactions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let started = std::time::Instant::now();
                 let results = run_batch(&mut conn, &batch, &mut purge);
@@ -140,14 +140,14 @@ fn run(tx: &rusqlite::Transaction<'_>, write: &Write) -> Done {
         Write::Claim { id, series, now, claim, .. } => Done::Claim(claim_delivery(tx, *id, *series, *now, claim)),
         Write::Attempt { record, result, now, .. } => Done::Attempt(record_attempt(tx, record, *result, *now)),
         Write::Observe { observation: o, .. } => {
-            Done::Observe(observe(tx, o.job_id, o.status, o.last_error.as_deref(), o.now))
+            Done::Observe(observe(tx, &o.job_id, o.status, o.last_error.as_deref(), o.now))
         }
     }
 }
 
 fn register(tx: &rusqlite::Transaction<'_>, registration: &Registration) -> Result<Registered> {
     let Registration { key, id, job_id, callback_url, form, now } = registration;
-    let (id, job_id, now) = (*id, *job_id, *now);
+    let (id, now) = (*id, *now);
     let headers = &form.headers;
     // The key is checked in the registering transaction: a revoked key is refused at once, and the API
     // needs no read of its own first (see api::auth::RegisteringKey).
@@ -187,7 +187,7 @@ fn register(tx: &rusqlite::Transaction<'_>, registration: &Registration) -> Resu
     .sq()?;
     let sub = Subscription {
         id,
-        job_id,
+        job_id: job_id.clone(),
         callback_url: callback_url.as_str().to_owned(),
         state,
         job_status,
@@ -206,10 +206,14 @@ fn register(tx: &rusqlite::Transaction<'_>, registration: &Registration) -> Resu
     let (Some(body), Some(webhook_id)) = (result, webhook_id) else {
         // A job created by this registration has no older subscription to expire first.
         let oldest_polling_at = if job_created_at == now { now } else { oldest_polling(tx, &job)?.unwrap_or(now) };
-        return Ok(Registered::CreatedPolling(sub, PollableJob { job_id, job_created_at, oldest_polling_at }));
+        return Ok(Registered::CreatedPolling(
+            sub,
+            PollableJob { job_id: job_id.clone(), job_created_at, oldest_polling_at },
+        ));
     };
-    let mut task = DeliveryTask::first(id, job_id, tenant_id, webhook_id, sub.callback_url.clone(), body.into(), now)
-        .with_form(form.clone());
+    let mut task =
+        DeliveryTask::first(id, job_id.clone(), tenant_id, webhook_id, sub.callback_url.clone(), body.into(), now)
+            .with_form(form.clone());
     task.finished_at = finished_at.unwrap_or(now);
     Ok(Registered::CreatedDelivering(sub, task))
 }
@@ -221,7 +225,7 @@ type Subscriber = (String, i64, String, Option<String>, Option<String>, Option<S
 type JobRow = (Timestamp, Option<String>, Option<String>, Option<Vec<u8>>, Option<Timestamp>);
 
 /// The job a registration is for, created if new.
-fn job_row(tx: &rusqlite::Transaction<'_>, job_id: JobId, now: Timestamp) -> Result<JobRow> {
+fn job_row(tx: &rusqlite::Transaction<'_>, job_id: &JobId, now: Timestamp) -> Result<JobRow> {
     let job = job_id.to_string();
     tx.prepare_cached(
         "INSERT INTO jobs (job_id, partition, created_at, updated_at) VALUES (?1, ?2, ?3, ?3) ON CONFLICT (job_id) DO NOTHING",
@@ -295,7 +299,7 @@ fn subscription(tx: &rusqlite::Transaction<'_>, id: &str) -> Result<Subscription
 }
 
 fn complete_job(tx: &rusqlite::Transaction<'_>, end: &JobEnd, claim: &ClaimFor) -> Result<Vec<DeliveryTask>> {
-    let &JobEnd { job_id, status, ref body, now } = end;
+    let &JobEnd { ref job_id, status, ref body, now } = end;
     let job = job_id.to_string();
     let first = tx
         .prepare_cached(
@@ -341,8 +345,8 @@ fn complete_job(tx: &rusqlite::Transaction<'_>, end: &JobEnd, claim: &ClaimFor) 
         .execute(params![webhook_id, now, id, claim.ms, &*claim.by])
         .sq()?;
         let id = id.parse().map_err(|e| corrupt("subscription id", e))?;
-        let mut task =
-            DeliveryTask::first(id, job_id, tenant_id, webhook_id, callback_url, body.clone(), now).with_form(form);
+        let mut task = DeliveryTask::first(id, job_id.clone(), tenant_id, webhook_id, callback_url, body.clone(), now)
+            .with_form(form);
         task.claimed_until = Some(claim.held_until);
         tasks.push(task);
     }
@@ -421,7 +425,7 @@ fn record_attempt(
 
 fn observe(
     tx: &rusqlite::Transaction<'_>,
-    job_id: JobId,
+    job_id: &JobId,
     status: Option<JobStatus>,
     last_error: Option<&str>,
     now: Timestamp,

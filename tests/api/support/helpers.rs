@@ -96,11 +96,13 @@ pub struct Settings {
     pub mock: MockArgs,
     /// How the app resolves callback hosts (default: the system resolver).
     pub lookup: Option<jobhook::delivery::client::Lookup>,
+    /// The text of a config file whose `[[upstream]]` profiles the app also polls.
+    pub config_file: Option<String>,
 }
 
 impl Default for Settings {
     fn default() -> Self {
-        Settings { args: Vec::new(), mock: mock_args(2), lookup: None }
+        Settings { args: Vec::new(), mock: mock_args(2), lookup: None, config_file: None }
     }
 }
 
@@ -113,6 +115,12 @@ impl Settings {
     /// Jobs that stay Pending until a test scripts otherwise.
     pub fn never_ending() -> Self {
         Self::mock(MockArgs { outcome: Outcome::Pending, ..mock_args(0) })
+    }
+
+    /// A config file with this text (its `[[upstream]]` tables are read as `serve` reads them).
+    pub fn config_file(mut self, toml: &str) -> Self {
+        self.config_file = Some(toml.to_owned());
+        self
     }
 
     pub fn arg(mut self, flag: &str, value: &str) -> Self {
@@ -189,7 +197,12 @@ pub async fn spawn_app_with(settings: Settings) -> TestApp {
     argv.extend(settings.args);
     let cli = Cli::try_parse_from(argv).expect("test arguments parse");
     let Some(Command::Serve(args)) = cli.command else { unreachable!() };
-    let config = args.into_config().expect("test settings are valid");
+    let mut config = args.into_config().expect("test settings are valid");
+    if let Some(toml) = &settings.config_file {
+        let path = db_dir.path().join("jobhook.toml");
+        std::fs::write(&path, toml).unwrap();
+        config.add_profiles(path.to_str().unwrap()).expect("the test's profiles are valid");
+    }
     let lookup = settings.lookup.unwrap_or_else(jobhook::delivery::client::system_lookup);
     let app = Application::build_with(config, lookup).await.expect("the application builds");
     let addr = app.local_addr();

@@ -1,16 +1,20 @@
-//! The AetherForge job API client, and what one status request means.
+//! The job API client, and what one status request means.
 //!
-//! `GET {base}/public/v1/job/{job_id}` with a Bearer key answers
+//! Each upstream profile ([`UpstreamProfile`]) says where a job's status is (`GET {base_url}{status_path}`
+//! with its auth header), where the status is in the answer (a JSON pointer) and what each value means.
+//! The built-in AetherForge profile's `GET {base}/public/v1/job/{job_id}` answers
 //! `{"job_id", "status": "Pending"|"Succeed"|"Failed", "image_urls": [...]}`. [`UpstreamClient::poll`]
 //! turns every possible answer — including the broken ones — into a [`PollAnswer`]; what to do about it
 //! is the poller's business.
 
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use bytes::Bytes;
-use serde::Deserialize;
 
 use crate::config::UpstreamConfig;
+use crate::config::upstreams::UpstreamProfile;
 use crate::domain::{JobId, JobStatus, truncate};
 
 /// The `user-agent` of every poll and every callback.
@@ -26,26 +30,17 @@ pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 /// two or three levels; 64 leaves room for any real extension.
 pub const MAX_BODY_DEPTH: usize = 64;
 
-/// The status endpoint's answer, as far as we read it: the job and its status. Every other field,
-/// `image_urls` included, passes through unread (we deliver the body byte for byte), so an upstream
-/// that sends `"image_urls": null` or a shape of its own still gets its result delivered.
-#[derive(Debug, Deserialize)]
-pub struct GetJobStatusResponse {
-    pub job_id: String,
-    pub status: String,
-}
-
 /// What one poll found out.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PollAnswer {
     Pending,
     /// Succeed or Failed, with the exact body to deliver.
     Terminal(JobStatus, Bytes),
-    /// 401 or 403 (which one is kept, to be reported as it came): the upstream refuses our key.
+    /// 401 or 403 by default (which one is kept, to be reported as it came): the upstream refuses our key.
     Unauthorized(reqwest::StatusCode),
-    /// 404: the upstream does not know this job (yet).
+    /// 404 by default: the upstream does not know this job (yet).
     NotFound,
-    /// 422: the upstream refuses this job ID.
+    /// 422 by default: the upstream refuses this job ID.
     Rejected,
     /// Anything worth trying again: 5xx, 429, a timeout, a refused connection, a broken body. `retry_after`
     /// is the upstream's own `Retry-After`, when it sent one.
@@ -63,7 +58,7 @@ pub enum Trouble {
     ServerError,
     /// 429.
     RateLimited,
-    /// Another 4xx (or 3xx) than 401, 403, 404 and 422.
+    /// Another 4xx (or 3xx) than the profile's terminal ones (401, 403, 404 and 422 by default).
     OtherStatus,
     Timeout,
     /// No connection, or it broke.
@@ -91,49 +86,64 @@ impl PollAnswer {
     }
 }
 
+/// One profile's client: the profile and the (shared) connection pool.
 #[derive(Clone)]
 pub struct UpstreamClient {
     http: reqwest::Client,
     base: String,
-    api_key: Option<reqwest::header::HeaderValue>,
+    auth: Option<(reqwest::header::HeaderName, reqwest::header::HeaderValue)>,
+    profile: Arc<UpstreamProfile>,
+}
+
+/// The HTTP client every profile polls with: no proxy from the environment, no redirects.
+pub fn http_client(config: &UpstreamConfig) -> reqwest::Client {
+    crate::install_crypto();
+    // No proxy from the environment (HTTP_PROXY, HTTPS_PROXY, ALL_PROXY): every poll carries our
+    // Bearer key, which must not go to whatever proxy a variable happens to name. An operator who
+    // needs one says so with --upstream-proxy.
+    let mut builder = reqwest::Client::builder()
+        .user_agent(USER_AGENT)
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .timeout(config.timeout)
+        .connect_timeout(config.timeout.min(Duration::from_secs(10)))
+        .pool_idle_timeout(Duration::from_secs(60));
+    if let Some(proxy) = &config.proxy {
+        builder = builder.proxy(reqwest::Proxy::all(proxy.as_str()).expect("the proxy URL is checked at start-up"));
+    }
+    builder.build().expect("the upstream client's settings are valid")
 }
 
 impl UpstreamClient {
-    pub fn new(config: &UpstreamConfig) -> Self {
-        crate::install_crypto();
-        // No proxy from the environment (HTTP_PROXY, HTTPS_PROXY, ALL_PROXY): every poll carries our
-        // Bearer key, which must not go to whatever proxy a variable happens to name. An operator who
-        // needs one says so with --upstream-proxy.
-        let mut builder = reqwest::Client::builder()
-            .user_agent(USER_AGENT)
-            .redirect(reqwest::redirect::Policy::none())
-            .no_proxy()
-            .timeout(config.timeout)
-            .connect_timeout(config.timeout.min(Duration::from_secs(10)))
-            .pool_idle_timeout(Duration::from_secs(60));
-        if let Some(proxy) = &config.proxy {
-            builder = builder.proxy(reqwest::Proxy::all(proxy.as_str()).expect("the proxy URL is checked at start-up"));
-        }
-        let http = builder.build().expect("the upstream client's settings are valid");
+    /// The client of `profile`, sharing `http`'s connection pool.
+    pub fn new(http: reqwest::Client, profile: UpstreamProfile) -> Self {
+        let auth = profile.auth.as_ref().map(|a| {
+            let name = reqwest::header::HeaderName::from_bytes(a.header.as_bytes())
+                .expect("the header name is checked at start-up");
+            let mut value = reqwest::header::HeaderValue::from_str(a.value.expose())
+                .expect("the value is checked at start-up: visible ASCII only");
+            // Kept out of reqwest's and hyper's debug output.
+            value.set_sensitive(true);
+            (name, value)
+        });
         UpstreamClient {
             http,
-            base: config.base_url.as_str().trim_end_matches('/').to_owned(),
-            api_key: config.api_key.as_ref().map(|k| {
-                let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {}", k.expose()))
-                    .expect("the key is checked at start-up: visible ASCII only");
-                // Kept out of reqwest's and hyper's debug output.
-                value.set_sensitive(true);
-                value
-            }),
+            base: profile.base_url.as_str().trim_end_matches('/').to_owned(),
+            auth,
+            profile: Arc::new(profile),
         }
     }
 
+    pub fn profile(&self) -> &UpstreamProfile {
+        &self.profile
+    }
+
     /// One status request. Never fails: every outcome is an answer.
-    pub async fn poll(&self, job_id: JobId) -> PollAnswer {
-        let mut request =
-            self.http.get(format!("{}/public/v1/job/{job_id}", self.base)).header("accept", "application/json");
-        if let Some(auth) = &self.api_key {
-            request = request.header(reqwest::header::AUTHORIZATION, auth.clone());
+    pub async fn poll(&self, job_id: &JobId) -> PollAnswer {
+        let path = self.profile.status_path.replace("{job_id}", &path_segment(job_id.id()));
+        let mut request = self.http.get(format!("{}{path}", self.base)).header("accept", "application/json");
+        if let Some((name, value)) = &self.auth {
+            request = request.header(name, value.clone());
         }
         let response = match request.send().await {
             Ok(response) => response,
@@ -145,11 +155,12 @@ impl UpstreamClient {
         let status = response.status().as_u16();
         let retry_after =
             response.headers().get("retry-after").and_then(|v| v.to_str().ok()).and_then(parse_retry_after);
+        let rules = &self.profile.http;
         match status {
             200 => {}
-            401 | 403 => return PollAnswer::Unauthorized(response.status()),
-            404 => return PollAnswer::NotFound,
-            422 => return PollAnswer::Rejected,
+            s if rules.unauthorized.contains(&s) => return PollAnswer::Unauthorized(response.status()),
+            s if rules.not_found.contains(&s) => return PollAnswer::NotFound,
+            s if rules.rejected.contains(&s) => return PollAnswer::Rejected,
             _ => {
                 let kind = match status {
                     429 => Trouble::RateLimited,
@@ -160,14 +171,33 @@ impl UpstreamClient {
             }
         }
         match read_limited(response, MAX_BODY_BYTES).await {
-            Ok(body) => interpret(job_id, body),
+            Ok(body) => interpret(&self.profile, job_id, body),
             Err((error, kind)) => PollAnswer::Transient { error, retry_after: None, kind },
         }
     }
 }
 
-/// Reads a 200 body: it must be the status of the job we asked about, with a status we know.
-pub fn interpret(job_id: JobId, body: Bytes) -> PollAnswer {
+/// The ID as one path segment: unreserved characters as they are, the rest percent-encoded.
+fn path_segment(id: &str) -> String {
+    let mut out = String::with_capacity(id.len());
+    for b in id.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// A bad answer: polled again with back-off, `error` shown as `last_error`.
+fn bad_answer(error: String) -> PollAnswer {
+    PollAnswer::Transient { error, retry_after: None, kind: Trouble::BadAnswer }
+}
+
+/// Reads a 200 body: it must be the status of the job we asked about (when the profile has an `id`
+/// pointer), with a status value the profile maps. An unmapped value is a bad answer, never a guess.
+pub fn interpret(profile: &UpstreamProfile, job_id: &JobId, body: Bytes) -> PollAnswer {
     // serde_json skips fields we do not read without a depth limit, so the limit is checked here.
     if nests_deeper_than(&body, MAX_BODY_DEPTH) {
         return PollAnswer::Transient {
@@ -178,33 +208,44 @@ pub fn interpret(job_id: JobId, body: Bytes) -> PollAnswer {
             kind: Trouble::BadAnswer,
         };
     }
-    let parsed: GetJobStatusResponse = match serde_json::from_slice(&body) {
+    let parsed: serde_json::Value = match serde_json::from_slice(&body) {
         Ok(parsed) => parsed,
+        // serde quotes a mistyped value whole; the upstream decides how long that is.
         Err(e) => {
-            return PollAnswer::Transient {
-                // serde quotes a mistyped value whole; the upstream decides how long that is.
-                error: format!("upstream sent a body that is not a job status ({})", truncate(&e.to_string(), 200)),
-                retry_after: None,
-                kind: Trouble::BadAnswer,
-            };
+            return bad_answer(format!(
+                "upstream sent a body that is not a job status ({})",
+                truncate(&e.to_string(), 200)
+            ));
         }
     };
-    match parsed.job_id.parse::<JobId>() {
-        Ok(answered) if answered == job_id => {}
-        _ => {
-            return PollAnswer::Transient {
-                error: format!("upstream answered for job {:?} instead of {job_id}", truncate(&parsed.job_id, 64)),
-                retry_after: None,
-                kind: Trouble::BadAnswer,
-            };
+    let Some(status) = parsed.pointer(&profile.status_pointer).and_then(|s| s.as_str()) else {
+        return bad_answer(format!(
+            "upstream sent a body that is not a job status (no string at {})",
+            truncate(&profile.status_pointer, 64)
+        ));
+    };
+    if let Some(pointer) = &profile.id_pointer {
+        let answered = match parsed.pointer(pointer) {
+            Some(serde_json::Value::String(s)) => s.clone(),
+            Some(other) => other.to_string(),
+            None => String::new(),
+        };
+        if !profile.same_job(job_id, &answered) {
+            return bad_answer(format!(
+                "upstream answered for job {:?} instead of {}",
+                truncate(&answered, 64),
+                job_id.id()
+            ));
         }
     }
-    match parsed.status.parse::<JobStatus>() {
-        Ok(JobStatus::Pending) => PollAnswer::Pending,
-        Ok(status) => PollAnswer::Terminal(status, body),
-        Err(e) => {
-            PollAnswer::Transient { error: format!("upstream sent {e}"), retry_after: None, kind: Trouble::BadAnswer }
-        }
+    match profile.status_of(status) {
+        Some(JobStatus::Pending) => PollAnswer::Pending,
+        Some(status) => PollAnswer::Terminal(status, body),
+        None => bad_answer(format!(
+            "upstream sent unknown job status {:?} (upstream {:?} maps no such value)",
+            truncate(status, 32),
+            profile.name
+        )),
     }
 }
 
@@ -299,6 +340,12 @@ mod tests {
 
     fn job() -> JobId {
         JOB.parse().unwrap()
+    }
+
+    /// The built-in profile's reading of a body.
+    fn interpret(job_id: JobId, body: Bytes) -> PollAnswer {
+        let profile = crate::config::upstreams::tests::aetherforge();
+        super::interpret(&profile, &job_id, body)
     }
 
     #[test]
