@@ -395,10 +395,7 @@ impl Store for SqliteStore {
     async fn purge_ended(&self, ended_before: Timestamp, limit: u32) -> Result<Option<Purged>> {
         // One process serves a SQLite file, so nobody else purges it (`jobhook purge` run beside it takes
         // turns for the write lock).
-        let (reply, answer) = oneshot::channel();
-        let gone = || StoreError::trouble(Trouble::WriterGone);
-        self.writes.send(Job::Purge(writer::PurgeStep { ended_before, limit, reply })).await.map_err(|_| gone())?;
-        answer.await.map_err(|_| gone())?.map(Some)
+        self.exec(move |tx| purge::purge_batch(tx, ended_before, limit)).await.map(Some)
     }
 
     async fn purgeable(&self, ended_before: Timestamp) -> Result<Purged> {

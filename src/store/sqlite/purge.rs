@@ -1,5 +1,5 @@
-//! The retention purge on SQLite: short steps on the writer thread, each inside the transaction of the
-//! group-committed writes queued with it (or alone when none are), then the freed pages handed back.
+//! The retention purge on SQLite: one short IMMEDIATE transaction per batch on the writer thread (the
+//! group-committed writes queue behind it for a few milliseconds), then the freed pages handed back.
 
 use rusqlite::{Connection, Transaction, params};
 
@@ -17,14 +17,12 @@ macro_rules! ended {
 /// waits milliseconds (a step of 8 MB held the writer for hundreds of them).
 const VACUUM_STEP_PAGES: i64 = 256;
 
-/// Deletes up to `limit` subscriptions that ended before `ended_before` (with their attempts and the jobs
-/// left without one), stopping once `budget` is spent.
-pub(super) fn purge_batch(
-    tx: &Transaction<'_>,
-    ended_before: Timestamp,
-    limit: u32,
-    budget: std::time::Duration,
-) -> Result<Purged> {
+/// How long one purge transaction may delete for. The writes that arrive meanwhile queue behind it, so
+/// this is what the purge adds to a registration's latency: measured on a store of 3,000,000 rows, 200
+/// rows at once held the writer ~90 ms and put registration p99 at 120-150 ms.
+const PURGE_STEP_BUDGET: std::time::Duration = std::time::Duration::from_millis(8);
+
+pub(super) fn purge_batch(tx: &Transaction<'_>, ended_before: Timestamp, limit: u32) -> Result<Purged> {
     let rows: Vec<(String, String)> = tx
         .prepare_cached(concat!(
             "SELECT id, job_id FROM subscriptions WHERE ",
@@ -54,7 +52,7 @@ pub(super) fn purge_batch(
         purged.subscriptions += subscription.execute(params![id]).sq()? as u64;
         purged.jobs += job.execute(params![job_id]).sq()? as u64;
         done += 1;
-        if started.elapsed() >= budget {
+        if started.elapsed() >= PURGE_STEP_BUDGET {
             break;
         }
     }

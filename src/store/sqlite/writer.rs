@@ -8,7 +8,7 @@
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 use super::ops::{delivery_row, subscription_row};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 use super::*;
 use crate::domain::{Timestamp, new_webhook_id};
@@ -19,18 +19,6 @@ use crate::store::group::{Done, claim_refused};
 pub(super) enum Job {
     Group(Write),
     Alone(Box<dyn FnOnce(&mut Connection) + Send>),
-    /// A step of the retention purge. It runs inside the transaction of the group-committed writes that
-    /// are queued with it, when there are any, and shares their commit: the registrations behind it then
-    /// wait for its deletes (a few ms) but not for a commit of its own (an fsync, tens of ms while the
-    /// disk is busy writing back what the purge freed). Alone when nothing else is queued.
-    Purge(PurgeStep),
-}
-
-/// One purge step: delete what ended before `ended_before`, at most `limit` subscriptions.
-pub(super) struct PurgeStep {
-    pub(super) ended_before: Timestamp,
-    pub(super) limit: u32,
-    pub(super) reply: oneshot::Sender<Result<Purged>>,
 }
 
 /// Serves batches on `conn`, the store's only writing connection, until the queue closes.
@@ -43,30 +31,22 @@ pub(super) fn spawn(
         let mut received = Vec::with_capacity(MAX_BATCH);
         let mut batch = Vec::with_capacity(MAX_BATCH);
         let mut alone = Vec::new();
-        let mut purge = None;
         while jobs.blocking_recv_many(&mut received, MAX_BATCH) > 0 {
             for job in received.drain(..) {
                 match job {
                     Job::Group(write) => batch.push(write),
                     Job::Alone(run) => alone.push(run),
-                    // One at a time: housekeeping waits for each step's answer before it sends the next.
-                    Job::Purge(step) => purge = Some(step),
                 }
             }
             if !batch.is_empty() {
                 batch.sort_by(|a, b| a.lock_order().cmp(&b.lock_order()));
                 stats.transactions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let started = std::time::Instant::now();
-                let results = run_batch(&mut conn, &batch, &mut purge);
+                let results = run_batch(&mut conn, &batch);
                 stats.batch(started);
                 for (write, result) in batch.drain(..).zip(results) {
                     write.answer(result);
                 }
-            }
-            if let Some(step) = purge.take() {
-                stats.transactions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let done = purge_alone(&mut conn, &step);
-                let _ = step.reply.send(done);
             }
             for run in alone.drain(..) {
                 stats.transactions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -77,17 +57,11 @@ pub(super) fn spawn(
     Ok(())
 }
 
-/// The whole batch in one transaction, with the purge step if one waits (answered once committed); if
-/// anything fails, each write again in a transaction of its own, and the purge step is left for its own.
-fn run_batch(conn: &mut Connection, batch: &[Write], purge: &mut Option<PurgeStep>) -> Vec<Done> {
-    if batch.len() > 1 || purge.is_some() {
-        match try_batch(conn, batch, purge.as_ref()) {
-            Ok((results, purged)) => {
-                if let (Some(step), Some(purged)) = (purge.take(), purged) {
-                    let _ = step.reply.send(Ok(purged));
-                }
-                return results;
-            }
+/// The whole batch in one transaction; if a write fails, each write again in a transaction of its own.
+fn run_batch(conn: &mut Connection, batch: &[Write]) -> Vec<Done> {
+    if batch.len() > 1 {
+        match try_batch(conn, batch) {
+            Ok(results) => return results,
             // The database is away (disk full, read-only): every write would fail alike.
             Err(StoreError::Unavailable(e)) => {
                 return batch.iter().map(|w| w.failed(StoreError::Unavailable(e.clone()))).collect();
@@ -97,40 +71,21 @@ fn run_batch(conn: &mut Connection, batch: &[Write], purge: &mut Option<PurgeSte
     }
     batch
         .iter()
-        .map(|write| match try_batch(conn, std::slice::from_ref(write), None) {
-            Ok((mut one, _)) => one.pop().unwrap_or_else(|| write.failed(StoreError::Corrupt("no result".into()))),
+        .map(|write| match try_batch(conn, std::slice::from_ref(write)) {
+            Ok(mut one) => one.pop().unwrap_or_else(|| write.failed(StoreError::Corrupt("no result".into()))),
             Err(e) => write.failed(e),
         })
         .collect()
 }
 
-fn try_batch(conn: &mut Connection, batch: &[Write], purge: Option<&PurgeStep>) -> Result<(Vec<Done>, Option<Purged>)> {
+fn try_batch(conn: &mut Connection, batch: &[Write]) -> Result<Vec<Done>> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).sq()?;
     let mut results = Vec::with_capacity(batch.len());
     for write in batch {
         results.push(run(&tx, write).checked()?);
     }
-    let purged = match purge {
-        Some(step) => Some(super::purge::purge_batch(&tx, step.ended_before, step.limit, SHARED_PURGE_BUDGET)?),
-        None => None,
-    };
     tx.commit().sq()?;
-    Ok((results, purged))
-}
-
-/// How long a purge step may delete inside a transaction of other writes: they all wait for it.
-const SHARED_PURGE_BUDGET: std::time::Duration = std::time::Duration::from_millis(4);
-
-/// How long a purge step may delete in a transaction of its own: writes arriving meanwhile queue behind
-/// it (measured on a store of 3,000,000 rows, 200 rows at once held the writer ~90 ms and put
-/// registration p99 at 120-150 ms).
-const ALONE_PURGE_BUDGET: std::time::Duration = std::time::Duration::from_millis(8);
-
-fn purge_alone(conn: &mut Connection, step: &PurgeStep) -> Result<Purged> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).sq()?;
-    let purged = super::purge::purge_batch(&tx, step.ended_before, step.limit, ALONE_PURGE_BUDGET)?;
-    tx.commit().sq()?;
-    Ok(purged)
+    Ok(results)
 }
 
 fn run(tx: &rusqlite::Transaction<'_>, write: &Write) -> Done {
