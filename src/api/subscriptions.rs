@@ -268,18 +268,33 @@ pub async fn create(
     ApiJson(body): ApiJson<CreateSubscription>,
 ) -> Result<Response, ApiError> {
     let job_id = state.job_ids.parse(body.upstream.as_deref(), &body.job_id).map_err(ApiError::Invalid)?;
-    let callback_url: CallbackUrl = body.callback_url.parse().map_err(ApiError::Invalid)?;
-    let form = DeliveryForm {
-        headers: CallbackHeaders::from_request(body.headers.as_ref()).map_err(ApiError::Invalid)?,
-        payload: body.payload,
-        metadata: metadata_from_request(body.metadata.as_ref()).map_err(ApiError::Invalid)?,
-    };
-    state.egress.check_registration(&callback_url, &state.lookup).await?;
+    let (callback_url, form) =
+        checked_callback(&state, &body.callback_url, body.headers.as_ref(), body.payload, body.metadata.as_ref())
+            .await?;
     let (status, sub) = super::to_the_end(register(state, key, job_id, callback_url, form)).await?;
     // Per-job events are debug: at thousands of jobs a second, info would be mostly log.
     tracing::debug!(subscription_id = %sub.id, job_id = %sub.job_id, created = status == StatusCode::CREATED, "registered");
     let location = format!("/v1/subscriptions/{}", sub.id);
     Ok((status, [(header::LOCATION, location)], Json(SubscriptionView::from(sub))).into_response())
+}
+
+/// A registration's callback URL and delivery form, checked: the egress policy last, as it may look the
+/// host up.
+pub(crate) async fn checked_callback(
+    state: &AppState,
+    callback_url: &str,
+    headers: Option<&serde_json::Value>,
+    payload: Payload,
+    metadata: Option<&serde_json::Value>,
+) -> Result<(CallbackUrl, DeliveryForm), ApiError> {
+    let callback_url: CallbackUrl = callback_url.parse().map_err(ApiError::Invalid)?;
+    let form = DeliveryForm {
+        headers: CallbackHeaders::from_request(headers).map_err(ApiError::Invalid)?,
+        payload,
+        metadata: metadata_from_request(metadata).map_err(ApiError::Invalid)?,
+    };
+    state.egress.check_registration(&callback_url, &state.lookup).await?;
+    Ok((callback_url, form))
 }
 
 /// Stores the registration, then hands the job to the poller or its result to the dispatcher.
