@@ -80,7 +80,17 @@ problem_responses! {
     Unauthorized = 401, "Missing or invalid API key";
     NotJson = 400, "The body is not JSON, or the request has more than one Authorization header";
     StoreUnavailable = 503, "The store cannot take writes now; nothing changed";
+    BodyTooSlow = 408, "The body did not arrive within --request-timeout";
+    BodyTooLarge = 413, "The body is larger than 64 KiB";
 }
+
+/// The 503 of the routes that register: the store cannot take writes now, or DNS cannot look up the
+/// callback host now.
+#[derive(utoipa::IntoResponses)]
+#[response(status = 503, description = "The store cannot take writes now, or DNS cannot look up the callback host now (`urn:jobhook:problem:dns-unavailable`); nothing was saved, retry after `Retry-After` seconds",
+    content_type = "application/problem+json",
+    headers(("retry-after" = String, description = "Seconds to wait before trying again")))]
+pub struct RegistrationUnavailable(pub Problem);
 
 impl ApiError {
     /// The HTTP status this error answers with.

@@ -14,7 +14,9 @@ use sha2::{Digest, Sha256};
 use utoipa::ToSchema;
 
 use super::AppState;
-use super::error::{ApiError, ApiJson, NotJson, Problem, Unauthorized};
+use super::error::{
+    ApiError, ApiJson, BodyTooLarge, BodyTooSlow, NotJson, Problem, RegistrationUnavailable, Unauthorized,
+};
 use super::subscriptions::{SubscriptionView, checked_callback, register};
 use crate::config::upstreams::{UpstreamProfile, default_upstream};
 use crate::domain::{CallbackUrl, Payload, Timestamp, truncate};
@@ -136,21 +138,20 @@ struct Plan {
         (status = 201, description = "Created upstream and registered", body = JobCreated,
             headers(("location" = String, description = "The subscription's URL"))),
         (status = 200, description = "Created upstream; the upstream named a job already registered to this callback with the same headers: that subscription", body = JobCreated),
+        (status = 502, description = "The upstream did not create a job that can be watched (an error status, no answer in time, an answer that is not JSON, or no valid job ID at the profile's pointer); nothing was registered", body = UpstreamProblem, content_type = "application/problem+json"),
+        (status = 409, description = "A request with this Idempotency-Key is still running (or stopped without an answer); or the job and callback are registered with other headers", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "A field is missing, unknown or invalid; the upstream's profile has no create table or does not allow the path; the callback URL is refused by the egress policy; or the Idempotency-Key was used with another request", body = Problem, content_type = "application/problem+json"),
         NotJson,
         Unauthorized,
-        (status = 408, description = "The body did not arrive within --request-timeout", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "A request with this Idempotency-Key is still running (or stopped without an answer); or the job and callback are registered with other headers", body = Problem, content_type = "application/problem+json"),
-        (status = 413, description = "The body is larger than 64 KiB", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "A field is missing, unknown or invalid; the upstream's profile has no create table or does not allow the path; the callback URL is refused by the egress policy; or the Idempotency-Key was used with another request", body = Problem, content_type = "application/problem+json"),
-        (status = 502, description = "The upstream did not create a job that can be watched (an error status, no answer in time, an answer that is not JSON, or no valid job ID at the profile's pointer); nothing was registered", body = UpstreamProblem, content_type = "application/problem+json"),
-        (status = 503, description = "The store cannot take writes now, or DNS cannot look up the callback host now; retry after `Retry-After` seconds", body = Problem, content_type = "application/problem+json",
-            headers(("retry-after" = String, description = "Seconds to wait before trying again"))),
+        BodyTooSlow,
+        BodyTooLarge,
+        RegistrationUnavailable,
     )
 )]
 pub async fn create_job(
     State(state): State<AppState>,
-    super::auth::RegisteringKey(key): super::auth::RegisteringKey,
     headers: HeaderMap,
+    super::auth::RegisteringKey(key): super::auth::RegisteringKey,
     ApiJson(raw): ApiJson<Value>,
 ) -> Result<Response, ApiError> {
     let idempotency_key = idempotency_key(&headers)?;

@@ -11,7 +11,10 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::AppState;
 use super::cursor::{decode_cursor, encode_cursor};
-use super::error::{ApiError, ApiJson, NotJson, Problem, StoreUnavailable, Unauthorized};
+use super::error::{
+    ApiError, ApiJson, BodyTooLarge, BodyTooSlow, NotJson, Problem, RegistrationUnavailable, StoreUnavailable,
+    Unauthorized,
+};
 use crate::domain::{
     CallbackHeaders, CallbackUrl, FailureReason, JobId, JobStatus, Payload, SubscriptionId, SubscriptionState,
     Timestamp, metadata_from_request, truncate,
@@ -254,12 +257,11 @@ impl FromRequestParts<AppState> for TenantSubscription {
         (status = 200, description = "Already registered with the same headers: the existing subscription", body = SubscriptionView),
         NotJson,
         Unauthorized,
-        (status = 408, description = "The body did not arrive within --request-timeout", body = Problem, content_type = "application/problem+json"),
-        (status = 413, description = "The body is larger than 64 KiB", body = Problem, content_type = "application/problem+json"),
+        BodyTooSlow,
+        BodyTooLarge,
         (status = 409, description = "The same job and callback are already registered (polling, delivering or delivered) with other custom headers; the detail names that subscription", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "A field is missing, unknown or invalid (the detail names the field, or the header: never a header value); or the callback URL is refused by the egress policy", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "The store cannot take writes now, or DNS cannot look up the callback host now (`urn:jobhook:problem:dns-unavailable`); nothing was saved, retry after `Retry-After` seconds", body = Problem, content_type = "application/problem+json",
-            headers(("retry-after" = String, description = "Seconds to wait before trying again"))),
+        RegistrationUnavailable,
     )
 )]
 pub async fn create(
