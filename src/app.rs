@@ -176,6 +176,8 @@ impl Application {
         if workers.lease_loop.is_some() {
             health.expect("lease loop");
         }
+        // Creation requests go out as polls do (same timeout, proxy and redirect rules), on a pool of their own.
+        let creation_http = crate::upstream::http_client(&config.upstream);
         let cursor_key = Arc::new(store.meta_secret("cursor_key").await.context("cannot read the cursor key")?);
         let state = AppState {
             store: store.clone(),
@@ -196,6 +198,13 @@ impl Application {
             workers: health.clone(),
             known_keys: Default::default(),
             job_ids: Arc::new(crate::config::upstreams::JobIds::new(&config.upstreams)),
+            creators: Arc::new(crate::api::jobs::Creators::new(
+                config
+                    .upstreams
+                    .iter()
+                    .map(|profile| UpstreamClient::new(creation_http.clone(), profile.clone()))
+                    .collect(),
+            )),
             breaker: handles.breaker,
         };
         // The console's session key lives in the store, so every instance sharing it accepts a session.

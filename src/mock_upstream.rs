@@ -19,6 +19,9 @@ use clap::{Args, ValueEnum};
 use serde_json::json;
 
 use crate::domain::JobId;
+pub use create::{Creation, CreationRequest};
+
+mod create;
 
 #[derive(Debug, Clone, Args)]
 pub struct MockArgs {
@@ -200,6 +203,10 @@ struct Inner {
     times: Vec<std::time::Instant>,
     /// Who wants to hear of each poll (the demo prints them).
     watcher: Option<tokio::sync::mpsc::UnboundedSender<Polled>>,
+    /// Every creation request, in order.
+    creations: Vec<CreationRequest>,
+    /// How the next creation requests are answered.
+    creation_script: std::collections::VecDeque<Creation>,
 }
 
 /// A poll the mock answered: the job, which poll of it this was, and the answer.
@@ -240,8 +247,13 @@ impl MockUpstream {
             polls: HashMap::new(),
             times: Vec::new(),
             watcher: None,
+            creations: Vec::new(),
+            creation_script: Default::default(),
         }));
-        let app = axum::Router::new().route(profile.route(), get(job_status)).with_state(inner.clone());
+        let app = axum::Router::new()
+            .route(profile.route(), get(job_status))
+            .fallback(create::create_job)
+            .with_state(inner.clone());
         tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
@@ -294,6 +306,16 @@ impl MockUpstream {
         self.lock().polls.values().map(|p| p.max_in_flight).max().unwrap_or(0)
     }
 
+    /// Every creation request so far, in order (refused ones too).
+    pub fn creations(&self) -> Vec<CreationRequest> {
+        self.lock().creations.clone()
+    }
+
+    /// How the next creation requests are answered, one each, in order; then as usual.
+    pub fn script_creations(&self, answers: Vec<Creation>) {
+        self.lock().creation_script = answers.into();
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().expect("the mock's lock is never poisoned")
     }
@@ -316,6 +338,14 @@ fn json_body(body: &serde_json::Value) -> Response {
     ([(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
 }
 
+/// Whether the request carries the Bearer key the mock wants (any, when it wants none).
+fn authorized(inner: &Inner, headers: &HeaderMap) -> bool {
+    let Some(required) = &inner.api_key else { return true };
+    let presented =
+        headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    presented == Some(required.as_str())
+}
+
 struct InFlightGuard(Arc<Mutex<Inner>>, String);
 
 impl Drop for InFlightGuard {
@@ -331,14 +361,8 @@ impl Drop for InFlightGuard {
 async fn job_status(State(inner): State<Arc<Mutex<Inner>>>, Path(raw): Path<String>, headers: HeaderMap) -> Response {
     let answer = {
         let mut guard = inner.lock().expect("the mock's lock is never poisoned");
-        if let Some(required) = &guard.api_key {
-            let presented = headers
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "));
-            if presented != Some(required.as_str()) {
-                return problem(StatusCode::UNAUTHORIZED, "invalid API key");
-            }
+        if !authorized(&guard, &headers) {
+            return problem(StatusCode::UNAUTHORIZED, "invalid API key");
         }
         let profile = guard.profile;
         let job_id = match profile.job(&raw) {

@@ -44,6 +44,10 @@ pub enum ApiError {
     /// Over a rate limit; the next request is allowed in `retry_after` seconds.
     #[error("too many requests of this kind; try again in {retry_after} s")]
     TooManyRequests { retry_after: u64 },
+    /// The upstream did not create a job that can be watched; the problem carries its status and the
+    /// start of its answer.
+    #[error("{0}; nothing was registered")]
+    UpstreamFailed(Box<crate::upstream::CreateFailure>),
 }
 
 /// An RFC 9457 problem document.
@@ -76,7 +80,17 @@ problem_responses! {
     Unauthorized = 401, "Missing or invalid API key";
     NotJson = 400, "The body is not JSON, or the request has more than one Authorization header";
     StoreUnavailable = 503, "The store cannot take writes now; nothing changed";
+    BodyTooSlow = 408, "The body did not arrive within --request-timeout";
+    BodyTooLarge = 413, "The body is larger than 64 KiB";
 }
+
+/// The 503 of the routes that register: the store cannot take writes now, or DNS cannot look up the
+/// callback host now.
+#[derive(utoipa::IntoResponses)]
+#[response(status = 503, description = "The store cannot take writes now, or DNS cannot look up the callback host now (`urn:jobhook:problem:dns-unavailable`); nothing was saved, retry after `Retry-After` seconds",
+    content_type = "application/problem+json",
+    headers(("retry-after" = String, description = "Seconds to wait before trying again")))]
+pub struct RegistrationUnavailable(pub Problem);
 
 impl ApiError {
     /// The HTTP status this error answers with.
@@ -103,6 +117,9 @@ impl ApiError {
             Self::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal", "Internal error"),
             Self::RequestTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "request-timeout", "The request was too slow"),
             Self::TooManyRequests { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate-limited", "Too many requests"),
+            Self::UpstreamFailed(_) => {
+                (StatusCode::BAD_GATEWAY, "upstream-failed", "The upstream did not create a job to watch")
+            }
         }
     }
 }
@@ -116,7 +133,16 @@ impl IntoResponse for ApiError {
             status: status.as_u16(),
             detail: self.to_string(),
         };
-        let mut response = (status, Json(problem)).into_response();
+        let mut response = match &self {
+            // Problem details' extension members (RFC 9457 §3.2): what the upstream said.
+            Self::UpstreamFailed(failure) => {
+                let mut body = serde_json::to_value(&problem).unwrap_or_default();
+                body["upstream_status"] = failure.upstream_status.into();
+                body["upstream_body"] = failure.upstream_body.clone().into();
+                (status, Json(body)).into_response()
+            }
+            _ => (status, Json(problem)).into_response(),
+        };
         let headers = response.headers_mut();
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
         match self {

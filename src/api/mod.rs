@@ -6,6 +6,7 @@ pub mod bulk;
 pub mod callback_hosts;
 mod cursor;
 pub mod error;
+pub mod jobs;
 pub mod subscriptions;
 pub mod test_sends;
 mod unparsable;
@@ -67,6 +68,8 @@ pub struct AppState {
     pub breaker: Arc<crate::delivery::Breaker>,
     /// The upstream profiles' job ID formats, to read a registration's `upstream` and `job_id`.
     pub job_ids: Arc<crate::config::upstreams::JobIds>,
+    /// The upstream profiles' clients, for `POST /v1/jobs`.
+    pub creators: Arc<jobs::Creators>,
 }
 
 #[derive(OpenApi)]
@@ -78,7 +81,7 @@ pub struct AppState {
     ),
     servers((url = "http://127.0.0.1:8080", description = "jobhook on its default --listen address")),
     modifiers(&BearerAuth, &CallbackWebhook),
-    tags((name = "subscriptions", description = "Jobs watched for a callback"), (name = "callback hosts", description = "Where your deliveries go, and each host's breaker"), (name = "account", description = "Your signing secret"), (name = "operations", description = "Health"))
+    tags((name = "subscriptions", description = "Jobs watched for a callback"), (name = "jobs", description = "Jobs created upstream through jobhook, watched for a callback"), (name = "callback hosts", description = "Where your deliveries go, and each host's breaker"), (name = "account", description = "Your signing secret"), (name = "operations", description = "Health"))
 )]
 struct ApiDoc;
 
@@ -107,6 +110,7 @@ fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(subscriptions::get_one, subscriptions::cancel))
         .routes(routes!(subscriptions::deliveries))
         .routes(routes!(subscriptions::redeliver))
+        .routes(routes!(jobs::create_job))
         .routes(routes!(bulk::redeliver_matching))
         .routes(routes!(test_sends::create))
         .routes(routes!(callback_hosts::list_callback_hosts))

@@ -11,7 +11,10 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::AppState;
 use super::cursor::{decode_cursor, encode_cursor};
-use super::error::{ApiError, ApiJson, NotJson, Problem, StoreUnavailable, Unauthorized};
+use super::error::{
+    ApiError, ApiJson, BodyTooLarge, BodyTooSlow, NotJson, Problem, RegistrationUnavailable, StoreUnavailable,
+    Unauthorized,
+};
 use crate::domain::{
     CallbackHeaders, CallbackUrl, FailureReason, JobId, JobStatus, Payload, SubscriptionId, SubscriptionState,
     Timestamp, metadata_from_request, truncate,
@@ -254,12 +257,11 @@ impl FromRequestParts<AppState> for TenantSubscription {
         (status = 200, description = "Already registered with the same headers: the existing subscription", body = SubscriptionView),
         NotJson,
         Unauthorized,
-        (status = 408, description = "The body did not arrive within --request-timeout", body = Problem, content_type = "application/problem+json"),
-        (status = 413, description = "The body is larger than 64 KiB", body = Problem, content_type = "application/problem+json"),
+        BodyTooSlow,
+        BodyTooLarge,
         (status = 409, description = "The same job and callback are already registered (polling, delivering or delivered) with other custom headers; the detail names that subscription", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "A field is missing, unknown or invalid (the detail names the field, or the header: never a header value); or the callback URL is refused by the egress policy", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "The store cannot take writes now, or DNS cannot look up the callback host now (`urn:jobhook:problem:dns-unavailable`); nothing was saved, retry after `Retry-After` seconds", body = Problem, content_type = "application/problem+json",
-            headers(("retry-after" = String, description = "Seconds to wait before trying again"))),
+        RegistrationUnavailable,
     )
 )]
 pub async fn create(
@@ -268,18 +270,33 @@ pub async fn create(
     ApiJson(body): ApiJson<CreateSubscription>,
 ) -> Result<Response, ApiError> {
     let job_id = state.job_ids.parse(body.upstream.as_deref(), &body.job_id).map_err(ApiError::Invalid)?;
-    let callback_url: CallbackUrl = body.callback_url.parse().map_err(ApiError::Invalid)?;
-    let form = DeliveryForm {
-        headers: CallbackHeaders::from_request(body.headers.as_ref()).map_err(ApiError::Invalid)?,
-        payload: body.payload,
-        metadata: metadata_from_request(body.metadata.as_ref()).map_err(ApiError::Invalid)?,
-    };
-    state.egress.check_registration(&callback_url, &state.lookup).await?;
+    let (callback_url, form) =
+        checked_callback(&state, &body.callback_url, body.headers.as_ref(), body.payload, body.metadata.as_ref())
+            .await?;
     let (status, sub) = super::to_the_end(register(state, key, job_id, callback_url, form)).await?;
     // Per-job events are debug: at thousands of jobs a second, info would be mostly log.
     tracing::debug!(subscription_id = %sub.id, job_id = %sub.job_id, created = status == StatusCode::CREATED, "registered");
     let location = format!("/v1/subscriptions/{}", sub.id);
     Ok((status, [(header::LOCATION, location)], Json(SubscriptionView::from(sub))).into_response())
+}
+
+/// A registration's callback URL and delivery form, checked: the egress policy last, as it may look the
+/// host up.
+pub(crate) async fn checked_callback(
+    state: &AppState,
+    callback_url: &str,
+    headers: Option<&serde_json::Value>,
+    payload: Payload,
+    metadata: Option<&serde_json::Value>,
+) -> Result<(CallbackUrl, DeliveryForm), ApiError> {
+    let callback_url: CallbackUrl = callback_url.parse().map_err(ApiError::Invalid)?;
+    let form = DeliveryForm {
+        headers: CallbackHeaders::from_request(headers).map_err(ApiError::Invalid)?,
+        payload,
+        metadata: metadata_from_request(metadata).map_err(ApiError::Invalid)?,
+    };
+    state.egress.check_registration(&callback_url, &state.lookup).await?;
+    Ok((callback_url, form))
 }
 
 /// Stores the registration, then hands the job to the poller or its result to the dispatcher.

@@ -221,6 +221,9 @@ const UPSTREAM_EXAMPLE: &str = r#"
 # [upstream.auth]
 #   prefix = "Bearer "
 #   value_env = "REPLICATE_API_TOKEN"         # or value_file = "/run/secrets/replicate"; never the value
+# [upstream.create]                           # optional: lets POST /v1/jobs create this upstream's jobs
+#   job_id = "/id"                            # JSON pointer to the new job's ID in the creation answer
+#   paths = ["/v1/predictions"]               # path prefixes a creation may be POSTed to
 "#;
 
 /// The effective settings, one `key = value  # source` line each, secrets masked.
@@ -304,8 +307,11 @@ pub fn describe_profiles(profiles: &[super::upstreams::UpstreamProfile]) -> Stri
         };
         let auth = p.auth.as_ref().map_or("none".to_owned(), |a| format!("{} (value set)", a.header));
         let rps = p.poll.max_rps.map_or("no cap".to_owned(), |n| format!("{n}/s"));
+        let create = p.create.as_ref().map_or("no creation".to_owned(), |c| {
+            format!("POST /v1/jobs to {} (job_id at {})", c.paths.join(", "), c.job_id_pointer)
+        });
         out.push_str(&format!(
-            "# upstream {:?}: GET {}{} · job_id {format} · status at {} · auth {auth} · poll every {}..{} · {rps}\n",
+            "# upstream {:?}: GET {}{} · job_id {format} · status at {} · auth {auth} · poll every {}..{} · {rps} · {create}\n",
             p.name,
             mask_password(p.base_url.as_str()).trim_end_matches('/'),
             p.status_path,

@@ -11,6 +11,9 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::{Config, PollConfig, parse_duration};
+pub use create::CreateRules;
+
+mod create;
 use crate::domain::{DEFAULT_UPSTREAM, JobId, JobStatus, truncate};
 use crate::keys::ApiKey;
 
@@ -35,6 +38,8 @@ pub struct UpstreamProfile {
     pub http: HttpRules,
     /// This profile's pacing and rate cap (`max_wait` and `max_in_flight` stay global).
     pub poll: PollConfig,
+    /// How `POST /v1/jobs` creates this profile's jobs; `None`: it does not.
+    pub create: Option<CreateRules>,
 }
 
 /// The header a profile authenticates with. The value never prints through `Debug`.
@@ -140,6 +145,7 @@ impl UpstreamProfile {
             ],
             http: HttpRules::default(),
             poll: poll.clone(),
+            create: Some(CreateRules::aetherforge()),
         }
     }
 
@@ -261,6 +267,8 @@ struct Spec {
     unauthorized_statuses: Option<Vec<u16>>,
     not_found_statuses: Option<Vec<u16>>,
     rejected_statuses: Option<Vec<u16>>,
+    #[serde(default)]
+    create: Option<create::CreateSpec>,
 }
 
 fn uuid() -> String {
@@ -346,6 +354,7 @@ fn validate(spec: Spec, config: &Config, env: &dyn Fn(&str) -> Option<String>) -
     let statuses = mapping(&spec)?;
     let http = http_rules(&spec)?;
     let poll = pacing(&spec, &config.poll)?;
+    let create = spec.create.as_ref().map(create::validate).transpose()?;
     let auth = spec.auth.map(|a| auth(a, env)).transpose()?;
     Ok(UpstreamProfile {
         name: spec.name,
@@ -358,6 +367,7 @@ fn validate(spec: Spec, config: &Config, env: &dyn Fn(&str) -> Option<String>) -
         statuses,
         http,
         poll,
+        create,
     })
 }
 
@@ -550,6 +560,9 @@ value_env = "REPLICATE_API_TOKEN"
             (GOOD.replace("job_id = \"[a-z0-9]{10,64}\"", "job_id = \"[a-z\""), "regular expression"),
             (format!("{GOOD}{GOOD}"), "already configured"),
             (GOOD.replace("max_rps = 3", "max_rpm = 3"), "unknown field"),
+            (format!("{GOOD}[upstream.create]\njob_id = \"id\"\npaths = [\"/v1\"]\n"), "create.job_id must be"),
+            (format!("{GOOD}[upstream.create]\njob_id = \"/id\"\npaths = [\"/v1/../x\"]\n"), "not a plain path"),
+            (format!("{GOOD}[upstream.create]\njob_id = \"/id\"\npath = [\"/v1\"]\n"), "unknown field"),
         ];
         for (toml, expected) in cases {
             let err = load(&toml).unwrap_err();

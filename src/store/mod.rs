@@ -13,6 +13,7 @@
 
 mod bulk;
 mod group;
+mod idempotency;
 mod postgres;
 mod rows;
 mod sqlite;
@@ -30,6 +31,7 @@ use crate::domain::{
 use crate::keys::{KeyHash, SigningSecret};
 
 pub use bulk::{BulkFilter, BulkRedelivered, REDELIVER_BATCH, redeliver_matching};
+pub use idempotency::{Claimed, IdempotencyClaim, PURGE_PER_CLAIM, StoredAnswer};
 pub use postgres::Notice;
 pub use rows::list_query;
 pub use sqlite::{lock_sqlite_for_serving, sqlite_file};
@@ -453,6 +455,10 @@ pub trait Store: Send + Sync + 'static {
     /// subscription; its headers are part of its identity (see [`Registered::HeadersDiffer`]).
     async fn register(&self, registration: Registration) -> Result<Registered>;
     async fn subscription(&self, tenant_id: i64, id: SubscriptionId) -> Result<Option<Subscription>>;
+    /// Takes an Idempotency-Key for a request, or says who holds it (committed before it answers).
+    async fn claim_idempotency_key(&self, claim: IdempotencyClaim) -> Result<Claimed>;
+    /// Stores the answer to the request that claimed `key`.
+    async fn finish_idempotency_key(&self, tenant_id: i64, key: &str, answer: &StoredAnswer) -> Result<()>;
     async fn list_subscriptions(&self, tenant_id: i64, filter: &ListFilter) -> Result<Vec<Subscription>>;
     /// Cancels a live subscription, unless a delivery attempt holds its claim (promise 11: a subscription
     /// that reads `cancelled` was never delivered). `None` when the tenant has no such subscription.

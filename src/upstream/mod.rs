@@ -7,6 +7,8 @@
 //! turns every possible answer — including the broken ones — into a [`PollAnswer`]; what to do about it
 //! is the poller's business.
 
+mod create;
+
 use std::time::Duration;
 
 use std::sync::Arc;
@@ -16,6 +18,7 @@ use bytes::Bytes;
 use crate::config::UpstreamConfig;
 use crate::config::upstreams::UpstreamProfile;
 use crate::domain::{JobId, JobStatus, truncate};
+pub use create::{CreateFailure, Created, MAX_ERROR_BODY};
 
 /// The `user-agent` of every poll and every callback.
 pub const USER_AGENT: &str = concat!("jobhook/", env!("CARGO_PKG_VERSION"));

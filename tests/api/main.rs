@@ -14,6 +14,7 @@ mod delivery;
 mod envelope;
 mod faults;
 mod headers;
+mod jobs;
 mod openapi;
 mod operations;
 mod polling;

@@ -10,11 +10,11 @@ use serde_json::{Value, json};
 use crate::support::helpers::*;
 
 const DOC: &str = include_str!("../../docs/upstreams.md");
-const TOKEN: &str = "r8_test-token-for-the-mock";
+pub(crate) const TOKEN: &str = "r8_test-token-for-the-mock";
 
 /// The ```toml block of docs/upstreams.md whose table is `name`, pointed at `url`, its auth value read
 /// from `secret` (a file), and its pacing left to the test app's fast global one.
-fn documented(name: &str, url: &str, secret: &std::path::Path, max_rps: Option<u32>) -> String {
+pub(crate) fn documented(name: &str, url: &str, secret: &std::path::Path, max_rps: Option<u32>) -> String {
     let block = DOC
         .split("```toml\n")
         .skip(1)
@@ -40,16 +40,16 @@ fn documented(name: &str, url: &str, secret: &std::path::Path, max_rps: Option<u
         .join("\n")
 }
 
-struct Profiles {
-    app: TestApp,
-    replicate: MockUpstream,
-    openai: MockUpstream,
-    aetherforge_eu: MockUpstream,
+pub(crate) struct Profiles {
+    pub(crate) app: TestApp,
+    pub(crate) replicate: MockUpstream,
+    pub(crate) openai: MockUpstream,
+    pub(crate) aetherforge_eu: MockUpstream,
     _dir: tempfile::TempDir,
 }
 
 /// The app with the three documented profiles, each against its own mock (which wants the token).
-async fn spawn_with_profiles(mock: MockArgs, caps: [Option<u32>; 2]) -> Profiles {
+pub(crate) async fn spawn_with_profiles(mock: MockArgs, caps: [Option<u32>; 2]) -> Profiles {
     let dir = tempfile::tempdir().unwrap();
     let secret = dir.path().join("token");
     std::fs::write(&secret, format!("{TOKEN}\n")).unwrap();

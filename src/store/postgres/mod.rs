@@ -4,6 +4,7 @@
 
 mod api;
 mod complete;
+mod idempotency;
 mod keys;
 mod leases;
 mod notice;

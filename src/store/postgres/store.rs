@@ -127,6 +127,14 @@ impl Store for PgStore {
         .await
     }
 
+    async fn claim_idempotency_key(&self, claim: IdempotencyClaim) -> Result<Claimed> {
+        deadline(async move { self.idempotency_claim(&claim).await }).await
+    }
+
+    async fn finish_idempotency_key(&self, tenant_id: i64, key: &str, answer: &StoredAnswer) -> Result<()> {
+        deadline(async move { self.idempotency_finish(tenant_id, key, answer).await }).await
+    }
+
     async fn rotate_secret(&self, tenant_id: i64, new: &SigningSecret, previous_until: Timestamp) -> Result<()> {
         deadline(async move {
             sqlx::query("UPDATE tenants SET previous_secret = signing_secret, previous_until = $1, signing_secret = $2 WHERE id = $3",)

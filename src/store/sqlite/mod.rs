@@ -3,6 +3,7 @@
 //! there in a transaction of their own. Reads use a small pool of read-only connections, which WAL lets
 //! run beside the writer.
 
+mod idempotency;
 mod migrate;
 mod ops;
 mod purge;
@@ -312,6 +313,15 @@ impl Store for SqliteStore {
 
     async fn subscription(&self, tenant_id: i64, id: SubscriptionId) -> Result<Option<Subscription>> {
         self.read(move |c| ops::subscription(c, tenant_id, id)).await
+    }
+
+    async fn claim_idempotency_key(&self, claim: IdempotencyClaim) -> Result<Claimed> {
+        self.exec(move |tx| idempotency::claim(tx, &claim)).await
+    }
+
+    async fn finish_idempotency_key(&self, tenant_id: i64, key: &str, answer: &StoredAnswer) -> Result<()> {
+        let (key, answer) = (key.to_owned(), answer.clone());
+        self.exec(move |tx| idempotency::finish(tx, tenant_id, &key, &answer)).await
     }
 
     async fn list_subscriptions(&self, tenant_id: i64, filter: &ListFilter) -> Result<Vec<Subscription>> {
