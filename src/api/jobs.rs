@@ -133,7 +133,7 @@ struct Plan {
     post, path = "/v1/jobs", tag = "jobs", security(("bearer" = [])),
     request_body = CreateJob,
     params(("idempotency-key" = Option<String>, Header,
-        description = "1 to 255 visible ASCII characters, unique per request you mean (a UUID); kept 24 h per API tenant")),
+        description = "1 to 255 visible ASCII characters, unique per request you mean (a UUID); kept 24 h per API tenant; any other value is a 400")),
     responses(
         (status = 201, description = "Created upstream and registered", body = JobCreated,
             headers(("location" = String, description = "The subscription's URL"))),
