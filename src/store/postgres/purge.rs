@@ -7,10 +7,10 @@
 
 use super::*;
 
-/// The advisory lock key of the purge ("jobhook purge").
-const PURGE_LOCK: i64 = 0x6a6f_6268_6f6f_6b70;
-/// The advisory lock key of folding the counts ("jobhook count").
-const COUNT_LOCK: i64 = 0x6a6f_6268_636f_756e;
+/// The advisory lock key of the purge ("jhpu"), paired with the schema (see `try_xact_lock`).
+const PURGE_LOCK: i32 = 0x6a68_7075;
+/// The advisory lock key of folding the counts ("jhcn"), paired with the schema.
+const COUNT_LOCK: i32 = 0x6a68_636e;
 
 /// Runs a DELETE whose `$1` is an array of keys; returns how many rows it deleted.
 async fn delete_any(tx: &mut PgConnection, sql: &'static str, keys: &[String]) -> Result<u64> {
@@ -93,7 +93,13 @@ impl PgStore {
     }
 }
 
-/// Takes the transaction-scoped advisory lock `key` if no other transaction holds it.
-async fn try_xact_lock(tx: &mut PgConnection, key: i64) -> Result<bool> {
-    sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)").bind(key).fetch_one(tx).await.db()
+/// Takes the transaction-scoped advisory lock `key` of this store's schema if no other transaction holds
+/// it. Advisory locks belong to the whole database: keyed by `key` alone, deployments (or test runs) in
+/// other schemas of one database took turns with ours and skipped their purges.
+async fn try_xact_lock(tx: &mut PgConnection, key: i32) -> Result<bool> {
+    sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1, hashtext(current_schema()))")
+        .bind(key)
+        .fetch_one(tx)
+        .await
+        .db()
 }
