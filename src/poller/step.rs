@@ -139,7 +139,7 @@ pub async fn step(ctx: &PollContext, state: &mut JobState) -> (PollOutcome, Next
     }
     let asked = std::time::Instant::now();
     let answer = upstream.client.poll(&job_id).await;
-    let pacing = ctx.pacing(&job_id);
+    let pacing = &upstream.client.profile().poll;
     ctx.metrics.poll(answer.outcome(), asked.elapsed());
     let now = Timestamp::now();
     let pending_for = now.duration_since(state.job.job_created_at);
