@@ -20,7 +20,7 @@ use crate::keys::{ApiKey, SigningSecret};
 use crate::metrics::Metrics;
 use crate::partition;
 use crate::poller::{self, PollContext};
-use crate::store::{self, Store};
+use crate::store::{self, KeyConfig, Store};
 use crate::upstream::UpstreamClient;
 
 /// A built service, listening but not yet serving. Tests build it on port 0 and read [`Self::port`].
@@ -347,7 +347,7 @@ fn spawn_housekeeping(
 pub async fn bootstrap_keys(store: &dyn Store, config: &Config) -> anyhow::Result<Option<FirstKey>> {
     let hashes: Vec<_> = config.api_keys.iter().map(ApiKey::hash).collect();
     let synced = store
-        .sync_configured_keys(&hashes, config.signing_secret.as_ref(), Timestamp::now())
+        .sync_configured_keys(KeyConfig { keys: &hashes, secret: config.signing_secret.as_ref() }, Timestamp::now())
         .await
         .context("cannot store the configured API keys")?;
     for id in synced.revoked_by_command {

@@ -406,6 +406,15 @@ pub enum Heard {
     Notice(Notice),
 }
 
+/// The API keys the configuration lists, and the signing secret it gives their tenants, as
+/// [`Store::sync_configured_keys`] applies them.
+#[derive(Clone, Copy)]
+pub struct KeyConfig<'a> {
+    pub keys: &'a [KeyHash],
+    /// `None`: each new tenant gets a fresh secret.
+    pub secret: Option<&'a SigningSecret>,
+}
+
 /// What [`Store::sync_configured_keys`] did.
 #[derive(Debug, Default)]
 pub struct ConfiguredKeys {
@@ -423,12 +432,7 @@ pub trait Store: Send + Sync + 'static {
     /// secret when it differs from the one applied at an earlier start (so a rotation through the API
     /// outlives restarts). Configured keys no longer in `keys` are revoked; listed again, they work
     /// again, except those revoked with `jobhook keys revoke`.
-    async fn sync_configured_keys(
-        &self,
-        keys: &[KeyHash],
-        secret: Option<&SigningSecret>,
-        now: Timestamp,
-    ) -> Result<ConfiguredKeys>;
+    async fn sync_configured_keys(&self, configured: KeyConfig<'_>, now: Timestamp) -> Result<ConfiguredKeys>;
     /// A new tenant with a stored key and a fresh secret.
     async fn create_key(&self, name: &str, key: KeyHash, secret: &SigningSecret, now: Timestamp) -> Result<i64>;
     /// Another stored key for an existing tenant, which keeps its secret and subscriptions (a lost key

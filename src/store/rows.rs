@@ -223,6 +223,15 @@ pub(super) fn signing_secrets_of(
     Ok(secrets)
 }
 
+/// A new tenant and its first API key, as both backends insert them.
+pub(super) struct NewTenant<'a> {
+    pub(super) name: &'a str,
+    pub(super) key: KeyHash,
+    pub(super) secret: &'a SigningSecret,
+    /// `config` for a key the configuration lists, `stored` for one made through the store.
+    pub(super) source: &'static str,
+}
+
 /// What [`Store::sync_configured_keys`] does with a key of the configuration's source already stored.
 pub(super) enum ConfiguredKey {
     /// Still configured but revoked with `jobhook keys revoke`: that stays.

@@ -43,7 +43,7 @@ pub async fn prefill(db_url: &str, key: &str, secret: &str, n: usize, age: Durat
     let key = ApiKey::new_configured(key).map_err(anyhow::Error::msg)?;
     let secret: SigningSecret = secret.parse().map_err(anyhow::Error::msg)?;
     let now = Timestamp::now();
-    store.sync_configured_keys(&[key.hash()], Some(&secret), now).await?;
+    store.sync_configured_keys(jobhook::store::KeyConfig { keys: &[key.hash()], secret: Some(&secret) }, now).await?;
     // When they ended.
     let now = now - age;
     let tenant = store.tenant_by_key(key.hash()).await?.ok_or_else(|| anyhow::anyhow!("the key has no tenant"))?.id;

@@ -5,12 +5,8 @@ use sha2::{Digest, Sha256};
 use super::*;
 
 impl PgStore {
-    pub(super) async fn keys_sync(
-        &self,
-        keys: &[KeyHash],
-        secret: Option<&SigningSecret>,
-        now: Timestamp,
-    ) -> Result<ConfiguredKeys> {
+    pub(super) async fn keys_sync(&self, configured: KeyConfig<'_>, now: Timestamp) -> Result<ConfiguredKeys> {
+        let KeyConfig { keys, secret } = configured;
         let mut tx = self.begin().await?;
         let mut sync = ConfiguredKeys::default();
         // Configured keys that left the configuration stop working; those listed again work again,
@@ -76,7 +72,8 @@ impl PgStore {
                 None => {
                     let secret = secret.cloned().unwrap_or_else(SigningSecret::generate);
                     let name = format!("configured key {}", i + 1);
-                    insert_tenant_with_key(&mut tx, &name, *key, &secret, "config", now).await?;
+                    let tenant = NewTenant { name: &name, key: *key, secret: &secret, source: "config" };
+                    insert_tenant_with_key(&mut tx, &tenant, now).await?;
                     sync.created += 1;
                 }
             }
@@ -88,12 +85,10 @@ impl PgStore {
 
 pub(super) async fn insert_tenant_with_key(
     tx: &mut PgConnection,
-    name: &str,
-    key: KeyHash,
-    secret: &SigningSecret,
-    source: &str,
+    tenant: &NewTenant<'_>,
     now: Timestamp,
 ) -> Result<i64> {
+    let NewTenant { name, key, secret, source } = *tenant;
     let tenant_id: i64 =
         sqlx::query_scalar("INSERT INTO tenants (name, signing_secret, created_at) VALUES ($1, $2, $3) RETURNING id")
             .bind(name)

@@ -5,19 +5,14 @@ use super::*;
 
 #[async_trait]
 impl Store for PgStore {
-    async fn sync_configured_keys(
-        &self,
-        keys: &[KeyHash],
-        secret: Option<&SigningSecret>,
-        now: Timestamp,
-    ) -> Result<ConfiguredKeys> {
-        deadline(async move { self.keys_sync(keys, secret, now).await }).await
+    async fn sync_configured_keys(&self, configured: KeyConfig<'_>, now: Timestamp) -> Result<ConfiguredKeys> {
+        deadline(async move { self.keys_sync(configured, now).await }).await
     }
 
     async fn create_key(&self, name: &str, key: KeyHash, secret: &SigningSecret, now: Timestamp) -> Result<i64> {
         deadline(async move {
             let mut tx = self.begin().await?;
-            let id = insert_tenant_with_key(&mut tx, name, key, secret, "stored", now).await?;
+            let id = insert_tenant_with_key(&mut tx, &NewTenant { name, key, secret, source: "stored" }, now).await?;
             tx.commit().await.db()?;
             Ok(id)
         })

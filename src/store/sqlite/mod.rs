@@ -236,19 +236,18 @@ impl<T> Sq<T> for rusqlite::Result<T> {
 
 #[async_trait]
 impl Store for SqliteStore {
-    async fn sync_configured_keys(
-        &self,
-        keys: &[KeyHash],
-        secret: Option<&SigningSecret>,
-        now: Timestamp,
-    ) -> Result<ConfiguredKeys> {
-        let (keys, secret) = (keys.to_vec(), secret.cloned());
-        self.exec(move |tx| ops::sync_configured_keys(tx, &keys, secret.as_ref(), now)).await
+    async fn sync_configured_keys(&self, configured: KeyConfig<'_>, now: Timestamp) -> Result<ConfiguredKeys> {
+        let (keys, secret) = (configured.keys.to_vec(), configured.secret.cloned());
+        self.exec(move |tx| ops::sync_configured_keys(tx, KeyConfig { keys: &keys, secret: secret.as_ref() }, now))
+            .await
     }
 
     async fn create_key(&self, name: &str, key: KeyHash, secret: &SigningSecret, now: Timestamp) -> Result<i64> {
         let (name, secret) = (name.to_owned(), secret.clone());
-        self.exec(move |tx| ops::insert_tenant_with_key(tx, &name, key, &secret, "stored", now)).await
+        self.exec(move |tx| {
+            ops::insert_tenant_with_key(tx, &NewTenant { name: &name, key, secret: &secret, source: "stored" }, now)
+        })
+        .await
     }
 
     async fn add_key(&self, tenant_id: i64, name: &str, key: KeyHash, now: Timestamp) -> Result<Option<i64>> {

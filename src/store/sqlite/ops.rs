@@ -69,10 +69,10 @@ pub(super) fn deliveries(c: &Connection, sql: &str, p: impl Params) -> Result<Ve
 
 pub(super) fn sync_configured_keys(
     tx: &Transaction<'_>,
-    keys: &[KeyHash],
-    secret: Option<&SigningSecret>,
+    configured: KeyConfig<'_>,
     now: Timestamp,
 ) -> Result<ConfiguredKeys> {
+    let KeyConfig { keys, secret } = configured;
     let mut sync = ConfiguredKeys::default();
     // Configured keys that left the configuration stop working; those listed again work again, unless
     // `jobhook keys revoke` revoked them: that stays.
@@ -133,7 +133,8 @@ pub(super) fn sync_configured_keys(
             None => {
                 let secret = secret.cloned().unwrap_or_else(SigningSecret::generate);
                 let name = format!("configured key {}", i + 1);
-                insert_tenant_with_key(tx, &name, *key, &secret, "config", now)?;
+                let tenant = NewTenant { name: &name, key: *key, secret: &secret, source: "config" };
+                insert_tenant_with_key(tx, &tenant, now)?;
                 sync.created += 1;
             }
         }
@@ -141,14 +142,8 @@ pub(super) fn sync_configured_keys(
     Ok(sync)
 }
 
-pub(super) fn insert_tenant_with_key(
-    tx: &Transaction<'_>,
-    name: &str,
-    key: KeyHash,
-    secret: &SigningSecret,
-    source: &str,
-    now: Timestamp,
-) -> Result<i64> {
+pub(super) fn insert_tenant_with_key(tx: &Transaction<'_>, tenant: &NewTenant<'_>, now: Timestamp) -> Result<i64> {
+    let NewTenant { name, key, secret, source } = *tenant;
     let tenant_id: i64 = tx
         .query_row(
             "INSERT INTO tenants (name, signing_secret, created_at) VALUES (?1, ?2, ?3) RETURNING id",
