@@ -13,10 +13,11 @@
 //! Redirects are never followed: a 3xx is just a failed attempt.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
+use ipnet::{IpNet, Ipv6Net};
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 
 pub use crate::config::EgressPolicy;
@@ -190,88 +191,83 @@ fn check_name(name: &str) -> Result<(), String> {
 
 /// Why an address may not be called back, or `None` for a public unicast address.
 pub fn refused_because(ip: IpAddr) -> Option<&'static str> {
-    match ip {
-        IpAddr::V4(v4) => refused_v4(v4),
-        IpAddr::V6(v6) => refused_v6(v6),
-    }
-}
-
-fn in_v4(ip: Ipv4Addr, net: [u8; 4], prefix: u32) -> bool {
-    let mask = if prefix == 0 { 0 } else { u32::MAX << (32 - prefix) };
-    (u32::from(ip) & mask) == (u32::from(Ipv4Addr::from(net)) & mask)
-}
-
-fn refused_v4(ip: Ipv4Addr) -> Option<&'static str> {
-    const RANGES: &[([u8; 4], u32, &str)] = &[
-        ([0, 0, 0, 0], 8, "\"this network\" (unspecified)"),
-        ([10, 0, 0, 0], 8, "private"),
-        ([100, 64, 0, 0], 10, "shared (CGNAT)"),
-        ([127, 0, 0, 0], 8, "loopback"),
-        ([169, 254, 0, 0], 16, "link-local"),
-        ([172, 16, 0, 0], 12, "private"),
-        ([192, 0, 0, 0], 24, "IETF protocol assignment"),
-        ([192, 0, 2, 0], 24, "documentation"),
-        ([192, 88, 99, 0], 24, "6to4 relay"),
-        ([192, 168, 0, 0], 16, "private"),
-        ([198, 18, 0, 0], 15, "benchmarking"),
-        ([198, 51, 100, 0], 24, "documentation"),
-        ([203, 0, 113, 0], 24, "documentation"),
-        ([224, 0, 0, 0], 4, "multicast"),
-        ([240, 0, 0, 0], 4, "reserved"),
-    ];
-    RANGES.iter().find(|(net, prefix, _)| in_v4(ip, *net, *prefix)).map(|(_, _, why)| *why)
-}
-
-fn in_v6(ip: Ipv6Addr, net: [u16; 8], prefix: u32) -> bool {
-    let mask = if prefix == 0 { 0 } else { u128::MAX << (128 - prefix) };
-    (u128::from(ip) & mask) == (u128::from(Ipv6Addr::from(net)) & mask)
-}
-
-fn refused_v6(ip: Ipv6Addr) -> Option<&'static str> {
-    // Forms that carry an IPv4 address are judged by that address.
-    if let Some(v4) = ip.to_ipv4_mapped() {
-        return refused_v4(v4);
-    }
-    let embedded_low32 = Ipv4Addr::from((u128::from(ip) & 0xffff_ffff) as u32);
-    if in_v6(ip, [0; 8], 96) {
-        // ::/96, the deprecated IPv4-compatible form; also :: and ::1.
-        return match ip {
-            Ipv6Addr::UNSPECIFIED => Some("unspecified"),
-            Ipv6Addr::LOCALHOST => Some("loopback"),
-            _ => Some("IPv4-compatible (deprecated)"),
-        };
-    }
-    if in_v6(ip, [0x64, 0xff9b, 0, 0, 0, 0, 0, 0], 96) {
-        // NAT64: the gateway would connect to the embedded IPv4 address.
-        return refused_v4(embedded_low32);
-    }
-    if in_v6(ip, [0x2002, 0, 0, 0, 0, 0, 0, 0], 16) {
-        // 6to4 embeds an IPv4 address in bits 16..48.
-        let v4 = Ipv4Addr::from(((u128::from(ip) >> 80) & 0xffff_ffff) as u32);
-        return refused_v4(v4);
-    }
-    const RANGES: &[([u16; 8], u32, &str)] = &[
-        ([0x64, 0xff9b, 1, 0, 0, 0, 0, 0], 48, "local-use NAT64"),
-        ([0x100, 0, 0, 0, 0, 0, 0, 0], 64, "discard-only"),
-        ([0x2001, 0, 0, 0, 0, 0, 0, 0], 32, "Teredo"),
-        ([0x2001, 0x2, 0, 0, 0, 0, 0, 0], 48, "benchmarking"),
-        ([0x2001, 0x10, 0, 0, 0, 0, 0, 0], 28, "ORCHID"),
-        ([0x2001, 0x20, 0, 0, 0, 0, 0, 0], 28, "ORCHID"),
-        ([0x2001, 0xdb8, 0, 0, 0, 0, 0, 0], 32, "documentation"),
-        ([0x3fff, 0, 0, 0, 0, 0, 0, 0], 20, "documentation"),
-        ([0xfc00, 0, 0, 0, 0, 0, 0, 0], 7, "unique local (private)"),
-        ([0xfe80, 0, 0, 0, 0, 0, 0, 0], 10, "link-local"),
-        ([0xfec0, 0, 0, 0, 0, 0, 0, 0], 10, "site-local (deprecated)"),
-        ([0xff00, 0, 0, 0, 0, 0, 0, 0], 8, "multicast"),
-    ];
-    if let Some((_, _, why)) = RANGES.iter().find(|(net, prefix, _)| in_v6(ip, *net, *prefix)) {
+    let ip = match ip {
+        IpAddr::V6(v6) if V4_COMPATIBLE.contains(&v6) => {
+            return Some(match v6 {
+                Ipv6Addr::UNSPECIFIED => "unspecified",
+                Ipv6Addr::LOCALHOST => "loopback",
+                _ => "IPv4-compatible (deprecated)",
+            });
+        }
+        // Forms that carry an IPv4 address are judged by that address.
+        IpAddr::V6(v6) => embedded_v4(v6).map_or(ip, IpAddr::V4),
+        v4 => v4,
+    };
+    if let Some((_, why)) = REFUSED_RANGES.iter().find(|(net, _)| net.contains(&ip)) {
         return Some(why);
     }
-    // Only 2000::/3 is allocated as global unicast.
-    if !in_v6(ip, [0x2000, 0, 0, 0, 0, 0, 0, 0], 3) {
-        return Some("reserved");
+    match ip {
+        // Only 2000::/3 is allocated as global unicast.
+        IpAddr::V6(v6) if !GLOBAL_UNICAST.contains(&v6) => Some("reserved"),
+        _ => None,
     }
-    None
+}
+
+/// The ranges no callback may reach, and why, in the notation of IANA's IPv4 and IPv6 special-purpose
+/// address registries. The IPv6 forms that carry an IPv4 address are judged by that address first
+/// ([`embedded_v4`]); IPv6 outside 2000::/3 is refused as reserved.
+const REFUSED: &[(&str, &str)] = &[
+    ("0.0.0.0/8", "\"this network\" (unspecified)"),
+    ("10.0.0.0/8", "private"),
+    ("100.64.0.0/10", "shared (CGNAT)"),
+    ("127.0.0.0/8", "loopback"),
+    ("169.254.0.0/16", "link-local"),
+    ("172.16.0.0/12", "private"),
+    ("192.0.0.0/24", "IETF protocol assignment"),
+    ("192.0.2.0/24", "documentation"),
+    ("192.88.99.0/24", "6to4 relay"),
+    ("192.168.0.0/16", "private"),
+    ("198.18.0.0/15", "benchmarking"),
+    ("198.51.100.0/24", "documentation"),
+    ("203.0.113.0/24", "documentation"),
+    ("224.0.0.0/4", "multicast"),
+    ("240.0.0.0/4", "reserved"),
+    ("64:ff9b:1::/48", "local-use NAT64"),
+    ("100::/64", "discard-only"),
+    ("2001::/32", "Teredo"),
+    ("2001:2::/48", "benchmarking"),
+    ("2001:10::/28", "ORCHID"),
+    ("2001:20::/28", "ORCHID"),
+    ("2001:db8::/32", "documentation"),
+    ("3fff::/20", "documentation"),
+    ("fc00::/7", "unique local (private)"),
+    ("fe80::/10", "link-local"),
+    ("fec0::/10", "site-local (deprecated)"),
+    ("ff00::/8", "multicast"),
+];
+
+/// [`REFUSED`], parsed once (a unit test parses every row).
+static REFUSED_RANGES: LazyLock<Vec<(IpNet, &'static str)>> = LazyLock::new(|| {
+    REFUSED.iter().map(|(net, why)| (net.parse().expect("REFUSED holds CIDR ranges"), *why)).collect()
+});
+
+const GLOBAL_UNICAST: Ipv6Net = Ipv6Net::new_assert(Ipv6Addr::new(0x2000, 0, 0, 0, 0, 0, 0, 0), 3);
+/// ::/96, the deprecated IPv4-compatible form; also :: and ::1.
+const V4_COMPATIBLE: Ipv6Net = Ipv6Net::new_assert(Ipv6Addr::UNSPECIFIED, 96);
+const NAT64: Ipv6Net = Ipv6Net::new_assert(Ipv6Addr::new(0x64, 0xff9b, 0, 0, 0, 0, 0, 0), 96);
+const SIX_TO_FOUR: Ipv6Net = Ipv6Net::new_assert(Ipv6Addr::new(0x2002, 0, 0, 0, 0, 0, 0, 0), 16);
+
+/// The IPv4 address that an IPv6 address carries, in the forms that reach it: IPv4-mapped, NAT64 (the
+/// gateway connects to the low 32 bits) and 6to4 (bits 16..48).
+fn embedded_v4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
+    let bits = u128::from(ip);
+    if NAT64.contains(&ip) {
+        Some(Ipv4Addr::from((bits & 0xffff_ffff) as u32))
+    } else if SIX_TO_FOUR.contains(&ip) {
+        Some(Ipv4Addr::from(((bits >> 80) & 0xffff_ffff) as u32))
+    } else {
+        ip.to_ipv4_mapped()
+    }
 }
 
 /// A DNS resolver that hands the connector only addresses the policy allows.
@@ -378,6 +374,14 @@ mod tests {
             assert!(refused(ip), "{ip} should be refused");
         }
         assert!(!refused("64:ff9b::8.8.8.8"));
+    }
+
+    #[test]
+    fn every_refused_range_is_refused_for_its_own_reason() {
+        for (net, why) in REFUSED {
+            let first = net.parse::<IpNet>().unwrap().network();
+            assert_eq!(refused_because(first), Some(*why), "{net}");
+        }
     }
 
     #[tokio::test]
