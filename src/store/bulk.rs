@@ -92,7 +92,7 @@ pub async fn redeliver_matching(
     ids.truncate(filter.limit as usize);
     let mut done = BulkRedelivered { started: 0, more };
     for batch in ids.chunks(REDELIVER_BATCH) {
-        let found = store.redeliver_batch(tenant_id, batch.to_vec(), now).await?;
+        let found = store.redeliver_batch(tenant_id, batch, now).await?;
         let tasks: Vec<DeliveryTask> = found
             .into_iter()
             .filter_map(|r| match r {

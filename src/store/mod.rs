@@ -481,12 +481,7 @@ pub trait Store: Send + Sync + 'static {
     /// than its limit (see [`redeliver_matching`]).
     async fn matching_ended(&self, tenant_id: i64, filter: &BulkFilter) -> Result<Vec<SubscriptionId>>;
     /// [`Store::redeliver`] for each of `ids` (the tenant's), in one transaction; what each found, in order.
-    async fn redeliver_batch(
-        &self,
-        tenant_id: i64,
-        ids: Vec<SubscriptionId>,
-        now: Timestamp,
-    ) -> Result<Vec<Redelivery>>;
+    async fn redeliver_batch(&self, tenant_id: i64, ids: &[SubscriptionId], now: Timestamp) -> Result<Vec<Redelivery>>;
 
     // --- the poller ---
 

@@ -71,12 +71,12 @@ impl PgStore {
     pub(super) async fn redeliver_each(
         &self,
         tenant_id: i64,
-        ids: Vec<SubscriptionId>,
+        ids: &[SubscriptionId],
         now: Timestamp,
     ) -> Result<Vec<Redelivery>> {
         let mut tx = self.begin().await?;
         let mut found = Vec::with_capacity(ids.len());
-        for id in ids {
+        for &id in ids {
             // A subscription gone meanwhile (purged) is left out.
             found.extend(self.redeliver_in(&mut tx, tenant_id, id, now).await?);
         }

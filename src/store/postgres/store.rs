@@ -182,12 +182,7 @@ impl Store for PgStore {
         .await
     }
 
-    async fn redeliver_batch(
-        &self,
-        tenant_id: i64,
-        ids: Vec<SubscriptionId>,
-        now: Timestamp,
-    ) -> Result<Vec<Redelivery>> {
+    async fn redeliver_batch(&self, tenant_id: i64, ids: &[SubscriptionId], now: Timestamp) -> Result<Vec<Redelivery>> {
         deadline(async move { self.redeliver_each(tenant_id, ids, now).await }).await
     }
 

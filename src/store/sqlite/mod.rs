@@ -349,13 +349,10 @@ impl Store for SqliteStore {
         self.read(move |c| ops::matching_ended(c, tenant_id, &filter)).await
     }
 
-    async fn redeliver_batch(
-        &self,
-        tenant_id: i64,
-        ids: Vec<SubscriptionId>,
-        now: Timestamp,
-    ) -> Result<Vec<Redelivery>> {
-        // One transaction for the batch; a subscription gone meanwhile (purged) is left out.
+    async fn redeliver_batch(&self, tenant_id: i64, ids: &[SubscriptionId], now: Timestamp) -> Result<Vec<Redelivery>> {
+        // One transaction for the batch, on the writer thread (which needs its own copy of the IDs); a
+        // subscription gone meanwhile (purged) is left out.
+        let ids = ids.to_vec();
         self.exec(move |tx| {
             let found = ids.into_iter().map(|id| ops::redeliver(tx, tenant_id, id, now));
             found.filter_map(Result::transpose).collect()
