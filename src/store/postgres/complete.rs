@@ -84,25 +84,20 @@ pub(super) async fn complete_all(tx: &mut PgConnection, done: &[Completion<'_>])
 }
 
 /// Locks the jobs in one order (by ID), so batches cannot deadlock, then records each result unless one
-/// is recorded already; the jobs it recorded.
+/// is recorded already; the jobs it recorded. One statement (one round trip): the WITH takes the locks
+/// before the UPDATE, which then finds each row's latest version.
 async fn record_results(tx: &mut PgConnection, firsts: &[&Completion<'_>]) -> Result<HashSet<String>> {
     let ids: Vec<String> = firsts.iter().map(|c| c.job_id.to_string()).collect();
     let statuses: Vec<&str> = firsts.iter().map(|c| c.status.as_str()).collect();
     let bodies: Vec<&[u8]> = firsts.iter().map(|c| c.body.as_ref()).collect();
     let nows: Vec<Timestamp> = firsts.iter().map(|c| c.now).collect();
-    let mut sorted = ids.clone();
-    sorted.sort();
-    sqlx::query("SELECT 1 FROM jobs WHERE job_id = ANY($1) ORDER BY job_id FOR UPDATE")
-        .bind(&sorted)
-        .execute(&mut *tx)
-        .await
-        .db()?;
     collect_column(
         &mut *tx,
         sqlx::query_scalar(
-            "UPDATE jobs SET status = u.s, result = u.r, last_error = NULL, finished_at = u.n, updated_at = u.n \
-             FROM UNNEST($1::text[], $2::text[], $3::bytea[], $4::int8[]) AS u (j, s, r, n) \
-             WHERE jobs.job_id = u.j AND jobs.result IS NULL RETURNING jobs.job_id",
+            "WITH locked AS MATERIALIZED (SELECT job_id FROM jobs WHERE job_id = ANY($1) ORDER BY job_id FOR UPDATE) \
+             UPDATE jobs SET status = u.s, result = u.r, last_error = NULL, finished_at = u.n, updated_at = u.n \
+             FROM locked JOIN UNNEST($1::text[], $2::text[], $3::bytea[], $4::int8[]) AS u (j, s, r, n) \
+             ON u.j = locked.job_id WHERE jobs.job_id = locked.job_id AND jobs.result IS NULL RETURNING jobs.job_id",
         )
         .bind(&ids)
         .bind(&statuses)

@@ -88,11 +88,10 @@ pub(super) async fn register_all(
             }
         }
     }
-    new.insert(tx).await?;
+    new.insert(tx, sent).await?;
 
     let oldest = oldest_polling(tx, &answers).await?;
     let shown = shown(tx, &answers).await?;
-    notify(tx, sent, &new.notices).await?;
     answers.into_iter().map(|a| a.finish(&oldest, &shown)).collect()
 }
 
@@ -162,17 +161,21 @@ impl NewRows {
         self.metadata.push(r.form.metadata.clone());
     }
 
-    async fn insert(&self, tx: &mut PgConnection) -> Result<()> {
+    /// Inserts the new subscriptions and, in the same statement (one round trip), tells the other
+    /// instances about them (delivered when the transaction commits; this one remembers what it sent).
+    async fn insert(&self, tx: &mut PgConnection, sent: &notice::Sent) -> Result<()> {
         if self.ids.is_empty() {
             return Ok(());
         }
+        sent.record(&self.notices);
         sqlx::query(
-            "INSERT INTO subscriptions (id, tenant_id, job_id, callback_url, state, webhook_id, next_attempt_at, \
-             created_at, updated_at, partition, callback_headers, callback_headers_hash, payload, metadata) \
-             SELECT i, t, j, c, s, w, n, a, a, p, h, d, f, m \
+            "WITH inserted AS (INSERT INTO subscriptions (id, tenant_id, job_id, callback_url, state, webhook_id, \
+             next_attempt_at, created_at, updated_at, partition, callback_headers, callback_headers_hash, payload, \
+             metadata) SELECT i, t, j, c, s, w, n, a, a, p, h, d, f, m \
              FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::text[], $5::text[], $6::text[], $7::int8[], \
              $8::int8[], $9::int8[], $10::text[], $11::text[], $12::text[], $13::text[]) \
-             AS u (i, t, j, c, s, w, n, a, p, h, d, f, m)",
+             AS u (i, t, j, c, s, w, n, a, p, h, d, f, m)) \
+             SELECT pg_notify('jobhook', n) FROM UNNEST($14::text[]) AS n",
         )
         .bind(&self.ids)
         .bind(&self.tenants)
@@ -187,6 +190,7 @@ impl NewRows {
         .bind(&self.digests)
         .bind(&self.payloads)
         .bind(&self.metadata)
+        .bind(&self.notices)
         .execute(&mut *tx)
         .await
         .db()?;
@@ -331,20 +335,6 @@ fn new_subscription(r: &Registration, row: &JobRow) -> Result<Subscription> {
         payload: r.form.payload,
         metadata: r.form.metadata.clone(),
     })
-}
-
-/// Tells the other instances about the new work (and remembers what this one sent).
-async fn notify(tx: &mut PgConnection, sent: &notice::Sent, notices: &[String]) -> Result<()> {
-    if notices.is_empty() {
-        return Ok(());
-    }
-    sent.record(notices);
-    sqlx::query("SELECT pg_notify('jobhook', n) FROM UNNEST($1::text[]) AS n")
-        .bind(notices)
-        .execute(&mut *tx)
-        .await
-        .db()?;
-    Ok(())
 }
 
 impl Answer {

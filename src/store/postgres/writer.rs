@@ -262,38 +262,32 @@ async fn record_attempts(tx: &mut PgConnection, batch: &[Write], at: &[usize]) -
             log.push(record, *result, *now);
         }
     }
-    sqlx::query(
-        "INSERT INTO delivery_attempts (subscription_id, series, attempt, webhook_id, started_at, status_code, \
-         error, duration_ms, response_content_type, response_body) SELECT * FROM UNNEST($1::text[], $2::int8[], \
-         $3::int8[], $4::text[], $5::int8[], $6::int8[], $7::text[], $8::int8[], $9::text[], $10::text[])",
-    )
-    .bind(&log.ids)
-    .bind(&log.series)
-    .bind(&log.attempts)
-    .bind(&log.webhook_ids)
-    .bind(&log.started_at)
-    .bind(&log.status_codes)
-    .bind(&log.errors)
-    .bind(&log.durations)
-    .bind(&log.content_types)
-    .bind(&log.bodies)
-    .execute(&mut *tx)
-    .await
-    .db()?;
+    // The log and the state change in one statement (one round trip): the attempts are inserted by the
+    // data-modifying WITH whatever the UPDATE finds.
     let moved: HashSet<(String, i64)> = collect_rows(
         &mut *tx,
         sqlx::query_as(
-            "UPDATE subscriptions SET state = u.st, attempts = u.a, next_attempt_at = u.na, failure_reason = u.r, \
+            "WITH logged AS (INSERT INTO delivery_attempts (subscription_id, series, attempt, webhook_id, started_at, \
+             status_code, error, duration_ms, response_content_type, response_body) SELECT * FROM UNNEST($1::text[], \
+             $2::int8[], $3::int8[], $4::text[], $5::int8[], $6::int8[], $7::text[], $8::int8[], $9::text[], $10::text[])) \
+             UPDATE subscriptions SET state = u.st, attempts = u.a, next_attempt_at = u.na, failure_reason = u.r, \
              updated_at = u.n, claimed_until = NULL, claimed_by = NULL \
-             FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::int8[], $5::int8[], $6::text[], $7::int8[]) \
+             FROM UNNEST($1::text[], $2::int8[], $11::text[], $3::int8[], $12::int8[], $13::text[], $14::int8[]) \
              AS u (i, s, st, a, na, r, n) \
              WHERE subscriptions.id = u.i AND subscriptions.state = 'delivering' AND subscriptions.series = u.s \
              RETURNING subscriptions.id, subscriptions.series",
         )
         .bind(&log.ids)
         .bind(&log.series)
-        .bind(&log.states)
         .bind(&log.attempts)
+        .bind(&log.webhook_ids)
+        .bind(&log.started_at)
+        .bind(&log.status_codes)
+        .bind(&log.errors)
+        .bind(&log.durations)
+        .bind(&log.content_types)
+        .bind(&log.bodies)
+        .bind(&log.states)
         .bind(&log.next_at)
         .bind(&log.reasons)
         .bind(&log.nows),
