@@ -7,63 +7,17 @@ use sha2::{Digest, Sha256};
 
 use super::*;
 
-pub(super) fn subscription_row(r: &Row<'_>) -> rusqlite::Result<SubscriptionRow> {
-    Ok(SubscriptionRow {
-        id: r.get(0)?,
-        job_id: r.get(1)?,
-        callback_url: r.get(2)?,
-        state: r.get(3)?,
-        failure_reason: r.get(4)?,
-        webhook_id: r.get(5)?,
-        attempts: r.get(6)?,
-        next_attempt_at: r.get(7)?,
-        created_at: r.get(8)?,
-        updated_at: r.get(9)?,
-        job_status: r.get(10)?,
-        last_error: r.get(11)?,
-        last_delivery_error: r.get(12)?,
-        callback_headers: r.get(13)?,
-        payload: r.get(14)?,
-        metadata: r.get(15)?,
-    })
-}
-
-pub(super) fn delivery_row(r: &Row<'_>) -> rusqlite::Result<DeliveryRow> {
-    Ok(DeliveryRow {
-        id: r.get(0)?,
-        job_id: r.get(1)?,
-        tenant_id: r.get(2)?,
-        partition: r.get(3)?,
-        webhook_id: r.get(4)?,
-        callback_url: r.get(5)?,
-        result: r.get(6)?,
-        series: r.get(7)?,
-        attempts: r.get(8)?,
-        next_attempt_at: r.get(9)?,
-        callback_headers: r.get(10)?,
-        payload: r.get(11)?,
-        metadata: r.get(12)?,
-        finished_at: r.get(13)?,
-    })
-}
-
 /// The pollable jobs a statement selects.
 pub(super) fn pollable(c: &Connection, sql: &str, p: impl Params) -> Result<Vec<PollableJob>> {
     let mut statement = c.prepare_cached(sql).sq()?;
-    let rows = statement
-        .query_map(p, |r| {
-            Ok(PollableRow { job_id: r.get(0)?, job_created_at: r.get(1)?, oldest_polling_at: r.get(2)? })
-        })
-        .sq()?
-        .collect::<rusqlite::Result<Vec<_>>>()
-        .sq()?;
+    let rows = statement.query_map(p, PollableRow::from_sqlite).sq()?.collect::<rusqlite::Result<Vec<_>>>().sq()?;
     rows.into_iter().map(PollableJob::try_from).collect()
 }
 
 /// The deliveries a statement selects.
 pub(super) fn deliveries(c: &Connection, sql: &str, p: impl Params) -> Result<Vec<DeliveryTask>> {
     let mut statement = c.prepare_cached(sql).sq()?;
-    let rows = statement.query_map(p, delivery_row).sq()?.collect::<rusqlite::Result<Vec<_>>>().sq()?;
+    let rows = statement.query_map(p, DeliveryRow::from_sqlite).sq()?.collect::<rusqlite::Result<Vec<_>>>().sq()?;
     rows.into_iter().map(DeliveryTask::try_from).collect()
 }
 
@@ -220,7 +174,7 @@ pub(super) fn subscription(c: &Connection, sub: TenantSub) -> Result<Option<Subs
         subscription_columns!(),
         " FROM subscriptions s JOIN jobs j ON j.job_id = s.job_id WHERE s.id = ?1 AND s.tenant_id = ?2"
     );
-    let row = optional_row(c, sql, params![sub.id.to_string(), sub.tenant_id], subscription_row)?;
+    let row = optional_row(c, sql, params![sub.id.to_string(), sub.tenant_id], SubscriptionRow::from_sqlite)?;
     row.map(Subscription::try_from).transpose()
 }
 
@@ -233,7 +187,7 @@ pub(super) fn list_subscriptions(c: &Connection, tenant_id: i64, filter: &ListFi
         .collect();
     let mut statement = c.prepare_cached(&sql).sq()?;
     let rows = statement
-        .query_map(rusqlite::params_from_iter(binds), subscription_row)
+        .query_map(rusqlite::params_from_iter(binds), SubscriptionRow::from_sqlite)
         .sq()?
         .collect::<rusqlite::Result<Vec<_>>>()
         .sq()?;
@@ -363,7 +317,7 @@ pub(super) fn retry_now(tx: &Transaction<'_>, sub: TenantSub, now: Timestamp) ->
 /// The delivery of the tenant's subscription, whatever its state.
 fn delivery_of(tx: &Transaction<'_>, sub: TenantSub) -> Result<Option<DeliveryRow>> {
     let sql = concat!(delivery_select!(), " WHERE s.id = ?1 AND s.tenant_id = ?2");
-    optional_row(tx, sql, params![sub.id.to_string(), sub.tenant_id], delivery_row)
+    optional_row(tx, sql, params![sub.id.to_string(), sub.tenant_id], DeliveryRow::from_sqlite)
 }
 
 /// The one row `sql` finds, or `None` when it finds none (rusqlite's `query_row` calls that an error).

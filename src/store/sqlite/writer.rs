@@ -7,7 +7,7 @@
 
 use rusqlite::{Connection, TransactionBehavior, params};
 
-use super::ops::{delivery_row, optional_row, subscription_row};
+use super::ops::optional_row;
 use tokio::sync::mpsc;
 
 use super::*;
@@ -243,7 +243,7 @@ fn subscription(tx: &rusqlite::Transaction<'_>, id: &str) -> Result<Subscription
             " FROM subscriptions s JOIN jobs j ON j.job_id = s.job_id WHERE s.id = ?"
         ))
         .sq()?
-        .query_row(params![id], subscription_row)
+        .query_row(params![id], SubscriptionRow::from_sqlite)
         .sq()?;
     row.try_into()
 }
@@ -267,7 +267,11 @@ fn complete_job(tx: &rusqlite::Transaction<'_>, end: &JobEnd, claim: &ClaimFor) 
             " WHERE s.job_id = ? AND s.state = 'delivering' AND s.series = 1 AND s.attempts = 0"
         );
         let mut statement = tx.prepare_cached(sql).sq()?;
-        let rows = statement.query_map(params![job], delivery_row).sq()?.collect::<rusqlite::Result<Vec<_>>>().sq()?;
+        let rows = statement
+            .query_map(params![job], DeliveryRow::from_sqlite)
+            .sq()?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .sq()?;
         return rows.into_iter().map(DeliveryTask::try_from).collect();
     }
     let subscribers: Vec<Subscriber> = tx
