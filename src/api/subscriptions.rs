@@ -21,7 +21,7 @@ use crate::domain::{
 };
 use crate::store::{
     AttemptRecord, Cancel, DeliveryForm, ListFilter, Redelivery, Registered, Registration, RetryNow, Subscription,
-    Tenant,
+    Tenant, TenantSub,
 };
 
 /// A registration: which upstream job to watch, and where to POST its result.
@@ -227,6 +227,11 @@ impl TenantSubscription {
     pub(crate) fn new(tenant: Tenant, id: SubscriptionId) -> Self {
         TenantSubscription { tenant, id, raw: id.to_string() }
     }
+
+    /// The subscription as the store looks it up: scoped to the caller.
+    fn key(&self) -> TenantSub {
+        TenantSub { tenant_id: self.tenant.id, id: self.id }
+    }
 }
 
 impl FromRequestParts<AppState> for TenantSubscription {
@@ -369,7 +374,7 @@ pub async fn get_one(
     State(state): State<AppState>,
     one: TenantSubscription,
 ) -> Result<Json<SubscriptionView>, ApiError> {
-    let sub = state.store.subscription(one.tenant.id, one.id).await?.ok_or_else(|| not_found(&one.raw))?;
+    let sub = state.store.subscription(one.key()).await?.ok_or_else(|| not_found(&one.raw))?;
     Ok(Json(sub.into()))
 }
 
@@ -445,20 +450,19 @@ pub async fn redeliver(
     State(state): State<AppState>,
     one: TenantSubscription,
 ) -> Result<(StatusCode, Json<SubscriptionView>), ApiError> {
-    let TenantSubscription { tenant, id: sub_id, raw: id } = one;
+    let key = one.key();
+    let TenantSubscription { id: sub_id, raw: id, .. } = one;
     let redelivery = super::to_the_end({
         let (state, id) = (state.clone(), id.clone());
         async move {
-            let redelivery =
-                state.store.redeliver(tenant.id, sub_id, Timestamp::now()).await?.ok_or_else(|| not_found(&id))?;
+            let redelivery = state.store.redeliver(key, Timestamp::now()).await?.ok_or_else(|| not_found(&id))?;
             if let Redelivery::Started(task) = &redelivery {
                 tracing::info!(subscription_id = %sub_id, series = task.series, "redelivery started");
                 state.dispatcher.deliver(vec![task.clone()]);
             }
             // Waiting for a retry: no new series, the next attempt of this one is made now.
             if let Redelivery::NotEnded(SubscriptionState::Delivering) = &redelivery {
-                let retry =
-                    state.store.retry_now(tenant.id, sub_id, Timestamp::now()).await?.ok_or_else(|| not_found(&id))?;
+                let retry = state.store.retry_now(key, Timestamp::now()).await?.ok_or_else(|| not_found(&id))?;
                 return Ok(match retry {
                     RetryNow::Due(task) => {
                         tracing::info!(subscription_id = %sub_id, series = task.series, "retry now");
@@ -478,7 +482,7 @@ pub async fn redeliver(
     .await?;
     match redelivery {
         Accepted::Series | Accepted::RetryNow => {
-            let sub = state.store.subscription(tenant.id, sub_id).await?.ok_or_else(|| not_found(&id))?;
+            let sub = state.store.subscription(key).await?.ok_or_else(|| not_found(&id))?;
             Ok((StatusCode::ACCEPTED, Json(sub.into())))
         }
         Accepted::Superseded => Err(ApiError::Conflict(
@@ -520,12 +524,13 @@ enum Accepted {
     )
 )]
 pub async fn cancel(State(state): State<AppState>, one: TenantSubscription) -> Result<StatusCode, ApiError> {
-    let TenantSubscription { tenant, id: sub_id, raw: id } = one;
+    let key = one.key();
+    let TenantSubscription { id: sub_id, raw: id, .. } = one;
     super::to_the_end(async move {
         // An attempt holds its claim for at most this long; it releases it when its outcome is recorded.
         let deadline = tokio::time::Instant::now() + state.dispatcher.claim_for();
         loop {
-            match state.store.cancel(tenant.id, sub_id, Timestamp::now()).await?.ok_or_else(|| not_found(&id))? {
+            match state.store.cancel(key, Timestamp::now()).await?.ok_or_else(|| not_found(&id))? {
                 Cancel::Cancelled { job_id, was: _ } => {
                     // Both, whatever the state read: the job may have ended between that read and the cancel.
                     state.poller.recheck(job_id.clone());
@@ -567,6 +572,6 @@ pub async fn deliveries(
     State(state): State<AppState>,
     one: TenantSubscription,
 ) -> Result<Json<DeliveryAttempts>, ApiError> {
-    let attempts = state.store.attempts(one.tenant.id, one.id).await?.ok_or_else(|| not_found(&one.raw))?;
+    let attempts = state.store.attempts(one.key()).await?.ok_or_else(|| not_found(&one.raw))?;
     Ok(Json(DeliveryAttempts { items: attempts.into_iter().map(Into::into).collect() }))
 }

@@ -17,7 +17,7 @@ use super::{ConsoleState, CsrfForm, Session};
 use crate::api::subscriptions::{self as api, ListQuery, SubscriptionView, TenantSubscription};
 use crate::api::{ApiError, AppState};
 use crate::domain::{CallbackUrl, SubscriptionId, SubscriptionState};
-use crate::store::AttemptRecord;
+use crate::store::{AttemptRecord, TenantSub};
 
 /// Rows per page.
 const PAGE_SIZE: u32 = 25;
@@ -183,12 +183,12 @@ async fn detail_page(
 ) -> Response {
     let nav = session.nav("subscriptions");
     let store = &state.app.store;
-    let (sub, attempts) =
-        match tokio::try_join!(store.subscription(session.tenant.id, id), store.attempts(session.tenant.id, id)) {
-            Ok((Some(sub), Some(attempts))) => (SubscriptionView::from(sub), attempts),
-            Ok(_) => return html::not_found(Some(&nav)),
-            Err(e) => return super::error_page(e.into(), Some(&nav)),
-        };
+    let key = TenantSub { tenant_id: session.tenant.id, id };
+    let (sub, attempts) = match tokio::try_join!(store.subscription(key), store.attempts(key)) {
+        Ok((Some(sub), Some(attempts))) => (SubscriptionView::from(sub), attempts),
+        Ok(_) => return html::not_found(Some(&nav)),
+        Err(e) => return super::error_page(e.into(), Some(&nav)),
+    };
     let mut main = String::new();
     let _ = write!(
         main,
@@ -314,7 +314,7 @@ async fn confirm(
     let Some(id) = parse_id(raw) else {
         return html::not_found(Some(&session.nav("subscriptions")));
     };
-    let sub = match state.app.store.subscription(session.tenant.id, id).await {
+    let sub = match state.app.store.subscription(TenantSub { tenant_id: session.tenant.id, id }).await {
         Ok(Some(sub)) => sub,
         Ok(None) => return html::not_found(Some(&nav)),
         Err(e) => return super::error_page(e.into(), Some(&nav)),

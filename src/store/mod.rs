@@ -122,6 +122,14 @@ pub struct Tenant {
     pub secret: Arc<SigningSecret>,
 }
 
+/// One subscription as a tenant names it. Every read or change the API makes to a subscription is
+/// scoped to the tenant asking (another tenant's ID is "no such subscription"), so the two go together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TenantSub {
+    pub tenant_id: i64,
+    pub id: SubscriptionId,
+}
+
 /// A subscription as the API shows it.
 #[derive(Debug, Clone)]
 pub struct Subscription {
@@ -458,7 +466,7 @@ pub trait Store: Send + Sync + 'static {
     /// at once); [`Registered::UnknownKey`] when no usable key has that hash. `form` is stored with the
     /// subscription; its headers are part of its identity (see [`Registered::HeadersDiffer`]).
     async fn register(&self, registration: Registration) -> Result<Registered>;
-    async fn subscription(&self, tenant_id: i64, id: SubscriptionId) -> Result<Option<Subscription>>;
+    async fn subscription(&self, sub: TenantSub) -> Result<Option<Subscription>>;
     /// Takes an Idempotency-Key for a request, or says who holds it (committed before it answers).
     async fn claim_idempotency_key(&self, claim: IdempotencyClaim) -> Result<Claimed>;
     /// Stores the answer to the request that claimed `key`.
@@ -466,17 +474,17 @@ pub trait Store: Send + Sync + 'static {
     async fn list_subscriptions(&self, tenant_id: i64, filter: &ListFilter) -> Result<Vec<Subscription>>;
     /// Cancels a live subscription, unless a delivery attempt holds its claim (promise 11: a subscription
     /// that reads `cancelled` was never delivered). `None` when the tenant has no such subscription.
-    async fn cancel(&self, tenant_id: i64, id: SubscriptionId, now: Timestamp) -> Result<Option<Cancel>>;
+    async fn cancel(&self, sub: TenantSub, now: Timestamp) -> Result<Option<Cancel>>;
     /// The attempts of a subscription, oldest first; `None` when the tenant has no such subscription.
-    async fn attempts(&self, tenant_id: i64, id: SubscriptionId) -> Result<Option<Vec<AttemptRecord>>>;
+    async fn attempts(&self, sub: TenantSub) -> Result<Option<Vec<AttemptRecord>>>;
     /// Starts a new delivery series for a delivered or failed subscription whose job has a result;
     /// `None` when the tenant has no such subscription.
-    async fn redeliver(&self, tenant_id: i64, id: SubscriptionId, now: Timestamp) -> Result<Option<Redelivery>>;
+    async fn redeliver(&self, sub: TenantSub, now: Timestamp) -> Result<Option<Redelivery>>;
     /// Makes a delivering subscription's next attempt due `now`, in its current series (a receiver that
     /// was fixed need not wait for its next retry). Only `next_attempt_at` changes: a claim held by an
     /// attempt on the wire stays, and that attempt's outcome sets the next time as usual. On PostgreSQL
     /// the owning instance is told with a notice. `None`: no such subscription for this tenant.
-    async fn retry_now(&self, tenant_id: i64, id: SubscriptionId, now: Timestamp) -> Result<Option<RetryNow>>;
+    async fn retry_now(&self, sub: TenantSub, now: Timestamp) -> Result<Option<RetryNow>>;
     /// The tenant's subscriptions that a bulk redelivery with `filter` would take, at most one more
     /// than its limit (see [`redeliver_matching`]).
     async fn matching_ended(&self, tenant_id: i64, filter: &BulkFilter) -> Result<Vec<SubscriptionId>>;

@@ -66,25 +66,52 @@ pub(super) fn list_binds(filter: &ListFilter) -> (Vec<String>, i64) {
     (values.into_iter().flatten().collect(), i64::from(filter.limit))
 }
 
-#[derive(sqlx::FromRow)]
-pub(super) struct SubscriptionRow {
-    pub(super) id: String,
-    pub(super) job_id: String,
-    pub(super) callback_url: String,
-    pub(super) state: String,
-    pub(super) failure_reason: Option<String>,
-    pub(super) webhook_id: Option<String>,
-    pub(super) attempts: i64,
-    pub(super) next_attempt_at: Option<Timestamp>,
-    pub(super) created_at: Timestamp,
-    pub(super) updated_at: Timestamp,
-    pub(super) job_status: Option<String>,
-    pub(super) last_error: Option<String>,
-    pub(super) last_delivery_error: Option<String>,
-    /// Read only for the names (see [`CallbackHeaders::stored_names`]).
-    pub(super) callback_headers: Option<String>,
-    pub(super) payload: Option<String>,
-    pub(super) metadata: Option<String>,
+/// Declares a row type that both backends read, from one list of fields: sqlx reads it by column name
+/// (`FromRow`), rusqlite by position (`from_sqlite`), so the fields are declared in the order the row's
+/// SELECT lists its columns. (By hand, the rusqlite reader was a second list that had to keep that order.)
+macro_rules! stored_row {
+    ($(#[$attr:meta])* struct $name:ident { $($(#[$field_attr:meta])* $field:ident: $ty:ty,)* }) => {
+        $(#[$attr])*
+        #[derive(sqlx::FromRow)]
+        pub(super) struct $name {
+            $($(#[$field_attr])* pub(super) $field: $ty,)*
+        }
+
+        impl $name {
+            /// The row from rusqlite, its columns taken in the order of the fields.
+            pub(super) fn from_sqlite(r: &rusqlite::Row<'_>) -> rusqlite::Result<Self> {
+                let mut column = 0;
+                Ok($name {
+                    $($field: {
+                        column += 1;
+                        r.get(column - 1)?
+                    },)*
+                })
+            }
+        }
+    };
+}
+
+stored_row! {
+    struct SubscriptionRow {
+        id: String,
+        job_id: String,
+        callback_url: String,
+        state: String,
+        failure_reason: Option<String>,
+        webhook_id: Option<String>,
+        attempts: i64,
+        next_attempt_at: Option<Timestamp>,
+        created_at: Timestamp,
+        updated_at: Timestamp,
+        job_status: Option<String>,
+        last_error: Option<String>,
+        last_delivery_error: Option<String>,
+        /// Read only for the names (see [`CallbackHeaders::stored_names`]).
+        callback_headers: Option<String>,
+        payload: Option<String>,
+        metadata: Option<String>,
+    }
 }
 
 impl TryFrom<SubscriptionRow> for Subscription {
@@ -117,11 +144,12 @@ impl TryFrom<SubscriptionRow> for Subscription {
     }
 }
 
-#[derive(sqlx::FromRow)]
-pub(super) struct PollableRow {
-    pub(super) job_id: String,
-    pub(super) job_created_at: Timestamp,
-    pub(super) oldest_polling_at: Timestamp,
+stored_row! {
+    struct PollableRow {
+        job_id: String,
+        job_created_at: Timestamp,
+        oldest_polling_at: Timestamp,
+    }
 }
 
 impl TryFrom<PollableRow> for PollableJob {
@@ -145,22 +173,23 @@ macro_rules! pollable_select {
 }
 pub(super) use pollable_select;
 
-#[derive(sqlx::FromRow)]
-pub(super) struct DeliveryRow {
-    pub(super) id: String,
-    pub(super) job_id: String,
-    pub(super) tenant_id: i64,
-    pub(super) partition: i64,
-    pub(super) webhook_id: Option<String>,
-    pub(super) callback_url: String,
-    pub(super) result: Option<Vec<u8>>,
-    pub(super) series: i64,
-    pub(super) attempts: i64,
-    pub(super) next_attempt_at: Option<Timestamp>,
-    pub(super) callback_headers: Option<String>,
-    pub(super) payload: Option<String>,
-    pub(super) metadata: Option<String>,
-    pub(super) finished_at: Option<Timestamp>,
+stored_row! {
+    struct DeliveryRow {
+        id: String,
+        job_id: String,
+        tenant_id: i64,
+        partition: i64,
+        webhook_id: Option<String>,
+        callback_url: String,
+        result: Option<Vec<u8>>,
+        series: i64,
+        attempts: i64,
+        next_attempt_at: Option<Timestamp>,
+        callback_headers: Option<String>,
+        payload: Option<String>,
+        metadata: Option<String>,
+        finished_at: Option<Timestamp>,
+    }
 }
 
 impl TryFrom<DeliveryRow> for DeliveryTask {

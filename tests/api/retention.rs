@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use jobhook::domain::{FailureReason, JobId, JobStatus, SubscriptionId, Timestamp};
 use jobhook::keys::{ApiKey, SigningSecret};
-use jobhook::store::{AttemptRecord, AttemptResult, JobEnd, Purged, Registered, Registration, Store};
+use jobhook::store::{AttemptRecord, AttemptResult, JobEnd, Purged, Registered, Registration, Store, TenantSub};
 use reqwest::StatusCode;
 
 use crate::support::helpers::*;
@@ -74,6 +74,7 @@ async fn subscription(store: &dyn Store, key: &ApiKey, registered: i64, ended: O
 async fn a_subscription_ended_before_the_cutoff_is_purged_one_ended_at_it_or_after_is_kept_live_ones_never() {
     let (store, key, _url, _dir) = store_with_key().await;
     let tenant = store.tenant_by_key(key.hash()).await.unwrap().unwrap().id;
+    let of = |id| TenantSub { tenant_id: tenant, id };
     let outside = subscription(store.as_ref(), &key, 1_000, Some(9_999)).await;
     let at_cutoff = subscription(store.as_ref(), &key, 1_000, Some(10_000)).await;
     let inside = subscription(store.as_ref(), &key, 1_000, Some(10_001)).await;
@@ -84,12 +85,12 @@ async fn a_subscription_ended_before_the_cutoff_is_purged_one_ended_at_it_or_aft
     assert_eq!(would, Purged { subscriptions: 1, attempts: 1, jobs: 1 });
     let purged = jobhook::housekeeping::purge(store.as_ref(), at(10_000), |_| {}).await.unwrap().unwrap();
     assert_eq!(purged, would, "the dry run counts what the purge deletes");
-    assert!(store.subscription(tenant, outside).await.unwrap().is_none(), "ended before the cutoff");
-    assert!(store.attempts(tenant, outside).await.unwrap().is_none());
+    assert!(store.subscription(of(outside)).await.unwrap().is_none(), "ended before the cutoff");
+    assert!(store.attempts(of(outside)).await.unwrap().is_none());
     for kept in [at_cutoff, inside, live] {
-        assert!(store.subscription(tenant, kept).await.unwrap().is_some(), "{kept} was purged");
+        assert!(store.subscription(of(kept)).await.unwrap().is_some(), "{kept} was purged");
     }
-    assert_eq!(store.attempts(tenant, inside).await.unwrap().unwrap().len(), 1);
+    assert_eq!(store.attempts(of(inside)).await.unwrap().unwrap().len(), 1);
     // Again: nothing more to do.
     assert_eq!(
         jobhook::housekeeping::purge(store.as_ref(), at(10_000), |_| {}).await.unwrap().unwrap(),
@@ -101,6 +102,7 @@ async fn a_subscription_ended_before_the_cutoff_is_purged_one_ended_at_it_or_aft
 async fn a_job_row_goes_only_with_its_last_subscription() {
     let (store, key, _url, _dir) = store_with_key().await;
     let tenant = store.tenant_by_key(key.hash()).await.unwrap().unwrap().id;
+    let of = |id| TenantSub { tenant_id: tenant, id };
     // Two subscriptions of one job: one fails early, the other is still polling.
     let job: JobId = uuid::Uuid::new_v4().to_string().parse().unwrap();
     let (a, b) = (SubscriptionId::new(), SubscriptionId::new());
@@ -109,7 +111,7 @@ async fn a_job_row_goes_only_with_its_last_subscription() {
     store.register(registration(&key, b, job.clone(), "https://b.example/", at(300))).await.unwrap();
     let purged = jobhook::housekeeping::purge(store.as_ref(), at(10_000), |_| {}).await.unwrap().unwrap();
     assert_eq!(purged, Purged { subscriptions: 1, attempts: 0, jobs: 0 });
-    assert!(store.subscription(tenant, b).await.unwrap().is_some());
+    assert!(store.subscription(of(b)).await.unwrap().is_some());
     assert!(store.pollable_job(job).await.unwrap().is_some(), "the job of a live subscription stays");
 }
 

@@ -7,18 +7,13 @@ use super::*;
 type AttemptRow = (i64, i64, String, Timestamp, Option<i64>, Option<String>, i64, Option<String>, Option<String>);
 
 impl PgStore {
-    pub(super) async fn cancel_now(
-        &self,
-        tenant_id: i64,
-        id: SubscriptionId,
-        now: Timestamp,
-    ) -> Result<Option<Cancel>> {
-        let sub_id = id.to_string();
+    pub(super) async fn cancel_now(&self, sub: TenantSub, now: Timestamp) -> Result<Option<Cancel>> {
+        let sub_id = sub.id.to_string();
         let mut tx = self.begin().await?;
         let row: Option<(String, String)> =
             sqlx::query_as("SELECT job_id, state FROM subscriptions WHERE id = $1 AND tenant_id = $2")
                 .bind(&sub_id)
-                .bind(tenant_id)
+                .bind(sub.tenant_id)
                 .fetch_optional(&mut *tx)
                 .await
                 .db()?;
@@ -50,19 +45,14 @@ impl PgStore {
             let state = state_in(&mut tx, &sub_id).await?;
             return Ok(Some(if state.is_final() { Cancel::Ended(state) } else { Cancel::AttemptInFlight }));
         }
-        notify(&mut tx, &self.sent, Notice::Cancel(id, job_id.clone())).await?;
+        notify(&mut tx, &self.sent, Notice::Cancel(sub.id, job_id.clone())).await?;
         tx.commit().await.db()?;
         Ok(Some(Cancel::Cancelled { job_id, was }))
     }
 
-    pub(super) async fn redeliver_now(
-        &self,
-        tenant_id: i64,
-        id: SubscriptionId,
-        now: Timestamp,
-    ) -> Result<Option<Redelivery>> {
+    pub(super) async fn redeliver_now(&self, sub: TenantSub, now: Timestamp) -> Result<Option<Redelivery>> {
         let mut tx = self.begin().await?;
-        let found = self.redeliver_in(&mut tx, tenant_id, id, now).await?;
+        let found = self.redeliver_in(&mut tx, sub, now).await?;
         tx.commit().await.db()?;
         Ok(found)
     }
@@ -78,22 +68,16 @@ impl PgStore {
         let mut found = Vec::with_capacity(ids.len());
         for &id in ids {
             // A subscription gone meanwhile (purged) is left out.
-            found.extend(self.redeliver_in(&mut tx, tenant_id, id, now).await?);
+            found.extend(self.redeliver_in(&mut tx, TenantSub { tenant_id, id }, now).await?);
         }
         tx.commit().await.db()?;
         Ok(found)
     }
 
     /// One redelivery in `tx`, with its notice to the instance that owns it (sent when `tx` commits).
-    async fn redeliver_in(
-        &self,
-        tx: &mut PgConnection,
-        tenant_id: i64,
-        id: SubscriptionId,
-        now: Timestamp,
-    ) -> Result<Option<Redelivery>> {
-        let sub_id = id.to_string();
-        let Some(row) = delivery_in(tx, &sub_id, tenant_id).await? else { return Ok(None) };
+    async fn redeliver_in(&self, tx: &mut PgConnection, sub: TenantSub, now: Timestamp) -> Result<Option<Redelivery>> {
+        let sub_id = sub.id.to_string();
+        let Some(row) = delivery_in(tx, sub).await? else { return Ok(None) };
         let state = state_in(tx, &sub_id).await?;
         if !matches!(state, SubscriptionState::Delivered | SubscriptionState::Failed)
             || row.result.is_none()
@@ -129,7 +113,7 @@ impl PgStore {
         let Some(series) = series else {
             return Ok(Some(Redelivery::NotEnded(state)));
         };
-        notify(tx, &self.sent, Notice::Deliver(id, row.partition)).await?;
+        notify(tx, &self.sent, Notice::Deliver(sub.id, row.partition)).await?;
         let mut task = DeliveryTask::try_from(row)?;
         task.series = u32::try_from(series).unwrap_or(u32::MAX);
         task.attempts_made = 0;
@@ -137,11 +121,11 @@ impl PgStore {
         Ok(Some(Redelivery::Started(task)))
     }
 
-    pub(super) async fn attempts_of(&self, tenant_id: i64, id: SubscriptionId) -> Result<Option<Vec<AttemptRecord>>> {
+    pub(super) async fn attempts_of(&self, sub: TenantSub) -> Result<Option<Vec<AttemptRecord>>> {
         let exists: Option<i64> =
             sqlx::query_scalar("SELECT CAST(1 AS BIGINT) FROM subscriptions WHERE id = $1 AND tenant_id = $2")
-                .bind(id.to_string())
-                .bind(tenant_id)
+                .bind(sub.id.to_string())
+                .bind(sub.tenant_id)
                 .fetch_optional(&self.pool)
                 .await
                 .db()?;
@@ -153,7 +137,7 @@ impl PgStore {
              response_body FROM delivery_attempts \
              WHERE subscription_id = $1 ORDER BY id",
         )
-        .bind(id.to_string())
+        .bind(sub.id.to_string())
         .fetch_all(&self.pool)
         .await
         .db()?;
@@ -162,7 +146,7 @@ impl PgStore {
                 .map(
                     |(series, attempt, webhook_id, started_at, status_code, error, duration_ms, content_type, body)| {
                         AttemptRecord {
-                            subscription_id: id,
+                            subscription_id: sub.id,
                             partition: 0,
                             series: u32::try_from(series).unwrap_or(1),
                             attempt: u32::try_from(attempt).unwrap_or(0),

@@ -371,9 +371,9 @@ async fn notify(tx: &mut PgConnection, sent: &notice::Sent, notice: Notice) -> R
 }
 
 /// A tenant's subscription as a delivery (its job's result joined), read in `tx`.
-async fn delivery_in(tx: &mut PgConnection, sub_id: &str, tenant_id: i64) -> Result<Option<DeliveryRow>> {
+async fn delivery_in(tx: &mut PgConnection, sub: TenantSub) -> Result<Option<DeliveryRow>> {
     let sql = concat!(delivery_select!(), " WHERE s.id = $1 AND s.tenant_id = $2");
-    sqlx::query_as(sql).bind(sub_id).bind(tenant_id).fetch_optional(&mut *tx).await.db()
+    sqlx::query_as(sql).bind(sub.id.to_string()).bind(sub.tenant_id).fetch_optional(&mut *tx).await.db()
 }
 
 /// A subscription's state, read in `tx` (the subscription exists).

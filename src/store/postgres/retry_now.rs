@@ -6,15 +6,10 @@ use super::*;
 impl PgStore {
     /// See [`Store::retry_now`]. The instance that owns the delivery's partition may be another one: it
     /// hears a `deliver` notice, sent in the same transaction, and moves its queued attempt earlier.
-    pub(super) async fn retry_delivery_now(
-        &self,
-        tenant_id: i64,
-        id: SubscriptionId,
-        now: Timestamp,
-    ) -> Result<Option<RetryNow>> {
-        let sub_id = id.to_string();
+    pub(super) async fn retry_delivery_now(&self, sub: TenantSub, now: Timestamp) -> Result<Option<RetryNow>> {
+        let sub_id = sub.id.to_string();
         let mut tx = self.begin().await?;
-        let Some(row) = delivery_in(&mut tx, &sub_id, tenant_id).await? else { return Ok(None) };
+        let Some(row) = delivery_in(&mut tx, sub).await? else { return Ok(None) };
         // Guarded by the series read above: a redelivery that started a newer series meanwhile is left
         // alone. Claims are not touched: an attempt on the wire keeps its claim.
         let changed = sqlx::query(
@@ -29,7 +24,7 @@ impl PgStore {
         if changed.rows_affected() == 0 {
             return Ok(Some(RetryNow::NotDelivering(state_in(&mut tx, &sub_id).await?)));
         }
-        notify(&mut tx, &self.sent, Notice::Deliver(id, row.partition)).await?;
+        notify(&mut tx, &self.sent, Notice::Deliver(sub.id, row.partition)).await?;
         tx.commit().await.db()?;
         let mut task = DeliveryTask::try_from(row)?;
         task.due_at = now;

@@ -157,12 +157,12 @@ impl Store for PgStore {
         .await
     }
 
-    async fn redeliver(&self, tenant_id: i64, id: SubscriptionId, now: Timestamp) -> Result<Option<Redelivery>> {
-        deadline(async move { self.redeliver_now(tenant_id, id, now).await }).await
+    async fn redeliver(&self, sub: TenantSub, now: Timestamp) -> Result<Option<Redelivery>> {
+        deadline(async move { self.redeliver_now(sub, now).await }).await
     }
 
-    async fn retry_now(&self, tenant_id: i64, id: SubscriptionId, now: Timestamp) -> Result<Option<RetryNow>> {
-        deadline(async move { self.retry_delivery_now(tenant_id, id, now).await }).await
+    async fn retry_now(&self, sub: TenantSub, now: Timestamp) -> Result<Option<RetryNow>> {
+        deadline(async move { self.retry_delivery_now(sub, now).await }).await
     }
 
     async fn matching_ended(&self, tenant_id: i64, filter: &BulkFilter) -> Result<Vec<SubscriptionId>> {
@@ -194,13 +194,13 @@ impl Store for PgStore {
         .await
     }
 
-    async fn subscription(&self, tenant_id: i64, id: SubscriptionId) -> Result<Option<Subscription>> {
+    async fn subscription(&self, sub: TenantSub) -> Result<Option<Subscription>> {
         let sql = concat!(
             "SELECT ",
             subscription_columns!(),
             " FROM subscriptions s JOIN jobs j ON j.job_id = s.job_id WHERE s.id = $1 AND s.tenant_id = $2"
         );
-        self.read_one(sqlx::query_as::<_, SubscriptionRow>(sql).bind(id.to_string()).bind(tenant_id)).await
+        self.read_one(sqlx::query_as::<_, SubscriptionRow>(sql).bind(sub.id.to_string()).bind(sub.tenant_id)).await
     }
 
     async fn list_subscriptions(&self, tenant_id: i64, filter: &ListFilter) -> Result<Vec<Subscription>> {
@@ -212,12 +212,12 @@ impl Store for PgStore {
         self.read_all(query.bind(limit)).await
     }
 
-    async fn cancel(&self, tenant_id: i64, id: SubscriptionId, now: Timestamp) -> Result<Option<Cancel>> {
-        deadline(async move { self.cancel_now(tenant_id, id, now).await }).await
+    async fn cancel(&self, sub: TenantSub, now: Timestamp) -> Result<Option<Cancel>> {
+        deadline(async move { self.cancel_now(sub, now).await }).await
     }
 
-    async fn attempts(&self, tenant_id: i64, id: SubscriptionId) -> Result<Option<Vec<AttemptRecord>>> {
-        deadline(async move { self.attempts_of(tenant_id, id).await }).await
+    async fn attempts(&self, sub: TenantSub) -> Result<Option<Vec<AttemptRecord>>> {
+        deadline(async move { self.attempts_of(sub).await }).await
     }
 
     async fn pollable_jobs(&self) -> Result<Vec<PollableJob>> {

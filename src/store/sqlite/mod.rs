@@ -310,8 +310,8 @@ impl Store for SqliteStore {
         self.write(write, answer).await
     }
 
-    async fn subscription(&self, tenant_id: i64, id: SubscriptionId) -> Result<Option<Subscription>> {
-        self.read(move |c| ops::subscription(c, tenant_id, id)).await
+    async fn subscription(&self, sub: TenantSub) -> Result<Option<Subscription>> {
+        self.read(move |c| ops::subscription(c, sub)).await
     }
 
     async fn claim_idempotency_key(&self, claim: IdempotencyClaim) -> Result<Claimed> {
@@ -328,20 +328,20 @@ impl Store for SqliteStore {
         self.read(move |c| ops::list_subscriptions(c, tenant_id, &filter)).await
     }
 
-    async fn cancel(&self, tenant_id: i64, id: SubscriptionId, now: Timestamp) -> Result<Option<Cancel>> {
-        self.exec(move |tx| ops::cancel(tx, tenant_id, id, now)).await
+    async fn cancel(&self, sub: TenantSub, now: Timestamp) -> Result<Option<Cancel>> {
+        self.exec(move |tx| ops::cancel(tx, sub, now)).await
     }
 
-    async fn attempts(&self, tenant_id: i64, id: SubscriptionId) -> Result<Option<Vec<AttemptRecord>>> {
-        self.read(move |c| ops::attempts(c, tenant_id, id)).await
+    async fn attempts(&self, sub: TenantSub) -> Result<Option<Vec<AttemptRecord>>> {
+        self.read(move |c| ops::attempts(c, sub)).await
     }
 
-    async fn redeliver(&self, tenant_id: i64, id: SubscriptionId, now: Timestamp) -> Result<Option<Redelivery>> {
-        self.exec(move |tx| ops::redeliver(tx, tenant_id, id, now)).await
+    async fn redeliver(&self, sub: TenantSub, now: Timestamp) -> Result<Option<Redelivery>> {
+        self.exec(move |tx| ops::redeliver(tx, sub, now)).await
     }
 
-    async fn retry_now(&self, tenant_id: i64, id: SubscriptionId, now: Timestamp) -> Result<Option<RetryNow>> {
-        self.exec(move |tx| ops::retry_now(tx, tenant_id, id, now)).await
+    async fn retry_now(&self, sub: TenantSub, now: Timestamp) -> Result<Option<RetryNow>> {
+        self.exec(move |tx| ops::retry_now(tx, sub, now)).await
     }
 
     async fn matching_ended(&self, tenant_id: i64, filter: &BulkFilter) -> Result<Vec<SubscriptionId>> {
@@ -354,7 +354,7 @@ impl Store for SqliteStore {
         // subscription gone meanwhile (purged) is left out.
         let ids = ids.to_vec();
         self.exec(move |tx| {
-            let found = ids.into_iter().map(|id| ops::redeliver(tx, tenant_id, id, now));
+            let found = ids.into_iter().map(|id| ops::redeliver(tx, TenantSub { tenant_id, id }, now));
             found.filter_map(Result::transpose).collect()
         })
         .await

@@ -7,63 +7,17 @@ use sha2::{Digest, Sha256};
 
 use super::*;
 
-pub(super) fn subscription_row(r: &Row<'_>) -> rusqlite::Result<SubscriptionRow> {
-    Ok(SubscriptionRow {
-        id: r.get(0)?,
-        job_id: r.get(1)?,
-        callback_url: r.get(2)?,
-        state: r.get(3)?,
-        failure_reason: r.get(4)?,
-        webhook_id: r.get(5)?,
-        attempts: r.get(6)?,
-        next_attempt_at: r.get(7)?,
-        created_at: r.get(8)?,
-        updated_at: r.get(9)?,
-        job_status: r.get(10)?,
-        last_error: r.get(11)?,
-        last_delivery_error: r.get(12)?,
-        callback_headers: r.get(13)?,
-        payload: r.get(14)?,
-        metadata: r.get(15)?,
-    })
-}
-
-pub(super) fn delivery_row(r: &Row<'_>) -> rusqlite::Result<DeliveryRow> {
-    Ok(DeliveryRow {
-        id: r.get(0)?,
-        job_id: r.get(1)?,
-        tenant_id: r.get(2)?,
-        partition: r.get(3)?,
-        webhook_id: r.get(4)?,
-        callback_url: r.get(5)?,
-        result: r.get(6)?,
-        series: r.get(7)?,
-        attempts: r.get(8)?,
-        next_attempt_at: r.get(9)?,
-        callback_headers: r.get(10)?,
-        payload: r.get(11)?,
-        metadata: r.get(12)?,
-        finished_at: r.get(13)?,
-    })
-}
-
 /// The pollable jobs a statement selects.
 pub(super) fn pollable(c: &Connection, sql: &str, p: impl Params) -> Result<Vec<PollableJob>> {
     let mut statement = c.prepare_cached(sql).sq()?;
-    let rows = statement
-        .query_map(p, |r| {
-            Ok(PollableRow { job_id: r.get(0)?, job_created_at: r.get(1)?, oldest_polling_at: r.get(2)? })
-        })
-        .sq()?
-        .collect::<rusqlite::Result<Vec<_>>>()
-        .sq()?;
+    let rows = statement.query_map(p, PollableRow::from_sqlite).sq()?.collect::<rusqlite::Result<Vec<_>>>().sq()?;
     rows.into_iter().map(PollableJob::try_from).collect()
 }
 
 /// The deliveries a statement selects.
 pub(super) fn deliveries(c: &Connection, sql: &str, p: impl Params) -> Result<Vec<DeliveryTask>> {
     let mut statement = c.prepare_cached(sql).sq()?;
-    let rows = statement.query_map(p, delivery_row).sq()?.collect::<rusqlite::Result<Vec<_>>>().sq()?;
+    let rows = statement.query_map(p, DeliveryRow::from_sqlite).sq()?.collect::<rusqlite::Result<Vec<_>>>().sq()?;
     rows.into_iter().map(DeliveryTask::try_from).collect()
 }
 
@@ -102,10 +56,8 @@ pub(super) fn sync_configured_keys(
     // The configured secret is applied when it changes, not at every start: a rotation through the API
     // since then is kept.
     let fingerprint = secret.map(|s| Sha256::digest(s.bytes()).to_vec());
-    let applied: Option<Vec<u8>> = tx
-        .query_row("SELECT value FROM meta WHERE key = 'configured_signing_secret'", [], |r| r.get(0))
-        .optional()
-        .sq()?;
+    let applied: Option<Vec<u8>> =
+        optional_row(tx, "SELECT value FROM meta WHERE key = 'configured_signing_secret'", [], |r| r.get(0))?;
     let secret_changed = fingerprint.is_some() && fingerprint != applied;
     if let Some(fingerprint) = fingerprint.as_ref().filter(|_| secret_changed) {
         tx.execute(
@@ -116,10 +68,8 @@ pub(super) fn sync_configured_keys(
         .sq()?;
     }
     for (i, key) in keys.iter().enumerate() {
-        let tenant: Option<i64> = tx
-            .query_row("SELECT tenant_id FROM api_keys WHERE key_hash = ?1", [key.0.as_slice()], |r| r.get(0))
-            .optional()
-            .sq()?;
+        let tenant: Option<i64> =
+            optional_row(tx, "SELECT tenant_id FROM api_keys WHERE key_hash = ?1", [key.0.as_slice()], |r| r.get(0))?;
         match tenant {
             Some(tenant_id) => {
                 if let Some(secret) = secret.filter(|_| secret_changed) {
@@ -166,8 +116,7 @@ pub(super) fn add_key(
     key: KeyHash,
     now: Timestamp,
 ) -> Result<Option<i64>> {
-    let tenant: Option<i64> =
-        tx.query_row("SELECT id FROM tenants WHERE id = ?1", [tenant_id], |r| r.get(0)).optional().sq()?;
+    let tenant: Option<i64> = optional_row(tx, "SELECT id FROM tenants WHERE id = ?1", [tenant_id], |r| r.get(0))?;
     if tenant.is_none() {
         return Ok(None);
     }
@@ -183,15 +132,13 @@ pub(super) fn add_key(
 }
 
 pub(super) fn tenant_by_key(c: &Connection, key: KeyHash) -> Result<Option<Tenant>> {
-    let row: Option<(i64, String)> = c
-        .prepare_cached(
-            "SELECT t.id, t.signing_secret FROM api_keys k JOIN tenants t ON t.id = k.tenant_id \
-             WHERE k.key_hash = ?1 AND k.revoked_at IS NULL",
-        )
-        .sq()?
-        .query_row([key.0.as_slice()], |r| Ok((r.get(0)?, r.get(1)?)))
-        .optional()
-        .sq()?;
+    let row: Option<(i64, String)> = optional_row(
+        c,
+        "SELECT t.id, t.signing_secret FROM api_keys k JOIN tenants t ON t.id = k.tenant_id \
+         WHERE k.key_hash = ?1 AND k.revoked_at IS NULL",
+        [key.0.as_slice()],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
     row.map(|(id, secret)| Ok(Tenant { id, secret: Arc::new(parse_secret(&secret)?) })).transpose()
 }
 
@@ -215,23 +162,19 @@ pub(super) fn list_keys(c: &Connection) -> Result<Vec<KeyInfo>> {
 }
 
 pub(super) fn signing_secrets(c: &Connection, tenant_id: i64, now: Timestamp) -> Result<Vec<SigningSecret>> {
-    let row: Option<(String, Option<String>, Option<Timestamp>)> = c
-        .prepare_cached("SELECT signing_secret, previous_secret, previous_until FROM tenants WHERE id = ?1")
-        .sq()?
-        .query_row([tenant_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-        .optional()
-        .sq()?;
+    let sql = "SELECT signing_secret, previous_secret, previous_until FROM tenants WHERE id = ?1";
+    let row: Option<(String, Option<String>, Option<Timestamp>)> =
+        optional_row(c, sql, [tenant_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
     signing_secrets_of(tenant_id, row, now)
 }
 
-pub(super) fn subscription(c: &Connection, tenant_id: i64, id: SubscriptionId) -> Result<Option<Subscription>> {
+pub(super) fn subscription(c: &Connection, sub: TenantSub) -> Result<Option<Subscription>> {
     let sql = concat!(
         "SELECT ",
         subscription_columns!(),
         " FROM subscriptions s JOIN jobs j ON j.job_id = s.job_id WHERE s.id = ?1 AND s.tenant_id = ?2"
     );
-    let row =
-        c.prepare_cached(sql).sq()?.query_row(params![id.to_string(), tenant_id], subscription_row).optional().sq()?;
+    let row = optional_row(c, sql, params![sub.id.to_string(), sub.tenant_id], SubscriptionRow::from_sqlite)?;
     row.map(Subscription::try_from).transpose()
 }
 
@@ -244,28 +187,18 @@ pub(super) fn list_subscriptions(c: &Connection, tenant_id: i64, filter: &ListFi
         .collect();
     let mut statement = c.prepare_cached(&sql).sq()?;
     let rows = statement
-        .query_map(rusqlite::params_from_iter(binds), subscription_row)
+        .query_map(rusqlite::params_from_iter(binds), SubscriptionRow::from_sqlite)
         .sq()?
         .collect::<rusqlite::Result<Vec<_>>>()
         .sq()?;
     rows.into_iter().map(Subscription::try_from).collect()
 }
 
-pub(super) fn cancel(
-    tx: &Transaction<'_>,
-    tenant_id: i64,
-    id: SubscriptionId,
-    now: Timestamp,
-) -> Result<Option<Cancel>> {
-    let sub_id = id.to_string();
-    let row: Option<(String, String)> = tx
-        .query_row(
-            "SELECT job_id, state FROM subscriptions WHERE id = ?1 AND tenant_id = ?2",
-            params![sub_id, tenant_id],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .optional()
-        .sq()?;
+pub(super) fn cancel(tx: &Transaction<'_>, sub: TenantSub, now: Timestamp) -> Result<Option<Cancel>> {
+    let sub_id = sub.id.to_string();
+    let sql = "SELECT job_id, state FROM subscriptions WHERE id = ?1 AND tenant_id = ?2";
+    let row: Option<(String, String)> =
+        optional_row(tx, sql, params![sub_id, sub.tenant_id], |r| Ok((r.get(0)?, r.get(1)?)))?;
     let Some((job_id, state)) = row else { return Ok(None) };
     let job_id = JobId::from_key(&job_id).map_err(|e| corrupt("job id", e))?;
     let was: SubscriptionState = state.parse().map_err(|e| corrupt("state", e))?;
@@ -290,13 +223,9 @@ pub(super) fn cancel(
     Ok(Some(Cancel::Cancelled { job_id, was }))
 }
 
-pub(super) fn attempts(c: &Connection, tenant_id: i64, id: SubscriptionId) -> Result<Option<Vec<AttemptRecord>>> {
-    let exists: Option<i64> = c
-        .prepare_cached("SELECT 1 FROM subscriptions WHERE id = ?1 AND tenant_id = ?2")
-        .sq()?
-        .query_row(params![id.to_string(), tenant_id], |r| r.get(0))
-        .optional()
-        .sq()?;
+pub(super) fn attempts(c: &Connection, sub: TenantSub) -> Result<Option<Vec<AttemptRecord>>> {
+    let sql = "SELECT 1 FROM subscriptions WHERE id = ?1 AND tenant_id = ?2";
+    let exists: Option<i64> = optional_row(c, sql, params![sub.id.to_string(), sub.tenant_id], |r| r.get(0))?;
     if exists.is_none() {
         return Ok(None);
     }
@@ -308,9 +237,9 @@ pub(super) fn attempts(c: &Connection, tenant_id: i64, id: SubscriptionId) -> Re
         )
         .sq()?;
     let rows = statement
-        .query_map([id.to_string()], |r| {
+        .query_map([sub.id.to_string()], |r| {
             Ok(AttemptRecord {
-                subscription_id: id,
+                subscription_id: sub.id,
                 partition: 0,
                 series: u32::try_from(r.get::<_, i64>(0)?).unwrap_or(1),
                 attempt: u32::try_from(r.get::<_, i64>(1)?).unwrap_or(0),
@@ -327,14 +256,9 @@ pub(super) fn attempts(c: &Connection, tenant_id: i64, id: SubscriptionId) -> Re
     Ok(Some(rows.collect::<rusqlite::Result<_>>().sq()?))
 }
 
-pub(super) fn redeliver(
-    tx: &Transaction<'_>,
-    tenant_id: i64,
-    id: SubscriptionId,
-    now: Timestamp,
-) -> Result<Option<Redelivery>> {
-    let sub_id = id.to_string();
-    let Some(row) = delivery_of(tx, &sub_id, tenant_id)? else { return Ok(None) };
+pub(super) fn redeliver(tx: &Transaction<'_>, sub: TenantSub, now: Timestamp) -> Result<Option<Redelivery>> {
+    let sub_id = sub.id.to_string();
+    let Some(row) = delivery_of(tx, sub)? else { return Ok(None) };
     let state = state_of(tx, &sub_id)?;
     if !matches!(state, SubscriptionState::Delivered | SubscriptionState::Failed)
         || row.result.is_none()
@@ -344,28 +268,24 @@ pub(super) fn redeliver(
     }
     // A failed subscription may have been followed by a new registration of the same job and callback;
     // two live deliveries of one job to one callback would be one too many.
-    let newer: Option<i64> = tx
-        .query_row(
-            "SELECT 1 FROM subscriptions s JOIN subscriptions o ON o.tenant_id = s.tenant_id AND o.job_id = s.job_id \
-             AND o.callback_url = s.callback_url AND o.id <> s.id AND o.state IN ('polling', 'delivering', 'delivered') \
-             WHERE s.id = ?1",
-            [&sub_id],
-            |r| r.get(0),
-        )
-        .optional()
-        .sq()?;
+    let newer: Option<i64> = optional_row(
+        tx,
+        "SELECT 1 FROM subscriptions s JOIN subscriptions o ON o.tenant_id = s.tenant_id AND o.job_id = s.job_id \
+         AND o.callback_url = s.callback_url AND o.id <> s.id AND o.state IN ('polling', 'delivering', 'delivered') \
+         WHERE s.id = ?1",
+        [&sub_id],
+        |r| r.get(0),
+    )?;
     if newer.is_some() {
         return Ok(Some(Redelivery::Superseded));
     }
-    let series: Option<i64> = tx
-        .query_row(
-            "UPDATE subscriptions SET state = 'delivering', series = series + 1, attempts = 0, failure_reason = NULL, \
-             next_attempt_at = ?1, updated_at = ?1 WHERE id = ?2 AND state IN ('delivered', 'failed') RETURNING series",
-            params![now, sub_id],
-            |r| r.get(0),
-        )
-        .optional()
-        .sq()?;
+    let series: Option<i64> = optional_row(
+        tx,
+        "UPDATE subscriptions SET state = 'delivering', series = series + 1, attempts = 0, failure_reason = NULL, \
+         next_attempt_at = ?1, updated_at = ?1 WHERE id = ?2 AND state IN ('delivered', 'failed') RETURNING series",
+        params![now, sub_id],
+        |r| r.get(0),
+    )?;
     let Some(series) = series else {
         return Ok(Some(Redelivery::NotEnded(state)));
     };
@@ -376,14 +296,9 @@ pub(super) fn redeliver(
     Ok(Some(Redelivery::Started(task)))
 }
 
-pub(super) fn retry_now(
-    tx: &Transaction<'_>,
-    tenant_id: i64,
-    id: SubscriptionId,
-    now: Timestamp,
-) -> Result<Option<RetryNow>> {
-    let sub_id = id.to_string();
-    let Some(row) = delivery_of(tx, &sub_id, tenant_id)? else { return Ok(None) };
+pub(super) fn retry_now(tx: &Transaction<'_>, sub: TenantSub, now: Timestamp) -> Result<Option<RetryNow>> {
+    let sub_id = sub.id.to_string();
+    let Some(row) = delivery_of(tx, sub)? else { return Ok(None) };
     // Guarded by the series read above: a redelivery that started a newer series meanwhile is left alone.
     let changed = tx
         .execute(
@@ -399,10 +314,20 @@ pub(super) fn retry_now(
     Ok(Some(RetryNow::Due(task)))
 }
 
-/// The delivery of the tenant's subscription `sub_id`, whatever its state.
-fn delivery_of(tx: &Transaction<'_>, sub_id: &str, tenant_id: i64) -> Result<Option<DeliveryRow>> {
+/// The delivery of the tenant's subscription, whatever its state.
+fn delivery_of(tx: &Transaction<'_>, sub: TenantSub) -> Result<Option<DeliveryRow>> {
     let sql = concat!(delivery_select!(), " WHERE s.id = ?1 AND s.tenant_id = ?2");
-    tx.query_row(sql, params![sub_id, tenant_id], delivery_row).optional().sq()
+    optional_row(tx, sql, params![sub.id.to_string(), sub.tenant_id], DeliveryRow::from_sqlite)
+}
+
+/// The one row `sql` finds, or `None` when it finds none (rusqlite's `query_row` calls that an error).
+pub(super) fn optional_row<T>(
+    c: &Connection,
+    sql: &str,
+    p: impl Params,
+    row: impl FnOnce(&Row<'_>) -> rusqlite::Result<T>,
+) -> Result<Option<T>> {
+    c.prepare_cached(sql).sq()?.query_row(p, row).optional().sq()
 }
 
 /// The state of a subscription known to exist.

@@ -5,9 +5,9 @@
 //! whole batch runs on this thread, with cached prepared statements, in one transaction: one hand-off
 //! per batch. The tests run the whole suite on this store and on PostgreSQL's.
 
-use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use rusqlite::{Connection, TransactionBehavior, params};
 
-use super::ops::{delivery_row, subscription_row};
+use super::ops::optional_row;
 use tokio::sync::mpsc;
 
 use super::*;
@@ -196,11 +196,8 @@ fn job_row(tx: &rusqlite::Transaction<'_>, job_id: &JobId, now: Timestamp) -> Re
 
 /// The tenant of a usable key.
 fn tenant_of(tx: &rusqlite::Transaction<'_>, key: &KeyHash) -> Result<Option<i64>> {
-    tx.prepare_cached("SELECT tenant_id FROM api_keys WHERE key_hash = ? AND revoked_at IS NULL")
-        .sq()?
-        .query_row(params![key.0.as_slice()], |r| r.get(0))
-        .optional()
-        .sq()
+    let sql = "SELECT tenant_id FROM api_keys WHERE key_hash = ? AND revoked_at IS NULL";
+    optional_row(tx, sql, params![key.0.as_slice()], |r| r.get(0))
 }
 
 /// When the job's oldest polling subscription was registered.
@@ -220,15 +217,13 @@ fn existing(
     callback_url: &CallbackUrl,
     headers: &CallbackHeaders,
 ) -> Result<Option<Registered>> {
-    let found: Option<(String, String, Option<String>)> = tx
-        .prepare_cached(
-            "SELECT id, state, callback_headers_hash FROM subscriptions WHERE tenant_id = ? AND job_id = ? \
-             AND callback_url = ? AND state IN ('polling', 'delivering', 'delivered')",
-        )
-        .sq()?
-        .query_row(params![tenant_id, job, callback_url.as_str()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-        .optional()
-        .sq()?;
+    let found: Option<(String, String, Option<String>)> = optional_row(
+        tx,
+        "SELECT id, state, callback_headers_hash FROM subscriptions WHERE tenant_id = ? AND job_id = ? \
+         AND callback_url = ? AND state IN ('polling', 'delivering', 'delivered')",
+        params![tenant_id, job, callback_url.as_str()],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+    )?;
     let Some((id, state, digest)) = found else { return Ok(None) };
     if digest != headers.digest() {
         return Ok(Some(Registered::HeadersDiffer {
@@ -248,7 +243,7 @@ fn subscription(tx: &rusqlite::Transaction<'_>, id: &str) -> Result<Subscription
             " FROM subscriptions s JOIN jobs j ON j.job_id = s.job_id WHERE s.id = ?"
         ))
         .sq()?
-        .query_row(params![id], subscription_row)
+        .query_row(params![id], SubscriptionRow::from_sqlite)
         .sq()?;
     row.try_into()
 }
@@ -272,7 +267,11 @@ fn complete_job(tx: &rusqlite::Transaction<'_>, end: &JobEnd, claim: &ClaimFor) 
             " WHERE s.job_id = ? AND s.state = 'delivering' AND s.series = 1 AND s.attempts = 0"
         );
         let mut statement = tx.prepare_cached(sql).sq()?;
-        let rows = statement.query_map(params![job], delivery_row).sq()?.collect::<rusqlite::Result<Vec<_>>>().sq()?;
+        let rows = statement
+            .query_map(params![job], DeliveryRow::from_sqlite)
+            .sq()?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .sq()?;
         return rows.into_iter().map(DeliveryTask::try_from).collect();
     }
     let subscribers: Vec<Subscriber> = tx
@@ -328,12 +327,8 @@ fn claim_delivery(
     if taken {
         return Ok(Claim::Held(claim.held_until));
     }
-    let row = tx
-        .prepare_cached("SELECT state, series, claimed_until FROM subscriptions WHERE id = ?")
-        .sq()?
-        .query_row(params![id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-        .optional()
-        .sq()?;
+    let sql = "SELECT state, series, claimed_until FROM subscriptions WHERE id = ?";
+    let row = optional_row(tx, sql, params![id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
     Ok(claim_refused(row, series, now))
 }
 
