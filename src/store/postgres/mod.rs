@@ -99,8 +99,8 @@ fn migrator(mut migrator: sqlx::migrate::Migrator) -> sqlx::migrate::Migrator {
 /// The store on a PostgreSQL server.
 pub struct PgStore {
     pool: PgPool,
-    /// The group-committed writes go to the writer lanes (see [`writer`]); all writes about one job go
-    /// to the same one.
+    /// The group-committed writes go to the writer lanes (see [`writer`]): registrations to the first,
+    /// every other write about one job to the same one of the others.
     writes: Vec<mpsc::Sender<Write>>,
     /// Write transactions started (group-committed batches included), and the writers' busy time.
     stats: Arc<WriterStats>,
@@ -115,13 +115,18 @@ pub struct PgStore {
     sent: Arc<notice::Sent>,
 }
 
-/// How many writer lanes. Two: while one lane's batch waits for its commit (the WAL flush, a round
-/// trip), the other's statements run. More lanes only split the same writes into smaller batches, and
-/// on PostgreSQL a statement's fixed cost (parse, plan, executor start, a round trip) is most of a small
-/// batch's: measured on a 2-core box (20,000 jobs), 8 lanes made batches of ~12 writes and cost the
-/// server 1.1 CPU-ms per job; 2 lanes made batches of ~50 at 0.55 CPU-ms, and took 1.4× the jobs per
-/// second (one lane: ~1.1×, its batches wait for each other's commit). A batch grows with the load
-/// (see `group::MAX_BATCH`), so two lanes are not a ceiling on a larger server.
+/// How many writer lanes for job ends, observations, claims and attempts (registrations have one more
+/// of their own). Two: while one lane's batch waits for its commit (the WAL flush, a round trip), the
+/// other's statements run. More lanes only split the same writes into smaller batches, and on
+/// PostgreSQL a statement's fixed cost (parse, executor start, a round trip) is most of a small batch's:
+/// measured on a 2-core box (20,000 jobs), 8 lanes made batches of ~12 writes and cost the server
+/// 1.1 CPU-ms per job; 2 lanes made batches of ~50 at 0.55 CPU-ms, and took 1.4× the jobs per second
+/// (one lane: ~1.1×, its batches wait for each other's commit); 4 lanes, once statements were planned
+/// once per lane, took a quarter fewer jobs per second than 2. A batch grows with the load (see
+/// `group::MAX_BATCH`), so two lanes are not a ceiling on a larger server. The registrations' own lane
+/// keeps them from waiting behind a batch of a few hundred job ends (registration p99 65–74 ms against
+/// 97–164 ms with registrations in the same lanes; 2 registration lanes cost 3 instances a quarter of
+/// their jobs per second in smaller batches).
 const LANES: usize = 2;
 
 impl PgStore {
@@ -168,10 +173,10 @@ impl PgStore {
             .await
             .map_err(classify)?;
         // Bounded: when the database cannot keep up, callers wait here instead of piling up memory.
-        // Each job's writes go to one lane (by partition), so concurrent batches never lock the same rows
-        // in opposite orders (no deadlocks).
+        // Each job's writes but its registrations go to one lane (by partition); see `writer.rs` for
+        // why the registrations' lane and the others cannot deadlock.
         let sent = Arc::new(notice::Sent::default());
-        let writes = (0..LANES)
+        let writes = (0..1 + LANES)
             .map(|_| {
                 let (writes, queue) = mpsc::channel(8 * group::MAX_BATCH);
                 tokio::spawn(writer::run(url.to_owned(), queue, stats.clone(), sent.clone()));
@@ -192,7 +197,11 @@ impl PgStore {
     /// Queues a group-committed write and waits for its result (after its transaction committed).
     async fn write<T>(&self, write: Write, answer: oneshot::Receiver<Result<T>>) -> Result<T> {
         let gone = || StoreError::trouble(Trouble::WriterGone);
-        let lane = usize::try_from(write.partition()).unwrap_or(0) % self.writes.len();
+        // Registrations have a lane of their own (the first): they then never wait behind a batch of
+        // job ends and deliveries, the heaviest writes (see `writer.rs` on how the two kinds of lane
+        // lock the same jobs without deadlocks).
+        let partition = usize::try_from(write.partition()).unwrap_or(0);
+        let lane = if matches!(write, Write::Register { .. }) { 0 } else { 1 + partition % LANES };
         let queued = std::time::Instant::now();
         self.writes[lane].send(write).await.map_err(|_| gone())?;
         let done = answer.await.map_err(|_| gone())?;

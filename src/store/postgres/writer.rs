@@ -1,5 +1,6 @@
 //! Group commit on PostgreSQL. Each lane is a task that takes every write waiting and runs them in one
-//! transaction; all writes about one job go to the same lane. A batch runs kind by kind, each kind in a
+//! transaction; registrations go to a lane of their own, and every other write about one job to the
+//! same lane (by partition; see [`lock_jobs_first`]). A batch runs kind by kind, each kind in a
 //! fixed number of multi-row statements (arrays bound once, `UNNEST` on the server), so a batch of N
 //! registrations costs what one costs, plus the rows.
 
@@ -111,6 +112,7 @@ fn fail_all(batch: &[Write], e: &StoreError) -> Vec<Done> {
 async fn try_batch(conn: &mut PgConnection, batch: &[Write], sent: &notice::Sent) -> Result<Vec<Done>> {
     let mut tx = sqlx::Connection::begin(conn).await.db()?;
     let mut results: Vec<Option<Done>> = batch.iter().map(|_| None).collect();
+    lock_jobs_first(&mut tx, batch).await?;
 
     let (at, regs): (Vec<usize>, Vec<&Registration>) = batch
         .iter()
@@ -174,6 +176,34 @@ async fn try_batch(conn: &mut PgConnection, batch: &[Write], sent: &notice::Sent
         .zip(batch)
         .map(|(done, write)| done.ok_or_else(|| corrupt("a write got no result", write.partition())))
         .collect()
+}
+
+/// Registrations and the other writes of the same partition run in different lanes, so in transactions
+/// that may overlap; both lock the jobs they touch, and each takes all of its job locks in one statement
+/// in one order (by ID) before any other lock, so they wait for each other but cannot deadlock. A
+/// registration's batch locks its jobs in `register.rs`; here a batch of job ends and observations
+/// does, before anything else. (Deliveries lock only their subscriptions, which registrations never
+/// lock: a registration inserts new rows and reads the live ones.)
+async fn lock_jobs_first(tx: &mut PgConnection, batch: &[Write]) -> Result<()> {
+    let mut ids: Vec<String> = batch
+        .iter()
+        .filter_map(|w| match w {
+            Write::Observe { observation, .. } => Some(observation.job_id.to_string()),
+            Write::Complete { end, .. } => Some(end.job_id.to_string()),
+            _ => None,
+        })
+        .collect();
+    if ids.is_empty() {
+        return Ok(());
+    }
+    ids.sort();
+    ids.dedup();
+    sqlx::query("SELECT 1 FROM jobs WHERE job_id = ANY($1) ORDER BY job_id FOR UPDATE")
+        .bind(&ids)
+        .execute(&mut *tx)
+        .await
+        .db()?;
+    Ok(())
 }
 
 /// What the upstream last said, for each job (the latest of a job's observations in the batch wins, as
