@@ -25,10 +25,15 @@ if [ "$reachable" != yes ]; then
   echo "    To run it, start PostgreSQL or set JOBHOOK_TEST_POSTGRES_URL=postgres://user@host:port/db"
   exit 0
 fi
-if command -v psql >/dev/null; then
-  # Schemas left by earlier runs.
+# Each test works in a schema of its own and leaves it (to look at after a failure). Hundreds of them
+# bloat the database's catalogs, which slows everything on that server (the PostgreSQL benchmark by
+# ~15 %): dropped before the pass, and again after a pass that succeeded.
+drop_test_schemas() {
+  command -v psql >/dev/null || return 0
   psql "$url" -Atqc "SELECT 'DROP SCHEMA ' || schema_name || ' CASCADE;' FROM information_schema.schemata WHERE schema_name LIKE 'jh_t_%'" \
     | psql "$url" -q >/dev/null 2>&1 || true
-fi
+}
+drop_test_schemas
 echo "=== pass 2 of 2: PostgreSQL ($url)"
 JOBHOOK_TEST_BACKEND=postgres cargo test --test api "$@"
+drop_test_schemas
