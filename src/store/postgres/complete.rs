@@ -19,7 +19,7 @@ pub(super) struct Completion<'a> {
 /// for this instance) come in the batch's order.
 pub(super) async fn complete_all(tx: &mut PgConnection, done: &[Completion<'_>]) -> Result<Vec<Vec<DeliveryTask>>> {
     // Each job once (the first of its completions in the batch; a repeat is handed the deliveries it
-    // created, as a retry would be), locked in one order so batches cannot deadlock.
+    // created, as a retry would be); the batch already holds the jobs' locks.
     let mut seen = HashSet::new();
     let firsts: Vec<&Completion<'_>> = done.iter().filter(|c| seen.insert(c.job_id.clone())).collect();
     let recorded = record_results(tx, &firsts).await?;
@@ -83,9 +83,9 @@ pub(super) async fn complete_all(tx: &mut PgConnection, done: &[Completion<'_>])
     Ok(answers)
 }
 
-/// Locks the jobs in one order (by ID), so batches cannot deadlock, then records each result unless one
-/// is recorded already; the jobs it recorded. One statement (one round trip): the WITH takes the locks
-/// before the UPDATE, which then finds each row's latest version.
+/// Records each result unless one is recorded already; the jobs it recorded. The batch holds the jobs'
+/// locks already, taken in one order before anything else (`writer::lock_jobs_first`), so batches
+/// cannot deadlock.
 async fn record_results(tx: &mut PgConnection, firsts: &[&Completion<'_>]) -> Result<HashSet<String>> {
     let ids: Vec<String> = firsts.iter().map(|c| c.job_id.to_string()).collect();
     let statuses: Vec<&str> = firsts.iter().map(|c| c.status.as_str()).collect();
@@ -94,10 +94,9 @@ async fn record_results(tx: &mut PgConnection, firsts: &[&Completion<'_>]) -> Re
     collect_column(
         &mut *tx,
         sqlx::query_scalar(
-            "WITH locked AS MATERIALIZED (SELECT job_id FROM jobs WHERE job_id = ANY($1) ORDER BY job_id FOR UPDATE) \
-             UPDATE jobs SET status = u.s, result = u.r, last_error = NULL, finished_at = u.n, updated_at = u.n \
-             FROM locked JOIN UNNEST($1::text[], $2::text[], $3::bytea[], $4::int8[]) AS u (j, s, r, n) \
-             ON u.j = locked.job_id WHERE jobs.job_id = locked.job_id AND jobs.result IS NULL RETURNING jobs.job_id",
+            "UPDATE jobs SET status = u.s, result = u.r, last_error = NULL, finished_at = u.n, updated_at = u.n \
+             FROM UNNEST($1::text[], $2::text[], $3::bytea[], $4::int8[]) AS u (j, s, r, n) \
+             WHERE jobs.job_id = u.j AND jobs.result IS NULL RETURNING jobs.job_id",
         )
         .bind(&ids)
         .bind(&statuses)
