@@ -1,7 +1,13 @@
 //! `--history N`: a store that already holds N finished subscriptions (each delivered, with its job and
 //! one attempt), all belonging to the benchmark's own key, so the measured run, its `/metrics` scrapes and
-//! its list queries meet a store with a long past. They ended just now: none is old enough to be purged
-//! during the run. Inserted by the database itself from a generated series, a million rows in seconds.
+//! its list queries meet a store with a long past. Inserted by the database itself from a generated
+//! series, a million rows in seconds.
+//!
+//! The past looks like a real one: the subscriptions were made and ended one after another, about 35 a
+//! second ([`HISTORY_GAP_MS`]; 3,000,000 are a day), the last of them `--history-age` ago, and their IDs
+//! are UUIDv7 of those instants, as jobhook's own are; the job IDs are random, as an upstream's are. (A
+//! history with random subscription IDs would put every index keyed by subscription in random order, which
+//! no store jobhook wrote has, and make a purge of it touch several times the pages a real one does.)
 
 use std::time::{Duration, Instant};
 
@@ -35,8 +41,11 @@ pub async fn prepare(db_url: &str, args: &crate::Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The time between two history subscriptions: about 35 a second.
+const HISTORY_GAP_MS: i64 = 28;
+
 /// Fills the store at `db_url` (migrated here, as jobhook would) with `n` delivered subscriptions of the
-/// tenant of `key`, ended `age` ago.
+/// tenant of `key`, the last of them ended `age` ago.
 pub async fn prefill(db_url: &str, key: &str, secret: &str, n: usize, age: Duration) -> anyhow::Result<Duration> {
     let started = Instant::now();
     let store = jobhook::store::open(db_url).await?;
@@ -52,34 +61,37 @@ pub async fn prefill(db_url: &str, key: &str, secret: &str, n: usize, age: Durat
     if db_url.starts_with("postgres") {
         let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(db_url).await?;
         sqlx::query(
-            "CREATE TEMP TABLE history AS SELECT gen_random_uuid()::text AS job_id, gen_random_uuid()::text AS id, \
-             CAST(floor(random() * 64) AS BIGINT) AS partition FROM generate_series(1, $1)",
+            "CREATE TEMP TABLE history AS SELECT gen_random_uuid()::text AS job_id, \
+             regexp_replace(lpad(to_hex(at), 12, '0') || '7' || substr(r, 1, 3) || '8' || substr(r, 4, 15), \
+               '(.{8})(.{4})(.{4})(.{4})(.{12})', '\\1-\\2-\\3-\\4-\\5') AS id, \
+             at, CAST(floor(random() * 64) AS BIGINT) AS partition \
+             FROM (SELECT CAST($2 - ($1 - i) * $3 AS BIGINT) AS at, md5(random()::text) AS r \
+                   FROM generate_series(1, $1) AS i) AS g",
         )
         .bind(n as i64)
+        .bind(now)
+        .bind(HISTORY_GAP_MS)
         .execute(&mut conn)
         .await?;
         sqlx::query(
             "INSERT INTO jobs (job_id, partition, status, result, created_at, updated_at, finished_at) \
-             SELECT job_id, partition, 'Succeed', convert_to($1, 'UTF8'), $2, $2, $2 FROM history",
+             SELECT job_id, partition, 'Succeed', convert_to($1, 'UTF8'), at, at, at FROM history ORDER BY at",
         )
         .bind(body)
-        .bind(now)
         .execute(&mut conn)
         .await?;
         sqlx::query(
             "INSERT INTO subscriptions (id, tenant_id, job_id, callback_url, state, webhook_id, attempts, created_at, \
              updated_at, partition) SELECT id, $1, job_id, 'https://receiver.example/hook', 'delivered', \
-             'msg_' || replace(id, '-', ''), 1, $2, $2, partition FROM history",
+             'msg_' || replace(id, '-', ''), 1, at, at, partition FROM history ORDER BY at",
         )
         .bind(tenant)
-        .bind(now)
         .execute(&mut conn)
         .await?;
         sqlx::query(
             "INSERT INTO delivery_attempts (subscription_id, series, attempt, webhook_id, started_at, status_code, duration_ms) \
-             SELECT id, 1, 1, 'msg_' || replace(id, '-', ''), $1, 204, 3 FROM history",
+             SELECT id, 1, 1, 'msg_' || replace(id, '-', ''), at, 204, 3 FROM history ORDER BY at",
         )
-        .bind(now)
         .execute(&mut conn)
         .await?;
         sqlx::query("DROP TABLE history").execute(&mut conn).await?;
@@ -92,26 +104,27 @@ pub async fn prefill(db_url: &str, key: &str, secret: &str, n: usize, age: Durat
         conn.execute_batch("BEGIN")?;
         conn.execute(
             "CREATE TEMP TABLE history AS WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?1) \
-             SELECT lower(hex(randomblob(16))) AS job, lower(hex(randomblob(16))) AS sub, abs(random()) % 64 AS partition FROM n",
-            [n as i64],
+             SELECT ?2 - (?1 - i) * ?3 AS at, lower(hex(randomblob(16))) AS job, \
+             printf('%012x', ?2 - (?1 - i) * ?3) || lower(hex(randomblob(10))) AS sub, abs(random()) % 64 AS partition FROM n",
+            rusqlite::params![n as i64, now, HISTORY_GAP_MS],
         )?;
-        let uuid = |c: &str| {
+        let uuid = |c: &str, version: char| {
             format!(
-                "substr({c},1,8)||'-'||substr({c},9,4)||'-4'||substr({c},14,3)||'-8'||substr({c},18,3)||'-'||substr({c},21,12)"
+                "substr({c},1,8)||'-'||substr({c},9,4)||'-{version}'||substr({c},14,3)||'-8'||substr({c},18,3)||'-'||substr({c},21,12)"
             )
         };
-        let (job, sub) = (uuid("job"), uuid("sub"));
+        let (job, sub) = (uuid("job", '4'), uuid("sub", '7'));
         conn.execute(
-            &format!("INSERT INTO jobs (job_id, partition, status, result, created_at, updated_at, finished_at) SELECT {job}, partition, 'Succeed', CAST(?1 AS BLOB), ?2, ?2, ?2 FROM history"),
-            rusqlite::params![body, now],
+            &format!("INSERT INTO jobs (job_id, partition, status, result, created_at, updated_at, finished_at) SELECT {job}, partition, 'Succeed', CAST(?1 AS BLOB), at, at, at FROM history ORDER BY at"),
+            rusqlite::params![body],
         )?;
         conn.execute(
-            &format!("INSERT INTO subscriptions (id, tenant_id, job_id, callback_url, state, webhook_id, attempts, created_at, updated_at, partition) SELECT {sub}, ?1, {job}, 'https://receiver.example/hook', 'delivered', 'msg_' || sub, 1, ?2, ?2, partition FROM history"),
-            rusqlite::params![tenant, now],
+            &format!("INSERT INTO subscriptions (id, tenant_id, job_id, callback_url, state, webhook_id, attempts, created_at, updated_at, partition) SELECT {sub}, ?1, {job}, 'https://receiver.example/hook', 'delivered', 'msg_' || sub, 1, at, at, partition FROM history ORDER BY at"),
+            rusqlite::params![tenant],
         )?;
         conn.execute(
-            &format!("INSERT INTO delivery_attempts (subscription_id, series, attempt, webhook_id, started_at, status_code, duration_ms) SELECT {sub}, 1, 1, 'msg_' || sub, ?1, 204, 3 FROM history"),
-            rusqlite::params![now],
+            &format!("INSERT INTO delivery_attempts (subscription_id, series, attempt, webhook_id, started_at, status_code, duration_ms) SELECT {sub}, 1, 1, 'msg_' || sub, at, 204, 3 FROM history ORDER BY at"),
+            [],
         )?;
         conn.execute_batch("DROP TABLE history; COMMIT; PRAGMA wal_checkpoint(TRUNCATE);")?;
     }
