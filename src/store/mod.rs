@@ -33,8 +33,13 @@ use crate::keys::{KeyHash, SigningSecret};
 pub use bulk::{BulkFilter, BulkRedelivered, REDELIVER_BATCH, redeliver_matching};
 pub use idempotency::{Claimed, IdempotencyClaim, PURGE_PER_CLAIM, StoredAnswer};
 pub use postgres::Notice;
-pub use rows::list_query;
 pub use sqlite::{lock_sqlite_for_serving, sqlite_file};
+
+/// The statement the store at `url` runs for `GET /v1/subscriptions` with `filter` (the tests read its
+/// plan): placeholders `$1` (the tenant), then [`ListFilter`]'s values in order, then the limit.
+pub fn list_statement(url: &str, filter: &ListFilter) -> String {
+    if sqlite_file(url).is_some() { sqlite::list_statement(filter) } else { postgres::list_statement(filter) }
+}
 
 /// Whether a `--database-url` names a store we can open; the error is a sentence.
 pub fn check_url(url: &str) -> Result<(), String> {

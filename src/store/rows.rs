@@ -25,8 +25,10 @@ pub(super) use subscription_columns;
 /// so the planner can serve every shape from an index (`subscriptions_by_tenant`,
 /// `subscriptions_by_tenant_state`, `subscriptions_by_job`) instead of filtering a scan of the tenant's
 /// rows: a `?state=failed` among millions of delivered must not read them all. Placeholders are `$1`,
-/// `$2`, … in the order of [`list_binds`] (both databases take that spelling).
-pub fn list_query(filter: &ListFilter) -> String {
+/// `$2`, … in the order of [`list_binds`] (both databases take that spelling). `of_job` is the backend's
+/// condition for "of the job bound at `{p}`" (SQLite's reads the job's creation time first: its
+/// `subscriptions_by_job` is keyed by that, see its migration 0011).
+pub(super) fn list_query(filter: &ListFilter, of_job: &str) -> String {
     let mut sql = String::from(concat!(
         "SELECT ",
         subscription_columns!(),
@@ -40,16 +42,17 @@ pub fn list_query(filter: &ListFilter) -> String {
     let mut n = 1;
     let mut and = |condition: &str| {
         n += 1;
-        sql.push_str(&format!(" AND {condition}${n}"));
+        sql.push_str(" AND ");
+        sql.push_str(&condition.replace("{p}", &format!("${n}")));
     };
     if filter.job_id.is_some() {
-        and("s.job_id = ");
+        and(of_job);
     }
     if filter.state.is_some() {
-        and("s.state = ");
+        and("s.state = {p}");
     }
     if filter.before.is_some() {
-        and("s.id < ");
+        and("s.id < {p}");
     }
     n += 1;
     sql.push_str(&format!(" ORDER BY s.id DESC LIMIT ${n}"));
@@ -166,6 +169,12 @@ impl TryFrom<PollableRow> for PollableJob {
 
 /// A [`PollableJob`]: add a `WHERE` and `GROUP BY j.job_id`.
 macro_rules! pollable_select {
+    // SQLite finds a job's subscriptions by the job's creation time first (its migration 0011).
+    (sqlite) => {
+        "SELECT j.job_id AS job_id, j.created_at AS job_created_at, MIN(s.created_at) AS oldest_polling_at \
+     FROM jobs j JOIN subscriptions s ON s.job_created_at = j.created_at AND s.job_id = j.job_id \
+     AND s.state = 'polling'"
+    };
     () => {
         "SELECT j.job_id AS job_id, j.created_at AS job_created_at, MIN(s.created_at) AS oldest_polling_at \
      FROM jobs j JOIN subscriptions s ON s.job_id = j.job_id AND s.state = 'polling'"

@@ -277,7 +277,7 @@ async fn every_list_query_is_served_by_an_index() {
         }
     }
     for filter in &shapes {
-        let sql = jobhook::store::list_query(filter);
+        let sql = jobhook::store::list_statement(&url, filter);
         let values: Vec<String> = [
             filter.job_id.as_ref().map(|j| j.to_string()),
             filter.state.map(|s| s.as_str().to_owned()),
@@ -330,4 +330,42 @@ async fn explain(url: &str, sql: &str, values: &[String]) -> Vec<String> {
             .map(Result::unwrap)
             .collect()
     }
+}
+
+/// SQLite finds a job's subscriptions by the job's creation time first (migration 0011). A row that
+/// an older jobhook inserts on the same file (after a downgrade) carries no creation time; the store
+/// fills it in, so the job still finds that subscription and the job's end reaches it.
+#[tokio::test]
+async fn a_subscription_inserted_by_an_older_jobhook_is_still_found_by_its_job() {
+    if on_postgres() {
+        return; // PostgreSQL's subscriptions are found by job ID alone
+    }
+    use jobhook::store::ListFilter;
+    let (store, key, url, _dir) = store_with_key().await;
+    let job: JobId = uuid::Uuid::new_v4().to_string().parse().unwrap();
+    let first = SubscriptionId::new();
+    let registered = store.register(registration(&key, first, job.clone(), "https://a.example/hook", at(1_000)));
+    assert!(matches!(registered.await.unwrap(), Registered::CreatedPolling(..)));
+    // What an older jobhook's registration writes: every column it knows, not job_created_at.
+    let older = SubscriptionId::new();
+    let conn = rusqlite::Connection::open(jobhook::store::sqlite_file(&url).unwrap()).unwrap();
+    conn.execute(
+        "INSERT INTO subscriptions (id, tenant_id, job_id, callback_url, state, created_at, updated_at, partition) \
+         SELECT ?1, tenant_id, job_id, 'https://b.example/hook', 'polling', 2000, 2000, partition FROM subscriptions",
+        [older.to_string()],
+    )
+    .unwrap();
+    drop(conn);
+    let tenant = store.tenant_by_key(key.hash()).await.unwrap().unwrap().id;
+    let filter = ListFilter { job_id: Some(job.clone()), state: None, before: None, limit: 50 };
+    let mut listed: Vec<SubscriptionId> =
+        store.list_subscriptions(tenant, &filter).await.unwrap().into_iter().map(|s| s.id).collect();
+    listed.sort();
+    assert_eq!(listed, vec![first, older]);
+    let body = bytes::Bytes::from(format!(r#"{{"job_id":"{job}","status":"Succeed","image_urls":[]}}"#));
+    let end = JobEnd { job_id: job, status: JobStatus::Succeed, body, now: at(3_000) };
+    let tasks = store.complete_job(end, Duration::from_secs(30)).await.unwrap();
+    let mut delivered: Vec<SubscriptionId> = tasks.iter().map(|t| t.subscription_id).collect();
+    delivered.sort();
+    assert_eq!(delivered, vec![first, older]);
 }

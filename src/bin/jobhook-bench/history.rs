@@ -119,7 +119,7 @@ pub async fn prefill(db_url: &str, key: &str, secret: &str, n: usize, age: Durat
             rusqlite::params![body],
         )?;
         conn.execute(
-            &format!("INSERT INTO subscriptions (id, tenant_id, job_id, callback_url, state, webhook_id, attempts, created_at, updated_at, partition) SELECT {sub}, ?1, {job}, 'https://receiver.example/hook', 'delivered', 'msg_' || sub, 1, at, at, partition FROM history ORDER BY at"),
+            &format!("INSERT INTO subscriptions (id, tenant_id, job_id, callback_url, state, webhook_id, attempts, created_at, updated_at, partition, job_created_at) SELECT {sub}, ?1, {job}, 'https://receiver.example/hook', 'delivered', 'msg_' || sub, 1, at, at, partition, at FROM history ORDER BY at"),
             rusqlite::params![tenant],
         )?;
         conn.execute(

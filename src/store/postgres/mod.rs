@@ -58,6 +58,11 @@ impl sqlx::Decode<'_, Postgres> for Timestamp {
 }
 pub use notice::Notice;
 
+/// `GET /v1/subscriptions`' statement for `filter` (see [`super::list_statement`]).
+pub(super) fn list_statement(filter: &ListFilter) -> String {
+    list_query(filter, "s.job_id = {p}")
+}
+
 /// How long a write batch may wait for PostgreSQL before it is abandoned (see [`writer`]).
 const BATCH_DEADLINE: Duration = Duration::from_secs(15);
 

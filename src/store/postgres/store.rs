@@ -205,7 +205,8 @@ impl Store for PgStore {
 
     async fn list_subscriptions(&self, tenant_id: i64, filter: &ListFilter) -> Result<Vec<Subscription>> {
         let (values, limit) = list_binds(filter);
-        let mut query = sqlx::query_as::<_, SubscriptionRow>(sqlx::AssertSqlSafe(list_query(filter))).bind(tenant_id);
+        let mut query =
+            sqlx::query_as::<_, SubscriptionRow>(sqlx::AssertSqlSafe(list_statement(filter))).bind(tenant_id);
         for value in values {
             query = query.bind(value);
         }

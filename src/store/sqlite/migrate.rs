@@ -8,7 +8,7 @@ use sha2::{Digest, Sha384};
 use super::*;
 
 /// The migrations, in order: (version, description, SQL).
-const MIGRATIONS: [(i64, &str, &str); 10] = [
+const MIGRATIONS: [(i64, &str, &str); 11] = [
     (1, "init", include_str!("../migrations/sqlite/0001_init.sql")),
     (2, "lighter job index", include_str!("../migrations/sqlite/0002_lighter_job_index.sql")),
     (3, "key revoked by", include_str!("../migrations/sqlite/0003_key_revoked_by.sql")),
@@ -19,6 +19,7 @@ const MIGRATIONS: [(i64, &str, &str); 10] = [
     (8, "callback headers", include_str!("../migrations/sqlite/0008_callback_headers.sql")),
     (9, "payload metadata", include_str!("../migrations/sqlite/0009_payload_metadata.sql")),
     (10, "idempotency keys", include_str!("../migrations/sqlite/0010_idempotency_keys.sql")),
+    (11, "subscriptions by job in time", include_str!("../migrations/sqlite/0011_subscriptions_by_job_in_time.sql")),
 ];
 
 /// The migration a database says it has applied, changed since.

@@ -3,11 +3,29 @@
 //! there in a transaction of their own. Reads use a small pool of read-only connections, which WAL lets
 //! run beside the writer.
 
+/// The condition "subscription `$s` belongs to the job whose key is bound at `$p`", spelled so that
+/// `subscriptions_by_job` serves it: the job's creation time first, read from `jobs` (migration 0011).
+macro_rules! of_job {
+    ($s:literal, $p:literal) => {
+        concat!(
+            $s,
+            ".job_created_at = (SELECT created_at FROM jobs WHERE job_id = ",
+            $p,
+            ") AND ",
+            $s,
+            ".job_id = ",
+            $p
+        )
+    };
+}
+
 mod idempotency;
 mod migrate;
 mod ops;
 mod purge;
 mod writer;
+
+pub(super) use ops::list_statement;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -361,11 +379,11 @@ impl Store for SqliteStore {
     }
 
     async fn pollable_jobs(&self) -> Result<Vec<PollableJob>> {
-        self.read(|c| ops::pollable(c, concat!(pollable_select!(), " GROUP BY j.job_id"), [])).await
+        self.read(|c| ops::pollable(c, concat!(pollable_select!(sqlite), " GROUP BY j.job_id"), [])).await
     }
 
     async fn pollable_job(&self, job_id: JobId) -> Result<Option<PollableJob>> {
-        let sql = concat!(pollable_select!(), " WHERE j.job_id = ?1 GROUP BY j.job_id");
+        let sql = concat!(pollable_select!(sqlite), " WHERE j.job_id = ?1 GROUP BY j.job_id");
         Ok(self.read(move |c| ops::pollable(c, sql, [job_id.to_string()])).await?.pop())
     }
 
@@ -483,8 +501,10 @@ impl Store for SqliteStore {
     }
 
     async fn pollable_jobs_in(&self, partitions: u64) -> Result<Vec<PollableJob>> {
-        let sql =
-            concat!(pollable_select!(), " WHERE ((?1 >> CAST(j.partition AS INTEGER)) & 1) = 1 GROUP BY j.job_id");
+        let sql = concat!(
+            pollable_select!(sqlite),
+            " WHERE ((?1 >> CAST(j.partition AS INTEGER)) & 1) = 1 GROUP BY j.job_id"
+        );
         self.read(move |c| ops::pollable(c, sql, [partitions as i64])).await
     }
 

@@ -178,8 +178,12 @@ pub(super) fn subscription(c: &Connection, sub: TenantSub) -> Result<Option<Subs
     row.map(Subscription::try_from).transpose()
 }
 
+pub(in crate::store) fn list_statement(filter: &ListFilter) -> String {
+    list_query(filter, of_job!("s", "{p}"))
+}
+
 pub(super) fn list_subscriptions(c: &Connection, tenant_id: i64, filter: &ListFilter) -> Result<Vec<Subscription>> {
-    let sql = list_query(filter);
+    let sql = list_statement(filter);
     let (values, limit) = list_binds(filter);
     let binds: Vec<rusqlite::types::Value> = std::iter::once(rusqlite::types::Value::Integer(tenant_id))
         .chain(values.into_iter().map(rusqlite::types::Value::Text))
@@ -270,7 +274,8 @@ pub(super) fn redeliver(tx: &Transaction<'_>, sub: TenantSub, now: Timestamp) ->
     // two live deliveries of one job to one callback would be one too many.
     let newer: Option<i64> = optional_row(
         tx,
-        "SELECT 1 FROM subscriptions s JOIN subscriptions o ON o.tenant_id = s.tenant_id AND o.job_id = s.job_id \
+        "SELECT 1 FROM subscriptions s JOIN subscriptions o ON o.tenant_id = s.tenant_id \
+         AND o.job_created_at = s.job_created_at AND o.job_id = s.job_id \
          AND o.callback_url = s.callback_url AND o.id <> s.id AND o.state IN ('polling', 'delivering', 'delivered') \
          WHERE s.id = ?1",
         [&sub_id],
@@ -348,8 +353,11 @@ pub(super) fn fail_job(
         .sq()?;
     let failed = tx
         .execute(
-            "UPDATE subscriptions SET state = 'failed', failure_reason = ?1, updated_at = ?2 \
-             WHERE job_id = ?3 AND state = 'polling'",
+            concat!(
+                "UPDATE subscriptions SET state = 'failed', failure_reason = ?1, updated_at = ?2 WHERE ",
+                of_job!("subscriptions", "?3"),
+                " AND state = 'polling'"
+            ),
             params![reason.as_str(), now, job],
         )
         .sq()?;
@@ -365,12 +373,15 @@ pub(super) fn expire(
     let job = job_id.to_string();
     let expired = tx
         .execute(
-            "UPDATE subscriptions SET state = 'expired', updated_at = ?1 \
-             WHERE job_id = ?2 AND state = 'polling' AND created_at <= ?3",
+            concat!(
+                "UPDATE subscriptions SET state = 'expired', updated_at = ?1 WHERE ",
+                of_job!("subscriptions", "?2"),
+                " AND state = 'polling' AND created_at <= ?3"
+            ),
             params![now, job, cutoff],
         )
         .sq()?;
-    let left = pollable(tx, concat!(pollable_select!(), " WHERE j.job_id = ?1 GROUP BY j.job_id"), [job])?.pop();
+    let left = pollable(tx, concat!(pollable_select!(sqlite), " WHERE j.job_id = ?1 GROUP BY j.job_id"), [job])?.pop();
     Ok((expired as u64, left))
 }
 

@@ -39,7 +39,8 @@ pub(super) fn purge_batch(tx: &Transaction<'_>, ended_before: Timestamp, limit: 
     let mut subscription = tx.prepare_cached("DELETE FROM subscriptions WHERE id = ?1").sq()?;
     let mut job = tx
         .prepare_cached(
-            "DELETE FROM jobs WHERE job_id = ?1 AND NOT EXISTS (SELECT 1 FROM subscriptions s WHERE s.job_id = ?1)",
+            "DELETE FROM jobs WHERE job_id = ?1 AND NOT EXISTS (SELECT 1 FROM subscriptions s \
+             WHERE s.job_created_at = jobs.created_at AND s.job_id = ?1)",
         )
         .sq()?;
     // Row by row until the budget is spent (at least one, so a run always gets through): a row of a
@@ -68,7 +69,8 @@ pub(super) fn purgeable(c: &Connection, ended_before: Timestamp) -> Result<Purge
         ended!(),
         " AND s.updated_at < ?1), (SELECT COUNT(DISTINCT s.job_id) FROM subscriptions s WHERE s.",
         ended!(),
-        " AND s.updated_at < ?1 AND NOT EXISTS (SELECT 1 FROM subscriptions o WHERE o.job_id = s.job_id AND NOT (o.",
+        " AND s.updated_at < ?1 AND NOT EXISTS (SELECT 1 FROM subscriptions o WHERE o.job_created_at = s.job_created_at \
+         AND o.job_id = s.job_id AND NOT (o.",
         ended!(),
         " AND o.updated_at < ?1)))"
     );

@@ -109,7 +109,7 @@ fn register(tx: &rusqlite::Transaction<'_>, registration: &Registration) -> Resu
     let Some(tenant_id) = tenant_of(tx, key)? else { return Ok(Registered::UnknownKey) };
     let job = job_id.to_string();
     let (job_created_at, job_status, last_error, result, finished_at) = job_row(tx, job_id, now)?;
-    if let Some(found) = existing(tx, tenant_id, &job, callback_url, headers)? {
+    if let Some(found) = existing(tx, tenant_id, (job_created_at, &job), callback_url, headers)? {
         return Ok(found);
     }
     let job_status = job_status.as_deref().map(str::parse).transpose().map_err(|e| corrupt("job status", e))?;
@@ -120,8 +120,8 @@ fn register(tx: &rusqlite::Transaction<'_>, registration: &Registration) -> Resu
     let next_attempt_at = webhook_id.as_ref().map(|_| now);
     tx.prepare_cached(
         "INSERT INTO subscriptions (id, tenant_id, job_id, callback_url, state, webhook_id, next_attempt_at, \
-         created_at, updated_at, partition, callback_headers, callback_headers_hash, payload, metadata) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9, ?10, ?11, ?12, ?13)",
+         created_at, updated_at, partition, callback_headers, callback_headers_hash, payload, metadata, job_created_at) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
     )
     .sq()?
     .execute(params![
@@ -137,7 +137,8 @@ fn register(tx: &rusqlite::Transaction<'_>, registration: &Registration) -> Resu
         headers.to_stored(),
         headers.digest(),
         form.payload.as_str(),
-        form.metadata
+        form.metadata,
+        job_created_at
     ])
     .sq()?;
     let sub = Subscription {
@@ -160,7 +161,8 @@ fn register(tx: &rusqlite::Transaction<'_>, registration: &Registration) -> Resu
     };
     let (Some(body), Some(webhook_id)) = (result, webhook_id) else {
         // A job created by this registration has no older subscription to expire first.
-        let oldest_polling_at = if job_created_at == now { now } else { oldest_polling(tx, &job)?.unwrap_or(now) };
+        let oldest_polling_at =
+            if job_created_at == now { now } else { oldest_polling(tx, (job_created_at, &job))?.unwrap_or(now) };
         return Ok(Registered::CreatedPolling(
             sub,
             PollableJob { job_id: job_id.clone(), job_created_at, oldest_polling_at },
@@ -201,11 +203,13 @@ fn tenant_of(tx: &rusqlite::Transaction<'_>, key: &KeyHash) -> Result<Option<i64
 }
 
 /// When the job's oldest polling subscription was registered.
-fn oldest_polling(tx: &rusqlite::Transaction<'_>, job: &str) -> Result<Option<Timestamp>> {
-    tx.prepare_cached("SELECT MIN(created_at) FROM subscriptions WHERE job_id = ? AND state = 'polling'")
-        .sq()?
-        .query_row(params![job], |r| r.get(0))
-        .sq()
+fn oldest_polling(tx: &rusqlite::Transaction<'_>, (created, job): (Timestamp, &str)) -> Result<Option<Timestamp>> {
+    tx.prepare_cached(
+        "SELECT MIN(created_at) FROM subscriptions WHERE job_created_at = ? AND job_id = ? AND state = 'polling'",
+    )
+    .sq()?
+    .query_row(params![created, job], |r| r.get(0))
+    .sq()
 }
 
 /// The live (or delivered) subscription of the same tenant, job and callback, if there is one: this
@@ -213,15 +217,15 @@ fn oldest_polling(tx: &rusqlite::Transaction<'_>, job: &str) -> Result<Option<Ti
 fn existing(
     tx: &rusqlite::Transaction<'_>,
     tenant_id: i64,
-    job: &str,
+    (job_created_at, job): (Timestamp, &str),
     callback_url: &CallbackUrl,
     headers: &CallbackHeaders,
 ) -> Result<Option<Registered>> {
     let found: Option<(String, String, Option<String>)> = optional_row(
         tx,
-        "SELECT id, state, callback_headers_hash FROM subscriptions WHERE tenant_id = ? AND job_id = ? \
-         AND callback_url = ? AND state IN ('polling', 'delivering', 'delivered')",
-        params![tenant_id, job, callback_url.as_str()],
+        "SELECT id, state, callback_headers_hash FROM subscriptions WHERE tenant_id = ? AND job_created_at = ? \
+         AND job_id = ? AND callback_url = ? AND state IN ('polling', 'delivering', 'delivered')",
+        params![tenant_id, job_created_at, job, callback_url.as_str()],
         |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
     )?;
     let Some((id, state, digest)) = found else { return Ok(None) };
@@ -264,7 +268,9 @@ fn complete_job(tx: &rusqlite::Transaction<'_>, end: &JobEnd, claim: &ClaimFor) 
         // Already recorded: hand out the deliveries it created again (the dispatcher drops repeats).
         let sql = concat!(
             delivery_select!(),
-            " WHERE s.job_id = ? AND s.state = 'delivering' AND s.series = 1 AND s.attempts = 0"
+            " WHERE ",
+            of_job!("s", "?1"),
+            " AND s.state = 'delivering' AND s.series = 1 AND s.attempts = 0"
         );
         let mut statement = tx.prepare_cached(sql).sq()?;
         let rows = statement
@@ -275,10 +281,11 @@ fn complete_job(tx: &rusqlite::Transaction<'_>, end: &JobEnd, claim: &ClaimFor) 
         return rows.into_iter().map(DeliveryTask::try_from).collect();
     }
     let subscribers: Vec<Subscriber> = tx
-        .prepare_cached(
-            "SELECT id, tenant_id, callback_url, callback_headers, payload, metadata FROM subscriptions \
-             WHERE job_id = ? AND state = 'polling'",
-        )
+        .prepare_cached(concat!(
+            "SELECT id, tenant_id, callback_url, callback_headers, payload, metadata FROM subscriptions s WHERE ",
+            of_job!("s", "?1"),
+            " AND state = 'polling'"
+        ))
         .sq()?
         .query_map(params![job], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)))
         .sq()?
