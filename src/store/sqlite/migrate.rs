@@ -2,7 +2,7 @@
 //! checksum of each file), so a database migrated by an earlier jobhook, which ran them with sqlx, is
 //! recognised as it is.
 
-use rusqlite::{Connection, params};
+use rusqlite::{Connection, OptionalExtension, params};
 use sha2::{Digest, Sha384};
 
 use super::*;
@@ -29,12 +29,25 @@ pub enum MigrateError {
     Changed(i64),
     #[error("migration {0} failed partway through earlier; the database needs a look by hand")]
     Dirty(i64),
+    #[error("migration {0} would leave rows of table {1} referring to rows that do not exist")]
+    ForeignKeys(i64, String),
 }
 
 /// Applies the migrations this database lacks, each in a transaction of its own. Migrations only ever
 /// add (columns, tables, indexes), so versions applied by a newer jobhook and unknown here are left
 /// alone: during a rolling upgrade, an older binary that restarts must not refuse to start.
+///
+/// They run with foreign keys off, as SQLite asks of a migration that rebuilds a table (0011), and each
+/// checks them (`PRAGMA foreign_key_check`) before it commits.
 pub(super) fn run(conn: &mut Connection) -> Result<()> {
+    let failed = |e: rusqlite::Error| StoreError::Migrate(Arc::new(e));
+    conn.pragma_update(None, "foreign_keys", "OFF").map_err(failed)?;
+    let migrated = apply(conn);
+    conn.pragma_update(None, "foreign_keys", "ON").map_err(failed)?;
+    migrated
+}
+
+fn apply(conn: &mut Connection) -> Result<()> {
     let failed = |e: rusqlite::Error| StoreError::Migrate(Arc::new(e));
     conn.execute_batch(
         "CREATE TABLE IF NOT EXISTS _sqlx_migrations (
@@ -67,6 +80,11 @@ pub(super) fn run(conn: &mut Connection) -> Result<()> {
         let started = std::time::Instant::now();
         let tx = conn.transaction().map_err(failed)?;
         tx.execute_batch(sql).map_err(failed)?;
+        let broken: Option<String> =
+            tx.query_row("PRAGMA foreign_key_check", [], |r| r.get(0)).optional().map_err(failed)?;
+        if let Some(table) = broken {
+            return Err(StoreError::Migrate(Arc::new(MigrateError::ForeignKeys(version, table))));
+        }
         let nanos = i64::try_from(started.elapsed().as_nanos()).unwrap_or(i64::MAX);
         tx.execute(
             "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
