@@ -22,27 +22,33 @@ const VACUUM_STEP_PAGES: i64 = 256;
 /// rows at once held the writer ~90 ms and put registration p99 at 120-150 ms.
 const PURGE_STEP_BUDGET: std::time::Duration = std::time::Duration::from_millis(8);
 
+/// A purge step's statements: the oldest ended subscriptions, then for each its attempts, itself, and
+/// its job unless another subscription still refers to it.
+const PURGE_STATEMENTS: [&str; 4] = [
+    concat!(
+        "SELECT id, job_id FROM subscriptions WHERE ",
+        ended!(),
+        " AND updated_at < ?1 ORDER BY updated_at LIMIT ?2"
+    ),
+    "DELETE FROM delivery_attempts WHERE subscription_id = ?1",
+    "DELETE FROM subscriptions WHERE id = ?1",
+    "DELETE FROM jobs WHERE job_id = ?1 AND NOT EXISTS (SELECT 1 FROM subscriptions s \
+     WHERE s.job_created_at = jobs.created_at AND s.job_id = ?1)",
+];
+
 pub(super) fn purge_batch(tx: &Transaction<'_>, ended_before: Timestamp, limit: u32) -> Result<Purged> {
+    let [oldest, attempts, subscription, job] = PURGE_STATEMENTS;
     let rows: Vec<(String, String)> = tx
-        .prepare_cached(concat!(
-            "SELECT id, job_id FROM subscriptions WHERE ",
-            ended!(),
-            " AND updated_at < ?1 ORDER BY updated_at LIMIT ?2"
-        ))
+        .prepare_cached(oldest)
         .sq()?
         .query_map(params![ended_before, i64::from(limit)], |r| Ok((r.get(0)?, r.get(1)?)))
         .sq()?
         .collect::<rusqlite::Result<_>>()
         .sq()?;
     let mut purged = Purged::default();
-    let mut attempts = tx.prepare_cached("DELETE FROM delivery_attempts WHERE subscription_id = ?1").sq()?;
-    let mut subscription = tx.prepare_cached("DELETE FROM subscriptions WHERE id = ?1").sq()?;
-    let mut job = tx
-        .prepare_cached(
-            "DELETE FROM jobs WHERE job_id = ?1 AND NOT EXISTS (SELECT 1 FROM subscriptions s \
-             WHERE s.job_created_at = jobs.created_at AND s.job_id = ?1)",
-        )
-        .sq()?;
+    let mut attempts = tx.prepare_cached(attempts).sq()?;
+    let mut subscription = tx.prepare_cached(subscription).sq()?;
+    let mut job = tx.prepare_cached(job).sq()?;
     // Row by row until the budget is spent (at least one, so a run always gets through): a row of a
     // large store costs a few random B-tree pages, so `limit` rows can take far longer than a
     // registration should wait behind them.
@@ -91,4 +97,42 @@ pub(super) fn vacuum_step(tx: &Transaction<'_>) -> Result<bool> {
     tx.execute_batch(&format!("PRAGMA incremental_vacuum({VACUUM_STEP_PAGES})")).sq()?;
     let free: i64 = tx.query_row("PRAGMA freelist_count", [], |r| r.get(0)).sq()?;
     Ok(free > 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use rusqlite::{StatementStatus, TransactionBehavior};
+
+    use super::*;
+
+    /// A purge step finds and deletes through indexes only, the lookups SQLite makes to enforce foreign
+    /// keys included (SQLite's own count of full-scan steps, per statement). A foreign key whose check
+    /// found no index once made each purged job scan every subscription, which over a long past held
+    /// the one writer for as long as that took.
+    #[test]
+    fn a_purge_step_scans_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = Connection::open(dir.path().join("store.db")).unwrap();
+        configure(&conn).unwrap();
+        migrate::run(&mut conn).unwrap();
+        conn.execute_batch(
+            "INSERT INTO tenants (id, name, signing_secret, created_at) VALUES (1, 't', 'whsec_x', 0);
+             CREATE TEMP TABLE n AS WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 400)
+                 SELECT i FROM n;
+             INSERT INTO jobs (job_id, partition, created_at, updated_at) SELECT 'job-' || i, 0, i, i FROM n;
+             INSERT INTO subscriptions (id, tenant_id, job_id, partition, callback_url, state, created_at,
+                 updated_at, job_created_at)
+                 SELECT printf('sub-%04d', i), 1, 'job-' || i, 0, 'https://r.example/h', 'delivered', i, i, i FROM n;
+             INSERT INTO delivery_attempts (subscription_id, series, attempt, webhook_id, started_at, status_code,
+                 duration_ms) SELECT printf('sub-%04d', i), 1, 1, 'msg_x', i, 204, 1 FROM n;",
+        )
+        .unwrap();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).unwrap();
+        let purged = purge_batch(&tx, Timestamp::from_millis(200), 50).unwrap();
+        assert!(purged.subscriptions >= 1 && purged.jobs == purged.subscriptions, "{purged:?}");
+        for sql in PURGE_STATEMENTS {
+            let statement = tx.prepare_cached(sql).unwrap();
+            assert_eq!(statement.get_status(StatementStatus::FullscanStep), 0, "a full scan in: {sql}");
+        }
+    }
 }
