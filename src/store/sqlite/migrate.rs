@@ -33,9 +33,10 @@ pub enum MigrateError {
     ForeignKeys(i64, String),
 }
 
-/// Applies the migrations this database lacks, each in a transaction of its own. Migrations only ever
-/// add (columns, tables, indexes), so versions applied by a newer jobhook and unknown here are left
-/// alone: during a rolling upgrade, an older binary that restarts must not refuse to start.
+/// Applies the migrations this database lacks, each in a transaction of its own. Migrations keep every
+/// table and column an older jobhook reads and writes (they add columns, tables and indexes; 0011
+/// rebuilt a table with the same columns and one constraint fewer), so versions applied by a newer
+/// jobhook and unknown here are left alone: an older binary that restarts must not refuse to start.
 ///
 /// They run with foreign keys off, as SQLite asks of a migration that rebuilds a table (0011), and each
 /// checks them (`PRAGMA foreign_key_check`) before it commits.
