@@ -40,8 +40,10 @@ pub struct BulkRedelivered {
 
 /// The IDs of the tenant's subscriptions matching `filter` that can be redelivered, oldest registration
 /// first, at most `limit + 1` (one more tells that more remain). Binds, in order: tenant ID, state,
-/// since, until, then (with a host) four `LIKE` patterns, then the limit.
-pub(super) fn matching_query(filter: &BulkFilter) -> String {
+/// since, until, then (with a host) four `LIKE` patterns, then the limit. `same_job` is the backend's
+/// condition for "subscription `o` is of the job of `s`" (SQLite's names the job's creation time too:
+/// its `subscriptions_by_job` is keyed by that first, see its migration 0011).
+pub(super) fn matching_query(filter: &BulkFilter, same_job: &str) -> String {
     let host = if filter.callback_host.is_some() {
         " AND (s.callback_url LIKE $5 ESCAPE '\\' OR s.callback_url LIKE $6 ESCAPE '\\' \
          OR s.callback_url LIKE $7 ESCAPE '\\' OR s.callback_url LIKE $8 ESCAPE '\\')"
@@ -54,7 +56,7 @@ pub(super) fn matching_query(filter: &BulkFilter) -> String {
         "SELECT s.id FROM subscriptions s JOIN jobs j ON j.job_id = s.job_id \
          WHERE s.tenant_id = $1 AND s.state = $2 AND s.updated_at >= $3 AND s.updated_at < $4 \
          AND j.result IS NOT NULL AND s.webhook_id IS NOT NULL{host} \
-         AND NOT EXISTS (SELECT 1 FROM subscriptions o WHERE o.tenant_id = s.tenant_id AND o.job_id = s.job_id \
+         AND NOT EXISTS (SELECT 1 FROM subscriptions o WHERE o.tenant_id = s.tenant_id AND {same_job} \
          AND o.callback_url = s.callback_url AND o.id <> s.id AND o.state IN ('polling', 'delivering', 'delivered')) \
          ORDER BY s.id LIMIT ${limit}"
     )
@@ -131,8 +133,8 @@ mod tests {
             callback_host: None,
             limit: 1,
         };
-        assert!(matching_query(&filter).ends_with("LIMIT $5"));
+        assert!(matching_query(&filter, "o.job_id = s.job_id").ends_with("LIMIT $5"));
         filter.callback_host = Some("example.com".into());
-        assert!(matching_query(&filter).ends_with("LIMIT $9"));
+        assert!(matching_query(&filter, "o.job_id = s.job_id").ends_with("LIMIT $9"));
     }
 }

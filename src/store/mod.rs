@@ -41,6 +41,12 @@ pub fn list_statement(url: &str, filter: &ListFilter) -> String {
     if sqlite_file(url).is_some() { sqlite::list_statement(filter) } else { postgres::list_statement(filter) }
 }
 
+/// The statement the store at `url` runs to find what a bulk redelivery matches (the tests read its
+/// plan); binds as [`bulk::matching_query`] says.
+pub fn bulk_statement(url: &str, filter: &BulkFilter) -> String {
+    if sqlite_file(url).is_some() { sqlite::bulk_statement(filter) } else { postgres::bulk_statement(filter) }
+}
+
 /// Whether a `--database-url` names a store we can open; the error is a sentence.
 pub fn check_url(url: &str) -> Result<(), String> {
     if url.starts_with("sqlite:") || url.starts_with("postgres:") || url.starts_with("postgresql:") {

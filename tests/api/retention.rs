@@ -369,3 +369,48 @@ async fn a_subscription_inserted_by_an_older_jobhook_is_still_found_by_its_job()
     delivered.sort();
     assert_eq!(delivered, vec![first, older]);
 }
+
+/// A bulk redelivery (`POST /v1/subscriptions/redeliver`) skips a subscription that a newer one of the
+/// same job and callback has replaced; on SQLite that check must find the job's subscriptions through
+/// the job's index (keyed by the job's creation time first, migration 0011), not walk the tenant's live
+/// and delivered ones, of which a long past holds millions. (PostgreSQL's job index is led by job_id,
+/// which any spelling of the condition uses.)
+#[tokio::test]
+async fn a_bulk_redelivery_checks_for_a_newer_subscription_through_the_jobs_index() {
+    if on_postgres() {
+        return;
+    }
+    use jobhook::store::BulkFilter;
+    use rusqlite::types::Value;
+    let (store, key, url, _dir) = store_with_key().await;
+    for i in 0..20 {
+        subscription(store.as_ref(), &key, i, Some(i + 5)).await;
+    }
+    for host in [None, Some("receiver.example".to_owned())] {
+        let filter = BulkFilter {
+            state: jobhook::domain::SubscriptionState::Delivered,
+            since: at(0),
+            until: at(1_000),
+            callback_host: host.clone(),
+            limit: 100,
+        };
+        let sql = jobhook::store::bulk_statement(&url, &filter);
+        let conn = rusqlite::Connection::open(jobhook::store::sqlite_file(&url).unwrap()).unwrap();
+        let mut binds =
+            vec![Value::Integer(1), Value::Text("delivered".into()), Value::Integer(0), Value::Integer(1_000)];
+        binds.extend(host.iter().flat_map(|_| (0..4).map(|_| Value::Text("https://receiver.example/%".into()))));
+        binds.push(Value::Integer(101));
+        let plan: Vec<String> = conn
+            .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+            .unwrap()
+            .query_map(rusqlite::params_from_iter(binds), |r| r.get::<_, String>(3))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert!(
+            plan.iter().any(|l| l.starts_with("SEARCH o") && l.contains("job_created_at=? AND job_id=?")),
+            "{sql}\n{plan:#?}"
+        );
+        assert!(!plan.iter().any(|l| l.contains("SCAN s") || l.contains("SCAN o")), "{sql}\n{plan:#?}");
+    }
+}

@@ -63,6 +63,11 @@ pub(super) fn list_statement(filter: &ListFilter) -> String {
     list_query(filter, "s.job_id = {p}")
 }
 
+/// What a bulk redelivery matches (see [`super::bulk_statement`]).
+pub(super) fn bulk_statement(filter: &BulkFilter) -> String {
+    super::bulk::matching_query(filter, "o.job_id = s.job_id")
+}
+
 /// How long a write batch may wait for PostgreSQL before it is abandoned (see [`writer`]).
 const BATCH_DEADLINE: Duration = Duration::from_secs(15);
 

@@ -167,7 +167,7 @@ impl Store for PgStore {
 
     async fn matching_ended(&self, tenant_id: i64, filter: &BulkFilter) -> Result<Vec<SubscriptionId>> {
         deadline(async move {
-            let sql = super::super::bulk::matching_query(filter);
+            let sql = super::bulk_statement(filter);
             let mut query = sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(sql))
                 .bind(tenant_id)
                 .bind(filter.state.as_str())

@@ -25,7 +25,7 @@ mod ops;
 mod purge;
 mod writer;
 
-pub(super) use ops::list_statement;
+pub(super) use ops::{bulk_statement, list_statement};
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

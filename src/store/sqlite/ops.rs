@@ -426,6 +426,11 @@ pub(super) fn leave(tx: &Transaction<'_>, instance: &str, me: &str) -> Result<()
     Ok(())
 }
 
+/// The subscriptions a bulk redelivery matches (see [`crate::store::bulk::matching_query`]).
+pub(in crate::store) fn bulk_statement(filter: &BulkFilter) -> String {
+    crate::store::bulk::matching_query(filter, "o.job_created_at = s.job_created_at AND o.job_id = s.job_id")
+}
+
 pub(super) fn matching_ended(c: &Connection, tenant_id: i64, filter: &BulkFilter) -> Result<Vec<SubscriptionId>> {
     use rusqlite::types::Value;
     let mut binds = vec![
@@ -436,7 +441,7 @@ pub(super) fn matching_ended(c: &Connection, tenant_id: i64, filter: &BulkFilter
     ];
     binds.extend(crate::store::bulk::host_binds(filter).into_iter().map(Value::Text));
     binds.push(Value::Integer(i64::from(filter.limit) + 1));
-    let mut statement = c.prepare_cached(&crate::store::bulk::matching_query(filter)).sq()?;
+    let mut statement = c.prepare_cached(&bulk_statement(filter)).sq()?;
     let ids = statement
         .query_map(rusqlite::params_from_iter(binds), |r| r.get::<_, String>(0))
         .sq()?
