@@ -213,6 +213,7 @@ async fn the_state_gauges_equal_a_real_count_after_kill_9_and_a_purge() {
         })
         .await;
     assert_eq!(real.get("cancelled").copied().unwrap_or(0), 5, "{real:?}");
+    assert_eq!(loose_references(&db_url).await, (0, 0), "subscriptions off their job, jobs with no subscription");
 
     // A purge from the command line while the service runs: the ended ones go, the gauges follow.
     let purge = tokio::process::Command::new(env!("CARGO_BIN_EXE_jobhook"))
@@ -227,7 +228,37 @@ async fn the_state_gauges_equal_a_real_count_after_kill_9_and_a_purge() {
         eventually(Duration::from_secs(30), "the gauges to equal a real count after the purge", gauges_match).await;
     assert_eq!(real.get("polling").copied(), Some(5), "{real:?}");
     assert_eq!(real.values().sum::<i64>(), 5, "{real:?}");
+    assert_eq!(loose_references(&db_url).await, (0, 0), "subscriptions off their job, jobs with no subscription");
     running.child.start_kill().unwrap();
+}
+
+/// Subscriptions whose job row is missing (on SQLite also: whose `job_created_at` is not their job's
+/// creation time, by which SQLite finds them; no foreign key keeps either there, see its migration
+/// 0011), and job rows no subscription refers to.
+async fn loose_references(db_url: &str) -> (i64, i64) {
+    let jobs_without =
+        "SELECT COUNT(*) FROM jobs j WHERE NOT EXISTS (SELECT 1 FROM subscriptions s WHERE s.job_id = j.job_id)";
+    if on_postgres() {
+        let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(db_url).await.unwrap();
+        let off: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM subscriptions s WHERE NOT EXISTS (SELECT 1 FROM jobs j WHERE j.job_id = s.job_id)",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+        (off, sqlx::query_scalar(jobs_without).fetch_one(&mut conn).await.unwrap())
+    } else {
+        let conn = rusqlite::Connection::open(jobhook::store::sqlite_file(db_url).unwrap()).unwrap();
+        let off: i64 = conn
+            .query_row(
+                "SELECT COUNT(*) FROM subscriptions s WHERE NOT EXISTS \
+                 (SELECT 1 FROM jobs j WHERE j.job_id = s.job_id AND j.created_at = s.job_created_at)",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        (off, conn.query_row(jobs_without, [], |r| r.get(0)).unwrap())
+    }
 }
 
 /// `jobhook_subscriptions{state="…"} n` from a scrape.
