@@ -171,13 +171,18 @@ impl TryFrom<PollableRow> for PollableJob {
 macro_rules! pollable_select {
     // SQLite finds a job's subscriptions by the job's creation time first (its migration 0011).
     (sqlite) => {
-        "SELECT j.job_id AS job_id, j.created_at AS job_created_at, MIN(s.created_at) AS oldest_polling_at \
-     FROM jobs j JOIN subscriptions s ON s.job_created_at = j.created_at AND s.job_id = j.job_id \
-     AND s.state = 'polling'"
+        pollable_select!(@ "s.job_created_at = j.created_at AND ")
     };
     () => {
-        "SELECT j.job_id AS job_id, j.created_at AS job_created_at, MIN(s.created_at) AS oldest_polling_at \
-     FROM jobs j JOIN subscriptions s ON s.job_id = j.job_id AND s.state = 'polling'"
+        pollable_select!(@ "")
+    };
+    (@ $same_job:literal) => {
+        concat!(
+            "SELECT j.job_id AS job_id, j.created_at AS job_created_at, MIN(s.created_at) AS oldest_polling_at \
+             FROM jobs j JOIN subscriptions s ON ",
+            $same_job,
+            "s.job_id = j.job_id AND s.state = 'polling'"
+        )
     };
 }
 pub(super) use pollable_select;
