@@ -127,10 +127,9 @@ async fn redirects_are_not_followed() {
 #[tokio::test]
 async fn an_unreachable_receiver_is_retried_and_recorded() {
     let app = spawn_app().await;
-    // A port nobody listens on.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}/hook", closed.local_addr().unwrap());
-    drop(closed);
+    // A port nobody listens on, and nobody can while `_closed` lives.
+    let (_closed, addr) = refusing_port();
+    let url = format!("http://{addr}/hook");
     let sub = app.register(&new_job(), &url).await;
     let id = sub["id"].as_str().unwrap();
     let done = app.wait_for_state(id, "failed").await;

@@ -99,11 +99,9 @@ async fn an_upstream_retry_after_given_as_a_date_is_waited_out() {
 #[tokio::test]
 async fn an_upstream_that_is_down_for_a_while_is_polled_until_it_is_back() {
     // Reserve a port, start the app against it with nothing listening, then bring the upstream up there.
-    let reserved = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = reserved.local_addr().unwrap().port();
-    drop(reserved);
+    let (reserved, addr) = refusing_port();
     let mut settings = Settings::default();
-    settings.args.extend(["--upstream-url".into(), format!("http://127.0.0.1:{port}")]);
+    settings.args.extend(["--upstream-url".into(), format!("http://{addr}")]);
     let app = spawn_app_with(settings).await;
     let sub = app.register(&new_job(), &app.receiver.url("/hook")).await;
     let id = sub["id"].as_str().unwrap();
@@ -112,7 +110,7 @@ async fn an_upstream_that_is_down_for_a_while_is_polled_until_it_is_back() {
         sub["last_error"].as_str().is_some_and(|e| e.contains("connect")).then_some(())
     })
     .await;
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+    let listener = reserved.listen(1024).unwrap();
     let _upstream = MockUpstream::serve(listener, &mock_args(1)).unwrap();
     app.wait_for_state(id, "delivered").await;
 }

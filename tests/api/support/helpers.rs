@@ -63,6 +63,16 @@ where
     }
 }
 
+/// A loopback port that refuses connections and that nothing else can take while the socket lives: it
+/// is bound but not listening (dropping a probe listener instead would leave the port free for another
+/// test's listener). `listen` on it opens the port later.
+pub fn refusing_port() -> (tokio::net::TcpSocket, SocketAddr) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+    let addr = socket.local_addr().unwrap();
+    (socket, addr)
+}
+
 /// The value of one sample line (`name{labels} value`) of a /metrics text, or 0 when the line is absent.
 pub fn sample(text: &str, series: &str) -> f64 {
     text.lines()
