@@ -19,6 +19,7 @@ macro_rules! of_job {
     };
 }
 
+mod checkpoint;
 mod idempotency;
 mod migrate;
 mod ops;
@@ -148,16 +149,21 @@ impl SqliteStore {
             return Err(StoreError::BadUrl("in-memory SQLite stores are not supported: name a file"));
         };
         let opened = path.clone();
-        let writer = tokio::task::spawn_blocking(move || -> Result<Connection> {
+        let (writer, checkpoints) = tokio::task::spawn_blocking(move || -> Result<(Connection, Connection)> {
             let mut conn = Connection::open(&opened).sq()?;
             configure(&conn).sq()?;
             migrate::run(&mut conn)?;
-            Ok(conn)
+            conn.pragma_update(None, "wal_autocheckpoint", checkpoint::WRITER_CHECKPOINT_PAGES).sq()?;
+            let checkpoints = Connection::open(&opened).sq()?;
+            configure(&checkpoints).sq()?;
+            Ok((conn, checkpoints))
         })
         .await
         .map_err(|e| StoreError::Other(Arc::new(e)))??;
+        let unavailable = |e| StoreError::Unavailable(Arc::new(e));
+        let checkpointer = checkpoint::Checkpointer::spawn(checkpoints).map_err(unavailable)?;
         let (writes, queue) = mpsc::channel(8 * MAX_BATCH);
-        writer::spawn(writer, queue, stats.clone()).map_err(|e| StoreError::Unavailable(Arc::new(e)))?;
+        writer::spawn(writer, queue, stats.clone(), checkpointer).map_err(unavailable)?;
         Ok(SqliteStore {
             path,
             writes,
@@ -185,8 +191,25 @@ impl SqliteStore {
         &self,
         f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T> + Send + 'static,
     ) -> Result<T> {
+        self.exec_as(false, f).await
+    }
+
+    /// [`Self::exec`] for a write that dirties many pages at once (a purge step): WAL checkpoints go
+    /// back on the writer meanwhile (see `checkpoint.rs`).
+    async fn exec_bulk<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        self.exec_as(true, f).await
+    }
+
+    async fn exec_as<T: Send + 'static>(
+        &self,
+        bulk: bool,
+        f: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
         let (reply, answer) = oneshot::channel();
-        let job = Job::Alone(Box::new(move |conn: &mut Connection| {
+        let run = Box::new(move |conn: &mut Connection| {
             let done = (|| {
                 // IMMEDIATE: the write lock at BEGIN, so a read-then-write never meets SQLITE_BUSY.
                 let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).sq()?;
@@ -195,7 +218,8 @@ impl SqliteStore {
                 Ok(value)
             })();
             let _ = reply.send(done);
-        }));
+        });
+        let job = Job::Alone { run, bulk };
         let gone = || StoreError::trouble(Trouble::WriterGone);
         self.writes.send(job).await.map_err(|_| gone())?;
         answer.await.map_err(|_| gone())?
@@ -419,7 +443,7 @@ impl Store for SqliteStore {
     async fn purge_ended(&self, ended_before: Timestamp, limit: u32) -> Result<Option<Purged>> {
         // One process serves a SQLite file, so nobody else purges it (`jobhook purge` run beside it takes
         // turns for the write lock).
-        self.exec(move |tx| purge::purge_batch(tx, ended_before, limit)).await.map(Some)
+        self.exec_bulk(move |tx| purge::purge_batch(tx, ended_before, limit)).await.map(Some)
     }
 
     async fn purgeable(&self, ended_before: Timestamp) -> Result<Purged> {
@@ -429,7 +453,7 @@ impl Store for SqliteStore {
     async fn reclaim_space(&self) -> Result<()> {
         // A step at a time, so writes queued behind it wait for one step, not the whole vacuum.
         for _ in 0..100_000 {
-            if !self.exec(purge::vacuum_step).await? {
+            if !self.exec_bulk(purge::vacuum_step).await? {
                 break;
             }
         }

@@ -7,6 +7,7 @@
 
 use rusqlite::{Connection, TransactionBehavior, params};
 
+use super::checkpoint::{self, Checkpointer};
 use super::ops::optional_row;
 use tokio::sync::mpsc;
 
@@ -18,25 +19,41 @@ use crate::store::group::{Done, claim_refused};
 /// its own (see [`SqliteStore::exec`]).
 pub(super) enum Job {
     Group(Write),
-    Alone(Box<dyn FnOnce(&mut Connection) + Send>),
+    /// `bulk`: it dirties many pages at once (a purge step), see [`Checkpointer::bulk`].
+    Alone {
+        run: Box<dyn FnOnce(&mut Connection) + Send>,
+        bulk: bool,
+    },
 }
 
-/// Serves batches on `conn`, the store's only writing connection, until the queue closes.
+/// Serves batches on `conn`, the store's only connection that writes transactions, until the queue
+/// closes; tells `checkpointer` after each round of commits.
 pub(super) fn spawn(
     mut conn: Connection,
     mut jobs: mpsc::Receiver<Job>,
     stats: Arc<WriterStats>,
+    checkpointer: Checkpointer,
 ) -> std::io::Result<()> {
     std::thread::Builder::new().name("jobhook-sqlite-writer".into()).spawn(move || {
         let mut received = Vec::with_capacity(MAX_BATCH);
         let mut batch = Vec::with_capacity(MAX_BATCH);
         let mut alone = Vec::new();
+        let mut checkpoint_pages = checkpoint::WRITER_CHECKPOINT_PAGES;
         while jobs.blocking_recv_many(&mut received, MAX_BATCH) > 0 {
             for job in received.drain(..) {
                 match job {
                     Job::Group(write) => batch.push(write),
-                    Job::Alone(run) => alone.push(run),
+                    Job::Alone { run, bulk } => {
+                        if bulk {
+                            checkpointer.bulk();
+                        }
+                        alone.push(run);
+                    }
                 }
+            }
+            let pages = checkpointer.writer_pages();
+            if pages != checkpoint_pages && conn.pragma_update(None, "wal_autocheckpoint", pages).is_ok() {
+                checkpoint_pages = pages;
             }
             if !batch.is_empty() {
                 batch.sort_by(|a, b| a.lock_order().cmp(&b.lock_order()));
@@ -52,6 +69,7 @@ pub(super) fn spawn(
                 stats.transactions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 run(&mut conn);
             }
+            checkpointer.committed();
         }
     })?;
     Ok(())
