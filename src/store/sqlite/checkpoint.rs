@@ -125,15 +125,21 @@ mod tests {
         conn.query_row("SELECT count(*) FROM probe", [], |r| r.get(0)).unwrap_or(0)
     }
 
+    /// A new store in `dir` with an empty table `probe`, and the store's file.
+    async fn store_with_probe(dir: &tempfile::TempDir) -> (SqliteStore, std::path::PathBuf) {
+        let path = dir.path().join("store.db");
+        let store =
+            SqliteStore::open(&format!("sqlite:{}", path.display()), Arc::new(WriterStats::default())).await.unwrap();
+        store.exec(|tx| tx.execute_batch("CREATE TABLE probe (n INTEGER)").sq()).await.unwrap();
+        (store, path)
+    }
+
     /// A few commits, far below the writer's own checkpoint, reach the database file within moments:
     /// the checkpointer copied them back, not the writer.
     #[tokio::test]
     async fn commits_reach_the_database_file_without_the_writer_checkpointing() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("store.db");
-        let store =
-            SqliteStore::open(&format!("sqlite:{}", path.display()), Arc::new(WriterStats::default())).await.unwrap();
-        store.exec(|tx| tx.execute_batch("CREATE TABLE probe (n INTEGER)").sq()).await.unwrap();
+        let (store, path) = store_with_probe(&dir).await;
         for n in 0..10 {
             store.exec(move |tx| tx.execute("INSERT INTO probe VALUES (?1)", [n]).sq().map(drop)).await.unwrap();
         }
@@ -149,10 +155,7 @@ mod tests {
     #[tokio::test]
     async fn a_bulk_write_hands_checkpoints_to_the_writer_for_a_moment() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("store.db");
-        let store =
-            SqliteStore::open(&format!("sqlite:{}", path.display()), Arc::new(WriterStats::default())).await.unwrap();
-        store.exec(|tx| tx.execute_batch("CREATE TABLE probe (n INTEGER)").sq()).await.unwrap();
+        let (store, path) = store_with_probe(&dir).await;
         let pages = |conn: &Connection| conn.query_row("PRAGMA wal_autocheckpoint", [], |r| r.get::<_, i64>(0));
         assert_eq!(store.exec(move |tx| pages(tx).sq()).await.unwrap(), WRITER_CHECKPOINT_PAGES);
         assert_eq!(store.exec_bulk(move |tx| pages(tx).sq()).await.unwrap(), DEFAULT_CHECKPOINT_PAGES);
