@@ -102,8 +102,29 @@ pub fn limit_file_size(running: &Running, limit: &str) {
     assert!(set.unwrap().success(), "prlimit --fsize={limit}");
 }
 
+/// A free loopback port for a binary to listen on, kept for its restarts. It is taken below the kernel's
+/// ephemeral range, where every `bind(…:0)` and outgoing connection of the tests running beside it get
+/// theirs: a probed and released ephemeral port could be taken by one of them before the binary binds
+/// it (a released port made a test fail in CI that way). Each call hands out a new port.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let ephemeral_low: u32 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768);
+    // 8,000 ports below the range (16,768-32,767 by default), from a place of this process's own.
+    let span = 8_000;
+    let start = std::process::id() % span;
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        assert!(n < span, "no free port left below the ephemeral range");
+        let port = u16::try_from(ephemeral_low.saturating_sub(span).max(1024) + (start + n) % span).unwrap();
+        // Something else on the machine may hold it (a database's side port, say).
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// Registers every job, round-robin over `listens`, retrying on the next instance until each is
