@@ -12,12 +12,15 @@ use std::hash::Hash;
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use slab::Slab;
 use tokio::task::{JoinError, JoinSet};
 use tokio_util::time::{DelayQueue, delay_queue};
 
-/// A key's place in the schedule.
-enum Slot<T, F> {
-    Queued(delay_queue::Key, T),
+/// A key's place in the schedule. Small (16 bytes for the poller), because the map holding it has up to
+/// twice as many buckets as keys; a queued item itself lives once, in [`Schedule::items`].
+enum Slot<F> {
+    /// Its entry in the timer wheel, and its item's index in `items`.
+    Queued(delay_queue::Key, u32),
     /// Its work runs; `F` is what the worker notes about it meanwhile (a cancellation, a newer item).
     Running(F),
 }
@@ -41,7 +44,10 @@ pub enum Event<K, T, F, R> {
 /// is what the work returns besides its item.
 pub struct Schedule<K, T, F, R> {
     queue: DelayQueue<K>,
-    slots: HashMap<K, Slot<T, F>>,
+    slots: HashMap<K, Slot<F>>,
+    /// The queued items, packed: a slab grows to the next power of two of the queued count, where the
+    /// map would hold each item in every one of its buckets, used or not.
+    items: Slab<T>,
     running: JoinSet<(T, R)>,
     /// Which key each spawned task serves, to find it again when the task ends (even by a panic).
     tasks: HashMap<tokio::task::Id, K>,
@@ -59,6 +65,7 @@ where
         Schedule {
             queue: DelayQueue::new(),
             slots: HashMap::new(),
+            items: Slab::new(),
             running: JoinSet::new(),
             tasks: HashMap::new(),
             max_running: max_running.max(1),
@@ -72,14 +79,16 @@ where
             return false;
         }
         let at = self.queue.insert(key.clone(), after);
-        self.slots.insert(key, Slot::Queued(at, item));
+        // The timer wheel holds fewer than 2^30 entries (it panics beyond), and each queued item has one.
+        let index = u32::try_from(self.items.insert(item)).expect("fewer queued items than the timer wheel's cap");
+        self.slots.insert(key, Slot::Queued(at, index));
         true
     }
 
     /// Where `key` stands, if it is in the schedule.
     pub fn get_mut(&mut self, key: &K) -> Option<Entry<'_, T, F>> {
         match self.slots.get_mut(key)? {
-            Slot::Queued(_, item) => Some(Entry::Queued(item)),
+            Slot::Queued(_, index) => Some(Entry::Queued(&mut self.items[*index as usize])),
             Slot::Running(noted) => Some(Entry::Running(noted)),
         }
     }
@@ -94,9 +103,9 @@ where
     /// Takes a queued key out of the schedule; a running one stays (its worker decides when it ends).
     pub fn remove_queued(&mut self, key: &K) -> Option<T> {
         match self.slots.remove(key)? {
-            Slot::Queued(at, item) => {
+            Slot::Queued(at, index) => {
                 self.queue.remove(&at);
-                Some(item)
+                Some(self.items.remove(index as usize))
             }
             running => {
                 self.slots.insert(key.clone(), running);
@@ -130,8 +139,8 @@ where
                 Some(due) = self.queue.next(), if can_start => {
                     let key = due.into_inner();
                     // A key leaves the wheel only with its slot, so a due key is always queued here.
-                    if let Some(Slot::Queued(_, item)) = self.slots.remove(&key) {
-                        return Event::Due(key, item);
+                    if let Some(Slot::Queued(_, index)) = self.slots.remove(&key) {
+                        return Event::Due(key, self.items.remove(index as usize));
                     }
                 }
                 Some(done) = self.running.join_next_with_id() => {
@@ -200,6 +209,29 @@ mod tests {
         assert_eq!((done, noted, result.unwrap().0), (key, true, item));
         let Event::Due(other, _) = schedule.next().await else { panic!("nothing left") };
         assert_ne!(other, key);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_key_keeps_its_own_item_as_places_are_reused() {
+        let mut schedule = Test::new(8);
+        schedule.insert(1, "one", Duration::from_secs(1));
+        schedule.insert(2, "two", Duration::from_secs(2));
+        assert_eq!(schedule.remove_queued(&1), Some("one"));
+        schedule.insert(3, "three", Duration::from_secs(3));
+        if let Some(Entry::Queued(item)) = schedule.get_mut(&2) {
+            *item = "two, changed";
+        }
+        let Event::Due(key, item) = schedule.next().await else { panic!("nothing runs") };
+        assert_eq!((key, item), (2, "two, changed"));
+        let Event::Due(key, item) = schedule.next().await else { panic!("nothing runs") };
+        assert_eq!((key, item), (3, "three"));
+        assert!(schedule.is_empty());
+    }
+
+    /// The map from key to slot has up to twice as many buckets as keys (a million pending jobs).
+    #[test]
+    fn a_slot_stays_within_16_bytes() {
+        assert!(std::mem::size_of::<Slot<bool>>() <= 16, "{} bytes", std::mem::size_of::<Slot<bool>>());
     }
 
     #[tokio::test(start_paused = true)]

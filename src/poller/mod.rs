@@ -83,7 +83,7 @@ type Polls = Schedule<JobId, JobState, bool, Next>;
 /// A job to schedule from a message: checked against the store first if it ended moments ago.
 fn scheduled(job: PollableJob, ended: &mut Recently<JobId>) -> JobState {
     let recheck = ended.take(&job.job_id);
-    let mut state = JobState::new(job);
+    let mut state = JobState::new(&job);
     state.recheck = recheck;
     state
 }
@@ -107,7 +107,7 @@ pub async fn run(
     let mut polls = Polls::new(ctx.config.max_in_flight);
     let mut ended = Recently::new();
     for job in initial {
-        polls.insert(job.job_id.clone(), JobState::new(job), spread(&ctx));
+        polls.insert(job.job_id.clone(), JobState::new(&job), spread(&ctx));
     }
     tracing::info!(jobs = polls.len(), "poller started");
     loop {
@@ -156,10 +156,11 @@ fn start(ctx: &Arc<PollContext>, polls: &mut Polls, job_id: JobId, mut state: Jo
     // Its partition went to another instance: the job is theirs now.
     let Some(under_way) = ctx.ownership.poll_started(job_id.partition()) else { return };
     let ctx = ctx.clone();
+    let id = job_id.clone();
     polls.start(job_id, false, async move {
         // Counted until the step ends: a partition we give up is released only then.
         let _under_way = under_way;
-        let (_, next) = step(&ctx, &mut state).await;
+        let (_, next) = step(&ctx, &id, &mut state).await;
         (state, next)
     });
 }
@@ -180,7 +181,7 @@ fn on_done(
             tracing::error!(%job_id, error = %e, "poll step failed unexpectedly; retrying later");
             let now = Timestamp::now();
             let mut state =
-                JobState::new(PollableJob { job_id: job_id.clone(), job_created_at: now, oldest_polling_at: now });
+                JobState::new(&PollableJob { job_id: job_id.clone(), job_created_at: now, oldest_polling_at: now });
             state.recheck = true;
             polls.insert(job_id, state, ctx.config.max_interval);
             return;
