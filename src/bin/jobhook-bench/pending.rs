@@ -56,8 +56,12 @@ pub(super) async fn pending_mode(args: &Args, binary: &std::path::Path, n: usize
     }
     let window = Instant::now();
     let polls_before = upstream.polls.load(Ordering::Relaxed);
+    let cpu_before = process_usage(jobhook.pid).0;
     tokio::time::sleep(interval + interval / 2).await;
-    let polls_per_s = (upstream.polls.load(Ordering::Relaxed) - polls_before) as f64 / window.elapsed().as_secs_f64();
+    let polls = upstream.polls.load(Ordering::Relaxed) - polls_before;
+    let polls_per_s = polls as f64 / window.elapsed().as_secs_f64();
+    // What polling costs jobhook, steady state: nothing else runs in it during the window.
+    let cpu_per_1000_polls = (process_usage(jobhook.pid).0 - cpu_before) / polls.max(1) as f64 * 1000.0;
     let mut late: Vec<f64> = upstream
         .lateness
         .as_ref()
@@ -86,6 +90,7 @@ pub(super) async fn pending_mode(args: &Args, binary: &std::path::Path, n: usize
         "rss_mb": (held_rss as f64 / 1048576.0 * 10.0).round() / 10.0,
         "rss_bytes_per_pending_subscription": per_sub.round(),
         "polls_per_s": polls_per_s.round(),
+        "jobhook_cpu_s_per_1000_polls": (cpu_per_1000_polls * 1000.0).round() / 1000.0,
         "poll_lateness_ms_p50": (percentile(&late, 0.5) * 10.0).round() / 10.0,
         "poll_lateness_ms_p99": (percentile(&late, 0.99) * 10.0).round() / 10.0,
         "restart_listening_s": (listening_after.as_secs_f64() * 100.0).round() / 100.0,
@@ -101,6 +106,7 @@ pub(super) async fn pending_mode(args: &Args, binary: &std::path::Path, n: usize
         held_rss as f64 / 1048576.0
     );
     jobhook::outln!("| polls | {polls_per_s:.0}/s |");
+    jobhook::outln!("| jobhook CPU per 1,000 polls | {cpu_per_1000_polls:.3} s |");
     jobhook::outln!(
         "| poll lateness (past interval + 10% jitter) p50 / p99 | {:.1} / {:.1} ms |",
         percentile(&late, 0.5),
